@@ -1,0 +1,79 @@
+"""Every error the guard raises; `GuardError` is the root."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from guard.ladder import Attempt
+    from probes import Verdict
+
+__all__ = [
+    "ConfigError",
+    "FactoryError",
+    "ForkAfterLoad",
+    "GuardError",
+    "InitTimeout",
+    "InputMismatch",
+    "RecoveryExhausted",
+    "SessionClosed",
+    "WorkerFailed",
+]
+
+
+class GuardError(Exception):
+    """Root of every error raised by mnn-guard."""
+
+
+class ConfigError(GuardError, ValueError):
+    """A policy, rung or factory option is invalid."""
+
+
+class InputMismatch(GuardError, ValueError):
+    """An input to `run()` does not match the probe's recorded input signature."""
+
+    def __init__(self, message: str, *, input: str | None = None) -> None:
+        super().__init__(message)
+        self.input = input
+
+
+class FactoryError(GuardError):
+    """The factory raised, or returned something that is not a usable module."""
+
+
+class InitTimeout(GuardError, TimeoutError):
+    """A factory call or canary run did not finish within `Policy.init_timeout`."""
+
+
+CanaryTimeout = InitTimeout
+
+
+class ForkAfterLoad(GuardError):
+    """This process was forked after MNN modules were loaded; MNN would hang here."""
+
+
+class SessionClosed(GuardError):
+    """The session or pool was closed; it serves no more calls."""
+
+
+class WorkerFailed(GuardError):
+    """A pool request failed on two workers (crash, timeout or error)."""
+
+
+class RecoveryExhausted(GuardError):
+    """Every rung of the ladder failed its canary; carries every attempt and its verdict."""
+
+    def __init__(self, message: str, attempts: Sequence[Attempt]) -> None:
+        super().__init__(message)
+        self.attempts: tuple[Attempt, ...] = tuple(attempts)
+
+    @property
+    def verdicts(self) -> list[Verdict | None]:
+        """The verdict of each attempt (None where the init or canary raised)."""
+        return [a.verdict for a in self.attempts]
+
+    @property
+    def verdict(self) -> Verdict | None:
+        """The last attempt's verdict."""
+        return self.attempts[-1].verdict if self.attempts else None

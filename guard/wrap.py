@@ -1,0 +1,64 @@
+"""`guard.wrap`: check the probe against the factory, wire listeners, build the session."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from guard import mnn
+from guard.health import HealthListener
+from guard.ladder import Policy
+from guard.listeners import Listener, LoggingListener
+from guard.metrics import PrometheusListener
+from guard.session import Factory, GuardedSession
+from probes import Probe, ProbeError, check_mnn_version, check_model
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+__all__ = ["check_probe", "wrap"]
+
+
+def check_probe(factory: Factory, probe: Probe) -> None:
+    """Refuse a probe that is stale for this factory's model file or input/output names."""
+    if not isinstance(probe, Probe):
+        raise ProbeError(f"expected a probes.Probe, got {type(probe).__name__} (use probes.load(dir))")
+    check_model(probe, getattr(factory, "path", None))
+    for kind, names in (("inputs", probe.input_names), ("outputs", probe.output_names)):
+        declared = getattr(factory, kind, None)
+        if declared is not None and sorted(declared) != sorted(names):
+            raise ProbeError(
+                f"the probe's {kind} {names} do not match the model's {list(declared)}; "
+                "re-record the probe for this model"
+            )
+    check_mnn_version(probe, mnn.mnn_version())
+
+
+def wrap(
+    factory: Factory,
+    probe: Probe,
+    *,
+    policy: Policy | None = None,
+    name: str = "default",
+    registry: CollectorRegistry | None = None,
+    listeners: Sequence[Listener] = (),
+    metrics: bool = True,
+    clock: Callable[[], float] = time.monotonic,
+) -> GuardedSession:
+    """Initialise a guarded session now: canary after every init, recovery down the ladder.
+
+    Raises RecoveryExhausted (a GuardError) when every rung fails its canary.
+
+    >>> factory = guard.mnn_factory("vocoder.mnn", ["mel"], ["wav"], threads=1)  # doctest: +SKIP
+    >>> session = guard.wrap(factory, probes.load("probes/vocoder"), name="vocoder")  # doctest: +SKIP
+    >>> session.run({"mel": mel})["wav"]  # doctest: +SKIP
+    """
+    check_probe(factory, probe)
+    chain: list[Listener] = [LoggingListener(), HealthListener()]
+    if metrics:
+        chain.append(PrometheusListener(registry))
+    chain.extend(listeners)
+    return GuardedSession(
+        factory, probe, policy=policy or Policy(), name=name, listeners=chain, clock=clock
+    )

@@ -1,0 +1,57 @@
+"""Canary probes: inputs, golden outputs, thresholds and judges for MNN modules.
+
+>>> import probes
+>>> probe = probes.record(factory, {"mel": mel}, reference={"dynamic": True})  # doctest: +SKIP
+>>> probe.save("probes/vocoder")  # doctest: +SKIP
+>>> probes.load("probes/vocoder").judge({"wav": wav}).passed  # doctest: +SKIP
+"""
+
+from probes.errors import ProbeError
+from probes.judges import (
+    Check,
+    Judge,
+    OutputScore,
+    Thresholds,
+    cosine,
+    cosine_similarity,
+    finite,
+    log_spectral_distance,
+    lsd,
+    max_abs,
+    snr,
+    snr_db,
+)
+from probes.probe import SCHEMA_VERSION, Case, Probe, ProbeMeta, Verdict
+from probes.record import record
+from probes.signature import Dim, InputSpec, OutputSpec
+from probes.store import ProbeVersionWarning, check_mnn_version, check_model, file_sha256, load
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Case",
+    "Check",
+    "Dim",
+    "InputSpec",
+    "Judge",
+    "OutputScore",
+    "OutputSpec",
+    "Probe",
+    "ProbeError",
+    "ProbeMeta",
+    "ProbeVersionWarning",
+    "Thresholds",
+    "Verdict",
+    "check_mnn_version",
+    "check_model",
+    "cosine",
+    "cosine_similarity",
+    "file_sha256",
+    "finite",
+    "load",
+    "log_spectral_distance",
+    "lsd",
+    "max_abs",
+    "record",
+    "snr",
+    "snr_db",
+]

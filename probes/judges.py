@@ -1,0 +1,253 @@
+"""Judges: small factories that compare a golden array with an actual one and say why it fails."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import signal
+
+from probes.errors import ProbeError
+
+__all__ = [
+    "Check",
+    "Judge",
+    "OutputScore",
+    "Thresholds",
+    "cosine",
+    "cosine_similarity",
+    "finite",
+    "judge_output",
+    "log_spectral_distance",
+    "lsd",
+    "max_abs",
+    "snr",
+    "snr_db",
+]
+
+Array = NDArray[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """The outcome of one judge: truthy when passed, with the measured value and the limit."""
+
+    judge: str
+    passed: bool
+    value: float | None
+    limit: float | None
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+Judge = Callable[[Array, Array], Check]
+"""A judge takes (golden, actual) arrays of the same shape and returns a Check."""
+
+
+def snr_db(golden: Array, actual: Array) -> float:
+    """Signal-to-noise ratio of `actual` against `golden` in dB (inf when identical)."""
+    g = np.asarray(golden, np.float64)
+    err = float(np.sum((np.asarray(actual, np.float64) - g) ** 2))
+    sig = float(np.sum(g**2))
+    if err == 0.0:
+        return math.inf
+    if sig == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(sig / err)
+
+
+def cosine_similarity(golden: Array, actual: Array) -> float:
+    """Cosine of the angle between the flattened arrays (1.0 when both are all zeros)."""
+    g = np.asarray(golden, np.float64).ravel()
+    a = np.asarray(actual, np.float64).ravel()
+    ng, na = float(np.linalg.norm(g)), float(np.linalg.norm(a))
+    if ng == 0.0 and na == 0.0:
+        return 1.0
+    if ng == 0.0 or na == 0.0:
+        return 0.0
+    return float(np.dot(g, a) / (ng * na))
+
+
+def _signal_1d(x: Array) -> Array | None:
+    """The array as a 1-D signal when at most one axis is longer than 1 and it is long enough."""
+    flat = np.asarray(x).reshape(-1)
+    if sum(s > 1 for s in np.shape(x)) != 1 or flat.size < 64:
+        return None
+    return flat.astype(np.float64)
+
+
+def log_spectral_distance(golden: Array, actual: Array) -> float | None:
+    """Mean log-spectral distance in dB between two 1-D-like signals (None for other shapes)."""
+    g, a = _signal_1d(golden), _signal_1d(actual)
+    if g is None or a is None or g.size != a.size:
+        return None
+    nperseg = min(512, g.size)
+    _, _, zg = signal.stft(g, nperseg=nperseg)
+    _, _, za = signal.stft(a, nperseg=nperseg)
+    pg, pa = np.abs(zg) ** 2, np.abs(za) ** 2
+    floor = max(float(pg.max()), 1e-30) * 1e-8  # ignore bins 80 dB below the loudest
+    diff = 10.0 * np.log10(pg + floor) - 10.0 * np.log10(pa + floor)
+    return float(np.mean(np.sqrt(np.mean(diff**2, axis=0))))
+
+
+def _limit(name: str, value: float, limit: float, *, higher_is_better: bool, unit: str) -> Check:
+    ok = value >= limit if higher_is_better else value <= limit
+    word = "below" if higher_is_better else "above"
+    reason = "" if ok else f"{name} {value:.6g}{unit} is {word} the limit {limit:g}{unit}"
+    return Check(name, ok, value, limit, reason)
+
+
+def finite() -> Judge:
+    """Fails when the actual array holds NaN or Inf."""
+
+    def judge(golden: Array, actual: Array) -> Check:
+        bad = int(np.size(actual) - np.count_nonzero(np.isfinite(actual)))
+        reason = f"{bad} of {np.size(actual)} values are NaN or Inf" if bad else ""
+        return Check("finite", bad == 0, float(bad), 0.0, reason)
+
+    return judge
+
+
+def snr(min_db: float) -> Judge:
+    """Fails when the SNR against the golden output is below `min_db` (catches gain faults)."""
+    return lambda g, a: _limit("snr_db", snr_db(g, a), min_db, higher_is_better=True, unit=" dB")
+
+
+def cosine(min_value: float) -> Judge:
+    """Fails when the cosine similarity with the golden output is below `min_value`."""
+    return lambda g, a: _limit(
+        "cosine", cosine_similarity(g, a), min_value, higher_is_better=True, unit=""
+    )
+
+
+def _max_abs_error(golden: Array, actual: Array) -> float:
+    diff = np.abs(np.asarray(actual, np.float64) - np.asarray(golden, np.float64))
+    return float(diff.max(initial=0.0))
+
+
+def max_abs(max_value: float) -> Judge:
+    """Fails when any element differs from the golden output by more than `max_value`."""
+    return lambda g, a: _limit(
+        "max_abs", _max_abs_error(g, a), max_value, higher_is_better=False, unit=""
+    )
+
+
+def lsd(max_db: float) -> Judge:
+    """Fails when the log-spectral distance exceeds `max_db`; passes for non-signal shapes."""
+
+    def judge(golden: Array, actual: Array) -> Check:
+        value = log_spectral_distance(golden, actual)
+        if value is None:
+            return Check("lsd_db", True, None, max_db, "")
+        return _limit("lsd_db", value, max_db, higher_is_better=False, unit=" dB")
+
+    return judge
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Thresholds:
+    """Pass limits for one output; None switches a judge off.
+
+    The defaults pass fp16-level noise (about 55 dB SNR against fp32) with 10 dB to spare and
+    fail a 1% weight-noise fault (about 29 dB SNR, cosine 0.9994). SNR is always on: cosine
+    alone misses gain faults.
+    """
+
+    min_snr_db: float = 45.0
+    min_cosine: float | None = 0.99995
+    max_lsd_db: float | None = 1.0
+    max_abs: float | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ProbeError(f"threshold {f.name} must be a finite number, got {value!r}")
+
+    def judges(self) -> list[Judge]:
+        """The judges these limits switch on, after the finite check."""
+        out = [snr(self.min_snr_db)]
+        if self.min_cosine is not None:
+            out.append(cosine(self.min_cosine))
+        if self.max_lsd_db is not None:
+            out.append(lsd(self.max_lsd_db))
+        if self.max_abs is not None:
+            out.append(max_abs(self.max_abs))
+        return out
+
+    def to_json(self) -> dict[str, float | None]:
+        """Manifest form."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Thresholds:
+        """Parse the manifest form, refusing unknown or missing keys."""
+        names = {f.name for f in fields(cls)}
+        if not isinstance(raw, Mapping) or set(raw) != names:
+            raise ProbeError(f"thresholds need exactly the keys {sorted(names)}, got {raw!r}")
+        try:
+            return cls(**raw)
+        except TypeError as exc:
+            raise ProbeError(f"bad thresholds {raw!r}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class OutputScore:
+    """Every measurement of one output against its golden, and the checks that used them."""
+
+    name: str
+    passed: bool
+    shape_ok: bool
+    finite: bool
+    snr_db: float
+    cosine: float
+    max_abs: float
+    lsd_db: float | None
+    checks: tuple[Check, ...]
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why this output failed, one sentence per failed check."""
+        return [f"output {self.name!r}: {c.reason}" for c in self.checks if not c.passed]
+
+
+def judge_output(name: str, golden: Array, actual: Array, thresholds: Thresholds) -> OutputScore:
+    """Score one output: shape, then finiteness, then every judge the thresholds switch on."""
+    nan = math.nan
+    actual = np.asarray(actual)
+    if actual.shape != golden.shape:
+        reason = f"shape {list(actual.shape)} differs from the golden shape {list(golden.shape)}"
+        check = Check("shape", False, None, None, reason)
+        return OutputScore(name, False, False, False, nan, nan, nan, None, (check,))
+    if not np.issubdtype(actual.dtype, np.number) or actual.dtype == np.complex128:
+        check = Check("dtype", False, None, None, f"dtype {actual.dtype} is not a real number type")
+        return OutputScore(name, False, True, False, nan, nan, nan, None, (check,))
+    fin = finite()(golden, actual)
+    if not fin:
+        return OutputScore(name, False, True, False, nan, nan, nan, None, (fin,))
+    checks = (fin, *(j(golden, actual) for j in thresholds.judges()))
+    measured = {c.judge: c.value for c in checks}
+
+    def value(key: str, measure: Callable[[Array, Array], float | None]) -> float | None:
+        return measured[key] if key in measured else measure(golden, actual)
+
+    return OutputScore(
+        name=name,
+        passed=all(checks),
+        shape_ok=True,
+        finite=True,
+        snr_db=float(value("snr_db", snr_db) or 0.0),
+        cosine=float(value("cosine", cosine_similarity) or 0.0),
+        max_abs=float(value("max_abs", _max_abs_error) or 0.0),
+        lsd_db=value("lsd_db", log_spectral_distance),
+        checks=checks,
+    )

@@ -1,0 +1,211 @@
+"""Recording a probe from a trusted reference configuration that agrees with itself."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from probes.errors import ProbeError
+from probes.judges import Thresholds, snr_db
+from probes.probe import Case, Probe, ProbeMeta
+from probes.signature import Dim, InputSpec, OutputSpec
+from probes.store import file_sha256
+
+__all__ = ["as_input_array", "record"]
+
+Array = NDArray[Any]
+_SAFE_CASTS = {np.dtype(np.float64): np.dtype(np.float32), np.dtype(np.int64): np.dtype(np.int32)}
+SUPPORTED = frozenset(np.dtype(t) for t in (np.float32, np.int32, np.int8, np.uint8))
+
+
+def as_input_array(name: str, value: Any) -> Array:
+    """A canary input as an array of a dtype MNN takes (float64 -> float32, int64 -> int32)."""
+    arr = np.asarray(value)
+    if arr.dtype in _SAFE_CASTS:
+        target = _SAFE_CASTS[arr.dtype]
+        if target.kind == "i" and arr.size and (
+            arr.min() < np.iinfo(target).min or arr.max() > np.iinfo(target).max
+        ):
+            raise ProbeError(f"input {name!r}: int64 values do not fit in int32")
+        arr = arr.astype(target)
+    if arr.dtype not in SUPPORTED:
+        raise ProbeError(
+            f"input {name!r}: dtype {arr.dtype} is not supported; use one of "
+            f"{sorted(str(d) for d in SUPPORTED)}"
+        )
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise ProbeError(f"input {name!r}: canary inputs must be finite (found NaN or Inf)")
+    if arr.size == 0:
+        raise ProbeError(f"input {name!r}: canary inputs must not be empty (shape {list(arr.shape)})")
+    return np.ascontiguousarray(arr)
+
+
+def _signature(
+    names: Sequence[str], first: Mapping[str, Array], dynamic: Mapping[str, Mapping[int, Any]]
+) -> tuple[InputSpec, ...]:
+    unknown = sorted(set(dynamic) - set(names))
+    if unknown:
+        raise ProbeError(f"dynamic dimensions given for unknown inputs {unknown}; inputs are {list(names)}")
+    specs = []
+    for name in names:
+        arr = first[name]
+        dims: list[Dim] = list(arr.shape)
+        for axis, bounds in dynamic.get(name, {}).items():
+            if not -arr.ndim <= axis < arr.ndim:
+                raise ProbeError(f"input {name!r}: axis {axis} is out of range for rank {arr.ndim}")
+            lo, hi = (int(b) for b in bounds)
+            if not 0 <= lo <= arr.shape[axis] <= hi:
+                raise ProbeError(
+                    f"input {name!r}: the canary's size {arr.shape[axis]} on axis {axis} is "
+                    f"outside the declared range {lo}..{hi}"
+                )
+            dims[axis] = (lo, hi)
+        specs.append(InputSpec(name=name, dtype=str(arr.dtype), shape=tuple(dims)))
+    return tuple(specs)
+
+
+def _derived_case(case: Mapping[str, Array]) -> dict[str, Array] | None:
+    """A second canary: every input rolled by half along its last axis (None if that changes nothing)."""
+    rolled = {n: np.roll(a, a.shape[-1] // 2, axis=-1) if a.ndim else a for n, a in case.items()}
+    if all(np.array_equal(rolled[n], case[n]) for n in case):
+        return None
+    return rolled
+
+
+def _run_reference(
+    factory: Callable[..., Any],
+    reference: Mapping[str, Any],
+    cases: Sequence[Mapping[str, Array]],
+    names: Sequence[str],
+    runs: int,
+    agreement_db: float,
+) -> list[list[Array]]:
+    """Outputs of every case; refuses NaN/Inf and any disagreement across inits and repeat runs."""
+    from guard.mnn import forward
+
+    first: list[list[Array]] | None = None
+    for init in range(runs):
+        try:
+            module = factory(**reference)
+            results = [
+                [forward(module, [case[n] for n in names]) for case in cases] for _ in range(2)
+            ]
+        except ProbeError:
+            raise
+        except Exception as exc:
+            raise ProbeError(f"the reference configuration {dict(reference)} failed: {exc!r}") from exc
+        del module
+        for rep, per_case in enumerate(results):
+            for c, outs in enumerate(per_case):
+                if not outs:
+                    raise ProbeError(f"the reference returned no outputs for case {c}")
+                for k, out in enumerate(outs):
+                    if not np.issubdtype(out.dtype, np.number) or not np.all(np.isfinite(out)):
+                        raise ProbeError(
+                            f"the reference gave NaN/Inf in output {k} of case {c}; refusing to "
+                            "record non-finite goldens"
+                        )
+                if first is None:
+                    continue
+                for k, (ref, out) in enumerate(zip(first[c], outs, strict=False)):
+                    agree = ref.shape == out.shape and snr_db(ref, out) >= agreement_db
+                    if len(first[c]) != len(outs) or not agree:
+                        raise ProbeError(
+                            f"the reference {dict(reference)} does not agree with itself: init "
+                            f"{init + 1}, run {rep + 1}, case {c}, output {k} differs from the "
+                            f"first run (needs >= {agreement_db} dB SNR); pick a deterministic "
+                            "reference configuration"
+                        )
+            if first is None:
+                first = per_case
+    assert first is not None
+    return first
+
+
+def record(
+    factory: Callable[..., Any],
+    inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    reference: Mapping[str, Any] | None = None,
+    *,
+    runs: int = 3,
+    thresholds: Thresholds | None = None,
+    per_output: Mapping[str, Thresholds] | None = None,
+    dynamic: Mapping[str, Mapping[int, tuple[int, int]]] | None = None,
+    output_names: Sequence[str] | None = None,
+    model: str | os.PathLike[str] | None = None,
+    derive: bool = True,
+    agreement_db: float = 90.0,
+) -> Probe:
+    """Record a probe by running the canary on `factory(**reference)` in `runs` fresh inits.
+
+    `inputs` is one dict of canary inputs by name, or a list of such dicts. With `derive`, a
+    single canary gets a second one (its inputs rolled along the last axis) so that a module
+    that returns a previous call's output is caught. `dynamic={"mel": {2: (1, 4000)}}` declares
+    axis 2 of `mel` dynamic within 1..4000; other dimensions are fixed to the canary's.
+
+    >>> probe = record(factory, {"mel": mel}, reference={"dynamic": True})  # doctest: +SKIP
+    """
+    reference = {"dynamic": True} if reference is None else dict(reference)
+    if runs < 2:
+        raise ProbeError(f"runs must be at least 2 to check that the reference agrees with itself, got {runs}")
+    raw_cases = [inputs] if isinstance(inputs, Mapping) else list(inputs)
+    if not raw_cases or not all(isinstance(c, Mapping) for c in raw_cases):
+        raise ProbeError("inputs must be a dict of arrays by input name, or a non-empty list of such dicts")
+    names = list(getattr(factory, "inputs", None) or raw_cases[0])
+    cases: list[dict[str, Array]] = []
+    for i, raw in enumerate(raw_cases):
+        if sorted(raw) != sorted(names):
+            raise ProbeError(f"canary {i} has inputs {sorted(raw)}, the model takes {names}")
+        cases.append({n: as_input_array(n, raw[n]) for n in names})
+    notes: list[str] = []
+    if derive and len(cases) == 1:
+        extra = _derived_case(cases[0])
+        if extra is not None:
+            cases.append(extra)
+            notes.append("case 1 is case 0 with every input rolled by half along its last axis")
+    signature = _signature(names, cases[0], dynamic or {})
+    for i, case in enumerate(cases):
+        for spec in signature:
+            if not spec.accepts(case[spec.name].shape) or str(case[spec.name].dtype) != spec.dtype:
+                raise ProbeError(f"canary {i}: input {spec.name!r} does not fit the signature of canary 0")
+    goldens = _run_reference(factory, reference, cases, names, runs, agreement_db)
+    out_names = list(output_names or getattr(factory, "outputs", None) or [])
+    if not out_names:
+        out_names = [f"output{k}" for k in range(len(goldens[0]))]
+    if any(len(g) != len(out_names) for g in goldens):
+        raise ProbeError(f"the reference returned {len(goldens[0])} outputs, expected {out_names}")
+    if len(goldens) > 1 and all(
+        np.array_equal(a, b) for a, b in zip(goldens[0], goldens[1], strict=True)
+    ) and notes:
+        cases.pop()
+        goldens.pop()
+        notes.pop()
+    model_path = model if model is not None else getattr(factory, "path", None)
+    from guard.mnn import mnn_version
+
+    return Probe(
+        cases=tuple(
+            Case(inputs=c, outputs=dict(zip(out_names, g, strict=True)))
+            for c, g in zip(cases, goldens, strict=True)
+        ),
+        inputs=signature,
+        outputs=tuple(
+            OutputSpec(name=n, dtype=str(a.dtype), shape=tuple(a.shape))
+            for n, a in zip(out_names, goldens[0], strict=True)
+        ),
+        thresholds=thresholds or Thresholds(),
+        per_output=dict(per_output or {}),
+        meta=ProbeMeta(
+            model_sha256=file_sha256(model_path) if model_path is not None else None,
+            mnn_version=mnn_version(),
+            reference=reference,
+            runs=runs,
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            notes=tuple(notes),
+        ),
+    )
