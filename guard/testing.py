@@ -1,0 +1,210 @@
+"""Fault injectors for your own tests: real MNN modules underneath, degraded for their whole life.
+
+>>> faulty = FaultyFactory(factory, fault=Fault.NOISE, rate=0.1, seed=7)  # doctest: +SKIP
+>>> session = guard.wrap(faulty, probe, name="vocoder")  # doctest: +SKIP
+>>> faulty.degraded_inits  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from guard import mnn
+from guard.errors import ConfigError
+
+__all__ = ["DegradedModule", "Fault", "FaultyFactory", "degrade"]
+
+Array = NDArray[Any]
+
+
+class Fault(enum.StrEnum):
+    """How a degraded init misbehaves."""
+
+    NOISE = "noise"  # additive noise at `snr_db` on every output
+    ZEROS = "zeros"  # every output all zeros
+    NAN = "nan"  # every output NaN
+    STALE = "stale"  # every call returns the previous call's outputs (the view-reuse bug)
+    SHAPE = "shape"  # outputs cut to half their last axis
+    MISSING = "missing"  # forward returns no outputs (as MNN does on an internal shape error)
+    SWAP = "swap"  # the init loads `replacement(**overrides)` instead (e.g. a rebuilt noisy model)
+    RAISE = "raise"  # the factory raises
+    HANG = "hang"  # the factory blocks for `hang_seconds`
+    NO_FORWARD = "no_forward"  # the factory returns an object without forward()
+
+
+
+def degrade(arrays: Sequence[Array], fault: Fault, rng: np.random.Generator, snr_db: float) -> list[Array]:
+    """Apply an output fault to owned arrays."""
+    out: list[Array] = []
+    for a in arrays:
+        if fault is Fault.NOISE:
+            rms = float(np.sqrt(np.mean(np.square(a, dtype=np.float64)))) or 1.0
+            sigma = rms / (10.0 ** (snr_db / 20.0))
+            out.append((a + rng.normal(0.0, sigma, a.shape)).astype(a.dtype))
+        elif fault is Fault.ZEROS:
+            out.append(np.zeros_like(a))
+        elif fault is Fault.NAN:
+            out.append(np.full_like(a, np.nan))
+        elif fault is Fault.SHAPE:
+            out.append(np.ascontiguousarray(a[..., : max(1, a.shape[-1] // 2)]))
+        else:
+            out.append(a)
+    return out
+
+
+class DegradedModule:
+    """Wraps a real MNN module so that every forward is degraded by `fault`."""
+
+    def __init__(self, module: Any, fault: Fault, *, seed: int | None = None, snr_db: float = 29.0):
+        self.module = module
+        self.fault = fault
+        self.snr_db = snr_db
+        self._rng = np.random.default_rng(seed)
+        self._previous: list[Array] | None = None
+
+    def forward(self, inputs: list[Any]) -> list[Any]:
+        """Run the real module, then degrade its outputs."""
+        result = self.module.forward(inputs)
+        arrays = [mnn.to_numpy(v) for v in result]
+        if self.fault is Fault.MISSING:
+            return []
+        if self.fault is Fault.STALE:
+            previous, self._previous = self._previous, arrays
+            arrays = previous if previous is not None else arrays
+        else:
+            arrays = degrade(arrays, self.fault, self._rng, self.snr_db)
+        return [mnn.to_var(a) for a in arrays]
+
+
+class _NoForward:
+    """What a broken factory might return."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+
+class FaultyFactory:
+    """Wraps a real factory so that chosen inits come out degraded for their whole life.
+
+    Which inits: an explicit `schedule` (True = degraded, by init number; clean after it ends),
+    or each init independently with probability `rate`. `affects` limits faults to inits whose
+    overrides it accepts; the default spares `dynamic=True` inits, as in the field reports.
+    Picklable (for guard.Pool and doctor) when the wrapped factory is; with
+    `per_process=True` the seed is mixed with the process id so that workers differ.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[..., Any],
+        *,
+        fault: Fault | str = Fault.NOISE,
+        rate: float = 0.0,
+        schedule: Sequence[bool] | None = None,
+        seed: int | None = 0,
+        per_process: bool = False,
+        snr_db: float = 29.0,
+        affects: Callable[[Mapping[str, Any]], bool] | str = "static",
+        replacement: Callable[..., Any] | None = None,
+        hang_seconds: float = 3600.0,
+    ) -> None:
+        self.factory = factory
+        self.fault = Fault(fault)
+        if not 0.0 <= rate <= 1.0:
+            raise ConfigError(f"rate must be within 0..1, got {rate}")
+        if self.fault is Fault.SWAP and replacement is None:
+            raise ConfigError("Fault.SWAP needs a replacement factory")
+        self.rate = rate
+        self.schedule = tuple(bool(s) for s in schedule) if schedule is not None else None
+        self.seed = seed
+        self.per_process = per_process
+        self.snr_db = snr_db
+        self.affects = affects
+        self.replacement = replacement
+        self.hang_seconds = hang_seconds
+        self.inits = 0
+        self.degraded_inits = 0
+        self._rng: np.random.Generator | None = None
+        self._lock = threading.Lock()
+
+    # Mirror the wrapped factory's model description so the guard can check the probe.
+    @property
+    def path(self) -> Any:
+        """The wrapped factory's model path, if it has one."""
+        return getattr(self.factory, "path", None)
+
+    @property
+    def inputs(self) -> Any:
+        """The wrapped factory's input names, if it has them."""
+        return getattr(self.factory, "inputs", None)
+
+    @property
+    def outputs(self) -> Any:
+        """The wrapped factory's output names, if it has them."""
+        return getattr(self.factory, "outputs", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_lock"] = None
+        state["_rng"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _applies(self, overrides: Mapping[str, Any]) -> bool:
+        if callable(self.affects):
+            return bool(self.affects(overrides))
+        if self.affects == "all":
+            return True
+        if self.affects == "static":
+            return not overrides.get("dynamic", False)
+        raise ConfigError(f"affects must be 'static', 'all' or a predicate, got {self.affects!r}")
+
+    def _decide(self, overrides: Mapping[str, Any]) -> tuple[bool, int]:
+        with self._lock:
+            number = self.inits
+            self.inits += 1
+            if self._rng is None:
+                seed = self.seed
+                if self.per_process and seed is not None:
+                    seed = hash((seed, os.getpid())) & 0xFFFFFFFF
+                self._rng = np.random.default_rng(seed)
+            draw = float(self._rng.random())
+            if not self._applies(overrides):
+                return False, number
+            if self.schedule is not None:
+                bad = number < len(self.schedule) and self.schedule[number]
+            else:
+                bad = draw < self.rate
+            self.degraded_inits += bad
+            return bad, number
+
+    def __call__(self, **overrides: Any) -> Any:
+        """Build a real module; degrade it when this init is chosen."""
+        bad, number = self._decide(overrides)
+        if not bad:
+            return self.factory(**overrides)
+        if self.fault is Fault.RAISE:
+            raise RuntimeError(f"injected factory failure on init {number}")
+        if self.fault is Fault.HANG:
+            time.sleep(self.hang_seconds)
+        if self.fault is Fault.SWAP:
+            assert self.replacement is not None
+            return self.replacement(**overrides)
+        module = self.factory(**overrides)
+        if self.fault is Fault.NO_FORWARD:
+            return _NoForward(module)
+        if self.fault is Fault.HANG:
+            return module
+        seed = None if self.seed is None else self.seed + number
+        return DegradedModule(module, self.fault, seed=seed, snr_db=self.snr_db)
+

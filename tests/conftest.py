@@ -1,0 +1,53 @@
+"""Shared fixtures: the real demo vocoder, its probe, a tiny model, a fresh registry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+import guard
+import probes
+from guard import demo, health
+
+
+@pytest.fixture(scope="session")
+def demo_paths() -> tuple[Path, Path]:
+    """(model, probe dir) of the bundled demo vocoder, verified by hash."""
+    return demo.ensure_demo()
+
+
+@pytest.fixture(scope="session")
+def demo_probe(demo_paths: tuple[Path, Path]) -> probes.Probe:
+    """The shipped demo probe, loaded with validation."""
+    return probes.load(demo_paths[1], model=demo_paths[0])
+
+
+@pytest.fixture()
+def demo_factory(demo_paths: tuple[Path, Path]) -> guard.MNNFactory:
+    """A one-thread factory for the demo vocoder."""
+    return demo.demo_factory(threads=1)
+
+
+@pytest.fixture(scope="session")
+def mel() -> np.ndarray[Any, Any]:
+    """A deterministic 100-frame mel input."""
+    return demo.demo_mel(100)
+
+
+@pytest.fixture()
+def registry() -> CollectorRegistry:
+    """A fresh Prometheus registry per test."""
+    return CollectorRegistry()
+
+
+@pytest.fixture(autouse=True)
+def _clean_health() -> Iterator[None]:
+    """Each test starts with an empty process-wide readiness table."""
+    for name in list(health.sessions()):
+        health.forget(name)
+    yield

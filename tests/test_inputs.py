@@ -1,0 +1,116 @@
+"""Hostile inputs to run(): each raises InputMismatch naming the input, or gives the right result."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import guard
+import probes
+from guard import demo
+
+Array = np.ndarray[Any, Any]
+MEL = demo.demo_mel(20, seed=3)
+
+
+@pytest.fixture(scope="module")
+def session(demo_paths: Any) -> Iterator[guard.GuardedSession]:
+    """One healthy session on the demo vocoder for the whole table."""
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    s = guard.wrap(demo.demo_factory(), probe, name="inputs", metrics=False,
+                   policy=guard.Policy(background=False, promote_after=None))
+    yield s
+    s.close()
+
+
+def _readonly(x: Array) -> Array:
+    y = x.copy()
+    y.flags.writeable = False
+    return y
+
+
+REJECTED: list[tuple[str, Any, str]] = [
+    ("missing input", {}, "missing input(s) ['mel']"),
+    ("unknown extra input", {"mel": MEL, "pitch": MEL}, "unknown input(s) ['pitch']"),
+    ("wrong name", {"mels": MEL}, "missing input(s) ['mel']"),
+    ("wrong rank", {"mel": MEL[0]}, "rank 2 (shape [80, 20]), expected rank 3"),
+    ("wrong channel count", {"mel": np.zeros((1, 100, 20), np.float32)}, "dimension 1 is 100, expected 80"),
+    ("wrong batch", {"mel": np.zeros((2, 80, 20), np.float32)}, "dimension 0 is 2, expected 1"),
+    ("dynamic dim above range", {"mel": np.zeros((1, 80, 4001), np.float32)},
+     "dimension 2 is 4001, expected the dynamic range 1..4000"),
+    ("zero-size", {"mel": np.zeros((1, 80, 0), np.float32)}, "the array is empty"),
+    ("int input", {"mel": MEL.astype(np.int64)}, "dtype int64 cannot be cast safely to float32"),
+    ("bool input", {"mel": MEL > 0}, "dtype bool cannot be cast safely to float32"),
+    ("complex input", {"mel": MEL.astype(np.complex64)}, "dtype complex64 cannot be cast safely"),
+    ("NaN", {"mel": np.where(MEL > 1, np.nan, MEL).astype(np.float32)}, "NaN/Inf values"),
+    ("Inf", {"mel": np.where(MEL > 1, np.inf, MEL).astype(np.float32)}, "NaN/Inf values"),
+    ("float64 overflow", {"mel": MEL.astype(np.float64) * 1e300}, "float64 values overflow float32"),
+    ("list of wrong length", [MEL, MEL], "got 2 inputs in a list, the model takes 1"),
+    ("non-array object", {"mel": MEL.tolist()}, "got a list, not a numpy array"),
+    ("None value", {"mel": None}, "got a NoneType, not a numpy array"),
+    ("bare array", MEL, "inputs must be a dict by input name or a list"),
+    ("string", "mel", "inputs must be a dict by input name or a list"),
+]
+
+
+@pytest.mark.parametrize(("inputs", "message"), [(i, m) for _, i, m in REJECTED],
+                         ids=[n for n, _, _ in REJECTED])
+def test_rejected_inputs(session: guard.GuardedSession, inputs: Any, message: str) -> None:
+    """A hostile input raises InputMismatch whose message says what came and what was expected."""
+    with pytest.raises(guard.InputMismatch) as info:
+        session.run(inputs)
+    assert message in str(info.value)
+    assert isinstance(info.value, guard.GuardError) and isinstance(info.value, ValueError)
+
+
+ACCEPTED: list[tuple[str, Callable[[Array], Any]]] = [
+    ("float64 cast", lambda x: {"mel": x.astype(np.float64)}),
+    ("float16 cast", lambda x: {"mel": x.astype(np.float16)}),
+    ("non-contiguous", lambda x: {"mel": np.asfortranarray(x)}),
+    ("strided view", lambda x: {"mel": np.repeat(x, 2, axis=2)[:, :, ::2]}),
+    ("read-only", lambda x: {"mel": _readonly(x)}),
+    ("tuple in order", lambda x: (x,)),
+    ("dynamic dim at minimum", lambda x: {"mel": x[:, :, :1]}),
+]
+
+
+@pytest.mark.parametrize("make", [m for _, m in ACCEPTED], ids=[n for n, _ in ACCEPTED])
+def test_accepted_inputs_give_the_correct_result(
+    session: guard.GuardedSession, make: Callable[[Array], Any]
+) -> None:
+    """A safely convertible input gives the same output as the plain float32 input."""
+    inputs = make(MEL)
+    given = inputs["mel"] if isinstance(inputs, dict) else inputs[0]
+    expected = session.run({"mel": np.ascontiguousarray(given, dtype=np.float32)})["wav"]
+    out = session.run(inputs)["wav"]
+    assert out.shape == (1, 1, given.shape[2] * demo.HOP)
+    assert np.array_equal(out, expected)
+
+
+def test_hostile_input_count_is_reported() -> None:
+    """Prints how many hostile input cases the table runs (kept honest by the tables above)."""
+    print(f"hostile inputs: {len(REJECTED)} rejected, {len(ACCEPTED)} accepted cases")
+    assert len(REJECTED) >= 15 and len(ACCEPTED) >= 5
+
+
+def test_mismatch_names_the_input(session: guard.GuardedSession) -> None:
+    """InputMismatch carries the offending input's name."""
+    with pytest.raises(guard.InputMismatch) as info:
+        session.run({"mel": np.zeros((1, 79, 10), np.float32)})
+    assert info.value.input == "mel"
+    assert "expected float32[1, 80, 1..4000]" in str(info.value)
+
+
+def test_nonfinite_inputs_allowed_when_policy_says_so(demo_paths: Any) -> None:
+    """With check_finite_inputs=False, NaN inputs reach the model (documented opt-out)."""
+    probe = probes.load(demo_paths[1])
+    s = guard.wrap(demo.demo_factory(), probe, name="nan-ok", metrics=False,
+                   policy=guard.Policy(background=False, promote_after=None, check_finite_inputs=False))
+    x = MEL.copy()
+    x[0, 0, 0] = np.nan
+    out = s.run({"mel": x})["wav"]
+    assert out.shape == (1, 1, 20 * demo.HOP)
+    s.close()

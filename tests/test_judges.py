@@ -1,0 +1,154 @@
+"""Judges and default thresholds: benign noise passes, real faults fail, nothing ever raises."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import guard
+import probes
+from guard import demo, mnn
+
+Array = np.ndarray[Any, Any]
+
+
+def fp16(w: Array) -> Array:
+    """Weights stored in half precision (benign)."""
+    return w.astype(np.float16).astype(np.float32)
+
+
+def noise(level: float) -> Any:
+    """Multiplicative Gaussian weight noise (a real fault)."""
+    rng = np.random.default_rng(11)
+    return lambda w: (w * (1 + level * rng.standard_normal(w.shape))).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("name", "transform", "passes"),
+    [("fp16 weights", fp16, True), ("1% weight noise", noise(0.01), False),
+     ("3% weight noise", noise(0.03), False)],
+)
+def test_default_thresholds_on_rebuilt_models(
+    name: str, transform: Any, passes: bool, demo_probe: probes.Probe, tmp_path: Path
+) -> None:
+    """A rebuilt vocoder with fp16 weights passes the shipped probe; weight noise fails it."""
+    path = tmp_path / "rebuilt.mnn"
+    demo.build_vocoder(path, weight_transform=transform)
+    module = guard.mnn_factory(path, ["mel"], ["wav"], threads=1)()
+    case = demo_probe.cases[0]
+    verdict = demo_probe.judge(mnn.forward(module, [case.inputs["mel"]]))
+    score = verdict.scores["wav"]
+    print(f"{name}: SNR {score.snr_db:.1f} dB, cosine {score.cosine:.7f}, LSD {score.lsd_db:.3f} dB")
+    assert verdict.passed is passes, verdict.reasons
+
+
+def test_gain_fault_fails_on_snr_although_cosine_is_high(demo_probe: probes.Probe) -> None:
+    """Output x0.5 keeps cosine at 1.0 but fails on SNR, which is why SNR is always on."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    verdict = demo_probe.judge({"wav": golden * 0.5})
+    assert not verdict.passed
+    assert verdict.scores["wav"].cosine > 0.9999
+    assert any("snr_db" in r for r in verdict.reasons)
+
+
+@pytest.mark.parametrize(
+    ("make", "passes", "reason"),
+    [
+        (lambda g: g.copy(), True, ""),
+        (lambda g: g + np.float32(1e-7) * np.sign(g), True, ""),
+        (lambda g: np.zeros_like(g), False, "snr_db"),
+        (lambda g: np.full_like(g, np.nan), False, "NaN or Inf"),
+        (lambda g: np.where(np.arange(g.size).reshape(g.shape) == 3, np.inf, g), False, "NaN or Inf"),
+        (lambda g: g[..., :-1], False, "shape"),
+        (lambda g: -g, False, "snr_db"),
+        (lambda g: g.astype(np.complex64), False, "not a real number type"),
+    ],
+    ids=["identical", "1e-7", "zeros", "nan", "inf", "shape", "negated", "complex"],
+)
+def test_judge_table(make: Any, passes: bool, reason: str, demo_probe: probes.Probe) -> None:
+    """Each output kind is judged as expected, with a reason naming the failed check."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    verdict = demo_probe.judge({"wav": make(golden)})
+    assert verdict.passed is passes
+    assert bool(verdict) is passes
+    if not passes:
+        assert any(reason in r for r in verdict.reasons), verdict.reasons
+
+
+def test_missing_and_extra_outputs(demo_probe: probes.Probe) -> None:
+    """A missing output and an unexpected one are both reasons."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    assert "output 'wav' is missing" in demo_probe.judge({}).reasons
+    assert "unexpected output 'extra'" in demo_probe.judge({"wav": golden, "extra": golden}).reasons
+    assert not demo_probe.judge([golden, golden]).passed
+
+
+def test_synthetic_fp16_level_noise_passes_and_29db_fails(demo_probe: probes.Probe) -> None:
+    """Additive noise at 55 dB SNR passes the defaults, at 29 dB it fails."""
+    golden = demo_probe.cases[0].outputs["wav"].astype(np.float64)
+    rng = np.random.default_rng(0)
+    rms = float(np.sqrt(np.mean(golden**2)))
+    for snr, ok in ((55.0, True), (29.0, False)):
+        noisy = golden + rng.normal(0, rms / 10 ** (snr / 20), golden.shape)
+        assert demo_probe.judge({"wav": noisy.astype(np.float32)}).passed is ok
+
+
+def test_per_output_thresholds(demo_probe: probes.Probe) -> None:
+    """Per-output thresholds override the default for that output only."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    rng = np.random.default_rng(1)
+    noisy = (golden + rng.normal(0, 0.01 * float(np.std(golden)), golden.shape)).astype(np.float32)
+    assert not demo_probe.judge({"wav": noisy}).passed
+    loose = demo_probe.with_thresholds(wav=probes.Thresholds(min_snr_db=30, min_cosine=0.999, max_lsd_db=None))
+    assert loose.judge({"wav": noisy}).passed
+
+
+def test_thresholds_validate() -> None:
+    """Non-finite thresholds are refused."""
+    with pytest.raises(probes.ProbeError, match="finite number"):
+        probes.Thresholds(min_snr_db=math.nan)
+
+
+def test_judge_cost_for_one_second_canary() -> None:
+    """The judge handles a 1 s 22,050 Hz signal (cost is reported by the benchmark)."""
+    t = np.arange(22050) / 22050
+    golden = np.sin(2 * np.pi * 220 * t).astype(np.float32)[None, None]
+    score = probes.judge_output("wav", golden, golden * np.float32(1.0001), probes.Thresholds())
+    assert score.passed and score.lsd_db is not None and score.lsd_db < 0.01
+
+
+floats = hnp.arrays(
+    np.float32,
+    hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=70),
+    elements=st.floats(width=32, allow_nan=True, allow_infinity=True),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(golden=floats, data=st.data())
+def test_judges_never_raise(golden: Array, data: st.DataObject) -> None:
+    """Random arrays through every judge give a Check or score, never an exception."""
+    golden = np.nan_to_num(golden, nan=0.0, posinf=1.0, neginf=-1.0)
+    actual = data.draw(hnp.arrays(np.float32, golden.shape, elements=st.floats(width=32)))
+    score = probes.judge_output("y", golden, actual, probes.Thresholds(max_abs=1.0))
+    assert isinstance(score.passed, bool)
+    for judge in (probes.finite(), probes.snr(45), probes.cosine(0.99), probes.lsd(1.0), probes.max_abs(1)):
+        assert isinstance(judge(golden, actual).passed, bool)
+
+
+@settings(max_examples=100, deadline=None)
+@given(golden=floats)
+def test_identical_finite_arrays_pass_and_nan_fails(golden: Array) -> None:
+    """An array judged against itself passes; the same with a NaN fails."""
+    golden = np.nan_to_num(golden, nan=0.0, posinf=1.0, neginf=-1.0)
+    assert probes.judge_output("y", golden, golden.copy(), probes.Thresholds()).passed
+    bad = golden.copy()
+    bad.flat[0] = np.nan
+    assert not probes.judge_output("y", golden, bad, probes.Thresholds()).passed
