@@ -14,6 +14,7 @@ import numpy as np
 
 from guard.errors import GuardError
 from probes import ProbeError
+from probes.signature import format_shape
 
 __all__ = ["main"]
 
@@ -97,7 +98,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     probe.save(args.out)
     print(f"recorded {len(probe.cases)} canary case(s) for {args.model} into {args.out}")
     for spec in probe.inputs:
-        print(f"  input  {spec.name}: {spec.dtype}{list(spec.shape)}")
+        print(f"  input  {spec.name}: {spec.dtype}{format_shape(spec.shape)}")
     for out in probe.outputs:
         print(f"  output {out.name}: {out.dtype}{list(out.shape)}")
     return EXIT_OK

@@ -51,27 +51,31 @@ Judge = Callable[[Array, Array], Check]
 
 
 def snr_db(golden: Array, actual: Array) -> float:
-    """Signal-to-noise ratio of `actual` against `golden` in dB (inf when identical)."""
+    """Signal-to-noise ratio of `actual` against `golden` in dB (inf when identical, NaN if NaN)."""
     g = np.asarray(golden, np.float64)
-    err = float(np.sum((np.asarray(actual, np.float64) - g) ** 2))
-    sig = float(np.sum(g**2))
+    with np.errstate(over="ignore", invalid="ignore"):
+        err = float(np.sum((np.asarray(actual, np.float64) - g) ** 2))
+        sig = float(np.sum(g**2))
+    if math.isnan(err) or math.isnan(sig):
+        return math.nan
     if err == 0.0:
         return math.inf
-    if sig == 0.0:
+    if sig == 0.0 or math.isinf(err):
         return -math.inf
-    return 10.0 * math.log10(sig / err)
+    return 10.0 * (math.log10(sig) - math.log10(err))
 
 
 def cosine_similarity(golden: Array, actual: Array) -> float:
     """Cosine of the angle between the flattened arrays (1.0 when both are all zeros)."""
     g = np.asarray(golden, np.float64).ravel()
     a = np.asarray(actual, np.float64).ravel()
-    ng, na = float(np.linalg.norm(g)), float(np.linalg.norm(a))
-    if ng == 0.0 and na == 0.0:
-        return 1.0
-    if ng == 0.0 or na == 0.0:
-        return 0.0
-    return float(np.dot(g, a) / (ng * na))
+    with np.errstate(over="ignore", invalid="ignore"):
+        ng, na = float(np.linalg.norm(g)), float(np.linalg.norm(a))
+        if ng == 0.0 and na == 0.0:
+            return 1.0
+        if ng == 0.0 or na == 0.0:
+            return 0.0
+        return float(np.dot(g, a) / (ng * na))
 
 
 def _signal_1d(x: Array) -> Array | None:
@@ -92,8 +96,9 @@ def log_spectral_distance(golden: Array, actual: Array) -> float | None:
     _, _, za = signal.stft(a, nperseg=nperseg)
     pg, pa = np.abs(zg) ** 2, np.abs(za) ** 2
     floor = max(float(pg.max()), 1e-30) * 1e-8  # ignore bins 80 dB below the loudest
-    diff = 10.0 * np.log10(pg + floor) - 10.0 * np.log10(pa + floor)
-    return float(np.mean(np.sqrt(np.mean(diff**2, axis=0))))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        diff = 10.0 * np.log10(pg + floor) - 10.0 * np.log10(pa + floor)
+        return float(np.mean(np.sqrt(np.mean(diff**2, axis=0))))
 
 
 def _limit(name: str, value: float, limit: float, *, higher_is_better: bool, unit: str) -> Check:
@@ -127,8 +132,9 @@ def cosine(min_value: float) -> Judge:
 
 
 def _max_abs_error(golden: Array, actual: Array) -> float:
-    diff = np.abs(np.asarray(actual, np.float64) - np.asarray(golden, np.float64))
-    return float(diff.max(initial=0.0))
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = np.abs(np.asarray(actual, np.float64) - np.asarray(golden, np.float64))
+        return float(diff.max(initial=0.0))
 
 
 def max_abs(max_value: float) -> Judge:
@@ -228,7 +234,7 @@ def judge_output(name: str, golden: Array, actual: Array, thresholds: Thresholds
         reason = f"shape {list(actual.shape)} differs from the golden shape {list(golden.shape)}"
         check = Check("shape", False, None, None, reason)
         return OutputScore(name, False, False, False, nan, nan, nan, None, (check,))
-    if not np.issubdtype(actual.dtype, np.number) or actual.dtype == np.complex128:
+    if not np.issubdtype(actual.dtype, np.number) or np.iscomplexobj(actual):
         check = Check("dtype", False, None, None, f"dtype {actual.dtype} is not a real number type")
         return OutputScore(name, False, True, False, nan, nan, nan, None, (check,))
     fin = finite()(golden, actual)
