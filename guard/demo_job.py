@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections import Counter
@@ -52,6 +53,8 @@ def _progress(done: int, total: int, tally: DemoTally, served: int, bad: int) ->
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; exit 0 when no degraded output was served."""
+    if not args.verbose:  # the table says what happened; per-init warnings would bury the progress
+        logging.getLogger("mnn_guard").setLevel(logging.ERROR)
     model, probe_dir = demo.ensure_demo()
     probe = probes.load(probe_dir, model=model)
     registry = CollectorRegistry()

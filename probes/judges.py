@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
@@ -9,6 +10,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy import fft as sp_fft
 from scipy import signal
 
 from probes.errors import ProbeError
@@ -50,12 +53,20 @@ Judge = Callable[[Array, Array], Check]
 """A judge takes (golden, actual) arrays of the same shape and returns a Check."""
 
 
+# Reductions use einsum, never np.dot/np.linalg.norm: those call multithreaded BLAS, whose
+# spinning threads fight MNN's own pool for the cores (measured: 8 ms instead of 0.02 ms).
+
+
+def _sum_sq(x: Array) -> float:
+    return float(np.einsum("i,i->", x, x))
+
+
 def snr_db(golden: Array, actual: Array) -> float:
     """Signal-to-noise ratio of `actual` against `golden` in dB (inf when identical, NaN if NaN)."""
-    g = np.asarray(golden, np.float64)
+    g = np.asarray(golden, np.float64).ravel()
     with np.errstate(over="ignore", invalid="ignore"):
-        err = float(np.sum((np.asarray(actual, np.float64) - g) ** 2))
-        sig = float(np.sum(g**2))
+        err = _sum_sq(np.asarray(actual, np.float64).ravel() - g)
+        sig = _sum_sq(g)
     if math.isnan(err) or math.isnan(sig):
         return math.nan
     if err == 0.0:
@@ -70,12 +81,12 @@ def cosine_similarity(golden: Array, actual: Array) -> float:
     g = np.asarray(golden, np.float64).ravel()
     a = np.asarray(actual, np.float64).ravel()
     with np.errstate(over="ignore", invalid="ignore"):
-        ng, na = float(np.linalg.norm(g)), float(np.linalg.norm(a))
+        ng, na = math.sqrt(_sum_sq(g)), _sum_sq(a) ** 0.5
         if ng == 0.0 and na == 0.0:
             return 1.0
         if ng == 0.0 or na == 0.0:
             return 0.0
-        return float(np.dot(g, a) / (ng * na))
+        return float(np.einsum("i,i->", g, a)) / (ng * na)
 
 
 def _signal_1d(x: Array) -> Array | None:
@@ -83,22 +94,38 @@ def _signal_1d(x: Array) -> Array | None:
     flat = np.asarray(x).reshape(-1)
     if sum(s > 1 for s in np.shape(x)) != 1 or flat.size < 64:
         return None
-    return flat.astype(np.float64)
+    return flat
 
 
 def log_spectral_distance(golden: Array, actual: Array) -> float | None:
-    """Mean log-spectral distance in dB between two 1-D-like signals (None for other shapes)."""
+    """Mean log-spectral distance in dB between two 1-D-like signals (None for other shapes).
+
+    Power spectra of Hann-windowed 512-sample frames with half overlap (scipy.signal window,
+    scipy.fft); bins more than 80 dB below the golden's loudest bin are floored so that
+    silence does not dominate.
+    """
     g, a = _signal_1d(golden), _signal_1d(actual)
     if g is None or a is None or g.size != a.size:
         return None
-    nperseg = min(512, g.size)
-    _, _, zg = signal.stft(g, nperseg=nperseg)
-    _, _, za = signal.stft(a, nperseg=nperseg)
-    pg, pa = np.abs(zg) ** 2, np.abs(za) ** 2
-    floor = max(float(pg.max()), 1e-30) * 1e-8  # ignore bins 80 dB below the loudest
+    n = min(512, g.size)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        diff = 10.0 * np.log10(pg + floor) - 10.0 * np.log10(pa + floor)
-        return float(np.mean(np.sqrt(np.mean(diff**2, axis=0))))
+        frames = sliding_window_view(np.stack([g, a]).astype(np.float32), n, axis=-1)[:, :: n // 2]
+        z = sp_fft.rfft(frames * _window(n), axis=-1)
+        power = z.real**2 + z.imag**2
+        floor = max(float(power[0].max()), 1e-30) * 1e-8
+        diff = 10.0 * np.log10((power[0] + floor) / (power[1] + floor))
+        return float(np.mean(np.sqrt(np.mean(diff**2, axis=-1))))
+
+
+@functools.cache
+def _window(n: int) -> Array:
+    return signal.get_window("hann", n).astype(np.float32)
+
+
+def _max_abs_error(golden: Array, actual: Array) -> float:
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = np.abs(np.asarray(actual, np.float64) - np.asarray(golden, np.float64))
+        return float(diff.max(initial=0.0))
 
 
 def _limit(name: str, value: float, limit: float, *, higher_is_better: bool, unit: str) -> Check:
@@ -129,12 +156,6 @@ def cosine(min_value: float) -> Judge:
     return lambda g, a: _limit(
         "cosine", cosine_similarity(g, a), min_value, higher_is_better=True, unit=""
     )
-
-
-def _max_abs_error(golden: Array, actual: Array) -> float:
-    with np.errstate(over="ignore", invalid="ignore"):
-        diff = np.abs(np.asarray(actual, np.float64) - np.asarray(golden, np.float64))
-        return float(diff.max(initial=0.0))
 
 
 def max_abs(max_value: float) -> Judge:

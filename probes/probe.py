@@ -68,14 +68,23 @@ class Verdict:
 
     @classmethod
     def merge(cls, verdicts: Iterable[Verdict], labels: Iterable[str] | None = None) -> Verdict:
-        """One verdict over several canary runs: passes only when all pass; keeps the worst scores."""
+        """One verdict over several canary runs: passes only when all pass; keeps the worst scores.
+
+        The reasons are those of the first failing run, then a count of the failing runs.
+        """
         items = list(verdicts)
         if not items:
             return cls.failed("no canary run was judged")
         names = list(labels) if labels is not None else [f"run {i + 1}" for i in range(len(items))]
-        reasons = tuple(f"{n}: {r}" for n, v in zip(names, items, strict=True) for r in v.reasons)
+        failing = [(n, v) for n, v in zip(names, items, strict=True) if not v.passed]
         worst = min(items, key=lambda v: (v.passed, v.worst_snr_db))
-        return cls(all(items), worst.scores, reasons)
+        if not failing:
+            return cls(True, worst.scores, ())
+        first_name, first = failing[0]
+        reasons = [f"{first_name}: {r}" for r in first.reasons]
+        if len(items) > 1:
+            reasons.append(f"{len(failing)} of {len(items)} canary runs failed")
+        return cls(False, worst.scores, tuple(reasons))
 
     def describe(self) -> str:
         """One line: PASSED/FAILED, the worst SNR, and the reasons."""
