@@ -141,10 +141,10 @@ def _load_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     for key, enum in _ENUM_KEYS.items():
         value = out.get(key)
         if isinstance(value, str):
-            try:
-                out[key] = getattr(enum, value.capitalize() if key != "backend" else value.upper())
-            except AttributeError:
-                raise ConfigError(f"{key}={value!r} is not an MNN {enum.__name__}") from None
+            names = {n.lower(): n for n in dir(enum) if not n.startswith("_") and n[0].isupper()}
+            if value.lower() not in names:
+                raise ConfigError(f"{key}={value!r}; expected one of {sorted(names.values())}")
+            out[key] = getattr(enum, names[value.lower()])
     return out
 
 

@@ -1,0 +1,54 @@
+"""The bundled demo vocoder is reproducible from the project's own code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import guard
+import probes
+from guard import demo, mnn
+
+
+def test_rebuild_is_byte_identical(tmp_path: Path) -> None:
+    """Building the vocoder again gives exactly the shipped bytes (so the shipped probe applies)."""
+    demo.build_vocoder(tmp_path / "v.mnn")
+    assert probes.file_sha256(tmp_path / "v.mnn") == demo.DEMO_SHA256
+    assert probes.file_sha256(demo.DEMO_MODEL) == demo.DEMO_SHA256
+
+
+def test_shipped_probe_matches_the_model(demo_probe: probes.Probe) -> None:
+    """The shipped probe names the shipped model's hash, this MNN version and a dynamic T."""
+    assert demo_probe.meta.model_sha256 == demo.DEMO_SHA256
+    assert demo_probe.meta.mnn_version == mnn.mnn_version()
+    assert demo_probe.inputs[0].shape == (1, 80, (1, 4000))
+    assert len(demo_probe.cases) == 2
+
+
+@pytest.mark.parametrize("frames", [1, 7, 100, 333])
+def test_any_length_gives_hop_samples_per_frame(frames: int) -> None:
+    """The vocoder maps T frames to T*256 samples on both rungs, with a non-trivial signal."""
+    factory = demo.demo_factory()
+    x = demo.demo_mel(frames)
+    static = mnn.forward(factory(), [x])[0]
+    dynamic = mnn.forward(factory(dynamic=True), [x])[0]
+    assert static.shape == dynamic.shape == (1, 1, frames * demo.HOP)
+    assert np.array_equal(static, dynamic)
+    assert 0.05 < float(np.std(static)) < 0.9
+
+
+def test_mnn_factory_rejects_unknown_options() -> None:
+    """A misspelt load option raises instead of being ignored by MNN."""
+    with pytest.raises(guard.ConfigError, match="unknown MNN load option"):
+        guard.mnn_factory(demo.DEMO_MODEL, ["mel"], ["wav"], dynamik=True)
+    with pytest.raises(guard.ConfigError, match="precision_mode='fast'"):
+        guard.mnn_factory(demo.DEMO_MODEL, ["mel"], ["wav"], precision_mode="fast")
+
+
+def test_mnn_factory_missing_model(tmp_path: Path) -> None:
+    """A missing model file is a FactoryError naming the path."""
+    factory = guard.mnn_factory(tmp_path / "nope.mnn", ["mel"], ["wav"])
+    with pytest.raises(guard.FactoryError, match="does not exist"):
+        factory()
