@@ -23,6 +23,8 @@ from guard.ladder import DEFAULT_LADDER, DYNAMIC, STATIC, Action, Attempt, Outco
 from guard.listeners import CapturingListener, Listener, LoggingListener
 from guard.metrics import PrometheusListener
 from guard.mnn import MNNFactory, mnn_factory
+from guard.pool import Pool, WorkerStatus
+from guard.server import MetricsServer, serve
 from guard.session import GuardedSession, SessionStatus
 from guard.wrap import wrap
 
@@ -46,16 +48,20 @@ __all__ = [
     "Listener",
     "LoggingListener",
     "MNNFactory",
+    "MetricsServer",
     "Outcome",
     "Policy",
+    "Pool",
     "PrometheusListener",
     "RecoveryExhausted",
     "Rung",
     "SessionClosed",
     "SessionStatus",
     "WorkerFailed",
+    "WorkerStatus",
     "__version__",
     "mnn_factory",
     "readiness",
+    "serve",
     "wrap",
 ]

@@ -44,7 +44,9 @@ def _dynamic_arg(text: str) -> tuple[str, int, tuple[int, int]]:
         lo, _, hi = rng.partition("..")
         return name, int(axis), (int(lo), int(hi))
     except ValueError:
-        raise UsageError(f"--dynamic {text!r}: expected NAME:AXIS=MIN..MAX, e.g. mel:2=1..4000") from None
+        raise UsageError(
+            f"--dynamic {text!r}: expected NAME:AXIS=MIN..MAX, e.g. mel:2=1..4000"
+        ) from None
 
 
 def _override_arg(text: str) -> tuple[str, Any]:
@@ -67,7 +69,9 @@ def _canary_inputs(args: argparse.Namespace) -> dict[str, np.ndarray[Any, Any]]:
             with np.load(path, allow_pickle=False) as npz:
                 inputs = {k: npz[k] for k in npz.files}
         except (ValueError, OSError) as exc:
-            raise UsageError(f"--canary {str(path)!r} is not a readable .npz of arrays: {exc}") from None
+            raise UsageError(
+                f"--canary {str(path)!r} is not a readable .npz of arrays: {exc}"
+            ) from None
     else:
         rng = np.random.default_rng(args.seed)
         inputs = {}
@@ -134,14 +138,18 @@ def cmd_check(args: argparse.Namespace) -> int:
             )
         )
     print(_table(("init", "verdict", "SNR dB", "cosine", "LSD dB", "reasons"), rows))
-    print(f"{degraded} of {args.inits} init(s) degraded ({args.model}, overrides {overrides or 'none'})")
+    what = f"{args.model}, overrides {overrides or 'none'}"
+    print(f"{degraded} of {args.inits} init(s) degraded ({what})")
     return EXIT_DEGRADED if degraded else EXIT_OK
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain aligned text table."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -161,12 +169,16 @@ def _parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("record", help="record a probe (canary + golden outputs) for a model")
     rec.add_argument("model")
     rec.add_argument("--input", action="append", required=True, help="input name (repeat in order)")
-    rec.add_argument("--output", action="append", required=True, help="output name (repeat in order)")
+    rec.add_argument(
+        "--output", action="append", required=True, help="output name (repeat in order)"
+    )
     src = rec.add_mutually_exclusive_group(required=True)
     src.add_argument("--canary", help=".npz with one array per input name")
     src.add_argument("--shape", action="append", help="NAME=D1,D2,... random canary (float32)")
     rec.add_argument("--dynamic", action="append", default=[], help="NAME:AXIS=MIN..MAX")
-    rec.add_argument("--reference", action="append", default=[], help="KEY=VALUE (default dynamic=true)")
+    rec.add_argument(
+        "--reference", action="append", default=[], help="KEY=VALUE (default dynamic=true)"
+    )
     rec.add_argument("--runs", type=int, default=3, help="fresh reference inits that must agree")
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument("--threads", type=int, default=1)
@@ -177,10 +189,13 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("model")
     chk.add_argument("--probe", required=True)
     chk.add_argument("--inits", type=int, default=1)
-    chk.add_argument("--override", action="append", default=[], help="KEY=VALUE load option, e.g. dynamic=true")
+    chk.add_argument(
+        "--override", action="append", default=[], help="KEY=VALUE load option, e.g. dynamic=true"
+    )
     chk.add_argument("--threads", type=int, default=1)
     chk.add_argument(
-        "--ignore-model-hash", action="store_true",
+        "--ignore-model-hash",
+        action="store_true",
         help="judge another build of the model (e.g. fp16 or int8) against this probe",
     )
     chk.set_defaults(func=cmd_check)
@@ -190,7 +205,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=4, help="requests served per session")
     demo.add_argument("--rate", type=float, default=0.1, help="fraction of inits degraded")
     demo.add_argument("--seed", type=int, default=2026)
-    demo.add_argument("--port", type=int, default=0, help="metrics port (0 picks a free one, -1 none)")
+    demo.add_argument(
+        "--port", type=int, default=0, help="metrics port (0 picks a free one, -1 none)"
+    )
     demo.set_defaults(func=cmd_demo)
 
     for module_name in ("guard.doctor", "guard.bench"):

@@ -60,15 +60,28 @@ class _Builder:
     def conv(self, x: Any, cin: int, cout: int, k: int, dil: int = 1, gain: float = 1.0) -> Any:
         """Conv1d as a 1xK conv2d with 'same' padding (CAFFE mode honours explicit padding)."""
         w = self.weight((cout, cin, 1, k), cin * k, gain)
-        return F.conv2d(x, w, self.bias(cout), stride=[1, 1], padding=[dil * (k - 1) // 2, 0],
-                        dilate=[dil, 1], padding_mode=F.CAFFE)
+        return F.conv2d(
+            x,
+            w,
+            self.bias(cout),
+            stride=[1, 1],
+            padding=[dil * (k - 1) // 2, 0],
+            dilate=[dil, 1],
+            padding_mode=F.CAFFE,
+        )
 
     def up(self, x: Any, cin: int, cout: int, stride: int) -> Any:
         """Transposed conv1d with kernel 2*stride that multiplies the length by exactly `stride`."""
         k = 2 * stride
         w = self.weight((cin, cout, 1, k), cin * 2)
-        return F.conv2d_transpose(x, w, self.bias(cout), stride=[stride, 1],
-                                  padding=[stride // 2, 0], padding_mode=F.CAFFE)
+        return F.conv2d_transpose(
+            x,
+            w,
+            self.bias(cout),
+            stride=[stride, 1],
+            padding=[stride // 2, 0],
+            padding_mode=F.CAFFE,
+        )
 
     def resblock(self, x: Any, ch: int) -> Any:
         for dil in (1, 3, 5):
@@ -78,7 +91,10 @@ class _Builder:
 
 
 def build_vocoder(
-    path: str | os.PathLike[str], *, seed: int = 0, weight_transform: Transform | None = None,
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    weight_transform: Transform | None = None,
     frames: int = 100,
 ) -> None:
     """Write the demo vocoder (`mel` [1, 80, T] -> `wav` [1, 1, T*256]) as a real .mnn file.
@@ -106,7 +122,8 @@ def demo_mel(frames: int = 100, seed: int = 1) -> Array:
     t = np.arange(frames)[None, :]
     f = np.arange(80)[:, None]
     base = -4.0 + 3.0 * np.exp(-(((f - 20 - 10 * np.sin(t / 9.0)) / 12.0) ** 2))
-    return (base + 0.3 * rng.standard_normal((80, frames)))[None].astype(np.float32)
+    mel: Array = (base + 0.3 * rng.standard_normal((80, frames)))[None].astype(np.float32)
+    return mel
 
 
 def demo_factory(threads: int = 1) -> MNNFactory:
@@ -119,7 +136,9 @@ def record_demo_probe() -> Any:
     import probes
 
     return probes.record(
-        demo_factory(), {DEMO_INPUT: demo_mel()}, reference={"dynamic": True},
+        demo_factory(),
+        {DEMO_INPUT: demo_mel()},
+        reference={"dynamic": True},
         dynamic={DEMO_INPUT: {2: (1, 4000)}},
     )
 

@@ -65,9 +65,14 @@ def run_demo(args: argparse.Namespace) -> int:
         server = serve(port=args.port, registry=registry)
         print(f"metrics: {server.url}/metrics  ready: {server.url}/readyz", file=sys.stderr)
     rng = np.random.default_rng(args.seed)
-    requests = [demo.demo_mel(int(f), seed=int(s)) for f, s in zip(
-        rng.integers(40, 160, args.requests), rng.integers(0, 1 << 30, args.requests), strict=True
-    )]
+    requests = [
+        demo.demo_mel(int(f), seed=int(s))
+        for f, s in zip(
+            rng.integers(40, 160, args.requests),
+            rng.integers(0, 1 << 30, args.requests),
+            strict=True,
+        )
+    ]
     reference_module = demo.demo_factory()(dynamic=True)
     references = [mnn.forward(reference_module, [x])[0] for x in requests]
     del reference_module
@@ -84,8 +89,9 @@ def run_demo(args: argparse.Namespace) -> int:
             seed=args.seed * 100_003 + k,
         )
         try:
-            session = wrap(faulty, probe, policy=policy, name="vocoder", registry=registry,
-                           listeners=[tally])
+            session = wrap(
+                faulty, probe, policy=policy, name="vocoder", registry=registry, listeners=[tally]
+            )
         except RecoveryExhausted:
             exhausted += 1
             injected += faulty.degraded_inits
@@ -106,7 +112,10 @@ def run_demo(args: argparse.Namespace) -> int:
         ("inits (factory calls)", str(tally.inits)),
         ("degraded inits injected", str(injected)),
         ("degraded inits caught", str(tally.caught)),
-        *((f"recoveries: {a}", str(tally.actions.get(a, 0))) for a in ("reinit", "fallback", "promote")),
+        *(
+            (f"recoveries: {a}", str(tally.actions.get(a, 0)))
+            for a in ("reinit", "fallback", "promote")
+        ),
         *((f"sessions ending on rung {r!r}", str(n)) for r, n in sorted(tally.rungs.items())),
         ("sessions exhausted", str(exhausted)),
         ("outputs served", str(served)),
@@ -114,8 +123,10 @@ def run_demo(args: argparse.Namespace) -> int:
         ("wall time", f"{seconds:.1f} s"),
     ]
     width = max(len(r[0]) for r in rows)
-    print("\nmnn-guard demo: demo vocoder, "
-          f"{args.rate:.0%} of static inits degraded ({', '.join(f.value for f in FAULTS)})")
+    print(
+        "\nmnn-guard demo: demo vocoder, "
+        f"{args.rate:.0%} of static inits degraded ({', '.join(f.value for f in FAULTS)})"
+    )
     for label, value in rows:
         print(f"  {label.ljust(width)}  {value}")
     if server is not None:

@@ -21,7 +21,9 @@ def describe(spec: InputSpec) -> str:
 
 
 def _mismatch(spec: InputSpec, problem: str) -> InputMismatch:
-    return InputMismatch(f"input {spec.name!r}: {problem}; expected {describe(spec)}", input=spec.name)
+    return InputMismatch(
+        f"input {spec.name!r}: {problem}; expected {describe(spec)}", input=spec.name
+    )
 
 
 def _cast(spec: InputSpec, arr: NDArray[Any], check_finite: bool) -> NDArray[Any]:
@@ -38,11 +40,20 @@ def _cast(spec: InputSpec, arr: NDArray[Any], check_finite: bool) -> NDArray[Any
         elif want.kind in "iu" and got.kind in "iub":
             info = np.iinfo(want)
             if arr.size and (arr.min() < info.min or arr.max() > info.max):
-                raise _mismatch(spec, f"{got} values outside the {want} range {info.min}..{info.max}")
+                raise _mismatch(
+                    spec, f"{got} values outside the {want} range {info.min}..{info.max}"
+                )
             arr = arr.astype(want)
         else:
-            raise _mismatch(spec, f"dtype {got} cannot be cast safely to {want}; cast it explicitly")
-    if check_finite and want.kind == "f" and not np.isfinite(np.sum(arr)) and not np.isfinite(arr).all():
+            raise _mismatch(
+                spec, f"dtype {got} cannot be cast safely to {want}; cast it explicitly"
+            )
+    if (
+        check_finite
+        and want.kind == "f"
+        and not np.isfinite(np.sum(arr))
+        and not np.isfinite(arr).all()
+    ):
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         raise _mismatch(spec, f"{bad} NaN/Inf values (refused: Policy.check_finite_inputs)")
     return arr
@@ -52,7 +63,9 @@ def _check_one(spec: InputSpec, value: Any, check_finite: bool) -> NDArray[Any]:
     if not isinstance(value, np.ndarray):
         raise _mismatch(spec, f"got a {type(value).__name__}, not a numpy array")
     if value.ndim != len(spec.shape):
-        raise _mismatch(spec, f"rank {value.ndim} (shape {list(value.shape)}), expected rank {len(spec.shape)}")
+        raise _mismatch(
+            spec, f"rank {value.ndim} (shape {list(value.shape)}), expected rank {len(spec.shape)}"
+        )
     if value.size == 0:
         raise _mismatch(spec, f"the array is empty (shape {list(value.shape)})")
     if not spec.accepts(value.shape):
@@ -60,7 +73,10 @@ def _check_one(spec: InputSpec, value: Any, check_finite: bool) -> NDArray[Any]:
             lo, hi = dim if isinstance(dim, tuple) else (dim, dim)
             if not lo <= size <= hi:
                 allowed = f"the dynamic range {lo}..{hi}" if isinstance(dim, tuple) else str(dim)
-                raise _mismatch(spec, f"dimension {axis} is {size}, expected {allowed} (shape {list(value.shape)})")
+                raise _mismatch(
+                    spec,
+                    f"dimension {axis} is {size}, expected {allowed} (shape {list(value.shape)})",
+                )
     return _cast(spec, value, check_finite)
 
 
@@ -75,14 +91,20 @@ def prepare_inputs(
     if isinstance(inputs, Mapping):
         missing = [n for n in names if n not in inputs]
         if missing:
-            raise InputMismatch(f"missing input(s) {missing}; the model takes {names}", input=missing[0])
+            raise InputMismatch(
+                f"missing input(s) {missing}; the model takes {names}", input=missing[0]
+            )
         if len(inputs) != len(names):
             extra = sorted(str(k) for k in inputs if k not in names)
-            raise InputMismatch(f"unknown input(s) {extra}; the model takes {names}", input=extra[0])
+            raise InputMismatch(
+                f"unknown input(s) {extra}; the model takes {names}", input=extra[0]
+            )
         values = [inputs[n] for n in names]
     elif isinstance(inputs, (list, tuple)):
         if len(inputs) != len(names):
-            raise InputMismatch(f"got {len(inputs)} inputs in a list, the model takes {len(names)}: {names}")
+            raise InputMismatch(
+                f"got {len(inputs)} inputs in a list, the model takes {len(names)}: {names}"
+            )
         values = list(inputs)
     else:
         raise InputMismatch(

@@ -21,6 +21,15 @@ class Rung:
     name: str
     overrides: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle the overrides as a dict (a mappingproxy cannot cross to guard.Pool workers)."""
+        return (_rung, (self.name, dict(self.overrides)))
+
+
+def _rung(name: str, overrides: dict[str, Any]) -> Rung:
+    """Rebuild a pickled Rung with read-only overrides."""
+    return Rung(name, MappingProxyType(overrides))
+
 
 STATIC = Rung("static")
 DYNAMIC = Rung("dynamic", MappingProxyType({"dynamic": True}))
@@ -78,7 +87,9 @@ class Policy:
             if value is not None and value <= 0:
                 raise ConfigError(f"{key} must be > 0 or None, got {value}")
         if self.recheck_every_calls is not None and self.recheck_every_calls < 1:
-            raise ConfigError(f"recheck_every_calls must be >= 1 or None, got {self.recheck_every_calls}")
+            raise ConfigError(
+                f"recheck_every_calls must be >= 1 or None, got {self.recheck_every_calls}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

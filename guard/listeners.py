@@ -58,14 +58,18 @@ class LoggingListener(Listener):
 
     def on_attempt(self, session: str, attempt: Attempt) -> None:
         level = logging.INFO if attempt.passed else logging.WARNING
-        log.log(level, "session %s: init %s in %.3f s", session, attempt.describe(), attempt.seconds)
+        log.log(
+            level, "session %s: init %s in %.3f s", session, attempt.describe(), attempt.seconds
+        )
 
     def on_check(self, session: str, attempt: Attempt) -> None:
         level = logging.DEBUG if attempt.passed else logging.WARNING
         log.log(level, "session %s: re-check %s", session, attempt.describe())
 
     def on_recover(self, session: str, action: Action, from_rung: int, to_rung: int) -> None:
-        log.warning("session %s: %s from rung %d to rung %d", session, action.value, from_rung, to_rung)
+        log.warning(
+            "session %s: %s from rung %d to rung %d", session, action.value, from_rung, to_rung
+        )
 
     def on_status(self, session: str, status: SessionStatus) -> None:
         log.info("session %s: %s", session, status.describe())

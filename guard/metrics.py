@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -35,6 +35,9 @@ class GuardMetrics:
     canary_snr_db: Gauge
     init_seconds: Histogram
     run_seconds: Histogram
+    # session name -> the listener that last published its status (a newer session of a name
+    # owns its gauges; closing an older one must not zero them)
+    owners: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> GuardMetrics:
@@ -46,7 +49,8 @@ class GuardMetrics:
                 ["session", "rung"], registry=r,
             ),
             canary_checks=Counter(
-                "mnn_guard_canary_checks", "Canary judgements by result (pass, fail, error, timeout).",
+                "mnn_guard_canary_checks",
+                "Canary judgements by result (pass, fail, error, timeout).",
                 ["session", "rung", "result"], registry=r,
             ),
             recoveries=Counter(
@@ -81,7 +85,9 @@ class GuardMetrics:
 
 
 _lock = threading.Lock()
-_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, GuardMetrics] = weakref.WeakKeyDictionary()
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, GuardMetrics] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def metrics_for(registry: CollectorRegistry | None = None) -> GuardMetrics:
@@ -120,6 +126,7 @@ class PrometheusListener(Listener):
         self.metrics.recoveries.labels(session, action.value).inc()
 
     def on_status(self, session: str, status: SessionStatus) -> None:
+        self.metrics.owners[session] = self
         self.metrics.healthy.labels(session).set(1 if status.healthy else 0)
         self.metrics.rung.labels(session).set(status.rung)
 
@@ -136,4 +143,5 @@ class PrometheusListener(Listener):
         children[1].observe(seconds)
 
     def on_close(self, session: str) -> None:
-        self.metrics.healthy.labels(session).set(0)
+        if self.metrics.owners.get(session, self) is self:
+            self.metrics.healthy.labels(session).set(0)

@@ -37,7 +37,7 @@ def _stdout_to_stderr() -> Iterator[None]:
 with _stdout_to_stderr():
     import MNN
     import MNN.expr as F
-    import MNN.nn as nn
+    from MNN import nn
 
 __all__ = [
     "F",
@@ -163,7 +163,9 @@ class MNNFactory:
         if not os.path.isfile(self.path):
             raise FactoryError(f"model file {self.path!r} does not exist")
         kwargs = _load_kwargs({**self.load_kwargs, **overrides})
-        module = nn.load_module_from_file(self.path, list(self.inputs), list(self.outputs), **kwargs)
+        module = nn.load_module_from_file(
+            self.path, list(self.inputs), list(self.outputs), **kwargs
+        )
         note_load()
         if module is None:
             raise FactoryError(f"MNN could not load {self.path!r} (corrupt or not an .mnn file?)")
@@ -194,7 +196,9 @@ def to_var(array: NDArray[Any]) -> Any:
     """An MNN Var holding a copy of a C-contiguous array of a supported dtype (NCHW)."""
     dtype = _DTYPES.get(array.dtype)
     if dtype is None:
-        raise GuardError(f"dtype {array.dtype} cannot be given to MNN; use one of {SUPPORTED_DTYPES}")
+        raise GuardError(
+            f"dtype {array.dtype} cannot be given to MNN; use one of {SUPPORTED_DTYPES}"
+        )
     return F.const(np.ascontiguousarray(array), list(array.shape), F.NCHW, dtype)
 
 

@@ -52,7 +52,8 @@ class SessionStatus:
         """One line for logs and tables."""
         state = "closed" if self.closed else ("healthy" if self.healthy else "UNHEALTHY")
         verdict = self.verdict.describe() if self.verdict is not None else "no verdict"
-        return f"{state} on rung {self.mode!r} ({self.rung}) after {self.attempts} attempt(s); {verdict}"
+        tries = f"after {self.attempts} attempt(s)"
+        return f"{state} on rung {self.mode!r} ({self.rung}) {tries}; {verdict}"
 
 
 def _action(previous: int, index: int) -> Action:
@@ -200,7 +201,14 @@ class GuardedSession:
         for index in range(start, len(self.policy.ladder)):
             for _ in range(1 + self.policy.reinit_attempts):
                 if attempts or not first:
-                    notify(self._listeners, "on_recover", self.name, _action(previous, index), previous, index)
+                    notify(
+                        self._listeners,
+                        "on_recover",
+                        self.name,
+                        _action(previous, index),
+                        previous,
+                        index,
+                    )
                 previous = index
                 module, attempt = self._attempt(index)
                 attempts.append(attempt)
@@ -226,7 +234,8 @@ class GuardedSession:
     def _fail(self, history: tuple[Attempt, ...]) -> None:
         lines = "\n  ".join(f"{i + 1}. {a.describe()}" for i, a in enumerate(history))
         error = RecoveryExhausted(
-            f"session {self.name!r}: every rung of the ladder failed its canary:\n  {lines}", history
+            f"session {self.name!r}: every rung of the ladder failed its canary:\n  {lines}",
+            history,
         )
         last_error = next((a.error for a in reversed(history) if a.error is not None), None)
         error.__cause__ = last_error
@@ -237,6 +246,8 @@ class GuardedSession:
             self._pending = False
             self._history = history
             self._verdict = history[-1].verdict if history else None
+            if history:  # status, /readyz and the rung gauge name the rung the verdict is from
+                self._rung = history[-1].rung_index
             self._since = self._clock()
             self._cond.notify_all()
         self._publish()
@@ -291,7 +302,9 @@ class GuardedSession:
 
     def _needs_maintenance(self) -> bool:
         p = self.policy
-        return any(v is not None for v in (p.promote_after, p.recheck_every_calls, p.recheck_every_seconds))
+        return any(
+            v is not None for v in (p.promote_after, p.recheck_every_calls, p.recheck_every_seconds)
+        )
 
     def _maintenance_loop(self) -> None:
         p = self.policy
@@ -327,14 +340,17 @@ class GuardedSession:
                     self._recover(0, first=True)
                 return done
             calls_due = p.recheck_every_calls is not None and self._calls >= p.recheck_every_calls
-            time_due = p.recheck_every_seconds is not None and now - self._last_check >= p.recheck_every_seconds
+            time_due = (
+                p.recheck_every_seconds is not None
+                and now - self._last_check >= p.recheck_every_seconds
+            )
             if force_recheck or calls_due or time_due:
                 done.append("recheck")
                 if not self._recheck():
                     return done
-            if self._rung > 0 and p.promote_after is not None and now - self._since >= p.promote_after:
-                if self._promote():
-                    done.append(Action.PROMOTE)
+            promote_due = p.promote_after is not None and now - self._since >= p.promote_after
+            if self._rung > 0 and promote_due and self._promote():
+                done.append(Action.PROMOTE)
             return done
         finally:
             self._recovering.release()
@@ -351,7 +367,9 @@ class GuardedSession:
                 outcome, error = (Outcome.PASS if verdict else Outcome.FAIL), None
             except Exception as exc:
                 verdict, outcome, error = None, Outcome.ERROR, exc
-            attempt = Attempt(rung.name, self._rung, outcome, verdict, error, time.perf_counter() - start)
+            attempt = Attempt(
+                rung.name, self._rung, outcome, verdict, error, time.perf_counter() - start
+            )
             notify(self._listeners, "on_check", self.name, attempt)
             if attempt.passed:
                 self._verdict = verdict

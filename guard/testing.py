@@ -40,8 +40,9 @@ class Fault(enum.StrEnum):
     NO_FORWARD = "no_forward"  # the factory returns an object without forward()
 
 
-
-def degrade(arrays: Sequence[Array], fault: Fault, rng: np.random.Generator, snr_db: float) -> list[Array]:
+def degrade(
+    arrays: Sequence[Array], fault: Fault, rng: np.random.Generator, snr_db: float
+) -> list[Array]:
     """Apply an output fault to owned arrays."""
     out: list[Array] = []
     for a in arrays:
@@ -207,4 +208,3 @@ class FaultyFactory:
             return module
         seed = None if self.seed is None else self.seed + number
         return DegradedModule(module, self.fault, seed=seed, snr_db=self.snr_db)
-

@@ -23,7 +23,9 @@ __all__ = ["check_probe", "wrap"]
 def check_probe(factory: Factory, probe: Probe, *, model_hash: bool = True) -> None:
     """Refuse a probe that is stale for this factory's model file or input/output names."""
     if not isinstance(probe, Probe):
-        raise ProbeError(f"expected a probes.Probe, got {type(probe).__name__} (use probes.load(dir))")
+        raise ProbeError(
+            f"expected a probes.Probe, got {type(probe).__name__} (use probes.load(dir))"
+        )
     if model_hash:
         check_model(probe, getattr(factory, "path", None))
     for kind, names in (("inputs", probe.input_names), ("outputs", probe.output_names)):
@@ -52,7 +54,8 @@ def wrap(
     Raises RecoveryExhausted (a GuardError) when every rung fails its canary.
 
     >>> factory = guard.mnn_factory("vocoder.mnn", ["mel"], ["wav"], threads=1)  # doctest: +SKIP
-    >>> session = guard.wrap(factory, probes.load("probes/vocoder"), name="vocoder")  # doctest: +SKIP
+    >>> probe = probes.load("probes/vocoder")  # doctest: +SKIP
+    >>> session = guard.wrap(factory, probe, name="vocoder")  # doctest: +SKIP
     >>> session.run({"mel": mel})["wav"]  # doctest: +SKIP
     """
     check_probe(factory, probe)

@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
 from numpy.lib.stride_tricks import sliding_window_view
+from numpy.typing import NDArray
 from scipy import fft as sp_fft
 from scipy import signal
 
@@ -86,7 +86,7 @@ def cosine_similarity(golden: Array, actual: Array) -> float:
             return 1.0
         if ng == 0.0 or na == 0.0:
             return 0.0
-        return float(np.einsum("i,i->", g, a)) / (ng * na)
+        return float(np.einsum("i,i->", g, a)) / float(ng * na)
 
 
 def _signal_1d(x: Array) -> Array | None:
@@ -119,7 +119,8 @@ def log_spectral_distance(golden: Array, actual: Array) -> float | None:
 
 @functools.cache
 def _window(n: int) -> Array:
-    return signal.get_window("hann", n).astype(np.float32)
+    window: Array = signal.get_window("hann", n).astype(np.float32)
+    return window
 
 
 def _max_abs_error(golden: Array, actual: Array) -> float:

@@ -1,4 +1,4 @@
-"""A probe: canary inputs, golden outputs, thresholds, and the metadata that tells when it is stale."""
+"""A probe: canary inputs, golden outputs, thresholds, and metadata that tells when it is stale."""
 
 from __future__ import annotations
 
@@ -105,9 +105,9 @@ class Probe:
     cases: tuple[Case, ...]
     inputs: tuple[InputSpec, ...]
     outputs: tuple[OutputSpec, ...]
-    thresholds: Thresholds = Thresholds()
+    thresholds: Thresholds = field(default_factory=Thresholds)
     per_output: Mapping[str, Thresholds] = field(default_factory=dict)
-    meta: ProbeMeta = ProbeMeta()
+    meta: ProbeMeta = field(default_factory=ProbeMeta)
 
     def __post_init__(self) -> None:
         if not self.cases:
@@ -116,12 +116,18 @@ class Probe:
         out_names = [s.name for s in self.outputs]
         unknown = sorted(set(self.per_output) - set(out_names))
         if unknown:
-            raise ProbeError(f"per-output thresholds for unknown outputs {unknown}; outputs are {out_names}")
+            raise ProbeError(
+                f"per-output thresholds for unknown outputs {unknown}; outputs are {out_names}"
+            )
         for i, case in enumerate(self.cases):
             if sorted(case.inputs) != sorted(in_names):
-                raise ProbeError(f"case {i}: inputs {sorted(case.inputs)} differ from the signature {in_names}")
+                raise ProbeError(
+                    f"case {i}: inputs {sorted(case.inputs)} differ from the signature {in_names}"
+                )
             if sorted(case.outputs) != sorted(out_names):
-                raise ProbeError(f"case {i}: outputs {sorted(case.outputs)} differ from {out_names}")
+                raise ProbeError(
+                    f"case {i}: outputs {sorted(case.outputs)} differ from {out_names}"
+                )
             for spec in self.inputs:
                 arr = case.inputs[spec.name]
                 if str(arr.dtype) != spec.dtype or not spec.accepts(arr.shape):
@@ -131,7 +137,9 @@ class Probe:
                     )
             for name, arr in case.outputs.items():
                 if not np.all(np.isfinite(arr)):
-                    raise ProbeError(f"case {i}: golden output {name!r} holds NaN or Inf; re-record the probe")
+                    raise ProbeError(
+                        f"case {i}: golden output {name!r} holds NaN or Inf; re-record the probe"
+                    )
 
     @property
     def input_names(self) -> list[str]:

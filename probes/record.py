@@ -28,9 +28,8 @@ def as_input_array(name: str, value: Any) -> Array:
     arr = np.asarray(value)
     if arr.dtype in _SAFE_CASTS:
         target = _SAFE_CASTS[arr.dtype]
-        if target.kind == "i" and arr.size and (
-            arr.min() < np.iinfo(target).min or arr.max() > np.iinfo(target).max
-        ):
+        i32 = np.iinfo(np.int32)
+        if target.kind == "i" and arr.size and (arr.min() < i32.min or arr.max() > i32.max):
             raise ProbeError(f"input {name!r}: int64 values do not fit in int32")
         arr = arr.astype(target)
     if arr.dtype not in SUPPORTED:
@@ -41,7 +40,9 @@ def as_input_array(name: str, value: Any) -> Array:
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         raise ProbeError(f"input {name!r}: canary inputs must be finite (found NaN or Inf)")
     if arr.size == 0:
-        raise ProbeError(f"input {name!r}: canary inputs must not be empty (shape {list(arr.shape)})")
+        raise ProbeError(
+            f"input {name!r}: canary inputs must not be empty (shape {list(arr.shape)})"
+        )
     return np.ascontiguousarray(arr)
 
 
@@ -50,7 +51,9 @@ def _signature(
 ) -> tuple[InputSpec, ...]:
     unknown = sorted(set(dynamic) - set(names))
     if unknown:
-        raise ProbeError(f"dynamic dimensions given for unknown inputs {unknown}; inputs are {list(names)}")
+        raise ProbeError(
+            f"dynamic dimensions given for unknown inputs {unknown}; inputs are {list(names)}"
+        )
     specs = []
     for name in names:
         arr = first[name]
@@ -70,7 +73,7 @@ def _signature(
 
 
 def _derived_case(case: Mapping[str, Array]) -> dict[str, Array] | None:
-    """A second canary: every input rolled by half along its last axis (None if that changes nothing)."""
+    """A second canary: each input rolled by half its last axis (None if that changes nothing)."""
     rolled = {n: np.roll(a, a.shape[-1] // 2, axis=-1) if a.ndim else a for n, a in case.items()}
     if all(np.array_equal(rolled[n], case[n]) for n in case):
         return None
@@ -98,7 +101,9 @@ def _run_reference(
         except ProbeError:
             raise
         except Exception as exc:
-            raise ProbeError(f"the reference configuration {dict(reference)} failed: {exc!r}") from exc
+            raise ProbeError(
+                f"the reference configuration {dict(reference)} failed: {exc!r}"
+            ) from exc
         del module
         for rep, per_case in enumerate(results):
             for c, outs in enumerate(per_case):
@@ -152,10 +157,14 @@ def record(
     """
     reference = {"dynamic": True} if reference is None else dict(reference)
     if runs < 2:
-        raise ProbeError(f"runs must be at least 2 to check that the reference agrees with itself, got {runs}")
+        raise ProbeError(
+            f"runs must be at least 2 to check that the reference agrees with itself, got {runs}"
+        )
     raw_cases = [inputs] if isinstance(inputs, Mapping) else list(inputs)
     if not raw_cases or not all(isinstance(c, Mapping) for c in raw_cases):
-        raise ProbeError("inputs must be a dict of arrays by input name, or a non-empty list of such dicts")
+        raise ProbeError(
+            "inputs must be a dict of arrays by input name, or a non-empty list of such dicts"
+        )
     names = list(getattr(factory, "inputs", None) or raw_cases[0])
     cases: list[dict[str, Array]] = []
     for i, raw in enumerate(raw_cases):
@@ -172,16 +181,20 @@ def record(
     for i, case in enumerate(cases):
         for spec in signature:
             if not spec.accepts(case[spec.name].shape) or str(case[spec.name].dtype) != spec.dtype:
-                raise ProbeError(f"canary {i}: input {spec.name!r} does not fit the signature of canary 0")
+                raise ProbeError(
+                    f"canary {i}: input {spec.name!r} does not fit the signature of canary 0"
+                )
     goldens = _run_reference(factory, reference, cases, names, runs, agreement_db)
     out_names = list(output_names or getattr(factory, "outputs", None) or [])
     if not out_names:
         out_names = [f"output{k}" for k in range(len(goldens[0]))]
     if any(len(g) != len(out_names) for g in goldens):
         raise ProbeError(f"the reference returned {len(goldens[0])} outputs, expected {out_names}")
-    if len(goldens) > 1 and all(
-        np.array_equal(a, b) for a, b in zip(goldens[0], goldens[1], strict=True)
-    ) and notes:
+    if (
+        len(goldens) > 1
+        and all(np.array_equal(a, b) for a, b in zip(goldens[0], goldens[1], strict=True))
+        and notes
+    ):
         cases.pop()
         goldens.pop()
         notes.pop()

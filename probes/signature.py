@@ -18,7 +18,9 @@ Dim = int | tuple[int, int]
 
 def format_shape(dims: Sequence[Dim]) -> str:
     """`[1, 80, 1..4000]` style text for messages."""
-    return "[" + ", ".join(f"{d[0]}..{d[1]}" if isinstance(d, tuple) else str(d) for d in dims) + "]"
+    return (
+        "[" + ", ".join(f"{d[0]}..{d[1]}" if isinstance(d, tuple) else str(d) for d in dims) + "]"
+    )
 
 
 def _dims_from_json(raw: Any, what: str) -> tuple[Dim, ...]:
@@ -70,7 +72,9 @@ class InputSpec:
     def from_json(cls, raw: Mapping[str, Any]) -> InputSpec:
         """Parse and validate the manifest form."""
         name, dtype = _name_dtype(raw, "input")
-        return cls(name=name, dtype=dtype, shape=_dims_from_json(raw.get("shape"), f"input {name!r}"))
+        return cls(
+            name=name, dtype=dtype, shape=_dims_from_json(raw.get("shape"), f"input {name!r}")
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,7 +101,9 @@ class OutputSpec:
 
 def _name_dtype(raw: Mapping[str, Any], kind: str) -> tuple[str, str]:
     if not isinstance(raw, Mapping) or set(raw) != {"name", "dtype", "shape"}:
-        raise ProbeError(f"each {kind} entry needs exactly the keys name, dtype, shape; got {raw!r}")
+        raise ProbeError(
+            f"each {kind} entry needs exactly the keys name, dtype, shape; got {raw!r}"
+        )
     name, dtype = raw["name"], raw["dtype"]
     if not isinstance(name, str) or not name:
         raise ProbeError(f"{kind} name must be a non-empty string, got {name!r}")

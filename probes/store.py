@@ -27,8 +27,17 @@ MANIFEST = "manifest.json"
 ARRAYS = "arrays.npz"
 KIND = "mnn-guard-probe"
 _KEYS = {
-    "kind", "schema_version", "model_sha256", "mnn_version", "recorded",
-    "inputs", "outputs", "thresholds", "per_output", "cases", "arrays",
+    "kind",
+    "schema_version",
+    "model_sha256",
+    "mnn_version",
+    "recorded",
+    "inputs",
+    "outputs",
+    "thresholds",
+    "per_output",
+    "cases",
+    "arrays",
 }
 _RECORDED_KEYS = {"reference", "runs", "created", "notes"}
 log = logging.getLogger("mnn_guard.probes")
@@ -97,7 +106,9 @@ def _fail(folder: Path, what: str) -> ProbeError:
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
-        raise ProbeError(f"probe folder {str(folder)!r} does not exist (record one with `mnn-guard record`)")
+        raise ProbeError(
+            f"probe folder {str(folder)!r} does not exist (record one with `mnn-guard record`)"
+        )
     path = folder / MANIFEST
     if not path.is_file():
         raise _fail(folder, f"{MANIFEST} is missing")
@@ -108,10 +119,15 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise _fail(folder, f"{MANIFEST} must hold a JSON object")
     if manifest.get("kind") != KIND:
-        raise _fail(folder, f"{MANIFEST} is not an mnn-guard probe manifest (kind {manifest.get('kind')!r})")
+        raise _fail(
+            folder, f"{MANIFEST} is not an mnn-guard probe manifest (kind {manifest.get('kind')!r})"
+        )
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise _fail(folder, f"schema version {version!r} is not supported (this mnn-guard reads {SCHEMA_VERSION})")
+        raise _fail(
+            folder,
+            f"schema version {version!r} is not supported (this mnn-guard reads {SCHEMA_VERSION})",
+        )
     missing, extra = sorted(_KEYS - set(manifest)), sorted(set(manifest) - _KEYS)
     if missing or extra:
         raise _fail(folder, f"{MANIFEST} has missing keys {missing} and unknown keys {extra}")
@@ -154,7 +170,9 @@ def _case(folder: Path, i: int, raw: Any, arrays: Mapping[str, NDArray[Any]]) ->
                 raise _fail(folder, f"case {i} {side} {name!r} needs exactly key, dtype, shape")
             arr = arrays.get(ref["key"]) if isinstance(ref["key"], str) else None
             if arr is None:
-                raise _fail(folder, f"case {i} {side} {name!r}: array {ref['key']!r} is not in {ARRAYS}")
+                raise _fail(
+                    folder, f"case {i} {side} {name!r}: array {ref['key']!r} is not in {ARRAYS}"
+                )
             if str(arr.dtype) != ref["dtype"] or list(arr.shape) != ref["shape"]:
                 raise _fail(
                     folder,
@@ -215,9 +233,17 @@ def load(
         cases = tuple(
             _case(folder, i, raw, arrays) for i, raw in enumerate(_list(folder, manifest, "cases"))
         )
-        used = {ref["key"] for raw in manifest["cases"] for side in raw.values() for ref in side.values()}
+        used = {
+            ref["key"]
+            for raw in manifest["cases"]
+            for side in raw.values()
+            for ref in side.values()
+        }
         if set(arrays) != used:
-            raise _fail(folder, f"{ARRAYS} holds arrays the manifest does not name: {sorted(set(arrays) - used)}")
+            raise _fail(
+                folder,
+                f"{ARRAYS} holds arrays the manifest does not name: {sorted(set(arrays) - used)}",
+            )
         probe = Probe(
             cases=cases,
             inputs=inputs,
@@ -248,9 +274,10 @@ def check_model(probe: Probe, model: str | os.PathLike[str] | None) -> None:
         return
     actual = file_sha256(model)
     if actual != probe.meta.model_sha256:
+        recorded = probe.meta.model_sha256[:12]
         raise ProbeError(
-            f"stale probe: it was recorded for a model with sha256 {probe.meta.model_sha256[:12]}..., "
-            f"but {os.fspath(model)!r} has sha256 {actual[:12]}...; re-record the probe for this model"
+            f"stale probe: it was recorded for a model with sha256 {recorded}..., but "
+            f"{os.fspath(model)!r} has sha256 {actual[:12]}...; re-record the probe for this model"
         )
 
 
@@ -266,4 +293,3 @@ def check_mnn_version(probe: Probe, version: str | None, *, strict: bool = False
         raise ProbeError(message)
     log.warning(message)
     warnings.warn(message, ProbeVersionWarning, stacklevel=3)
-

@@ -1,4 +1,4 @@
-"""Hostile inputs to run(): each raises InputMismatch naming the input, or gives the right result."""
+"""Hostile inputs to run(): each raises InputMismatch naming the input, or runs correctly."""
 
 from __future__ import annotations
 
@@ -20,8 +20,13 @@ MEL = demo.demo_mel(20, seed=3)
 def session(demo_paths: Any) -> Iterator[guard.GuardedSession]:
     """One healthy session on the demo vocoder for the whole table."""
     probe = probes.load(demo_paths[1], model=demo_paths[0])
-    s = guard.wrap(demo.demo_factory(), probe, name="inputs", metrics=False,
-                   policy=guard.Policy(background=False, promote_after=None))
+    s = guard.wrap(
+        demo.demo_factory(),
+        probe,
+        name="inputs",
+        metrics=False,
+        policy=guard.Policy(background=False, promote_after=None),
+    )
     yield s
     s.close()
 
@@ -37,17 +42,28 @@ REJECTED: list[tuple[str, Any, str]] = [
     ("unknown extra input", {"mel": MEL, "pitch": MEL}, "unknown input(s) ['pitch']"),
     ("wrong name", {"mels": MEL}, "missing input(s) ['mel']"),
     ("wrong rank", {"mel": MEL[0]}, "rank 2 (shape [80, 20]), expected rank 3"),
-    ("wrong channel count", {"mel": np.zeros((1, 100, 20), np.float32)}, "dimension 1 is 100, expected 80"),
+    (
+        "wrong channel count",
+        {"mel": np.zeros((1, 100, 20), np.float32)},
+        "dimension 1 is 100, expected 80",
+    ),
     ("wrong batch", {"mel": np.zeros((2, 80, 20), np.float32)}, "dimension 0 is 2, expected 1"),
-    ("dynamic dim above range", {"mel": np.zeros((1, 80, 4001), np.float32)},
-     "dimension 2 is 4001, expected the dynamic range 1..4000"),
+    (
+        "dynamic dim above range",
+        {"mel": np.zeros((1, 80, 4001), np.float32)},
+        "dimension 2 is 4001, expected the dynamic range 1..4000",
+    ),
     ("zero-size", {"mel": np.zeros((1, 80, 0), np.float32)}, "the array is empty"),
     ("int input", {"mel": MEL.astype(np.int64)}, "dtype int64 cannot be cast safely to float32"),
     ("bool input", {"mel": MEL > -3}, "dtype bool cannot be cast safely to float32"),
     ("complex input", {"mel": MEL.astype(np.complex64)}, "dtype complex64 cannot be cast safely"),
     ("NaN", {"mel": np.where(MEL > -3, np.nan, MEL).astype(np.float32)}, "NaN/Inf values"),
     ("Inf", {"mel": np.where(MEL > -3, np.inf, MEL).astype(np.float32)}, "NaN/Inf values"),
-    ("float64 overflow", {"mel": MEL.astype(np.float64) * 1e300}, "float64 values overflow float32"),
+    (
+        "float64 overflow",
+        {"mel": MEL.astype(np.float64) * 1e300},
+        "float64 values overflow float32",
+    ),
     ("list of wrong length", [MEL, MEL], "got 2 inputs in a list, the model takes 1"),
     ("non-array object", {"mel": MEL.tolist()}, "got a list, not a numpy array"),
     ("None value", {"mel": None}, "got a NoneType, not a numpy array"),
@@ -56,8 +72,9 @@ REJECTED: list[tuple[str, Any, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("inputs", "message"), [(i, m) for _, i, m in REJECTED],
-                         ids=[n for n, _, _ in REJECTED])
+@pytest.mark.parametrize(
+    ("inputs", "message"), [(i, m) for _, i, m in REJECTED], ids=[n for n, _, _ in REJECTED]
+)
 def test_rejected_inputs(session: guard.GuardedSession, inputs: Any, message: str) -> None:
     """A hostile input raises InputMismatch whose message says what came and what was expected."""
     with pytest.raises(guard.InputMismatch) as info:
@@ -107,8 +124,13 @@ def test_mismatch_names_the_input(session: guard.GuardedSession) -> None:
 def test_nonfinite_inputs_allowed_when_policy_says_so(demo_paths: Any) -> None:
     """With check_finite_inputs=False, NaN inputs reach the model (documented opt-out)."""
     probe = probes.load(demo_paths[1])
-    s = guard.wrap(demo.demo_factory(), probe, name="nan-ok", metrics=False,
-                   policy=guard.Policy(background=False, promote_after=None, check_finite_inputs=False))
+    s = guard.wrap(
+        demo.demo_factory(),
+        probe,
+        name="nan-ok",
+        metrics=False,
+        policy=guard.Policy(background=False, promote_after=None, check_finite_inputs=False),
+    )
     x = MEL.copy()
     x[0, 0, 0] = np.nan
     out = s.run({"mel": x})["wav"]

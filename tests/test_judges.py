@@ -32,8 +32,11 @@ def noise(level: float) -> Any:
 
 @pytest.mark.parametrize(
     ("name", "transform", "passes"),
-    [("fp16 weights", fp16, True), ("1% weight noise", noise(0.01), False),
-     ("3% weight noise", noise(0.03), False)],
+    [
+        ("fp16 weights", fp16, True),
+        ("1% weight noise", noise(0.01), False),
+        ("3% weight noise", noise(0.03), False),
+    ],
 )
 def test_default_thresholds_on_rebuilt_models(
     name: str, transform: Any, passes: bool, demo_probe: probes.Probe, tmp_path: Path
@@ -45,7 +48,9 @@ def test_default_thresholds_on_rebuilt_models(
     case = demo_probe.cases[0]
     verdict = demo_probe.judge(mnn.forward(module, [case.inputs["mel"]]))
     score = verdict.scores["wav"]
-    print(f"{name}: SNR {score.snr_db:.1f} dB, cosine {score.cosine:.7f}, LSD {score.lsd_db:.3f} dB")
+    print(
+        f"{name}: SNR {score.snr_db:.1f} dB, cosine {score.cosine:.7f}, LSD {score.lsd_db:.3f} dB"
+    )
     assert verdict.passed is passes, verdict.reasons
 
 
@@ -63,9 +68,13 @@ def test_gain_fault_fails_on_snr_although_cosine_is_high(demo_probe: probes.Prob
     [
         (lambda g: g.copy(), True, ""),
         (lambda g: g + np.float32(1e-7) * np.sign(g), True, ""),
-        (lambda g: np.zeros_like(g), False, "snr_db"),
+        (np.zeros_like, False, "snr_db"),
         (lambda g: np.full_like(g, np.nan), False, "NaN or Inf"),
-        (lambda g: np.where(np.arange(g.size).reshape(g.shape) == 3, np.inf, g), False, "NaN or Inf"),
+        (
+            lambda g: np.where(np.arange(g.size).reshape(g.shape) == 3, np.inf, g),
+            False,
+            "NaN or Inf",
+        ),
         (lambda g: g[..., :-1], False, "shape"),
         (lambda g: -g, False, "snr_db"),
         (lambda g: g.astype(np.complex64), False, "not a real number type"),
@@ -106,7 +115,9 @@ def test_per_output_thresholds(demo_probe: probes.Probe) -> None:
     rng = np.random.default_rng(1)
     noisy = (golden + rng.normal(0, 0.01 * float(np.std(golden)), golden.shape)).astype(np.float32)
     assert not demo_probe.judge({"wav": noisy}).passed
-    loose = demo_probe.with_thresholds(wav=probes.Thresholds(min_snr_db=30, min_cosine=0.999, max_lsd_db=None))
+    loose = demo_probe.with_thresholds(
+        wav=probes.Thresholds(min_snr_db=30, min_cosine=0.999, max_lsd_db=None)
+    )
     assert loose.judge({"wav": noisy}).passed
 
 
@@ -139,7 +150,13 @@ def test_judges_never_raise(golden: Array, data: st.DataObject) -> None:
     actual = data.draw(hnp.arrays(np.float32, golden.shape, elements=st.floats(width=32)))
     score = probes.judge_output("y", golden, actual, probes.Thresholds(max_abs=1.0))
     assert isinstance(score.passed, bool)
-    for judge in (probes.finite(), probes.snr(45), probes.cosine(0.99), probes.lsd(1.0), probes.max_abs(1)):
+    for judge in (
+        probes.finite(),
+        probes.snr(45),
+        probes.cosine(0.99),
+        probes.lsd(1.0),
+        probes.max_abs(1),
+    ):
         assert isinstance(judge(golden, actual).passed, bool)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -38,8 +39,9 @@ def rewrite_manifest(folder: Path, change: Callable[[Manifest], None]) -> None:
     path.write_text(json.dumps(manifest))
 
 
-def rewrite_arrays(folder: Path, arrays: dict[str, Any], *, fix_checksum: bool = True,
-                   allow_pickle: bool = False) -> None:
+def rewrite_arrays(
+    folder: Path, arrays: dict[str, Any], *, fix_checksum: bool = True, allow_pickle: bool = False
+) -> None:
     """Replace arrays.npz and (optionally) update the manifest's checksum to match."""
     buffer = io.BytesIO()
     np.savez(buffer, allow_pickle=allow_pickle, **arrays)
@@ -86,31 +88,60 @@ MANIFEST_DAMAGE: list[tuple[str, Callable[[Manifest], None], str]] = [
     ("missing key", _drop("thresholds"), "missing keys ['thresholds']"),
     ("extra key", _set("colour", "red"), "unknown keys ['colour']"),
     ("not a probe", _set("kind", "something-else"), "not an mnn-guard probe manifest"),
-    ("shape contradicts array",
-     lambda m: m["cases"][0]["inputs"]["mel"].__setitem__("shape", [1, 80, 7]),
-     "the array is float32[1, 80, 100] but the manifest says float32[1, 80, 7]"),
-    ("dtype contradicts array",
-     lambda m: m["cases"][0]["outputs"]["wav"].__setitem__("dtype", "float64"),
-     "manifest says float64"),
-    ("unknown array key",
-     lambda m: m["cases"][0]["inputs"]["mel"].__setitem__("key", "nope"), "array 'nope' is not in"),
-    ("bad threshold", lambda m: m["thresholds"].__setitem__("min_snr_db", "high"),
-     "must be a finite number"),
-    ("threshold key missing", lambda m: m["thresholds"].pop("min_cosine"), "thresholds need exactly"),
-    ("bad dimension", lambda m: m["inputs"][0].__setitem__("shape", [1, 80, [9, 2]]), "bad dimension"),
-    ("input name mismatch", lambda m: m["inputs"][0].__setitem__("name", "spec"),
-     "differ from the signature"),
+    (
+        "shape contradicts array",
+        lambda m: m["cases"][0]["inputs"]["mel"].__setitem__("shape", [1, 80, 7]),
+        "the array is float32[1, 80, 100] but the manifest says float32[1, 80, 7]",
+    ),
+    (
+        "dtype contradicts array",
+        lambda m: m["cases"][0]["outputs"]["wav"].__setitem__("dtype", "float64"),
+        "manifest says float64",
+    ),
+    (
+        "unknown array key",
+        lambda m: m["cases"][0]["inputs"]["mel"].__setitem__("key", "nope"),
+        "array 'nope' is not in",
+    ),
+    (
+        "bad threshold",
+        lambda m: m["thresholds"].__setitem__("min_snr_db", "high"),
+        "must be a finite number",
+    ),
+    (
+        "threshold key missing",
+        lambda m: m["thresholds"].pop("min_cosine"),
+        "thresholds need exactly",
+    ),
+    (
+        "bad dimension",
+        lambda m: m["inputs"][0].__setitem__("shape", [1, 80, [9, 2]]),
+        "bad dimension",
+    ),
+    (
+        "input name mismatch",
+        lambda m: m["inputs"][0].__setitem__("name", "spec"),
+        "differ from the signature",
+    ),
     ("bad sha", lambda m: m.__setitem__("model_sha256", "abc"), "64 hex digits"),
     ("no cases", _set("cases", []), "'cases' must be a non-empty list"),
-    ("checksum changed", lambda m: m["arrays"].__setitem__("sha256", "0" * 64), "corrupt or was changed"),
+    (
+        "checksum changed",
+        lambda m: m["arrays"].__setitem__("sha256", "0" * 64),
+        "corrupt or was changed",
+    ),
     ("empty manifest", lambda m: m.clear(), "not an mnn-guard probe manifest"),
 ]
 
 
-@pytest.mark.parametrize(("change", "message"), [(c, m) for _, c, m in MANIFEST_DAMAGE],
-                         ids=[n for n, _, _ in MANIFEST_DAMAGE])
-def test_damaged_manifest(demo_paths: tuple[Path, Path], tmp_path: Path,
-                          change: Callable[[Manifest], None], message: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [(c, m) for _, c, m in MANIFEST_DAMAGE],
+    ids=[n for n, _, _ in MANIFEST_DAMAGE],
+)
+def test_damaged_manifest(
+    demo_paths: tuple[Path, Path], tmp_path: Path, change: Callable[[Manifest], None], message: str
+) -> None:
     """Each kind of manifest damage raises ProbeError that says what and to re-record."""
     folder = copy_probe(demo_paths[1], tmp_path / "p")
     rewrite_manifest(folder, change)
@@ -151,14 +182,18 @@ def test_truncated_arrays(demo_paths: tuple[Path, Path], tmp_path: Path) -> None
         probes.load(folder)
 
 
-def test_truncated_arrays_with_matching_checksum(demo_paths: tuple[Path, Path], tmp_path: Path) -> None:
+def test_truncated_arrays_with_matching_checksum(
+    demo_paths: tuple[Path, Path], tmp_path: Path
+) -> None:
     """Even with a checksum that matches, an unreadable .npz is a ProbeError."""
     folder = copy_probe(demo_paths[1], tmp_path / "p")
     data = (folder / ARRAYS).read_bytes()[:200]
     (folder / ARRAYS).write_bytes(data)
     import hashlib
 
-    rewrite_manifest(folder, lambda m: m["arrays"].__setitem__("sha256", hashlib.sha256(data).hexdigest()))
+    rewrite_manifest(
+        folder, lambda m: m["arrays"].__setitem__("sha256", hashlib.sha256(data).hexdigest())
+    )
     with pytest.raises(probes.ProbeError, match="cannot be read"):
         probes.load(folder)
 
@@ -208,7 +243,9 @@ def test_signature_mismatch_with_model(demo_paths: tuple[Path, Path]) -> None:
     """A probe whose input names differ from the factory's is refused."""
     probe = probes.load(demo_paths[1])
     factory = guard.mnn_factory(demo_paths[0], ["spectrogram"], ["wav"])
-    with pytest.raises(probes.ProbeError, match=r"inputs \['mel'\] do not match the model's \['spectrogram'\]"):
+    with pytest.raises(
+        probes.ProbeError, match=r"inputs \['mel'\] do not match the model's \['spectrogram'\]"
+    ):
         guard.wrap(factory, probe, name="sig", metrics=False)
 
 
@@ -216,16 +253,21 @@ def test_other_mnn_version_warns_or_refuses(demo_paths: tuple[Path, Path], tmp_p
     """A probe from another MNN version warns by default and is refused with strict_version."""
     folder = copy_probe(demo_paths[1], tmp_path / "p")
     rewrite_manifest(folder, _set("mnn_version", "2.9.0"))
-    with pytest.warns(probes.ProbeVersionWarning, match="recorded with MNN 2.9.0"):
+    with pytest.warns(probes.ProbeVersionWarning, match=r"recorded with MNN 2\.9\.0"):
         probes.load(folder, mnn_version="3.6.1")
-    with pytest.raises(probes.ProbeError, match="recorded with MNN 2.9.0"):
+    with pytest.raises(probes.ProbeError, match=r"recorded with MNN 2\.9\.0"):
         probes.load(folder, mnn_version="3.6.1", strict_version=True)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(which=st.sampled_from([MANIFEST, ARRAYS]), data=st.data())
 def test_random_corruption_only_raises_probe_error(
-    demo_paths: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory, which: str, data: st.DataObject
+    demo_paths: tuple[Path, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+    which: str,
+    data: st.DataObject,
 ) -> None:
     """Random byte corruption of a saved probe never escapes as anything but ProbeError."""
     folder = copy_probe(demo_paths[1], tmp_path_factory.mktemp("fuzz") / "p")
@@ -237,10 +279,8 @@ def test_random_corruption_only_raises_probe_error(
     if data.draw(st.booleans()):
         raw = raw[: data.draw(st.integers(0, len(raw)))]
     (folder / which).write_bytes(bytes(raw))
-    try:
+    with contextlib.suppress(probes.ProbeError):
         probes.load(folder)
-    except probes.ProbeError:
-        pass
 
 
 # ---------------------------------------------------------------- recording
@@ -274,14 +314,23 @@ def test_record_refuses_a_stale_reference(demo_factory: guard.MNNFactory) -> Non
         ({"spec": demo.demo_mel(10)}, {}, "the model takes ['mel']"),
         ({"mel": demo.demo_mel(10).astype(np.complex64)}, {}, "dtype complex64 is not supported"),
         ({"mel": demo.demo_mel(10)}, {"runs": 1}, "runs must be at least 2"),
-        ({"mel": demo.demo_mel(10)}, {"dynamic": {"mel": {2: (20, 30)}}}, "outside the declared range"),
-        ({"mel": demo.demo_mel(10)}, {"dynamic": {"pitch": {0: (1, 2)}}}, "unknown inputs ['pitch']"),
+        (
+            {"mel": demo.demo_mel(10)},
+            {"dynamic": {"mel": {2: (20, 30)}}},
+            "outside the declared range",
+        ),
+        (
+            {"mel": demo.demo_mel(10)},
+            {"dynamic": {"pitch": {0: (1, 2)}}},
+            "unknown inputs ['pitch']",
+        ),
         ([], {}, "non-empty list"),
     ],
     ids=["nan input", "wrong name", "dtype", "runs", "range", "unknown dynamic", "empty"],
 )
-def test_record_rejects_bad_arguments(demo_factory: guard.MNNFactory, inputs: Any,
-                                      kwargs: dict[str, Any], message: str) -> None:
+def test_record_rejects_bad_arguments(
+    demo_factory: guard.MNNFactory, inputs: Any, kwargs: dict[str, Any], message: str
+) -> None:
     """Bad canaries or options are refused before anything is recorded."""
     with pytest.raises(probes.ProbeError) as info:
         probes.record(demo_factory, inputs, **kwargs)
@@ -292,7 +341,9 @@ def test_record_derives_a_second_case(demo_factory: guard.MNNFactory, tmp_path: 
     """A single canary gets a rolled second case with its own golden, and metadata is filled in."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        probe = probes.record(demo_factory, {"mel": demo.demo_mel(12)}, dynamic={"mel": {2: (1, 64)}})
+        probe = probes.record(
+            demo_factory, {"mel": demo.demo_mel(12)}, dynamic={"mel": {2: (1, 64)}}
+        )
     assert len(probe.cases) == 2
     assert not np.array_equal(probe.cases[0].outputs["wav"], probe.cases[1].outputs["wav"])
     assert probe.meta.model_sha256 == probes.file_sha256(demo_factory.path)

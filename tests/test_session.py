@@ -27,23 +27,39 @@ def reference(x: Array) -> Array:
     return mnn.forward(module, [x])[0]
 
 
-def test_clean_init_passes_first_try(demo_factory: guard.MNNFactory, demo_probe: probes.Probe) -> None:
+def test_clean_init_passes_first_try(
+    demo_factory: guard.MNNFactory, demo_probe: probes.Probe
+) -> None:
     """A clean init passes its canary on the first attempt and serves the static rung."""
     listener = guard.CapturingListener()
-    s = guard.wrap(demo_factory, demo_probe, policy=quiet_policy(), name="t", metrics=False,
-                   listeners=[listener])
-    assert (s.status.mode, s.status.rung, s.status.healthy, s.status.attempts) == ("static", 0, True, 1)
+    s = guard.wrap(
+        demo_factory,
+        demo_probe,
+        policy=quiet_policy(),
+        name="t",
+        metrics=False,
+        listeners=[listener],
+    )
+    assert (s.status.mode, s.status.rung, s.status.healthy, s.status.attempts) == (
+        "static",
+        0,
+        True,
+        1,
+    )
     assert s.status.verdict is not None and s.status.verdict.passed
     assert listener.of("recover") == []
     assert [e[3] for e in listener.of("attempt")] == ["pass"]
 
 
-def test_degraded_init_is_reinitialised(demo_factory: guard.MNNFactory, demo_probe: probes.Probe) -> None:
+def test_degraded_init_is_reinitialised(
+    demo_factory: guard.MNNFactory, demo_probe: probes.Probe
+) -> None:
     """A degraded first init fails its canary, is re-initialised, and the second init serves."""
     faulty = FaultyFactory(demo_factory, fault=Fault.NOISE, schedule=[True])
     listener = guard.CapturingListener()
-    s = guard.wrap(faulty, demo_probe, policy=quiet_policy(), name="t", metrics=False,
-                   listeners=[listener])
+    s = guard.wrap(
+        faulty, demo_probe, policy=quiet_policy(), name="t", metrics=False, listeners=[listener]
+    )
     assert (s.status.mode, s.status.attempts, s.status.healthy) == ("static", 2, True)
     assert [e[3] for e in listener.of("attempt")] == ["fail", "pass"]
     assert [e[2] for e in listener.of("recover")] == ["reinit"]
@@ -58,8 +74,14 @@ def test_all_static_degraded_falls_back_to_dynamic(
     """When every static init is degraded the session ends on the dynamic rung."""
     faulty = FaultyFactory(demo_factory, fault=Fault.NOISE, rate=1.0, affects="static")
     listener = guard.CapturingListener()
-    s = guard.wrap(faulty, demo_probe, policy=quiet_policy(reinit_attempts=2), name="t",
-                   metrics=False, listeners=[listener])
+    s = guard.wrap(
+        faulty,
+        demo_probe,
+        policy=quiet_policy(reinit_attempts=2),
+        name="t",
+        metrics=False,
+        listeners=[listener],
+    )
     assert (s.status.mode, s.status.rung, s.status.attempts) == ("dynamic", 1, 4)
     assert [e[2] for e in listener.of("recover")] == ["reinit", "reinit", "fallback"]
     assert faulty.degraded_inits == 3
@@ -71,7 +93,9 @@ def test_everything_degraded_raises_recovery_exhausted(
     """Every rung failing raises RecoveryExhausted carrying every attempt's failed verdict."""
     faulty = FaultyFactory(demo_factory, fault=Fault.ZEROS, rate=1.0, affects="all")
     with pytest.raises(guard.RecoveryExhausted) as info:
-        guard.wrap(faulty, demo_probe, policy=quiet_policy(reinit_attempts=1), name="t", metrics=False)
+        guard.wrap(
+            faulty, demo_probe, policy=quiet_policy(reinit_attempts=1), name="t", metrics=False
+        )
     err = info.value
     assert isinstance(err, guard.GuardError)
     assert [a.rung for a in err.attempts] == ["static", "static", "dynamic", "dynamic"]
@@ -80,11 +104,15 @@ def test_everything_degraded_raises_recovery_exhausted(
     assert "every rung" in str(err) and "snr_db" in str(err)
 
 
-def test_factory_exception_is_chained(demo_factory: guard.MNNFactory, demo_probe: probes.Probe) -> None:
+def test_factory_exception_is_chained(
+    demo_factory: guard.MNNFactory, demo_probe: probes.Probe
+) -> None:
     """A factory that always raises ends in RecoveryExhausted with the original error chained."""
     faulty = FaultyFactory(demo_factory, fault=Fault.RAISE, rate=1.0, affects="all")
     with pytest.raises(guard.RecoveryExhausted) as info:
-        guard.wrap(faulty, demo_probe, policy=quiet_policy(reinit_attempts=0), name="t", metrics=False)
+        guard.wrap(
+            faulty, demo_probe, policy=quiet_policy(reinit_attempts=0), name="t", metrics=False
+        )
     assert isinstance(info.value.__cause__, RuntimeError)
     assert "injected factory failure" in str(info.value.__cause__)
     assert [a.outcome for a in info.value.attempts] == [guard.Outcome.ERROR] * 2
@@ -103,8 +131,9 @@ def test_outputs_are_distinct_owned_and_correct(
     assert not np.array_equal(outs[0], outs[-1])
 
 
-def test_list_inputs_in_model_order(demo_factory: guard.MNNFactory, demo_probe: probes.Probe,
-                                    mel: Array) -> None:
+def test_list_inputs_in_model_order(
+    demo_factory: guard.MNNFactory, demo_probe: probes.Probe, mel: Array
+) -> None:
     """A list in input order gives the same result as a dict by name."""
     s = guard.wrap(demo_factory, demo_probe, policy=quiet_policy(), name="t", metrics=False)
     assert np.array_equal(s.run([mel])["wav"], s.run({"mel": mel})["wav"])
@@ -120,7 +149,9 @@ OUTPUT_FAULTS = [
 ]
 
 
-@pytest.mark.parametrize(("fault", "reason"), OUTPUT_FAULTS, ids=[f.value for f, _ in OUTPUT_FAULTS])
+@pytest.mark.parametrize(
+    ("fault", "reason"), OUTPUT_FAULTS, ids=[f.value for f, _ in OUTPUT_FAULTS]
+)
 def test_degraded_outputs_are_caught_by_the_canary(
     fault: Fault, reason: str, demo_factory: guard.MNNFactory, demo_probe: probes.Probe
 ) -> None:
@@ -140,15 +171,23 @@ FACTORY_FAULTS = [
 ]
 
 
-@pytest.mark.parametrize(("fault", "outcome", "message"), FACTORY_FAULTS,
-                         ids=[f.value for f, _, _ in FACTORY_FAULTS])
+@pytest.mark.parametrize(
+    ("fault", "outcome", "message"), FACTORY_FAULTS, ids=[f.value for f, _, _ in FACTORY_FAULTS]
+)
 def test_factory_faults_count_as_failed_attempts(
-    fault: Fault, outcome: guard.Outcome, message: str,
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe,
+    fault: Fault,
+    outcome: guard.Outcome,
+    message: str,
+    demo_factory: guard.MNNFactory,
+    demo_probe: probes.Probe,
 ) -> None:
     """A factory that raises, returns no module, or hangs is a failed attempt, then recovered."""
-    faulty = FaultyFactory(demo_factory, fault=fault, schedule=[True], affects="all", hang_seconds=5)
-    s = guard.wrap(faulty, demo_probe, policy=quiet_policy(init_timeout=1.0), name="t", metrics=False)
+    faulty = FaultyFactory(
+        demo_factory, fault=fault, schedule=[True], affects="all", hang_seconds=5
+    )
+    s = guard.wrap(
+        faulty, demo_probe, policy=quiet_policy(init_timeout=1.0), name="t", metrics=False
+    )
     first = s.status.history[0]
     assert first.outcome is outcome
     assert message in str(first.error)
@@ -159,12 +198,16 @@ def test_intermittent_factory_eventually_serves(
     demo_factory: guard.MNNFactory, demo_probe: probes.Probe
 ) -> None:
     """A factory that fails on alternate inits still yields a healthy session."""
-    faulty = FaultyFactory(demo_factory, fault=Fault.RAISE, schedule=[True, False, True], affects="all")
+    faulty = FaultyFactory(
+        demo_factory, fault=Fault.RAISE, schedule=[True, False, True], affects="all"
+    )
     s = guard.wrap(faulty, demo_probe, policy=quiet_policy(), name="t", metrics=False)
     assert s.status.healthy and s.status.attempts == 2
 
 
-def test_threads_get_their_own_outputs(demo_factory: guard.MNNFactory, demo_probe: probes.Probe) -> None:
+def test_threads_get_their_own_outputs(
+    demo_factory: guard.MNNFactory, demo_probe: probes.Probe
+) -> None:
     """8 threads x 500 calls with distinct inputs: every output equals its own input's reference."""
     s = guard.wrap(demo_factory, demo_probe, policy=quiet_policy(), name="t", metrics=False)
     xs = [demo.demo_mel(2, seed=k) for k in range(40)]
@@ -198,8 +241,9 @@ def test_close_is_idempotent_and_run_after_close_raises(
         s.run({"mel": mel})
 
 
-def test_session_logs_every_init(demo_factory: guard.MNNFactory, demo_probe: probes.Probe,
-                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_session_logs_every_init(
+    demo_factory: guard.MNNFactory, demo_probe: probes.Probe, caplog: pytest.LogCaptureFixture
+) -> None:
     """Every init, verdict and recovery is logged on the mnn_guard logger."""
     faulty = FaultyFactory(demo_factory, fault=Fault.ZEROS, schedule=[True])
     with caplog.at_level("INFO", logger="mnn_guard"):

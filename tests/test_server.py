@@ -1,0 +1,244 @@
+"""`guard.serve`: real HTTP on 127.0.0.1, scraped with urllib and parsed by prometheus_client."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+import guard
+import probes
+from guard.testing import FaultyFactory
+
+QUIET = guard.Policy(background=False)
+NO_REINIT = guard.Policy(reinit_attempts=0, background=False)
+
+# The issue's table: family name (counters without `_total`), type, label names.
+TABLE = [
+    ("mnn_guard_inits", "counter", {"session", "rung"}),
+    ("mnn_guard_canary_checks", "counter", {"session", "rung", "result"}),
+    ("mnn_guard_recoveries", "counter", {"session", "action"}),
+    ("mnn_guard_healthy", "gauge", {"session"}),
+    ("mnn_guard_rung", "gauge", {"session"}),
+    ("mnn_guard_canary_snr_db", "gauge", {"session"}),
+    ("mnn_guard_init_seconds", "histogram", {"session", "rung"}),
+    ("mnn_guard_run_seconds", "histogram", {"session", "rung"}),
+    ("mnn_guard_runs", "counter", {"session", "rung", "result"}),
+]
+
+
+def get(url: str) -> tuple[int, str, str]:
+    """(status, content type, body) of a GET, HTTP errors included."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+@pytest.fixture()
+def server(registry: CollectorRegistry) -> Iterator[guard.MetricsServer]:
+    """A server on a free port over the test's fresh registry."""
+    with guard.serve(port=0, registry=registry) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def scraped(demo_paths: tuple[Path, Path], demo_probe: probes.Probe) -> dict[str, Any]:
+    """Families parsed from one scrape after a session with a reinit, a fallback-free pass, runs."""
+    from guard import demo
+
+    registry = CollectorRegistry()
+    faulty = FaultyFactory(demo.demo_factory(threads=1), fault="noise", schedule=[True, False])
+    with (
+        guard.wrap(faulty, demo_probe, name="vocoder", registry=registry, policy=QUIET) as session,
+        guard.serve(port=0, registry=registry) as running,
+    ):
+        session.run({"mel": demo.demo_mel(50)})
+        status, content_type, body = get(running.url + "/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    return {"status": status, "content_type": content_type, "families": families}
+
+
+def test_metrics_endpoint_serves_prometheus_text(scraped: dict[str, Any]) -> None:
+    """/metrics answers 200 with the Prometheus text content type."""
+    assert (scraped["status"], scraped["content_type"]) == (
+        200,
+        "text/plain; version=1.0.0; charset=utf-8",
+    )
+
+
+@pytest.mark.parametrize(("name", "kind", "labels"), TABLE, ids=[row[0] for row in TABLE])
+def test_scrape_has_metric_of_the_issue_table(
+    scraped: dict[str, Any], name: str, kind: str, labels: set[str]
+) -> None:
+    """Every metric of the issue's table is scraped with its type and label names."""
+    family = scraped["families"][name]
+    seen = {k for s in family.samples for k in s.labels if k != "le"}
+    assert (family.type, seen) == (kind, labels)
+
+
+def test_scrape_counts_match_the_session(scraped: dict[str, Any]) -> None:
+    """The scraped counters show the session's 2 inits, 1 reinit and 1 run."""
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in scraped["families"].values()
+        for s in f.samples
+    }
+    assert (
+        values[("mnn_guard_inits_total", (("rung", "static"), ("session", "vocoder")))],
+        values[("mnn_guard_recoveries_total", (("action", "reinit"), ("session", "vocoder")))],
+        values[
+            ("mnn_guard_runs_total", (("result", "ok"), ("rung", "static"), ("session", "vocoder")))
+        ],
+    ) == (2.0, 1.0, 1.0)
+
+
+def test_healthz_is_ok(server: guard.MetricsServer) -> None:
+    """/healthz answers 200 "ok" while the process is up."""
+    status, _, body = get(server.url + "/healthz")
+    assert (status, body.strip()) == (200, "ok")
+
+
+def test_unknown_path_is_404(server: guard.MetricsServer) -> None:
+    """Any other path answers 404."""
+    assert get(server.url + "/nope")[0] == 404
+
+
+def test_readyz_with_healthy_session_is_200(
+    server: guard.MetricsServer,
+    demo_factory: guard.MNNFactory,
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+) -> None:
+    """/readyz answers 200 and lists the session while every session is healthy."""
+    with guard.wrap(demo_factory, demo_probe, name="X", registry=registry, policy=QUIET):
+        status, content_type, body = get(server.url + "/readyz")
+    doc = json.loads(body)
+    listed = [(s["name"], s["healthy"]) for s in doc["sessions"]]
+    assert (status, content_type, doc["ready"], listed) == (
+        200,
+        "application/json",
+        True,
+        [("X", True)],
+    )
+
+
+def _exhaust(factory: guard.MNNFactory, probe: probes.Probe, registry: CollectorRegistry) -> None:
+    """Build a session named X whose every init is degraded (it raises RecoveryExhausted)."""
+    faulty = FaultyFactory(factory, fault="noise", rate=1.0, affects="all")
+    with pytest.raises(guard.RecoveryExhausted):
+        guard.wrap(faulty, probe, name="X", registry=registry, policy=NO_REINIT)
+
+
+def test_readyz_is_503_after_exhaustion(
+    server: guard.MetricsServer,
+    demo_factory: guard.MNNFactory,
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+) -> None:
+    """An exhausted session makes /readyz 503, naming it, its last rung and the failed SNR."""
+    _exhaust(demo_factory, demo_probe, registry)
+    status, _, body = get(server.url + "/readyz")
+    doc = json.loads(body)
+    (entry,) = doc["sessions"]
+    snr_reason = any("snr_db" in reason for reason in entry["reasons"])
+    assert (status, doc["ready"], entry["name"], entry["rung"], entry["healthy"], snr_reason) == (
+        503,
+        False,
+        "X",
+        "dynamic",
+        False,
+        True,
+    )
+
+
+def test_readyz_recovers_when_healthy_session_replaces(
+    server: guard.MetricsServer,
+    demo_factory: guard.MNNFactory,
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+) -> None:
+    """After an exhausted X, a later healthy session named X makes /readyz 200 again."""
+    _exhaust(demo_factory, demo_probe, registry)
+    before = get(server.url + "/readyz")[0]
+    with guard.wrap(demo_factory, demo_probe, name="X", registry=registry, policy=QUIET):
+        after = get(server.url + "/readyz")[0]
+    assert (before, after) == (503, 200)
+
+
+def test_closing_older_session_keeps_newer_failure(
+    server: guard.MetricsServer,
+    demo_factory: guard.MNNFactory,
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+) -> None:
+    """Closing an older healthy X does not erase a newer exhausted X: /readyz stays 503."""
+    older = guard.wrap(demo_factory, demo_probe, name="X", registry=registry, policy=QUIET)
+    _exhaust(demo_factory, demo_probe, registry)
+    older.close()
+    assert get(server.url + "/readyz")[0] == 503
+
+
+def test_readyz_forgets_closed_session(
+    server: guard.MetricsServer,
+    demo_factory: guard.MNNFactory,
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+) -> None:
+    """A closed session is no longer listed by /readyz."""
+    guard.wrap(demo_factory, demo_probe, name="X", registry=registry, policy=QUIET).close()
+    status, _, body = get(server.url + "/readyz")
+    assert (status, json.loads(body)) == (200, {"ready": True, "sessions": []})
+
+
+def test_default_registry_is_the_global_one() -> None:
+    """Without a registry the server shows the global registry (the process's own metrics)."""
+    with guard.serve(port=0) as running:
+        body = get(running.url + "/metrics")[2]
+    assert "python_info" in body
+
+
+def test_close_is_idempotent_and_frees_the_port(registry: CollectorRegistry) -> None:
+    """close() twice is fine, and the port then refuses connections."""
+    running = guard.serve(port=0, registry=registry)
+    running.close()
+    running.close()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(running.url + "/healthz", timeout=2)
+
+
+@pytest.mark.parametrize("port", [-1, 65536, "9108", True, 1.5])
+def test_bad_port_is_rejected(port: Any) -> None:
+    """A port outside 0..65535 or not an int raises ConfigError naming the port."""
+    with pytest.raises(guard.ConfigError, match="port must be an int"):
+        guard.serve(port=port)
+
+
+def test_busy_port_is_rejected(server: guard.MetricsServer) -> None:
+    """Listening on a port already in use raises ConfigError naming host and port."""
+    with pytest.raises(guard.ConfigError, match=f"127.0.0.1:{server.port}"):
+        guard.serve(port=server.port)
+
+
+def test_missing_multiprocess_dir_is_rejected(tmp_path: Path) -> None:
+    """A multiprocess_dir that does not exist raises ConfigError naming it."""
+    missing = tmp_path / "nowhere"
+    with pytest.raises(guard.ConfigError, match="nowhere"):
+        guard.serve(port=0, multiprocess_dir=missing)
+
+
+def test_registry_and_multiprocess_dir_exclude_each_other(
+    tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    """Passing both a registry and a multiprocess_dir raises ConfigError."""
+    with pytest.raises(guard.ConfigError, match="not both"):
+        guard.serve(port=0, registry=registry, multiprocess_dir=tmp_path)
