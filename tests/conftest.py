@@ -45,6 +45,24 @@ def registry() -> CollectorRegistry:
     return CollectorRegistry()
 
 
+_hostile: dict[str, int] = {"passed": 0, "failed": 0}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count hostile cases as they finish."""
+    if report.when == "call" and "hostile" in report.keywords:
+        _hostile["passed" if report.passed else "failed"] += 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say how many hostile cases ran."""
+    total = _hostile["passed"] + _hostile["failed"]
+    if total:
+        terminalreporter.write_line(
+            f"hostile cases run: {total} ({_hostile['passed']} passed, {_hostile['failed']} failed)"
+        )
+
+
 @pytest.fixture(autouse=True)
 def _clean_health() -> Iterator[None]:
     """Each test starts with an empty process-wide readiness table."""

@@ -12,6 +12,7 @@ import guard
 import probes
 from guard import demo
 
+pytestmark = pytest.mark.hostile
 Array = np.ndarray[Any, Any]
 MEL = demo.demo_mel(20, seed=3)
 

@@ -22,6 +22,7 @@ from guard import demo
 from guard.testing import Fault, FaultyFactory
 from probes.store import ARRAYS, MANIFEST
 
+pytestmark = pytest.mark.hostile
 Manifest = dict[str, Any]
 
 

@@ -149,6 +149,7 @@ OUTPUT_FAULTS = [
 ]
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize(
     ("fault", "reason"), OUTPUT_FAULTS, ids=[f.value for f, _ in OUTPUT_FAULTS]
 )
@@ -171,6 +172,7 @@ FACTORY_FAULTS = [
 ]
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize(
     ("fault", "outcome", "message"), FACTORY_FAULTS, ids=[f.value for f, _, _ in FACTORY_FAULTS]
 )
