@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -254,3 +255,74 @@ def test_session_logs_every_init(
     assert "session logged: init rung 'static': fail" in text
     assert "reinit from rung 0 to rung 0" in text
     assert "session logged: init rung 'static': pass" in text
+
+
+class DegradesLater:
+    """A real module whose outputs turn noisy (29 dB) after `after` forwards, for good."""
+
+    def __init__(self, module: Any, after: int) -> None:
+        self.inner = guard.testing.DegradedModule(module, Fault.NOISE, seed=3)
+        self.module = module
+        self.after = after
+        self.calls = 0
+
+    def forward(self, inputs: list[Any]) -> list[Any]:
+        self.calls += 1
+        target = self.inner if self.calls > self.after else self.module
+        return list(target.forward(inputs))
+
+
+@pytest.mark.hostile
+def test_failed_recheck_under_load_fails_no_call(demo_probe: probes.Probe) -> None:
+    """8 threads keep calling while a re-check fails and recovers: no call fails, and degraded
+    outputs stop within one re-check period."""
+    clean = demo.demo_factory()
+    built: list[DegradesLater] = []
+
+    def factory(**overrides: Any) -> Any:
+        module = clean(**overrides)
+        if built:
+            return module
+        built.append(DegradesLater(module, after=300))
+        return built[0]
+
+    every = 40
+    s = guard.wrap(
+        factory,
+        demo_probe,
+        name="recheck",
+        metrics=False,
+        policy=guard.Policy(recheck_every_calls=every, promote_after=None),
+    )
+    xs = [demo.demo_mel(2, seed=k) for k in range(16)]
+    refs = [reference(x) for x in xs]
+    log: list[tuple[float, bool]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(t: int) -> None:
+        for i in range(150):
+            k = (t + i) % len(xs)
+            try:
+                ok = probes.snr_db(refs[k], s.run({"mel": xs[k]})["wav"]) > 45
+            except BaseException as exc:  # any failure is a test failure
+                errors.append(exc)
+                return
+            with lock:
+                log.append((time.perf_counter(), ok))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s.close()
+    bad = [i for i, (_, ok) in enumerate(log) if not ok]
+    print(
+        f"recheck under load: {len(log)} calls, {len(bad)} degraded before the re-check caught it"
+    )
+    assert errors == []
+    assert len(log) == 8 * 150
+    assert len(bad) <= every + 8  # only the window before the next re-check
+    assert bad and bad == list(range(bad[0], bad[-1] + 1))  # one window, then clean for good
+    assert s.status.history[-1].rung == "static"
