@@ -6,14 +6,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import pickle
 import queue
 import signal
+import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,7 +42,7 @@ from guard.session import Factory, GuardedSession
 from guard.wrap import check_probe, wrap
 from probes import Probe, ProbeError
 
-__all__ = ["Pool", "WorkerStatus"]
+__all__ = ["Pool", "WorkerStatus", "load_stashed_probe", "stash_probe"]
 
 Array = NDArray[Any]
 Inputs = Mapping[str, Any] | Sequence[Any]
@@ -97,6 +100,37 @@ class _Lost(Exception):
     """A request's worker crashed, timed out or failed; it is replaced and the request retried."""
 
 
+# ------------------------------------------------------------------ probe hand-over
+
+
+def stash_probe(probe: Probe) -> str:
+    """Pickle a probe once into a private temp file that spawned children load themselves.
+
+    Spawn writes a child's pickled arguments into a 64 KB pipe, and Process.start() blocks
+    until the child has imported its main module when they do not fit: a 270 KB probe in
+    the arguments made worker start-ups run one after another.
+    """
+    fd, path = tempfile.mkstemp(prefix="mnn-guard-probe-", suffix=".pickle")
+    with os.fdopen(fd, "wb") as f:
+        pickle.dump(probe, f, protocol=pickle.HIGHEST_PROTOCOL)
+    return path
+
+
+def load_stashed_probe(path: str) -> Probe:
+    """The probe written by `stash_probe` (a file this user's parent process created)."""
+    with open(path, "rb") as f:
+        probe = pickle.load(f)
+    if not isinstance(probe, Probe):
+        raise ProbeError(f"{path!r} does not hold a pickled probes.Probe")
+    return probe
+
+
+def remove_stash(path: str) -> None:
+    """Delete a stashed probe; missing is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 # ------------------------------------------------------------------ worker side
 
 
@@ -121,12 +155,12 @@ def _state(session: GuardedSession) -> tuple[str, bool]:
 
 
 def _worker_main(
-    conn: Connection, factory: Factory, probe: Probe, policy: Policy, name: str
+    conn: Connection, factory: Factory, probe_path: str, policy: Policy, name: str
 ) -> None:
     """A worker process: build one guarded session here, then serve requests from the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
-        session = wrap(factory, probe, policy=policy, name=name)
+        session = wrap(factory, load_stashed_probe(probe_path), policy=policy, name=name)
     except Exception as exc:
         conn.send(("failed", _error_payload(exc)))
         return
@@ -181,11 +215,12 @@ def _mark_dead(pid: int | None) -> None:
 class Pool:
     """Guarded worker processes: each builds its own session with `guard.wrap` after spawn.
 
-    Nothing MNN crosses a process boundary: the factory, probe and policy are pickled to the
-    workers (`guard.mnn_factory` and `guard.testing.FaultyFactory` pickle), inputs and
-    outputs travel as numpy arrays over one pipe per worker. A worker that crashes or takes
-    longer than `request_timeout` is killed and replaced, and its request retried once on
-    another worker; a second failure raises WorkerFailed. InputMismatch is raised as is.
+    Nothing MNN crosses a process boundary: the factory and policy are pickled to the workers
+    (`guard.mnn_factory` and `guard.testing.FaultyFactory` pickle), the probe goes through a
+    private temp file, inputs and outputs travel as numpy arrays over one pipe per worker.
+    A worker that crashes or takes longer than `request_timeout` is killed and replaced, and
+    its request retried once on another worker; a second failure raises WorkerFailed.
+    InputMismatch is raised as is, without a retry.
 
     Metrics: workers use prometheus_client as usual. Set PROMETHEUS_MULTIPROC_DIR (an empty
     directory) in the environment before creating the pool and serve it with
@@ -219,16 +254,18 @@ class Pool:
         policy = policy or Policy()
         check_probe(factory, probe)
         try:
-            pickle.dumps((factory, probe, policy))
+            pickle.dumps((factory, policy))
         except Exception as exc:
             raise ConfigError(
-                f"the factory, probe and policy must pickle to reach spawned workers: {exc!r} "
+                f"the factory and policy must pickle to reach spawned workers: {exc!r} "
                 "(guard.mnn_factory pickles; a lambda or closure does not)"
             ) from exc
         self.name = name
         self.processes = processes
         self.request_timeout = request_timeout
-        self._args = (factory, probe, policy, name)
+        probe_path = stash_probe(probe)
+        self._unstash = weakref.finalize(self, remove_stash, probe_path)
+        self._args = (factory, probe_path, policy, name)
         self._ctx = multiprocessing.get_context(start_method)
         attempts = len(policy.ladder) * (1 + policy.reinit_attempts)
         self._startup_timeout = (
@@ -423,6 +460,11 @@ class Pool:
                 failures.append(str(lost))
                 self._retire(worker)
                 continue
+            except InputMismatch:
+                raise
+            except BaseException:
+                self._retire(worker)  # interrupted mid-request: its reply would come out of step
+                raise
             if kind == "ok":
                 self._idle.put(worker)
                 result: dict[str, Array] = payload
@@ -496,6 +538,7 @@ class Pool:
             self._stop(worker, deadline)
         for thread in restarts:
             thread.join(STOP_SECONDS + 1.0)
+        self._unstash()
 
     def __enter__(self) -> Pool:
         return self
@@ -506,4 +549,3 @@ class Pool:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self.status())} worker(s)"
         return f"<Pool {self.name!r} {state}>"
-

@@ -62,18 +62,31 @@ def degrade(
 
 
 class DegradedModule:
-    """Wraps a real MNN module so that every forward is degraded by `fault`."""
+    """Wraps a real MNN module so that every forward after the first `after` is degraded."""
 
-    def __init__(self, module: Any, fault: Fault, *, seed: int | None = None, snr_db: float = 29.0):
+    def __init__(
+        self,
+        module: Any,
+        fault: Fault,
+        *,
+        seed: int | None = None,
+        snr_db: float = 29.0,
+        after: int = 0,
+    ) -> None:
         self.module = module
         self.fault = fault
         self.snr_db = snr_db
+        self.after = after
+        self.forwards = 0
         self._rng = np.random.default_rng(seed)
         self._previous: list[Array] | None = None
 
     def forward(self, inputs: list[Any]) -> list[Any]:
         """Run the real module, then degrade its outputs."""
         result = self.module.forward(inputs)
+        self.forwards += 1
+        if self.forwards <= self.after:
+            return list(result)
         arrays = [mnn.to_numpy(v) for v in result]
         if self.fault is Fault.MISSING:
             return []
@@ -98,6 +111,8 @@ class FaultyFactory:
     Which inits: an explicit `schedule` (True = degraded, by init number; clean after it ends),
     or each init independently with probability `rate`. `affects` limits faults to inits whose
     overrides it accepts; the default spares `dynamic=True` inits, as in the field reports.
+    With `degrade_after=K` a degraded module serves K clean forwards (canary runs included)
+    before it turns: corruption that appears after init, for testing re-checks.
     Picklable (for guard.Pool and doctor) when the wrapped factory is; with
     `per_process=True` the seed is mixed with the process id so that workers differ.
     """
@@ -115,6 +130,7 @@ class FaultyFactory:
         affects: Callable[[Mapping[str, Any]], bool] | str = "static",
         replacement: Callable[..., Any] | None = None,
         hang_seconds: float = 3600.0,
+        degrade_after: int = 0,
     ) -> None:
         self.factory = factory
         self.fault = Fault(fault)
@@ -130,6 +146,7 @@ class FaultyFactory:
         self.affects = affects
         self.replacement = replacement
         self.hang_seconds = hang_seconds
+        self.degrade_after = degrade_after
         self.inits = 0
         self.degraded_inits = 0
         self._rng: np.random.Generator | None = None
@@ -207,4 +224,6 @@ class FaultyFactory:
         if self.fault is Fault.HANG:
             return module
         seed = None if self.seed is None else self.seed + number
-        return DegradedModule(module, self.fault, seed=seed, snr_db=self.snr_db)
+        return DegradedModule(
+            module, self.fault, seed=seed, snr_db=self.snr_db, after=self.degrade_after
+        )

@@ -12,7 +12,6 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 from scipy import fft as sp_fft
-from scipy import signal
 
 from probes.errors import ProbeError
 
@@ -119,6 +118,9 @@ def log_spectral_distance(golden: Array, actual: Array) -> float | None:
 
 @functools.cache
 def _window(n: int) -> Array:
+    """The Hann window of `n` samples; scipy.signal is imported on first use (it costs ~1.5 s)."""
+    from scipy import signal
+
     window: Array = signal.get_window("hann", n).astype(np.float32)
     return window
 

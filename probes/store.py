@@ -272,6 +272,11 @@ def check_model(probe: Probe, model: str | os.PathLike[str] | None) -> None:
     """Refuse a probe recorded for a different model file (by sha256)."""
     if model is None or probe.meta.model_sha256 is None:
         return
+    if not os.path.isfile(model):
+        raise ProbeError(
+            f"cannot check the probe against model {os.fspath(model)!r}: no such file; "
+            "pass the path of the .mnn file the session loads"
+        )
     actual = file_sha256(model)
     if actual != probe.meta.model_sha256:
         recorded = probe.meta.model_sha256[:12]

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,13 @@ from guard import demo
 from guard.doctor import DoctorReport, RungReport, run_doctor
 from guard.testing import FaultyFactory
 
-STARTS = 24
+STARTS = 16
 RATE = 0.3
 BASE_SEED = 100
 
 
 class Ticketed:
-    """A picklable factory giving each fresh process its own FaultyFactory seed from a shared counter.
+    """A picklable factory: each fresh process takes its FaultyFactory seed from a shared counter.
 
     Every start draws a distinct ticket 0..STARTS-1, so the number of degraded starts is fixed
     (known in advance) whichever process gets which ticket: the test cannot flake.
@@ -53,6 +54,15 @@ class DiesOnDynamic:
         return demo.demo_factory(threads=1)(**overrides)
 
 
+class HangsOnDynamic:
+    """A picklable factory whose process hangs when the dynamic rung is initialised."""
+
+    def __call__(self, **overrides: Any) -> Any:
+        if overrides.get("dynamic"):
+            time.sleep(600)
+        return demo.demo_factory(threads=1)(**overrides)
+
+
 def expected_degraded() -> int:
     """How many of the tickets 0..STARTS-1 draw a degraded static init (first draw < RATE)."""
     return sum(np.random.default_rng(BASE_SEED + t).random() < RATE for t in range(STARTS))
@@ -60,7 +70,7 @@ def expected_degraded() -> int:
 
 @pytest.fixture(scope="module")
 def report(demo_paths: tuple[Path, Path]) -> DoctorReport:
-    """Doctor over 24 fresh starts, 2 at a time, static inits degraded at rate 0.3."""
+    """Doctor over 16 fresh starts, 2 at a time, static inits degraded at rate 0.3."""
     probe = probes.load(demo_paths[1], model=demo_paths[0])
     counter = multiprocessing.get_context("spawn").Value("i", 0)
     faulty = FaultyFactory(demo.demo_factory(threads=1), fault="noise", rate=RATE, affects="static")
@@ -89,8 +99,10 @@ def test_static_interval_contains_injected_rate(report: DoctorReport) -> None:
 def test_dynamic_rung_shows_no_degraded_start(report: DoctorReport) -> None:
     """The dynamic rung, spared by the injector, has 0 degraded starts and an interval from 0."""
     dynamic = report.rungs[1]
-    assert (dynamic.name, dynamic.starts, dynamic.degraded, dynamic.errors) == ("dynamic", STARTS, 0, 0)
-    assert dynamic.ci_low == 0.0 and dynamic.ci_high is not None and dynamic.ci_high < 0.2
+    counts = (dynamic.name, dynamic.starts, dynamic.degraded, dynamic.errors)
+    assert counts == ("dynamic", STARTS, 0, 0)
+    assert dynamic.ci_low == 0.0
+    assert dynamic.ci_high == pytest.approx(1 - 0.025 ** (1 / STARTS))  # Clopper-Pearson, k=0
 
 
 @pytest.mark.slow
@@ -134,24 +146,72 @@ def test_start_that_dies_is_an_error_not_a_hang(demo_paths: tuple[Path, Path]) -
 
 
 @pytest.mark.slow
+def test_start_that_hangs_is_killed_after_start_timeout(demo_paths: tuple[Path, Path]) -> None:
+    """A process that hangs is killed after start_timeout and its unfinished rung is an error."""
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    began = time.monotonic()
+    report = run_doctor(
+        HangsOnDynamic(), probe, starts=1, processes=1, start_timeout=4.0, progress=False
+    )
+    dynamic = report.rungs[1]
+    assert (dynamic.starts, dynamic.errors) == (1, 1)
+    assert "exceeded 4 s and was killed" in dynamic.reasons[0]
+    assert time.monotonic() - began < 20
+
+
+def doctor_cli(model: Path, probe_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Run `mnn-guard doctor MODEL --probe DIR --starts 2 --json ...` in a fresh interpreter."""
+    cmd = [sys.executable, "-m", "guard.cli", "doctor", str(model), "--probe", str(probe_dir)]
+    cmd += ["--starts", "2", "--processes", "2", "--json", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.slow
 def test_cli_json_is_clean_and_exits_0(demo_paths: tuple[Path, Path]) -> None:
-    """`mnn-guard doctor --json` prints only JSON on stdout, progress on stderr, and exits 0."""
-    model, probe_dir = demo_paths
-    cmd = [sys.executable, "-m", "guard.cli", "doctor", str(model), "--probe", str(probe_dir),
-           "--starts", "3", "--processes", "2", "--json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    """`doctor --json` on the clean model prints only JSON with every field, progress on stderr."""
+    done = doctor_cli(*demo_paths)
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     assert set(data) == {*DoctorReport.__dataclass_fields__, "degraded"}
-    assert [(r["name"], r["starts"], r["degraded"]) for r in data["rungs"]] == [
-        ("static", 3, 0), ("dynamic", 3, 0)
-    ]
-    assert done.stderr.count("doctor: start ") == 3
+    assert [set(r) for r in data["rungs"]] == [set(RungReport.__dataclass_fields__)] * 2
+    rungs = [(r["name"], r["starts"], r["degraded"], r["errors"]) for r in data["rungs"]]
+    assert rungs == [("static", 2, 0, 0), ("dynamic", 2, 0, 0)]
+    assert done.stderr.count("doctor: start ") == 2
 
 
-def test_bad_starts_is_a_config_error(demo_probe: probes.Probe) -> None:
-    """starts=0 is refused before any process starts."""
-    from guard.errors import ConfigError
+@pytest.mark.slow
+def test_cli_exits_1_on_a_degraded_model(demo_paths: tuple[Path, Path], tmp_path: Path) -> None:
+    """A rebuilt model with 1% weight noise vs the shipped probe: every start degraded, exit 1."""
+    noisy = tmp_path / "noisy.mnn"
+    rng = np.random.default_rng(3)
+    demo.build_vocoder(
+        noisy, weight_transform=lambda w: w * (1 + 0.01 * rng.standard_normal(w.shape))
+    )
+    done = doctor_cli(noisy, demo_paths[1], "--ignore-model-hash")
+    assert done.returncode == 1, done.stderr
+    data = json.loads(done.stdout)
+    assert data["degraded"] is True
+    assert [(r["name"], r["degraded"]) for r in data["rungs"]] == [("static", 2), ("dynamic", 2)]
 
-    with pytest.raises(ConfigError, match="starts must be a positive int, got 0"):
-        run_doctor(demo.demo_factory(), demo_probe, starts=0)
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["missing.mnn"], "FactoryError: model file 'missing.mnn' does not exist"),
+        (["MODEL", "--probe", "missing-probe"], "ProbeError: probe folder 'missing-probe'"),
+        (["MODEL", "--starts", "0"], "ConfigError: starts must be a positive int, got 0"),
+        (["MODEL", "--processes", "0"], "ConfigError: processes must be a positive int, got 0"),
+    ],
+)
+def test_cli_bad_input_exits_2(
+    demo_paths: tuple[Path, Path], capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    """Missing files and bad counts exit 2 with a message naming them, before any process starts."""
+    from guard.cli import main
+
+    model, probe_dir = demo_paths
+    argv = [str(model) if a == "MODEL" else a for a in args]
+    if "--probe" not in argv:
+        argv += ["--probe", str(probe_dir)]
+    assert main(["doctor", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -34,8 +34,9 @@ def quiet_policy(**kw: Any) -> guard.Policy:
 def session(probe_dir: str) -> guard.GuardedSession:
     """A guarded demo session with MNN's default threads (a fork after this load really hangs)."""
     factory = guard.mnn_factory(demo.DEMO_MODEL, [demo.DEMO_INPUT], [demo.DEMO_OUTPUT])
-    return guard.wrap(factory, probes.load(probe_dir), policy=quiet_policy(), name="fork",
-                      metrics=False)
+    return guard.wrap(
+        factory, probes.load(probe_dir), policy=quiet_policy(), name="fork", metrics=False
+    )
 
 
 def child_init(probe_dir: str, conn: Connection) -> None:
@@ -103,7 +104,7 @@ def in_helper(target: Any, *args: Any) -> Any:
     process.start()
     writer.close()
     try:
-        assert reader.poll(HELPER_SECONDS), f"helper {target.__name__} gave no report in {HELPER_SECONDS} s"
+        assert reader.poll(HELPER_SECONDS), f"{target.__name__}: no report in {HELPER_SECONDS} s"
         return reader.recv()
     finally:
         process.join(5)
@@ -129,16 +130,22 @@ def test_child_forked_before_any_load_works(demo_paths: Any) -> None:
 
 def hang_helper(probe_dir: str, reinit_attempts: int, out: Connection) -> None:
     """Spawned helper: guard a factory whose first init hangs; report outcomes and metrics."""
-    faulty = FaultyFactory(demo.demo_factory(threads=1), fault="hang", affects="all",
-                           schedule=[True], hang_seconds=30)
+    faulty = FaultyFactory(
+        demo.demo_factory(threads=1), fault="hang", affects="all", schedule=[True], hang_seconds=30
+    )
     listener = guard.CapturingListener()
     registry = CollectorRegistry()
-    policy = quiet_policy(init_timeout=1.0, reinit_attempts=reinit_attempts,
-                          ladder=(guard.STATIC,))
+    policy = quiet_policy(init_timeout=1.0, reinit_attempts=reinit_attempts, ladder=(guard.STATIC,))
     start = time.monotonic()
     try:
-        s = guard.wrap(faulty, probes.load(probe_dir), policy=policy, name="hang",
-                       registry=registry, listeners=[listener])
+        s = guard.wrap(
+            faulty,
+            probes.load(probe_dir),
+            policy=policy,
+            name="hang",
+            registry=registry,
+            listeners=[listener],
+        )
         result: tuple[Any, ...] = ("ok", s.status.mode, s.status.healthy)
     except guard.RecoveryExhausted as exc:
         errors = [type(a.error).__name__ for a in exc.attempts]
@@ -151,7 +158,7 @@ def hang_helper(probe_dir: str, reinit_attempts: int, out: Connection) -> None:
 
 
 def test_hanging_init_times_out_and_next_init_recovers(demo_paths: Any) -> None:
-    """A factory that hangs times out after init_timeout, counts as timeout, and a re-init serves."""
+    """A hanging factory times out after init_timeout, counts as timeout; a re-init serves."""
     result, outcomes, timeouts, seconds = in_helper(hang_helper, str(demo_paths[1]), 1)
     assert result == ("ok", "static", True)
     assert outcomes == ["timeout", "pass"]
@@ -160,7 +167,7 @@ def test_hanging_init_times_out_and_next_init_recovers(demo_paths: Any) -> None:
 
 
 def test_hanging_init_without_retries_raises_init_timeout(demo_paths: Any) -> None:
-    """With no rung left, the hang surfaces as RecoveryExhausted whose attempt error is InitTimeout."""
+    """With no retry left, the hang ends in RecoveryExhausted whose attempt error is InitTimeout."""
     result, outcomes, timeouts, _ = in_helper(hang_helper, str(demo_paths[1]), 0)
     assert result[:2] == ("RecoveryExhausted", ["InitTimeout"])
     assert "did not finish within 1 s" in result[2]
@@ -170,6 +177,6 @@ def test_hanging_init_without_retries_raises_init_timeout(demo_paths: Any) -> No
 def test_call_with_timeout_raises_init_timeout() -> None:
     """call_with_timeout raises InitTimeout naming the step once the deadline passes."""
     start = time.monotonic()
-    with pytest.raises(guard.InitTimeout, match="slow step did not finish within 0.2 s"):
+    with pytest.raises(guard.InitTimeout, match=r"slow step did not finish within 0\.2 s"):
         call_with_timeout(lambda: time.sleep(5), 0.2, "slow step")
     assert time.monotonic() - start < 2.0

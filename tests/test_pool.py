@@ -1,4 +1,4 @@
-"""guard.Pool with real spawned workers: order, crash recovery, timeouts, input errors, close, soak."""
+"""guard.Pool with real spawned workers: order, crashes, timeouts, input errors, close, soak."""
 
 from __future__ import annotations
 
@@ -60,8 +60,14 @@ def gone(pid: int) -> bool:
 def pool(demo_paths: tuple[Path, Path]) -> Iterator[guard.Pool]:
     """Two workers serving the clean demo vocoder."""
     probe = probes.load(demo_paths[1], model=demo_paths[0])
-    with guard.Pool(demo.demo_factory(threads=1), probe, processes=2, policy=quiet_policy(),
-                    name="pool", request_timeout=30.0) as p:
+    with guard.Pool(
+        demo.demo_factory(threads=1),
+        probe,
+        processes=2,
+        policy=quiet_policy(),
+        name="pool",
+        request_timeout=30.0,
+    ) as p:
         yield p
 
 
@@ -84,13 +90,14 @@ def test_status_lists_each_worker(pool: guard.Pool) -> None:
 
 
 def test_killed_worker_is_replaced_and_no_request_is_lost(pool: guard.Pool) -> None:
-    """SIGKILL on a worker mid-run: its request is retried, every output arrives, a new worker joins."""
+    """SIGKILL on a worker mid-run: its request is retried, none is lost, a new worker joins."""
     inputs = [demo.demo_mel(200, seed=1000 + i) for i in range(60)]
     expected = references(inputs)
     before = {w.pid for w in pool.status()}
     replaced = pool.replaced
     done: Future[list[dict[str, Array]]] = Future()
-    thread = threading.Thread(target=lambda: done.set_result(pool.map([{"mel": x} for x in inputs])))
+    requests = [{"mel": x} for x in inputs]
+    thread = threading.Thread(target=lambda: done.set_result(pool.map(requests)))
     thread.start()
     deadline = time.monotonic() + 30
     while sum(w.requests for w in pool.status()) < 10 and time.monotonic() < deadline:
@@ -135,8 +142,14 @@ def test_input_mismatch_reaches_caller_unchanged(
 def test_request_timeout_twice_raises_worker_failed(demo_paths: tuple[Path, Path]) -> None:
     """A request that exceeds request_timeout on two workers raises WorkerFailed saying so."""
     probe = probes.load(demo_paths[1], model=demo_paths[0])
-    with guard.Pool(demo.demo_factory(threads=1), probe, processes=1, policy=quiet_policy(),
-                    name="slow", request_timeout=0.01) as p:
+    with guard.Pool(
+        demo.demo_factory(threads=1),
+        probe,
+        processes=1,
+        policy=quiet_policy(),
+        name="slow",
+        request_timeout=0.01,
+    ) as p:
         first = p.status()[0].pid
         with pytest.raises(guard.WorkerFailed, match=r"request failed on two workers") as info:
             p.run({"mel": demo.demo_mel(4000)})
@@ -145,9 +158,11 @@ def test_request_timeout_twice_raises_worker_failed(demo_paths: tuple[Path, Path
 
 
 def test_close_is_idempotent_and_run_after_close_raises(demo_paths: tuple[Path, Path]) -> None:
-    """close() twice is fine, workers exit cleanly and are reaped, run() then raises SessionClosed."""
+    """close() twice is fine, workers exit and are reaped, run() then raises SessionClosed."""
     probe = probes.load(demo_paths[1], model=demo_paths[0])
-    p = guard.Pool(demo.demo_factory(threads=1), probe, processes=1, policy=quiet_policy(), name="c")
+    p = guard.Pool(
+        demo.demo_factory(threads=1), probe, processes=1, policy=quiet_policy(), name="c"
+    )
     pid = p.status()[0].pid
     p.close()
     p.close()
@@ -159,12 +174,12 @@ def test_close_is_idempotent_and_run_after_close_raises(demo_paths: tuple[Path, 
 
 
 def test_worker_startup_failure_raises_from_constructor(demo_paths: tuple[Path, Path]) -> None:
-    """Every init degraded in the worker: the constructor raises RecoveryExhausted naming the worker."""
+    """Every init degraded in the worker: the constructor raises RecoveryExhausted naming it."""
     probe = probes.load(demo_paths[1], model=demo_paths[0])
     faulty = FaultyFactory(demo.demo_factory(threads=1), fault="noise", rate=1.0, affects="all")
     before = {c.pid for c in multiprocessing.active_children()}
-    with pytest.raises(guard.RecoveryExhausted, match=r"pool 'bad': worker 0 \(pid \d+\) could not start"
-                       ) as info:
+    match = r"pool 'bad': worker 0 \(pid \d+\) could not start"
+    with pytest.raises(guard.RecoveryExhausted, match=match) as info:
         guard.Pool(faulty, probe, processes=1, policy=quiet_policy(reinit_attempts=0), name="bad")
     assert "every rung of the ladder failed its canary" in str(info.value)
     assert {c.pid for c in multiprocessing.active_children()} <= before
@@ -195,10 +210,13 @@ SOAK_INITS = 25
 SOAK_REQUESTS = 2
 
 
-def soak_worker(probe_dir: str, seed: int, cases: list[tuple[Array, Array]], out: Connection) -> None:
+def soak_worker(
+    probe_dir: str, seed: int, cases: list[tuple[Array, Array]], out: Connection
+) -> None:
     """One process: 25 guarded inits with 10% degraded; judge every served output."""
-    faulty = FaultyFactory(demo.demo_factory(threads=1), fault="noise", rate=0.1, seed=seed,
-                           per_process=True)
+    faulty = FaultyFactory(
+        demo.demo_factory(threads=1), fault="noise", rate=0.1, seed=seed, per_process=True
+    )
     probe = probes.load(probe_dir)
     judge = dataclasses.replace(
         probe, cases=tuple(probes.Case(inputs={"mel": x}, outputs={"wav": y}) for x, y in cases)
@@ -237,9 +255,12 @@ def test_soak_serves_no_degraded_output(demo_paths: tuple[Path, Path]) -> None:
             p.join(5)
             if p.is_alive():
                 p.kill()
-    injected, caught, served, bad, inits, fallbacks = (sum(col) for col in zip(*results, strict=True))
-    print(f"soak: {inits} inits, {injected} degraded injected, {caught} caught, "
-          f"{fallbacks} fallbacks, {served} outputs served, {bad} degraded served")
+    totals = (sum(column) for column in zip(*results, strict=True))
+    injected, caught, served, bad, inits, fallbacks = totals
+    print(
+        f"soak: {inits} inits, {injected} degraded injected, {caught} caught, "
+        f"{fallbacks} fallbacks, {served} outputs served, {bad} degraded served"
+    )
     assert served == SOAK_PROCESSES * SOAK_INITS * SOAK_REQUESTS
     assert injected > 0
     assert caught == injected

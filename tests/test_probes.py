@@ -240,6 +240,13 @@ def test_stale_probe_for_another_model(demo_paths: tuple[Path, Path], tmp_path: 
         guard.wrap(guard.mnn_factory(other, ["mel"], ["wav"]), probe, name="stale", metrics=False)
 
 
+def test_model_file_missing_when_checking(demo_paths: tuple[Path, Path], tmp_path: Path) -> None:
+    """Checking a probe against a model path that does not exist names the path."""
+    missing = tmp_path / "gone.mnn"
+    with pytest.raises(probes.ProbeError, match=r"gone\.mnn.*no such file"):
+        probes.load(demo_paths[1], model=missing)
+
+
 def test_signature_mismatch_with_model(demo_paths: tuple[Path, Path]) -> None:
     """A probe whose input names differ from the factory's is refused."""
     probe = probes.load(demo_paths[1])

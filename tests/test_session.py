@@ -257,35 +257,12 @@ def test_session_logs_every_init(
     assert "session logged: init rung 'static': pass" in text
 
 
-class DegradesLater:
-    """A real module whose outputs turn noisy (29 dB) after `after` forwards, for good."""
-
-    def __init__(self, module: Any, after: int) -> None:
-        self.inner = guard.testing.DegradedModule(module, Fault.NOISE, seed=3)
-        self.module = module
-        self.after = after
-        self.calls = 0
-
-    def forward(self, inputs: list[Any]) -> list[Any]:
-        self.calls += 1
-        target = self.inner if self.calls > self.after else self.module
-        return list(target.forward(inputs))
-
-
 @pytest.mark.hostile
 def test_failed_recheck_under_load_fails_no_call(demo_probe: probes.Probe) -> None:
     """8 threads keep calling while a re-check fails and recovers: no call fails, and degraded
     outputs stop within one re-check period."""
-    clean = demo.demo_factory()
-    built: list[DegradesLater] = []
-
-    def factory(**overrides: Any) -> Any:
-        module = clean(**overrides)
-        if built:
-            return module
-        built.append(DegradesLater(module, after=300))
-        return built[0]
-
+    # The first module turns noisy (29 dB) after 300 forwards; its replacements stay clean.
+    factory = FaultyFactory(demo.demo_factory(), schedule=[True], degrade_after=300, seed=3)
     every = 40
     s = guard.wrap(
         factory,
@@ -324,5 +301,7 @@ def test_failed_recheck_under_load_fails_no_call(demo_probe: probes.Probe) -> No
     assert errors == []
     assert len(log) == 8 * 150
     assert len(bad) <= every + 8  # only the window before the next re-check
-    assert bad and bad == list(range(bad[0], bad[-1] + 1))  # one window, then clean for good
+    # One window, then clean for good. Calls are logged after they return, so a clean call that
+    # finished just before the window may be logged inside it: the window is bounded, not exact.
+    assert bad and bad[-1] - bad[0] < every + 2 * 8
     assert s.status.history[-1].rung == "static"

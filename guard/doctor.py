@@ -1,0 +1,445 @@
+"""`mnn-guard doctor`: does this machine have the degraded-init problem, and what does dynamic cost?
+
+Starts many fresh processes (spawn); in each, initialises every rung of the ladder once, judges
+its canary and times init and forward. Reports per rung the degraded starts with a 95%
+Clopper-Pearson interval, median init and forward times, and the speed ratio between rungs.
+
+>>> factory = guard.mnn_factory("vocoder.mnn", ["mel"], ["wav"], threads=1)  # doctest: +SKIP
+>>> report = run_doctor(factory, probes.load("probes/vocoder"), starts=50)  # doctest: +SKIP
+>>> report.rungs[0].degraded, report.rungs[1].speed_ratio  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any, TextIO
+
+from guard.errors import ConfigError, FactoryError
+from guard.ladder import DEFAULT_LADDER, Rung
+from guard.pool import load_stashed_probe, remove_stash, stash_probe
+from guard.session import Factory
+from probes import Probe
+
+__all__ = ["DoctorReport", "RungReport", "add_parser", "run_doctor"]
+
+EXIT_OK, EXIT_DEGRADED = 0, 1
+CONFIDENCE = 0.95
+FORWARD_RUNS = 5
+CANARY_RUNS = 2
+START_TIMEOUT = 300.0  # seconds one fresh process may take for every rung before it is killed
+MAX_REASONS = 3  # example reasons kept per rung
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RungReport:
+    """One rung over every start: degraded count and rate with its interval, timings, speed."""
+
+    name: str
+    overrides: dict[str, Any]
+    starts: int
+    degraded: int
+    errors: int
+    degraded_rate: float | None
+    ci_low: float | None
+    ci_high: float | None
+    init_median_s: float | None
+    forward_median_s: float | None
+    speed_ratio: float | None
+    worst_snr_db: float | None
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DoctorReport:
+    """What `mnn-guard doctor` found; `exit_code` is 1 when a rung had degraded or failed starts."""
+
+    starts: int
+    processes: int
+    seconds: float
+    mnn_version: str
+    confidence: float
+    rungs: tuple[RungReport, ...]
+
+    @property
+    def degraded(self) -> bool:
+        """True when any rung had a degraded start or one that failed to initialise."""
+        return any(r.degraded or r.errors for r in self.rungs)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every start of every rung passed its canary, else 1."""
+        return EXIT_DEGRADED if self.degraded else EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (NaN and infinities become None)."""
+        data = asdict(self)
+        data["degraded"] = self.degraded
+        for rung in data["rungs"]:
+            rung["reasons"] = list(rung["reasons"])
+            snr = rung["worst_snr_db"]
+            if snr is not None and not math.isfinite(snr):
+                rung["worst_snr_db"] = None
+        return data
+
+    def to_json(self) -> str:
+        """The report as a JSON document."""
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=str)
+
+    def table(self) -> str:
+        """A plain text table, one line per rung, then a one-line conclusion."""
+        first = self.rungs[0].name if self.rungs else "-"
+        header = (
+            "rung",
+            "starts",
+            "degraded",
+            "errors",
+            f"{self.confidence:.0%} CI",
+            "init ms",
+            "forward ms",
+            f"vs {first}",
+        )
+        rows = [
+            (
+                r.name,
+                str(r.starts),
+                str(r.degraded),
+                str(r.errors),
+                _interval(r.ci_low, r.ci_high),
+                _ms(r.init_median_s),
+                _ms(r.forward_median_s),
+                "-" if r.speed_ratio is None else f"{r.speed_ratio:.2f}x",
+            )
+            for r in self.rungs
+        ]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in [header, *rows]
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join([*lines, "", self.conclusion()])
+
+    def conclusion(self) -> str:
+        """One sentence answering: is this machine affected, and what would a fallback cost?"""
+        bad = [r for r in self.rungs if r.degraded or r.errors]
+        if not bad:
+            worst = max((r.ci_high for r in self.rungs if r.ci_high is not None), default=None)
+            bound = (
+                ""
+                if worst is None
+                else f" (degraded rate below {worst:.1%} at {self.confidence:.0%} confidence)"
+            )
+            return f"no degraded start in {self.starts} fresh processes{bound}"
+        parts = [
+            f"{r.name}: {r.degraded} degraded and {r.errors} failed of {r.starts} starts"
+            for r in bad
+        ]
+        return "DEGRADED STARTS FOUND: " + "; ".join(parts) + "; guard this model with guard.wrap"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.2f}"
+
+
+def _interval(low: float | None, high: float | None) -> str:
+    return "-" if low is None or high is None else f"{low:.3f}..{high:.3f}"
+
+
+def _word(result: dict[str, Any]) -> str:
+    """`error`, `pass` or `DEGRADED` for one rung of one start."""
+    if "error" in result:
+        return "error"
+    return "pass" if result["passed"] else "DEGRADED"
+
+
+# ------------------------------------------------------------- one fresh process
+
+
+def _measure(rung: Rung, factory: Factory, probe: Probe, forward_runs: int) -> dict[str, Any]:
+    """Init one rung, judge its canary, time init and forward on the first canary input."""
+    from guard import mnn
+    from guard.canary import run_canary
+
+    result: dict[str, Any] = {"rung": rung.name}
+    try:
+        start = time.perf_counter()
+        module = factory(**rung.overrides)
+        result["init_s"] = time.perf_counter() - start
+        mnn.note_load()
+        verdict = run_canary(module, probe, CANARY_RUNS)
+        result["passed"] = verdict.passed
+        result["snr_db"] = verdict.worst_snr_db
+        result["reasons"] = list(verdict.reasons[:MAX_REASONS])
+        inputs = [probe.cases[0].inputs[n] for n in probe.input_names]
+        times = []
+        for _ in range(forward_runs):
+            start = time.perf_counter()
+            mnn.forward(module, inputs)
+            times.append(time.perf_counter() - start)
+        result["forward_s"] = statistics.median(times)
+    except Exception as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def _start_main(
+    conn: Connection, factory: Factory, probe_path: str, ladder: tuple[Rung, ...], forward_runs: int
+) -> None:
+    """Body of one fresh process: every rung once, each result sent as soon as it is known."""
+    os.dup2(2, 1)  # nothing a child prints may reach the parent's stdout (--json)
+    probe = load_stashed_probe(probe_path)
+    for rung in ladder:
+        conn.send(_measure(rung, factory, probe, forward_runs))
+    conn.close()
+
+
+# ------------------------------------------------------------------ the parent
+
+
+@dataclass(eq=False)
+class _Start:
+    index: int
+    process: BaseProcess
+    conn: Connection
+    began: float
+
+
+def _finish(results: list[dict[str, Any]], ladder: tuple[Rung, ...], why: str) -> None:
+    """Record every rung a start did not report (it crashed or timed out) as an error."""
+    seen = {r["rung"] for r in results}
+    results.extend({"rung": r.name, "error": why} for r in ladder if r.name not in seen)
+
+
+def _drain(start: _Start, results: list[dict[str, Any]]) -> bool:
+    """Read every message waiting on a start's pipe; False once the pipe is closed."""
+    try:
+        while start.conn.poll():
+            results.append(start.conn.recv())
+    except (EOFError, OSError):
+        return False
+    return True
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _summarise(
+    ladder: tuple[Rung, ...], per_start: Sequence[Sequence[dict[str, Any]]]
+) -> tuple[RungReport, ...]:
+    from scipy.stats import binomtest
+
+    rows: list[RungReport] = []
+    base: float | None = None
+    for index, rung in enumerate(ladder):
+        mine = [r for results in per_start for r in results if r["rung"] == rung.name]
+        judged = [r for r in mine if "passed" in r]
+        degraded = sum(not r["passed"] for r in judged)
+        errors = len(mine) - len(judged)
+        rate = low = high = None
+        if judged:
+            ci = binomtest(degraded, len(judged)).proportion_ci(
+                confidence_level=CONFIDENCE, method="exact"
+            )
+            rate, low, high = degraded / len(judged), float(ci.low), float(ci.high)
+        forward = _median([r["forward_s"] for r in judged if "forward_s" in r])
+        if index == 0:
+            base = forward
+        reasons = [
+            x
+            for r in mine
+            if r.get("error") or not r.get("passed", True)
+            for x in ([r["error"]] if "error" in r else r["reasons"])
+        ]
+        rows.append(
+            RungReport(
+                name=rung.name,
+                overrides=dict(rung.overrides),
+                starts=len(mine),
+                degraded=degraded,
+                errors=errors,
+                degraded_rate=rate,
+                ci_low=low,
+                ci_high=high,
+                init_median_s=_median([r["init_s"] for r in mine if "init_s" in r]),
+                forward_median_s=forward,
+                speed_ratio=None if forward is None or not base else forward / base,
+                worst_snr_db=min((r["snr_db"] for r in judged), default=None),
+                reasons=tuple(dict.fromkeys(reasons))[:MAX_REASONS],
+            )
+        )
+    return tuple(rows)
+
+
+def _run_starts(
+    factory: Factory,
+    probe_path: str,
+    rungs: tuple[Rung, ...],
+    starts: int,
+    processes: int,
+    forward_runs: int,
+    start_timeout: float,
+    out: TextIO | None,
+) -> list[list[dict[str, Any]]]:
+    """Run every start in its own spawned process, `processes` at a time; results per start."""
+    ctx = multiprocessing.get_context("spawn")
+    per_start: list[list[dict[str, Any]]] = [[] for _ in range(starts)]
+    running: list[_Start] = []
+    queued = list(range(starts))
+    done = 0
+    began = time.perf_counter()
+    try:
+        while queued or running:
+            while queued and len(running) < processes:
+                index = queued.pop(0)
+                parent, child = ctx.Pipe(duplex=False)
+                process = ctx.Process(
+                    target=_start_main,
+                    args=(child, factory, probe_path, rungs, forward_runs),
+                    name=f"mnn-guard-doctor-{index}",
+                    daemon=True,
+                )
+                process.start()
+                child.close()
+                running.append(_Start(index, process, parent, time.perf_counter()))
+            wait([s.conn for s in running], timeout=1.0)
+            for start in list(running):
+                results = per_start[start.index]
+                open_ = _drain(start, results)
+                late = time.perf_counter() - start.began > start_timeout
+                if open_ and not late and len(results) < len(rungs):
+                    continue
+                start.process.join(0 if late else 10.0)
+                if start.process.is_alive():
+                    start.process.kill()
+                    start.process.join()
+                start.conn.close()
+                running.remove(start)
+                code = start.process.exitcode
+                why = (
+                    f"the process exceeded {start_timeout:g} s and was killed"
+                    if late
+                    else f"the process ended early (exit code {code})"
+                )
+                _finish(results, rungs, why)
+                done += 1
+                if out is not None:
+                    summary = ", ".join(f"{r['rung']} {_word(r)}" for r in results)
+                    elapsed = time.perf_counter() - began
+                    line = f"doctor: start {done}/{starts}: {summary} ({elapsed:.1f} s)"
+                    print(line, file=out, flush=True)
+    finally:
+        for start in running:  # interrupted: leave no process behind
+            start.process.kill()
+            start.process.join()
+            start.conn.close()
+    return per_start
+
+
+def run_doctor(
+    factory: Factory,
+    probe: Probe,
+    *,
+    starts: int = 100,
+    processes: int = 2,
+    ladder: Sequence[Rung] = DEFAULT_LADDER,
+    forward_runs: int = FORWARD_RUNS,
+    start_timeout: float = START_TIMEOUT,
+    progress: bool = True,
+    stream: TextIO | None = None,
+) -> DoctorReport:
+    """Run `starts` fresh spawned processes, at most `processes` at a time; summarise per rung.
+
+    `factory` must pickle (it is sent to every process). Progress lines go to `stream`
+    (stderr by default) when `progress` is set.
+    """
+    from guard.mnn import mnn_version
+
+    counts = {"starts": starts, "processes": processes, "forward_runs": forward_runs}
+    for key, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key} must be a positive int, got {value!r}")
+    rungs = tuple(ladder)
+    if not rungs:
+        raise ConfigError("the ladder needs at least one rung")
+    out = stream if stream is not None else sys.stderr
+    began = time.perf_counter()
+    probe_path = stash_probe(probe)
+    try:
+        per_start = _run_starts(
+            factory,
+            probe_path,
+            rungs,
+            starts,
+            processes,
+            forward_runs,
+            start_timeout,
+            out if progress else None,
+        )
+    finally:
+        remove_stash(probe_path)
+    return DoctorReport(
+        starts=starts,
+        processes=processes,
+        seconds=time.perf_counter() - began,
+        mnn_version=mnn_version(),
+        confidence=CONFIDENCE,
+        rungs=_summarise(rungs, per_start),
+    )
+
+
+# ----------------------------------------------------------------------- CLI
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """`mnn-guard doctor MODEL --probe DIR`: the report as a table, or JSON with --json."""
+    import probes
+    from guard.mnn import mnn_factory
+    from guard.wrap import check_probe
+
+    if not os.path.isfile(args.model):
+        raise FactoryError(f"model file {args.model!r} does not exist")
+    probe = probes.load(args.probe, model=None if args.ignore_model_hash else args.model)
+    factory = mnn_factory(args.model, probe.input_names, probe.output_names, threads=args.threads)
+    check_probe(factory, probe, model_hash=not args.ignore_model_hash)
+    report = run_doctor(factory, probe, starts=args.starts, processes=args.processes, progress=True)
+    if args.json:
+        print(report.to_json())
+    else:
+        print(
+            f"mnn-guard doctor: {report.starts} fresh process starts of {args.model} "
+            f"(MNN {report.mnn_version}), {report.processes} at a time, {report.seconds:.1f} s"
+        )
+        print(report.table())
+    return report.exit_code
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the `doctor` subcommand on the `mnn-guard` command line."""
+    doc = subparsers.add_parser(
+        "doctor",
+        help="does this machine have the degraded-init problem, and what does dynamic cost?",
+    )
+    doc.add_argument("model", help="the .mnn model file")
+    doc.add_argument("--probe", required=True, help="probe folder recorded for this model")
+    doc.add_argument("--starts", type=int, default=100, help="fresh processes to start")
+    doc.add_argument("--processes", type=int, default=2, help="processes running at a time")
+    doc.add_argument("--threads", type=int, default=1, help="MNN threads per process")
+    doc.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    doc.add_argument(
+        "--ignore-model-hash",
+        action="store_true",
+        help="judge another build of the model (e.g. fp16 or int8) against this probe",
+    )
+    doc.set_defaults(func=cmd_doctor)
