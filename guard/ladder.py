@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from types import MappingProxyType
 from typing import Any
 
@@ -58,7 +59,8 @@ class Policy:
     """How to recover: the ladder, re-inits per rung, canary runs, timeouts, re-checks, promotion.
 
     `reinit_attempts` re-initialisations follow the first init on each rung before moving down.
-    `recheck_every_calls` / `recheck_every_seconds` re-run the canary on the live module;
+    `recheck_every_calls` / `recheck_every_seconds` re-run the canary on the live module
+    (`recheck_every` sets one of them: an int counts calls, a float or timedelta is seconds);
     `promote_after` seconds after a fallback, a faster rung is tried off the request path.
     """
 
@@ -66,6 +68,7 @@ class Policy:
     reinit_attempts: int = 3
     canary_runs: int = 2
     init_timeout: float | None = 60.0
+    recheck_every: int | float | timedelta | None = None
     recheck_every_calls: int | None = None
     recheck_every_seconds: float | None = None
     promote_after: float | None = 300.0
@@ -73,6 +76,7 @@ class Policy:
     background: bool = True
 
     def __post_init__(self) -> None:
+        self._split_recheck_every()
         if not self.ladder:
             raise ConfigError("the ladder needs at least one rung")
         names = [r.name for r in self.ladder]
@@ -90,6 +94,27 @@ class Policy:
             raise ConfigError(
                 f"recheck_every_calls must be >= 1 or None, got {self.recheck_every_calls}"
             )
+
+
+    def _split_recheck_every(self) -> None:
+        """Turn `recheck_every` into `recheck_every_calls` (int) or `..._seconds` (float)."""
+        every = self.recheck_every
+        if every is None:
+            return
+        if isinstance(every, bool) or not isinstance(every, int | float | timedelta):
+            raise ConfigError(
+                f"recheck_every must be an int (calls), a float or timedelta (seconds) or None, "
+                f"got {every!r}"
+            )
+        value: float
+        if isinstance(every, int):
+            key, value = "recheck_every_calls", every
+        else:
+            seconds = every.total_seconds() if isinstance(every, timedelta) else every
+            key, value = "recheck_every_seconds", seconds
+        if getattr(self, key) not in (None, value):
+            raise ConfigError(f"recheck_every={every!r} contradicts {key}={getattr(self, key)}")
+        object.__setattr__(self, key, value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -264,3 +265,31 @@ def test_recheck_not_due_does_nothing(demo_probe: probes.Probe) -> None:
     assert session.maintain() == ["recheck"]  # the 50th call since the last check
     assert factory.inits == 1 and session.status.healthy
     session.close()
+
+
+@pytest.mark.parametrize(
+    ("every", "calls", "seconds"),
+    [(100, 100, None), (30.0, None, 30.0), (timedelta(minutes=2), None, 120.0)],
+)
+def test_recheck_every_counts_calls_or_seconds(
+    every: int | float | timedelta, calls: int | None, seconds: float | None
+) -> None:
+    """`recheck_every`: an int counts calls, a float or timedelta is seconds."""
+    policy = guard.Policy(recheck_every=every)
+    assert (policy.recheck_every_calls, policy.recheck_every_seconds) == (calls, seconds)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"recheck_every": "5m"}, "recheck_every must be an int"),
+        ({"recheck_every": 0}, "recheck_every_calls must be >= 1"),
+        ({"recheck_every": -1.0}, "recheck_every_seconds must be > 0"),
+        ({"recheck_every": 10, "recheck_every_calls": 20}, "contradicts"),
+        ({"promote_after": 0}, "promote_after must be > 0"),
+    ],
+)
+def test_bad_maintenance_settings_raise_config_error(kwargs: dict[str, Any], message: str) -> None:
+    """Nonsense re-check or promotion settings are refused when the policy is made."""
+    with pytest.raises(guard.ConfigError, match=message):
+        guard.Policy(**kwargs)
