@@ -12,7 +12,7 @@ from guard.errors import InputMismatch
 from probes import InputSpec
 from probes.signature import format_shape
 
-__all__ = ["describe", "prepare_inputs"]
+__all__ = ["InputChecker", "describe", "prepare_inputs"]
 
 
 def describe(spec: InputSpec) -> str:
@@ -48,12 +48,7 @@ def _cast(spec: InputSpec, arr: NDArray[Any], check_finite: bool) -> NDArray[Any
             raise _mismatch(
                 spec, f"dtype {got} cannot be cast safely to {want}; cast it explicitly"
             )
-    if (
-        check_finite
-        and want.kind == "f"
-        and not np.isfinite(np.sum(arr))
-        and not np.isfinite(arr).all()
-    ):
+    if check_finite and want.kind == "f" and not np.isfinite(arr).all():
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         raise _mismatch(spec, f"{bad} NaN/Inf values (refused: Policy.check_finite_inputs)")
     return arr
@@ -80,6 +75,93 @@ def _check_one(spec: InputSpec, value: Any, check_finite: bool) -> NDArray[Any]:
     return _cast(spec, value, check_finite)
 
 
+def _values(names: Sequence[str], inputs: Mapping[str, Any] | Sequence[Any]) -> list[Any]:
+    """The input values in model order; raises InputMismatch for missing, extra or miscounted."""
+    if isinstance(inputs, Mapping):
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise InputMismatch(
+                f"missing input(s) {missing}; the model takes {list(names)}", input=missing[0]
+            )
+        if len(inputs) != len(names):
+            extra = sorted(str(k) for k in inputs if k not in names)
+            raise InputMismatch(
+                f"unknown input(s) {extra}; the model takes {list(names)}", input=extra[0]
+            )
+        return [inputs[n] for n in names]
+    if isinstance(inputs, (list, tuple)):
+        if len(inputs) != len(names):
+            raise InputMismatch(
+                f"got {len(inputs)} inputs in a list, the model takes {len(names)}: {list(names)}"
+            )
+        return list(inputs)
+    raise InputMismatch(
+        f"inputs must be a dict by input name or a list in input order {list(names)}, "
+        f"got a {type(inputs).__name__}"
+    )
+
+
+class InputChecker:
+    """`prepare_inputs` for one signature, with the common case (right dict, dtype and shape)
+    checked in a few microseconds; anything unusual takes the detailed path."""
+
+    def __init__(self, specs: Sequence[InputSpec], *, check_finite: bool = True) -> None:
+        self.specs = tuple(specs)
+        self.names = tuple(s.name for s in self.specs)
+        self.check_finite = check_finite
+        self._fast = tuple(
+            (
+                spec.name,
+                np.dtype(spec.dtype),
+                tuple(None if isinstance(d, tuple) else d for d in spec.shape),
+                tuple(d for d in spec.shape if isinstance(d, tuple)),
+                check_finite and np.dtype(spec.dtype).kind == "f",
+            )
+            for spec in self.specs
+        )
+
+    def __call__(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[NDArray[Any]]:
+        """Inputs in model order, validated and cast; raises InputMismatch naming what is wrong."""
+        if type(inputs) is dict and len(inputs) == len(self._fast):
+            out: list[NDArray[Any]] = []
+            for name, dtype, fixed, ranges, finite in self._fast:
+                value = inputs.get(name)
+                if (
+                    type(value) is not np.ndarray
+                    or value.dtype != dtype
+                    or not value.size
+                    or not _fits(value.shape, fixed, ranges)
+                    or (finite and not np.isfinite(value).all())
+                ):
+                    break
+                out.append(value)
+            else:
+                return out
+        return self.slow(inputs)
+
+    def slow(self, inputs: Mapping[str, Any] | Sequence[Any]) -> list[NDArray[Any]]:
+        """Every check, with a message for the first that fails; casts where safe."""
+        values = _values(self.names, inputs)
+        return [
+            _check_one(s, v, self.check_finite) for s, v in zip(self.specs, values, strict=True)
+        ]
+
+
+def _fits(shape: tuple[int, ...], fixed: tuple[int | None, ...], ranges: tuple[Any, ...]) -> bool:
+    """True when `shape` has the fixed sizes and each dynamic size lies in its range."""
+    if len(shape) != len(fixed):
+        return False
+    dynamic = iter(ranges)
+    for size, want in zip(shape, fixed, strict=True):
+        if want is None:
+            lo, hi = next(dynamic)
+            if not lo <= size <= hi:
+                return False
+        elif size != want:
+            return False
+    return True
+
+
 def prepare_inputs(
     specs: Sequence[InputSpec],
     inputs: Mapping[str, Any] | Sequence[Any],
@@ -87,28 +169,4 @@ def prepare_inputs(
     check_finite: bool = True,
 ) -> list[NDArray[Any]]:
     """Inputs in model order, validated and cast; raises InputMismatch naming what is wrong."""
-    names = [s.name for s in specs]
-    if isinstance(inputs, Mapping):
-        missing = [n for n in names if n not in inputs]
-        if missing:
-            raise InputMismatch(
-                f"missing input(s) {missing}; the model takes {names}", input=missing[0]
-            )
-        if len(inputs) != len(names):
-            extra = sorted(str(k) for k in inputs if k not in names)
-            raise InputMismatch(
-                f"unknown input(s) {extra}; the model takes {names}", input=extra[0]
-            )
-        values = [inputs[n] for n in names]
-    elif isinstance(inputs, (list, tuple)):
-        if len(inputs) != len(names):
-            raise InputMismatch(
-                f"got {len(inputs)} inputs in a list, the model takes {len(names)}: {names}"
-            )
-        values = list(inputs)
-    else:
-        raise InputMismatch(
-            f"inputs must be a dict by input name or a list in input order {names}, "
-            f"got a {type(inputs).__name__}"
-        )
-    return [_check_one(s, v, check_finite) for s, v in zip(specs, values, strict=True)]
+    return InputChecker(specs, check_finite=check_finite).slow(inputs)

@@ -21,7 +21,7 @@ from guard.errors import (
     RecoveryExhausted,
     SessionClosed,
 )
-from guard.inputs import prepare_inputs
+from guard.inputs import InputChecker
 from guard.ladder import Action, Attempt, Outcome, Policy, Rung
 from guard.listeners import Listener, notify
 from probes import Probe, Verdict
@@ -113,6 +113,10 @@ class GuardedSession:
         self.policy = policy
         self._factory = factory
         self._listeners = tuple(listeners)
+        # on_run is on the hot path: call only the listeners that override it
+        self._run_listeners = tuple(
+            x for x in self._listeners if type(x).on_run is not Listener.on_run
+        )
         self._clock = clock
         self._lock = threading.Lock()  # serialises forward on the live module and swaps
         self._cond = threading.Condition(self._lock)
@@ -129,6 +133,7 @@ class GuardedSession:
         self._last_check = clock()
         self._calls = 0
         self._output_names = probe.output_names
+        self._check_inputs = InputChecker(probe.inputs, check_finite=policy.check_finite_inputs)
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         with self._recovering:
@@ -257,11 +262,9 @@ class GuardedSession:
 
     def run(self, inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, Array]:
         """Run the module on validated inputs; returns owned numpy arrays by output name."""
-        arrays = prepare_inputs(
-            self.probe.inputs, inputs, check_finite=self.policy.check_finite_inputs
-        )
+        arrays = self._check_inputs(inputs)
         start = time.perf_counter()
-        with self._cond:
+        with self._lock:  # the condition's own lock (Condition.__enter__ costs a Python call)
             while self._pending and not self._closed:
                 self._cond.wait()  # a live module failed its re-check; wait for its replacement
             if self._closed:
@@ -290,7 +293,7 @@ class GuardedSession:
     def _ran(self, rung: int, start: float, *, ok: bool) -> None:
         seconds = time.perf_counter() - start
         name = self.policy.ladder[rung].name
-        for listener in self._listeners:
+        for listener in self._run_listeners:
             listener.on_run(self.name, rung, name, seconds, ok)
         every = self.policy.recheck_every_calls
         if every is not None:

@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 from scipy import fft as sp_fft
 
@@ -108,12 +107,26 @@ def log_spectral_distance(golden: Array, actual: Array) -> float | None:
         return None
     n = min(512, g.size)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        frames = sliding_window_view(np.stack([g, a]).astype(np.float32), n, axis=-1)[:, :: n // 2]
-        z = sp_fft.rfft(frames * _window(n), axis=-1)
+        frames = np.concatenate([*_frames(g, n), *_frames(a, n)]).reshape(2, -1, n)
+        frames *= _window(n)
+        z = sp_fft.rfft(frames, axis=-1)
         power = z.real**2 + z.imag**2
         floor = max(float(power[0].max()), 1e-30) * 1e-8
-        diff = 10.0 * np.log10((power[0] + floor) / (power[1] + floor))
-        return float(np.mean(np.sqrt(np.mean(diff**2, axis=-1))))
+        # 10*log10(x) as log2 (a faster ufunc than log10 in numpy builds without SIMD logs)
+        diff = _DB_PER_OCTAVE * np.log2((power[0] + floor) / (power[1] + floor))
+        return float(np.mean(np.sqrt(np.einsum("ij,ij->i", diff, diff) / diff.shape[-1])))
+
+
+_DB_PER_OCTAVE = 10.0 * math.log10(2.0)
+
+
+def _frames(x: Array, n: int) -> tuple[Array, Array]:
+    """Every frame of `n` samples that starts at a multiple of n/2, as two views."""
+    hop = n // 2
+    x = x.astype(np.float32, copy=False)
+    even = x[: (x.size // n) * n].reshape(-1, n)
+    odd = x[hop : hop + ((x.size - hop) // n) * n].reshape(-1, n)
+    return even, odd
 
 
 @functools.cache
