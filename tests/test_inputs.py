@@ -11,6 +11,7 @@ import pytest
 import guard
 import probes
 from guard import demo
+from guard.inputs import InputChecker
 
 pytestmark = pytest.mark.hostile
 Array = np.ndarray[Any, Any]
@@ -137,3 +138,16 @@ def test_nonfinite_inputs_allowed_when_policy_says_so(demo_paths: Any) -> None:
     out = s.run({"mel": x})["wav"]
     assert out.shape == (1, 1, 20 * demo.HOP)
     s.close()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_huge_finite_values_are_not_mistaken_for_inf() -> None:
+    """The fast finiteness check sums; a sum that overflows falls back to checking each value."""
+    checker = InputChecker(
+        [probes.InputSpec(name="x", dtype="float32", shape=(1, (1, 8)))], check_finite=True
+    )
+    huge = np.full((1, 4), 3e38, np.float32)
+    (out,) = checker({"x": huge})
+    assert out is huge
+    with pytest.raises(guard.InputMismatch, match="1 NaN/Inf values"):
+        checker({"x": np.array([[3e38, np.inf, 1.0, 2.0]], np.float32)})
