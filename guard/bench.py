@@ -522,7 +522,7 @@ def _rows(r: BenchReport) -> list[tuple[str, str, str, bool | None]]:
             h.met,
         ),
         (
-            "re-check of the live module (blocks `run()` meanwhile)",
+            "re-check of the live module (callers wait one forward at most)",
             f"{c.recheck_ms:.1f} ms; at `recheck_every={c.every_calls}`: "
             f"{c.per_call_us:.1f} us per call",
             "report",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any
 
 from guard import mnn
@@ -10,17 +12,29 @@ from probes import Probe, Verdict
 __all__ = ["run_canary"]
 
 
-def run_canary(module: Any, probe: Probe, runs: int) -> Verdict:
+def run_canary(
+    module: Any,
+    probe: Probe,
+    runs: int,
+    *,
+    lock: threading.Lock | None = None,
+    stop_at_failure: bool = False,
+) -> Verdict:
     """Run every canary case `runs` times, interleaved, on owned copies; one merged verdict.
 
     Interleaving cases catches a module that hands back the previous call's output; repeating
-    them catches MNN's first-run/second-run differences.
+    them catches MNN's first-run/second-run differences. With `lock` (a live module's), only
+    each forward holds it and judging happens outside, so callers wait one forward at most;
+    `stop_at_failure` ends at the first failing judgement.
     """
     verdicts: list[Verdict] = []
     labels: list[str] = []
     for run in range(runs):
         for index, case in enumerate(probe.cases):
-            outputs = mnn.forward(module, [case.inputs[n] for n in probe.input_names])
+            with lock if lock is not None else contextlib.nullcontext():
+                outputs = mnn.forward(module, [case.inputs[n] for n in probe.input_names])
             verdicts.append(probe.judge(outputs, case=index))
             labels.append(f"canary run {run + 1} case {index}")
+            if stop_at_failure and not verdicts[-1].passed:
+                return Verdict.merge(verdicts, labels)
     return Verdict.merge(verdicts, labels)

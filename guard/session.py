@@ -359,31 +359,41 @@ class GuardedSession:
             self._recovering.release()
 
     def _recheck(self) -> bool:
-        """Re-run the canary on the live module; on failure recover while callers wait."""
-        with self._cond:
+        """Re-run the canary on the live module; on failure recover while callers wait.
+
+        Callers keep being served between the canary's forwards (each holds the module's lock
+        for one forward); judging happens outside the lock. At the first failing judgement the
+        module is taken out of service and callers wait for its replacement.
+        """
+        with self._lock:
+            module, index = self._module, self._rung
             self._calls = 0
             self._last_check = self._clock()
-            start = time.perf_counter()
-            rung = self.policy.ladder[self._rung]
-            try:
-                verdict = run_canary(self._module, self.probe, self.policy.canary_runs)
-                outcome, error = (Outcome.PASS if verdict else Outcome.FAIL), None
-            except Exception as exc:
-                verdict, outcome, error = None, Outcome.ERROR, exc
-            attempt = Attempt(
-                rung.name, self._rung, outcome, verdict, error, time.perf_counter() - start
+        if module is None:
+            return False
+        start = time.perf_counter()
+        rung = self.policy.ladder[index]
+        try:
+            verdict = run_canary(
+                module, self.probe, self.policy.canary_runs, lock=self._lock, stop_at_failure=True
             )
-            notify(self._listeners, "on_check", self.name, attempt)
+            outcome, error = (Outcome.PASS if verdict else Outcome.FAIL), None
+        except Exception as exc:
+            verdict, outcome, error = None, Outcome.ERROR, exc
+        attempt = Attempt(rung.name, index, outcome, verdict, error, time.perf_counter() - start)
+        notify(self._listeners, "on_check", self.name, attempt)
+        with self._cond:
+            if self._module is not module or self._closed:
+                return attempt.passed  # closed or replaced meanwhile: nothing to take down
+            self._verdict = verdict
             if attempt.passed:
-                self._verdict = verdict
                 return True
             self._healthy = False
             self._module = None  # nothing degraded is served: callers wait for the replacement
             self._pending = True
-            self._verdict = verdict
         self._publish()
         try:
-            self._recover(self._rung)
+            self._recover(index)
         except RecoveryExhausted:
             return False
         return True

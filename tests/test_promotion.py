@@ -293,3 +293,37 @@ def test_bad_maintenance_settings_raise_config_error(kwargs: dict[str, Any], mes
     """Nonsense re-check or promotion settings are refused when the policy is made."""
     with pytest.raises(guard.ConfigError, match=message):
         guard.Policy(**kwargs)
+
+
+def test_passing_recheck_keeps_serving_between_its_forwards(demo_probe: probes.Probe) -> None:
+    """A re-check holds the live module one forward at a time: calls complete during it."""
+    session = guard.wrap(
+        demo.demo_factory(),
+        demo_probe,
+        name="recheck-serving",
+        metrics=False,
+        policy=guard.Policy(background=False, promote_after=None),
+    )
+    x = demo.demo_mel(100, seed=11)
+    ref = reference(x)
+    checking = threading.Event()
+    stop = threading.Event()
+    during: list[float] = []
+
+    def caller() -> None:
+        while not stop.is_set():
+            snr = probes.snr_db(ref, session.run({"mel": x})["wav"])
+            if checking.is_set():
+                during.append(snr)
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    time.sleep(0.1)
+    checking.set()
+    done = session.maintain(force_recheck=True)
+    checking.clear()
+    stop.set()
+    thread.join()
+    session.close()
+    assert done == ["recheck"]
+    assert len(during) >= 1 and all(s > 45 for s in during)
