@@ -24,7 +24,7 @@ from guard.errors import (
 from guard.inputs import InputChecker
 from guard.ladder import Action, Attempt, Outcome, Policy, Rung
 from guard.listeners import Listener, notify
-from probes import Probe, Verdict
+from probes import Probe, ProbeError, Verdict
 
 __all__ = ["Factory", "GuardedSession", "SessionStatus"]
 
@@ -89,6 +89,21 @@ def call_with_timeout(fn: Callable[[], Any], timeout: float | None, what: str) -
     return box["value"]
 
 
+def _self_check(probe: Probe) -> None:
+    """Judge each case's goldens against themselves: a probe that fails this can pass nothing.
+
+    It also pays the judge's one-off costs (scipy.signal's import, window caches) here, so
+    they never count against `Policy.init_timeout`.
+    """
+    for index, case in enumerate(probe.cases):
+        verdict = probe.judge(case.outputs, case=index)
+        if not verdict.passed:
+            raise ProbeError(
+                f"case {index}'s golden outputs fail the probe's own thresholds "
+                f"({'; '.join(verdict.reasons)}); loosen the thresholds or re-record the probe"
+            )
+
+
 class GuardedSession:
     """A module that passed its canary, with recovery, promotion and re-checks.
 
@@ -136,6 +151,7 @@ class GuardedSession:
         self._check_inputs = InputChecker(probe.inputs, check_finite=policy.check_finite_inputs)
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        _self_check(probe)
         with self._recovering:
             self._recover(0, first=True)
         if policy.background and self._needs_maintenance():

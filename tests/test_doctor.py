@@ -151,12 +151,12 @@ def test_start_that_hangs_is_killed_after_start_timeout(demo_paths: tuple[Path, 
     probe = probes.load(demo_paths[1], model=demo_paths[0])
     began = time.monotonic()
     report = run_doctor(
-        HangsOnDynamic(), probe, starts=1, processes=1, start_timeout=4.0, progress=False
+        HangsOnDynamic(), probe, starts=1, processes=1, start_timeout=8.0, progress=False
     )
     dynamic = report.rungs[1]
     assert (dynamic.starts, dynamic.errors) == (1, 1)
-    assert "exceeded 4 s and was killed" in dynamic.reasons[0]
-    assert time.monotonic() - began < 20
+    assert "exceeded 8 s and was killed" in dynamic.reasons[0]
+    assert time.monotonic() - began < 30
 
 
 def doctor_cli(model: Path, probe_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -105,6 +105,22 @@ def test_everything_degraded_raises_recovery_exhausted(
     assert "every rung" in str(err) and "snr_db" in str(err)
 
 
+def test_probe_that_fails_its_own_goldens_is_refused_before_any_init(
+    demo_factory: guard.MNNFactory, demo_probe: probes.Probe
+) -> None:
+    """Thresholds no output can meet raise ProbeError up front, without calling the factory."""
+    calls: list[dict[str, Any]] = []
+
+    def counting(**overrides: Any) -> Any:
+        calls.append(overrides)
+        return demo_factory(**overrides)
+
+    impossible = demo_probe.with_thresholds(probes.Thresholds(min_cosine=1.5))
+    with pytest.raises(probes.ProbeError, match=r"case 0's golden outputs fail.*cosine"):
+        guard.wrap(counting, impossible, policy=quiet_policy(), name="t", metrics=False)
+    assert calls == []
+
+
 def test_factory_exception_is_chained(
     demo_factory: guard.MNNFactory, demo_probe: probes.Probe
 ) -> None:
