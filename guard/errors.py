@@ -27,7 +27,7 @@ class GuardError(Exception):
 
 
 class ConfigError(GuardError, ValueError):
-    """A policy, rung or factory option is invalid."""
+    """A policy, rung, factory option or probe threshold is invalid."""
 
 
 class InputMismatch(GuardError, ValueError):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from numpy.typing import NDArray
 from guard import mnn
 from guard.canary import run_canary
 from guard.errors import (
+    ConfigError,
     FactoryError,
     ForkAfterLoad,
     GuardError,
@@ -24,7 +26,7 @@ from guard.errors import (
 from guard.inputs import InputChecker
 from guard.ladder import Action, Attempt, Outcome, Policy, Rung
 from guard.listeners import Listener, notify
-from probes import Probe, ProbeError, Verdict
+from probes import Probe, Verdict
 
 __all__ = ["Factory", "GuardedSession", "SessionStatus"]
 
@@ -98,7 +100,7 @@ def _self_check(probe: Probe) -> None:
     for index, case in enumerate(probe.cases):
         verdict = probe.judge(case.outputs, case=index)
         if not verdict.passed:
-            raise ProbeError(
+            raise ConfigError(
                 f"case {index}'s golden outputs fail the probe's own thresholds "
                 f"({'; '.join(verdict.reasons)}); loosen the thresholds or re-record the probe"
             )
@@ -136,6 +138,7 @@ class GuardedSession:
         self._lock = threading.Lock()  # serialises forward on the live module and swaps
         self._cond = threading.Condition(self._lock)
         self._pending = False  # a recovery is replacing a module that failed its re-check
+        self._checker_waiting = False  # a re-check wants the lock: callers let it go first
         self._recovering = threading.Lock()  # one recovery or promotion at a time
         self._module: Any = None
         self._rung = 0
@@ -146,7 +149,8 @@ class GuardedSession:
         self._verdict: Verdict | None = None
         self._since = clock()  # when the current rung was entered or last tried for promotion
         self._last_check = clock()
-        self._calls = 0
+        self._calls = 0  # successful calls since the last re-check
+        self._recheck_calls = policy.recheck_every_calls
         self._output_names = probe.output_names
         self._check_inputs = InputChecker(probe.inputs, check_finite=policy.check_finite_inputs)
         self._wake = threading.Event()
@@ -281,8 +285,8 @@ class GuardedSession:
         arrays = self._check_inputs(inputs)
         start = time.perf_counter()
         with self._lock:  # the condition's own lock (Condition.__enter__ costs a Python call)
-            while self._pending and not self._closed:
-                self._cond.wait()  # a live module failed its re-check; wait for its replacement
+            while (self._pending or self._checker_waiting) and not self._closed:
+                self._cond.wait()  # a re-check goes first; a failed one is replaced first
             if self._closed:
                 raise SessionClosed(f"session {self.name!r} is closed")
             if self._module is None:
@@ -297,6 +301,10 @@ class GuardedSession:
             except Exception as exc:
                 self._ran(rung, start, ok=False)
                 raise GuardError(f"session {self.name!r}: forward failed: {exc!r}") from exc
+            if self._recheck_calls is not None:  # counted under the lock: no call is lost
+                self._calls += 1
+                if self._calls == self._recheck_calls:
+                    self._wake.set()
         if len(outputs) != len(self._output_names):
             self._ran(rung, start, ok=False)
             raise GuardError(
@@ -311,11 +319,6 @@ class GuardedSession:
         name = self.policy.ladder[rung].name
         for listener in self._run_listeners:
             listener.on_run(self.name, rung, name, seconds, ok)
-        every = self.policy.recheck_every_calls
-        if every is not None:
-            self._calls += 1
-            if self._calls % every == 0:
-                self._wake.set()
 
     # ----------------------------------------------------------- maintenance
 
@@ -391,7 +394,7 @@ class GuardedSession:
         rung = self.policy.ladder[index]
         try:
             verdict = run_canary(
-                module, self.probe, self.policy.canary_runs, lock=self._lock, stop_at_failure=True
+                module, self.probe, self.policy.canary_runs, gate=self._ahead, stop_at_failure=True
             )
             outcome, error = (Outcome.PASS if verdict else Outcome.FAIL), None
         except Exception as exc:
@@ -413,6 +416,15 @@ class GuardedSession:
         except RecoveryExhausted:
             return False
         return True
+
+    @contextlib.contextmanager
+    def _ahead(self) -> Iterator[None]:
+        """Hold the module's lock for one re-check forward, ahead of callers waiting for it."""
+        self._checker_waiting = True
+        with self._cond:
+            self._checker_waiting = False
+            self._cond.notify_all()  # waiting callers go on once this forward releases the lock
+            yield
 
     def _promote(self) -> bool:
         """Build each faster rung off the request path; swap in the first whose canary passes."""
