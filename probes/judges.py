@@ -108,7 +108,10 @@ def log_spectral_distance(golden: Array, actual: Array) -> float | None:
     n = min(512, g.size)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         frames = np.concatenate([*_frames(g, n), *_frames(a, n)]).reshape(2, -1, n)
-        frames *= _window(n)
+        # scaled by the golden's peak: float32 power spectra of loud or faint signals would
+        # overflow or underflow, and the distance is the same at any common scale
+        peak = float(np.max(np.abs(frames[0])))
+        frames *= _window(n) / peak if 0.0 < peak < math.inf else _window(n)
         z = sp_fft.rfft(frames, axis=-1)
         power = z.real**2 + z.imag**2
         floor = max(float(power[0].max()), 1e-30) * 1e-8

@@ -10,7 +10,7 @@ import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 
 import guard
 import probes
@@ -162,6 +162,9 @@ def test_judges_never_raise(golden: Array, data: st.DataObject) -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(golden=floats)
+@example(golden=np.full(64, 5.5e17, np.float32))  # found by CI: float32 power overflowed
+@example(golden=np.full(64, 1e-30, np.float32))
+@example(golden=np.linspace(-3e38, 3e38, 600, dtype=np.float32))
 def test_identical_finite_arrays_pass_and_nan_fails(golden: Array) -> None:
     """An array judged against itself passes; the same with a NaN fails."""
     golden = np.nan_to_num(golden, nan=0.0, posinf=1.0, neginf=-1.0)
@@ -169,3 +172,16 @@ def test_identical_finite_arrays_pass_and_nan_fails(golden: Array) -> None:
     bad = golden.copy()
     bad.flat[0] = np.nan
     assert not probes.judge_output("y", golden, bad, probes.Thresholds()).passed
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-6, 1e6, 1e30])
+def test_log_spectral_distance_does_not_depend_on_loudness(scale: float) -> None:
+    """Loud or faint signals (float32 power would overflow or underflow) score as at unit scale."""
+    rng = np.random.default_rng(0)
+    t = np.arange(4096, dtype=np.float32) / 22050
+    golden = np.sin(2 * np.pi * 440 * t).astype(np.float32)
+    actual = golden + rng.normal(0, 0.01, golden.shape).astype(np.float32)
+    unit = probes.log_spectral_distance(golden, actual)
+    scaled = probes.log_spectral_distance(golden * scale, actual * scale)
+    assert unit is not None and scaled is not None and unit > 0.1
+    assert scaled == pytest.approx(unit, rel=1e-3)
