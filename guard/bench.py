@@ -13,6 +13,7 @@ import argparse
 import gc
 import json
 import logging
+import operator
 import os
 import statistics
 import sys
@@ -54,11 +55,11 @@ class HotPath:
     """Guarded `run()` (metrics on, and off) against raw forward + copy on the same module."""
 
     model: str
-    guarded_us: float  # as wrapped by default: Prometheus metrics on
+    guarded_us: float  # median per call, as wrapped by default: Prometheus metrics on
     guarded_no_metrics_us: float
     raw_us: float
-    ratio: float  # guarded throughput / raw throughput
-    added_us: float
+    ratio: float  # guarded throughput / raw throughput: median of the rounds' ratios
+    added_us: float  # median of the rounds' differences (so drifts between rounds cancel)
     added_no_metrics_us: float
     target: str
     met: bool
@@ -159,6 +160,16 @@ def interleaved(
     sides: Sequence[Callable[[], object]], *, rounds: int, per_round: int, warmup: int = 3
 ) -> list[float]:
     """Median seconds per call of each side, alternating sides (and their order) every round."""
+    return [
+        statistics.median(s)
+        for s in rounds_of(sides, rounds=rounds, per_round=per_round, warmup=warmup)
+    ]
+
+
+def rounds_of(
+    sides: Sequence[Callable[[], object]], *, rounds: int, per_round: int, warmup: int = 3
+) -> list[list[float]]:
+    """Seconds per call of each side in every round, alternating sides (and their order)."""
     for fn in sides:
         for _ in range(warmup):
             fn()
@@ -172,7 +183,12 @@ def interleaved(
                 fn()
             samples[i].append((time.perf_counter() - start) / per_round)
         order.reverse()
-    return [statistics.median(s) for s in samples]
+    return samples
+
+
+def paired(a: Sequence[float], b: Sequence[float], op: Callable[[float, float], float]) -> float:
+    """Median over rounds of `op(a, b)` within each round: drifts between rounds cancel."""
+    return statistics.median(op(x, y) for x, y in zip(a, b, strict=True))
 
 
 def raw_call(module: Any, arrays: Sequence[Array]) -> Callable[[], list[Array]]:
@@ -196,9 +212,9 @@ def hot_path(
     quiet = quiet_wrap(factory, probe, f"bench-{model}-quiet", policy)
     arrays = [inputs[name] for name in probe.input_names]
     fast = model == "tiny"
-    rounds = (7 if quick else 25) if fast else (5 if quick else 15)
-    per_round = (200 if quick else 1000) if fast else (3 if quick else 10)
-    guarded_s, quiet_s, raw_s = interleaved(
+    rounds = (7 if quick else 25) if fast else (5 if quick else 61)  # odd: a true median pair
+    per_round = (200 if quick else 1000) if fast else (3 if quick else 4)
+    guarded, quiet_rounds, raw = rounds_of(
         [
             lambda: session.run(inputs),
             lambda: quiet.run(inputs),
@@ -209,8 +225,9 @@ def hot_path(
     )
     session.close()
     quiet.close()
-    ratio = raw_s / guarded_s
-    added_us = (guarded_s - raw_s) * 1e6
+    guarded_s, quiet_s, raw_s = (statistics.median(x) for x in (guarded, quiet_rounds, raw))
+    ratio = paired(raw, guarded, operator.truediv)
+    added_us = paired(guarded, raw, operator.sub) * 1e6
     met = added_us <= TINY_ADDED_US_TARGET if fast else ratio >= VOCODER_RATIO_TARGET
     return HotPath(
         model=model,
@@ -219,7 +236,7 @@ def hot_path(
         raw_us=raw_s * 1e6,
         ratio=ratio,
         added_us=added_us,
-        added_no_metrics_us=(quiet_s - raw_s) * 1e6,
+        added_no_metrics_us=paired(quiet_rounds, raw, operator.sub) * 1e6,
         target=target,
         met=met,
     )
@@ -488,15 +505,15 @@ def _rows(r: BenchReport) -> list[tuple[str, str, str, bool | None]]:
     return [
         (
             f"vocoder ({r.frames} frames): guarded `run()` vs raw forward + copy",
-            f"{v.guarded_us / 1e3:.2f} ms vs {v.raw_us / 1e3:.2f} ms: "
-            f"**{v.ratio:.3f}x** throughput",
+            f"{v.guarded_us / 1e3:.2f} ms vs {v.raw_us / 1e3:.2f} ms (medians); "
+            f"**{v.ratio:.3f}x** throughput (median of paired rounds)",
             v.target,
             v.met,
         ),
         (
             "tiny model: guarded `run()` vs raw forward + copy",
-            f"{t.guarded_us:.1f} us vs {t.raw_us:.1f} us: **+{t.added_us:.1f} us**/call "
-            f"(+{t.added_no_metrics_us:.1f} us without metrics)",
+            f"{t.guarded_us:.1f} us vs {t.raw_us:.1f} us (medians); **{t.added_us:+.1f} us**/call "
+            f"({t.added_no_metrics_us:+.1f} us without metrics)",
             t.target,
             t.met,
         ),
@@ -510,7 +527,7 @@ def _rows(r: BenchReport) -> list[tuple[str, str, str, bool | None]]:
         (
             "time to healthy: `guard.wrap` vs init + the canary's forwards",
             f"{h.wrap_ms:.1f} ms vs {h.raw_ms:.1f} ms ({h.canary_forwards} forwards): "
-            f"+{h.added_ms:.1f} ms",
+            f"{h.added_ms:+.1f} ms",
             "report",
             None,
         ),
@@ -539,7 +556,7 @@ def _rows(r: BenchReport) -> list[tuple[str, str, str, bool | None]]:
         ),
         (
             "RSS over init + recover cycles",
-            f"+{m.growth_mb:.1f} MB over {m.cycles} cycles ({m.inits} inits)",
+            f"{m.growth_mb:+.1f} MB over {m.cycles} cycles ({m.inits} inits)",
             m.target,
             m.met,
         ),
