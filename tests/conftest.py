@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import settings
 from prometheus_client import CollectorRegistry
 
 import guard
 import probes
 from guard import demo, health
+
+# CI runs the same examples every time (HYPOTHESIS_PROFILE=ci in .ci/run), so a run is
+# reproducible; local runs draw new ones, and a failure found there is pinned with @example.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="session")
