@@ -127,7 +127,7 @@ def test_thresholds_validate() -> None:
         probes.Thresholds(min_snr_db=math.nan)
 
 
-def test_judge_cost_for_one_second_canary() -> None:
+def test_judge_scores_a_one_second_canary_at_22050_hz() -> None:
     """The judge handles a 1 s 22,050 Hz signal (cost is reported by the benchmark)."""
     t = np.arange(22050) / 22050
     golden = np.sin(2 * np.pi * 220 * t).astype(np.float32)[None, None]
@@ -185,3 +185,18 @@ def test_log_spectral_distance_does_not_depend_on_loudness(scale: float) -> None
     scaled = probes.log_spectral_distance(golden * scale, actual * scale)
     assert unit is not None and scaled is not None and unit > 0.1
     assert scaled == pytest.approx(unit, rel=1e-3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    golden=hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=70),
+        elements=st.floats(width=32, allow_nan=False, allow_infinity=False),
+    )
+)
+def test_cosine_of_equal_arrays_is_exactly_one(golden: Array) -> None:
+    """Equal arrays score 1.0 exactly, so `min_cosine=1.0` demands equality and nothing more."""
+    if np.any(golden):
+        assert probes.cosine_similarity(golden, golden.copy()) == 1.0
+    assert probes.judge_output("y", golden, golden.copy(), probes.Thresholds(min_cosine=1.0)).passed
