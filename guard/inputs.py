@@ -26,10 +26,10 @@ def _sum(value: NDArray[Any]) -> float:
     return float(np.add.reduce(value, axis=None))
 
 
-# One reduction instead of isfinite().all(); a result that overflows although every value is
-# finite takes the slow path, which checks each value.
 _SEEN_SHAPES = 64  # shapes remembered per input as valid
 
+# One reduction instead of isfinite().all(); a result that overflows although every value is
+# finite takes the slow path, which checks each value.
 _FINITE_TESTS: dict[str, Callable[[NDArray[Any]], float]] = {
     "float32": _square_sum,
     "float64": _square_sum,
