@@ -6,6 +6,8 @@ import contextlib
 import io
 import json
 import shutil
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -358,3 +360,22 @@ def test_record_derives_a_second_case(demo_factory: guard.MNNFactory, tmp_path: 
     assert probe.meta.reference == {"dynamic": True} and probe.meta.runs == 3
     assert probe.inputs[0].shape == (1, 80, (1, 64))
     assert probe.outputs[0].shape == (1, 1, 12 * demo.HOP)
+
+
+def test_a_probes_folder_in_the_working_directory_does_not_shadow_the_package(
+    demo_probe: probes.Probe, tmp_path: Path
+) -> None:
+    """DESIGN.md's `probe.save("probes/vocoder")`, then Python started in that directory:
+    `import probes` is still this package (the make install links files, not an import hook)."""
+    demo_probe.save(tmp_path / "probes" / "vocoder")
+    script = "import guard, probes; p = probes.load('probes/vocoder'); print(len(p.cases))"
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(len(demo_probe.cases))
