@@ -7,58 +7,54 @@
 """
 
 from guard.errors import (
-    CanaryTimeout,
     ConfigError,
     FactoryError,
     ForkAfterLoad,
+    ForwardFailed,
     GuardError,
     InitTimeout,
     InputMismatch,
+    OutputMismatch,
     RecoveryExhausted,
     SessionClosed,
+    Unavailable,
     WorkerFailed,
 )
-from guard.health import readiness
-from guard.ladder import DEFAULT_LADDER, DYNAMIC, STATIC, Action, Attempt, Outcome, Policy, Rung
-from guard.listeners import CapturingListener, Listener, LoggingListener
-from guard.metrics import PrometheusListener
-from guard.mnn import MNNFactory, mnn_factory
-from guard.pool import Pool, WorkerStatus
-from guard.server import MetricsServer, serve
-from guard.session import GuardedSession, SessionStatus
+from guard.health import HealthTable, readiness
+from guard.ladder import DYNAMIC, STATIC, Policy, Rung
+from guard.listeners import Listener
+from guard.mnn import mnn_factory
+from guard.pool import Pool
+from guard.server import serve
+from guard.session import GuardedSession
+from guard.state import SessionStatus, State
 from guard.wrap import wrap
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_LADDER",
     "DYNAMIC",
     "STATIC",
-    "Action",
-    "Attempt",
-    "CanaryTimeout",
-    "CapturingListener",
     "ConfigError",
     "FactoryError",
     "ForkAfterLoad",
+    "ForwardFailed",
     "GuardError",
     "GuardedSession",
+    "HealthTable",
     "InitTimeout",
     "InputMismatch",
     "Listener",
-    "LoggingListener",
-    "MNNFactory",
-    "MetricsServer",
-    "Outcome",
+    "OutputMismatch",
     "Policy",
     "Pool",
-    "PrometheusListener",
     "RecoveryExhausted",
     "Rung",
     "SessionClosed",
     "SessionStatus",
+    "State",
+    "Unavailable",
     "WorkerFailed",
-    "WorkerStatus",
     "__version__",
     "mnn_factory",
     "readiness",

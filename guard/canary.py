@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
-from guard import mnn
+from guard.mnn import Runner, adapt
 from probes import Probe, Verdict
 
-__all__ = ["run_canary"]
+__all__ = ["init_and_check", "run_canary"]
+
+
+def init_and_check(
+    factory: Callable[..., Any], overrides: Mapping[str, Any], probe: Probe, runs: int
+) -> tuple[Runner, Verdict]:
+    """Call the factory with `overrides` and run the canary on what it built."""
+    runner = adapt(factory(**overrides))
+    return runner, run_canary(runner, probe, runs)
 
 
 def run_canary(
-    module: Any,
+    runner: Runner,
     probe: Probe,
     runs: int,
     *,
-    gate: Callable[[], AbstractContextManager[Any]] | None = None,
+    gate: AbstractContextManager[Any] | None = None,
     stop_at_failure: bool = False,
 ) -> Verdict:
     """Run every canary case `runs` times, interleaved, on owned copies; one merged verdict.
@@ -30,10 +38,11 @@ def run_canary(
     """
     verdicts: list[Verdict] = []
     labels: list[str] = []
+    held = gate if gate is not None else contextlib.nullcontext()
     for run in range(runs):
         for index, case in enumerate(probe.cases):
-            with gate() if gate is not None else contextlib.nullcontext():
-                outputs = mnn.forward(module, [case.inputs[n] for n in probe.input_names])
+            with held:
+                outputs = runner.run([case.inputs[n] for n in probe.input_names])
             verdicts.append(probe.judge(outputs, case=index))
             labels.append(f"canary run {run + 1} case {index}")
             if stop_at_failure and not verdicts[-1].passed:

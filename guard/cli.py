@@ -111,7 +111,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Initialise the model N times on one rung and print each canary verdict."""
     import probes
-    from guard.canary import run_canary
+    from guard.canary import init_and_check
     from guard.mnn import mnn_factory
     from guard.wrap import check_probe
 
@@ -122,9 +122,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     rows = []
     degraded = 0
     for init in range(1, args.inits + 1):
-        module = factory(**overrides)
-        verdict = run_canary(module, probe, runs=2)
-        del module
+        _, verdict = init_and_check(factory, overrides, probe, runs=2)
         degraded += not verdict.passed
         score = min(verdict.scores.values(), key=lambda s: s.snr_db, default=None)
         rows.append(

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 import probes
 from guard import demo, mnn
 from guard.errors import RecoveryExhausted
-from guard.ladder import Action, Attempt, Policy
+from guard.ladder import Action, Attempt, Policy, Rung
 from guard.listeners import Listener
 from guard.testing import Fault, FaultyFactory
 from guard.wrap import wrap
@@ -39,7 +39,7 @@ class DemoTally(Listener):
         self.inits += 1
         self.caught += not attempt.passed
 
-    def on_recover(self, session: str, action: Action, from_rung: int, to_rung: int) -> None:
+    def on_recover(self, session: str, action: Action, from_rung: Rung, to_rung: Rung) -> None:
         self.actions[action.value] += 1
 
 
@@ -73,8 +73,8 @@ def run_demo(args: argparse.Namespace) -> int:
             strict=True,
         )
     ]
-    reference_module = demo.demo_factory()(dynamic=True)
-    references = [mnn.forward(reference_module, [x])[0] for x in requests]
+    reference_module = mnn.adapt(demo.demo_factory()(dynamic=True))
+    references = [reference_module.run([x])[0] for x in requests]
     del reference_module
     tally = DemoTally()
     injected = served = bad = exhausted = 0

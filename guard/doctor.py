@@ -174,9 +174,8 @@ def _measure(rung: Rung, factory: Factory, probe: Probe, forward_runs: int) -> d
     result: dict[str, Any] = {"rung": rung.name}
     try:
         start = time.perf_counter()
-        module = factory(**rung.overrides)
+        module = mnn.adapt(factory(**rung.overrides))
         result["init_s"] = time.perf_counter() - start
-        mnn.note_load()
         verdict = run_canary(module, probe, CANARY_RUNS)
         result["passed"] = verdict.passed
         result["snr_db"] = verdict.worst_snr_db
@@ -185,7 +184,7 @@ def _measure(rung: Rung, factory: Factory, probe: Probe, forward_runs: int) -> d
         times = []
         for _ in range(forward_runs):
             start = time.perf_counter()
-            mnn.forward(module, inputs)
+            module.run(inputs)
             times.append(time.perf_counter() - start)
         result["forward_s"] = statistics.median(times)
     except Exception as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from guard.ladder import Attempt
@@ -13,11 +13,14 @@ __all__ = [
     "ConfigError",
     "FactoryError",
     "ForkAfterLoad",
+    "ForwardFailed",
     "GuardError",
     "InitTimeout",
     "InputMismatch",
+    "OutputMismatch",
     "RecoveryExhausted",
     "SessionClosed",
+    "Unavailable",
     "WorkerFailed",
 ]
 
@@ -37,6 +40,14 @@ class InputMismatch(GuardError, ValueError):
         super().__init__(message)
         self.input = input
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle with the input name (guard.Pool sends errors between processes)."""
+        return (_input_mismatch, (str(self), self.input))
+
+
+def _input_mismatch(message: str, input: str | None) -> InputMismatch:
+    return InputMismatch(message, input=input)
+
 
 class FactoryError(GuardError):
     """The factory raised, or returned something that is not a usable module."""
@@ -46,15 +57,24 @@ class InitTimeout(GuardError, TimeoutError):
     """A factory call or canary run did not finish within `Policy.init_timeout`."""
 
 
-CanaryTimeout = InitTimeout
-
-
 class ForkAfterLoad(GuardError):
     """This process was forked after MNN modules were loaded; MNN would hang here."""
 
 
+class ForwardFailed(GuardError):
+    """The module's forward raised."""
+
+
+class OutputMismatch(GuardError):
+    """The module returned fewer or more outputs than the probe names."""
+
+
 class SessionClosed(GuardError):
     """The session or pool was closed; it serves no more calls."""
+
+
+class Unavailable(GuardError, TimeoutError):
+    """No healthy module came within `Policy.wait_timeout` while a replacement was built."""
 
 
 class WorkerFailed(GuardError):
@@ -67,6 +87,10 @@ class RecoveryExhausted(GuardError):
     def __init__(self, message: str, attempts: Sequence[Attempt]) -> None:
         super().__init__(message)
         self.attempts: tuple[Attempt, ...] = tuple(attempts)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle with the attempts (guard.Pool sends errors between processes)."""
+        return (RecoveryExhausted, (str(self), self.attempts))
 
     @property
     def verdicts(self) -> list[Verdict | None]:

@@ -59,24 +59,23 @@ class Policy:
     """How to recover: the ladder, re-inits per rung, canary runs, timeouts, re-checks, promotion.
 
     `reinit_attempts` re-initialisations follow the first init on each rung before moving down.
-    `recheck_every_calls` / `recheck_every_seconds` re-run the canary on the live module
-    (`recheck_every` sets one of them: an int counts calls, a float or timedelta is seconds);
-    `promote_after` seconds after a fallback, a faster rung is tried off the request path.
+    `recheck_every` re-runs the canary on the live module: an int counts calls, a float or
+    timedelta is seconds. `promote_after` seconds after a fallback (or a failure), the faster
+    rungs are tried again off the request path. `wait_timeout` bounds how long a `run()` call
+    waits for a replacement module before it raises `Unavailable`.
     """
 
     ladder: tuple[Rung, ...] = DEFAULT_LADDER
     reinit_attempts: int = 3
     canary_runs: int = 2
     init_timeout: float | None = 60.0
+    wait_timeout: float = 30.0
     recheck_every: int | float | timedelta | None = None
-    recheck_every_calls: int | None = None
-    recheck_every_seconds: float | None = None
     promote_after: float | None = 300.0
     check_finite_inputs: bool = True
     background: bool = True
 
     def __post_init__(self) -> None:
-        self._split_recheck_every()
         if not self.ladder:
             raise ConfigError("the ladder needs at least one rung")
         names = [r.name for r in self.ladder]
@@ -86,18 +85,10 @@ class Policy:
             raise ConfigError(f"reinit_attempts must be >= 0, got {self.reinit_attempts}")
         if self.canary_runs < 1:
             raise ConfigError(f"canary_runs must be >= 1, got {self.canary_runs}")
-        for key in ("init_timeout", "recheck_every_seconds", "promote_after"):
+        for key in ("init_timeout", "wait_timeout", "promote_after"):
             value = getattr(self, key)
-            if value is not None and value <= 0:
+            if value is not None and not value > 0:
                 raise ConfigError(f"{key} must be > 0 or None, got {value}")
-        if self.recheck_every_calls is not None and self.recheck_every_calls < 1:
-            raise ConfigError(
-                f"recheck_every_calls must be >= 1 or None, got {self.recheck_every_calls}"
-            )
-
-
-    def _split_recheck_every(self) -> None:
-        """Turn `recheck_every` into `recheck_every_calls` (int) or `..._seconds` (float)."""
         every = self.recheck_every
         if every is None:
             return
@@ -106,22 +97,32 @@ class Policy:
                 f"recheck_every must be an int (calls), a float or timedelta (seconds) or None, "
                 f"got {every!r}"
             )
-        value: float
-        if isinstance(every, int):
-            key, value = "recheck_every_calls", every
-        else:
-            seconds = every.total_seconds() if isinstance(every, timedelta) else every
-            key, value = "recheck_every_seconds", seconds
-        if getattr(self, key) not in (None, value):
-            raise ConfigError(f"recheck_every={every!r} contradicts {key}={getattr(self, key)}")
-        object.__setattr__(self, key, value)
+        if isinstance(every, int) and every < 1:
+            raise ConfigError(f"recheck_every must be >= 1 call, got {every}")
+        seconds = self.recheck_seconds
+        if seconds is not None and not seconds > 0:
+            raise ConfigError(f"recheck_every must be > 0 seconds, got {every!r}")
+
+    @property
+    def recheck_calls(self) -> int | None:
+        """Calls between re-checks, when `recheck_every` counts calls."""
+        every = self.recheck_every
+        return every if isinstance(every, int) else None
+
+    @property
+    def recheck_seconds(self) -> float | None:
+        """Seconds between re-checks, when `recheck_every` is a duration."""
+        every = self.recheck_every
+        if isinstance(every, timedelta):
+            return every.total_seconds()
+        return every if isinstance(every, float) else None
 
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """One init + canary on one rung: its outcome, verdict, error and duration."""
 
-    rung: str
+    rung: Rung
     rung_index: int
     outcome: Outcome
     verdict: Verdict | None
@@ -139,4 +140,4 @@ class Attempt:
             detail = self.verdict.describe()
         else:
             detail = f"{type(self.error).__name__}: {self.error}"
-        return f"rung {self.rung!r}: {self.outcome.value} ({detail})"
+        return f"rung {self.rung.name!r}: {self.outcome.value} ({detail})"

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from guard.ladder import Action, Attempt, Rung
+from guard.state import SessionStatus
 
-if TYPE_CHECKING:
-    from guard.session import SessionStatus
-
-__all__ = ["CapturingListener", "Listener", "LoggingListener", "notify"]
+__all__ = ["Listener", "LoggingListener", "notify"]
 
 log = logging.getLogger("mnn_guard")
 
@@ -19,7 +16,7 @@ log = logging.getLogger("mnn_guard")
 class Listener:
     """No-op base: override only the events you need."""
 
-    def on_init(self, session: str, rung: Rung, rung_index: int) -> None:
+    def on_init(self, session: str, rung: Rung) -> None:
         """The factory is about to be called on `rung`."""
 
     def on_attempt(self, session: str, attempt: Attempt) -> None:
@@ -28,17 +25,17 @@ class Listener:
     def on_check(self, session: str, attempt: Attempt) -> None:
         """A periodic re-check of the live module finished."""
 
-    def on_recover(self, session: str, action: Action, from_rung: int, to_rung: int) -> None:
+    def on_recover(self, session: str, action: Action, from_rung: Rung, to_rung: Rung) -> None:
         """The guard re-initialised, fell back or promoted."""
 
     def on_status(self, session: str, status: SessionStatus) -> None:
-        """The session's rung, health or verdict changed."""
+        """The session's state, rung or verdict changed: `status` is the latest snapshot."""
 
-    def on_run(self, session: str, rung: int, rung_name: str, seconds: float, ok: bool) -> None:
+    def on_run(self, session: str, rung: Rung, seconds: float, ok: bool) -> None:
         """One `run()` call finished."""
 
     def on_close(self, session: str) -> None:
-        """The session was closed."""
+        """The session was closed (or dropped and collected)."""
 
 
 def notify(listeners: Iterable[Listener], event: str, *args: object) -> None:
@@ -53,8 +50,8 @@ def notify(listeners: Iterable[Listener], event: str, *args: object) -> None:
 class LoggingListener(Listener):
     """Logs every init, verdict and recovery to the `mnn_guard` logger."""
 
-    def on_init(self, session: str, rung: Rung, rung_index: int) -> None:
-        log.debug("session %s: init on rung %s (%d)", session, rung.name, rung_index)
+    def on_init(self, session: str, rung: Rung) -> None:
+        log.debug("session %s: init on rung %s", session, rung.name)
 
     def on_attempt(self, session: str, attempt: Attempt) -> None:
         level = logging.INFO if attempt.passed else logging.WARNING
@@ -66,9 +63,13 @@ class LoggingListener(Listener):
         level = logging.DEBUG if attempt.passed else logging.WARNING
         log.log(level, "session %s: re-check %s", session, attempt.describe())
 
-    def on_recover(self, session: str, action: Action, from_rung: int, to_rung: int) -> None:
+    def on_recover(self, session: str, action: Action, from_rung: Rung, to_rung: Rung) -> None:
         log.warning(
-            "session %s: %s from rung %d to rung %d", session, action.value, from_rung, to_rung
+            "session %s: %s from rung %r to rung %r",
+            session,
+            action.value,
+            from_rung.name,
+            to_rung.name,
         )
 
     def on_status(self, session: str, status: SessionStatus) -> None:
@@ -76,35 +77,3 @@ class LoggingListener(Listener):
 
     def on_close(self, session: str) -> None:
         log.info("session %s: closed", session)
-
-
-class CapturingListener(Listener):
-    """Keeps every event as a tuple in `.events`, for tests."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[object, ...]] = []
-
-    def on_init(self, session: str, rung: Rung, rung_index: int) -> None:
-        self.events.append(("init", session, rung.name))
-
-    def on_attempt(self, session: str, attempt: Attempt) -> None:
-        self.events.append(("attempt", session, attempt.rung, attempt.outcome.value))
-
-    def on_check(self, session: str, attempt: Attempt) -> None:
-        self.events.append(("check", session, attempt.rung, attempt.outcome.value))
-
-    def on_recover(self, session: str, action: Action, from_rung: int, to_rung: int) -> None:
-        self.events.append(("recover", session, action.value, from_rung, to_rung))
-
-    def on_status(self, session: str, status: SessionStatus) -> None:
-        self.events.append(("status", session, status.mode, status.healthy))
-
-    def on_run(self, session: str, rung: int, rung_name: str, seconds: float, ok: bool) -> None:
-        self.events.append(("run", session, rung_name, ok))
-
-    def on_close(self, session: str) -> None:
-        self.events.append(("close", session))
-
-    def of(self, kind: str) -> list[tuple[object, ...]]:
-        """Events of one kind."""
-        return [e for e in self.events if e[0] == kind]

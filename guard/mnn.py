@@ -1,4 +1,4 @@
-"""The only module that imports MNN: loading, numpy <-> Var conversion, fork bookkeeping."""
+"""The only module that knows MNN: loading, the numpy-level Runner over Vars, fork bookkeeping."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
-from guard.errors import ConfigError, FactoryError, ForkAfterLoad, GuardError
+from guard.errors import ConfigError, FactoryError, ForkAfterLoad
 
 
 @contextlib.contextmanager
@@ -42,14 +42,13 @@ with _stdout_to_stderr():
 __all__ = [
     "F",
     "MNNFactory",
+    "Runner",
+    "VarModule",
+    "adapt",
     "check_not_forked",
-    "forward",
     "mnn_factory",
     "mnn_version",
-    "nn",
     "note_load",
-    "to_numpy",
-    "to_var",
 ]
 
 _LOAD_KEYS = frozenset(
@@ -196,7 +195,7 @@ def to_var(array: NDArray[Any]) -> Any:
     """An MNN Var holding a copy of a C-contiguous array of a supported dtype (NCHW)."""
     dtype = _DTYPES.get(array.dtype)
     if dtype is None:
-        raise GuardError(
+        raise ConfigError(
             f"dtype {array.dtype} cannot be given to MNN; use one of {SUPPORTED_DTYPES}"
         )
     return F.const(np.ascontiguousarray(array), list(array.shape), F.NCHW, dtype)
@@ -209,12 +208,43 @@ def to_numpy(var: Any) -> NDArray[Any]:
     return np.array(var.read(), copy=True)
 
 
-def forward(module: Any, arrays: Sequence[NDArray[Any]]) -> list[NDArray[Any]]:
-    """Run `module.forward` on a list of Vars and return owned copies of every output."""
-    check_not_forked()
-    result = module.forward([to_var(a) for a in arrays])
-    if result is None:
-        return []
-    if not isinstance(result, (list, tuple)):
-        result = [result]
-    return [to_numpy(v) for v in result]
+class Runner(Protocol):
+    """A module seen at the numpy level: arrays in model input order in, owned arrays out."""
+
+    def run(self, arrays: Sequence[NDArray[Any]]) -> list[NDArray[Any]]:
+        """Run one forward."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class VarModule:
+    """A module with `.forward(list_of_vars) -> list_of_vars` (an MNN Module) as a Runner."""
+
+    module: Any
+
+    def run(self, arrays: Sequence[NDArray[Any]]) -> list[NDArray[Any]]:
+        """Convert to Vars, forward (always with a list), and copy every output out of MNN."""
+        check_not_forked()
+        result = self.module.forward([to_var(a) for a in arrays])
+        if result is None:
+            return []
+        if not isinstance(result, (list, tuple)):
+            result = [result]
+        return [to_numpy(v) for v in result]
+
+
+def adapt(module: Any) -> Runner:
+    """The numpy-level Runner for what a factory returned (and note that MNN is loaded here).
+
+    An object with `.forward(list_of_vars)` is an MNN-style module; one that already has
+    `.run(list_of_arrays)` (a fault injector, say) is a Runner as it is.
+    """
+    note_load()
+    if callable(getattr(module, "forward", None)):
+        return VarModule(module)
+    if callable(getattr(module, "run", None)):
+        return cast(Runner, module)
+    raise FactoryError(
+        f"the factory returned a {type(module).__name__} without a forward() method; "
+        "expected a module with .forward(list_of_vars) -> list_of_vars"
+    )

@@ -21,8 +21,8 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from guard import health
 from guard.errors import ConfigError
+from guard.health import HEALTH, HealthTable
 
 __all__ = ["MetricsServer", "serve"]
 
@@ -54,9 +54,15 @@ class MetricsServer:
     """
 
     def __init__(
-        self, host: str, port: int, registry: CollectorRegistry | None, multiprocess_dir: str | None
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry | None,
+        multiprocess_dir: str | None,
+        health: HealthTable = HEALTH,
     ) -> None:
         self.host = host
+        self.health = health
         self._registry = registry
         self._multiprocess_dir = multiprocess_dir
         handler = type("Handler", (_Handler,), {"owner": self})
@@ -128,7 +134,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/healthz":
             self._send(200, TEXT, b"ok\n")
         elif path == "/readyz":
-            ready, sessions = health.readiness()
+            ready, sessions = self.owner.health.readiness()
             body = json.dumps({"ready": ready, "sessions": sessions}).encode()
             self._send(200 if ready else 503, "application/json", body)
         else:
@@ -151,12 +157,13 @@ def serve(
     registry: CollectorRegistry | None = None,
     *,
     multiprocess_dir: str | os.PathLike[str] | None = None,
+    health: HealthTable | None = None,
 ) -> MetricsServer:
     """Serve `/metrics`, `/healthz` and `/readyz` on `host:port` (0 picks a free port).
 
     `/metrics` shows `registry` when given; otherwise, with `multiprocess_dir` or the
     `PROMETHEUS_MULTIPROC_DIR` environment variable, every worker's files aggregated;
-    otherwise the global registry.
+    otherwise the global registry. `/readyz` answers for `health` (default: this process's).
 
     >>> with guard.serve(port=0) as server:  # doctest: +SKIP
     ...     urllib.request.urlopen(server.url + "/readyz")
@@ -170,4 +177,4 @@ def serve(
         directory = _check_dir(multiprocess_dir, "multiprocess_dir")
     elif registry is None and os.environ.get(MULTIPROC_ENV):
         directory = _check_dir(os.environ[MULTIPROC_ENV], MULTIPROC_ENV)
-    return MetricsServer(host, port, registry, directory)
+    return MetricsServer(host, port, registry, directory, health or HEALTH)

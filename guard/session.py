@@ -1,61 +1,48 @@
-"""The guarded session: canary after every init, recovery down the ladder, safe `run()`."""
+"""The guarded session: one live module, its canary, its recovery, as a state machine.
+
+The states and the moves between them are in `guard.state`; `GuardedSession._to` is the one
+place the state changes.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from numpy.typing import NDArray
 
 from guard import mnn
-from guard.canary import run_canary
+from guard.canary import init_and_check, run_canary
 from guard.errors import (
     ConfigError,
     FactoryError,
     ForkAfterLoad,
+    ForwardFailed,
     GuardError,
     InitTimeout,
+    OutputMismatch,
     RecoveryExhausted,
     SessionClosed,
+    Unavailable,
 )
 from guard.inputs import InputChecker
 from guard.ladder import Action, Attempt, Outcome, Policy, Rung
 from guard.listeners import Listener, notify
+from guard.state import LIVE, MOVES, SessionStatus, State
 from probes import Probe, Verdict
 
-__all__ = ["Factory", "GuardedSession", "SessionStatus"]
+__all__ = ["Factory", "GuardedSession"]
 
 Factory = Callable[..., Any]
 """`factory(**overrides) -> module` whose `.forward(list_of_vars)` returns a list of Vars."""
 
 Array = NDArray[Any]
 log = logging.getLogger("mnn_guard")
-
-
-@dataclass(frozen=True, slots=True)
-class SessionStatus:
-    """A snapshot: rung in use, health, attempts of the last recovery and the last verdict."""
-
-    name: str
-    mode: str
-    rung: int
-    healthy: bool
-    attempts: int
-    verdict: Verdict | None
-    history: tuple[Attempt, ...]
-    closed: bool = False
-
-    def describe(self) -> str:
-        """One line for logs and tables."""
-        state = "closed" if self.closed else ("healthy" if self.healthy else "UNHEALTHY")
-        verdict = self.verdict.describe() if self.verdict is not None else "no verdict"
-        tries = f"after {self.attempts} attempt(s)"
-        return f"{state} on rung {self.mode!r} ({self.rung}) {tries}; {verdict}"
 
 
 def _action(previous: int, index: int) -> Action:
@@ -68,7 +55,7 @@ def _action(previous: int, index: int) -> Action:
 def call_with_timeout(fn: Callable[[], Any], timeout: float | None, what: str) -> Any:
     """Run `fn` in a daemon thread and raise InitTimeout if it has not returned in `timeout` s.
 
-    A hang inside MNN that holds the GIL cannot be interrupted this way (see DESIGN.md); such
+    A hang inside MNN that holds the GIL cannot be interrupted this way (see the README); such
     hangs are prevented up front (ForkAfterLoad) and, in a pool, ended by the parent.
     """
     if timeout is None:
@@ -92,11 +79,7 @@ def call_with_timeout(fn: Callable[[], Any], timeout: float | None, what: str) -
 
 
 def _self_check(probe: Probe) -> None:
-    """Judge each case's goldens against themselves: a probe that fails this can pass nothing.
-
-    It also pays the judge's one-off costs (scipy.signal's import, window caches) here, so
-    they never count against `Policy.init_timeout`.
-    """
+    """Judge each case's goldens against themselves: a probe that fails this can pass nothing."""
     for index, case in enumerate(probe.cases):
         verdict = probe.judge(case.outputs, case=index)
         if not verdict.passed:
@@ -104,6 +87,50 @@ def _self_check(probe: Probe) -> None:
                 f"case {index}'s golden outputs fail the probe's own thresholds "
                 f"({'; '.join(verdict.reasons)}); loosen the thresholds or re-record the probe"
             )
+
+
+def _exhausted(name: str, history: Sequence[Attempt], why: str) -> RecoveryExhausted:
+    """The error of a session whose recovery ended without a module, with every attempt."""
+    lines = "\n  ".join(f"{i + 1}. {a.describe()}" for i, a in enumerate(history))
+    error = RecoveryExhausted(f"session {name!r}: {why}:\n  {lines}", history)
+    error.__cause__ = next((a.error for a in reversed(history) if a.error is not None), None)
+    return error
+
+
+def _fresh(recorded: RecoveryExhausted) -> RecoveryExhausted:
+    """A new error equal to the recorded one: raising it never grows the recorded traceback."""
+    error = RecoveryExhausted(str(recorded), recorded.attempts)
+    error.__cause__ = recorded.__cause__
+    return error
+
+
+def _maintenance_loop(
+    ref: weakref.ref[GuardedSession], wake: threading.Event, every: float
+) -> None:
+    """Run `maintain()` when woken or every `every` s, until the session is closed or collected.
+
+    It holds the session only during `maintain()`, so a session dropped without `close()` is
+    collected and this thread ends.
+    """
+    while True:
+        wake.wait(every)
+        wake.clear()
+        session = ref()
+        if session is None or session.status.closed:
+            return
+        try:
+            session.maintain()
+        except GuardError:
+            pass  # recorded in status and metrics; run() raises it to callers
+        except BaseException:  # even SystemExit from a factory: record it, keep maintaining
+            log.exception("session %s: maintenance failed", session.name)
+        del session
+
+
+def _released(name: str, wake: threading.Event, listeners: tuple[Listener, ...]) -> None:
+    """What a collected, never-closed session owes: stop its thread, leave readiness and metrics."""
+    wake.set()
+    notify(listeners, "on_close", name)
 
 
 class GuardedSession:
@@ -125,6 +152,7 @@ class GuardedSession:
     ) -> None:
         if not callable(factory):
             raise FactoryError(f"factory must be callable, got {type(factory).__name__}")
+        _self_check(probe)
         self.name = name
         self.probe = probe
         self.policy = policy
@@ -135,148 +163,178 @@ class GuardedSession:
             x for x in self._listeners if type(x).on_run is not Listener.on_run
         )
         self._clock = clock
-        self._lock = threading.Lock()  # serialises forward on the live module and swaps
-        self._cond = threading.Condition(self._lock)
-        self._pending = False  # a recovery is replacing a module that failed its re-check
-        self._checker_waiting = False  # a re-check wants the lock: callers let it go first
-        self._recovering = threading.Lock()  # one recovery or promotion at a time
-        self._module: Any = None
-        self._rung = 0
-        self._healthy = False
-        self._closed = False
-        self._failure: GuardError | None = None
-        self._history: tuple[Attempt, ...] = ()
-        self._verdict: Verdict | None = None
-        self._since = clock()  # when the current rung was entered or last tried for promotion
-        self._last_check = clock()
-        self._calls = 0  # successful calls since the last re-check
-        self._recheck_calls = policy.recheck_every_calls
         self._output_names = probe.output_names
         self._check_inputs = InputChecker(probe.inputs, check_finite=policy.check_finite_inputs)
+        self._recheck_calls = policy.recheck_calls
+        # Everything below is guarded by _cond; its lock also serialises forwards on _live.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._state = State.STARTING
+        self._live: mnn.Runner | None = None
+        self._rung_index = 0
+        self._history: tuple[Attempt, ...] = ()
+        self._verdict: Verdict | None = None
+        self._failure: RecoveryExhausted | None = None  # recorded in FAILED, never raised itself
+        self._since = clock()  # when the current rung was entered or last tried for promotion
+        self._last_check = self._since
+        self._calls = 0  # successful calls since the last re-check
+        self._maintaining = False  # one maintenance pass at a time
+        # Listeners see states in order, each with the latest snapshot.
+        self._publishing = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        _self_check(probe)
-        with self._recovering:
-            self._recover(0, first=True)
+        if not self._recover(0, announce_first=False):
+            assert self._failure is not None
+            raise _fresh(self._failure)
+        self._finalizer = weakref.finalize(self, _released, name, self._wake, self._listeners)
+        self._finalizer.atexit = False  # at exit nothing is left to tell
         if policy.background and self._needs_maintenance():
+            periods = [v for v in (policy.promote_after, policy.recheck_seconds) if v is not None]
             self._thread = threading.Thread(
-                target=self._maintenance_loop, name=f"mnn-guard-{name}", daemon=True
+                target=_maintenance_loop,
+                args=(weakref.ref(self), self._wake, min([*periods, 1.0])),
+                name=f"mnn-guard-{name}",
+                daemon=True,
             )
             self._thread.start()
 
     # ----------------------------------------------------------------- state
 
-    @property
-    def status(self) -> SessionStatus:
-        """Rung in use, health, attempts of the last recovery and the last verdict."""
-        rung = self.policy.ladder[self._rung]
+    def _to(self, state: State) -> bool:
+        """The one place the state changes (the caller holds `_cond`): check, set, wake waiters.
+
+        A closed session stays closed: a move from CLOSED is refused (returns False), so work
+        that finishes after `close()` changes nothing. Outside the live states no module is held.
+        """
+        if self._state is State.CLOSED:
+            return False
+        if state not in MOVES[self._state]:
+            raise AssertionError(f"session {self.name!r}: no move {self._state} -> {state}")
+        self._state = state
+        if state not in LIVE:
+            self._live = None
+        self._cond.notify_all()
+        return True
+
+    def _snapshot(self) -> SessionStatus:
         return SessionStatus(
             name=self.name,
-            mode=rung.name,
-            rung=self._rung,
-            healthy=self._healthy and not self._closed,
-            attempts=len(self._history),
+            state=self._state,
+            rung=self.policy.ladder[self._rung_index],
+            rung_index=self._rung_index,
             verdict=self._verdict,
             history=self._history,
-            closed=self._closed,
         )
 
+    @property
+    def status(self) -> SessionStatus:
+        """State, rung in use, attempts of the last recovery and the last verdict, all at once."""
+        with self._lock:
+            return self._snapshot()
+
     def _publish(self) -> None:
-        notify(self._listeners, "on_status", self.name, self.status)
+        """Tell listeners the latest status (in order: a late publisher sends the newest)."""
+        with self._publishing:
+            notify(self._listeners, "on_status", self.name, self.status)
 
     # -------------------------------------------------------------- building
 
-    def _attempt(self, index: int) -> tuple[Any, Attempt]:
+    def _attempt(self, index: int) -> tuple[mnn.Runner | None, Attempt]:
         """One init + canary on rung `index`: the module (None unless it passed) and the record."""
         rung: Rung = self.policy.ladder[index]
-        notify(self._listeners, "on_init", self.name, rung, index)
+        notify(self._listeners, "on_init", self.name, rung)
         start = time.perf_counter()
-        module: Any = None
+        runner: mnn.Runner | None = None
         verdict: Verdict | None = None
         error: BaseException | None = None
         try:
             mnn.check_not_forked()
 
-            def build() -> tuple[Any, Verdict]:
-                built = self._factory(**rung.overrides)
-                mnn.note_load()
-                if not callable(getattr(built, "forward", None)):
-                    raise FactoryError(
-                        f"the factory returned a {type(built).__name__} without a forward() method"
-                    )
-                return built, run_canary(built, self.probe, self.policy.canary_runs)
-
             what = f"init + canary of session {self.name!r} on rung {rung.name!r}"
-            module, verdict = call_with_timeout(build, self.policy.init_timeout, what)
+            runner, verdict = call_with_timeout(
+                partial(
+                    init_and_check,
+                    self._factory,
+                    rung.overrides,
+                    self.probe,
+                    self.policy.canary_runs,
+                ),
+                self.policy.init_timeout,
+                what,
+            )
             outcome = Outcome.PASS if verdict.passed else Outcome.FAIL
         except InitTimeout as exc:
             outcome, error = Outcome.TIMEOUT, exc
         except ForkAfterLoad:
-            raise
+            raise  # no rung can work in this process
         except Exception as exc:
             outcome, error = Outcome.ERROR, exc
-        attempt = Attempt(rung.name, index, outcome, verdict, error, time.perf_counter() - start)
+        attempt = Attempt(rung, index, outcome, verdict, error, time.perf_counter() - start)
         notify(self._listeners, "on_attempt", self.name, attempt)
-        return (module if attempt.passed else None), attempt
+        return (runner if attempt.passed else None), attempt
 
-    def _recover(self, start: int, *, first: bool = False) -> None:
-        """Walk the ladder from rung `start`; install the first module whose canary passes."""
+    def _recover(self, start: int, *, announce_first: bool) -> bool:
+        """Walk the ladder from `start`: SERVING with the first module that passes, else FAILED.
+
+        Whatever ends the walk, `BaseException` included, leaves a defined state: a walk that
+        raises enters FAILED (recording why) before the exception goes on to its caller.
+        """
         attempts: list[Attempt] = []
-        previous = self._rung
-        for index in range(start, len(self.policy.ladder)):
-            for _ in range(1 + self.policy.reinit_attempts):
-                if attempts or not first:
-                    notify(
-                        self._listeners,
-                        "on_recover",
-                        self.name,
-                        _action(previous, index),
-                        previous,
-                        index,
-                    )
-                previous = index
-                module, attempt = self._attempt(index)
-                attempts.append(attempt)
-                if module is not None:
-                    self._install(module, index, tuple(attempts))
-                    return
-        self._fail(tuple(attempts))
+        previous = self._rung_index
+        try:
+            for index in range(start, len(self.policy.ladder)):
+                for _ in range(1 + self.policy.reinit_attempts):
+                    if attempts or announce_first:
+                        self._announce(_action(previous, index), previous, index)
+                    previous = index
+                    runner, attempt = self._attempt(index)
+                    attempts.append(attempt)
+                    if runner is not None:
+                        self._install(runner, index, tuple(attempts))
+                        return True
+        except BaseException as exc:
+            why = f"recovery was interrupted by {type(exc).__name__}: {exc}"
+            self._fail(tuple(attempts), why, cause=exc)
+            raise
+        self._fail(tuple(attempts), "every rung of the ladder failed its canary")
+        return False
 
-    def _install(self, module: Any, index: int, history: tuple[Attempt, ...]) -> None:
+    def _announce(self, action: Action, previous: int, index: int) -> None:
+        ladder = self.policy.ladder
+        notify(self._listeners, "on_recover", self.name, action, ladder[previous], ladder[index])
+
+    def _install(self, runner: mnn.Runner, index: int, history: tuple[Attempt, ...]) -> bool:
+        """Enter SERVING with a module whose canary passed (dropped if the session closed)."""
         with self._cond:
-            old, self._module = self._module, module
-            self._rung = index
-            self._healthy = True
-            self._failure = None
-            self._pending = False
+            if not self._to(State.SERVING):
+                return False
+            self._live = runner
+            self._rung_index = index
             self._history = history
             self._verdict = history[-1].verdict
+            self._failure = None
             self._since = self._last_check = self._clock()
-            self._cond.notify_all()
-        del old  # release the previous module (and its buffers)
+            self._calls = 0
         self._publish()
+        return True
 
-    def _fail(self, history: tuple[Attempt, ...]) -> None:
-        lines = "\n  ".join(f"{i + 1}. {a.describe()}" for i, a in enumerate(history))
-        error = RecoveryExhausted(
-            f"session {self.name!r}: every rung of the ladder failed its canary:\n  {lines}",
-            history,
-        )
-        last_error = next((a.error for a in reversed(history) if a.error is not None), None)
-        error.__cause__ = last_error
+    def _fail(
+        self, history: tuple[Attempt, ...], why: str, cause: BaseException | None = None
+    ) -> None:
+        """Enter FAILED, recording the error that `run()` raises afresh to every caller."""
+        error = _exhausted(self.name, history, why)
+        if cause is not None:
+            error.__cause__ = cause
         with self._cond:
-            self._module = None
-            self._healthy = False
+            if not self._to(State.FAILED):
+                return
             self._failure = error
-            self._pending = False
             self._history = history
-            self._verdict = history[-1].verdict if history else None
             if history:  # status, /readyz and the rung gauge name the rung the verdict is from
-                self._rung = history[-1].rung_index
+                self._verdict = history[-1].verdict
+                self._rung_index = history[-1].rung_index
             self._since = self._clock()
-            self._cond.notify_all()
         self._publish()
-        raise error
 
     # --------------------------------------------------------------- serving
 
@@ -285,157 +343,154 @@ class GuardedSession:
         arrays = self._check_inputs(inputs)
         start = time.perf_counter()
         with self._lock:  # the condition's own lock (Condition.__enter__ costs a Python call)
-            while (self._pending or self._checker_waiting) and not self._closed:
-                self._cond.wait()  # a re-check goes first; a failed one is replaced first
-            if self._closed:
-                raise SessionClosed(f"session {self.name!r} is closed")
-            if self._module is None:
-                assert self._failure is not None
-                raise self._failure
-            rung = self._rung
+            if self._state not in LIVE:
+                self._await_module()
+            live, index = self._live, self._rung_index
+            assert live is not None
             try:
-                outputs = mnn.forward(self._module, arrays)
+                outputs = live.run(arrays)
             except GuardError:
-                self._ran(rung, start, ok=False)
+                self._ran(index, start, ok=False)
                 raise
             except Exception as exc:
-                self._ran(rung, start, ok=False)
-                raise GuardError(f"session {self.name!r}: forward failed: {exc!r}") from exc
+                self._ran(index, start, ok=False)
+                raise ForwardFailed(f"session {self.name!r}: forward failed: {exc!r}") from exc
             if self._recheck_calls is not None:  # counted under the lock: no call is lost
                 self._calls += 1
                 if self._calls == self._recheck_calls:
                     self._wake.set()
         if len(outputs) != len(self._output_names):
-            self._ran(rung, start, ok=False)
-            raise GuardError(
+            self._ran(index, start, ok=False)
+            raise OutputMismatch(
                 f"session {self.name!r}: the module returned {len(outputs)} outputs, expected "
                 f"{self._output_names} (MNN returns [] on an internal shape error)"
             )
-        self._ran(rung, start, ok=True)
+        self._ran(index, start, ok=True)
         return dict(zip(self._output_names, outputs, strict=True))
 
-    def _ran(self, rung: int, start: float, *, ok: bool) -> None:
+    def _await_module(self) -> None:
+        """Wait (holding `_cond`) until a module serves; raise for FAILED, CLOSED or the bound."""
+        deadline = time.monotonic() + self.policy.wait_timeout
+        while self._state not in LIVE:
+            if self._state is State.CLOSED:
+                raise SessionClosed(f"session {self.name!r} is closed")
+            if self._state is State.FAILED:
+                assert self._failure is not None
+                raise _fresh(self._failure)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(
+                    f"session {self.name!r}: no healthy module within "
+                    f"{self.policy.wait_timeout:g} s while it was {self._state.value} "
+                    "(Policy.wait_timeout); try again later"
+                )
+            self._cond.wait(remaining)
+
+    def _ran(self, index: int, start: float, *, ok: bool) -> None:
         seconds = time.perf_counter() - start
-        name = self.policy.ladder[rung].name
+        rung = self.policy.ladder[index]
         for listener in self._run_listeners:
-            listener.on_run(self.name, rung, name, seconds, ok)
+            listener.on_run(self.name, rung, seconds, ok)
 
     # ----------------------------------------------------------- maintenance
 
     def _needs_maintenance(self) -> bool:
         p = self.policy
-        return any(
-            v is not None for v in (p.promote_after, p.recheck_every_calls, p.recheck_every_seconds)
-        )
-
-    def _maintenance_loop(self) -> None:
-        p = self.policy
-        periods = [v for v in (p.promote_after, p.recheck_every_seconds) if v is not None]
-        interval = min([*periods, 1.0])
-        while not self._closed:
-            self._wake.wait(interval)
-            self._wake.clear()
-            if self._closed:
-                return
-            try:
-                self.maintain()
-            except GuardError:
-                pass  # recorded in status and metrics; run() raises it to callers
-            except Exception:
-                log.exception("session %s: maintenance failed", self.name)
+        return p.promote_after is not None or p.recheck_every is not None
 
     def maintain(self, *, force_recheck: bool = False) -> list[Action | str]:
         """Do whatever is due now: a re-check of the live module, a promotion, a retry.
 
         Runs in the background thread when `Policy.background` is set; call it yourself with a
-        fake clock in tests. Returns what it did.
+        fake clock in tests. Returns what it did. One pass at a time: a call made while another
+        runs returns [] at once.
         """
-        done: list[Action | str] = []
-        if self._closed or not self._recovering.acquire(blocking=False):
-            return done
+        with self._cond:
+            if self._maintaining or self._state is State.CLOSED:
+                return []
+            self._maintaining = True
         try:
-            now = self._clock()
-            p = self.policy
-            if self._module is None:
-                if p.promote_after is not None and now - self._since >= p.promote_after:
-                    done.append("retry")
-                    self._recover(0, first=True)
-                return done
-            calls_due = p.recheck_every_calls is not None and self._calls >= p.recheck_every_calls
-            time_due = (
-                p.recheck_every_seconds is not None
-                and now - self._last_check >= p.recheck_every_seconds
-            )
-            if force_recheck or calls_due or time_due:
-                done.append("recheck")
-                if not self._recheck():
-                    return done
-            promote_due = p.promote_after is not None and now - self._since >= p.promote_after
-            if self._rung > 0 and promote_due and self._promote():
-                done.append(Action.PROMOTE)
-            return done
+            return self._maintain(force_recheck)
         finally:
-            self._recovering.release()
+            with self._cond:
+                self._maintaining = False
+
+    def _maintain(self, force_recheck: bool) -> list[Action | str]:
+        p = self.policy
+        now = self._clock()
+        with self._lock:
+            state, since, last_check = self._state, self._since, self._last_check
+            calls, index = self._calls, self._rung_index
+        promote_due = p.promote_after is not None and now - since >= p.promote_after
+        if state is State.FAILED:
+            if not promote_due:
+                return []
+            self._recover(0, announce_first=False)
+            return ["retry"]
+        if state is not State.SERVING:
+            return []
+        done: list[Action | str] = []
+        every_calls, every_seconds = p.recheck_calls, p.recheck_seconds
+        calls_due = every_calls is not None and calls >= every_calls
+        time_due = every_seconds is not None and now - last_check >= every_seconds
+        if force_recheck or calls_due or time_due:
+            done.append("recheck")
+            if not self._recheck():
+                return done
+        if index > 0 and promote_due and self._promote(index):
+            done.append(Action.PROMOTE)
+        return done
 
     def _recheck(self) -> bool:
-        """Re-run the canary on the live module; on failure recover while callers wait.
+        """Re-run the canary on the live module (CHECKING); on failure replace it (REPLACING).
 
         Callers keep being served between the canary's forwards (each holds the module's lock
         for one forward); judging happens outside the lock. At the first failing judgement the
         module is taken out of service and callers wait for its replacement.
         """
-        with self._lock:
-            module, index = self._module, self._rung
+        with self._cond:
+            live, index = self._live, self._rung_index
+            if live is None or not self._to(State.CHECKING):
+                return False
             self._calls = 0
             self._last_check = self._clock()
-        if module is None:
-            return False
-        start = time.perf_counter()
         rung = self.policy.ladder[index]
+        start = time.perf_counter()
+        verdict: Verdict | None = None
+        error: BaseException | None = None
         try:
             verdict = run_canary(
-                module, self.probe, self.policy.canary_runs, gate=self._ahead, stop_at_failure=True
+                live, self.probe, self.policy.canary_runs, gate=self._lock, stop_at_failure=True
             )
-            outcome, error = (Outcome.PASS if verdict else Outcome.FAIL), None
+            outcome = Outcome.PASS if verdict.passed else Outcome.FAIL
         except Exception as exc:
-            verdict, outcome, error = None, Outcome.ERROR, exc
-        attempt = Attempt(rung.name, index, outcome, verdict, error, time.perf_counter() - start)
+            outcome, error = Outcome.ERROR, exc
+        except BaseException as exc:  # leave CHECKING whatever happens: out of service
+            with self._cond:
+                self._to(State.REPLACING)
+            self._fail((), f"a re-check was interrupted by {type(exc).__name__}: {exc}", exc)
+            raise
+        attempt = Attempt(rung, index, outcome, verdict, error, time.perf_counter() - start)
         notify(self._listeners, "on_check", self.name, attempt)
         with self._cond:
-            if self._module is not module or self._closed:
-                return attempt.passed  # closed or replaced meanwhile: nothing to take down
-            self._verdict = verdict
             if attempt.passed:
-                return True
-            self._healthy = False
-            self._module = None  # nothing degraded is served: callers wait for the replacement
-            self._pending = True
+                self._verdict = verdict
+                return self._to(State.SERVING)
+            if not self._to(State.REPLACING):
+                return False  # closed meanwhile
+            self._verdict = verdict
         self._publish()
-        try:
-            self._recover(index)
-        except RecoveryExhausted:
-            return False
-        return True
+        return self._recover(index, announce_first=True)
 
-    @contextlib.contextmanager
-    def _ahead(self) -> Iterator[None]:
-        """Hold the module's lock for one re-check forward, ahead of callers waiting for it."""
-        self._checker_waiting = True
-        with self._cond:
-            self._checker_waiting = False
-            self._cond.notify_all()  # waiting callers go on once this forward releases the lock
-            yield
-
-    def _promote(self) -> bool:
+    def _promote(self, current: int) -> bool:
         """Build each faster rung off the request path; swap in the first whose canary passes."""
-        current = self._rung
-        self._since = self._clock()
+        with self._lock:
+            self._since = self._clock()
         for index in range(current):
-            module, attempt = self._attempt(index)
-            if module is not None:
-                notify(self._listeners, "on_recover", self.name, Action.PROMOTE, current, index)
-                self._install(module, index, (attempt,))
-                return True
+            runner, attempt = self._attempt(index)
+            if runner is not None:
+                self._announce(Action.PROMOTE, current, index)
+                return self._install(runner, index, (attempt,))
         return False
 
     # -------------------------------------------------------------- lifecycle
@@ -443,16 +498,14 @@ class GuardedSession:
     def close(self) -> None:
         """Release the module and stop the maintenance thread; idempotent."""
         with self._cond:
-            if self._closed:
+            if not self._to(State.CLOSED):
                 return
-            self._closed = True
-            self._module = None
-            self._healthy = False
-            self._cond.notify_all()
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        notify(self._listeners, "on_close", self.name)
+        with self._publishing:
+            self._finalizer.detach()
+            notify(self._listeners, "on_close", self.name)
 
     def __enter__(self) -> GuardedSession:
         return self

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,10 +20,28 @@ from numpy.typing import NDArray
 
 from guard import mnn
 from guard.errors import ConfigError
+from guard.ladder import Action, Attempt, Rung
+from guard.listeners import Listener
+from guard.state import SessionStatus
 
-__all__ = ["DegradedModule", "Fault", "FaultyFactory", "degrade"]
+__all__ = [
+    "Affects",
+    "Captured",
+    "CapturingListener",
+    "DegradedModule",
+    "Fault",
+    "FaultyFactory",
+    "degrade",
+]
 
 Array = NDArray[Any]
+
+
+class Affects(enum.StrEnum):
+    """Which inits a FaultyFactory may degrade."""
+
+    STATIC = "static"  # every init but dynamic=True ones, as in the field reports
+    ALL = "all"
 
 
 class Fault(enum.StrEnum):
@@ -62,7 +81,10 @@ def degrade(
 
 
 class DegradedModule:
-    """Wraps a real MNN module so that every forward after the first `after` is degraded."""
+    """Wraps a real module so that every forward after the first `after` is degraded.
+
+    A numpy-level Runner (`run(arrays) -> arrays`): the guard uses it as it is.
+    """
 
     def __init__(
         self,
@@ -74,6 +96,7 @@ class DegradedModule:
         after: int = 0,
     ) -> None:
         self.module = module
+        self.runner = mnn.adapt(module)
         self.fault = fault
         self.snr_db = snr_db
         self.after = after
@@ -81,21 +104,18 @@ class DegradedModule:
         self._rng = np.random.default_rng(seed)
         self._previous: list[Array] | None = None
 
-    def forward(self, inputs: list[Any]) -> list[Any]:
+    def run(self, arrays: Sequence[Array]) -> list[Array]:
         """Run the real module, then degrade its outputs."""
-        result = self.module.forward(inputs)
+        outputs = self.runner.run(arrays)
         self.forwards += 1
         if self.forwards <= self.after:
-            return list(result)
-        arrays = [mnn.to_numpy(v) for v in result]
+            return outputs
         if self.fault is Fault.MISSING:
             return []
         if self.fault is Fault.STALE:
-            previous, self._previous = self._previous, arrays
-            arrays = previous if previous is not None else arrays
-        else:
-            arrays = degrade(arrays, self.fault, self._rng, self.snr_db)
-        return [mnn.to_var(a) for a in arrays]
+            previous, self._previous = self._previous, outputs
+            return previous if previous is not None else outputs
+        return degrade(outputs, self.fault, self._rng, self.snr_db)
 
 
 class _NoForward:
@@ -127,7 +147,7 @@ class FaultyFactory:
         seed: int | None = 0,
         per_process: bool = False,
         snr_db: float = 29.0,
-        affects: Callable[[Mapping[str, Any]], bool] | str = "static",
+        affects: Callable[[Mapping[str, Any]], bool] | Affects | str = Affects.STATIC,
         replacement: Callable[..., Any] | None = None,
         hang_seconds: float = 3600.0,
         degrade_after: int = 0,
@@ -143,7 +163,7 @@ class FaultyFactory:
         self.seed = seed
         self.per_process = per_process
         self.snr_db = snr_db
-        self.affects = affects
+        self.affects = affects if callable(affects) else Affects(affects)
         self.replacement = replacement
         self.hang_seconds = hang_seconds
         self.degrade_after = degrade_after
@@ -181,11 +201,7 @@ class FaultyFactory:
     def _applies(self, overrides: Mapping[str, Any]) -> bool:
         if callable(self.affects):
             return bool(self.affects(overrides))
-        if self.affects == "all":
-            return True
-        if self.affects == "static":
-            return not overrides.get("dynamic", False)
-        raise ConfigError(f"affects must be 'static', 'all' or a predicate, got {self.affects!r}")
+        return self.affects is Affects.ALL or not overrides.get("dynamic", False)
 
     def _decide(self, overrides: Mapping[str, Any]) -> tuple[bool, int]:
         with self._lock:
@@ -227,3 +243,55 @@ class FaultyFactory:
         return DegradedModule(
             module, self.fault, seed=seed, snr_db=self.snr_db, after=self.degrade_after
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Captured:
+    """One listener event, by name: what happened, to which session, on which rung."""
+
+    kind: str  # init, attempt, check, recover, status, run, close
+    session: str
+    rung: str | None = None
+    outcome: str | None = None  # attempt and check: pass, fail, error, timeout
+    action: str | None = None  # recover: reinit, fallback, promote
+    to_rung: str | None = None  # recover
+    healthy: bool | None = None  # status
+    ok: bool | None = None  # run
+
+
+class CapturingListener(Listener):
+    """Keeps every event as a `Captured` in `.events`, for tests."""
+
+    def __init__(self) -> None:
+        self.events: list[Captured] = []
+
+    def on_init(self, session: str, rung: Rung) -> None:
+        self.events.append(Captured("init", session, rung.name))
+
+    def on_attempt(self, session: str, attempt: Attempt) -> None:
+        self.events.append(
+            Captured("attempt", session, attempt.rung.name, outcome=attempt.outcome.value)
+        )
+
+    def on_check(self, session: str, attempt: Attempt) -> None:
+        self.events.append(
+            Captured("check", session, attempt.rung.name, outcome=attempt.outcome.value)
+        )
+
+    def on_recover(self, session: str, action: Action, from_rung: Rung, to_rung: Rung) -> None:
+        self.events.append(
+            Captured("recover", session, from_rung.name, action=action.value, to_rung=to_rung.name)
+        )
+
+    def on_status(self, session: str, status: SessionStatus) -> None:
+        self.events.append(Captured("status", session, status.mode, healthy=status.healthy))
+
+    def on_run(self, session: str, rung: Rung, seconds: float, ok: bool) -> None:
+        self.events.append(Captured("run", session, rung.name, ok=ok))
+
+    def on_close(self, session: str) -> None:
+        self.events.append(Captured("close", session))
+
+    def of(self, kind: str) -> list[Captured]:
+        """Events of one kind, in order."""
+        return [e for e in self.events if e.kind == kind]

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from guard import mnn
-from guard.health import HealthListener
+from guard.health import HealthListener, HealthTable
 from guard.ladder import Policy
 from guard.listeners import Listener, LoggingListener
 from guard.metrics import PrometheusListener
@@ -47,11 +47,13 @@ def wrap(
     registry: CollectorRegistry | None = None,
     listeners: Sequence[Listener] = (),
     metrics: bool = True,
+    health: HealthTable | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> GuardedSession:
     """Initialise a guarded session now: canary after every init, recovery down the ladder.
 
-    Raises RecoveryExhausted (a GuardError) when every rung fails its canary.
+    Raises RecoveryExhausted (a GuardError) when every rung fails its canary. The session's
+    health goes to `health` (default: the process's table, which `guard.serve` answers for).
 
     >>> factory = guard.mnn_factory("vocoder.mnn", ["mel"], ["wav"], threads=1)  # doctest: +SKIP
     >>> probe = probes.load("probes/vocoder")  # doctest: +SKIP
@@ -59,7 +61,7 @@ def wrap(
     >>> session.run({"mel": mel})["wav"]  # doctest: +SKIP
     """
     check_probe(factory, probe)
-    chain: list[Listener] = [LoggingListener(), HealthListener()]
+    chain: list[Listener] = [LoggingListener(), HealthListener(health)]
     if metrics:
         chain.append(PrometheusListener(registry))
     chain.extend(listeners)

@@ -6,6 +6,8 @@
 >>> probes.load("probes/vocoder").judge({"wav": wav}).passed  # doctest: +SKIP
 """
 
+from typing import Any
+
 from probes.errors import ProbeError
 from probes.judges import (
     Check,
@@ -23,7 +25,6 @@ from probes.judges import (
     snr_db,
 )
 from probes.probe import SCHEMA_VERSION, Case, Probe, ProbeMeta, Verdict
-from probes.record import record
 from probes.signature import Dim, InputSpec, OutputSpec
 from probes.store import ProbeVersionWarning, check_mnn_version, check_model, file_sha256, load
 
@@ -57,3 +58,12 @@ __all__ = [
     "snr",
     "snr_db",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`probes.record`: recording runs modules, so it lives with the runtime in `guard.record`."""
+    if name == "record":
+        from guard.record import record
+
+        return record
+    raise AttributeError(f"module 'probes' has no attribute {name!r}")

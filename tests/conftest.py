@@ -35,7 +35,7 @@ def demo_probe(demo_paths: tuple[Path, Path]) -> probes.Probe:
 
 
 @pytest.fixture()
-def demo_factory(demo_paths: tuple[Path, Path]) -> guard.MNNFactory:
+def demo_factory(demo_paths: tuple[Path, Path]) -> guard.mnn.MNNFactory:
     """A one-thread factory for the demo vocoder."""
     return demo.demo_factory(threads=1)
 
@@ -73,6 +73,5 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 @pytest.fixture(autouse=True)
 def _clean_health() -> Iterator[None]:
     """Each test starts with an empty process-wide readiness table."""
-    for name in list(health.sessions()):
-        health.forget(name)
+    health.HEALTH.clear()
     yield

@@ -32,8 +32,8 @@ def test_any_length_gives_hop_samples_per_frame(frames: int) -> None:
     """The vocoder maps T frames to T*256 samples on both rungs, with a non-trivial signal."""
     factory = demo.demo_factory()
     x = demo.demo_mel(frames)
-    static = mnn.forward(factory(), [x])[0]
-    dynamic = mnn.forward(factory(dynamic=True), [x])[0]
+    static = mnn.adapt(factory()).run([x])[0]
+    dynamic = mnn.adapt(factory(dynamic=True)).run([x])[0]
     assert static.shape == dynamic.shape == (1, 1, frames * demo.HOP)
     assert np.array_equal(static, dynamic)
     assert 0.05 < float(np.std(static)) < 0.9

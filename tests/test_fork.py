@@ -20,7 +20,7 @@ import guard
 import probes
 from guard import demo
 from guard.session import call_with_timeout
-from guard.testing import FaultyFactory
+from guard.testing import CapturingListener, FaultyFactory
 
 CHILD_SECONDS = 10.0  # a forked child must answer within this
 HELPER_SECONDS = 60.0  # a helper process must report within this
@@ -134,7 +134,7 @@ def hang_helper(probe_dir: str, reinit_attempts: int, out: Connection) -> None:
     faulty = FaultyFactory(
         demo.demo_factory(threads=1), fault="hang", affects="all", schedule=[True], hang_seconds=30
     )
-    listener = guard.CapturingListener()
+    listener = CapturingListener()
     registry = CollectorRegistry()
     policy = quiet_policy(
         init_timeout=INIT_TIMEOUT, reinit_attempts=reinit_attempts, ladder=(guard.STATIC,)
@@ -156,7 +156,7 @@ def hang_helper(probe_dir: str, reinit_attempts: int, out: Connection) -> None:
     timeouts = registry.get_sample_value(
         "mnn_guard_canary_checks_total", {"session": "hang", "rung": "static", "result": "timeout"}
     )
-    outcomes = [e[3] for e in listener.of("attempt")]
+    outcomes = [e.outcome for e in listener.of("attempt")]
     out.send((result, outcomes, timeouts, time.monotonic() - start))
 
 
@@ -195,7 +195,7 @@ def first_init_helper(probe_dir: str, out: Connection) -> None:
         def __init__(self) -> None:
             self.seen: list[bool] = []
 
-        def on_init(self, session: str, rung: guard.Rung, rung_index: int) -> None:
+        def on_init(self, session: str, rung: guard.Rung) -> None:
             self.seen.append("scipy.signal" in sys.modules)
 
     spy = Spy()

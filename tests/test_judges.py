@@ -46,7 +46,7 @@ def test_default_thresholds_on_rebuilt_models(
     demo.build_vocoder(path, weight_transform=transform)
     module = guard.mnn_factory(path, ["mel"], ["wav"], threads=1)()
     case = demo_probe.cases[0]
-    verdict = demo_probe.judge(mnn.forward(module, [case.inputs["mel"]]))
+    verdict = demo_probe.judge(mnn.adapt(module).run([case.inputs["mel"]]))
     score = verdict.scores["wav"]
     print(
         f"{name}: SNR {score.snr_db:.1f} dB, cosine {score.cosine:.7f}, LSD {score.lsd_db:.3f} dB"

@@ -27,7 +27,7 @@ def canary(registry: CollectorRegistry, rung: str, result: str) -> Any:
 
 
 def test_scheduled_faults_are_counted(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> None:
     """Two degraded inits then a clean one: 3 inits, 2 fails, 1 pass, 2 reinits, healthy, rung 0."""
     faulty = FaultyFactory(demo_factory, fault="noise", schedule=[True, True, False])
@@ -55,7 +55,7 @@ def test_scheduled_faults_are_counted(
 
 
 def test_last_canary_snr_is_exported(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> None:
     """The SNR gauge holds the worst SNR of the last canary judgement (the passing one)."""
     faulty = FaultyFactory(demo_factory, fault="noise", schedule=[True, False])
@@ -67,7 +67,7 @@ def test_last_canary_snr_is_exported(
 
 
 def test_fallback_is_counted(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> None:
     """Every static init degraded: the session ends on rung 1 'dynamic' with one fallback."""
     faulty = FaultyFactory(demo_factory, fault="noise", rate=1.0)
@@ -97,7 +97,7 @@ def test_fallback_is_counted(
 
 
 def test_exhaustion_is_counted(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> None:
     """Every init degraded: RecoveryExhausted, every canary failed, healthy 0 on the last rung."""
     faulty = FaultyFactory(demo_factory, fault="noise", rate=1.0, affects="all", snr_db=29.0)
@@ -128,7 +128,7 @@ def test_exhaustion_is_counted(
 
 
 def test_runs_are_counted_and_timed(
-    demo_factory: guard.MNNFactory,
+    demo_factory: guard.mnn.MNNFactory,
     demo_probe: probes.Probe,
     registry: CollectorRegistry,
     mel: np.ndarray[Any, Any],
@@ -147,7 +147,7 @@ def test_runs_are_counted_and_timed(
 
 
 def test_two_sessions_share_one_registry(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> None:
     """Two sessions with different names keep separate series in the same registry."""
     faulty = FaultyFactory(demo_factory, fault="noise", schedule=[True, False])
@@ -166,7 +166,7 @@ def test_two_sessions_share_one_registry(
 
 
 def test_close_sets_healthy_to_zero(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> None:
     """A closed session is exported as unhealthy."""
     session = guard.wrap(demo_factory, demo_probe, name="vocoder", registry=registry, policy=QUIET)

@@ -40,7 +40,7 @@ def mels(count: int, offset: int = 0) -> list[Array]:
 def references(inputs: list[Array]) -> list[Array]:
     """Clean outputs from a fresh dynamic module in this process (the trusted configuration)."""
     module = demo.demo_factory(threads=1)(dynamic=True)
-    return [mnn.forward(module, [x])[0] for x in inputs]
+    return [mnn.adapt(module).run([x])[0] for x in inputs]
 
 
 def assert_outputs(outputs: list[dict[str, Array]], expected: list[Array]) -> None:
@@ -224,8 +224,8 @@ def soak_worker(
     caught = served = degraded_served = fallbacks = 0
     for _ in range(SOAK_INITS):
         with guard.wrap(faulty, probe, policy=quiet_policy(), name="soak", metrics=False) as s:
-            caught += sum(a.outcome is guard.Outcome.FAIL for a in s.status.history)
-            fallbacks += s.status.rung > 0
+            caught += sum(a.outcome is guard.ladder.Outcome.FAIL for a in s.status.history)
+            fallbacks += s.status.rung_index > 0
             for k, (x, _) in enumerate(cases):
                 served += 1
                 degraded_served += not judge.judge(s.run({"mel": x}), case=k).passed

@@ -296,21 +296,21 @@ def test_random_corruption_only_raises_probe_error(
 # ---------------------------------------------------------------- recording
 
 
-def test_record_refuses_nan_goldens(demo_factory: guard.MNNFactory) -> None:
+def test_record_refuses_nan_goldens(demo_factory: guard.mnn.MNNFactory) -> None:
     """A reference that produces NaN is refused."""
     faulty = FaultyFactory(demo_factory, fault=Fault.NAN, rate=1.0, affects="all")
     with pytest.raises(probes.ProbeError, match="refusing to record non-finite goldens"):
         probes.record(faulty, {"mel": demo.demo_mel(10)})
 
 
-def test_record_refuses_a_nondeterministic_reference(demo_factory: guard.MNNFactory) -> None:
+def test_record_refuses_a_nondeterministic_reference(demo_factory: guard.mnn.MNNFactory) -> None:
     """A reference whose fresh inits disagree is refused."""
     faulty = FaultyFactory(demo_factory, fault=Fault.NOISE, rate=1.0, affects="all", seed=None)
     with pytest.raises(probes.ProbeError, match="does not agree with itself"):
         probes.record(faulty, {"mel": demo.demo_mel(10)})
 
 
-def test_record_refuses_a_stale_reference(demo_factory: guard.MNNFactory) -> None:
+def test_record_refuses_a_stale_reference(demo_factory: guard.mnn.MNNFactory) -> None:
     """A reference that returns the previous call's output disagrees with itself and is refused."""
     faulty = FaultyFactory(demo_factory, fault=Fault.STALE, rate=1.0, affects="all")
     with pytest.raises(probes.ProbeError, match="does not agree with itself"):
@@ -339,7 +339,7 @@ def test_record_refuses_a_stale_reference(demo_factory: guard.MNNFactory) -> Non
     ids=["nan input", "wrong name", "dtype", "runs", "range", "unknown dynamic", "empty"],
 )
 def test_record_rejects_bad_arguments(
-    demo_factory: guard.MNNFactory, inputs: Any, kwargs: dict[str, Any], message: str
+    demo_factory: guard.mnn.MNNFactory, inputs: Any, kwargs: dict[str, Any], message: str
 ) -> None:
     """Bad canaries or options are refused before anything is recorded."""
     with pytest.raises(probes.ProbeError) as info:
@@ -347,7 +347,7 @@ def test_record_rejects_bad_arguments(
     assert message in str(info.value)
 
 
-def test_record_derives_a_second_case(demo_factory: guard.MNNFactory, tmp_path: Path) -> None:
+def test_record_derives_a_second_case(demo_factory: guard.mnn.MNNFactory, tmp_path: Path) -> None:
     """A single canary gets a rolled second case with its own golden, and metadata is filled in."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")

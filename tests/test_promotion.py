@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 import guard
 import probes
 from guard import demo, mnn
-from guard.testing import Fault, FaultyFactory
+from guard.testing import CapturingListener, Fault, FaultyFactory
 
 Array = np.ndarray[Any, Any]
 STATIC_FAILS = [True] * 4  # the first init and its 3 re-inits on the static rung
@@ -40,7 +40,7 @@ class FakeClock:
 
 def reference(x: Array) -> Array:
     """The clean output of a fresh dynamic module (the trusted configuration)."""
-    return mnn.forward(demo.demo_factory()(dynamic=True), [x])[0]
+    return mnn.adapt(demo.demo_factory()(dynamic=True)).run([x])[0]
 
 
 def fallen_back(
@@ -79,8 +79,12 @@ def test_promotion_returns_to_static_after_fallback(demo_probe: probes.Probe) ->
     assert faulty.inits == 5 and session.status.mode == "dynamic"
 
     clock.advance(2)
-    assert session.maintain() == [guard.Action.PROMOTE]
-    assert (session.status.mode, session.status.rung, session.status.healthy) == ("static", 0, True)
+    assert session.maintain() == [guard.ladder.Action.PROMOTE]
+    assert (session.status.mode, session.status.rung_index, session.status.healthy) == (
+        "static",
+        0,
+        True,
+    )
     assert faulty.inits == 6
     x = demo.demo_mel(3, seed=7)
     assert probes.snr_db(reference(x), session.run({"mel": x})["wav"]) > 45
@@ -100,20 +104,21 @@ def test_promotion_returns_to_static_after_fallback(demo_probe: probes.Probe) ->
 
 def test_failed_promotion_keeps_serving_and_retries_later(demo_probe: probes.Probe) -> None:
     """A promotion whose canary fails changes nothing; the next period tries again."""
-    listener = guard.CapturingListener()
+    listener = CapturingListener()
     schedule = [*STATIC_FAILS, False, True]  # init 4 is dynamic; init 5 (1st promotion) degraded
     session, faulty, clock = fallen_back(demo_probe, schedule, listeners=(listener,))
     clock.advance(301)
     assert session.maintain() == []
     assert (session.status.mode, session.status.healthy, faulty.inits) == ("dynamic", True, 6)
-    assert listener.of("attempt")[-1][2:] == ("static", "fail")
+    last = listener.of("attempt")[-1]
+    assert (last.rung, last.outcome) == ("static", "fail")
     x = demo.demo_mel(3, seed=8)
     assert probes.snr_db(reference(x), session.run({"mel": x})["wav"]) > 45
 
     clock.advance(200)
     assert session.maintain() == []  # the failed try restarted the period
     clock.advance(101)
-    assert session.maintain() == [guard.Action.PROMOTE]
+    assert session.maintain() == [guard.ladder.Action.PROMOTE]
     assert (session.status.mode, faulty.inits) == ("static", 7)
     session.close()
 
@@ -172,7 +177,7 @@ def test_calls_during_the_swap_are_all_correct(demo_probe: probes.Probe) -> None
     modes = {m for m, _ in results}
     print(f"swap under load: {len(results)} calls, {during_build[0]} completed during the build")
     assert errors == []
-    assert done == [guard.Action.PROMOTE]
+    assert done == [guard.ladder.Action.PROMOTE]
     assert all(ok for _, ok in results)
     assert modes == {"dynamic", "static"}
     assert during_build[0] >= 8  # run() was not blocked while the new module was built
@@ -208,22 +213,22 @@ def test_recheck_catches_a_module_that_degrades_after_k_calls(demo_probe: probes
     k = 20
     canary_forwards = 2 * len(demo_probe.cases)
     factory = degrading_factory(after=canary_forwards + 10)
-    listener = guard.CapturingListener()
+    listener = CapturingListener()
     session = guard.wrap(
         factory,
         demo_probe,
         name="recheck",
         metrics=False,
         listeners=[listener],
-        policy=guard.Policy(background=False, promote_after=None, recheck_every_calls=k),
+        policy=guard.Policy(background=False, promote_after=None, recheck_every=k),
     )
     x = demo.demo_mel(3, seed=9)
     ref = reference(x)
     snrs = [probes.snr_db(ref, session.run({"mel": x})["wav"]) for _ in range(k)]
     assert all(s > 45 for s in snrs[:10]) and all(s < 45 for s in snrs[10:])  # it did degrade
     assert session.maintain() == ["recheck"]
-    assert [e[3] for e in listener.of("check")] == ["fail"]
-    assert [e[2] for e in listener.of("recover")] == ["reinit"]
+    assert [e.outcome for e in listener.of("check")] == ["fail"]
+    assert [e.action for e in listener.of("recover")] == ["reinit"]
     assert (session.status.mode, session.status.healthy) == ("static", True)
     assert probes.snr_db(ref, session.run({"mel": x})["wav"]) > 45
     assert factory.inits == 2
@@ -231,39 +236,53 @@ def test_recheck_catches_a_module_that_degrades_after_k_calls(demo_probe: probes
 
 
 def test_recheck_not_due_does_nothing(demo_probe: probes.Probe) -> None:
-    """Before K calls or the period maintain() leaves the module alone; after, it re-checks."""
+    """Before K calls maintain() leaves the module alone; at the K-th call it re-checks."""
     factory = degrading_factory(after=10**9)
-    clock = FakeClock()
-    listener = guard.CapturingListener()
+    listener = CapturingListener()
     session = guard.wrap(
         factory,
         demo_probe,
-        name="recheck-time",
+        name="recheck-calls",
         metrics=False,
         listeners=[listener],
-        clock=clock,
-        policy=guard.Policy(
-            background=False,
-            promote_after=None,
-            recheck_every_calls=50,
-            recheck_every_seconds=60,
-        ),
+        clock=FakeClock(),
+        policy=guard.Policy(background=False, promote_after=None, recheck_every=50),
     )
     x = demo.demo_mel(3, seed=10)
     for _ in range(49):
         session.run({"mel": x})
-    clock.advance(59)
     assert session.maintain() == []
-    clock.advance(2)
-    assert session.maintain() == ["recheck"]
-    assert [e[3] for e in listener.of("check")] == ["pass"]
-    assert session.maintain() == []  # both counters restarted
+    session.run({"mel": x})
+    assert session.maintain() == ["recheck"]  # the 50th call
+    assert [e.outcome for e in listener.of("check")] == ["pass"]
+    assert session.maintain() == []  # the counter restarted
     for _ in range(49):
         session.run({"mel": x})
     assert session.maintain() == []
     session.run({"mel": x})
     assert session.maintain() == ["recheck"]  # the 50th call since the last check
     assert factory.inits == 1 and session.status.healthy
+    session.close()
+
+
+def test_recheck_by_time_waits_for_the_period(demo_probe: probes.Probe) -> None:
+    """With a period in seconds, maintain() re-checks only once the period has passed."""
+    clock = FakeClock()
+    session = guard.wrap(
+        degrading_factory(after=10**9),
+        demo_probe,
+        name="recheck-time",
+        metrics=False,
+        clock=clock,
+        policy=guard.Policy(background=False, promote_after=None, recheck_every=60.0),
+    )
+    clock.advance(59)
+    assert session.maintain() == []
+    clock.advance(2)
+    assert session.maintain() == ["recheck"]
+    assert session.maintain() == []  # the period restarted
+    clock.advance(60)
+    assert session.maintain() == ["recheck"]
     session.close()
 
 
@@ -276,16 +295,18 @@ def test_recheck_every_counts_calls_or_seconds(
 ) -> None:
     """`recheck_every`: an int counts calls, a float or timedelta is seconds."""
     policy = guard.Policy(recheck_every=every)
-    assert (policy.recheck_every_calls, policy.recheck_every_seconds) == (calls, seconds)
+    assert (policy.recheck_calls, policy.recheck_seconds) == (calls, seconds)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"recheck_every": "5m"}, "recheck_every must be an int"),
-        ({"recheck_every": 0}, "recheck_every_calls must be >= 1"),
-        ({"recheck_every": -1.0}, "recheck_every_seconds must be > 0"),
-        ({"recheck_every": 10, "recheck_every_calls": 20}, "contradicts"),
+        ({"recheck_every": 0}, "recheck_every must be >= 1 call"),
+        ({"recheck_every": -1.0}, "recheck_every must be > 0 seconds"),
+        ({"recheck_every": timedelta(0)}, "recheck_every must be > 0 seconds"),
+        ({"recheck_every": True}, "recheck_every must be an int"),
+        ({"wait_timeout": 0}, "wait_timeout must be > 0"),
         ({"promote_after": 0}, "promote_after must be > 0"),
     ],
 )

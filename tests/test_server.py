@@ -45,7 +45,7 @@ def get(url: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture()
-def server(registry: CollectorRegistry) -> Iterator[guard.MetricsServer]:
+def server(registry: CollectorRegistry) -> Iterator[guard.server.MetricsServer]:
     """A server on a free port over the test's fresh registry."""
     with guard.serve(port=0, registry=registry) as running:
         yield running
@@ -102,20 +102,20 @@ def test_scrape_counts_match_the_session(scraped: dict[str, Any]) -> None:
     ) == (2.0, 1.0, 1.0)
 
 
-def test_healthz_is_ok(server: guard.MetricsServer) -> None:
+def test_healthz_is_ok(server: guard.server.MetricsServer) -> None:
     """/healthz answers 200 "ok" while the process is up."""
     status, _, body = get(server.url + "/healthz")
     assert (status, body.strip()) == (200, "ok")
 
 
-def test_unknown_path_is_404(server: guard.MetricsServer) -> None:
+def test_unknown_path_is_404(server: guard.server.MetricsServer) -> None:
     """Any other path answers 404."""
     assert get(server.url + "/nope")[0] == 404
 
 
 def test_readyz_with_healthy_session_is_200(
-    server: guard.MetricsServer,
-    demo_factory: guard.MNNFactory,
+    server: guard.server.MetricsServer,
+    demo_factory: guard.mnn.MNNFactory,
     demo_probe: probes.Probe,
     registry: CollectorRegistry,
 ) -> None:
@@ -132,7 +132,9 @@ def test_readyz_with_healthy_session_is_200(
     )
 
 
-def _exhaust(factory: guard.MNNFactory, probe: probes.Probe, registry: CollectorRegistry) -> None:
+def _exhaust(
+    factory: guard.mnn.MNNFactory, probe: probes.Probe, registry: CollectorRegistry
+) -> None:
     """Build a session named X whose every init is degraded (it raises RecoveryExhausted)."""
     faulty = FaultyFactory(factory, fault="noise", rate=1.0, affects="all")
     with pytest.raises(guard.RecoveryExhausted):
@@ -140,8 +142,8 @@ def _exhaust(factory: guard.MNNFactory, probe: probes.Probe, registry: Collector
 
 
 def test_readyz_is_503_after_exhaustion(
-    server: guard.MetricsServer,
-    demo_factory: guard.MNNFactory,
+    server: guard.server.MetricsServer,
+    demo_factory: guard.mnn.MNNFactory,
     demo_probe: probes.Probe,
     registry: CollectorRegistry,
 ) -> None:
@@ -162,8 +164,8 @@ def test_readyz_is_503_after_exhaustion(
 
 
 def test_readyz_recovers_when_healthy_session_replaces(
-    server: guard.MetricsServer,
-    demo_factory: guard.MNNFactory,
+    server: guard.server.MetricsServer,
+    demo_factory: guard.mnn.MNNFactory,
     demo_probe: probes.Probe,
     registry: CollectorRegistry,
 ) -> None:
@@ -176,8 +178,8 @@ def test_readyz_recovers_when_healthy_session_replaces(
 
 
 def test_closing_older_session_keeps_newer_failure(
-    server: guard.MetricsServer,
-    demo_factory: guard.MNNFactory,
+    server: guard.server.MetricsServer,
+    demo_factory: guard.mnn.MNNFactory,
     demo_probe: probes.Probe,
     registry: CollectorRegistry,
 ) -> None:
@@ -189,8 +191,8 @@ def test_closing_older_session_keeps_newer_failure(
 
 
 def test_readyz_forgets_closed_session(
-    server: guard.MetricsServer,
-    demo_factory: guard.MNNFactory,
+    server: guard.server.MetricsServer,
+    demo_factory: guard.mnn.MNNFactory,
     demo_probe: probes.Probe,
     registry: CollectorRegistry,
 ) -> None:
@@ -223,7 +225,7 @@ def test_bad_port_is_rejected(port: Any) -> None:
         guard.serve(port=port)
 
 
-def test_busy_port_is_rejected(server: guard.MetricsServer) -> None:
+def test_busy_port_is_rejected(server: guard.server.MetricsServer) -> None:
     """Listening on a port already in use raises ConfigError naming host and port."""
     with pytest.raises(guard.ConfigError, match=f"127.0.0.1:{server.port}"):
         guard.serve(port=server.port)

@@ -12,7 +12,7 @@ import pytest
 import guard
 import probes
 from guard import demo, mnn
-from guard.testing import Fault, FaultyFactory
+from guard.testing import CapturingListener, Fault, FaultyFactory
 
 Array = np.ndarray[Any, Any]
 
@@ -25,14 +25,14 @@ def quiet_policy(**kw: Any) -> guard.Policy:
 def reference(x: Array) -> Array:
     """The clean output of a fresh dynamic module (the trusted configuration)."""
     module = demo.demo_factory()(dynamic=True)
-    return mnn.forward(module, [x])[0]
+    return mnn.adapt(module).run([x])[0]
 
 
 def test_clean_init_passes_first_try(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe
 ) -> None:
     """A clean init passes its canary on the first attempt and serves the static rung."""
-    listener = guard.CapturingListener()
+    listener = CapturingListener()
     s = guard.wrap(
         demo_factory,
         demo_probe,
@@ -41,7 +41,7 @@ def test_clean_init_passes_first_try(
         metrics=False,
         listeners=[listener],
     )
-    assert (s.status.mode, s.status.rung, s.status.healthy, s.status.attempts) == (
+    assert (s.status.mode, s.status.rung_index, s.status.healthy, s.status.attempts) == (
         "static",
         0,
         True,
@@ -49,32 +49,32 @@ def test_clean_init_passes_first_try(
     )
     assert s.status.verdict is not None and s.status.verdict.passed
     assert listener.of("recover") == []
-    assert [e[3] for e in listener.of("attempt")] == ["pass"]
+    assert [e.outcome for e in listener.of("attempt")] == ["pass"]
 
 
 def test_degraded_init_is_reinitialised(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe
 ) -> None:
     """A degraded first init fails its canary, is re-initialised, and the second init serves."""
     faulty = FaultyFactory(demo_factory, fault=Fault.NOISE, schedule=[True])
-    listener = guard.CapturingListener()
+    listener = CapturingListener()
     s = guard.wrap(
         faulty, demo_probe, policy=quiet_policy(), name="t", metrics=False, listeners=[listener]
     )
     assert (s.status.mode, s.status.attempts, s.status.healthy) == ("static", 2, True)
-    assert [e[3] for e in listener.of("attempt")] == ["fail", "pass"]
-    assert [e[2] for e in listener.of("recover")] == ["reinit"]
+    assert [e.outcome for e in listener.of("attempt")] == ["fail", "pass"]
+    assert [e.action for e in listener.of("recover")] == ["reinit"]
     first = s.status.history[0]
     assert first.verdict is not None and not first.verdict.passed
     assert any("snr_db" in r for r in first.verdict.reasons)
 
 
 def test_all_static_degraded_falls_back_to_dynamic(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe
 ) -> None:
     """When every static init is degraded the session ends on the dynamic rung."""
     faulty = FaultyFactory(demo_factory, fault=Fault.NOISE, rate=1.0, affects="static")
-    listener = guard.CapturingListener()
+    listener = CapturingListener()
     s = guard.wrap(
         faulty,
         demo_probe,
@@ -83,13 +83,13 @@ def test_all_static_degraded_falls_back_to_dynamic(
         metrics=False,
         listeners=[listener],
     )
-    assert (s.status.mode, s.status.rung, s.status.attempts) == ("dynamic", 1, 4)
-    assert [e[2] for e in listener.of("recover")] == ["reinit", "reinit", "fallback"]
+    assert (s.status.mode, s.status.rung_index, s.status.attempts) == ("dynamic", 1, 4)
+    assert [e.action for e in listener.of("recover")] == ["reinit", "reinit", "fallback"]
     assert faulty.degraded_inits == 3
 
 
 def test_everything_degraded_raises_recovery_exhausted(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe
 ) -> None:
     """Every rung failing raises RecoveryExhausted carrying every attempt's failed verdict."""
     faulty = FaultyFactory(demo_factory, fault=Fault.ZEROS, rate=1.0, affects="all")
@@ -99,14 +99,14 @@ def test_everything_degraded_raises_recovery_exhausted(
         )
     err = info.value
     assert isinstance(err, guard.GuardError)
-    assert [a.rung for a in err.attempts] == ["static", "static", "dynamic", "dynamic"]
+    assert [a.rung.name for a in err.attempts] == ["static", "static", "dynamic", "dynamic"]
     assert len(err.verdicts) == 4 and not any(v.passed for v in err.verdicts if v is not None)
     assert all(v is not None for v in err.verdicts)
     assert "every rung" in str(err) and "snr_db" in str(err)
 
 
 def test_probe_that_fails_its_own_goldens_is_refused_before_any_init(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe
 ) -> None:
     """Thresholds no output can meet raise ConfigError up front, without calling the factory."""
     calls: list[dict[str, Any]] = []
@@ -122,7 +122,7 @@ def test_probe_that_fails_its_own_goldens_is_refused_before_any_init(
 
 
 def test_factory_exception_is_chained(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe
 ) -> None:
     """A factory that always raises ends in RecoveryExhausted with the original error chained."""
     faulty = FaultyFactory(demo_factory, fault=Fault.RAISE, rate=1.0, affects="all")
@@ -132,11 +132,11 @@ def test_factory_exception_is_chained(
         )
     assert isinstance(info.value.__cause__, RuntimeError)
     assert "injected factory failure" in str(info.value.__cause__)
-    assert [a.outcome for a in info.value.attempts] == [guard.Outcome.ERROR] * 2
+    assert [a.outcome for a in info.value.attempts] == [guard.ladder.Outcome.ERROR] * 2
 
 
 def test_outputs_are_distinct_owned_and_correct(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe
 ) -> None:
     """Outputs kept across calls stay distinct and equal their own reference (no view reuse)."""
     s = guard.wrap(demo_factory, demo_probe, policy=quiet_policy(), name="t", metrics=False)
@@ -149,7 +149,7 @@ def test_outputs_are_distinct_owned_and_correct(
 
 
 def test_list_inputs_in_model_order(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe, mel: Array
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, mel: Array
 ) -> None:
     """A list in input order gives the same result as a dict by name."""
     s = guard.wrap(demo_factory, demo_probe, policy=quiet_policy(), name="t", metrics=False)
@@ -171,21 +171,21 @@ OUTPUT_FAULTS = [
     ("fault", "reason"), OUTPUT_FAULTS, ids=[f.value for f, _ in OUTPUT_FAULTS]
 )
 def test_degraded_outputs_are_caught_by_the_canary(
-    fault: Fault, reason: str, demo_factory: guard.MNNFactory, demo_probe: probes.Probe
+    fault: Fault, reason: str, demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe
 ) -> None:
     """Each output fault fails the canary with a reason that names it; the re-init serves."""
     faulty = FaultyFactory(demo_factory, fault=fault, schedule=[True], affects="all")
     s = guard.wrap(faulty, demo_probe, policy=quiet_policy(), name="t", metrics=False)
     first = s.status.history[0]
-    assert first.outcome is guard.Outcome.FAIL
+    assert first.outcome is guard.ladder.Outcome.FAIL
     assert first.verdict is not None and any(reason in r for r in first.verdict.reasons)
     assert s.status.healthy and s.status.attempts == 2
 
 
 FACTORY_FAULTS = [
-    (Fault.RAISE, guard.Outcome.ERROR, "injected factory failure"),
-    (Fault.NO_FORWARD, guard.Outcome.ERROR, "without a forward() method"),
-    (Fault.HANG, guard.Outcome.TIMEOUT, "did not finish within"),
+    (Fault.RAISE, guard.ladder.Outcome.ERROR, "injected factory failure"),
+    (Fault.NO_FORWARD, guard.ladder.Outcome.ERROR, "without a forward() method"),
+    (Fault.HANG, guard.ladder.Outcome.TIMEOUT, "did not finish within"),
 ]
 
 
@@ -195,9 +195,9 @@ FACTORY_FAULTS = [
 )
 def test_factory_faults_count_as_failed_attempts(
     fault: Fault,
-    outcome: guard.Outcome,
+    outcome: guard.ladder.Outcome,
     message: str,
-    demo_factory: guard.MNNFactory,
+    demo_factory: guard.mnn.MNNFactory,
     demo_probe: probes.Probe,
 ) -> None:
     """A factory that raises, returns no module, or hangs is a failed attempt, then recovered."""
@@ -214,7 +214,7 @@ def test_factory_faults_count_as_failed_attempts(
 
 
 def test_intermittent_factory_eventually_serves(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe
 ) -> None:
     """A factory that fails on alternate inits still yields a healthy session."""
     faulty = FaultyFactory(
@@ -225,7 +225,7 @@ def test_intermittent_factory_eventually_serves(
 
 
 def test_threads_get_their_own_outputs(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe
 ) -> None:
     """8 threads x 500 calls with distinct inputs: every output equals its own input's reference."""
     s = guard.wrap(demo_factory, demo_probe, policy=quiet_policy(), name="t", metrics=False)
@@ -249,7 +249,7 @@ def test_threads_get_their_own_outputs(
 
 
 def test_close_is_idempotent_and_run_after_close_raises(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe, mel: Array
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, mel: Array
 ) -> None:
     """close() releases the module, can be called twice, and run() afterwards says so."""
     s = guard.wrap(demo_factory, demo_probe, policy=quiet_policy(), name="t", metrics=False)
@@ -261,7 +261,7 @@ def test_close_is_idempotent_and_run_after_close_raises(
 
 
 def test_session_logs_every_init(
-    demo_factory: guard.MNNFactory, demo_probe: probes.Probe, caplog: pytest.LogCaptureFixture
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Every init, verdict and recovery is logged on the mnn_guard logger."""
     faulty = FaultyFactory(demo_factory, fault=Fault.ZEROS, schedule=[True])
@@ -269,7 +269,7 @@ def test_session_logs_every_init(
         guard.wrap(faulty, demo_probe, policy=quiet_policy(), name="logged", metrics=False)
     text = caplog.text
     assert "session logged: init rung 'static': fail" in text
-    assert "reinit from rung 0 to rung 0" in text
+    assert "reinit from rung 'static' to rung 'static'" in text
     assert "session logged: init rung 'static': pass" in text
 
 
@@ -280,7 +280,7 @@ class CheckTimeline(guard.Listener):
         self.checks: list[tuple[float, bool]] = []
         self.unhealthy: list[float] = []
 
-    def on_check(self, session: str, attempt: guard.Attempt) -> None:
+    def on_check(self, session: str, attempt: guard.ladder.Attempt) -> None:
         self.checks.append((time.perf_counter(), attempt.passed))
 
     def on_status(self, session: str, status: guard.SessionStatus) -> None:
@@ -306,7 +306,7 @@ def test_failed_recheck_under_load_fails_no_call(demo_probe: probes.Probe) -> No
         name="recheck",
         metrics=False,
         listeners=[timeline],
-        policy=guard.Policy(recheck_every_calls=40, promote_after=None),
+        policy=guard.Policy(recheck_every=40, promote_after=None),
     )
     xs = [demo.demo_mel(2, seed=k) for k in range(16)]
     refs = [reference(x) for x in xs]
@@ -343,4 +343,4 @@ def test_failed_recheck_under_load_fails_no_call(demo_probe: probes.Probe) -> No
     first_bad_ended = min(ended for _, ended in bad)
     passed_after = [t for t, ok in timeline.checks if ok and first_bad_ended < t < taken_out]
     assert len(passed_after) <= 1
-    assert s.status.history[-1].rung == "static"
+    assert s.status.history[-1].rung.name == "static"

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from guard import mnn
 from probes.errors import ProbeError
 from probes.judges import Thresholds, snr_db
 from probes.probe import Case, Probe, ProbeMeta
@@ -89,15 +90,11 @@ def _run_reference(
     agreement_db: float,
 ) -> list[list[Array]]:
     """Outputs of every case; refuses NaN/Inf and any disagreement across inits and repeat runs."""
-    from guard.mnn import forward
-
     first: list[list[Array]] | None = None
     for init in range(runs):
         try:
-            module = factory(**reference)
-            results = [
-                [forward(module, [case[n] for n in names]) for case in cases] for _ in range(2)
-            ]
+            module = mnn.adapt(factory(**reference))
+            results = [[module.run([case[n] for n in names]) for case in cases] for _ in range(2)]
         except ProbeError:
             raise
         except Exception as exc:
@@ -199,7 +196,6 @@ def record(
         goldens.pop()
         notes.pop()
     model_path = model if model is not None else getattr(factory, "path", None)
-    from guard.mnn import mnn_version
 
     return Probe(
         cases=tuple(
@@ -215,7 +211,7 @@ def record(
         per_output=dict(per_output or {}),
         meta=ProbeMeta(
             model_sha256=file_sha256(model_path) if model_path is not None else None,
-            mnn_version=mnn_version(),
+            mnn_version=mnn.mnn_version(),
             reference=reference,
             runs=runs,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -1,0 +1,90 @@
+"""The states of a guarded session, the moves between them, and a snapshot of one.
+
+The only moves (`MOVES`); `GuardedSession._to` makes every one of them:
+
+    from       to         when
+    STARTING   SERVING    a rung's module passes its canary (inside guard.wrap)
+    STARTING   FAILED     every rung fails (guard.wrap raises RecoveryExhausted)
+    SERVING    CHECKING   a re-check starts on the live module
+    SERVING    SERVING    a promotion swaps in a faster rung's module that passed
+    CHECKING   SERVING    the re-check passes
+    CHECKING   REPLACING  the re-check fails: the module is out of service at once
+    REPLACING  SERVING    a replacement passes its canary
+    REPLACING  FAILED     every rung fails, or the recovery raised (even SystemExit)
+    FAILED     SERVING    a retry (every Policy.promote_after seconds) passes
+    FAILED     FAILED     the retry fails
+    any        CLOSED     close(), or the session was dropped and garbage-collected
+
+`run()` serves in SERVING and CHECKING, waits (at most `Policy.wait_timeout`) in STARTING and
+REPLACING, raises a fresh `RecoveryExhausted` in FAILED and `SessionClosed` in CLOSED.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from guard.ladder import Attempt, Rung
+from probes import Verdict
+
+__all__ = ["LIVE", "MOVES", "SessionStatus", "State"]
+
+
+class State(enum.Enum):
+    """Where a session is in its life."""
+
+    STARTING = "starting"  # the first init + canary is running
+    SERVING = "serving"  # a module whose canary passed serves run()
+    CHECKING = "checking"  # serving, while a re-check runs the canary on the live module
+    REPLACING = "replacing"  # the live module failed its re-check; run() waits for a new one
+    FAILED = "failed"  # every rung failed its canary; run() raises, maintenance retries
+    CLOSED = "closed"  # released; run() raises SessionClosed
+
+
+MOVES: dict[State, frozenset[State]] = {
+    State.STARTING: frozenset({State.SERVING, State.FAILED, State.CLOSED}),
+    State.SERVING: frozenset({State.SERVING, State.CHECKING, State.CLOSED}),  # SERVING: promoted
+    State.CHECKING: frozenset({State.SERVING, State.REPLACING, State.CLOSED}),
+    State.REPLACING: frozenset({State.SERVING, State.FAILED, State.CLOSED}),
+    State.FAILED: frozenset({State.SERVING, State.FAILED, State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+LIVE = frozenset({State.SERVING, State.CHECKING})  # the states with a module to serve
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStatus:
+    """A consistent snapshot: state, rung in use, the last recovery's attempts and verdict."""
+
+    name: str
+    state: State
+    rung: Rung
+    rung_index: int
+    verdict: Verdict | None
+    history: tuple[Attempt, ...]
+
+    @property
+    def mode(self) -> str:
+        """The name of the rung in use ("static", "dynamic", ...)."""
+        return self.rung.name
+
+    @property
+    def healthy(self) -> bool:
+        """True while a module whose canary passed is serving."""
+        return self.state in LIVE
+
+    @property
+    def closed(self) -> bool:
+        """True once the session was closed."""
+        return self.state is State.CLOSED
+
+    @property
+    def attempts(self) -> int:
+        """How many inits the last recovery took."""
+        return len(self.history)
+
+    def describe(self) -> str:
+        """One line for logs and tables."""
+        verdict = self.verdict.describe() if self.verdict is not None else "no verdict"
+        tries = f"after {self.attempts} attempt(s)"
+        return f"{self.state.value} on rung {self.mode!r} ({self.rung_index}) {tries}; {verdict}"
