@@ -454,6 +454,7 @@ class GuardedSession:
                 return False
             self._calls = 0
             self._last_check = self._clock()
+        self._publish()
         rung = self.policy.ladder[index]
         start = time.perf_counter()
         verdict: Verdict | None = None
@@ -473,13 +474,12 @@ class GuardedSession:
         attempt = Attempt(rung, index, outcome, verdict, error, time.perf_counter() - start)
         notify(self._listeners, "on_check", self.name, attempt)
         with self._cond:
-            if attempt.passed:
-                self._verdict = verdict
-                return self._to(State.SERVING)
-            if not self._to(State.REPLACING):
+            if not self._to(State.SERVING if attempt.passed else State.REPLACING):
                 return False  # closed meanwhile
             self._verdict = verdict
         self._publish()
+        if attempt.passed:
+            return True
         return self._recover(index, announce_first=True)
 
     def _promote(self, current: int) -> bool:

@@ -255,6 +255,7 @@ class Captured:
     outcome: str | None = None  # attempt and check: pass, fail, error, timeout
     action: str | None = None  # recover: reinit, fallback, promote
     to_rung: str | None = None  # recover
+    state: str | None = None  # status: the session's State value
     healthy: bool | None = None  # status
     ok: bool | None = None  # run
 
@@ -284,7 +285,11 @@ class CapturingListener(Listener):
         )
 
     def on_status(self, session: str, status: SessionStatus) -> None:
-        self.events.append(Captured("status", session, status.mode, healthy=status.healthy))
+        self.events.append(
+            Captured(
+                "status", session, status.mode, state=status.state.value, healthy=status.healthy
+            )
+        )
 
     def on_run(self, session: str, rung: Rung, seconds: float, ok: bool) -> None:
         self.events.append(Captured("run", session, rung.name, ok=ok))

@@ -14,7 +14,34 @@ from prometheus_client import CollectorRegistry
 
 import guard
 import probes
-from guard import demo, health
+from guard import demo, health, mnn
+
+Array = np.ndarray[Any, Any]
+
+
+def quiet_policy(**kw: Any) -> guard.Policy:
+    """A policy with no background thread, so tests see only what they trigger."""
+    return guard.Policy(background=False, promote_after=None, **kw)
+
+
+def reference(x: Array) -> Array:
+    """The clean output of a fresh dynamic module (the trusted configuration)."""
+    return mnn.adapt(demo.demo_factory()(dynamic=True)).run([x])[0]
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward."""
+        self.now += seconds
+
 
 # CI runs the same examples every time (HYPOTHESIS_PROFILE=ci in .ci/run), so a run is
 # reproducible; local runs draw new ones, and a failure found there is pinned with @example.

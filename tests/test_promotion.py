@@ -13,34 +13,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import FakeClock, reference
 from prometheus_client import CollectorRegistry
 
 import guard
 import probes
-from guard import demo, mnn
+from guard import demo
 from guard.testing import CapturingListener, Fault, FaultyFactory
 
 Array = np.ndarray[Any, Any]
 STATIC_FAILS = [True] * 4  # the first init and its 3 re-inits on the static rung
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward."""
-        self.now += seconds
-
-
-def reference(x: Array) -> Array:
-    """The clean output of a fresh dynamic module (the trusted configuration)."""
-    return mnn.adapt(demo.demo_factory()(dynamic=True)).run([x])[0]
 
 
 def fallen_back(

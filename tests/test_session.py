@@ -8,24 +8,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import quiet_policy, reference
 
 import guard
 import probes
-from guard import demo, mnn
+from guard import demo
 from guard.testing import CapturingListener, Fault, FaultyFactory
 
 Array = np.ndarray[Any, Any]
-
-
-def quiet_policy(**kw: Any) -> guard.Policy:
-    """A policy with no background thread, so tests see only what they trigger."""
-    return guard.Policy(background=False, promote_after=None, **kw)
-
-
-def reference(x: Array) -> Array:
-    """The clean output of a fresh dynamic module (the trusted configuration)."""
-    module = demo.demo_factory()(dynamic=True)
-    return mnn.adapt(module).run([x])[0]
 
 
 def test_clean_init_passes_first_try(

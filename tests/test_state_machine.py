@@ -1,0 +1,348 @@
+"""The session's state machine: every way out of a recovery ends in a defined state, nothing
+waits without bound, a failed session does not leak, a dropped one cleans up after itself.
+
+Real demo-vocoder modules throughout; faults wrap them; only time is faked (FakeClock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import FakeClock, reference
+
+import guard
+import probes
+from guard import demo, health
+from guard.testing import CapturingListener, Fault, FaultyFactory
+
+Array = np.ndarray[Any, Any]
+BOUND = 30.0  # no test step may take longer than this: a hang fails instead of blocking CI
+
+
+def rss_mb() -> float:
+    """This process's resident set size in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+class Scripted:
+    """A factory whose n-th init does what `plan[n]` says (the last entry repeats).
+
+    "clean": a real module; "turns": a real module that degrades once its canary has run
+    (4 forwards); "bad": degraded at once; "exit": raises SystemExit after `gate` is set.
+    """
+
+    def __init__(self, plan: list[str], gate: threading.Event | None = None) -> None:
+        self.plan = plan
+        self.gate = gate
+        self.inits = 0
+        self.entered = threading.Event()  # an init that waits on `gate` has begun
+        real = demo.demo_factory()
+        self._makers: dict[str, Callable[..., Any]] = {
+            "clean": real,
+            "turns": FaultyFactory(real, fault=Fault.ZEROS, rate=1.0, degrade_after=4),
+            "bad": FaultyFactory(real, fault=Fault.ZEROS, rate=1.0, affects="all"),
+        }
+
+    def __call__(self, **overrides: Any) -> Any:
+        step = self.plan[min(self.inits, len(self.plan) - 1)]
+        self.inits += 1
+        if step == "exit":
+            self.entered.set()
+            if self.gate is not None:
+                assert self.gate.wait(BOUND)
+            raise SystemExit(3)
+        return self._makers[step](**overrides)
+
+
+def recheck_fails_then(
+    plan_after: list[str], demo_probe: probes.Probe, **kw: Any
+) -> tuple[guard.GuardedSession, Scripted, FakeClock, CapturingListener]:
+    """A serving session whose first module turns bad; later inits follow `plan_after`."""
+    factory = Scripted(["turns", *plan_after], gate=kw.pop("gate", None))
+    clock, listener = FakeClock(), CapturingListener()
+    session = guard.wrap(
+        factory,
+        demo_probe,
+        name="sm",
+        metrics=False,
+        clock=clock,
+        listeners=[listener],
+        policy=guard.Policy(
+            background=False, promote_after=60.0, reinit_attempts=0, wait_timeout=BOUND, **kw
+        ),
+    )
+    return session, factory, clock, listener
+
+
+def test_systemexit_during_replacement_fails_callers_within_the_bound(
+    demo_probe: probes.Probe,
+) -> None:
+    """A factory raising SystemExit while a failed re-check is replaced: the waiting caller gets
+    RecoveryExhausted (not a hang), maintain() re-raises SystemExit, the session is FAILED."""
+    gate = threading.Event()
+    session, factory, _, _ = recheck_fails_then(["exit"], demo_probe, gate=gate)
+    x = demo.demo_mel(50, seed=4)
+    outcome: list[BaseException | str] = []
+
+    def caller() -> None:
+        assert factory.entered.wait(BOUND)  # the replacement has begun: this call must wait
+        try:
+            session.run({"mel": x})
+            outcome.append("served")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    releaser = threading.Timer(0.2, gate.set)  # let the caller reach its wait first
+    releaser.start()
+    with pytest.raises(SystemExit):
+        session.maintain(force_recheck=True)
+    thread.join(BOUND)
+    releaser.join()
+    assert not thread.is_alive(), "a caller was still waiting after the recovery ended"
+    assert session.status.state is guard.State.FAILED
+    assert len(outcome) == 1 and isinstance(outcome[0], guard.RecoveryExhausted)
+    assert "SystemExit" in str(outcome[0])
+    assert isinstance(outcome[0].__cause__, SystemExit)
+    session.close()
+
+
+def test_a_later_maintenance_pass_recovers_after_systemexit(demo_probe: probes.Probe) -> None:
+    """After SystemExit ended a replacement in FAILED, the next retry builds a good module."""
+    session, _, clock, listener = recheck_fails_then(["exit", "clean"], demo_probe)
+    with pytest.raises(SystemExit):
+        session.maintain(force_recheck=True)
+    assert session.status.state is guard.State.FAILED
+    with pytest.raises(guard.RecoveryExhausted):
+        session.run({"mel": demo.demo_mel(20)})
+    assert session.maintain() == []  # the retry waits for promote_after
+    clock.advance(61)
+    assert session.maintain() == ["retry"]
+    x = demo.demo_mel(30, seed=8)
+    assert probes.snr_db(reference(x), session.run({"mel": x})["wav"]) > 45
+    states = [e.state for e in listener.of("status")]
+    assert states == ["serving", "checking", "replacing", "failed", "serving"]
+    session.close()
+
+
+def test_background_thread_survives_systemexit_and_retries(demo_probe: probes.Probe) -> None:
+    """The maintenance thread records a SystemExit from the factory and keeps going: a later
+    pass (real time, promote_after 0.2 s) brings the session back to SERVING."""
+    factory = Scripted(["turns", "exit", "clean"])
+    session = guard.wrap(
+        factory,
+        demo_probe,
+        name="sm-bg",
+        metrics=False,
+        policy=guard.Policy(promote_after=0.2, reinit_attempts=0, recheck_every=6),
+    )
+    x = demo.demo_mel(20, seed=2)
+    deadline = time.monotonic() + BOUND
+    served_after = None
+    while time.monotonic() < deadline:
+        try:
+            out = session.run({"mel": x})["wav"]
+        except guard.RecoveryExhausted:
+            continue  # FAILED until the retry
+        if factory.inits >= 3:
+            served_after = out
+            break
+    assert served_after is not None, f"no recovery within {BOUND} s; {session.status.describe()}"
+    assert probes.snr_db(reference(x), served_after) > 45
+    session.close()
+
+
+def test_failed_session_raises_a_fresh_error_per_call(demo_probe: probes.Probe) -> None:
+    """Each run() on a FAILED session raises a new exception; none grows a shared traceback."""
+    session, _, _, _ = recheck_fails_then(["bad"], demo_probe)
+    session.maintain(force_recheck=True)
+    assert session.status.state is guard.State.FAILED
+    seen: list[guard.RecoveryExhausted] = []
+    for _ in range(3):
+        with pytest.raises(guard.RecoveryExhausted) as info:
+            session.run({"mel": demo.demo_mel(10)})
+        seen.append(info.value)
+    assert len({id(e) for e in seen}) == 3
+    assert all(e.attempts == seen[0].attempts and str(e) == str(seen[0]) for e in seen)
+    session.close()
+
+
+def test_failing_calls_with_large_inputs_keep_rss_flat(demo_probe: probes.Probe) -> None:
+    """1,000 failing calls with 1 MB inputs each: RSS stays within a few MB."""
+    session, _, _, _ = recheck_fails_then(["bad"], demo_probe)
+    session.maintain(force_recheck=True)
+    base = demo.demo_mel(3277)  # 80 x 3277 float32: 1 MB
+    assert base.nbytes >= 1 << 20
+
+    def fail_once() -> None:
+        with contextlib.suppress(guard.RecoveryExhausted):
+            session.run({"mel": base.copy()})
+
+    for _ in range(20):
+        fail_once()
+    gc.collect()
+    before = rss_mb()
+    for _ in range(1000):
+        fail_once()
+    gc.collect()
+    grown = rss_mb() - before
+    print(f"1,000 failing calls with 1 MB inputs: RSS {grown:+.1f} MB")
+    assert grown < 16
+    session.close()
+
+
+def test_sessions_dropped_without_close_are_collected(demo_probe: probes.Probe) -> None:
+    """60 sessions (each with a maintenance thread) dropped without close(): threads end, the
+    sessions are collected, readiness forgets them, RSS returns near baseline."""
+
+    def build(k: int) -> weakref.ref[guard.GuardedSession]:
+        session = guard.wrap(demo.demo_factory(), demo_probe, name=f"drop-{k}", metrics=False)
+        assert session.status.healthy
+        return weakref.ref(session)
+
+    def our_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("mnn-guard-drop-")]
+
+    def wait_for_no_threads() -> None:
+        deadline = time.monotonic() + BOUND
+        while our_threads() and time.monotonic() < deadline:
+            time.sleep(0.01)  # each thread ends by itself once woken; wait for that, bounded
+
+    build(-1)  # warm up: MNN's pools and caches
+    gc.collect()
+    wait_for_no_threads()
+    threads_before = threading.active_count()
+    rss_before = rss_mb()
+    refs = [build(k) for k in range(60)]
+    assert len(our_threads()) <= 60
+    gc.collect()
+    wait_for_no_threads()
+    alive = [r for r in refs if r() is not None]
+    grown = rss_mb() - rss_before
+    print(f"60 dropped sessions: {len(alive)} alive, RSS {grown:+.1f} MB")
+    assert alive == []
+    assert our_threads() == []
+    assert threading.active_count() <= threads_before
+    assert not any(name.startswith("drop-") for name in health.HEALTH.sessions())
+    assert grown < 20
+
+
+def test_status_snapshots_are_never_torn(demo_probe: probes.Probe) -> None:
+    """8 threads read status while the session swaps rungs again and again: every snapshot is
+    one state (its rung is the one its last attempt ran on, and a healthy one passed)."""
+    # per cycle: a promotion to static that passes and then turns, a failing static re-init,
+    # a clean dynamic init
+    plan = ["bad", "clean"] + ["turns", "bad", "clean"] * 6
+    factory = Scripted(plan)
+    clock = FakeClock()
+    session = guard.wrap(
+        factory,
+        demo_probe,
+        name="torn",
+        metrics=False,
+        clock=clock,
+        policy=guard.Policy(background=False, promote_after=1.0, reinit_attempts=0),
+    )
+    stop = threading.Event()
+    torn: list[str] = []
+    reads = [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            s = session.status
+            reads[0] += 1
+            if s.history and s.rung_index != s.history[-1].rung_index:
+                torn.append(f"rung {s.rung_index} vs last attempt {s.history[-1].rung_index}")
+            if s.healthy and s.history and not s.history[-1].passed:
+                torn.append(f"healthy after a failed attempt: {s.describe()}")
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows: tears would show
+    for t in threads:
+        t.start()
+    rungs = []
+    try:
+        for _ in range(6):
+            clock.advance(2)
+            assert session.maintain() == [guard.ladder.Action.PROMOTE]
+            rungs.append(session.status.rung_index)
+            assert session.maintain(force_recheck=True) == ["recheck"]
+            rungs.append(session.status.rung_index)
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        for t in threads:
+            t.join(BOUND)
+    print(f"status reads: {reads[0]}, torn: {len(torn)}")
+    assert rungs == [0, 1] * 6
+    assert torn == []
+    session.close()
+
+
+def test_every_move_is_one_the_table_allows(demo_probe: probes.Probe) -> None:
+    """Each published state follows from the previous one by a move in guard.state.MOVES."""
+    from guard.state import MOVES, State
+
+    session, _, clock, listener = recheck_fails_then(["bad", "bad", "clean"], demo_probe)
+    session.maintain(force_recheck=True)  # turns bad -> replacing -> both rungs fail -> failed
+    clock.advance(61)
+    session.maintain()  # retry -> serving
+    session.close()
+    states = [State(e.state) for e in listener.of("status")]
+    assert states[0] is State.SERVING
+    for old, new in itertools.pairwise(states):
+        assert new in MOVES[old], f"{old} -> {new}"
+    assert listener.of("close") and session.status.state is State.CLOSED
+    with pytest.raises(guard.SessionClosed):
+        session.run({"mel": demo.demo_mel(10)})
+
+
+def test_wait_for_a_replacement_is_bounded_by_policy(demo_probe: probes.Probe) -> None:
+    """A caller waiting for a replacement that takes longer than wait_timeout gets Unavailable."""
+    gate = threading.Event()
+    factory = Scripted(["turns", "exit"], gate=gate)
+    session = guard.wrap(
+        factory,
+        demo_probe,
+        name="bounded",
+        metrics=False,
+        policy=guard.Policy(
+            background=False, promote_after=None, reinit_attempts=0, wait_timeout=0.3
+        ),
+    )
+    errors: list[BaseException] = []
+
+    def maintain() -> None:
+        try:
+            session.maintain(force_recheck=True)
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=maintain)
+    worker.start()
+    assert factory.entered.wait(BOUND)
+    started = time.monotonic()
+    with pytest.raises(guard.Unavailable, match="wait_timeout"):
+        session.run({"mel": demo.demo_mel(10)})
+    waited = time.monotonic() - started
+    gate.set()
+    worker.join(BOUND)
+    assert 0.3 <= waited < BOUND
+    assert [type(e) for e in errors] == [SystemExit]
+    session.close()
