@@ -28,9 +28,9 @@ from guard.pool import Pool
 from guard.server import serve
 from guard.session import GuardedSession
 from guard.state import SessionStatus, State
+from guard.version import __version__
 from guard.wrap import wrap
 
-__version__ = "0.1.0"
 
 __all__ = [
     "DYNAMIC",

@@ -1,24 +1,80 @@
-"""Health of guarded sessions by name, for readiness checks: a table with a process default."""
+"""Health of guarded sessions by name, for readiness checks: a table with a process default.
+
+Readiness: a process (or, in multiprocess mode, a set of live worker processes) is ready when
+it has at least one session, every session it has is healthy, and every session named in
+`expect` is there and healthy.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import tempfile
 import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from guard.listeners import Listener
 from guard.state import SessionStatus
 
-__all__ = ["HEALTH", "HealthListener", "HealthTable", "readiness"]
+__all__ = ["HEALTH", "HealthListener", "HealthTable", "mark_process_dead", "readiness"]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_PREFIX = "mnn_guard_health_"
+
+
+def _entry(status: SessionStatus) -> dict[str, Any]:
+    """What readiness says of one session."""
+    return {
+        "name": status.name,
+        "state": status.state.value,
+        "rung": status.mode,
+        "rung_index": status.rung_index,
+        "healthy": status.healthy,
+        "reasons": list(status.verdict.reasons) if status.verdict is not None else [],
+    }
+
+
+def _judge(
+    entries: Iterable[dict[str, Any]], expect: Sequence[str]
+) -> tuple[bool, list[dict[str, Any]]]:
+    """(ready, details) by the readiness rule; an expected session nobody has is listed."""
+    details = sorted(entries, key=lambda e: (e["name"], e.get("pid", 0)))
+    present = {e["name"] for e in details}
+    missing = [
+        {"name": n, "state": "missing", "healthy": False, "reasons": ["no such session yet"]}
+        for n in sorted(set(expect) - present)
+    ]
+    details += missing
+    ready = bool(details) and all(e["healthy"] for e in details)
+    return ready, details
+
+
+def _alive(pid: int) -> bool:
+    """True when a process with this pid exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class HealthTable:
     """The latest status of each session by name, and which listener wrote it.
 
     One per process by default (`HEALTH`), as prometheus_client has one `REGISTRY`; pass your
-    own to `guard.wrap(health=...)` and `guard.serve(health=...)` to keep sessions apart.
+    own to `guard.wrap(health=...)` and `guard.serve(health=...)` to keep sessions apart. With
+    a `directory` (the default table takes `PROMETHEUS_MULTIPROC_DIR` at import), every
+    change is also written to a file of this process there, so that one server can answer
+    for every worker (`worker_readiness`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
+        self.directory = Path(directory) if directory else None
         self._lock = threading.Lock()
         self._sessions: dict[str, SessionStatus] = {}
         self._owners: dict[str, object] = {}  # which session's listener wrote each entry
@@ -28,6 +84,7 @@ class HealthTable:
         with self._lock:
             self._sessions[status.name] = status
             self._owners[status.name] = owner
+            self._write()
 
     def forget(self, name: str, owner: object | None = None) -> None:
         """Drop a session's entry (only if `owner` wrote it, when given)."""
@@ -35,40 +92,90 @@ class HealthTable:
             if owner is None or self._owners.get(name) is owner:
                 self._sessions.pop(name, None)
                 self._owners.pop(name, None)
+                self._write()
 
     def clear(self) -> None:
         """Drop every entry."""
         with self._lock:
             self._sessions.clear()
             self._owners.clear()
+            self._write()
 
     def sessions(self) -> dict[str, SessionStatus]:
         """A copy of the latest status of every session by name."""
         with self._lock:
             return dict(self._sessions)
 
-    def readiness(self) -> tuple[bool, list[dict[str, Any]]]:
-        """(ready, details): ready when every known session is healthy."""
-        details = [
-            {
-                "name": name,
-                "state": status.state.value,
-                "rung": status.mode,
-                "rung_index": status.rung_index,
-                "healthy": status.healthy,
-                "reasons": list(status.verdict.reasons) if status.verdict is not None else [],
-            }
-            for name, status in sorted(self.sessions().items())
-        ]
-        return all(d["healthy"] for d in details), details
+    def readiness(self, expect: Sequence[str] = ()) -> tuple[bool, list[dict[str, Any]]]:
+        """(ready, details) of this process's sessions, by the readiness rule."""
+        return _judge((_entry(s) for s in self.sessions().values()), expect)
+
+    def _write(self) -> None:
+        """Replace this process's file in the directory (caller holds the lock)."""
+        if self.directory is None:
+            return
+        pid = os.getpid()
+        doc = {"pid": pid, "sessions": [_entry(s) for s in self._sessions.values()]}
+        path = self.directory / f"{_PREFIX}{pid}.json"
+        with contextlib.suppress(OSError):  # health files must never break serving
+            fd, tmp = tempfile.mkstemp(prefix=f".{_PREFIX}", dir=self.directory)
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f)
+            os.replace(tmp, path)
 
 
-HEALTH = HealthTable()
+def worker_readiness(
+    directory: str | os.PathLike[str], expect: Sequence[str] = ()
+) -> tuple[bool, list[dict[str, Any]]]:
+    """(ready, details) over every live process's file in `directory`; dead pids are skipped.
+
+    With `expect`, each live process must have each expected session healthy.
+    """
+    entries: list[dict[str, Any]] = []
+    for path in sorted(Path(directory).glob(f"{_PREFIX}*.json")):
+        try:
+            doc = json.loads(path.read_text())
+            pid = int(doc["pid"])
+            sessions = list(doc["sessions"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being replaced, or not ours
+        if not _alive(pid):
+            continue
+        for entry in sessions:
+            entries.append({**entry, "pid": pid})
+        for name in sorted(set(expect) - {e["name"] for e in sessions}):
+            entries.append(
+                {
+                    "name": name,
+                    "pid": pid,
+                    "state": "missing",
+                    "healthy": False,
+                    "reasons": ["no such session in this worker yet"],
+                }
+            )
+    return _judge(entries, expect)
 
 
-def readiness(table: HealthTable | None = None) -> tuple[bool, list[dict[str, Any]]]:
-    """(ready, details) of `table` (default: the process's): ready when every session is healthy."""
-    return (table or HEALTH).readiness()
+def mark_process_dead(pid: int, directory: str | os.PathLike[str] | None = None) -> None:
+    """Forget a dead worker: its health file and its live gauges (gunicorn's `child_exit`)."""
+    from prometheus_client import multiprocess
+
+    folder = directory or os.environ.get(MULTIPROC_ENV)
+    if not folder:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(folder, f"{_PREFIX}{pid}.json"))
+    multiprocess.mark_process_dead(pid, path=os.fspath(folder))  # type: ignore[no-untyped-call]
+
+
+HEALTH = HealthTable(os.environ.get(MULTIPROC_ENV) or None)
+
+
+def readiness(
+    table: HealthTable | None = None, expect: Sequence[str] = ()
+) -> tuple[bool, list[dict[str, Any]]]:
+    """(ready, details) of `table` (default: the process's), by the readiness rule."""
+    return (table or HEALTH).readiness(expect)
 
 
 class HealthListener(Listener):

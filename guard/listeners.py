@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Iterable
 
 from guard.ladder import Action, Attempt, Rung
 from guard.state import SessionStatus
 
-__all__ = ["Listener", "LoggingListener", "notify"]
+__all__ = ["Call", "Listener", "LoggingListener", "notify"]
 
 log = logging.getLogger("mnn_guard")
+
+
+class Call(enum.StrEnum):
+    """How one `run()` call ended (the `result` label of `mnn_guard_runs_total`)."""
+
+    OK = "ok"  # served
+    ERROR = "error"  # the forward raised or returned the wrong number of outputs
+    INVALID = "invalid"  # the inputs did not match the probe's signature (InputMismatch)
+    UNAVAILABLE = "unavailable"  # no replacement module within Policy.wait_timeout
+    FAILED = "failed"  # the session had no module: every rung failed (RecoveryExhausted)
+    CLOSED = "closed"  # the session was closed (SessionClosed)
 
 
 class Listener:
@@ -31,8 +43,8 @@ class Listener:
     def on_status(self, session: str, status: SessionStatus) -> None:
         """The session's state, rung or verdict changed: `status` is the latest snapshot."""
 
-    def on_run(self, session: str, rung: Rung, seconds: float, ok: bool) -> None:
-        """One `run()` call finished."""
+    def on_run(self, session: str, rung: Rung, seconds: float, result: Call) -> None:
+        """One `run()` call finished, served or refused; `rung` is the one in use."""
 
     def on_close(self, session: str) -> None:
         """The session was closed (or dropped and collected)."""

@@ -3,131 +3,189 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 import weakref
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from guard.ladder import Action, Attempt, Rung
-from guard.listeners import Listener
-from guard.state import SessionStatus
+from guard.errors import ConfigError
+from guard.ladder import Action, Attempt, Outcome, Rung
+from guard.listeners import Call, Listener
+from guard.state import SessionStatus, State
 
-__all__ = ["GuardMetrics", "PrometheusListener", "metrics_for"]
+__all__ = ["Buckets", "GuardMetrics", "PrometheusListener", "metrics_for"]
 
-INIT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-RUN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-@dataclass(frozen=True, slots=True)
+def _multiprocess() -> bool:
+    """True when prometheus_client writes values to files for a multiprocess collector."""
+    return bool(os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower()))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Buckets:
+    """Histogram bucket bounds in seconds: `run()` calls, and init + canary."""
+
+    run: tuple[float, ...] = (
+        1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
+        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    )  # fmt: skip
+    init: tuple[float, ...] = (
+        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        for name in ("run", "init"):
+            bounds = getattr(self, name)
+            ok = bool(bounds) and all(
+                isinstance(b, int | float) and math.isfinite(b) and b > 0 for b in bounds
+            )
+            if not ok or list(bounds) != sorted(set(bounds)):
+                raise ConfigError(
+                    f"Buckets.{name} must be increasing, finite, positive seconds; got {bounds!r}"
+                )
+
+
 class GuardMetrics:
-    """Every mnn-guard metric, registered once per registry, and who owns each session's gauges."""
+    """Every mnn-guard metric, registered once in one registry."""
 
-    inits: Counter
-    canary_checks: Counter
-    recoveries: Counter
-    runs: Counter
-    healthy: Gauge
-    rung: Gauge
-    canary_snr_db: Gauge
-    init_seconds: Histogram
-    run_seconds: Histogram
-    # session name -> the listener that last published its status (a newer session of a name
-    # owns its gauges; closing an older one must not zero them); guarded by its own lock
-    owners: weakref.WeakValueDictionary[str, PrometheusListener] = field(
-        default_factory=weakref.WeakValueDictionary, compare=False, repr=False
-    )
-
-    @classmethod
-    def create(cls, registry: CollectorRegistry) -> GuardMetrics:
-        """Register the metrics in `registry`; gauges keep one series per live process."""
+    def __init__(self, registry: CollectorRegistry, buckets: Buckets) -> None:
+        self.buckets = buckets
         r = registry
-        return cls(
-            inits=Counter(
-                "mnn_guard_inits",
-                "Module initialisations (factory calls).",
-                ["session", "rung"],
-                registry=r,
-            ),
-            canary_checks=Counter(
-                "mnn_guard_canary_checks",
-                "Canary judgements by result (pass, fail, error, timeout).",
-                ["session", "rung", "result"],
-                registry=r,
-            ),
-            recoveries=Counter(
-                "mnn_guard_recoveries",
-                "Recovery actions (reinit, fallback, promote).",
-                ["session", "action"],
-                registry=r,
-            ),
-            runs=Counter(
-                "mnn_guard_runs",
-                "run() calls by result (ok, error).",
-                ["session", "rung", "result"],
-                registry=r,
-            ),
-            healthy=Gauge(
-                "mnn_guard_healthy",
-                "1 while the session serves a rung whose canary passed.",
-                ["session"],
-                registry=r,
-                multiprocess_mode="liveall",
-            ),
-            rung=Gauge(
-                "mnn_guard_rung",
-                "Index of the rung in use (0 = fastest).",
-                ["session"],
-                registry=r,
-                multiprocess_mode="liveall",
-            ),
-            canary_snr_db=Gauge(
-                "mnn_guard_canary_snr_db",
-                "Worst SNR of the last canary judgement, in dB.",
-                ["session"],
-                registry=r,
-                multiprocess_mode="liveall",
-            ),
-            init_seconds=Histogram(
-                "mnn_guard_init_seconds",
-                "Init + canary time.",
-                ["session", "rung"],
-                registry=r,
-                buckets=INIT_BUCKETS,
-            ),
-            run_seconds=Histogram(
-                "mnn_guard_run_seconds",
-                "run() time.",
-                ["session", "rung"],
-                registry=r,
-                buckets=RUN_BUCKETS,
-            ),
+        self.info = Gauge(
+            "mnn_guard_session_info",
+            "1 per guarded session: versions and the model file's sha256.",
+            ["session", "guard_version", "mnn_version", "model_sha256"],
+            registry=r,
+            multiprocess_mode="liveall",
         )
+        self.inits = Counter(
+            "mnn_guard_inits", "Module initialisations (factory calls).", ["session", "rung"],
+            registry=r,
+        )  # fmt: skip
+        self.canary_checks = Counter(
+            "mnn_guard_canary_checks",
+            "Canary judgements by result (pass, fail, error, timeout).",
+            ["session", "rung", "result"],
+            registry=r,
+        )
+        self.recoveries = Counter(
+            "mnn_guard_recoveries", "Recovery actions (reinit, fallback, promote).",
+            ["session", "action"], registry=r,
+        )  # fmt: skip
+        self.runs = Counter(
+            "mnn_guard_runs",
+            "run() calls by result (ok, error, invalid, unavailable, failed, closed).",
+            ["session", "rung", "result"],
+            registry=r,
+        )
+        self.healthy = Gauge(
+            "mnn_guard_healthy", "1 while the session serves a module whose canary passed.",
+            ["session"], registry=r, multiprocess_mode="liveall",
+        )  # fmt: skip
+        self.rung = Gauge(
+            "mnn_guard_rung", "1 for the rung the session is on, 0 for its other rungs.",
+            ["session", "rung"], registry=r, multiprocess_mode="liveall",
+        )  # fmt: skip
+        self.state = Gauge(
+            "mnn_guard_state", "1 for the session's state, 0 for the others.",
+            ["session", "state"], registry=r, multiprocess_mode="liveall",
+        )  # fmt: skip
+        self.canary_snr_db = Gauge(
+            "mnn_guard_canary_snr_db", "Worst SNR of the last canary judgement, in dB.",
+            ["session"], registry=r, multiprocess_mode="liveall",
+        )  # fmt: skip
+        self.init_seconds = Histogram(
+            "mnn_guard_init_seconds", "Init + canary time.", ["session", "rung"],
+            registry=r, buckets=buckets.init,
+        )  # fmt: skip
+        self.run_seconds = Histogram(
+            "mnn_guard_run_seconds", "run() time.", ["session", "rung"],
+            registry=r, buckets=buckets.run,
+        )  # fmt: skip
+        self.gauges = (self.info, self.healthy, self.rung, self.state, self.canary_snr_db)
+        self.counters = (self.inits, self.canary_checks, self.recoveries, self.runs)
+        self.histograms = (self.init_seconds, self.run_seconds)
+        self.lock = threading.Lock()
+        # session name -> the listener of the session that last published it: a newer session
+        # of a name owns its series; closing an older one must not remove them
+        self.owners: dict[str, PrometheusListener] = {}
 
 
 _lock = threading.Lock()
+# the metrics objects of each registry: prometheus_client allows one of each name per registry
 _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, GuardMetrics] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def metrics_for(registry: CollectorRegistry | None = None) -> GuardMetrics:
+def metrics_for(
+    registry: CollectorRegistry | None = None, buckets: Buckets | None = None
+) -> GuardMetrics:
     """The metrics registered in `registry` (default: the global one), created on first use."""
     registry = REGISTRY if registry is None else registry
     with _lock:
         found = _by_registry.get(registry)
         if found is None:
-            found = _by_registry[registry] = GuardMetrics.create(registry)
+            found = _by_registry[registry] = GuardMetrics(registry, buckets or Buckets())
+        elif buckets is not None and buckets != found.buckets:
+            raise ConfigError(
+                f"this registry's mnn-guard histograms already use {found.buckets}; "
+                "buckets are set once per registry, by its first session"
+            )
         return found
 
 
-class PrometheusListener(Listener):
-    """Turns session events into the `mnn_guard_*` metrics of one registry."""
+_RESULTS = tuple(c.value for c in Call)
+_OUTCOMES = tuple(o.value for o in Outcome)
+_ACTIONS = tuple(a.value for a in Action)
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.metrics = metrics_for(registry)
-        self._run_children: dict[tuple[str, str, bool], tuple[Any, Any]] = {}
+
+class PrometheusListener(Listener):
+    """Turns one session's events into the `mnn_guard_*` metrics of one registry.
+
+    Every series the session can have exists from the start (counters at 0), so the first
+    fallback or failure is an increase Prometheus sees; closing the session removes them
+    (in multiprocess mode, where series cannot be removed, its gauges become NaN).
+    """
+
+    def __init__(
+        self,
+        session: str,
+        ladder: Sequence[Rung],
+        *,
+        registry: CollectorRegistry | None = None,
+        buckets: Buckets | None = None,
+        info: tuple[str, str, str] = ("", "", ""),
+    ) -> None:
+        self.metrics = m = metrics_for(registry, buckets)
+        self.session = session
+        self._rungs = tuple(r.name for r in ladder)
+        self._children: dict[tuple[str, Call], tuple[Any, Any]] = {}
+        with m.lock:
+            m.owners[session] = self
+            self._info = info
+            m.info.labels(session, *info).set(1)
+            for rung in self._rungs:
+                m.inits.labels(session, rung)
+                m.rung.labels(session, rung).set(0)
+                m.init_seconds.labels(session, rung)
+                m.run_seconds.labels(session, rung)
+                for outcome in _OUTCOMES:
+                    m.canary_checks.labels(session, rung, outcome)
+                for result in _RESULTS:
+                    m.runs.labels(session, rung, result)
+            for action in _ACTIONS:
+                m.recoveries.labels(session, action)
+            for state in State:
+                m.state.labels(session, state.value).set(0)
+            m.healthy.labels(session).set(0)
 
     def on_init(self, session: str, rung: Rung) -> None:
         self.metrics.inits.labels(session, rung.name).inc()
@@ -149,22 +207,42 @@ class PrometheusListener(Listener):
         self.metrics.recoveries.labels(session, action.value).inc()
 
     def on_status(self, session: str, status: SessionStatus) -> None:
-        self.metrics.owners[session] = self
-        self.metrics.healthy.labels(session).set(1 if status.healthy else 0)
-        self.metrics.rung.labels(session).set(status.rung_index)
+        m = self.metrics
+        with m.lock:
+            if m.owners.get(session) is not self:
+                return  # a newer session of this name owns the series
+            m.healthy.labels(session).set(1 if status.healthy else 0)
+            for rung in self._rungs:
+                m.rung.labels(session, rung).set(1 if rung == status.mode else 0)
+            for state in State:
+                m.state.labels(session, state.value).set(1 if state is status.state else 0)
 
-    def on_run(self, session: str, rung: Rung, seconds: float, ok: bool) -> None:
-        key = (session, rung.name, ok)
-        children = self._run_children.get(key)
+    def on_run(self, session: str, rung: Rung, seconds: float, result: Call) -> None:
+        children = self._children.get((rung.name, result))
         if children is None:
             children = (
-                self.metrics.runs.labels(session, rung.name, "ok" if ok else "error"),
+                self.metrics.runs.labels(session, rung.name, result.value),
                 self.metrics.run_seconds.labels(session, rung.name),
             )
-            self._run_children[key] = children
+            self._children[(rung.name, result)] = children
         children[0].inc()
-        children[1].observe(seconds)
+        if result is Call.OK:
+            children[1].observe(seconds)
 
     def on_close(self, session: str) -> None:
-        if self.metrics.owners.get(session, self) is self:
-            self.metrics.healthy.labels(session).set(0)
+        m = self.metrics
+        with m.lock:
+            if m.owners.get(session) is not self:
+                return
+            del m.owners[session]
+            if _multiprocess():  # series stay in this process's files: make gauges say nothing
+                for gauge in (m.healthy, m.canary_snr_db):
+                    gauge.labels(session).set(math.nan)
+                for rung in self._rungs:
+                    m.rung.labels(session, rung).set(math.nan)
+                for state in State:
+                    m.state.labels(session, state.value).set(math.nan)
+                m.info.labels(session, *self._info).set(math.nan)
+                return
+            for metric in (*m.gauges, *m.counters, *m.histograms):
+                metric.remove_by_labels({"session": session})

@@ -1,4 +1,7 @@
-"""A small threaded HTTP server for `/metrics`, `/healthz` and `/readyz` (standard library only).
+"""`/metrics`, `/healthz` and `/readyz` as a WSGI or ASGI app, and a small server that runs it.
+
+`/metrics` is prometheus_client's own exposition (text or OpenMetrics by the Accept header,
+gzip); the health routes are added beside it, on exact paths only.
 
 >>> server = guard.serve(port=9108)  # doctest: +SKIP
 >>> server.url  # doctest: +SKIP
@@ -13,23 +16,26 @@ import logging
 import os
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app, make_wsgi_app
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from guard.errors import ConfigError
-from guard.health import HEALTH, HealthTable
+from guard.health import HEALTH, MULTIPROC_ENV, HealthTable, worker_readiness
 
-__all__ = ["MetricsServer", "serve"]
+__all__ = ["Endpoints", "MetricsServer", "asgi_app", "serve", "wsgi_app"]
 
 log = logging.getLogger("mnn_guard")
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
+REQUEST_SECONDS = 10.0  # a client that has not sent its request by then is dropped
+Response = tuple[int, list[tuple[str, str]], bytes]
 
 
 def _check_dir(path: str | os.PathLike[str], what: str) -> str:
@@ -38,8 +44,148 @@ def _check_dir(path: str | os.PathLike[str], what: str) -> str:
     return os.fspath(path)
 
 
-class _Server(ThreadingHTTPServer):
+class Endpoints:
+    """What the three routes answer: metrics of a registry or of every worker, and readiness.
+
+    With `multiprocess_dir` (or `PROMETHEUS_MULTIPROC_DIR` set and no `registry`), `/metrics`
+    aggregates every worker's files and `/readyz` every live worker's sessions; otherwise
+    both answer for this process (`registry`, default the global one, and `health`).
+    `expect` names sessions that must exist and be healthy for `/readyz` to say ready.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        multiprocess_dir: str | os.PathLike[str] | None = None,
+        health: HealthTable | None = None,
+        expect: Sequence[str] = (),
+    ) -> None:
+        if registry is not None and multiprocess_dir is not None:
+            raise ConfigError("pass either registry or multiprocess_dir, not both")
+        if isinstance(expect, str) or not all(isinstance(n, str) for n in expect):
+            raise ConfigError(f"expect is a list of session names, got {expect!r}")
+        if multiprocess_dir is None and registry is None and os.environ.get(MULTIPROC_ENV):
+            multiprocess_dir = os.environ[MULTIPROC_ENV]
+        self.directory: str | None = None
+        if multiprocess_dir is not None:
+            self.directory = _check_dir(multiprocess_dir, "multiprocess_dir")
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self.directory)  # type: ignore[no-untyped-call]
+        self.registry = registry if registry is not None else REGISTRY
+        self.health = health or HEALTH
+        self.expect = tuple(expect)
+
+    def readiness(self) -> tuple[bool, list[dict[str, Any]]]:
+        """(ready, details) for this process, or for every live worker in multiprocess mode."""
+        if self.directory is not None:
+            return worker_readiness(self.directory, self.expect)
+        return self.health.readiness(self.expect)
+
+    def health_route(self, path: str) -> Response | None:
+        """The answer of `/healthz` or `/readyz`, a 404 for any other path but `/metrics`."""
+        if path == "/healthz":
+            return 200, [("Content-Type", TEXT)], b"ok\n"
+        if path == "/readyz":
+            ready, sessions = self.readiness()
+            body = json.dumps({"ready": ready, "sessions": sessions}).encode()
+            return (200 if ready else 503), [("Content-Type", JSON)], body
+        if path == "/metrics":
+            return None
+        return 404, [("Content-Type", TEXT)], b"not found; try /metrics /healthz /readyz\n"
+
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def wsgi_app(endpoints: Endpoints | None = None) -> WSGIApp:
+    """A WSGI app serving the three routes (mount it in your own server, or use `serve`)."""
+    ends = endpoints or Endpoints()
+    metrics = make_wsgi_app(ends.registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+            return [b""]
+        answer = ends.health_route(environ.get("PATH_INFO", ""))
+        if answer is None:
+            body = b"".join(metrics({**environ, "REQUEST_METHOD": "GET"}, start_response))
+        else:
+            code, headers, body = answer
+            start_response(f"{code} {_REASONS[code]}", headers)
+        return [b""] if method == "HEAD" else [body]
+
+    return app
+
+
+ASGIApp = Callable[
+    [dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[..., Awaitable[None]]],
+    Awaitable[None],
+]
+
+
+def asgi_app(endpoints: Endpoints | None = None) -> ASGIApp:
+    """An ASGI app serving the three routes, to mount in uvicorn, Starlette or FastAPI."""
+    ends = endpoints or Endpoints()
+    metrics = make_asgi_app(ends.registry)
+
+    async def app(
+        scope: dict[str, Any],
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+        send: Callable[..., Awaitable[None]],
+    ) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        method = scope.get("method", "GET")
+        if method not in ("GET", "HEAD"):
+            answer: Response | None = 405, [("Allow", "GET, HEAD")], b""
+        else:
+            answer = ends.health_route(scope.get("path", ""))
+
+        async def respond(message: dict[str, Any]) -> None:
+            if method == "HEAD" and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        if answer is None:
+            await metrics(scope, receive, respond)
+            return
+        code, headers, body = answer
+        raw = [(k.encode(), v.encode()) for k, v in headers]
+        await respond({"type": "http.response.start", "status": code, "headers": raw})
+        await respond({"type": "http.response.body", "body": body})
+
+    return app
+
+
+class _Handler(WSGIRequestHandler):
+    """One request per connection, a socket timeout, and logs at debug level only."""
+
+    timeout = REQUEST_SECONDS
+
+    def get_environ(self) -> dict[str, Any]:
+        """The WSGI environ, with the path as sent (http.server folds a leading `//`)."""
+        environ: dict[str, Any] = super().get_environ()
+        parts = self.requestline.split(" ")
+        if len(parts) == 3 and parts[1].startswith("//"):
+            environ["PATH_INFO"] = parts[1].split("?", 1)[0]
+        return environ
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("http %s: " + format, self.address_string(), *args)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away or stalled is not an error worth a traceback."""
+        log.debug("http %s: connection ended early", client_address, exc_info=True)
 
 
 class _Server6(_Server):
@@ -47,28 +193,16 @@ class _Server6(_Server):
 
 
 class MetricsServer:
-    """`/metrics`, `/healthz` and `/readyz` served from a daemon thread; `close()` stops it.
+    """The WSGI app served from a daemon thread on `host:port`; `close()` stops it."""
 
-    Metrics come from `registry`, or, in multiprocess mode, from a fresh registry with a
-    MultiProcessCollector over `multiprocess_dir` at every scrape (every worker's files).
-    """
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        registry: CollectorRegistry | None,
-        multiprocess_dir: str | None,
-        health: HealthTable = HEALTH,
-    ) -> None:
+    def __init__(self, host: str, port: int, endpoints: Endpoints) -> None:
         self.host = host
-        self.health = health
-        self._registry = registry
-        self._multiprocess_dir = multiprocess_dir
-        handler = type("Handler", (_Handler,), {"owner": self})
+        self.endpoints = endpoints
         server_class = _Server6 if ":" in host else _Server
         try:
-            self._httpd = server_class((host, port), handler)
+            self._httpd = make_server(
+                host, port, wsgi_app(endpoints), server_class=server_class, handler_class=_Handler
+            )
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         self.port: int = self._httpd.server_address[1]
@@ -87,14 +221,6 @@ class MetricsServer:
         """Base URL, e.g. `http://127.0.0.1:9108` (append `/metrics`)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
-
-    def metrics_text(self) -> bytes:
-        """The Prometheus text exposition served at `/metrics`."""
-        if self._multiprocess_dir is not None:
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
-            return generate_latest(registry)
-        return generate_latest(self._registry if self._registry is not None else REGISTRY)
 
     def close(self) -> None:
         """Stop serving and free the port; idempotent."""
@@ -116,41 +242,6 @@ class MetricsServer:
         return f"<MetricsServer {self.url} {'closed' if self._closed else 'serving'}>"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """Routes GET requests to the owning MetricsServer."""
-
-    owner: MetricsServer
-
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        if path == "/metrics":
-            try:
-                text = self.owner.metrics_text()
-            except Exception as exc:
-                log.exception("/metrics failed")
-                self._send(500, TEXT, f"metrics failed: {exc!r}\n".encode())
-                return
-            self._send(200, CONTENT_TYPE_LATEST, text)
-        elif path == "/healthz":
-            self._send(200, TEXT, b"ok\n")
-        elif path == "/readyz":
-            ready, sessions = self.owner.health.readiness()
-            body = json.dumps({"ready": ready, "sessions": sessions}).encode()
-            self._send(200 if ready else 503, "application/json", body)
-        else:
-            self._send(404, TEXT, b"not found; try /metrics /healthz /readyz\n")
-
-    def _send(self, code: int, content_type: str, body: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("http %s: " + format, self.address_string(), *args)
-
-
 def serve(
     port: int = 9108,
     host: str = "127.0.0.1",
@@ -158,23 +249,20 @@ def serve(
     *,
     multiprocess_dir: str | os.PathLike[str] | None = None,
     health: HealthTable | None = None,
+    expect: Sequence[str] = (),
 ) -> MetricsServer:
     """Serve `/metrics`, `/healthz` and `/readyz` on `host:port` (0 picks a free port).
 
-    `/metrics` shows `registry` when given; otherwise, with `multiprocess_dir` or the
-    `PROMETHEUS_MULTIPROC_DIR` environment variable, every worker's files aggregated;
-    otherwise the global registry. `/readyz` answers for `health` (default: this process's).
+    What they answer for is `Endpoints`'s rule: `registry`, or every worker's files with
+    `multiprocess_dir` or `PROMETHEUS_MULTIPROC_DIR`; `/readyz` needs a session, every
+    session healthy and each name in `expect` present.
 
     >>> with guard.serve(port=0) as server:  # doctest: +SKIP
     ...     urllib.request.urlopen(server.url + "/readyz")
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConfigError(f"port must be an int within 0..65535 (0 picks a free one), got {port!r}")
-    if registry is not None and multiprocess_dir is not None:
-        raise ConfigError("pass either registry or multiprocess_dir, not both")
-    directory: str | None = None
-    if multiprocess_dir is not None:
-        directory = _check_dir(multiprocess_dir, "multiprocess_dir")
-    elif registry is None and os.environ.get(MULTIPROC_ENV):
-        directory = _check_dir(os.environ[MULTIPROC_ENV], MULTIPROC_ENV)
-    return MetricsServer(host, port, registry, directory, health or HEALTH)
+    endpoints = Endpoints(
+        registry, multiprocess_dir=multiprocess_dir, health=health, expect=expect
+    )
+    return MetricsServer(host, port, endpoints)

@@ -25,6 +25,7 @@ from guard.errors import (
     ForwardFailed,
     GuardError,
     InitTimeout,
+    InputMismatch,
     OutputMismatch,
     RecoveryExhausted,
     SessionClosed,
@@ -32,7 +33,7 @@ from guard.errors import (
 )
 from guard.inputs import InputChecker
 from guard.ladder import Action, Attempt, Outcome, Policy, Rung
-from guard.listeners import Listener, notify
+from guard.listeners import Call, Listener, notify
 from guard.state import LIVE, MOVES, SessionStatus, State
 from probes import Probe, Verdict
 
@@ -97,6 +98,15 @@ def _exhausted(name: str, history: Sequence[Attempt], why: str) -> RecoveryExhau
     return error
 
 
+def _forward_failed(name: str, exc: Exception) -> GuardError:
+    """The error a caller gets when the forward raised: a GuardError as it is, else wrapped."""
+    if isinstance(exc, GuardError):
+        return exc
+    error = ForwardFailed(f"session {name!r}: forward failed: {exc!r}")
+    error.__cause__ = exc
+    return error
+
+
 def _fresh(recorded: RecoveryExhausted) -> RecoveryExhausted:
     """A new error equal to the recorded one: raising it never grows the recorded traceback."""
     error = RecoveryExhausted(str(recorded), recorded.attempts)
@@ -149,6 +159,7 @@ class GuardedSession:
         name: str,
         listeners: Sequence[Listener] = (),
         clock: Callable[[], float] = time.monotonic,
+        raise_exhausted: bool = True,
     ) -> None:
         if not callable(factory):
             raise FactoryError(f"factory must be callable, got {type(factory).__name__}")
@@ -183,7 +194,8 @@ class GuardedSession:
         self._publishing = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        if not self._recover(0, announce_first=False):
+        self._publish()  # STARTING: not ready until a module passes
+        if not self._recover(0, announce_first=False) and raise_exhausted:
             assert self._failure is not None
             raise _fresh(self._failure)
         self._finalizer = weakref.finalize(self, _released, name, self._wake, self._listeners)
@@ -340,57 +352,62 @@ class GuardedSession:
 
     def run(self, inputs: Mapping[str, Any] | Sequence[Any]) -> dict[str, Array]:
         """Run the module on validated inputs; returns owned numpy arrays by output name."""
-        arrays = self._check_inputs(inputs)
         start = time.perf_counter()
+        try:
+            arrays = self._check_inputs(inputs)
+        except InputMismatch:
+            self._ran(self._rung_index, start, Call.INVALID)
+            raise
         with self._lock:  # the condition's own lock (Condition.__enter__ costs a Python call)
-            if self._state not in LIVE:
-                self._await_module()
-            live, index = self._live, self._rung_index
-            assert live is not None
-            try:
-                outputs = live.run(arrays)
-            except GuardError:
-                self._ran(index, start, ok=False)
-                raise
-            except Exception as exc:
-                self._ran(index, start, ok=False)
-                raise ForwardFailed(f"session {self.name!r}: forward failed: {exc!r}") from exc
-            if self._recheck_calls is not None:  # counted under the lock: no call is lost
-                self._calls += 1
-                if self._calls == self._recheck_calls:
-                    self._wake.set()
-        if len(outputs) != len(self._output_names):
-            self._ran(index, start, ok=False)
-            raise OutputMismatch(
+            refused = None if self._state in LIVE else self._await_module()
+            index = self._rung_index
+            if refused is None:
+                live = self._live
+                assert live is not None
+                try:
+                    outputs = live.run(arrays)
+                except Exception as exc:
+                    refused = (Call.ERROR, _forward_failed(self.name, exc))
+                else:
+                    if self._recheck_calls is not None:  # counted under the lock: none is lost
+                        self._calls += 1
+                        if self._calls == self._recheck_calls:
+                            self._wake.set()
+        if refused is None and len(outputs) != len(self._output_names):
+            refused = (Call.ERROR, OutputMismatch(
                 f"session {self.name!r}: the module returned {len(outputs)} outputs, expected "
                 f"{self._output_names} (MNN returns [] on an internal shape error)"
-            )
-        self._ran(index, start, ok=True)
+            ))  # fmt: skip
+        if refused is not None:
+            self._ran(index, start, refused[0])
+            raise refused[1]
+        self._ran(index, start, Call.OK)
         return dict(zip(self._output_names, outputs, strict=True))
 
-    def _await_module(self) -> None:
-        """Wait (holding `_cond`) until a module serves; raise for FAILED, CLOSED or the bound."""
+    def _await_module(self) -> tuple[Call, GuardError] | None:
+        """Wait (holding `_cond`) until a module serves: None, or why the call is refused."""
         deadline = time.monotonic() + self.policy.wait_timeout
         while self._state not in LIVE:
             if self._state is State.CLOSED:
-                raise SessionClosed(f"session {self.name!r} is closed")
+                return Call.CLOSED, SessionClosed(f"session {self.name!r} is closed")
             if self._state is State.FAILED:
                 assert self._failure is not None
-                raise _fresh(self._failure)
+                return Call.FAILED, _fresh(self._failure)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise Unavailable(
+                return Call.UNAVAILABLE, Unavailable(
                     f"session {self.name!r}: no healthy module within "
                     f"{self.policy.wait_timeout:g} s while it was {self._state.value} "
                     "(Policy.wait_timeout); try again later"
                 )
             self._cond.wait(remaining)
+        return None
 
-    def _ran(self, index: int, start: float, *, ok: bool) -> None:
+    def _ran(self, index: int, start: float, result: Call) -> None:
         seconds = time.perf_counter() - start
         rung = self.policy.ladder[index]
         for listener in self._run_listeners:
-            listener.on_run(self.name, rung, seconds, ok)
+            listener.on_run(self.name, rung, seconds, result)
 
     # ----------------------------------------------------------- maintenance
 

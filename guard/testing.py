@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 from guard import mnn
 from guard.errors import ConfigError
 from guard.ladder import Action, Attempt, Rung
-from guard.listeners import Listener
+from guard.listeners import Call, Listener
 from guard.state import SessionStatus
 
 __all__ = [
@@ -257,7 +257,7 @@ class Captured:
     to_rung: str | None = None  # recover
     state: str | None = None  # status: the session's State value
     healthy: bool | None = None  # status
-    ok: bool | None = None  # run
+    result: str | None = None  # run: ok, error, invalid, unavailable, failed, closed
 
 
 class CapturingListener(Listener):
@@ -291,8 +291,8 @@ class CapturingListener(Listener):
             )
         )
 
-    def on_run(self, session: str, rung: Rung, seconds: float, ok: bool) -> None:
-        self.events.append(Captured("run", session, rung.name, ok=ok))
+    def on_run(self, session: str, rung: Rung, seconds: float, result: Call) -> None:
+        self.events.append(Captured("run", session, rung.name, result=result.value))
 
     def on_close(self, session: str) -> None:
         self.events.append(Captured("close", session))

@@ -10,7 +10,8 @@ from guard import mnn
 from guard.health import HealthListener, HealthTable
 from guard.ladder import Policy
 from guard.listeners import Listener, LoggingListener
-from guard.metrics import PrometheusListener
+from guard.metrics import Buckets, PrometheusListener
+from guard.version import __version__
 from guard.session import Factory, GuardedSession
 from probes import Probe, ProbeError, check_mnn_version, check_model
 
@@ -47,13 +48,18 @@ def wrap(
     registry: CollectorRegistry | None = None,
     listeners: Sequence[Listener] = (),
     metrics: bool = True,
+    buckets: Buckets | None = None,
     health: HealthTable | None = None,
+    raise_exhausted: bool = True,
     clock: Callable[[], float] = time.monotonic,
 ) -> GuardedSession:
     """Initialise a guarded session now: canary after every init, recovery down the ladder.
 
-    Raises RecoveryExhausted (a GuardError) when every rung fails its canary. The session's
-    health goes to `health` (default: the process's table, which `guard.serve` answers for).
+    Raises RecoveryExhausted (a GuardError) when every rung fails its canary; with
+    `raise_exhausted=False` it returns the session in FAILED instead (not ready, `run()`
+    raises, retried every `Policy.promote_after` seconds), so a server can stay up. The
+    session's health goes to `health` (default: the process's table, which `guard.serve`
+    answers for); its metrics to `registry` (default: the global one), with `buckets`.
 
     >>> factory = guard.mnn_factory("vocoder.mnn", ["mel"], ["wav"], threads=1)  # doctest: +SKIP
     >>> probe = probes.load("probes/vocoder")  # doctest: +SKIP
@@ -62,9 +68,19 @@ def wrap(
     """
     check_probe(factory, probe)
     chain: list[Listener] = [LoggingListener(), HealthListener(health)]
+    policy = policy or Policy()
     if metrics:
-        chain.append(PrometheusListener(registry))
+        info = (__version__, mnn.mnn_version(), probe.meta.model_sha256 or "")
+        chain.append(
+            PrometheusListener(name, policy.ladder, registry=registry, buckets=buckets, info=info)
+        )
     chain.extend(listeners)
     return GuardedSession(
-        factory, probe, policy=policy or Policy(), name=name, listeners=chain, clock=clock
+        factory,
+        probe,
+        policy=policy,
+        name=name,
+        listeners=chain,
+        clock=clock,
+        raise_exhausted=raise_exhausted,
     )

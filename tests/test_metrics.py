@@ -21,6 +21,18 @@ def sample(registry: CollectorRegistry, name: str, session: str = "vocoder", **l
     return registry.get_sample_value(name, {"session": session, **labels})
 
 
+def on_rung(registry: CollectorRegistry, session: str = "vocoder") -> str | None:
+    """The rung whose mnn_guard_rung series is 1 (the only one), None when none is."""
+    on = [
+        s.labels["rung"]
+        for m in registry.collect()
+        for s in m.samples
+        if s.name == "mnn_guard_rung" and s.labels["session"] == session and s.value == 1
+    ]
+    assert len(on) <= 1, on
+    return on[0] if on else None
+
+
 def canary(registry: CollectorRegistry, rung: str, result: str) -> Any:
     """Canary checks of session vocoder on `rung` with `result`, None when never counted."""
     return sample(registry, "mnn_guard_canary_checks_total", rung=rung, result=result)
@@ -39,7 +51,7 @@ def test_scheduled_faults_are_counted(
             "reinit": sample(registry, "mnn_guard_recoveries_total", action="reinit"),
             "fallback": sample(registry, "mnn_guard_recoveries_total", action="fallback"),
             "healthy": sample(registry, "mnn_guard_healthy"),
-            "rung": sample(registry, "mnn_guard_rung"),
+            "rung": on_rung(registry),
             "init_seconds": sample(registry, "mnn_guard_init_seconds_count", rung="static"),
         }
     assert observed == {
@@ -47,9 +59,9 @@ def test_scheduled_faults_are_counted(
         "fail": 2.0,
         "pass": 1.0,
         "reinit": 2.0,
-        "fallback": None,
+        "fallback": 0.0,
         "healthy": 1.0,
-        "rung": 0.0,
+        "rung": "static",
         "init_seconds": 3.0,
     }
 
@@ -81,7 +93,7 @@ def test_fallback_is_counted(
             "reinit": sample(registry, "mnn_guard_recoveries_total", action="reinit"),
             "fallback": sample(registry, "mnn_guard_recoveries_total", action="fallback"),
             "healthy": sample(registry, "mnn_guard_healthy"),
-            "rung": sample(registry, "mnn_guard_rung"),
+            "rung": on_rung(registry),
         }
     assert observed == {
         "mode": "dynamic",
@@ -92,7 +104,7 @@ def test_fallback_is_counted(
         "reinit": 1.0,
         "fallback": 1.0,
         "healthy": 1.0,
-        "rung": 1.0,
+        "rung": "dynamic",
     }
 
 
@@ -111,18 +123,20 @@ def test_exhaustion_is_counted(
         "reinit": sample(registry, "mnn_guard_recoveries_total", action="reinit"),
         "fallback": sample(registry, "mnn_guard_recoveries_total", action="fallback"),
         "healthy": sample(registry, "mnn_guard_healthy"),
-        "rung": sample(registry, "mnn_guard_rung"),
+        "rung": on_rung(registry),
+        "failed": sample(registry, "mnn_guard_state", state="failed"),
         "snr_of_fault": 20.0 < sample(registry, "mnn_guard_canary_snr_db") < 45.0,
     }
     assert observed == {
         "static_fail": 2.0,
         "dynamic_fail": 2.0,
-        "static_pass": None,
-        "dynamic_pass": None,
+        "static_pass": 0.0,
+        "dynamic_pass": 0.0,
         "reinit": 2.0,
         "fallback": 1.0,
         "healthy": 0.0,
-        "rung": 1.0,
+        "rung": "dynamic",
+        "failed": 1.0,
         "snr_of_fault": True,
     }
 
@@ -133,17 +147,17 @@ def test_runs_are_counted_and_timed(
     registry: CollectorRegistry,
     mel: np.ndarray[Any, Any],
 ) -> None:
-    """Three run() calls: runs_total{result=ok} 3, no error series, 3 run_seconds observations."""
+    """Three run() calls: runs_total{result=ok} 3, error 0, 3 run_seconds observations."""
     with guard.wrap(demo_factory, demo_probe, name="vocoder", registry=registry, policy=QUIET) as s:
         for _ in range(3):
             s.run({"mel": mel})
-    observed = (
-        sample(registry, "mnn_guard_runs_total", rung="static", result="ok"),
-        sample(registry, "mnn_guard_runs_total", rung="static", result="error"),
-        sample(registry, "mnn_guard_run_seconds_count", rung="static"),
-        sample(registry, "mnn_guard_run_seconds_sum", rung="static") > 0,
-    )
-    assert observed == (3.0, None, 3.0, True)
+        observed = (
+            sample(registry, "mnn_guard_runs_total", rung="static", result="ok"),
+            sample(registry, "mnn_guard_runs_total", rung="static", result="error"),
+            sample(registry, "mnn_guard_run_seconds_count", rung="static"),
+            sample(registry, "mnn_guard_run_seconds_sum", rung="static") > 0,
+        )
+    assert observed == (3.0, 0.0, 3.0, True)
 
 
 def test_two_sessions_share_one_registry(
@@ -165,10 +179,144 @@ def test_two_sessions_share_one_registry(
     assert observed == {"clean": (1.0, 1.0), "flaky": (2.0, 1.0)}
 
 
-def test_close_sets_healthy_to_zero(
+def test_close_removes_the_sessions_series(
     demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> None:
-    """A closed session is exported as unhealthy."""
+    """A closed session leaves /metrics: no healthy 0 that would page forever."""
     session = guard.wrap(demo_factory, demo_probe, name="vocoder", registry=registry, policy=QUIET)
+    assert sample(registry, "mnn_guard_healthy") == 1.0
     session.close()
-    assert sample(registry, "mnn_guard_healthy") == 0.0
+    left = [
+        s.name
+        for m in registry.collect()
+        for s in m.samples
+        if s.labels.get("session") == "vocoder"
+    ]
+    assert left == []
+
+
+def test_closing_an_older_session_keeps_the_newer_ones_series(
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """Two sessions of one name: closing the older one leaves the newer one's series."""
+    older = guard.wrap(demo_factory, demo_probe, name="vocoder", registry=registry, policy=QUIET)
+    with guard.wrap(demo_factory, demo_probe, name="vocoder", registry=registry, policy=QUIET):
+        older.close()
+        assert sample(registry, "mnn_guard_healthy") == 1.0
+
+
+def test_every_series_starts_at_zero(
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """Each rung x result, each action and each call result exists from the start, at 0."""
+    with guard.wrap(demo_factory, demo_probe, name="vocoder", registry=registry, policy=QUIET):
+        zeros = [
+            canary(registry, rung, result)
+            for rung in ("dynamic",)
+            for result in ("pass", "fail", "error", "timeout")
+        ]
+        zeros += [
+            sample(registry, "mnn_guard_recoveries_total", action=a)
+            for a in ("reinit", "fallback", "promote")
+        ]
+        zeros += [
+            sample(registry, "mnn_guard_runs_total", rung=r, result=c)
+            for r in ("static", "dynamic")
+            for c in ("ok", "error", "invalid", "unavailable", "failed", "closed")
+        ]
+    assert zeros == [0.0] * len(zeros)
+
+
+def test_every_call_is_counted_by_result(
+    demo_factory: guard.mnn.MNNFactory,
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+    mel: np.ndarray[Any, Any],
+) -> None:
+    """Served, invalid and closed calls each count under their own result."""
+    s = guard.wrap(demo_factory, demo_probe, name="vocoder", registry=registry, policy=QUIET)
+    s.run({"mel": mel})
+    for bad in ({"mel": mel[:, :40]}, {"nope": mel}):
+        with pytest.raises(guard.InputMismatch):
+            s.run(bad)
+    counts = {
+        c: sample(registry, "mnn_guard_runs_total", rung="static", result=c)
+        for c in ("ok", "invalid")
+    }
+    s.close()
+    with pytest.raises(guard.SessionClosed):
+        s.run({"mel": mel})
+    assert counts == {"ok": 1.0, "invalid": 2.0}
+
+
+def test_failed_session_counts_refused_calls(
+    demo_factory: guard.mnn.MNNFactory,
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+    mel: np.ndarray[Any, Any],
+) -> None:
+    """A session kept in FAILED (raise_exhausted=False) counts each refused call as failed."""
+    faulty = FaultyFactory(demo_factory, fault="noise", rate=1.0, affects="all")
+    s = guard.wrap(
+        faulty,
+        demo_probe,
+        name="vocoder",
+        registry=registry,
+        policy=guard.Policy(background=False, reinit_attempts=0),
+        raise_exhausted=False,
+    )
+    assert s.status.state is guard.State.FAILED
+    for _ in range(3):
+        with pytest.raises(guard.RecoveryExhausted):
+            s.run({"mel": mel})
+    assert sample(registry, "mnn_guard_runs_total", rung="dynamic", result="failed") == 3.0
+    s.close()
+
+
+def test_info_names_versions_and_model(
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """mnn_guard_session_info carries guard and MNN versions and the model's sha256."""
+    with guard.wrap(demo_factory, demo_probe, name="vocoder", registry=registry, policy=QUIET):
+        (info,) = [
+            s.labels
+            for m in registry.collect()
+            for s in m.samples
+            if s.name == "mnn_guard_session_info"
+        ]
+    assert (info["guard_version"], info["mnn_version"], info["model_sha256"]) == (
+        guard.__version__,
+        guard.mnn.mnn_version(),
+        demo_probe.meta.model_sha256,
+    )
+
+
+@pytest.mark.hostile
+def test_bad_buckets_are_refused() -> None:
+    """Buckets that are empty, unsorted, negative or infinite raise ConfigError."""
+    for bad in ((), (0.1, 0.01), (-1.0, 1.0), (1.0, float("inf"))):
+        with pytest.raises(guard.ConfigError, match=r"Buckets\.run"):
+            guard.metrics.Buckets(run=bad)
+
+
+def test_buckets_are_set_once_per_registry(
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """Custom buckets apply to the registry's histograms; other buckets later are refused."""
+    buckets = guard.metrics.Buckets(run=(0.001, 0.01))
+    with guard.wrap(
+        demo_factory, demo_probe, name="a", registry=registry, policy=QUIET, buckets=buckets
+    ):
+        edge = sample(
+            registry, "mnn_guard_run_seconds_bucket", session="a", rung="static", le="0.01"
+        )
+        with pytest.raises(guard.ConfigError, match="set once per registry"):
+            guard.wrap(
+                demo_factory,
+                demo_probe,
+                name="b",
+                registry=registry,
+                policy=QUIET,
+                buckets=guard.metrics.Buckets(run=(0.5,)),
+            )
+    assert edge == 0.0

@@ -76,7 +76,10 @@ def test_promotion_returns_to_static_after_fallback(demo_probe: probes.Probe) ->
 
     assert sample("mnn_guard_recoveries_total", action="promote") == 1
     assert sample("mnn_guard_recoveries_total", action="fallback") == 1
-    assert sample("mnn_guard_rung") == 0
+    assert (sample("mnn_guard_rung", rung="static"), sample("mnn_guard_rung", rung="dynamic")) == (
+        1,
+        0,
+    )
     assert sample("mnn_guard_healthy") == 1
     clock.advance(10_000)
     assert session.maintain() == []  # already on the fastest rung: nothing to do

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,7 +30,13 @@ TABLE = [
     ("mnn_guard_canary_checks", "counter", {"session", "rung", "result"}),
     ("mnn_guard_recoveries", "counter", {"session", "action"}),
     ("mnn_guard_healthy", "gauge", {"session"}),
-    ("mnn_guard_rung", "gauge", {"session"}),
+    ("mnn_guard_rung", "gauge", {"session", "rung"}),
+    ("mnn_guard_state", "gauge", {"session", "state"}),
+    (
+        "mnn_guard_session_info",
+        "gauge",
+        {"session", "guard_version", "mnn_version", "model_sha256"},
+    ),
     ("mnn_guard_canary_snr_db", "gauge", {"session"}),
     ("mnn_guard_init_seconds", "histogram", {"session", "rung"}),
     ("mnn_guard_run_seconds", "histogram", {"session", "rung"}),
@@ -69,11 +79,9 @@ def scraped(demo_paths: tuple[Path, Path], demo_probe: probes.Probe) -> dict[str
 
 
 def test_metrics_endpoint_serves_prometheus_text(scraped: dict[str, Any]) -> None:
-    """/metrics answers 200 with the Prometheus text content type."""
-    assert (scraped["status"], scraped["content_type"]) == (
-        200,
-        "text/plain; version=1.0.0; charset=utf-8",
-    )
+    """/metrics answers 200 with the Prometheus text format prometheus_client negotiates."""
+    assert scraped["status"] == 200
+    assert scraped["content_type"].startswith("text/plain; version=")
 
 
 @pytest.mark.parametrize(("name", "kind", "labels"), TABLE, ids=[row[0] for row in TABLE])
@@ -196,10 +204,10 @@ def test_readyz_forgets_closed_session(
     demo_probe: probes.Probe,
     registry: CollectorRegistry,
 ) -> None:
-    """A closed session is no longer listed by /readyz."""
+    """A closed session is no longer listed by /readyz, which then has nothing to be ready for."""
     guard.wrap(demo_factory, demo_probe, name="X", registry=registry, policy=QUIET).close()
     status, _, body = get(server.url + "/readyz")
-    assert (status, json.loads(body)) == (200, {"ready": True, "sessions": []})
+    assert (status, json.loads(body)) == (503, {"ready": False, "sessions": []})
 
 
 def test_default_registry_is_the_global_one() -> None:
@@ -244,3 +252,126 @@ def test_registry_and_multiprocess_dir_exclude_each_other(
     """Passing both a registry and a multiprocess_dir raises ConfigError."""
     with pytest.raises(guard.ConfigError, match="not both"):
         guard.serve(port=0, registry=registry, multiprocess_dir=tmp_path)
+
+
+def test_readyz_with_no_session_is_503(server: guard.server.MetricsServer) -> None:
+    """Before any session exists the process is not ready."""
+    status, _, body = get(server.url + "/readyz")
+    assert (status, json.loads(body)["ready"]) == (503, False)
+
+
+def test_readyz_waits_for_expected_sessions(
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """With expect=[a, b], one healthy session is not enough: b is listed as missing."""
+    with (
+        guard.serve(port=0, registry=registry, expect=["a", "b"]) as running,
+        guard.wrap(demo_factory, demo_probe, name="a", registry=registry, policy=QUIET),
+    ):
+        status, _, body = get(running.url + "/readyz")
+        with guard.wrap(demo_factory, demo_probe, name="b", registry=registry, policy=QUIET):
+            after = get(running.url + "/readyz")[0]
+    states = {s["name"]: s["state"] for s in json.loads(body)["sessions"]}
+    assert (status, states, after) == (503, {"a": "serving", "b": "missing"}, 200)
+
+
+def test_session_kept_failed_is_not_ready(
+    server: guard.server.MetricsServer,
+    demo_factory: guard.mnn.MNNFactory,
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+) -> None:
+    """A session kept in FAILED (raise_exhausted=False) answers 503 with state failed."""
+    faulty = FaultyFactory(demo_factory, fault="noise", rate=1.0, affects="all")
+    with guard.wrap(
+        faulty, demo_probe, name="X", registry=registry, policy=NO_REINIT, raise_exhausted=False
+    ):
+        status, _, body = get(server.url + "/readyz")
+    (entry,) = json.loads(body)["sessions"]
+    assert (status, entry["state"], entry["healthy"]) == (503, "failed", False)
+
+
+def raw(port: int, request: bytes) -> bytes:
+    """Send raw bytes on a fresh connection and read the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_head_answers_like_get_without_a_body(server: guard.server.MetricsServer) -> None:
+    """HEAD on each route gives the GET status and headers and an empty body."""
+    for path, code in (("/metrics", b"200"), ("/healthz", b"200"), ("/readyz", b"503")):
+        answer = raw(server.port, f"HEAD {path} HTTP/1.0\r\n\r\n".encode())
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert (head.split(b" ")[1], body) == (code, b""), path
+
+
+def test_exact_paths_only(server: guard.server.MetricsServer) -> None:
+    """//metrics, /metrics/ and /readyz/x are not routes."""
+    for path in ("//metrics", "/metrics/", "/readyz/x", "/"):
+        assert get(server.url + path)[0] == 404, path
+
+
+def test_other_methods_get_405(server: guard.server.MetricsServer) -> None:
+    """POST is refused with 405."""
+    answer = raw(server.port, b"POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+    assert answer.split(b" ")[1] == b"405"
+
+
+def test_openmetrics_and_gzip_are_negotiated(
+    server: guard.server.MetricsServer,
+    demo_factory: guard.mnn.MNNFactory,
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+) -> None:
+    """Accept: OpenMetrics gives the OpenMetrics format; Accept-Encoding: gzip compresses it."""
+    with guard.wrap(demo_factory, demo_probe, name="X", registry=registry, policy=QUIET):
+        request = urllib.request.Request(
+            server.url + "/metrics",
+            headers={
+                "Accept": "application/openmetrics-text; version=1.0.0",
+                "Accept-Encoding": "gzip",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            kind, encoding = response.headers["Content-Type"], response.headers["Content-Encoding"]
+            text = gzip.decompress(response.read()).decode()
+    assert kind.startswith("application/openmetrics-text")
+    assert encoding == "gzip"
+    assert text.rstrip().endswith("# EOF") and "mnn_guard_healthy" in text
+
+
+@pytest.mark.hostile
+def test_stalled_clients_are_dropped_and_disconnects_are_quiet(
+    server: guard.server.MetricsServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Clients that send half a request and clients that hang up early leave no thread behind
+    after the request timeout and print nothing."""
+    guard.server._Handler.timeout = 0.5  # the test's own bound instead of 10 s
+    try:
+        stalled = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(20)]
+        for sock in stalled:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
+        for _ in range(20):  # ask and hang up at once
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _request_threads() > 0:
+            time.sleep(0.05)
+        left = _request_threads()
+        for sock in stalled:
+            sock.close()
+    finally:
+        guard.server._Handler.timeout = guard.server.REQUEST_SECONDS
+    assert left == 0
+    assert get(server.url + "/healthz")[0] == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception" not in err
+
+
+def _request_threads() -> int:
+    """Threads handling a request now (socketserver names them "... (process_request_thread)")."""
+    return sum("process_request_thread" in t.name for t in threading.enumerate())

@@ -264,7 +264,7 @@ def test_session_logs_every_init(
 
 
 class CheckTimeline(guard.Listener):
-    """When each re-check finished and passed, and when the session went unhealthy."""
+    """When each re-check finished and passed, and when the module was taken out of service."""
 
     def __init__(self) -> None:
         self.checks: list[tuple[float, bool]] = []
@@ -274,7 +274,7 @@ class CheckTimeline(guard.Listener):
         self.checks.append((time.perf_counter(), attempt.passed))
 
     def on_status(self, session: str, status: guard.SessionStatus) -> None:
-        if not status.healthy and not status.closed:
+        if status.state is guard.State.REPLACING:
             self.unhealthy.append(time.perf_counter())
 
 
