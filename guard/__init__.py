@@ -31,7 +31,6 @@ from guard.state import SessionStatus, State
 from guard.version import __version__
 from guard.wrap import wrap
 
-
 __all__ = [
     "DYNAMIC",
     "STATIC",

@@ -11,8 +11,8 @@ from guard.health import HealthListener, HealthTable
 from guard.ladder import Policy
 from guard.listeners import Listener, LoggingListener
 from guard.metrics import Buckets, PrometheusListener
-from guard.version import __version__
 from guard.session import Factory, GuardedSession
+from guard.version import __version__
 from probes import Probe, ProbeError, check_mnn_version, check_model
 
 if TYPE_CHECKING:
