@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry
 
 import guard
 import probes
-from guard import demo, health
+from guard import health
+from guard.tools import demo
 
 # CI runs the same examples every time (HYPOTHESIS_PROFILE=ci in .ci/run), so a run is
 # reproducible; local runs draw new ones, and a failure found there is pinned with @example.

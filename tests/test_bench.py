@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from guard import bench, cli
+from guard.tools import bench, cli
 
 FIELDS = {
     "quick", "frames", "cpus", "mnn_version", "seconds", "vocoder", "tiny", "dynamic",

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from guard import demo
+from guard.tools import demo
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """Run `mnn-guard ARGS` in a fresh interpreter."""
     return subprocess.run(
-        [sys.executable, "-m", "guard.cli", *args],
+        [sys.executable, "-m", "guard.tools.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

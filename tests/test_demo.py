@@ -9,7 +9,8 @@ import pytest
 
 import guard
 import probes
-from guard import demo, mnn
+from guard import mnn
+from guard.tools import demo
 
 
 def test_rebuild_is_byte_identical(tmp_path: Path) -> None:

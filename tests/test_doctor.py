@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import probes
-from guard import demo
-from guard.doctor import DoctorReport, RungReport, run_doctor
 from guard.testing import FaultyFactory
+from guard.tools import demo
+from guard.tools.doctor import DoctorReport, RungReport, run_doctor
 
 STARTS = 16
 RATE = 0.3
@@ -161,7 +161,7 @@ def test_start_that_hangs_is_killed_after_start_timeout(demo_paths: tuple[Path, 
 
 def doctor_cli(model: Path, probe_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """Run `mnn-guard doctor MODEL --probe DIR --starts 2 --json ...` in a fresh interpreter."""
-    cmd = [sys.executable, "-m", "guard.cli", "doctor", str(model), "--probe", str(probe_dir)]
+    cmd = [sys.executable, "-m", "guard.tools.cli", "doctor", str(model), "--probe", str(probe_dir)]
     cmd += ["--starts", "2", "--processes", "2", "--json", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
@@ -207,7 +207,7 @@ def test_cli_bad_input_exits_2(
     demo_paths: tuple[Path, Path], capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:
     """Missing files and bad counts exit 2 with a message naming them, before any process starts."""
-    from guard.cli import main
+    from guard.tools.cli import main
 
     model, probe_dir = demo_paths
     argv = [str(model) if a == "MODEL" else a for a in args]

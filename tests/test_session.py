@@ -11,8 +11,9 @@ import pytest
 
 import guard
 import probes
-from guard import demo, mnn
+from guard import mnn
 from guard.testing import CapturingListener, Fault, FaultyFactory
+from guard.tools import demo
 
 Array = np.ndarray[Any, Any]
 

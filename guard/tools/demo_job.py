@@ -14,11 +14,12 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 import probes
-from guard import demo, mnn
+from guard import mnn
 from guard.errors import RecoveryExhausted
 from guard.ladder import Action, Attempt, Policy, Rung
 from guard.listeners import Listener
 from guard.testing import Fault, FaultyFactory
+from guard.tools import demo
 from guard.wrap import wrap
 
 __all__ = ["DemoTally", "run_demo"]

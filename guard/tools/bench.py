@@ -29,11 +29,12 @@ from numpy.typing import NDArray
 from prometheus_client import CollectorRegistry
 
 import probes
-from guard import demo, mnn
+from guard import mnn
 from guard.ladder import DYNAMIC, Policy
 from guard.pool import Pool
 from guard.session import Factory, GuardedSession
 from guard.testing import Fault, FaultyFactory
+from guard.tools import demo
 from guard.wrap import wrap
 from probes import Probe
 

@@ -154,7 +154,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the main job on the bundled demo vocoder."""
-    from guard.demo_job import run_demo
+    from guard.tools.demo_job import run_demo
 
     return run_demo(args)
 
@@ -208,7 +208,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
 
-    for module_name in ("guard.doctor", "guard.bench"):
+    for module_name in ("guard.tools.doctor", "guard.tools.bench"):
         try:
             module = __import__(module_name, fromlist=["add_parser"])
         except ImportError:
