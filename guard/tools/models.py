@@ -1,0 +1,113 @@
+"""Every model the tools build with MNN.expr: the demo vocoder and the benchmark's tiny model.
+
+Building a model is MNN's job, so this is the one tools module that uses `guard.mnn.F`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from guard.mnn import F
+
+__all__ = ["HOP", "VOCODER_INPUT", "VOCODER_OUTPUT", "build_tiny", "build_vocoder"]
+
+VOCODER_INPUT, VOCODER_OUTPUT = "mel", "wav"
+UPSAMPLE = (8, 8, 4)
+HOP = int(np.prod(UPSAMPLE))
+CHANNELS = (64, 32, 16, 8)
+
+Array = NDArray[Any]
+Transform = Callable[[Array], Array]
+
+
+class _Builder:
+    """Draws fixed-seed weights in a fixed order and emits MNN.expr layers."""
+
+    def __init__(self, seed: int, transform: Transform | None) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.transform = transform
+
+    def weight(self, shape: tuple[int, ...], fan_in: int, gain: float = 1.0) -> Any:
+        w = (self.rng.standard_normal(shape) * gain / np.sqrt(fan_in)).astype(np.float32)
+        if self.transform is not None:
+            w = np.asarray(self.transform(w), dtype=np.float32)
+        return F.const(w, list(shape), F.NCHW)
+
+    def bias(self, n: int) -> Any:
+        b = (0.01 * self.rng.standard_normal(n)).astype(np.float32)
+        return F.const(b, [n], F.NCHW)
+
+    def conv(self, x: Any, cin: int, cout: int, k: int, dil: int = 1, gain: float = 1.0) -> Any:
+        """Conv1d as a 1xK conv2d with 'same' padding (CAFFE mode honours explicit padding)."""
+        w = self.weight((cout, cin, 1, k), cin * k, gain)
+        return F.conv2d(
+            x,
+            w,
+            self.bias(cout),
+            stride=[1, 1],
+            padding=[dil * (k - 1) // 2, 0],
+            dilate=[dil, 1],
+            padding_mode=F.CAFFE,
+        )
+
+    def up(self, x: Any, cin: int, cout: int, stride: int) -> Any:
+        """Transposed conv1d with kernel 2*stride that multiplies the length by exactly `stride`."""
+        k = 2 * stride
+        w = self.weight((cin, cout, 1, k), cin * 2)
+        return F.conv2d_transpose(
+            x,
+            w,
+            self.bias(cout),
+            stride=[stride, 1],
+            padding=[stride // 2, 0],
+            padding_mode=F.CAFFE,
+        )
+
+    def resblock(self, x: Any, ch: int) -> Any:
+        for dil in (1, 3, 5):
+            h = self.conv(F.relu(x, 0.1), ch, ch, 3, dil, gain=0.5)
+            x = x + self.conv(F.relu(h, 0.1), ch, ch, 3, 1, gain=0.5)
+        return x
+
+
+def build_vocoder(
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    weight_transform: Transform | None = None,
+    frames: int = 100,
+) -> None:
+    """Write the demo vocoder (`mel` [1, 80, T] -> `wav` [1, 1, T*256]) as a real .mnn file.
+
+    `weight_transform` is applied to every weight array (fp16 rounding, noise, ...) to build
+    benign or faulty variants with the same seed.
+    """
+    b = _Builder(seed, weight_transform)
+    mel = F.placeholder([1, 80, frames], F.NCHW)
+    mel.name = VOCODER_INPUT
+    x = F.convert(F.reshape(mel, [1, 80, 1, -1]), F.NC4HW4)
+    x = b.conv(x, 80, CHANNELS[0], 7)
+    for i, stride in enumerate(UPSAMPLE):
+        x = b.up(F.relu(x, 0.1), CHANNELS[i], CHANNELS[i + 1], stride)
+        x = b.resblock(x, CHANNELS[i + 1])
+    x = b.conv(F.relu(x, 0.1), CHANNELS[-1], 1, 7, gain=0.4)
+    wav = F.reshape(F.convert(F.tanh(x), F.NCHW), [1, 1, -1])
+    wav.name = VOCODER_OUTPUT
+    F.save([wav], os.fspath(path))
+
+
+def build_tiny(path: str | os.PathLike[str]) -> None:
+    """A tiny real model where per-call overhead dominates: y = tanh(x * w + b), x [1, 16]."""
+    rng = np.random.default_rng(0)
+    x = F.placeholder([1, 16], F.NCHW)
+    x.name = "x"
+    w = F.const(rng.standard_normal(16).astype(np.float32), [16], F.NCHW)
+    b = F.const(rng.standard_normal(16).astype(np.float32), [16], F.NCHW)
+    y = F.tanh(x * w + b)
+    y.name = "y"
+    F.save([y], os.fspath(path))
