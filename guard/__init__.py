@@ -4,32 +4,42 @@
 >>> factory = guard.mnn_factory("vocoder.mnn", ["mel"], ["wav"], threads=1)  # doctest: +SKIP
 >>> session = guard.wrap(factory, probes.load("probes/vocoder"), name="vocoder")  # doctest: +SKIP
 >>> session.run({"mel": mel})["wav"]  # doctest: +SKIP
+
+Names are imported on first use, so that `import guard` (and `mnn-guard --help`, which imports
+`guard.tools.cli`) does not load MNN, scipy or prometheus_client until they are needed.
 """
 
-from guard.errors import (
-    ConfigError,
-    FactoryError,
-    ForkAfterLoad,
-    ForwardFailed,
-    GuardError,
-    InitTimeout,
-    InputMismatch,
-    OutputMismatch,
-    RecoveryExhausted,
-    SessionClosed,
-    Unavailable,
-    WorkerFailed,
-)
-from guard.health import HealthTable, readiness
-from guard.ladder import DYNAMIC, STATIC, Policy, Rung
-from guard.listeners import Listener
-from guard.mnn import mnn_factory
-from guard.pool import Pool
-from guard.server import serve
-from guard.session import GuardedSession
-from guard.state import SessionStatus, State
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from guard.errors import (
+        ConfigError,
+        FactoryError,
+        ForkAfterLoad,
+        ForwardFailed,
+        GuardError,
+        InitTimeout,
+        InputMismatch,
+        OutputMismatch,
+        RecoveryExhausted,
+        SessionClosed,
+        Unavailable,
+        WorkerFailed,
+    )
+    from guard.health import HealthTable, readiness
+    from guard.ladder import DYNAMIC, STATIC, Policy, Rung
+    from guard.listeners import Listener
+    from guard.mnn import mnn_factory
+    from guard.pool import Pool
+    from guard.server import serve
+    from guard.session import GuardedSession
+    from guard.state import SessionStatus, State
+    from guard.wrapping import wrap
+
 from guard.version import __version__
-from guard.wrap import wrap
 
 __all__ = [
     "DYNAMIC",
@@ -60,3 +70,67 @@ __all__ = [
     "serve",
     "wrap",
 ]
+
+_HOME = {  # public name -> the runtime module that defines it
+    "ConfigError": "errors",
+    "FactoryError": "errors",
+    "ForkAfterLoad": "errors",
+    "ForwardFailed": "errors",
+    "GuardError": "errors",
+    "InitTimeout": "errors",
+    "InputMismatch": "errors",
+    "OutputMismatch": "errors",
+    "RecoveryExhausted": "errors",
+    "SessionClosed": "errors",
+    "Unavailable": "errors",
+    "WorkerFailed": "errors",
+    "HealthTable": "health",
+    "readiness": "health",
+    "DYNAMIC": "ladder",
+    "STATIC": "ladder",
+    "Policy": "ladder",
+    "Rung": "ladder",
+    "Listener": "listeners",
+    "mnn_factory": "mnn",
+    "Pool": "pool",
+    "serve": "server",
+    "GuardedSession": "session",
+    "SessionStatus": "state",
+    "State": "state",
+    "wrap": "wrapping",
+}
+_RUNTIME = frozenset(  # submodules that were attributes when this module imported them all
+    {
+        "canary",
+        "errors",
+        "health",
+        "inputs",
+        "ladder",
+        "listeners",
+        "metrics",
+        "mnn",
+        "pool",
+        "server",
+        "session",
+        "state",
+        "version",
+        "wrapping",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name (or a runtime submodule, `guard.ladder`) on first use."""
+    if name in _HOME:
+        value = getattr(importlib.import_module(f"guard.{_HOME[name]}"), name)
+    elif name in _RUNTIME:
+        value = importlib.import_module(f"guard.{name}")
+    else:
+        raise AttributeError(f"module 'guard' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The public names, loaded or not."""
+    return sorted({*globals(), *__all__})

@@ -137,13 +137,20 @@ def _load_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"threads must be a positive int, got {threads!r}")
         out["runtime_manager"] = _runtime_manager(threads)
+    manager = out.get("runtime_manager")
+    if manager is not None and not isinstance(manager, nn.RuntimeManager):
+        raise ConfigError(
+            f"runtime_manager={manager!r}; expected one made by "
+            "MNN.nn.create_runtime_manager, or threads=N"
+        )
     for key, enum in _ENUM_KEYS.items():
         value = out.get(key)
-        if isinstance(value, str):
-            names = {n.lower(): n for n in dir(enum) if not n.startswith("_") and n[0].isupper()}
-            if value.lower() not in names:
-                raise ConfigError(f"{key}={value!r}; expected one of {sorted(names.values())}")
-            out[key] = getattr(enum, names[value.lower()])
+        if not isinstance(value, (str, int)):
+            continue
+        names = {n.lower(): n for n in dir(enum) if not n.startswith("_") and n[0].isupper()}
+        if isinstance(value, int) or value.lower() not in names:  # MNN loads any int unchecked
+            raise ConfigError(f"{key}={value!r}; expected one of {sorted(names.values())}")
+        out[key] = getattr(enum, names[value.lower()])
     return out
 
 

@@ -39,7 +39,7 @@ from guard.errors import (
 )
 from guard.ladder import Policy
 from guard.session import Factory, GuardedSession
-from guard.wrap import check_probe, wrap
+from guard.wrapping import check_probe, wrap
 from probes import Probe, ProbeError
 
 __all__ = ["Pool", "WorkerStatus", "load_stashed_probe", "stash_probe"]

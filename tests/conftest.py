@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry
 
 import guard
 import probes
-from guard import demo, health, mnn
+from guard import health, mnn
+from guard.tools import demo
 
 Array = np.ndarray[Any, Any]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,9 @@ import pytest
 
 import guard
 import probes
-from guard import demo, mnn
+from guard import mnn
+from guard.tools import demo
+from guard.tools.demo_job import run_demo
 
 
 def test_rebuild_is_byte_identical(tmp_path: Path) -> None:
@@ -52,3 +55,17 @@ def test_mnn_factory_missing_model(tmp_path: Path) -> None:
     factory = guard.mnn_factory(tmp_path / "nope.mnn", ["mel"], ["wav"])
     with pytest.raises(guard.FactoryError, match="does not exist"):
         factory()
+
+
+def test_quiet_demo_restores_the_log_level(caplog: pytest.LogCaptureFixture) -> None:
+    """`run_demo(quiet=True)` silences the guard's warnings for the run only, then restores them."""
+    logger = logging.getLogger("mnn_guard")
+    caplog.set_level(logging.INFO, logger="mnn_guard")  # and back to its level after the test
+    seen: list[int] = []
+    report = run_demo(
+        sessions=2, requests=1, rate=1.0, progress=lambda _: seen.append(logger.level)
+    )
+    assert seen and set(seen) == {logging.ERROR}
+    assert logger.level == logging.INFO
+    assert report.injected > 0 and report.tally.caught == report.injected
+    assert report.bad == 0 and not report.degraded

@@ -18,9 +18,9 @@ from prometheus_client import CollectorRegistry
 
 import guard
 import probes
-from guard import demo
 from guard.session import call_with_timeout
 from guard.testing import CapturingListener, FaultyFactory
+from guard.tools import demo
 
 CHILD_SECONDS = 10.0  # a forked child must answer within this
 HELPER_SECONDS = 60.0  # a helper process must report within this

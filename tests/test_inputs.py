@@ -10,8 +10,8 @@ import pytest
 
 import guard
 import probes
-from guard import demo
 from guard.inputs import InputChecker
+from guard.tools import demo
 
 pytestmark = pytest.mark.hostile
 Array = np.ndarray[Any, Any]

@@ -14,7 +14,8 @@ from hypothesis import example, given, settings
 
 import guard
 import probes
-from guard import demo, mnn
+from guard import mnn
+from guard.tools import demo
 
 Array = np.ndarray[Any, Any]
 

@@ -36,7 +36,7 @@ def worker(model: str, probe_dir: str, ready: Queue[Any], stop: Event) -> None:
     from prometheus_client import values
 
     import probes
-    from guard import demo
+    from guard.tools import demo
 
     session = guard.wrap(
         demo.demo_factory(threads=1),

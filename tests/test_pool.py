@@ -19,9 +19,10 @@ import pytest
 
 import guard
 import probes
-from guard import demo, mnn
+from guard import mnn
 from guard.inputs import prepare_inputs
 from guard.testing import FaultyFactory
+from guard.tools import demo
 
 Array = np.ndarray[Any, Any]
 FRAMES = (40, 60, 80, 100)

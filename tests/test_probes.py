@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 
 import guard
 import probes
-from guard import demo
 from guard.testing import Fault, FaultyFactory
+from guard.tools import demo
 from probes.store import ARRAYS, MANIFEST
 
 pytestmark = pytest.mark.hostile

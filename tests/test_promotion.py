@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry
 
 import guard
 import probes
-from guard import demo
 from guard.testing import CapturingListener, Fault, FaultyFactory
+from guard.tools import demo
 
 Array = np.ndarray[Any, Any]
 STATIC_FAILS = [True] * 4  # the first init and its 3 re-inits on the static rung

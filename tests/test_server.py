@@ -64,7 +64,7 @@ def server(registry: CollectorRegistry) -> Iterator[guard.server.MetricsServer]:
 @pytest.fixture(scope="module")
 def scraped(demo_paths: tuple[Path, Path], demo_probe: probes.Probe) -> dict[str, Any]:
     """Families parsed from one scrape after a session with a reinit, a fallback-free pass, runs."""
-    from guard import demo
+    from guard.tools import demo
 
     registry = CollectorRegistry()
     faulty = FaultyFactory(demo.demo_factory(threads=1), fault="noise", schedule=[True, False])

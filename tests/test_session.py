@@ -12,8 +12,8 @@ from conftest import quiet_policy, reference
 
 import guard
 import probes
-from guard import demo
 from guard.testing import CapturingListener, Fault, FaultyFactory
+from guard.tools import demo
 
 Array = np.ndarray[Any, Any]
 

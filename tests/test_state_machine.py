@@ -22,8 +22,9 @@ from conftest import FakeClock, reference
 
 import guard
 import probes
-from guard import demo, health
+from guard import health
 from guard.testing import CapturingListener, Fault, FaultyFactory
+from guard.tools import demo
 
 Array = np.ndarray[Any, Any]
 BOUND = 30.0  # no test step may take longer than this: a hang fails instead of blocking CI

@@ -1,40 +1,25 @@
-"""The bundled demo vocoder: a small HiFiGAN-like generator built with MNN.expr, and its probe."""
+"""Every model the tools build with MNN.expr: the demo vocoder and the benchmark's tiny model.
+
+Building a model is MNN's job, so this is the one tools module that uses `guard.mnn.F`.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from guard.errors import GuardError
-from guard.mnn import F, MNNFactory, mnn_factory
+from guard.mnn import F
 
-__all__ = [
-    "DEMO_INPUT",
-    "DEMO_MODEL",
-    "DEMO_OUTPUT",
-    "DEMO_PROBE",
-    "DEMO_SHA256",
-    "HOP",
-    "build_vocoder",
-    "demo_factory",
-    "demo_mel",
-    "ensure_demo",
-    "record_demo_probe",
-]
+__all__ = ["HOP", "VOCODER_INPUT", "VOCODER_OUTPUT", "build_tiny", "build_vocoder"]
 
-DEMO_INPUT, DEMO_OUTPUT = "mel", "wav"
+VOCODER_INPUT, VOCODER_OUTPUT = "mel", "wav"
 UPSAMPLE = (8, 8, 4)
 HOP = int(np.prod(UPSAMPLE))
 CHANNELS = (64, 32, 16, 8)
-DATA_DIR = Path(__file__).parent / "data"
-DEMO_MODEL = DATA_DIR / "demo_vocoder.mnn"
-DEMO_PROBE = DATA_DIR / "demo_vocoder.probe"
-DEMO_SHA256 = "7e81c6bf2a0b66c13a8228eae7147ca3e36a6726489829c96e4f3c37c3e001de"
 
 Array = NDArray[Any]
 Transform = Callable[[Array], Array]
@@ -104,7 +89,7 @@ def build_vocoder(
     """
     b = _Builder(seed, weight_transform)
     mel = F.placeholder([1, 80, frames], F.NCHW)
-    mel.name = DEMO_INPUT
+    mel.name = VOCODER_INPUT
     x = F.convert(F.reshape(mel, [1, 80, 1, -1]), F.NC4HW4)
     x = b.conv(x, 80, CHANNELS[0], 7)
     for i, stride in enumerate(UPSAMPLE):
@@ -112,56 +97,17 @@ def build_vocoder(
         x = b.resblock(x, CHANNELS[i + 1])
     x = b.conv(F.relu(x, 0.1), CHANNELS[-1], 1, 7, gain=0.4)
     wav = F.reshape(F.convert(F.tanh(x), F.NCHW), [1, 1, -1])
-    wav.name = DEMO_OUTPUT
+    wav.name = VOCODER_OUTPUT
     F.save([wav], os.fspath(path))
 
 
-def demo_mel(frames: int = 100, seed: int = 1) -> Array:
-    """A smooth, deterministic mel-like input of shape [1, 80, frames]."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(frames)[None, :]
-    f = np.arange(80)[:, None]
-    base = -4.0 + 3.0 * np.exp(-(((f - 20 - 10 * np.sin(t / 9.0)) / 12.0) ** 2))
-    mel: Array = (base + 0.3 * rng.standard_normal((80, frames)))[None].astype(np.float32)
-    return mel
-
-
-def demo_factory(threads: int = 1) -> MNNFactory:
-    """A picklable factory for the bundled demo vocoder."""
-    return mnn_factory(DEMO_MODEL, [DEMO_INPUT], [DEMO_OUTPUT], threads=threads)
-
-
-def record_demo_probe() -> Any:
-    """Record the demo probe from the dynamic reference, with T dynamic in 1..4000."""
-    import probes
-
-    return probes.record(
-        demo_factory(),
-        {DEMO_INPUT: demo_mel()},
-        reference={"dynamic": True},
-        dynamic={DEMO_INPUT: {2: (1, 4000)}},
-    )
-
-
-def ensure_demo(rebuild: bool = False) -> tuple[Path, Path]:
-    """(model, probe dir) of the demo vocoder, rebuilt and re-verified when missing or changed."""
-    import probes
-
-    fresh = not rebuild and DEMO_MODEL.is_file() and probes.file_sha256(DEMO_MODEL) == DEMO_SHA256
-    if fresh and (DEMO_PROBE / "manifest.json").is_file():
-        return DEMO_MODEL, DEMO_PROBE
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
-    build_vocoder(DEMO_MODEL)
-    sha = probes.file_sha256(DEMO_MODEL)
-    if sha != DEMO_SHA256:
-        raise GuardError(
-            f"the rebuilt demo vocoder has sha256 {sha}, expected {DEMO_SHA256}: this MNN or "
-            "numpy builds different bytes; the demo probe would not match"
-        )
-    record_demo_probe().save(DEMO_PROBE)
-    return DEMO_MODEL, DEMO_PROBE
-
-
-if __name__ == "__main__":
-    model, probe = ensure_demo(rebuild=True)
-    print(f"built {model} (sha256 {DEMO_SHA256}) and recorded {probe}")
+def build_tiny(path: str | os.PathLike[str]) -> None:
+    """A tiny real model where per-call overhead dominates: y = tanh(x * w + b), x [1, 16]."""
+    rng = np.random.default_rng(0)
+    x = F.placeholder([1, 16], F.NCHW)
+    x.name = "x"
+    w = F.const(rng.standard_normal(16).astype(np.float32), [16], F.NCHW)
+    b = F.const(rng.standard_normal(16).astype(np.float32), [16], F.NCHW)
+    y = F.tanh(x * w + b)
+    y.name = "y"
+    F.save([y], os.fspath(path))

@@ -3,20 +3,19 @@
 Every comparison alternates its two sides in rounds after a warm-up and reports medians and
 their ratio, so that a noisy machine slows both sides alike. Targets are reported, not enforced.
 
+`run_bench` measures (returns a `BenchReport`); `format_bench` and `bench_json` render it.
+
 >>> report = run_bench(quick=True)  # doctest: +SKIP
 >>> report.vocoder.ratio, report.tiny.added_us  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
-import logging
 import operator
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -29,15 +28,18 @@ from numpy.typing import NDArray
 from prometheus_client import CollectorRegistry
 
 import probes
-from guard import demo, mnn
+from guard import mnn
 from guard.ladder import DYNAMIC, Policy
 from guard.pool import Pool
 from guard.session import Factory, GuardedSession
 from guard.testing import Fault, FaultyFactory
-from guard.wrap import wrap
+from guard.tools import demo
+from guard.tools.models import build_tiny
+from guard.tools.output import quiet_log
+from guard.wrapping import wrap
 from probes import Probe
 
-__all__ = ["BenchReport", "add_parser", "run_bench"]
+__all__ = ["BenchReport", "bench_json", "format_bench", "run_bench"]
 
 Array = NDArray[Any]
 Inputs = dict[str, Array]
@@ -47,7 +49,6 @@ TINY_ADDED_US_TARGET = 30.0  # microseconds added per call on the tiny model
 JUDGE_MS_TARGET = 2.0  # judging a 1 s canary at 22,050 Hz
 MEMORY_MB_TARGET = 20.0  # RSS growth over the init/recover cycles
 SAMPLE_RATE = 22_050
-EXIT_USAGE = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -241,18 +242,6 @@ def hot_path(
 # ---------------------------------------------------------------- measures
 
 
-def build_tiny(path: Path) -> None:
-    """A tiny real model where per-call overhead dominates: y = tanh(x * w + b), x [1, 16]."""
-    rng = np.random.default_rng(0)
-    x = mnn.F.placeholder([1, 16], mnn.F.NCHW)
-    x.name = "x"
-    w = mnn.F.const(rng.standard_normal(16).astype(np.float32), [16], mnn.F.NCHW)
-    b = mnn.F.const(rng.standard_normal(16).astype(np.float32), [16], mnn.F.NCHW)
-    y = mnn.F.tanh(x * w + b)
-    y.name = "y"
-    mnn.F.save([y], os.fspath(path))
-
-
 def quiet_wrap(factory: Factory, probe: Probe, name: str, policy: Policy) -> GuardedSession:
     """A guarded session without the Prometheus listener (its cost is measured with it on)."""
     return wrap(factory, probe, name=name, policy=policy, metrics=False)
@@ -353,13 +342,8 @@ def memory_growth(factory: Factory, probe: Probe, *, cycles: int) -> Memory:
     def reset() -> None:
         count[0] = 0
 
-    logger = logging.getLogger("mnn_guard")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # every cycle's first init fails on purpose
-    try:
+    with quiet_log():  # every cycle's first init fails on purpose
         return _memory_cycles(cycle, cycles, lambda: count[0], reset)
-    finally:
-        logger.setLevel(level)
 
 
 def _memory_cycles(
@@ -559,7 +543,7 @@ def _rows(r: BenchReport) -> list[tuple[str, str, str, bool | None]]:
     ]
 
 
-def format_report(r: BenchReport) -> str:
+def format_bench(r: BenchReport) -> str:
     """The Markdown table printed by `mnn-guard bench` (and pasted into the README)."""
     lines = [
         f"mnn-guard bench, {'quick' if r.quick else 'full'} run: MNN {r.mnn_version}, "
@@ -572,35 +556,6 @@ def format_report(r: BenchReport) -> str:
     return "\n".join(lines)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the benchmark, print the table, write JSON when asked."""
-    factory: Factory | None = None
-    probe: Probe | None = None
-    if args.model is not None:
-        if args.probe is None:
-            print("mnn-guard bench: MODEL needs --probe DIR", file=sys.stderr)
-            return EXIT_USAGE
-        probe = probes.load(args.probe, model=args.model)
-        factory = mnn.mnn_factory(args.model, probe.input_names, probe.output_names, threads=1)
-    report = run_bench(
-        quick=args.quick,
-        frames=args.frames,
-        factory=factory,
-        probe=probe,
-        progress=lambda text: print(f"  ... {text}", file=sys.stderr, flush=True),
-    )
-    print(format_report(report))
-    if args.json is not None:
-        Path(args.json).write_text(json.dumps(asdict(report), indent=2) + "\n")
-    return 0
-
-
-def add_parser(sub: Any) -> None:
-    """Register `mnn-guard bench` on the CLI's subparsers."""
-    p = sub.add_parser("bench", help="measure what the guard costs, side by side with raw MNN")
-    p.add_argument("model", nargs="?", help="a .mnn model (default: the demo vocoder)")
-    p.add_argument("--probe", help="probe folder for MODEL")
-    p.add_argument("--frames", type=int, default=100, help="length of a dynamic last axis")
-    p.add_argument("--quick", action="store_true", help="fewer rounds (for tests)")
-    p.add_argument("--json", help="also write the report as JSON to this path")
-    p.set_defaults(func=cmd_bench)
+def bench_json(r: BenchReport) -> str:
+    """The report as a JSON document (every field of every section)."""
+    return json.dumps(asdict(r), indent=2) + "\n"

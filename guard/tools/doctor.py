@@ -4,6 +4,8 @@ Starts many fresh processes (spawn); in each, initialises every rung of the ladd
 its canary and times init and forward. Reports per rung the degraded starts with a 95%
 Clopper-Pearson interval, median init and forward times, and the speed ratio between rungs.
 
+`run_doctor` measures (returns a `DoctorReport`); `format_doctor` and `doctor_json` render it.
+
 >>> factory = guard.mnn_factory("vocoder.mnn", ["mel"], ["wav"], threads=1)  # doctest: +SKIP
 >>> report = run_doctor(factory, probes.load("probes/vocoder"), starts=50)  # doctest: +SKIP
 >>> report.rungs[0].degraded, report.rungs[1].speed_ratio  # doctest: +SKIP
@@ -11,29 +13,27 @@ Clopper-Pearson interval, median init and forward times, and the speed ratio bet
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing
 import os
 import statistics
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any, TextIO
+from typing import Any
 
-from guard.errors import ConfigError, FactoryError
+from guard.errors import ConfigError
 from guard.ladder import DEFAULT_LADDER, Rung
 from guard.pool import load_stashed_probe, remove_stash, stash_probe
 from guard.session import Factory
+from guard.tools.output import text_table
 from probes import Probe
 
-__all__ = ["DoctorReport", "RungReport", "add_parser", "run_doctor"]
+__all__ = ["DoctorReport", "RungReport", "doctor_json", "format_doctor", "run_doctor"]
 
-EXIT_OK, EXIT_DEGRADED = 0, 1
 CONFIDENCE = 0.95
 FORWARD_RUNS = 5
 CANARY_RUNS = 2
@@ -62,7 +62,7 @@ class RungReport:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DoctorReport:
-    """What `mnn-guard doctor` found; `exit_code` is 1 when a rung had degraded or failed starts."""
+    """What `mnn-guard doctor` found, per rung of the ladder."""
 
     starts: int
     processes: int
@@ -75,77 +75,6 @@ class DoctorReport:
     def degraded(self) -> bool:
         """True when any rung had a degraded start or one that failed to initialise."""
         return any(r.degraded or r.errors for r in self.rungs)
-
-    @property
-    def exit_code(self) -> int:
-        """0 when every start of every rung passed its canary, else 1."""
-        return EXIT_DEGRADED if self.degraded else EXIT_OK
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready data (NaN and infinities become None)."""
-        data = asdict(self)
-        data["degraded"] = self.degraded
-        for rung in data["rungs"]:
-            rung["reasons"] = list(rung["reasons"])
-            snr = rung["worst_snr_db"]
-            if snr is not None and not math.isfinite(snr):
-                rung["worst_snr_db"] = None
-        return data
-
-    def to_json(self) -> str:
-        """The report as a JSON document."""
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=str)
-
-    def table(self) -> str:
-        """A plain text table, one line per rung, then a one-line conclusion."""
-        first = self.rungs[0].name if self.rungs else "-"
-        header = (
-            "rung",
-            "starts",
-            "degraded",
-            "errors",
-            f"{self.confidence:.0%} CI",
-            "init ms",
-            "forward ms",
-            f"vs {first}",
-        )
-        rows = [
-            (
-                r.name,
-                str(r.starts),
-                str(r.degraded),
-                str(r.errors),
-                _interval(r.ci_low, r.ci_high),
-                _ms(r.init_median_s),
-                _ms(r.forward_median_s),
-                "-" if r.speed_ratio is None else f"{r.speed_ratio:.2f}x",
-            )
-            for r in self.rungs
-        ]
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        lines = [
-            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-            for row in [header, *rows]
-        ]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join([*lines, "", self.conclusion()])
-
-    def conclusion(self) -> str:
-        """One sentence answering: is this machine affected, and what would a fallback cost?"""
-        bad = [r for r in self.rungs if r.degraded or r.errors]
-        if not bad:
-            worst = max((r.ci_high for r in self.rungs if r.ci_high is not None), default=None)
-            bound = (
-                ""
-                if worst is None
-                else f" (degraded rate below {worst:.1%} at {self.confidence:.0%} confidence)"
-            )
-            return f"no degraded start in {self.starts} fresh processes{bound}"
-        parts = [
-            f"{r.name}: {r.degraded} degraded and {r.errors} failed of {r.starts} starts"
-            for r in bad
-        ]
-        return "DEGRADED STARTS FOUND: " + "; ".join(parts) + "; guard this model with guard.wrap"
 
 
 def _ms(seconds: float | None) -> str:
@@ -289,7 +218,7 @@ def _run_starts(
     processes: int,
     forward_runs: int,
     start_timeout: float,
-    out: TextIO | None,
+    say: Callable[[str], None],
 ) -> list[list[dict[str, Any]]]:
     """Run every start in its own spawned process, `processes` at a time; results per start."""
     ctx = multiprocessing.get_context("spawn")
@@ -333,11 +262,9 @@ def _run_starts(
                 )
                 _finish(results, rungs, why)
                 done += 1
-                if out is not None:
-                    summary = ", ".join(f"{r['rung']} {_word(r)}" for r in results)
-                    elapsed = time.perf_counter() - began
-                    line = f"doctor: start {done}/{starts}: {summary} ({elapsed:.1f} s)"
-                    print(line, file=out, flush=True)
+                summary = ", ".join(f"{r['rung']} {_word(r)}" for r in results)
+                elapsed = time.perf_counter() - began
+                say(f"doctor: start {done}/{starts}: {summary} ({elapsed:.1f} s)")
     finally:
         for start in running:  # interrupted: leave no process behind
             start.process.kill()
@@ -355,13 +282,12 @@ def run_doctor(
     ladder: Sequence[Rung] = DEFAULT_LADDER,
     forward_runs: int = FORWARD_RUNS,
     start_timeout: float = START_TIMEOUT,
-    progress: bool = True,
-    stream: TextIO | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> DoctorReport:
     """Run `starts` fresh spawned processes, at most `processes` at a time; summarise per rung.
 
-    `factory` must pickle (it is sent to every process). Progress lines go to `stream`
-    (stderr by default) when `progress` is set.
+    `factory` must pickle (it is sent to every process). `progress` gets one line per finished
+    start.
     """
     from guard.mnn import mnn_version
 
@@ -372,7 +298,6 @@ def run_doctor(
     rungs = tuple(ladder)
     if not rungs:
         raise ConfigError("the ladder needs at least one rung")
-    out = stream if stream is not None else sys.stderr
     began = time.perf_counter()
     probe_path = stash_probe(probe)
     try:
@@ -384,7 +309,7 @@ def run_doctor(
             processes,
             forward_runs,
             start_timeout,
-            out if progress else None,
+            progress or (lambda _: None),
         )
     finally:
         remove_stash(probe_path)
@@ -398,47 +323,71 @@ def run_doctor(
     )
 
 
-# ----------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------- the report
 
 
-def cmd_doctor(args: argparse.Namespace) -> int:
-    """`mnn-guard doctor MODEL --probe DIR`: the report as a table, or JSON with --json."""
-    import probes
-    from guard.mnn import mnn_factory
-    from guard.wrap import check_probe
+def doctor_dict(report: DoctorReport) -> dict[str, Any]:
+    """Plain JSON-ready data (NaN and infinities become None)."""
+    data = asdict(report)
+    data["degraded"] = report.degraded
+    for rung in data["rungs"]:
+        rung["reasons"] = list(rung["reasons"])
+        snr = rung["worst_snr_db"]
+        if snr is not None and not math.isfinite(snr):
+            rung["worst_snr_db"] = None
+    return data
 
-    if not os.path.isfile(args.model):
-        raise FactoryError(f"model file {args.model!r} does not exist")
-    probe = probes.load(args.probe, model=None if args.ignore_model_hash else args.model)
-    factory = mnn_factory(args.model, probe.input_names, probe.output_names, threads=args.threads)
-    check_probe(factory, probe, model_hash=not args.ignore_model_hash)
-    report = run_doctor(factory, probe, starts=args.starts, processes=args.processes, progress=True)
-    if args.json:
-        print(report.to_json())
-    else:
-        print(
-            f"mnn-guard doctor: {report.starts} fresh process starts of {args.model} "
-            f"(MNN {report.mnn_version}), {report.processes} at a time, {report.seconds:.1f} s"
+
+def doctor_json(report: DoctorReport) -> str:
+    """The report as a JSON document."""
+    return json.dumps(doctor_dict(report), indent=2, allow_nan=False, default=str)
+
+
+def conclusion(report: DoctorReport) -> str:
+    """One sentence answering: is this machine affected, and what would a fallback cost?"""
+    bad = [r for r in report.rungs if r.degraded or r.errors]
+    if not bad:
+        worst = max((r.ci_high for r in report.rungs if r.ci_high is not None), default=None)
+        bound = (
+            ""
+            if worst is None
+            else f" (degraded rate below {worst:.1%} at {report.confidence:.0%} confidence)"
         )
-        print(report.table())
-    return report.exit_code
+        return f"no degraded start in {report.starts} fresh processes{bound}"
+    parts = [
+        f"{r.name}: {r.degraded} degraded and {r.errors} failed of {r.starts} starts" for r in bad
+    ]
+    return "DEGRADED STARTS FOUND: " + "; ".join(parts) + "; guard this model with guard.wrap"
 
 
-def add_parser(subparsers: Any) -> None:
-    """Register the `doctor` subcommand on the `mnn-guard` command line."""
-    doc = subparsers.add_parser(
-        "doctor",
-        help="does this machine have the degraded-init problem, and what does dynamic cost?",
+def format_doctor(report: DoctorReport, model: str) -> str:
+    """A title line, a text table with one line per rung, then a one-line conclusion."""
+    first = report.rungs[0].name if report.rungs else "-"
+    header = (
+        "rung",
+        "starts",
+        "degraded",
+        "errors",
+        f"{report.confidence:.0%} CI",
+        "init ms",
+        "forward ms",
+        f"vs {first}",
     )
-    doc.add_argument("model", help="the .mnn model file")
-    doc.add_argument("--probe", required=True, help="probe folder recorded for this model")
-    doc.add_argument("--starts", type=int, default=100, help="fresh processes to start")
-    doc.add_argument("--processes", type=int, default=2, help="processes running at a time")
-    doc.add_argument("--threads", type=int, default=1, help="MNN threads per process")
-    doc.add_argument("--json", action="store_true", help="print only JSON on stdout")
-    doc.add_argument(
-        "--ignore-model-hash",
-        action="store_true",
-        help="judge another build of the model (e.g. fp16 or int8) against this probe",
+    rows = [
+        (
+            r.name,
+            str(r.starts),
+            str(r.degraded),
+            str(r.errors),
+            _interval(r.ci_low, r.ci_high),
+            _ms(r.init_median_s),
+            _ms(r.forward_median_s),
+            "-" if r.speed_ratio is None else f"{r.speed_ratio:.2f}x",
+        )
+        for r in report.rungs
+    ]
+    title = (
+        f"mnn-guard doctor: {report.starts} fresh process starts of {model} "
+        f"(MNN {report.mnn_version}), {report.processes} at a time, {report.seconds:.1f} s"
     )
-    doc.set_defaults(func=cmd_doctor)
+    return "\n".join([title, text_table(header, rows), "", conclusion(report)])

@@ -1,0 +1,473 @@
+"""The `mnn-guard` command line: record, check, demo, doctor, bench.
+
+argparse lives here and nowhere else. A subcommand imports its tool (and MNN) when it runs, so
+`mnn-guard --help` stays fast. A user error (a bad argument, a model or probe that cannot be
+read, an output path that cannot be written) is one line on stderr and exit 2; exit 1 means
+"degraded"; a bug in mnn-guard itself keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
+    from guard.mnn import MNNFactory
+    from probes import Probe
+
+__all__ = ["EXIT_DEGRADED", "EXIT_OK", "EXIT_USAGE", "UsageError", "main"]
+
+EXIT_OK = 0  # everything checked was healthy
+EXIT_DEGRADED = 1  # a degraded init, start or output was found
+EXIT_USAGE = 2  # a user error: a bad argument, an unreadable input, an unwritable output
+MAX_CANARY_ELEMENTS = 1 << 26  # per --shape input: 256 MiB of float32
+
+
+class UsageError(Exception):
+    """A user error on the command line: reported as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line naming the (sub)command, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print one line and exit 2 (argparse's default prints the whole usage first)."""
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+# ------------------------------------------------------------- argument types
+
+
+def _int_in(low: int, high: float, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer in low..high."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_count = _int_in(1, math.inf, "a whole number >= 1")
+_seed = _int_in(0, math.inf, "a whole number >= 0")
+_port = _int_in(-1, 65535, "a port in 0..65535, 0 for a free one or -1 for none")
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number in 0..1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in 0..1, got {text!r}")
+    return value
+
+
+def _shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """`mel=1,80,100` -> ("mel", (1, 80, 100)), positive sizes of a canary-sized input."""
+    name, _, dims = text.partition("=")
+    try:
+        shape = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        shape = ()
+    if not name or not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME=D1,D2,... with positive integer sizes"
+        )
+    if math.prod(shape) > MAX_CANARY_ELEMENTS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has {math.prod(shape)} elements; a canary input holds at most "
+            f"{MAX_CANARY_ELEMENTS}"
+        )
+    return name, shape
+
+
+def _dynamic(text: str) -> tuple[str, int, tuple[int, int]]:
+    """`mel:2=1..4000` -> ("mel", 2, (1, 4000))."""
+    head, _, bounds = text.partition("=")
+    name, _, axis = head.partition(":")
+    low, _, high = bounds.partition("..")
+    try:
+        return name, int(axis), (int(low), int(high))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME:AXIS=MIN..MAX, e.g. mel:2=1..4000"
+        ) from None
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """`dynamic=true` -> ("dynamic", True): JSON true, false, an integer, or a name."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. dynamic=true")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if not isinstance(value, (bool, int, str)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected true, false, an integer or a name as the value"
+        )
+    return key, value
+
+
+# ----------------------------------------------------- checks before any work
+
+
+def _load_options(flag: str, pairs: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """Load options checked by the code `guard.mnn_factory` uses; a name left over is refused."""
+    from guard.errors import ConfigError
+    from guard.mnn import _load_kwargs
+
+    options = dict(pairs)
+    try:
+        loaded = _load_kwargs(options)
+    except ConfigError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+    for key, value in loaded.items():
+        if isinstance(value, str):  # names were turned into MNN enums: this key takes none
+            raise UsageError(f"{flag} {key}={value!r}: expected true, false or an integer")
+    return options
+
+
+def _model_file(path: str) -> str:
+    """Refuse a model path that is not a non-empty file."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"model {path!r} does not exist or is not a file")
+    if file.stat().st_size == 0:
+        raise UsageError(f"model {path!r} is empty; expected an .mnn file")
+    return path
+
+
+def _model(path: str, inputs: Sequence[str], outputs: Sequence[str], threads: int) -> MNNFactory:
+    """A factory for the model, once MNN has loaded it (a file MNN refuses is a user error)."""
+    from guard.mnn import mnn_factory
+
+    factory = mnn_factory(_model_file(path), inputs, outputs, threads=threads)
+    try:
+        factory()
+    except SystemError:  # MNN's answer to a corrupt or truncated file, or an unknown name
+        raise UsageError(
+            f"MNN cannot load model {path!r} with inputs {list(inputs)} and outputs "
+            f"{list(outputs)}: a corrupt or truncated file, not an .mnn file, or names it lacks"
+        ) from None
+    return factory
+
+
+def _probe(path: str, model: str | None) -> Probe:
+    """Load a probe folder; every way it can be unreadable is a user error."""
+    import probes
+
+    try:
+        return probes.load(path, model=model)
+    except (zlib.error, RecursionError) as exc:  # until probes.load raises only ProbeError
+        raise UsageError(
+            f"probe folder {path!r} cannot be read ({type(exc).__name__}: {exc}); "
+            "re-record it with `mnn-guard record`"
+        ) from None
+
+
+def _writable(flag: str, path: str, *, folder: bool) -> Path:
+    """Refuse an output path that cannot be written, before any work starts."""
+    target = Path(path).absolute()
+    if folder and target.exists() and not target.is_dir():
+        raise UsageError(f"{flag} {path!r} is an existing file; expected a folder for the probe")
+    if not folder and target.is_dir():
+        raise UsageError(f"{flag} {path!r} is a folder; expected a file to write")
+    if not folder and not target.parent.is_dir():
+        raise UsageError(f"{flag} {path!r}: folder {str(target.parent)!r} does not exist")
+    place = target if target.is_dir() else target.parent
+    existing = next(p for p in [place, *place.parents] if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path!r}: {str(existing)!r} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"{flag} {path!r} cannot be written: no write access in {str(existing)!r} "
+            f"({exc.strerror})"
+        ) from None
+    return target
+
+
+def _canary_inputs(args: argparse.Namespace) -> dict[str, NDArray[Any]]:
+    """The canary inputs from --canary FILE.npz, or random float32 arrays from --shape."""
+    import numpy as np
+
+    inputs: dict[str, NDArray[Any]] = {}
+    if args.canary:
+        path = Path(args.canary)
+        if not path.is_file():
+            raise UsageError(f"--canary {args.canary!r} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                inputs = {k: npz[k] for k in npz.files}
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+            raise UsageError(
+                f"--canary {args.canary!r} is not a readable .npz of arrays ({exc})"
+            ) from None
+    else:
+        rng = np.random.default_rng(args.seed)
+        for name, shape in args.shape:
+            inputs[name] = rng.standard_normal(shape).astype(np.float32)
+    if sorted(inputs) != sorted(args.input):
+        raise UsageError(f"canary inputs {sorted(inputs)} do not match --input {args.input}")
+    return inputs
+
+
+def _say(text: str) -> None:
+    """Progress goes to stderr, so that stdout holds only the result (--json)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------- subcommands
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    """Record a probe from the reference configuration and save it."""
+    out = _writable("-o", args.out, folder=True)
+    inputs = _canary_inputs(args)
+    reference = _load_options("--reference", args.reference) or {"dynamic": True}
+    dynamic: dict[str, dict[int, tuple[int, int]]] = {}
+    for name, axis, bounds in args.dynamic:
+        dynamic.setdefault(name, {})[axis] = bounds
+    factory = _model(args.model, args.input, args.output, args.threads)
+
+    from guard.record import record
+    from probes.signature import format_shape
+
+    probe = record(factory, inputs, reference=reference, runs=args.runs, dynamic=dynamic)
+    probe.save(out)
+    print(f"recorded {len(probe.cases)} canary case(s) for {args.model} into {args.out}")
+    for spec in probe.inputs:
+        print(f"  input  {spec.name}: {spec.dtype}{format_shape(spec.shape)}")
+    for output in probe.outputs:
+        print(f"  output {output.name}: {output.dtype}{list(output.shape)}")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Initialise the model N times on one rung and print each canary verdict."""
+    probe = _probe(args.probe, None if args.ignore_model_hash else _model_file(args.model))
+    overrides = _load_options("--override", args.override)
+    factory = _model(args.model, probe.input_names, probe.output_names, args.threads)
+
+    from guard.canary import init_and_check
+    from guard.tools.output import text_table
+    from guard.wrapping import check_probe
+
+    check_probe(factory, probe, model_hash=not args.ignore_model_hash)
+    rows = []
+    degraded = 0
+    for init in range(1, args.inits + 1):
+        _, verdict = init_and_check(factory, overrides, probe, runs=2)
+        degraded += not verdict.passed
+        score = min(verdict.scores.values(), key=lambda s: s.snr_db, default=None)
+        rows.append(
+            (
+                str(init),
+                "pass" if verdict.passed else "FAIL",
+                f"{verdict.worst_snr_db:.1f}",
+                f"{score.cosine:.6f}" if score else "-",
+                f"{score.lsd_db:.3f}" if score and score.lsd_db is not None else "-",
+                "; ".join(verdict.reasons)[:100],
+            )
+        )
+    print(text_table(("init", "verdict", "SNR dB", "cosine", "LSD dB", "reasons"), rows))
+    what = f"{args.model}, overrides {overrides or 'none'}"
+    print(f"{degraded} of {args.inits} init(s) degraded ({what})")
+    return EXIT_DEGRADED if degraded else EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Guard many inits of the demo vocoder with injected faults; exit 1 if any was served."""
+    from guard.tools.demo_job import format_demo, run_demo
+
+    report = run_demo(
+        sessions=args.sessions,
+        requests=args.requests,
+        rate=args.rate,
+        seed=args.seed,
+        port=None if args.port < 0 else args.port,
+        quiet=not args.verbose,
+        progress=_say,
+    )
+    print(format_demo(report))
+    return EXIT_DEGRADED if report.degraded else EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Many fresh processes per rung: the report as a table, or JSON with --json."""
+    probe = _probe(args.probe, None if args.ignore_model_hash else _model_file(args.model))
+    factory = _model(args.model, probe.input_names, probe.output_names, args.threads)
+
+    from guard.tools.doctor import doctor_json, format_doctor, run_doctor
+    from guard.wrapping import check_probe
+
+    check_probe(factory, probe, model_hash=not args.ignore_model_hash)
+    report = run_doctor(factory, probe, starts=args.starts, processes=args.processes, progress=_say)
+    print(doctor_json(report) if args.json else format_doctor(report, args.model))
+    return EXIT_DEGRADED if report.degraded else EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark, print the table, write JSON when asked; targets are only reported."""
+    json_path = None if args.json is None else _writable("--json", args.json, folder=False)
+    if (args.model is None) != (args.probe is None):
+        raise UsageError("MODEL and --probe DIR go together (neither: the demo vocoder)")
+    factory: MNNFactory | None = None
+    probe: Probe | None = None
+    if args.model is not None:
+        probe = _probe(args.probe, _model_file(args.model))
+        factory = _model(args.model, probe.input_names, probe.output_names, threads=1)
+
+    from guard.tools.bench import bench_json, format_bench, run_bench
+
+    report = run_bench(
+        quick=args.quick,
+        frames=args.frames,
+        factory=factory,
+        probe=probe,
+        progress=lambda text: _say(f"  ... {text}"),
+    )
+    print(format_bench(report))
+    if json_path is not None:
+        json_path.write_text(bench_json(report))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ the parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mnn-guard", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every init and verdict")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    hash_help = "judge another build of the model (e.g. fp16 or int8) against this probe"
+
+    rec = sub.add_parser("record", help="record a probe (canary + golden outputs) for a model")
+    rec.add_argument("model", help="the .mnn model file")
+    rec.add_argument("--input", action="append", required=True, help="input name (repeat in order)")
+    rec.add_argument(
+        "--output", action="append", required=True, help="output name (repeat in order)"
+    )
+    src = rec.add_mutually_exclusive_group(required=True)
+    src.add_argument("--canary", help=".npz with one array per input name")
+    src.add_argument(
+        "--shape", action="append", type=_shape, help="NAME=D1,D2,... random canary (float32)"
+    )
+    rec.add_argument(
+        "--dynamic", action="append", default=[], type=_dynamic, help="NAME:AXIS=MIN..MAX"
+    )
+    rec.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        type=_option,
+        help="KEY=VALUE load option of the reference (default dynamic=true)",
+    )
+    rec.add_argument(
+        "--runs",
+        type=_int_in(2, math.inf, "a whole number >= 2"),
+        default=3,
+        help="fresh reference inits that must agree",
+    )
+    rec.add_argument("--seed", type=_seed, default=0)
+    rec.add_argument("--threads", type=_count, default=1)
+    rec.add_argument("-o", "--out", required=True, help="probe folder to write")
+    rec.set_defaults(func=cmd_record)
+
+    chk = sub.add_parser("check", help="initialise a model N times and judge each init's canary")
+    chk.add_argument("model", help="the .mnn model file")
+    chk.add_argument("--probe", required=True, help="probe folder recorded for this model")
+    chk.add_argument("--inits", type=_count, default=1, help="fresh inits to judge")
+    chk.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        type=_option,
+        help="KEY=VALUE load option, e.g. dynamic=true",
+    )
+    chk.add_argument("--threads", type=_count, default=1)
+    chk.add_argument("--ignore-model-hash", action="store_true", help=hash_help)
+    chk.set_defaults(func=cmd_check)
+
+    demo = sub.add_parser("demo", help="guard many inits of the demo vocoder with injected faults")
+    demo.add_argument("--sessions", type=_count, default=60, help="guarded sessions to build")
+    demo.add_argument("--requests", type=_count, default=4, help="requests served per session")
+    demo.add_argument("--rate", type=_fraction, default=0.1, help="fraction of inits degraded")
+    demo.add_argument("--seed", type=_seed, default=2026)
+    demo.add_argument("--port", type=_port, default=0, help="metrics port (0 free, -1 none)")
+    demo.set_defaults(func=cmd_demo)
+
+    doc = sub.add_parser(
+        "doctor", help="does this machine have the degraded-init problem, what does dynamic cost?"
+    )
+    doc.add_argument("model", help="the .mnn model file")
+    doc.add_argument("--probe", required=True, help="probe folder recorded for this model")
+    doc.add_argument("--starts", type=_count, default=100, help="fresh processes to start")
+    doc.add_argument("--processes", type=_count, default=2, help="processes running at a time")
+    doc.add_argument("--threads", type=_count, default=1, help="MNN threads per process")
+    doc.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    doc.add_argument("--ignore-model-hash", action="store_true", help=hash_help)
+    doc.set_defaults(func=cmd_doctor)
+
+    bench = sub.add_parser("bench", help="measure what the guard costs, side by side with raw MNN")
+    bench.add_argument("model", nargs="?", help="a .mnn model (default: the demo vocoder)")
+    bench.add_argument("--probe", help="probe folder for MODEL")
+    bench.add_argument("--frames", type=_count, default=100, help="length of a dynamic last axis")
+    bench.add_argument("--quick", action="store_true", help="fewer rounds (for tests)")
+    bench.add_argument("--json", help="also write the report as JSON to this file")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _refuse(command: str, message: str) -> int:
+    """A user error: one line on stderr, exit 2."""
+    print(f"mnn-guard {command}: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mnn-guard` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    from guard.errors import GuardError, RecoveryExhausted
+    from probes.errors import ProbeError
+
+    try:
+        code: int = args.func(args)
+    except UsageError as exc:
+        return _refuse(args.command, str(exc))
+    except RecoveryExhausted as exc:  # every rung of the model failed its canary
+        print(f"mnn-guard {args.command}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_DEGRADED
+    except (GuardError, ProbeError) as exc:
+        return _refuse(args.command, f"{type(exc).__name__}: {exc}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
