@@ -9,6 +9,7 @@ format, not the Probe class (probes/probe.py maps one onto the other).
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from probes.errors import ProbeError, brief
+from probes.signature import NUMERIC_DTYPES
 
 __all__ = [
     "ARRAYS",
@@ -58,20 +60,15 @@ _ENTRY_OVERHEAD = 1024  # zip local header, central directory entry, data descri
 _READ_ERRORS = (
     OSError,
     EOFError,
-    ValueError,
-    TypeError,
-    SyntaxError,
-    RuntimeError,  # also RecursionError and NotImplementedError
-    MemoryError,
-    OverflowError,
-    KeyError,
-    IndexError,
+    ValueError,  # also UnicodeDecodeError
+    RuntimeError,  # zipfile: an encrypted member (refused before, by its flag)
+    NotImplementedError,  # zipfile: a compression method (refused before, by its number)
     struct.error,
     zlib.error,
     zipfile.BadZipFile,
     zipfile.LargeZipFile,
 )
-"""What numpy and zipfile raise on damaged bytes; each becomes a ProbeError naming the member."""
+"""What zipfile and _npy_header raise on damaged bytes; each becomes a ProbeError."""
 
 Array = NDArray[Any]
 ArrayRefs = Mapping[str, tuple[np.dtype[Any], tuple[int, ...]]]
@@ -212,14 +209,50 @@ def is_sha256(value: Any) -> bool:
     )
 
 
+def _exactly(member: IO[bytes], n: int) -> bytes:
+    data = member.read(n)
+    if len(data) != n:
+        raise EOFError(f"the member ends after {len(data)} of {n} header bytes")
+    return data
+
+
 def _npy_header(member: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
-    """(shape, fortran_order, dtype) from a .npy header of at most _MAX_NPY_HEADER bytes."""
-    version = np.lib.format.read_magic(member)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(member, max_header_size=_MAX_NPY_HEADER)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(member, max_header_size=_MAX_NPY_HEADER)
-    raise ValueError(f".npy format version {version} is not read (1.0 and 2.0 are)")
+    """(shape, fortran_order, dtype) from a .npy header, parsed here rather than by numpy so
+    that untrusted bytes meet a short, known set of exceptions."""
+    magic = _exactly(member, 8)
+    if magic[:6] != b"\x93NUMPY":
+        raise ValueError(f"the member does not start with the .npy magic (got {magic[:6]!r})")
+    if magic[6:] not in (b"\x01\x00", b"\x02\x00"):
+        raise ValueError(f".npy format version {tuple(magic[6:])} is not read (1.0 and 2.0 are)")
+    (length,) = struct.unpack("<H" if magic[6] == 1 else "<I", _exactly(member, magic[6] * 2))
+    if length > _MAX_NPY_HEADER:
+        raise ValueError(f"the .npy header is {length} bytes, more than {_MAX_NPY_HEADER}")
+    try:
+        header = ast.literal_eval(_exactly(member, length).decode("latin1"))
+    except (SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+        raise ValueError(f"the .npy header is not a Python literal ({exc})") from None
+    if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+        raise ValueError(
+            f"the .npy header is not a descr/fortran_order/shape dict: {brief(header)}"
+        )
+    descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
+    dtype = _DESCRS.get(descr) if isinstance(descr, str) else None
+    if (
+        dtype is None
+        or not isinstance(fortran, bool)
+        or not isinstance(shape, tuple)
+        or not all(type(d) is int and d >= 0 for d in shape)
+    ):
+        raise ValueError(f"the .npy header is not one of a numeric array: {brief(header)}")
+    return shape, fortran, dtype
+
+
+_DESCRS = {
+    dtype.str: dtype
+    for name in NUMERIC_DTYPES
+    for dtype in (np.dtype(name).newbyteorder("<"), np.dtype(name).newbyteorder(">"))
+}
+"""The .npy descrs of numeric dtypes in either byte order (a wrong order is named, then refused)."""
 
 
 def _check_directory(infos: list[zipfile.ZipInfo], refs: ArrayRefs) -> dict[str, int]:

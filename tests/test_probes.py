@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -18,10 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import hypothesis.strategies as st
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
 
 import guard
 import probes
@@ -272,30 +269,6 @@ def test_other_mnn_version_warns_or_refuses(demo_paths: tuple[Path, Path], tmp_p
         probes.load(folder, mnn_version="3.6.1", strict_version=True)
 
 
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(which=st.sampled_from([MANIFEST, ARRAYS]), data=st.data())
-def test_random_corruption_only_raises_probe_error(
-    demo_paths: tuple[Path, Path],
-    tmp_path_factory: pytest.TempPathFactory,
-    which: str,
-    data: st.DataObject,
-) -> None:
-    """Random byte corruption of a saved probe never escapes as anything but ProbeError."""
-    folder = copy_probe(demo_paths[1], tmp_path_factory.mktemp("fuzz") / "p")
-    raw = bytearray((folder / which).read_bytes())
-    n = data.draw(st.integers(1, 8))
-    for _ in range(n):
-        pos = data.draw(st.integers(0, len(raw) - 1))
-        raw[pos] = data.draw(st.integers(0, 255))
-    if data.draw(st.booleans()):
-        raw = raw[: data.draw(st.integers(0, len(raw)))]
-    (folder / which).write_bytes(bytes(raw))
-    with contextlib.suppress(probes.ProbeError):
-        probes.load(folder)
-
-
 # ---------------------------------------------------------------- recording
 
 
@@ -359,7 +332,7 @@ def test_record_derives_a_second_case(demo_factory: guard.mnn.MNNFactory, tmp_pa
         )
     assert len(probe.cases) == 2
     assert not np.array_equal(probe.cases[0].outputs["wav"], probe.cases[1].outputs["wav"])
-    assert probe.meta.model_sha256 == probes.file_sha256(demo_factory.path)
+    assert probe.meta.model_sha256 == store.file_sha256(demo_factory.path)
     assert probe.meta.reference == {"dynamic": True} and probe.meta.runs == 3
     assert probe.inputs[0].shape == (1, 80, (1, 64))
     assert probe.outputs[0].shape == (1, 1, 12 * demo.HOP)
@@ -705,8 +678,8 @@ HOSTILE_ARRAYS: list[tuple[str, Callable[[Path], None], str]] = [
     (
         "member without NPY magic",
         edit_member(MEL, lambda d: b"\x00" * len(d)),
-        f"member {MEL!r}: its .npy header cannot be read (ValueError: the magic string is not "
-        "correct",
+        f"member {MEL!r}: its .npy header cannot be read (ValueError: the member does not start "
+        "with the .npy magic",
     ),
     (
         "npy header declaring 29 TiB",
