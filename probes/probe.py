@@ -375,8 +375,8 @@ def load(
     """Load and validate a probe; raise ProbeError saying what is wrong.
 
     With `model`, refuse a probe recorded for other model bytes (sha256 differs). A probe
-    recorded with another MNN version (`mnn_version`, by default the installed one) warns
-    (ProbeVersionWarning), or is refused when `strict_version` is set.
+    recorded with an MNN version other than `mnn_version` warns (ProbeVersionWarning); with
+    `strict_version` it is refused, and `mnn_version` defaults to the installed MNN's.
 
     >>> probe = probes.load("probes/vocoder", model="vocoder.mnn")  # doctest: +SKIP
     """

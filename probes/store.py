@@ -61,8 +61,7 @@ _READ_ERRORS = (
     OSError,
     EOFError,
     ValueError,  # also UnicodeDecodeError
-    RuntimeError,  # zipfile: an encrypted member (refused before, by its flag)
-    NotImplementedError,  # zipfile: a compression method (refused before, by its number)
+    RuntimeError,  # zipfile on encryption or an unknown method (both refused before by flag)
     struct.error,
     zlib.error,
     zipfile.BadZipFile,
@@ -170,6 +169,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             data = fh.read(MAX_MANIFEST_BYTES + 1)
         except OSError as exc:
             raise ProbeError(f"{MANIFEST} cannot be read ({type(exc).__name__}: {exc})") from None
+    if len(data) > MAX_MANIFEST_BYTES:  # it grew since it was measured
+        raise ProbeError(f"{MANIFEST} is more than the limit of {MAX_MANIFEST_BYTES} bytes")
     try:
         manifest = json.loads(
             data.decode("utf-8"),
@@ -287,7 +288,7 @@ def _check_directory(infos: list[zipfile.ZipInfo], refs: ArrayRefs) -> dict[str,
                 f"{_MAX_NPY_HEADER}"
             )
         if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
-            raise ProbeError(f"{where} is stored but its sizes differ")
+            raise ProbeError(f"{where} is stored, but its stored and declared sizes differ")
         sizes[info.filename] = nbytes
     return sizes
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import io
@@ -935,3 +936,34 @@ def test_save_and_load_give_an_equal_probe(demo_probe: probes.Probe, tmp_path: P
     )
     assert other != demo_probe
     assert back.with_thresholds(probes.Thresholds(min_snr_db=40)) != demo_probe
+
+
+def test_probes_modules_import_each_other_without_a_cycle() -> None:
+    """No probes module imports one that imports it back, lazily or under TYPE_CHECKING."""
+    package = Path(probes.__file__).resolve().parent
+    graph: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("probes")
+            ):
+                found.update(
+                    f"probes.{a.name}" if node.module == "probes" else node.module
+                    for a in node.names
+                )
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("probes."))
+        graph[f"probes.{path.stem}"] = {m for m in found if m.removeprefix("probes.") != ""}
+    modules = {m for m in graph if m != "probes.__init__"}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph.get(start, set()) & modules:
+            if nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})):
+                return True
+        return False
+
+    assert graph["probes.probe"] >= {"probes.store"}
+    assert [m for m in sorted(modules) if reaches(m, m, set())] == []
