@@ -75,39 +75,49 @@ def _cast(spec: InputSpec, arr: NDArray[Any], check_finite: bool) -> NDArray[Any
     return arr
 
 
+def _plain(spec: InputSpec, value: np.ndarray[Any, Any]) -> NDArray[Any]:
+    """The plain ndarray MNN will read from `value`: a subclass reduced to its base array.
+
+    A masked array's mask is not something MNN can see, so masked cells are refused rather
+    than handed on with whatever data lies under them.
+    """
+    if type(value) is np.ndarray:
+        return value
+    if isinstance(value, np.ma.MaskedArray):
+        masked = int(np.count_nonzero(value.mask))
+        if masked:
+            raise _mismatch(
+                spec,
+                f"{masked} of {value.size} values are masked (MNN would read the data under "
+                "the mask); fill them (np.ma.filled) or pass a plain array",
+            )
+    return np.asarray(value)
+
+
 def _check_one(spec: InputSpec, value: Any, check_finite: bool) -> NDArray[Any]:
+    """Every check on the exact array handed on: the plain array, then the cast one."""
     if not isinstance(value, np.ndarray):
-        raise _mismatch(spec, f"got a {type(value).__name__}, not a numpy array")
-    if value.ndim != len(spec.shape):
-        raise _mismatch(
-            spec, f"rank {value.ndim} (shape {list(value.shape)}), expected rank {len(spec.shape)}"
-        )
-    if value.size == 0:
-        raise _mismatch(spec, f"the array is empty (shape {list(value.shape)})")
-    if not spec.accepts(value.shape):
-        for axis, (size, dim) in enumerate(zip(value.shape, spec.shape, strict=True)):
-            lo, hi = dim if isinstance(dim, tuple) else (dim, dim)
-            if not lo <= size <= hi:
-                allowed = f"the dynamic range {lo}..{hi}" if isinstance(dim, tuple) else str(dim)
-                raise _mismatch(
-                    spec,
-                    f"dimension {axis} is {size}, expected {allowed} (shape {list(value.shape)})",
-                )
-    return _cast(spec, value, check_finite)
+        raise _mismatch(spec, f"got {type(value).__name__}, not a numpy array")
+    plain = _plain(spec, value)
+    if plain.size == 0 and plain.ndim == len(spec.shape):
+        raise _mismatch(spec, f"the array is empty (shape {list(plain.shape)})")
+    problem = spec.misfit(plain.shape)
+    if problem is not None:
+        raise _mismatch(spec, problem)
+    return _cast(spec, plain, check_finite)
 
 
 def _values(names: Sequence[str], inputs: Mapping[str, Any] | Sequence[Any]) -> list[Any]:
     """The input values in model order; raises InputMismatch for missing, extra or miscounted."""
     if isinstance(inputs, Mapping):
         missing = [n for n in names if n not in inputs]
-        if missing:
+        extra = sorted(str(k) for k in inputs if k not in names)
+        if missing or extra:
+            problems = [f"missing input(s) {missing}"] if missing else []
+            problems += [f"unknown input(s) {extra}"] if extra else []
             raise InputMismatch(
-                f"missing input(s) {missing}; the model takes {list(names)}", input=missing[0]
-            )
-        if len(inputs) != len(names):
-            extra = sorted(str(k) for k in inputs if k not in names)
-            raise InputMismatch(
-                f"unknown input(s) {extra}; the model takes {list(names)}", input=extra[0]
+                f"{' and '.join(problems)}; the model takes {list(names)}",
+                input=(missing or extra)[0],
             )
         return [inputs[n] for n in names]
     if isinstance(inputs, (list, tuple)):
@@ -118,7 +128,7 @@ def _values(names: Sequence[str], inputs: Mapping[str, Any] | Sequence[Any]) -> 
         return list(inputs)
     raise InputMismatch(
         f"inputs must be a dict by input name or a list in input order {list(names)}, "
-        f"got a {type(inputs).__name__}"
+        f"got {type(inputs).__name__}"
     )
 
 
@@ -134,12 +144,11 @@ class InputChecker:
             (
                 spec.name,
                 np.dtype(spec.dtype),
-                tuple(None if isinstance(d, tuple) else d for d in spec.shape),
-                tuple(d for d in spec.shape if isinstance(d, tuple)),
+                spec.misfit,
                 _FINITE_TESTS.get(np.dtype(spec.dtype).name, _sum)
                 if check_finite and np.dtype(spec.dtype).kind == "f"
                 else None,
-                set[tuple[int, ...]](),  # shapes that passed: one lookup instead of _fits
+                set[tuple[int, ...]](),  # shapes that passed: one lookup instead of misfit
             )
             for spec in self.specs
         )
@@ -148,7 +157,7 @@ class InputChecker:
         """Inputs in model order, validated and cast; raises InputMismatch naming what is wrong."""
         if type(inputs) is dict and len(inputs) == len(self._fast):
             out: list[NDArray[Any]] = []
-            for name, dtype, fixed, ranges, finite, seen in self._fast:
+            for name, dtype, misfit, finite, seen in self._fast:
                 value = inputs.get(name)
                 if type(value) is not np.ndarray or (
                     value.dtype is not dtype and value.dtype != dtype
@@ -156,7 +165,7 @@ class InputChecker:
                     break
                 shape = value.shape
                 if shape not in seen:
-                    if not value.size or not _fits(shape, fixed, ranges):
+                    if not value.size or misfit(shape) is not None:
                         break
                     if len(seen) < _SEEN_SHAPES:
                         seen.add(shape)
@@ -173,21 +182,6 @@ class InputChecker:
         return [
             _check_one(s, v, self.check_finite) for s, v in zip(self.specs, values, strict=True)
         ]
-
-
-def _fits(shape: tuple[int, ...], fixed: tuple[int | None, ...], ranges: tuple[Any, ...]) -> bool:
-    """True when `shape` has the fixed sizes and each dynamic size lies in its range."""
-    if len(shape) != len(fixed):
-        return False
-    dynamic = iter(ranges)
-    for size, want in zip(shape, fixed, strict=True):
-        if want is None:
-            lo, hi = next(dynamic)
-            if not lo <= size <= hi:
-                return False
-        elif size != want:
-            return False
-    return True
 
 
 def prepare_inputs(

@@ -10,31 +10,25 @@ from typing import Any
 
 from probes.errors import ProbeError
 from probes.judges import (
-    Check,
-    Judge,
     OutputScore,
     Thresholds,
-    cosine,
     cosine_similarity,
-    finite,
     judge_output,
     log_spectral_distance,
-    lsd,
-    max_abs,
-    snr,
     snr_db,
 )
-from probes.probe import SCHEMA_VERSION, Case, Probe, ProbeMeta, Verdict
-from probes.signature import Dim, InputSpec, OutputSpec
-from probes.store import ProbeVersionWarning, check_mnn_version, check_model, file_sha256, load
+from probes.probe import Case, Probe, ProbeMeta, Verdict, load
+from probes.signature import InputSpec, OutputSpec
+from probes.store import ProbeVersionWarning
+
+# used by guard (wrap, demo); not part of the public API: import them from probes.store
+from probes.store import check_mnn_version as check_mnn_version
+from probes.store import check_model as check_model
+from probes.store import file_sha256 as file_sha256
 
 __all__ = [
-    "SCHEMA_VERSION",
     "Case",
-    "Check",
-    "Dim",
     "InputSpec",
-    "Judge",
     "OutputScore",
     "OutputSpec",
     "Probe",
@@ -43,19 +37,11 @@ __all__ = [
     "ProbeVersionWarning",
     "Thresholds",
     "Verdict",
-    "check_mnn_version",
-    "check_model",
-    "cosine",
     "cosine_similarity",
-    "file_sha256",
-    "finite",
     "judge_output",
     "load",
     "log_spectral_distance",
-    "lsd",
-    "max_abs",
     "record",
-    "snr",
     "snr_db",
 ]
 

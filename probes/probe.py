@@ -6,19 +6,30 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from probes.errors import ProbeError
+from probes import store
+from probes.errors import ProbeError, brief
 from probes.judges import OutputScore, Thresholds, judge_output
-from probes.signature import InputSpec, OutputSpec
+from probes.signature import MAX_DIM, MAX_RANK, InputSpec, OutputSpec, check_dtype
 
-__all__ = ["SCHEMA_VERSION", "Case", "Probe", "ProbeMeta", "Verdict"]
+__all__ = ["KIND", "MAX_RUNS", "SCHEMA_VERSION", "Case", "Probe", "ProbeMeta", "Verdict", "load"]
 
 SCHEMA_VERSION = 1
+KIND = "mnn-guard-probe"
+MAX_RUNS = 10_000
+"""The most reference inits a manifest may claim (`record` uses 3)."""
 Array = NDArray[Any]
+
+
+def _same_arrays(a: Mapping[str, Array], b: Mapping[str, Array]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k], equal_nan=True) for k in a
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -27,6 +38,14 @@ class Case:
 
     inputs: Mapping[str, Array]
     outputs: Mapping[str, Array]
+
+    __hash__ = None  # type: ignore[assignment]  # arrays are mutable: a Case is not hashable
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when the same names hold arrays of the same dtype, shape and values."""
+        if not isinstance(other, Case):
+            return NotImplemented
+        return _same_arrays(self.inputs, other.inputs) and _same_arrays(self.outputs, other.outputs)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -188,6 +207,223 @@ class Probe:
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write `manifest.json` and `arrays.npz` into `directory` (created if needed)."""
-        from probes.store import save
+        arrays: dict[str, Array] = {}
+        cases = []
+        for i, case in enumerate(self.cases):
+            entry: dict[str, dict[str, Any]] = {"inputs": {}, "outputs": {}}
+            for side, values in (("inputs", case.inputs), ("outputs", case.outputs)):
+                for name, arr in values.items():
+                    key = _key(i, side, name)
+                    arrays[key] = arr
+                    entry[side][name] = {
+                        "key": key,
+                        "dtype": str(arr.dtype),
+                        "shape": list(arr.shape),
+                    }
+            cases.append(entry)
+        meta = self.meta
+        manifest = {
+            "kind": KIND,
+            "schema_version": SCHEMA_VERSION,
+            "model_sha256": meta.model_sha256,
+            "mnn_version": meta.mnn_version,
+            "recorded": {
+                "reference": dict(meta.reference),
+                "runs": meta.runs,
+                "created": meta.created,
+                "notes": list(meta.notes),
+            },
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "thresholds": self.thresholds.to_json(),
+            "per_output": {k: v.to_json() for k, v in self.per_output.items()},
+            "cases": cases,
+        }
+        store.write(directory, manifest, arrays)
 
-        save(self, directory)
+
+# ---------------------------------------------------------------- loading
+
+_KEYS = frozenset(
+    {"kind", "schema_version", "model_sha256", "mnn_version", "recorded", "inputs", "outputs"}
+    | {"thresholds", "per_output", "cases", "arrays"}
+)
+_RECORDED_KEYS = frozenset({"reference", "runs", "created", "notes"})
+_MAX_TEXT = 1000  # characters in a version, a date, a note or a reference value
+
+
+def _key(case: int, side: str, name: str) -> str:
+    return f"case{case}/{side}/{name}"
+
+
+def _check_header(manifest: Mapping[str, Any]) -> None:
+    """Kind, schema version and the top-level keys."""
+    if manifest.get("kind") != KIND:
+        raise ProbeError(
+            f"{store.MANIFEST} is not an mnn-guard probe manifest "
+            f"(kind {brief(manifest.get('kind'))})"
+        )
+    version = manifest.get("schema_version")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise ProbeError(
+            f"schema version {brief(version)} is not supported "
+            f"(this mnn-guard reads the integer {SCHEMA_VERSION})"
+        )
+    missing, extra = sorted(_KEYS - set(manifest)), sorted(set(manifest) - _KEYS)
+    if missing or extra:
+        raise ProbeError(f"{store.MANIFEST} has missing keys {missing} and unknown keys {extra}")
+
+
+def _list(manifest: Mapping[str, Any], key: str) -> list[Any]:
+    value = manifest[key]
+    if not isinstance(value, list) or not value:
+        raise ProbeError(f"'{key}' must be a non-empty list")
+    return value
+
+
+def _text(value: Any, what: str, *, optional: bool = False) -> Any:
+    """A string of at most _MAX_TEXT characters (or None when optional)."""
+    if (optional and value is None) or (isinstance(value, str) and len(value) <= _MAX_TEXT):
+        return value
+    raise ProbeError(
+        f"{what} must be a string of at most {_MAX_TEXT} characters"
+        f"{' or null' if optional else ''}, got {brief(value)}"
+    )
+
+
+def _scalar(value: Any, what: str) -> Any:
+    """A JSON scalar: null, a bool, a number, or a short string."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str) and len(value) <= _MAX_TEXT:
+        return value
+    raise ProbeError(
+        f"{what} must be null, a bool, a number or a string of at most {_MAX_TEXT} characters, "
+        f"got {brief(value)}"
+    )
+
+
+def _meta(manifest: Mapping[str, Any]) -> ProbeMeta:
+    rec = manifest["recorded"]
+    if not isinstance(rec, dict) or set(rec) != _RECORDED_KEYS:
+        raise ProbeError(f"'recorded' needs exactly the keys {sorted(_RECORDED_KEYS)}")
+    sha = manifest["model_sha256"]
+    if sha is not None and not store.is_sha256(sha):
+        raise ProbeError(f"model_sha256 must be 64 hex digits or null, got {brief(sha)}")
+    runs, reference, notes = rec["runs"], rec["reference"], rec["notes"]
+    if type(runs) is not int or not 0 <= runs <= MAX_RUNS:
+        raise ProbeError(f"'recorded.runs' must be an integer in 0..{MAX_RUNS}, got {brief(runs)}")
+    if not isinstance(reference, dict) or not isinstance(notes, list):
+        raise ProbeError("'recorded.reference' must be an object and 'recorded.notes' a list")
+    return ProbeMeta(
+        model_sha256=sha,
+        mnn_version=_text(manifest["mnn_version"], "mnn_version", optional=True),
+        reference={k: _scalar(v, f"'recorded.reference.{k}'") for k, v in reference.items()},
+        runs=runs,
+        created=_text(rec["created"], "'recorded.created'"),
+        notes=tuple(_text(n, "each of 'recorded.notes'") for n in notes),
+    )
+
+
+def _shape(raw: Any, what: str) -> tuple[int, ...]:
+    if (
+        not isinstance(raw, list)
+        or len(raw) > MAX_RANK
+        or not all(type(d) is int and 0 <= d <= MAX_DIM for d in raw)
+    ):
+        raise ProbeError(
+            f"{what}: shape must be a list of at most {MAX_RANK} integers in 0..{MAX_DIM}, "
+            f"got {brief(raw)}"
+        )
+    return tuple(raw)
+
+
+def _case_refs(raw_cases: list[Any]) -> tuple[list[dict[str, dict[str, str]]], store.ArrayRefs]:
+    """Each case's array keys by side and name, and every key's declared dtype and shape."""
+    cases: list[dict[str, dict[str, str]]] = []
+    refs: dict[str, tuple[np.dtype[Any], tuple[int, ...]]] = {}
+    for i, raw in enumerate(raw_cases):
+        if not isinstance(raw, dict) or set(raw) != {"inputs", "outputs"}:
+            raise ProbeError(f"case {i} must have exactly 'inputs' and 'outputs'")
+        keys: dict[str, dict[str, str]] = {}
+        for side in ("inputs", "outputs"):
+            entries = raw[side]
+            if not isinstance(entries, dict):
+                raise ProbeError(f"case {i} {side} must be an object")
+            keys[side] = {}
+            for name, ref in entries.items():
+                what = f"case {i} {side} {name!r}"
+                if not isinstance(ref, dict) or set(ref) != {"key", "dtype", "shape"}:
+                    raise ProbeError(f"{what} needs exactly key, dtype, shape")
+                key = _key(i, side, name)
+                if ref["key"] != key:
+                    raise ProbeError(f"{what}: key must be {key!r}, got {brief(ref['key'])}")
+                dtype = np.dtype(check_dtype(ref["dtype"], what))
+                refs[key] = (dtype, _shape(ref["shape"], what))
+                keys[side][name] = key
+        cases.append(keys)
+    return cases, refs
+
+
+def load(
+    directory: str | os.PathLike[str],
+    *,
+    model: str | os.PathLike[str] | None = None,
+    mnn_version: str | None = None,
+    strict_version: bool = False,
+) -> Probe:
+    """Load and validate a probe; raise ProbeError saying what is wrong.
+
+    With `model`, refuse a probe recorded for other model bytes (sha256 differs). A probe
+    recorded with an MNN version other than `mnn_version` warns (ProbeVersionWarning); with
+    `strict_version` it is refused, and `mnn_version` defaults to the installed MNN's.
+
+    >>> probe = probes.load("probes/vocoder", model="vocoder.mnn")  # doctest: +SKIP
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise ProbeError(
+            f"probe folder {str(folder)!r} does not exist (record one with `mnn-guard record`)"
+        )
+    try:
+        manifest = store.read_manifest(folder)
+        _check_header(manifest)
+        inputs = tuple(InputSpec.from_json(r) for r in _list(manifest, "inputs"))
+        outputs = tuple(OutputSpec.from_json(r) for r in _list(manifest, "outputs"))
+        thresholds = Thresholds.from_json(manifest["thresholds"])
+        per = manifest["per_output"]
+        if not isinstance(per, dict):
+            raise ProbeError("'per_output' must be an object")
+        per_output = {k: Thresholds.from_json(v) for k, v in per.items()}
+        meta = _meta(manifest)
+        keys, refs = _case_refs(_list(manifest, "cases"))
+        arrays = store.read_arrays(folder, manifest["arrays"], refs)
+        probe = Probe(
+            cases=tuple(
+                Case(
+                    inputs={n: arrays[k] for n, k in case["inputs"].items()},
+                    outputs={n: arrays[k] for n, k in case["outputs"].items()},
+                )
+                for case in keys
+            ),
+            inputs=inputs,
+            outputs=outputs,
+            thresholds=thresholds,
+            per_output=per_output,
+            meta=meta,
+        )
+    except ProbeError as exc:
+        raise ProbeError(
+            f"probe {str(folder)!r}: {exc}; re-record it with `mnn-guard record`"
+        ) from None
+    store.check_model(probe, model)
+    version = mnn_version
+    if version is None and strict_version:
+        version = store.installed_mnn_version()
+        if version is None:
+            raise ProbeError(
+                "strict_version=True, but no installed MNN was found to compare the probe's "
+                f"MNN {probe.meta.mnn_version} with; pass mnn_version="
+            )
+    store.check_mnn_version(probe, version, strict=strict_version)
+    return probe

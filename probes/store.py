@@ -1,45 +1,77 @@
-"""Saving and loading probes: a folder with `manifest.json` and a checksummed `arrays.npz`."""
+"""Probe folders on disk: `manifest.json` and a checksummed `arrays.npz`, read within bounds.
+
+Reading is bounded and total. The manifest is parsed strictly (no NaN, no huge integers, no
+repeated keys); `arrays.npz` is checked against the sizes, dtypes and shapes the manifest
+declares, in the zip directory and then in every .npy header, before any array data is
+decompressed; every failure is a ProbeError saying what is wrong. This module knows the file
+format, not the Probe class (probes/probe.py maps one onto the other).
+"""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
 import logging
+import math
 import os
+import stat
+import struct
 import warnings
 import zipfile
+import zlib
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
-from probes.errors import ProbeError
-from probes.judges import Thresholds
-from probes.probe import SCHEMA_VERSION, Case, Probe, ProbeMeta
-from probes.signature import InputSpec, OutputSpec
+from probes.errors import ProbeError, brief
+from probes.signature import NUMERIC_DTYPES
 
-__all__ = ["ARRAYS", "MANIFEST", "ProbeVersionWarning", "file_sha256", "load", "save"]
+__all__ = [
+    "ARRAYS",
+    "MANIFEST",
+    "MAX_ARRAY_BYTES",
+    "MAX_MANIFEST_BYTES",
+    "ProbeVersionWarning",
+    "check_mnn_version",
+    "check_model",
+    "file_sha256",
+    "installed_mnn_version",
+    "read_arrays",
+    "read_manifest",
+    "write",
+]
 
 MANIFEST = "manifest.json"
 ARRAYS = "arrays.npz"
-KIND = "mnn-guard-probe"
-_KEYS = {
-    "kind",
-    "schema_version",
-    "model_sha256",
-    "mnn_version",
-    "recorded",
-    "inputs",
-    "outputs",
-    "thresholds",
-    "per_output",
-    "cases",
-    "arrays",
-}
-_RECORDED_KEYS = {"reference", "runs", "created", "notes"}
+MAX_MANIFEST_BYTES = 4 << 20
+"""A manifest larger than this is refused unread (a probe's is a few kB)."""
+MAX_ARRAY_BYTES = 1 << 30
+"""The most array data a manifest may declare in total (canaries and goldens, not datasets)."""
+MAX_JSON_DIGITS = 18
+"""Integers in a manifest have at most this many digits (every field's range fits in them)."""
+_MAX_NPY_HEADER = 4096  # numpy writes 128 bytes for these arrays; np.load allows 10,000
+_ENTRY_OVERHEAD = 1024  # zip local header, central directory entry, data descriptor, zip64
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,  # also UnicodeDecodeError
+    RuntimeError,  # zipfile on encryption or an unknown method (both refused before by flag)
+    struct.error,
+    zlib.error,
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+)
+"""What zipfile and _npy_header raise on damaged bytes; each becomes a ProbeError."""
+
+Array = NDArray[Any]
+ArrayRefs = Mapping[str, tuple[np.dtype[Any], tuple[int, ...]]]
+"""Array key -> (dtype, shape) as the manifest declares it."""
 log = logging.getLogger("mnn_guard.probes")
 
 
@@ -49,226 +81,318 @@ class ProbeVersionWarning(UserWarning):
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _key(case: int, side: str, name: str) -> str:
-    return f"case{case}/{side}/{name}"
+def installed_mnn_version() -> str | None:
+    """The installed PyMNN version (as MNN.version() says), read without importing MNN."""
+    import importlib.metadata  # ~15 ms, only for strict_version
+
+    try:
+        return importlib.metadata.version("MNN")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
-def save(probe: Probe, directory: str | os.PathLike[str]) -> None:
-    """Write the probe to `directory`: arrays first, then the manifest that checksums them."""
+# ---------------------------------------------------------------- writing
+
+
+def write(
+    directory: str | os.PathLike[str], manifest: dict[str, Any], arrays: Mapping[str, Array]
+) -> None:
+    """Write `arrays.npz`, then `manifest.json` with its sha256 under "arrays"."""
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, NDArray[Any]] = {}
-    cases = []
-    for i, case in enumerate(probe.cases):
-        entry: dict[str, dict[str, Any]] = {"inputs": {}, "outputs": {}}
-        for side, values in (("inputs", case.inputs), ("outputs", case.outputs)):
-            for name, arr in values.items():
-                key = _key(i, side, name)
-                arrays[key] = np.ascontiguousarray(arr)
-                entry[side][name] = {"key": key, "dtype": str(arr.dtype), "shape": list(arr.shape)}
-        cases.append(entry)
     buffer = io.BytesIO()
-    np.savez(buffer, allow_pickle=False, **arrays)
+    np.savez(buffer, allow_pickle=False, **{k: np.ascontiguousarray(a) for k, a in arrays.items()})
     data = buffer.getvalue()
-    meta = probe.meta
-    manifest = {
-        "kind": KIND,
-        "schema_version": SCHEMA_VERSION,
-        "model_sha256": meta.model_sha256,
-        "mnn_version": meta.mnn_version,
-        "recorded": {
-            "reference": dict(meta.reference),
-            "runs": meta.runs,
-            "created": meta.created,
-            "notes": list(meta.notes),
-        },
-        "inputs": [s.to_json() for s in probe.inputs],
-        "outputs": [s.to_json() for s in probe.outputs],
-        "thresholds": probe.thresholds.to_json(),
-        "per_output": {k: v.to_json() for k, v in probe.per_output.items()},
-        "cases": cases,
-        "arrays": {"file": ARRAYS, "sha256": hashlib.sha256(data).hexdigest()},
-    }
+    manifest = {**manifest, "arrays": {"file": ARRAYS, "sha256": hashlib.sha256(data).hexdigest()}}
     (folder / ARRAYS).write_bytes(data)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def _fail(folder: Path, what: str) -> ProbeError:
-    return ProbeError(f"probe {str(folder)!r}: {what}; re-record it with `mnn-guard record`")
+# ---------------------------------------------------------------- reading
 
 
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    if not folder.is_dir():
-        raise ProbeError(
-            f"probe folder {str(folder)!r} does not exist (record one with `mnn-guard record`)"
-        )
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise _fail(folder, f"{MANIFEST} is missing")
+def _open_regular(path: Path, limit: int) -> io.BufferedReader:
+    """Open a regular file of at most `limit` bytes (never a FIFO, device or folder)."""
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(folder, f"{MANIFEST} is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise _fail(folder, f"{MANIFEST} must hold a JSON object")
-    if manifest.get("kind") != KIND:
-        raise _fail(
-            folder, f"{MANIFEST} is not an mnn-guard probe manifest (kind {manifest.get('kind')!r})"
-        )
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise _fail(
-            folder,
-            f"schema version {version!r} is not supported (this mnn-guard reads {SCHEMA_VERSION})",
-        )
-    missing, extra = sorted(_KEYS - set(manifest)), sorted(set(manifest) - _KEYS)
-    if missing or extra:
-        raise _fail(folder, f"{MANIFEST} has missing keys {missing} and unknown keys {extra}")
-    return manifest
-
-
-def _read_arrays(folder: Path, manifest: Mapping[str, Any]) -> dict[str, NDArray[Any]]:
-    info = manifest["arrays"]
-    if not isinstance(info, dict) or set(info) != {"file", "sha256"} or info["file"] != ARRAYS:
-        raise _fail(folder, f"'arrays' must be {{'file': {ARRAYS!r}, 'sha256': ...}}, got {info!r}")
-    path = folder / ARRAYS
-    if not path.is_file():
-        raise _fail(folder, f"{ARRAYS} is missing")
-    data = path.read_bytes()
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != info["sha256"]:
-        raise _fail(
-            folder,
-            f"{ARRAYS} is corrupt or was changed: sha256 {actual[:12]}... differs from the "
-            f"manifest's {str(info['sha256'])[:12]}...",
-        )
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise _fail(folder, f"{ARRAYS} cannot be read ({type(exc).__name__}: {exc})") from None
-
-
-def _case(folder: Path, i: int, raw: Any, arrays: Mapping[str, NDArray[Any]]) -> Case:
-    if not isinstance(raw, dict) or set(raw) != {"inputs", "outputs"}:
-        raise _fail(folder, f"case {i} must have exactly 'inputs' and 'outputs'")
-    sides: dict[str, dict[str, NDArray[Any]]] = {}
-    for side in ("inputs", "outputs"):
-        entries = raw[side]
-        if not isinstance(entries, dict):
-            raise _fail(folder, f"case {i} {side} must be an object")
-        sides[side] = {}
-        for name, ref in entries.items():
-            if not isinstance(ref, dict) or set(ref) != {"key", "dtype", "shape"}:
-                raise _fail(folder, f"case {i} {side} {name!r} needs exactly key, dtype, shape")
-            arr = arrays.get(ref["key"]) if isinstance(ref["key"], str) else None
-            if arr is None:
-                raise _fail(
-                    folder, f"case {i} {side} {name!r}: array {ref['key']!r} is not in {ARRAYS}"
-                )
-            if str(arr.dtype) != ref["dtype"] or list(arr.shape) != ref["shape"]:
-                raise _fail(
-                    folder,
-                    f"case {i} {side} {name!r}: the array is {arr.dtype}{list(arr.shape)} but the "
-                    f"manifest says {ref['dtype']}{ref['shape']}",
-                )
-            if not np.issubdtype(arr.dtype, np.number):
-                raise _fail(folder, f"case {i} {side} {name!r}: dtype {arr.dtype} is not numeric")
-            sides[side][name] = arr
-    return Case(inputs=sides["inputs"], outputs=sides["outputs"])
-
-
-def _meta(folder: Path, manifest: Mapping[str, Any]) -> ProbeMeta:
-    rec = manifest["recorded"]
-    if not isinstance(rec, dict) or set(rec) != _RECORDED_KEYS:
-        raise _fail(folder, f"'recorded' needs exactly the keys {sorted(_RECORDED_KEYS)}")
-    sha, mnn = manifest["model_sha256"], manifest["mnn_version"]
-    if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
-        raise _fail(folder, f"model_sha256 must be 64 hex digits or null, got {sha!r}")
-    if mnn is not None and not isinstance(mnn, str):
-        raise _fail(folder, f"mnn_version must be a string or null, got {mnn!r}")
-    if not isinstance(rec["reference"], dict) or not isinstance(rec["notes"], list):
-        raise _fail(folder, "'recorded.reference' must be an object and 'recorded.notes' a list")
-    return ProbeMeta(
-        model_sha256=sha,
-        mnn_version=mnn,
-        reference=rec["reference"],
-        runs=int(rec["runs"]) if isinstance(rec["runs"], int) else 0,
-        created=str(rec["created"]),
-        notes=tuple(str(n) for n in rec["notes"]),
-    )
-
-
-def load(
-    directory: str | os.PathLike[str],
-    *,
-    model: str | os.PathLike[str] | None = None,
-    mnn_version: str | None = None,
-    strict_version: bool = False,
-) -> Probe:
-    """Load and validate a probe; raise ProbeError saying what is wrong.
-
-    With `model`, refuse a probe recorded for other model bytes (sha256 differs). A probe
-    recorded with another MNN version warns (ProbeVersionWarning), or is refused when
-    `strict_version` is set.
-    """
-    folder = Path(directory)
-    manifest = _read_manifest(folder)
-    arrays = _read_arrays(folder, manifest)
-    try:
-        inputs = tuple(InputSpec.from_json(r) for r in _list(folder, manifest, "inputs"))
-        outputs = tuple(OutputSpec.from_json(r) for r in _list(folder, manifest, "outputs"))
-        thresholds = Thresholds.from_json(manifest["thresholds"])
-        per = manifest["per_output"]
-        if not isinstance(per, dict):
-            raise _fail(folder, "'per_output' must be an object")
-        per_output = {str(k): Thresholds.from_json(v) for k, v in per.items()}
-        cases = tuple(
-            _case(folder, i, raw, arrays) for i, raw in enumerate(_list(folder, manifest, "cases"))
-        )
-        used = {
-            ref["key"]
-            for raw in manifest["cases"]
-            for side in raw.values()
-            for ref in side.values()
-        }
-        if set(arrays) != used:
-            raise _fail(
-                folder,
-                f"{ARRAYS} holds arrays the manifest does not name: {sorted(set(arrays) - used)}",
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ProbeError(f"{path.name} is not a regular file")
+        if info.st_size > limit:
+            raise ProbeError(
+                f"{path.name} is {info.st_size} bytes, more than the {limit} bytes that the "
+                "manifest's arrays, their headers and 1 MiB of slack can take"
+                if path.name == ARRAYS
+                else f"{path.name} is {info.st_size} bytes, more than the limit of {limit}"
             )
-        probe = Probe(
-            cases=cases,
-            inputs=inputs,
-            outputs=outputs,
-            thresholds=thresholds,
-            per_output=per_output,
-            meta=_meta(folder, manifest),
+        return open(path, "rb")  # the caller closes it
+    except FileNotFoundError:
+        raise ProbeError(f"{path.name} is missing") from None
+    except OSError as exc:
+        raise ProbeError(f"{path.name} cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_DIGITS:
+        raise ProbeError(
+            f"{MANIFEST} holds an integer of {len(text)} digits (at most {MAX_JSON_DIGITS})"
         )
-    except ProbeError as exc:
-        if str(exc).startswith(f"probe {str(folder)!r}"):
-            raise
-        raise _fail(folder, str(exc)) from None
-    check_model(probe, model)
-    check_mnn_version(probe, mnn_version, strict=strict_version)
-    return probe
+    return int(text)
 
 
-def _list(folder: Path, manifest: Mapping[str, Any], key: str) -> list[Any]:
-    value = manifest[key]
-    if not isinstance(value, list) or not value:
-        raise _fail(folder, f"'{key}' must be a non-empty list")
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProbeError(f"{MANIFEST} holds {brief(text)}, which is not a finite float")
     return value
 
 
-def check_model(probe: Probe, model: str | os.PathLike[str] | None) -> None:
+def _json_constant(text: str) -> Any:
+    raise ProbeError(f"{MANIFEST} holds {text}, which is not a finite number")
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        twice = sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        raise ProbeError(f"{MANIFEST} repeats the key(s) {brief(twice)} in one object")
+    return obj
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest as a JSON object: bounded size, UTF-8, finite numbers, no repeated keys."""
+    with _open_regular(folder / MANIFEST, MAX_MANIFEST_BYTES) as fh:
+        try:
+            data = fh.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as exc:
+            raise ProbeError(f"{MANIFEST} cannot be read ({type(exc).__name__}: {exc})") from None
+    if len(data) > MAX_MANIFEST_BYTES:  # it grew since it was measured
+        raise ProbeError(f"{MANIFEST} is more than the limit of {MAX_MANIFEST_BYTES} bytes")
+    try:
+        manifest = json.loads(
+            data.decode("utf-8"),
+            parse_int=_json_int,
+            parse_float=_json_float,
+            parse_constant=_json_constant,
+            object_pairs_hook=_json_object,
+        )
+    except RecursionError:
+        raise ProbeError(f"{MANIFEST} is nested too deeply to be a probe manifest") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProbeError(f"{MANIFEST} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ProbeError(f"{MANIFEST} must hold a JSON object, got {type(manifest).__name__}")
+    return manifest
+
+
+def _sha256_of(raw: Any) -> str:
+    """The arrays entry of a manifest: {"file": "arrays.npz", "sha256": 64 hex digits}."""
+    sha = raw.get("sha256") if isinstance(raw, dict) else None
+    if (
+        not isinstance(raw, dict)
+        or set(raw) != {"file", "sha256"}
+        or raw["file"] != ARRAYS
+        or not is_sha256(sha)
+    ):
+        raise ProbeError(
+            f"'arrays' must be {{'file': {ARRAYS!r}, 'sha256': 64 hex digits}}, got {brief(raw)}"
+        )
+    return str(sha)
+
+
+def is_sha256(value: Any) -> bool:
+    """True for 64 lowercase hex digits."""
+    return (
+        isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    )
+
+
+def _exactly(member: IO[bytes], n: int) -> bytes:
+    data = member.read(n)
+    if len(data) != n:
+        raise EOFError(f"the member ends after {len(data)} of {n} header bytes")
+    return data
+
+
+def _npy_header(member: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    """(shape, fortran_order, dtype) from a .npy header, parsed here rather than by numpy so
+    that untrusted bytes meet a short, known set of exceptions."""
+    magic = _exactly(member, 8)
+    if magic[:6] != b"\x93NUMPY":
+        raise ValueError(f"the member does not start with the .npy magic (got {magic[:6]!r})")
+    if magic[6:] not in (b"\x01\x00", b"\x02\x00"):
+        raise ValueError(f".npy format version {tuple(magic[6:])} is not read (1.0 and 2.0 are)")
+    (length,) = struct.unpack("<H" if magic[6] == 1 else "<I", _exactly(member, magic[6] * 2))
+    if length > _MAX_NPY_HEADER:
+        raise ValueError(f"the .npy header is {length} bytes, more than {_MAX_NPY_HEADER}")
+    try:
+        header = ast.literal_eval(_exactly(member, length).decode("latin1"))
+    except (SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+        raise ValueError(f"the .npy header is not a Python literal ({exc})") from None
+    if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+        raise ValueError(
+            f"the .npy header is not a descr/fortran_order/shape dict: {brief(header)}"
+        )
+    descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
+    dtype = _DESCRS.get(descr) if isinstance(descr, str) else None
+    if (
+        dtype is None
+        or not isinstance(fortran, bool)
+        or not isinstance(shape, tuple)
+        or not all(type(d) is int and d >= 0 for d in shape)
+    ):
+        raise ValueError(f"the .npy header is not one of a numeric array: {brief(header)}")
+    return shape, fortran, dtype
+
+
+_DESCRS = {
+    dtype.str: dtype
+    for name in NUMERIC_DTYPES
+    for dtype in (np.dtype(name).newbyteorder("<"), np.dtype(name).newbyteorder(">"))
+}
+"""The .npy descrs of numeric dtypes in either byte order (a wrong order is named, then refused)."""
+
+
+def _check_directory(infos: list[zipfile.ZipInfo], refs: ArrayRefs) -> dict[str, int]:
+    """Member name -> data bytes, after every check the zip directory alone allows."""
+    names = [info.filename for info in infos]
+    twice = sorted(n for n, count in Counter(names).items() if count > 1)
+    if twice:
+        raise ProbeError(f"{ARRAYS} holds members more than once: {twice}")
+    wanted = {f"{key}.npy": key for key in refs}
+    unknown = sorted(n.removesuffix(".npy") for n in set(names) - set(wanted))
+    if unknown:
+        raise ProbeError(f"{ARRAYS} holds arrays the manifest does not name: {unknown}")
+    missing = sorted(key for member, key in wanted.items() if member not in names)
+    if missing:
+        raise ProbeError(f"array {missing[0]!r} is not in {ARRAYS}")
+    sizes: dict[str, int] = {}
+    for info in infos:
+        dtype, shape = refs[wanted[info.filename]]
+        nbytes = math.prod(shape) * dtype.itemsize
+        where = f"{ARRAYS} member {info.filename!r}"
+        if info.flag_bits & 0x1:
+            raise ProbeError(f"{where} is encrypted; probes are never encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ProbeError(
+                f"{where} uses compression method {info.compress_type}; only stored (0) and "
+                "deflated (8) members are read"
+            )
+        if not nbytes < info.file_size <= nbytes + _MAX_NPY_HEADER + 12:
+            raise ProbeError(
+                f"{where} declares {info.file_size} bytes, but the manifest's "
+                f"{dtype}{list(shape)} takes {nbytes} bytes plus a header of at most "
+                f"{_MAX_NPY_HEADER}"
+            )
+        if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+            raise ProbeError(f"{where} is stored, but its stored and declared sizes differ")
+        sizes[info.filename] = nbytes
+    return sizes
+
+
+def read_arrays(folder: Path, entry: Any, refs: ArrayRefs) -> dict[str, Array]:
+    """The arrays the manifest declares (`refs`), each checked before it is decompressed.
+
+    In order: the declared total against MAX_ARRAY_BYTES, the file's size against a bound
+    derived from `refs`, the sha256 the manifest's `entry` records, the zip directory (names,
+    compression, encryption, sizes), every .npy header (dtype, shape, size), then the data.
+    """
+    sha256 = _sha256_of(entry)
+    declared = sum(math.prod(shape) * dtype.itemsize for dtype, shape in refs.values())
+    if declared > MAX_ARRAY_BYTES:
+        raise ProbeError(
+            f"the manifest declares {declared} bytes of arrays, more than the limit of "
+            f"{MAX_ARRAY_BYTES} (probes.store.MAX_ARRAY_BYTES)"
+        )
+    # headers and zip records, plus slack so that a small mismatch gets the precise message
+    bound = declared + sum(2 * len(k) + _ENTRY_OVERHEAD + _MAX_NPY_HEADER for k in refs) + (1 << 20)
+    with _open_regular(folder / ARRAYS, bound) as fh:
+        try:
+            actual = hashlib.file_digest(fh, "sha256").hexdigest()
+        except OSError as exc:
+            raise ProbeError(f"{ARRAYS} cannot be read ({type(exc).__name__}: {exc})") from None
+        if actual != sha256:
+            raise ProbeError(
+                f"{ARRAYS} is corrupt or was changed: sha256 {actual[:12]}... differs from the "
+                f"manifest's {sha256[:12]}..."
+            )
+        what = f"{ARRAYS} cannot be read"
+        try:
+            with zipfile.ZipFile(fh) as zf:
+                sizes = _check_directory(zf.infolist(), refs)
+                layout: dict[str, bool] = {}
+                for name in sizes:
+                    what = f"{ARRAYS} member {name!r}: its .npy header cannot be read"
+                    with zf.open(name) as member:
+                        shape, fortran, dtype = _npy_header(member)
+                    want_dtype, want_shape = refs[name.removesuffix(".npy")]
+                    if dtype != want_dtype or tuple(shape) != want_shape:
+                        raise ProbeError(
+                            f"{ARRAYS} member {name!r} holds {dtype}{list(shape)} but the "
+                            f"manifest says {want_dtype}{list(want_shape)}"
+                        )
+                    layout[name] = bool(fortran)
+                arrays: dict[str, Array] = {}
+                for name, nbytes in sizes.items():
+                    what = f"{ARRAYS} member {name!r}: its data cannot be read"
+                    dtype, shape = refs[name.removesuffix(".npy")]
+                    arrays[name.removesuffix(".npy")] = _read(
+                        zf, name, nbytes, layout[name], dtype, shape
+                    )
+                return arrays
+        except ProbeError:
+            raise
+        except _READ_ERRORS as exc:
+            raise ProbeError(f"{what} ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _read(
+    zf: zipfile.ZipFile,
+    name: str,
+    nbytes: int,
+    fortran: bool,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+) -> Array:
+    """The member's data after its header: exactly `nbytes`, CRC-checked, read in 1 MiB steps."""
+    buffer = bytearray(nbytes)
+    view = memoryview(buffer)
+    with zf.open(name) as member:
+        _npy_header(member)
+        done = 0
+        while done < nbytes:
+            chunk = member.read(min(1 << 20, nbytes - done))
+            if not chunk:
+                raise EOFError(f"the data ends after {done} of {nbytes} bytes")
+            view[done : done + len(chunk)] = chunk
+            done += len(chunk)
+        if member.read(1):  # at the end, zipfile checks the CRC
+            raise ValueError(f"the data is longer than {nbytes} bytes")
+    return np.frombuffer(buffer, dtype).reshape(shape, order="F" if fortran else "C")
+
+
+# ---------------------------------------------------------------- staleness
+
+
+class _Meta(Protocol):
+    @property
+    def model_sha256(self) -> str | None: ...
+
+    @property
+    def mnn_version(self) -> str | None: ...
+
+
+class _Recorded(Protocol):
+    """What the staleness checks read from a probes.Probe."""
+
+    @property
+    def meta(self) -> _Meta: ...
+
+
+def check_model(probe: _Recorded, model: str | os.PathLike[str] | None) -> None:
     """Refuse a probe recorded for a different model file (by sha256)."""
     if model is None or probe.meta.model_sha256 is None:
         return
@@ -286,7 +410,7 @@ def check_model(probe: Probe, model: str | os.PathLike[str] | None) -> None:
         )
 
 
-def check_mnn_version(probe: Probe, version: str | None, *, strict: bool = False) -> None:
+def check_mnn_version(probe: _Recorded, version: str | None, *, strict: bool = False) -> None:
     """Warn (or refuse, when strict) if the probe was recorded with another MNN version."""
     if version is None or probe.meta.mnn_version is None or version == probe.meta.mnn_version:
         return

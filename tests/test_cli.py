@@ -205,11 +205,11 @@ USER_ERRORS: dict[str, tuple[Case, str]] = {
     ),
     "probe with a corrupt deflate stream": (
         lambda t, m, p: ["check", str(m), "--probe", probe_with_corrupt_deflate(t, p)],
-        "cannot be read",
+        "ProbeError",
     ),
     "probe with a deeply nested manifest": (
         lambda t, m, p: ["check", str(m), "--probe", probe_with_deep_manifest(t, p)],
-        "cannot be read",
+        "nested too deeply",
     ),
     "--override dynamic={}": (
         lambda t, m, p: [*CHECK, "--override", "dynamic={}"],

@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import given, settings
 
 import guard
 import probes
@@ -31,6 +34,10 @@ def session(demo_paths: Any) -> Iterator[guard.GuardedSession]:
     )
     yield s
     s.close()
+
+
+class Tagged(np.ndarray[Any, Any]):
+    """A harmless ndarray subclass: MNN reads it as its plain array."""
 
 
 def _readonly(x: Array) -> Array:
@@ -67,8 +74,34 @@ REJECTED: list[tuple[str, Any, str]] = [
         "float64 values overflow float32",
     ),
     ("list of wrong length", [MEL, MEL], "got 2 inputs in a list, the model takes 1"),
-    ("non-array object", {"mel": MEL.tolist()}, "got a list, not a numpy array"),
-    ("None value", {"mel": None}, "got a NoneType, not a numpy array"),
+    ("non-array object", {"mel": MEL.tolist()}, "got list, not a numpy array"),
+    ("None value", {"mel": None}, "got NoneType, not a numpy array"),
+    ("int value", {"mel": 3}, "input 'mel': got int, not a numpy array"),
+    (
+        "unknown and missing name",
+        {"image": MEL},
+        "missing input(s) ['mel'] and unknown input(s) ['image']; the model takes ['mel']",
+    ),
+    (
+        "masked NaN",
+        {"mel": np.ma.masked_invalid(np.where(MEL > -3, np.nan, MEL).astype(np.float32))},
+        "values are masked (MNN would read the data under the mask)",
+    ),
+    (
+        "masked 1e300, nothing masked",
+        {"mel": np.ma.masked_array(MEL.astype(np.float64) * 1e300)},
+        "float64 values overflow float32",
+    ),
+    (
+        "masked 1e300, all masked",
+        {"mel": np.ma.masked_array(MEL.astype(np.float64) * 1e300, mask=True)},
+        f"{MEL.size} of {MEL.size} values are masked",
+    ),
+    (
+        "masked int64 out of int32 range",
+        {"mel": np.ma.masked_greater(np.full(MEL.shape, 2**40), 0)},
+        "values are masked",
+    ),
     ("bare array", MEL, "inputs must be a dict by input name or a list"),
     ("string", "mel", "inputs must be a dict by input name or a list"),
 ]
@@ -93,6 +126,9 @@ ACCEPTED: list[tuple[str, Callable[[Array], Any]]] = [
     ("read-only", lambda x: {"mel": _readonly(x)}),
     ("tuple in order", lambda x: (x,)),
     ("dynamic dim at minimum", lambda x: {"mel": x[:, :, :1]}),
+    ("masked, nothing masked", lambda x: {"mel": np.ma.masked_invalid(x)}),
+    ("masked float64, nothing masked", lambda x: {"mel": np.ma.masked_array(x.astype(np.float64))}),
+    ("ndarray subclass", lambda x: {"mel": x.view(Tagged)}),
 ]
 
 
@@ -103,7 +139,7 @@ def test_accepted_inputs_give_the_correct_result(
     """A safely convertible input gives the same output as the plain float32 input."""
     inputs = make(MEL)
     given = inputs["mel"] if isinstance(inputs, dict) else inputs[0]
-    expected = session.run({"mel": np.ascontiguousarray(given, dtype=np.float32)})["wav"]
+    expected = session.run({"mel": np.asarray(given).astype(np.float32)})["wav"]
     out = session.run(inputs)["wav"]
     assert out.shape == (1, 1, given.shape[2] * demo.HOP)
     assert np.array_equal(out, expected)
@@ -151,3 +187,71 @@ def test_huge_finite_values_are_not_mistaken_for_inf() -> None:
     assert out is huge
     with pytest.raises(guard.InputMismatch, match="1 NaN/Inf values"):
         checker({"x": np.array([[3e38, np.inf, 1.0, 2.0]], np.float32)})
+
+
+class Liar(np.ndarray[Any, Any]):
+    """A hostile subclass whose reductions and ufuncs claim every value is fine."""
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        return np.True_ if method == "reduce" else np.ones(self.shape, bool)
+
+    def min(self, *args: Any, **kwargs: Any) -> Any:
+        return 0
+
+    def max(self, *args: Any, **kwargs: Any) -> Any:
+        return 0
+
+
+@pytest.mark.parametrize(
+    ("dtype", "raw", "message"),
+    [
+        ("float32", np.array([[1, 2, 3, np.nan]], np.float32), "1 NaN/Inf values"),
+        ("float32", np.array([[1, 2, 3, 1e300]]), "float64 values overflow float32"),
+        ("int32", np.array([[1, 2, 3, 2**40]]), "int64 values outside the int32 range"),
+    ],
+    ids=["nan", "overflow", "int range"],
+)
+def test_a_lying_subclass_is_checked_as_the_plain_array(
+    dtype: str, raw: Array, message: str
+) -> None:
+    """Reductions overridden by a subclass are not trusted: checks run on its plain array."""
+    checker = InputChecker([probes.InputSpec(name="x", dtype=dtype, shape=(1, 4))])
+    with pytest.raises(guard.InputMismatch, match=message):
+        checker({"x": raw.view(Liar)})
+
+
+finite_or_not = st.sampled_from([0.0, -1.5, 2.0, 1e300, -1e300, np.nan, np.inf])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=hnp.arrays(np.float64, (1, 6), elements=finite_or_not),
+    mask=hnp.arrays(np.bool_, (1, 6)),
+    kind=st.sampled_from(["masked", "tagged", "liar"]),
+)
+def test_checks_run_on_the_exact_array_handed_on(values: Array, mask: Array, kind: str) -> None:
+    """A subclass is accepted or refused exactly as its plain array is; what is handed on is a
+    plain ndarray equal to that array cast; a masked array with a masked cell is refused."""
+    checker = InputChecker([probes.InputSpec(name="x", dtype="float32", shape=(1, 6))])
+    wrapped = (
+        np.ma.masked_array(values, mask=mask)
+        if kind == "masked"
+        else values.view(Tagged if kind == "tagged" else Liar)
+    )
+    if kind == "masked" and mask.any():
+        with pytest.raises(guard.InputMismatch, match=f"{int(mask.sum())} of 6 values are masked"):
+            checker({"x": wrapped})
+        return
+    try:
+        expected: Any = checker({"x": values.copy()})[0]
+    except guard.InputMismatch as exc:
+        expected = str(exc)
+    try:
+        got: Any = checker({"x": wrapped})[0]
+    except guard.InputMismatch as exc:
+        got = str(exc)
+    if isinstance(expected, str):
+        assert got == expected
+    else:
+        assert type(got) is np.ndarray and got.dtype == np.float32
+        assert np.array_equal(got, expected)

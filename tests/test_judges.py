@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import guard
 import probes
 from guard import mnn
 from guard.tools import demo
+from probes import judges
 
 Array = np.ndarray[Any, Any]
 
@@ -122,10 +125,32 @@ def test_per_output_thresholds(demo_probe: probes.Probe) -> None:
     assert loose.judge({"wav": noisy}).passed
 
 
-def test_thresholds_validate() -> None:
-    """Non-finite thresholds are refused."""
-    with pytest.raises(probes.ProbeError, match="finite number"):
-        probes.Thresholds(min_snr_db=math.nan)
+@pytest.mark.hostile
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"min_snr_db": math.nan},
+        {"min_snr_db": None},
+        {"min_cosine": math.inf},
+        {"min_snr_db": True},
+        {"max_lsd_db": False},
+        {"max_abs": 10**400},
+        {"min_cosine": "0.9"},
+    ],
+    ids=["nan", "snr off", "inf", "true", "false", "huge int", "string"],
+)
+def test_thresholds_validate(limits: dict[str, Any]) -> None:
+    """Non-finite, boolean, out-of-float-range and non-numeric thresholds are refused."""
+    name = next(iter(limits))
+    with pytest.raises(probes.ProbeError, match=f"threshold {name} must be a finite number"):
+        probes.Thresholds(**limits)
+
+
+def test_thresholds_hold_python_floats() -> None:
+    """Integer and numpy limits are stored as floats, so a probe's manifest holds plain numbers."""
+    limits = probes.Thresholds(min_snr_db=40, min_cosine=np.float32(0.5), max_abs=np.int64(2))
+    assert (limits.min_snr_db, limits.min_cosine, limits.max_abs) == (40.0, 0.5, 2.0)
+    assert all(type(v) is float for v in limits.to_json().values() if v is not None)
 
 
 def test_judge_scores_a_one_second_canary_at_22050_hz() -> None:
@@ -152,11 +177,11 @@ def test_judges_never_raise(golden: Array, data: st.DataObject) -> None:
     score = probes.judge_output("y", golden, actual, probes.Thresholds(max_abs=1.0))
     assert isinstance(score.passed, bool)
     for judge in (
-        probes.finite(),
-        probes.snr(45),
-        probes.cosine(0.99),
-        probes.lsd(1.0),
-        probes.max_abs(1),
+        judges.finite(),
+        judges.snr(45),
+        judges.cosine(0.99),
+        judges.lsd(1.0),
+        judges.max_abs(1),
     ):
         assert isinstance(judge(golden, actual).passed, bool)
 
@@ -201,3 +226,52 @@ def test_cosine_of_equal_arrays_is_exactly_one(golden: Array) -> None:
     if np.any(golden):
         assert probes.cosine_similarity(golden, golden.copy()) == 1.0
     assert probes.judge_output("y", golden, golden.copy(), probes.Thresholds(min_cosine=1.0)).passed
+
+
+@pytest.mark.parametrize("n", [64, 100, 257, 511, 512])
+def test_hann_window_is_scipys_periodic_hann(n: int) -> None:
+    """The numpy window equals scipy.signal.get_window("hann", n) in float32, bit for bit."""
+    signal = pytest.importorskip("scipy.signal")
+    assert np.array_equal(judges._window(n), signal.get_window("hann", n).astype(np.float32))
+
+
+# log_spectral_distance as it was computed with scipy.fft and scipy.signal's window
+SCIPY_LSD = [
+    (55, 0.05060423165559769),
+    (45, 0.1522044986486435),
+    (29, 0.9029769897460938),
+    (20, 2.161001443862915),
+]
+
+
+@pytest.mark.parametrize(("snr", "expected"), SCIPY_LSD)
+def test_log_spectral_distance_matches_the_scipy_numbers(
+    demo_probe: probes.Probe, snr: float, expected: float
+) -> None:
+    """numpy's FFT and window give the LSD scipy gave (to float32 rounding) on the demo output."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    rng = np.random.default_rng(0)
+    rms = float(np.sqrt(np.mean(golden.astype(np.float64) ** 2)))
+    noisy = golden
+    for level, _ in SCIPY_LSD:  # the same draws, in the same order, as when measured
+        draw = golden + rng.normal(0, rms / 10 ** (level / 20), golden.shape)
+        if level == snr:
+            noisy = draw.astype(np.float32)
+    assert probes.log_spectral_distance(golden, noisy) == pytest.approx(expected, rel=2e-5)
+
+
+def test_judging_imports_nothing_heavy() -> None:
+    """`import probes` loads neither scipy nor MNN, and the first judgement imports no module."""
+    script = (
+        "import sys, numpy as np, probes\n"
+        "before = set(sys.modules)\n"
+        "t = np.arange(22050) / 22050\n"
+        "g = np.sin(2 * np.pi * 220 * t).astype(np.float32)[None, None]\n"
+        "assert probes.judge_output('wav', g, g * np.float32(1.0001), probes.Thresholds()).passed\n"
+        "print(sorted(set(sys.modules) - before))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('scipy', 'MNN', 'guard')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.splitlines() == ["[]", "[]"], done.stdout

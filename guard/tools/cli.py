@@ -173,16 +173,10 @@ def _model(path: str, inputs: Sequence[str], outputs: Sequence[str], threads: in
 
 
 def _probe(path: str, model: str | None) -> Probe:
-    """Load a probe folder; every way it can be unreadable is a user error."""
+    """Load a probe folder (every way it can be unreadable is a ProbeError: a user error)."""
     import probes
 
-    try:
-        return probes.load(path, model=model)
-    except (zlib.error, RecursionError) as exc:  # until probes.load raises only ProbeError
-        raise UsageError(
-            f"probe folder {path!r} cannot be read ({type(exc).__name__}: {exc}); "
-            "re-record it with `mnn-guard record`"
-        ) from None
+    return probes.load(path, model=model)
 
 
 def _writable(flag: str, path: str, *, folder: bool) -> Path:
