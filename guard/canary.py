@@ -5,17 +5,30 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any
+
+from numpy.typing import NDArray
 
 from guard.mnn import Runner, adapt
 from probes import Probe, Verdict
 
-__all__ = ["init_and_check", "run_canary"]
+__all__ = ["Canary", "init_and_check", "run_canary"]
+
+Outputs = dict[str, NDArray[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Canary:
+    """A canary's merged verdict, and the outputs of its first failing judgement per case."""
+
+    verdict: Verdict
+    failed_outputs: dict[int, Outputs] = field(default_factory=dict)
 
 
 def init_and_check(
     factory: Callable[..., Any], overrides: Mapping[str, Any], probe: Probe, runs: int
-) -> tuple[Runner, Verdict]:
+) -> tuple[Runner, Canary]:
     """Call the factory with `overrides` and run the canary on what it built."""
     runner = adapt(factory(**overrides))
     return runner, run_canary(runner, probe, runs)
@@ -28,7 +41,7 @@ def run_canary(
     *,
     gate: AbstractContextManager[Any] | None = None,
     stop_at_failure: bool = False,
-) -> Verdict:
+) -> Canary:
     """Run every canary case `runs` times, interleaved, on owned copies; one merged verdict.
 
     Interleaving cases catches a module that hands back the previous call's output; repeating
@@ -38,6 +51,7 @@ def run_canary(
     """
     verdicts: list[Verdict] = []
     labels: list[str] = []
+    failed: dict[int, Outputs] = {}
     held = gate if gate is not None else contextlib.nullcontext()
     for run in range(runs):
         for index, case in enumerate(probe.cases):
@@ -45,6 +59,8 @@ def run_canary(
                 outputs = runner.run([case.inputs[n] for n in probe.input_names])
             verdicts.append(probe.judge(outputs, case=index))
             labels.append(f"canary run {run + 1} case {index}")
-            if stop_at_failure and not verdicts[-1].passed:
-                return Verdict.merge(verdicts, labels)
-    return Verdict.merge(verdicts, labels)
+            if not verdicts[-1].passed and index not in failed:
+                failed[index] = dict(zip(probe.output_names, outputs, strict=False))
+                if stop_at_failure:
+                    return Canary(Verdict.merge(verdicts, labels), failed)
+    return Canary(Verdict.merge(verdicts, labels), failed)

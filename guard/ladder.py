@@ -128,6 +128,10 @@ class Attempt:
     verdict: Verdict | None
     error: BaseException | None
     seconds: float
+    # what the module returned where the canary failed, by case (for a diagnosis)
+    outputs: Mapping[int, Mapping[str, Any]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def passed(self) -> bool:

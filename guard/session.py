@@ -259,11 +259,12 @@ class GuardedSession:
         runner: mnn.Runner | None = None
         verdict: Verdict | None = None
         error: BaseException | None = None
+        failed: dict[int, Any] = {}
         try:
             mnn.check_not_forked()
 
             what = f"init + canary of session {self.name!r} on rung {rung.name!r}"
-            runner, verdict = call_with_timeout(
+            runner, canary = call_with_timeout(
                 partial(
                     init_and_check,
                     self._factory,
@@ -274,6 +275,7 @@ class GuardedSession:
                 self.policy.init_timeout,
                 what,
             )
+            verdict, failed = canary.verdict, canary.failed_outputs
             outcome = Outcome.PASS if verdict.passed else Outcome.FAIL
         except InitTimeout as exc:
             outcome, error = Outcome.TIMEOUT, exc
@@ -281,7 +283,8 @@ class GuardedSession:
             raise  # no rung can work in this process
         except Exception as exc:
             outcome, error = Outcome.ERROR, exc
-        attempt = Attempt(rung, index, outcome, verdict, error, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        attempt = Attempt(rung, index, outcome, verdict, error, seconds, failed)
         notify(self._listeners, "on_attempt", self.name, attempt)
         return (runner if attempt.passed else None), attempt
 
@@ -476,10 +479,12 @@ class GuardedSession:
         start = time.perf_counter()
         verdict: Verdict | None = None
         error: BaseException | None = None
+        failed: dict[int, Any] = {}
         try:
-            verdict = run_canary(
+            canary = run_canary(
                 live, self.probe, self.policy.canary_runs, gate=self._lock, stop_at_failure=True
             )
+            verdict, failed = canary.verdict, canary.failed_outputs
             outcome = Outcome.PASS if verdict.passed else Outcome.FAIL
         except Exception as exc:
             outcome, error = Outcome.ERROR, exc
@@ -488,7 +493,7 @@ class GuardedSession:
                 self._to(State.REPLACING)
             self._fail((), f"a re-check was interrupted by {type(exc).__name__}: {exc}", exc)
             raise
-        attempt = Attempt(rung, index, outcome, verdict, error, time.perf_counter() - start)
+        attempt = Attempt(rung, index, outcome, verdict, error, time.perf_counter() - start, failed)
         notify(self._listeners, "on_check", self.name, attempt)
         with self._cond:
             if not self._to(State.SERVING if attempt.passed else State.REPLACING):

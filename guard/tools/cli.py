@@ -273,7 +273,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     rows = []
     degraded = 0
     for init in range(1, args.inits + 1):
-        _, verdict = init_and_check(factory, overrides, probe, runs=2)
+        verdict = init_and_check(factory, overrides, probe, runs=2)[1].verdict
         degraded += not verdict.passed
         score = min(verdict.scores.values(), key=lambda s: s.snr_db, default=None)
         rows.append(

@@ -105,7 +105,7 @@ def _measure(rung: Rung, factory: Factory, probe: Probe, forward_runs: int) -> d
         start = time.perf_counter()
         module = mnn.adapt(factory(**rung.overrides))
         result["init_s"] = time.perf_counter() - start
-        verdict = run_canary(module, probe, CANARY_RUNS)
+        verdict = run_canary(module, probe, CANARY_RUNS).verdict
         result["passed"] = verdict.passed
         result["snr_db"] = verdict.worst_snr_db
         result["reasons"] = list(verdict.reasons[:MAX_REASONS])
