@@ -29,12 +29,12 @@ if TYPE_CHECKING:
         Unavailable,
         WorkerFailed,
     )
-    from guard.health import HealthTable, readiness
+    from guard.health import HealthTable, mark_process_dead, readiness
     from guard.ladder import DYNAMIC, STATIC, Policy, Rung
     from guard.listeners import Listener
     from guard.mnn import mnn_factory
     from guard.pool import Pool
-    from guard.server import serve
+    from guard.server import asgi_app, serve, wsgi_app
     from guard.session import GuardedSession
     from guard.state import SessionStatus, State
     from guard.wrapping import wrap
@@ -65,10 +65,13 @@ __all__ = [
     "Unavailable",
     "WorkerFailed",
     "__version__",
+    "asgi_app",
+    "mark_process_dead",
     "mnn_factory",
     "readiness",
     "serve",
     "wrap",
+    "wsgi_app",
 ]
 
 _HOME = {  # public name -> the runtime module that defines it
@@ -86,6 +89,7 @@ _HOME = {  # public name -> the runtime module that defines it
     "WorkerFailed": "errors",
     "HealthTable": "health",
     "readiness": "health",
+    "mark_process_dead": "health",
     "DYNAMIC": "ladder",
     "STATIC": "ladder",
     "Policy": "ladder",
@@ -94,6 +98,8 @@ _HOME = {  # public name -> the runtime module that defines it
     "mnn_factory": "mnn",
     "Pool": "pool",
     "serve": "server",
+    "asgi_app": "server",
+    "wsgi_app": "server",
     "GuardedSession": "session",
     "SessionStatus": "state",
     "State": "state",

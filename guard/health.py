@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,16 @@ from typing import Any
 from guard.listeners import Listener
 from guard.state import SessionStatus
 
-__all__ = ["HEALTH", "HealthListener", "HealthTable", "mark_process_dead", "readiness"]
+__all__ = [
+    "HEALTH",
+    "HealthListener",
+    "HealthTable",
+    "mark_process_dead",
+    "readiness",
+    "stuck",
+    "worker_entries",
+    "worker_readiness",
+]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _PREFIX = "mnn_guard_health_"
@@ -33,6 +44,7 @@ def _entry(status: SessionStatus) -> dict[str, Any]:
         "rung": status.mode,
         "rung_index": status.rung_index,
         "healthy": status.healthy,
+        "since": status.since,
         "reasons": list(status.verdict.reasons) if status.verdict is not None else [],
     }
 
@@ -106,9 +118,13 @@ class HealthTable:
         with self._lock:
             return dict(self._sessions)
 
+    def entries(self) -> list[dict[str, Any]]:
+        """What readiness says of each session of this table."""
+        return [_entry(s) for s in self.sessions().values()]
+
     def readiness(self, expect: Sequence[str] = ()) -> tuple[bool, list[dict[str, Any]]]:
         """(ready, details) of this process's sessions, by the readiness rule."""
-        return _judge((_entry(s) for s in self.sessions().values()), expect)
+        return _judge(self.entries(), expect)
 
     def _write(self) -> None:
         """Replace this process's file in the directory (caller holds the lock)."""
@@ -124,13 +140,9 @@ class HealthTable:
             os.replace(tmp, path)
 
 
-def worker_readiness(
-    directory: str | os.PathLike[str], expect: Sequence[str] = ()
-) -> tuple[bool, list[dict[str, Any]]]:
-    """(ready, details) over every live process's file in `directory`; dead pids are skipped.
-
-    With `expect`, each live process must have each expected session healthy.
-    """
+def worker_entries(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every live process's sessions in `directory`, each with its `pid`; dead pids are reaped."""
+    reap_dead(directory)
     entries: list[dict[str, Any]] = []
     for path in sorted(Path(directory).glob(f"{_PREFIX}*.json")):
         try:
@@ -139,21 +151,50 @@ def worker_readiness(
             sessions = list(doc["sessions"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # being replaced, or not ours
-        if not _alive(pid):
-            continue
-        for entry in sessions:
-            entries.append({**entry, "pid": pid})
-        for name in sorted(set(expect) - {e["name"] for e in sessions}):
-            entries.append(
-                {
-                    "name": name,
-                    "pid": pid,
-                    "state": "missing",
-                    "healthy": False,
-                    "reasons": ["no such session in this worker yet"],
-                }
-            )
+        if _alive(pid):
+            entries.append({"pid": pid, "sessions": sessions})
+    return entries
+
+
+def worker_readiness(
+    directory: str | os.PathLike[str], expect: Sequence[str] = ()
+) -> tuple[bool, list[dict[str, Any]]]:
+    """(ready, details) over every live process's file in `directory`; dead pids are skipped.
+
+    With `expect`, each live process must have each expected session healthy.
+    """
+    entries: list[dict[str, Any]] = []
+    for worker in worker_entries(directory):
+        pid, sessions = worker["pid"], worker["sessions"]
+        entries += [{**entry, "pid": pid} for entry in sessions]
+        entries += [
+            {
+                "name": name,
+                "pid": pid,
+                "state": "missing",
+                "healthy": False,
+                "reasons": ["no such session in this worker yet"],
+            }
+            for name in sorted(set(expect) - {e["name"] for e in sessions})
+        ]
     return _judge(entries, expect)
+
+
+def stuck(entries: Iterable[dict[str, Any]], after: float) -> list[dict[str, Any]]:
+    """The sessions that have been FAILED for longer than `after` seconds (wall clock)."""
+    now = time.time()
+    return [e for e in entries if e["state"] == "failed" and now - e.get("since", now) > after]
+
+
+_PID_FILE = re.compile(r"_(\d+)\.(?:db|json)$")
+
+
+def reap_dead(directory: str | os.PathLike[str]) -> None:
+    """Forget every process whose files are in `directory` but which no longer exists."""
+    pids = {int(m.group(1)) for n in os.listdir(directory) if (m := _PID_FILE.search(n))}
+    for pid in sorted(pids):
+        if not _alive(pid):
+            mark_process_dead(pid, directory)
 
 
 def mark_process_dead(pid: int, directory: str | os.PathLike[str] | None = None) -> None:

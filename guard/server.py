@@ -26,7 +26,15 @@ from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app, make_w
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from guard.errors import ConfigError
-from guard.health import HEALTH, MULTIPROC_ENV, HealthTable, worker_readiness
+from guard.health import (
+    HEALTH,
+    MULTIPROC_ENV,
+    HealthTable,
+    reap_dead,
+    stuck,
+    worker_entries,
+    worker_readiness,
+)
 
 __all__ = ["Endpoints", "MetricsServer", "asgi_app", "serve", "wsgi_app"]
 
@@ -35,6 +43,7 @@ log = logging.getLogger("mnn_guard")
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
 REQUEST_SECONDS = 10.0  # a client that has not sent its request by then is dropped
+RESTART_AFTER = 900.0  # seconds a session may stay FAILED before /healthz asks for a restart
 Response = tuple[int, list[tuple[str, str]], bytes]
 
 
@@ -51,6 +60,9 @@ class Endpoints:
     aggregates every worker's files and `/readyz` every live worker's sessions; otherwise
     both answer for this process (`registry`, default the global one, and `health`).
     `expect` names sessions that must exist and be healthy for `/readyz` to say ready.
+    `/healthz` fails once a session has been FAILED (every rung failing, retries included)
+    for `restart_after` seconds: MNN's degraded state comes with a process start, so a
+    restart is a fresh draw. None keeps `/healthz` at 200 while the process is up.
     """
 
     def __init__(
@@ -60,6 +72,7 @@ class Endpoints:
         multiprocess_dir: str | os.PathLike[str] | None = None,
         health: HealthTable | None = None,
         expect: Sequence[str] = (),
+        restart_after: float | None = RESTART_AFTER,
     ) -> None:
         if registry is not None and multiprocess_dir is not None:
             raise ConfigError("pass either registry or multiprocess_dir, not both")
@@ -75,6 +88,9 @@ class Endpoints:
         self.registry = registry if registry is not None else REGISTRY
         self.health = health or HEALTH
         self.expect = tuple(expect)
+        if restart_after is not None and not restart_after > 0:
+            raise ConfigError(f"restart_after must be > 0 seconds or None, got {restart_after!r}")
+        self.restart_after = restart_after
 
     def readiness(self) -> tuple[bool, list[dict[str, Any]]]:
         """(ready, details) for this process, or for every live worker in multiprocess mode."""
@@ -82,9 +98,33 @@ class Endpoints:
             return worker_readiness(self.directory, self.expect)
         return self.health.readiness(self.expect)
 
+    def stuck(self) -> list[dict[str, Any]]:
+        """Sessions FAILED for longer than `restart_after`: a new process start would help."""
+        if self.restart_after is None:
+            return []
+        if self.directory is not None:
+            entries = [
+                {**e, "pid": w["pid"]}
+                for w in worker_entries(self.directory)
+                for e in w["sessions"]
+            ]
+        else:
+            entries = self.health.entries()
+        return stuck(entries, self.restart_after)
+
+    def before_scrape(self) -> None:
+        """In multiprocess mode, drop the gauges of workers that died unannounced (uvicorn)."""
+        if self.directory is not None:
+            reap_dead(self.directory)
+
     def health_route(self, path: str) -> Response | None:
         """The answer of `/healthz` or `/readyz`, a 404 for any other path but `/metrics`."""
         if path == "/healthz":
+            failed = self.stuck()
+            if failed:
+                names = ", ".join(sorted({e["name"] for e in failed}))
+                text = f"failed for over {self.restart_after:g} s: {names}; restart me\n"
+                return 503, [("Content-Type", TEXT)], text.encode()
             return 200, [("Content-Type", TEXT)], b"ok\n"
         if path == "/readyz":
             ready, sessions = self.readiness()
@@ -111,6 +151,7 @@ def wsgi_app(endpoints: Endpoints | None = None) -> WSGIApp:
             return [b""]
         answer = ends.health_route(environ.get("PATH_INFO", ""))
         if answer is None:
+            ends.before_scrape()
             body = b"".join(metrics({**environ, "REQUEST_METHOD": "GET"}, start_response))
         else:
             code, headers, body = answer
@@ -153,6 +194,7 @@ def asgi_app(endpoints: Endpoints | None = None) -> ASGIApp:
             await send(message)
 
         if answer is None:
+            ends.before_scrape()
             await metrics(scope, receive, respond)
             return
         code, headers, body = answer
@@ -250,12 +292,14 @@ def serve(
     multiprocess_dir: str | os.PathLike[str] | None = None,
     health: HealthTable | None = None,
     expect: Sequence[str] = (),
+    restart_after: float | None = RESTART_AFTER,
 ) -> MetricsServer:
     """Serve `/metrics`, `/healthz` and `/readyz` on `host:port` (0 picks a free port).
 
     What they answer for is `Endpoints`'s rule: `registry`, or every worker's files with
     `multiprocess_dir` or `PROMETHEUS_MULTIPROC_DIR`; `/readyz` needs a session, every
-    session healthy and each name in `expect` present.
+    session healthy and each name in `expect` present; `/healthz` fails after a session has
+    been FAILED for `restart_after` seconds.
 
     >>> with guard.serve(port=0) as server:  # doctest: +SKIP
     ...     urllib.request.urlopen(server.url + "/readyz")

@@ -181,6 +181,7 @@ class GuardedSession:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._state = State.STARTING
+        self._entered = time.time()  # wall-clock time of the last change of state
         self._live: mnn.Runner | None = None
         self._rung_index = 0
         self._history: tuple[Attempt, ...] = ()
@@ -222,6 +223,8 @@ class GuardedSession:
             return False
         if state not in MOVES[self._state]:
             raise AssertionError(f"session {self.name!r}: no move {self._state} -> {state}")
+        if state is not self._state:
+            self._entered = time.time()
         self._state = state
         if state not in LIVE:
             self._live = None
@@ -236,6 +239,7 @@ class GuardedSession:
             rung_index=self._rung_index,
             verdict=self._verdict,
             history=self._history,
+            since=self._entered,
         )
 
     @property

@@ -62,6 +62,7 @@ class SessionStatus:
     rung_index: int
     verdict: Verdict | None
     history: tuple[Attempt, ...]
+    since: float = 0.0  # wall-clock time (time.time()) the session entered its state
 
     @property
     def mode(self) -> str:

@@ -1,0 +1,232 @@
+"""The documented serving recipes, run for real on 127.0.0.1: gunicorn (deploy/gunicorn.conf.py)
+with 2 workers, and uvicorn with 2 workers, in prometheus_client's multiprocess mode.
+
+Waits poll a condition against a bound; nothing sleeps and then counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = Path(__file__).resolve().parent / "apps"
+BIN = Path(sys.executable).parent
+BOUND = 90.0  # seconds any one condition may take on a slow, shared 2-core machine
+T = TypeVar("T")
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    """A port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def get(url: str) -> tuple[int, str]:
+    """(status, body) of a GET; (0, reason) when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def until(what: str, probe: Callable[[], T | None], server: subprocess.Popen[bytes]) -> T:
+    """Poll `probe` until it returns something, the server dies, or BOUND passes."""
+    deadline = time.monotonic() + BOUND
+    while time.monotonic() < deadline:
+        found = probe()
+        if found is not None:
+            return found
+        if server.poll() is not None:
+            raise AssertionError(f"the server exited ({server.returncode}) waiting for {what}")
+        time.sleep(0.1)
+    raise AssertionError(f"no {what} within {BOUND} s")
+
+
+def readiness(url: str) -> tuple[int, dict[str, Any]] | None:
+    """(status, body) of /readyz, None while nothing answers."""
+    status, body = get(url + "/readyz")
+    return (status, json.loads(body)) if status else None
+
+
+def pids(doc: dict[str, Any]) -> set[int]:
+    """The worker pids that /readyz lists."""
+    return {s["pid"] for s in doc["sessions"] if "pid" in s}
+
+
+def healthy_pids(url: str) -> set[int]:
+    """The pids of the mnn_guard_healthy series of session vocoder in one scrape."""
+    text = get(url + "/metrics")[1]
+    return {
+        int(s.labels["pid"])
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "mnn_guard_healthy" and s.labels.get("session") == "vocoder"
+    }
+
+
+def stop(server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM and wait, then SIGKILL the whole group if it lingers."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(30)
+
+
+@pytest.fixture()
+def multiproc_env(tmp_path: Path) -> dict[str, str]:
+    """An environment with an empty PROMETHEUS_MULTIPROC_DIR, as the recipes' start scripts do."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    return {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+
+
+def start_gunicorn(env: dict[str, str], **extra: str) -> tuple[subprocess.Popen[bytes], str, str]:
+    """gunicorn with the repository's config and 2 workers: (process, app url, metrics url)."""
+    app_port, metrics_port = free_port(), free_port()
+    env = {
+        **env,
+        "MNN_GUARD_BIND": f"127.0.0.1:{app_port}",
+        "MNN_GUARD_WORKERS": "2",
+        "MNN_GUARD_METRICS_PORT": str(metrics_port),
+        "MNN_GUARD_METRICS_HOST": "127.0.0.1",
+        **extra,
+    }
+    server = subprocess.Popen(
+        [
+            *(str(BIN / "gunicorn"), "-c", str(ROOT / "deploy" / "gunicorn.conf.py")),
+            *("--chdir", str(APPS), "vocoder_wsgi:app"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    return server, f"http://127.0.0.1:{app_port}", f"http://127.0.0.1:{metrics_port}"
+
+
+@pytest.fixture()
+def gunicorn(multiproc_env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], str, str]]:
+    """A healthy gunicorn service."""
+    started = start_gunicorn(multiproc_env)
+    yield started
+    stop(started[0])
+
+
+def test_gunicorn_readiness_and_metrics_follow_a_killed_worker(
+    gunicorn: tuple[subprocess.Popen[bytes], str, str],
+) -> None:
+    """The master's /readyz lists both workers' sessions; after kill -9 of one, the replacement
+    is listed instead, and /metrics no longer shows the dead worker's health series."""
+    server, app, metrics = gunicorn
+
+    def both_ready() -> set[int] | None:
+        answer = readiness(metrics)
+        ok = answer is not None and answer[0] == 200 and len(pids(answer[1])) == 2
+        return pids(answer[1]) if ok and answer is not None else None
+
+    first = until("two ready workers", both_ready, server)
+    status, body = get(app + "/?frames=30")
+    assert status == 200 and json.loads(body)["samples"] > 0
+    assert healthy_pids(metrics) == first
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> set[int] | None:
+        now = both_ready()
+        return now if now is not None and victim not in now else None
+
+    second = until("a ready replacement worker", replaced, server)
+    assert len(second & first) == 1
+    assert until(
+        "metrics without the dead worker", lambda: healthy_pids(metrics) == second or None, server
+    )
+    assert get(metrics + "/healthz")[0] == 200
+
+
+def test_gunicorn_with_every_worker_exhausted_stays_up_not_ready(
+    multiproc_env: dict[str, str],
+) -> None:
+    """Every init degraded: each worker keeps its FAILED session, the probed port answers 503
+    naming both workers, gunicorn does not exit, and a request gets 503, not a bad output."""
+    server, app, metrics = start_gunicorn(multiproc_env, VOCODER_FAULT="all")
+    try:
+
+        def both_failed() -> dict[str, Any] | None:
+            answer = readiness(metrics)
+            if answer is None or len(pids(answer[1])) != 2:
+                return None
+            states = {s["state"] for s in answer[1]["sessions"]}
+            return answer[1] if answer[0] == 503 and states == {"failed"} else None
+
+        doc = until("two failed workers", both_failed, server)
+        assert doc["ready"] is False
+        assert get(app + "/")[0] == 503
+        assert server.poll() is None
+    finally:
+        stop(server)
+
+
+def test_uvicorn_two_workers_share_readiness_and_metrics(multiproc_env: dict[str, str]) -> None:
+    """uvicorn --workers 2 with guard's ASGI routes mounted: /readyz lists both workers from
+    either; after kill -9 of one, uvicorn's replacement shows up and the dead pid's series go."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [
+            *(str(BIN / "uvicorn"), "--workers", "2", "--port", str(port), "--host", "127.0.0.1"),
+            *("--app-dir", str(APPS), "--log-level", "warning", "vocoder_asgi:app"),
+        ],
+        env=multiproc_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+
+        def both_ready() -> set[int] | None:
+            answer = readiness(url)
+            ok = answer is not None and answer[0] == 200 and len(pids(answer[1])) == 2
+            return pids(answer[1]) if ok and answer is not None else None
+
+        first = until("two ready workers", both_ready, server)
+        status, body = get(url + "/synthesize")
+        assert status == 200 and json.loads(body)["pid"] in first
+        assert healthy_pids(url) == first
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced() -> set[int] | None:
+            now = both_ready()
+            return now if now is not None and victim not in now else None
+
+        second = until("a ready replacement worker", replaced, server)
+        assert victim not in second
+        assert until(
+            "metrics without the dead worker", lambda: healthy_pids(url) == second or None, server
+        )
+    finally:
+        stop(server)
