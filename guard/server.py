@@ -306,5 +306,11 @@ def serve(
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConfigError(f"port must be an int within 0..65535 (0 picks a free one), got {port!r}")
-    endpoints = Endpoints(registry, multiprocess_dir=multiprocess_dir, health=health, expect=expect)
+    endpoints = Endpoints(
+        registry,
+        multiprocess_dir=multiprocess_dir,
+        health=health,
+        expect=expect,
+        restart_after=restart_after,
+    )
     return MetricsServer(host, port, endpoints)

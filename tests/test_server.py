@@ -375,3 +375,22 @@ def test_stalled_clients_are_dropped_and_disconnects_are_quiet(
 def _request_threads() -> int:
     """Threads handling a request now (socketserver names them "... (process_request_thread)")."""
     return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+
+def test_healthz_asks_for_a_restart_after_a_long_failure(
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """/healthz turns 503, naming the session, once it has been FAILED for restart_after."""
+    faulty = FaultyFactory(demo_factory, fault="noise", rate=1.0, affects="all")
+    with (
+        guard.serve(port=0, registry=registry, restart_after=0.2) as running,
+        guard.wrap(
+            faulty, demo_probe, name="X", registry=registry, policy=NO_REINIT, raise_exhausted=False
+        ) as session,
+    ):
+        assert get(running.url + "/healthz")[0] == 200  # failed, but not for long yet
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and time.time() - session.status.since <= 0.2:
+            time.sleep(0.02)
+        status, _, body = get(running.url + "/healthz")
+    assert (status, "X" in body, "restart" in body) == (503, True, True)
