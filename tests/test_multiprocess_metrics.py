@@ -148,7 +148,7 @@ def test_one_healthy_series_per_worker(scenario: dict[str, Any]) -> None:
 def test_exited_worker_gauges_go_at_the_next_scrape(scenario: dict[str, Any]) -> None:
     """A worker that exited unannounced loses its gauge series at the next scrape (its pid no
     longer exists), with no mark_process_dead call: uvicorn has no hook to make one."""
-    dead, *alive = scenario["pids"]
+    _, *alive = scenario["pids"]
     assert (scenario["exitcode"], sorted(healthy_by_pid(scenario["exited"]))) == (0, sorted(alive))
 
 
