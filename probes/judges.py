@@ -116,7 +116,12 @@ def log_spectral_distance(golden: Array, actual: Array) -> float | None:
         # scaled by the golden's peak: float32 power spectra of loud or faint signals would
         # overflow or underflow, and the distance is the same at any common scale
         peak = float(np.max(np.abs(frames[0])))
-        frames *= _window(n) / peak if 0.0 < peak < math.inf else _window(n)
+        if 0.0 < peak < math.inf:
+            if not _SCALABLE[0] < peak < _SCALABLE[1]:  # 1/peak would leave float32's range
+                frames = frames.astype(np.float64)
+            frames *= _window(n) * frames.dtype.type(1.0 / peak)
+        else:
+            frames *= _window(n)
         z = rfft(frames, axis=-1)
         power = z.real**2 + z.imag**2
         floor = max(float(power[0].max()), 1e-30) * 1e-8
@@ -126,6 +131,7 @@ def log_spectral_distance(golden: Array, actual: Array) -> float | None:
 
 
 _DB_PER_OCTAVE = 10.0 * math.log10(2.0)
+_SCALABLE = (1e-30, 1e30)  # peaks whose scaling stays within float32
 
 
 def _frames(x: Array, n: int) -> Array:

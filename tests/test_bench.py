@@ -57,9 +57,8 @@ def test_measurements_are_real_numbers(report_json: dict[str, Any]) -> None:
         for key in ("guarded_us", "guarded_no_metrics_us", "raw_us", "ratio"):
             assert math.isfinite(hot[key]) and hot[key] > 0, (name, key)
         # ratio and added time are medians over the same (odd number of) rounds' pairs: they
-        # agree in direction exactly, and with the medians per side roughly
+        # agree in direction exactly (the medians per side need not, on a busy machine)
         assert (hot["ratio"] < 1.0) == (hot["added_us"] > 0.0)
-        assert hot["ratio"] == pytest.approx(hot["raw_us"] / hot["guarded_us"], rel=0.25)
         assert isinstance(hot["met"], bool)
     healthy = report_json["healthy"]
     assert healthy["canary_forwards"] == 4  # 2 canary runs x 2 cases
