@@ -143,8 +143,7 @@ def _stand_in(exc: BaseException) -> GuardError:
 
 
 def _portable(exc: Exception) -> Exception:
-    """`exc` itself when it pickles; attempts' errors replaced by stand-ins when they do not;
-    else a GuardError with the same message."""
+    """`exc` if it pickles, else with stand-ins for its attempts' errors, else a stand-in."""
     if _pickles(exc):
         return exc
     if isinstance(exc, RecoveryExhausted):
@@ -261,8 +260,7 @@ class _Worker:
     state: State = State.STARTING
     rung_index: int = 0
     requests: int = 0
-    busy: bool = False
-    error: Exception | None = None  # why it could not start
+    error: Exception | None = None  # why it could not start (the slot then shows FAILED)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -378,7 +376,7 @@ class Pool:
 
     # -------------------------------------------------------------- workers
 
-    def _launch(self, worker: _Worker) -> _Worker:
+    def _launch(self, worker: _Worker) -> None:
         """Spawn the worker's process and put the worker in its slot (STARTING)."""
         with self._cond:
             if self._closed:
@@ -392,7 +390,6 @@ class Pool:
             closed = self._closed
         if closed:  # close() ran meanwhile and could not see this process
             child.kill()
-        return worker
 
     def _await_ready(self, worker: _Worker) -> None:
         """Wait for a spawned worker's session; raise the worker's own error if it failed."""
@@ -516,10 +513,8 @@ class Pool:
                 if self._closed:
                     raise SessionClosed(f"pool {self.name!r} is closed")
                 if self._idle:
-                    worker = self._idle.popleft()
-                    worker.busy = True
-                    return worker
-                if all(w.state is State.FAILED for w in self._slots.values()):
+                    return self._idle.popleft()
+                if all(w.error is not None for w in self._slots.values()):
                     error = next((w.error for w in self._slots.values() if w.error), None)
                     raise WorkerFailed(
                         f"pool {self.name!r}: no worker is left; the last replacement failed: "
@@ -538,7 +533,6 @@ class Pool:
     def _release(self, worker: _Worker) -> None:
         """Return a worker that answered to the idle ones (or stop it if the pool closed)."""
         with self._cond:
-            worker.busy = False
             closed = self._closed
             if not closed:
                 self._idle.append(worker)
