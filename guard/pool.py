@@ -273,6 +273,10 @@ class _Lost(Exception):
     """A request's worker crashed or timed out; it is replaced and the request retried once."""
 
 
+class _Undelivered(_Lost):
+    """The worker died before the request reached it: replaced, and the request not blamed."""
+
+
 def _mark_dead(pid: int | None) -> None:
     """Drop a dead worker's live gauges in prometheus_client multiprocess mode."""
     if pid is None or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -546,10 +550,12 @@ class Pool:
         child = worker.child
         assert child is not None
         try:
+            if child.conn.poll():  # an idle worker has nothing to say: it died while idle
+                raise _Undelivered(f"{worker.label} {child.exit_text()} while idle")
             with worker.send_lock:
                 child.conn.send_bytes(data)
-        except OSError:
-            raise _Lost(f"{worker.label} {child.exit_text()}") from None
+        except (EOFError, OSError):
+            raise _Undelivered(f"{worker.label} {child.exit_text()} while idle") from None
         event = child.wait(self.request_timeout)
         if event is Event.TIMEOUT:
             child.kill()
@@ -584,13 +590,17 @@ class Pool:
         """Run one request on an idle worker; returns owned numpy arrays by output name."""
         data = self._encode(inputs)
         failures: list[tuple[str, Exception | None]] = []  # why, and the worker's error if any
+        unblamed = self.processes  # how many workers found dead before sending may be skipped
         while len(failures) < 2:
             worker = self._acquire()
             try:
                 reply = self._request(worker, data)
             except _Lost as lost:
-                failures.append((str(lost), None))
                 self._retire(worker, str(lost))
+                if isinstance(lost, _Undelivered) and unblamed > 0:
+                    unblamed -= 1  # not the request's fault: try another worker, uncounted
+                    continue
+                failures.append((str(lost), None))
                 continue
             except BaseException:
                 self._retire(worker, "a request was interrupted")  # its reply would come late

@@ -392,6 +392,34 @@ def test_request_that_kills_two_workers_is_a_poison_request(marked_pool: guard.P
     assert marked_pool.replaced == replaced + 2
 
 
+def ended(pid: int) -> bool:
+    """True once a process has exited (a zombie not yet reaped counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.hostile
+def test_workers_that_died_while_idle_do_not_fail_the_next_request(
+    marked_pool: guard.Pool,
+) -> None:
+    """Both workers killed between requests: the next request is not blamed for their deaths;
+    it waits for a replacement and is served."""
+    dead = [w.pid for w in wait_until_serving(marked_pool)]
+    replaced = marked_pool.replaced
+    for pid in dead:
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not all(ended(pid) for pid in dead if pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    mel = demo.demo_mel(90, seed=8)
+    assert_outputs([marked_pool.run({"mel": mel})], references([mel]))
+    after = wait_until_serving(marked_pool)
+    assert marked_pool.replaced == replaced + 2 and not set(dead) & {w.pid for w in after}
+
+
 @pytest.mark.hostile
 def test_worker_that_raises_is_replaced_and_its_error_keeps_its_type(
     marked_pool: guard.Pool,
