@@ -1,4 +1,5 @@
-"""guard.Pool with real spawned workers: order, crashes, timeouts, input errors, close, soak."""
+"""guard.Pool with real spawned workers: order, crashes, timeouts, input errors, close, soak,
+and hostile requests: undecodable, poison (segfaults in MNN), raising, workers dying idle."""
 
 from __future__ import annotations
 
