@@ -18,6 +18,7 @@ __all__ = [
     "InitTimeout",
     "InputMismatch",
     "OutputMismatch",
+    "PoisonRequest",
     "RecoveryExhausted",
     "SessionClosed",
     "Unavailable",
@@ -79,6 +80,10 @@ class Unavailable(GuardError, TimeoutError):
 
 class WorkerFailed(GuardError):
     """A pool request failed on two workers (crash, timeout or error)."""
+
+
+class PoisonRequest(WorkerFailed):
+    """A pool request killed two workers (crash or timeout on each); it is not retried again."""
 
 
 class RecoveryExhausted(GuardError):

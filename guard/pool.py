@@ -2,47 +2,53 @@
 
 >>> with guard.Pool(guard.mnn_factory("vocoder.mnn", ["mel"], ["wav"]), probe, processes=2) as pool:
 ...     wavs = pool.map([{"mel": m} for m in mels])  # doctest: +SKIP
+
+The parent checks every request against the probe and sends workers only the plain arrays MNN
+will read; each worker builds one guarded session and serves requests from its pipe. Messages
+on a pipe are the small dataclasses below, pickled by the sender.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
+import dataclasses
 import logging
 import multiprocessing
 import os
 import pickle
-import queue
 import signal
-import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
+from multiprocessing.connection import Connection
 from typing import Any
 
+import numpy as np
 from numpy.typing import NDArray
 
 from guard.errors import (
     ConfigError,
-    FactoryError,
-    ForkAfterLoad,
     GuardError,
-    InitTimeout,
     InputMismatch,
+    PoisonRequest,
     RecoveryExhausted,
     SessionClosed,
+    Unavailable,
     WorkerFailed,
 )
-from guard.ladder import Policy
+from guard.inputs import InputChecker
+from guard.ladder import Policy, Rung
 from guard.session import Factory, GuardedSession
+from guard.state import LIVE, State
+from guard.workers import Child, Event, load_stashed_probe, remove_stash, stash_probe
 from guard.wrapping import check_probe, wrap
-from probes import Probe, ProbeError
+from probes import Probe
 
-__all__ = ["Pool", "WorkerStatus", "load_stashed_probe", "stash_probe"]
+# load_stashed_probe, remove_stash and stash_probe moved to guard.workers; importable here for now
+__all__ = ["Pool", "WorkerStatus", "load_stashed_probe", "remove_stash", "stash_probe"]
 
 Array = NDArray[Any]
 Inputs = Mapping[str, Any] | Sequence[Any]
@@ -52,106 +58,148 @@ START_METHODS = ("spawn", "forkserver")
 IMPORT_SECONDS = 60.0  # allowance for a spawned worker to import numpy, scipy and MNN
 STOP_SECONDS = 5.0  # how long close() waits for a worker to exit before killing it
 
-# Error types a worker's message is rebuilt into; anything else arrives as a plain GuardError.
-_REMOTE_ERRORS: dict[str, type[Exception]] = {
-    cls.__name__: cls
-    for cls in (
-        ConfigError,
-        FactoryError,
-        ForkAfterLoad,
-        GuardError,
-        InitTimeout,
-        SessionClosed,
-        WorkerFailed,
-        ProbeError,
-    )
-}
+
+# ------------------------------------------------------------------ pipe messages
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WorkerStatus:
-    """One worker as last reported: slot, pid, rung in use, health, requests served."""
+@dataclass(frozen=True, slots=True)
+class _Health:
+    """A worker session's state and rung index, sent with every reply."""
 
-    slot: int
-    pid: int
-    rung: str
-    healthy: bool
-    requests: int
+    state: State
+    rung_index: int
 
 
-@dataclass(eq=False)
-class _Worker:
-    """The parent's handle on one worker process."""
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """Parent to worker: run one request (checked plain arrays by input name)."""
 
-    slot: int
-    process: BaseProcess
-    conn: Connection
-    rung: str = ""
-    healthy: bool = False
-    requests: int = 0
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def label(self) -> str:
-        return f"worker {self.slot} (pid {self.process.pid})"
+    arrays: dict[str, Array]
 
 
-class _Lost(Exception):
-    """A request's worker crashed, timed out or failed; it is replaced and the request retried."""
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    """Parent to worker: exit after the request in hand."""
 
 
-# ------------------------------------------------------------------ probe hand-over
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    """Worker to parent: the session passed its canary and serves."""
+
+    health: _Health
 
 
-def stash_probe(probe: Probe) -> str:
-    """Pickle a probe once into a private temp file that spawned children load themselves.
+@dataclass(frozen=True, slots=True)
+class _StartFailed:
+    """Worker to parent: building the session raised `error`; the worker exits."""
 
-    Spawn writes a child's pickled arguments into a 64 KB pipe, and Process.start() blocks
-    until the child has imported its main module when they do not fit: a 270 KB probe in
-    the arguments made worker start-ups run one after another.
-    """
-    fd, path = tempfile.mkstemp(prefix="mnn-guard-probe-", suffix=".pickle")
-    with os.fdopen(fd, "wb") as f:
-        pickle.dump(probe, f, protocol=pickle.HIGHEST_PROTOCOL)
-    return path
+    error: Exception
 
 
-def load_stashed_probe(path: str) -> Probe:
-    """The probe written by `stash_probe` (a file this user's parent process created)."""
-    with open(path, "rb") as f:
-        probe = pickle.load(f)
-    if not isinstance(probe, Probe):
-        raise ProbeError(f"{path!r} does not hold a pickled probes.Probe")
-    return probe
+@dataclass(frozen=True, slots=True)
+class _Done:
+    """Worker to parent: the request's outputs."""
+
+    outputs: dict[str, Array]
+    health: _Health
 
 
-def remove_stash(path: str) -> None:
-    """Delete a stashed probe; missing is fine."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+@dataclass(frozen=True, slots=True)
+class _Raised:
+    """Worker to parent: the session raised `error` for the request."""
+
+    error: Exception
+    health: _Health
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """Worker to parent: the message could not be decoded (or was no request); still serving."""
+
+    reason: str
+    health: _Health
+
+
+_Reply = _Ready | _StartFailed | _Done | _Raised | _Refused
 
 
 # ------------------------------------------------------------------ worker side
 
 
-def _error_payload(exc: BaseException) -> tuple[str, str, str | None]:
-    """What crosses the pipe for an exception: type name, message, offending input name."""
-    return type(exc).__name__, str(exc), getattr(exc, "input", None)
+def _pickles(obj: object) -> bool:
+    """True when `obj` survives a pickle round trip."""
+    try:
+        pickle.loads(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:
+        return False
+    return True
 
 
-def _rebuild(kind: str, message: str, input_name: str | None) -> Exception:
-    """The caller-side exception for a worker's error payload (same type and message)."""
-    if kind == InputMismatch.__name__:
-        return InputMismatch(message, input=input_name)
-    if kind == RecoveryExhausted.__name__:
-        return RecoveryExhausted(message, ())
-    cls = _REMOTE_ERRORS.get(kind)
-    return cls(message) if cls is not None else GuardError(f"{kind}: {message}")
+def _stand_in(exc: BaseException) -> GuardError:
+    """A GuardError with the message of an exception that does not pickle."""
+    error = GuardError(str(exc))
+    error.add_note(f"in the worker this was a {type(exc).__qualname__}, which does not pickle")
+    return error
 
 
-def _state(session: GuardedSession) -> tuple[str, bool]:
+def _portable(exc: Exception) -> Exception:
+    """`exc` if it pickles, else with stand-ins for its attempts' errors, else a stand-in."""
+    if _pickles(exc):
+        return exc
+    if isinstance(exc, RecoveryExhausted):
+        attempts = [
+            a
+            if a.error is None or _pickles(a.error)
+            else dataclasses.replace(a, error=_stand_in(a.error))
+            for a in exc.attempts
+        ]
+        error = RecoveryExhausted(str(exc), attempts)
+        if _pickles(error):
+            return error
+    return _stand_in(exc)
+
+
+def _health(session: GuardedSession) -> _Health:
     status = session.status
-    return status.mode, status.healthy
+    return _Health(status.state, status.rung_index)
+
+
+def _send(conn: Connection, reply: _Reply) -> bool:
+    """Send a reply; False when the parent is gone."""
+    try:
+        conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+    except OSError:
+        return False
+    return True
+
+
+def _serve(conn: Connection, session: GuardedSession) -> None:
+    """Answer requests until the parent says stop or goes away; an undecodable one is refused."""
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        try:
+            message = pickle.loads(data)
+        except Exception as exc:
+            reason = f"it could not be decoded: {type(exc).__name__}: {exc}"
+            if not _send(conn, _Refused(reason, _health(session))):
+                return
+            continue
+        if isinstance(message, _Stop):
+            return
+        if not isinstance(message, _Run):
+            reason = f"a {type(message).__name__} is not a request"
+            if not _send(conn, _Refused(reason, _health(session))):
+                return
+            continue
+        try:
+            reply: _Reply = _Done(session.run(message.arrays), _health(session))
+        except Exception as exc:
+            reply = _Raised(_portable(exc), _health(session))
+        if not _send(conn, reply):
+            return
 
 
 def _worker_main(
@@ -162,23 +210,11 @@ def _worker_main(
     try:
         session = wrap(factory, load_stashed_probe(probe_path), policy=policy, name=name)
     except Exception as exc:
-        conn.send(("failed", _error_payload(exc)))
+        _send(conn, _StartFailed(_portable(exc)))
         return
-    conn.send(("ready", _state(session)))
     try:
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                return  # the parent is gone
-            if message[0] != "run":
-                return
-            try:
-                outputs = session.run(message[1])
-            except Exception as exc:
-                conn.send(("error", _error_payload(exc), _state(session)))
-            else:
-                conn.send(("ok", outputs, _state(session)))
+        if _send(conn, _Ready(_health(session))):
+            _serve(conn, session)
     finally:
         session.close()
 
@@ -186,18 +222,59 @@ def _worker_main(
 # ------------------------------------------------------------------ parent side
 
 
-def _exit_text(process: BaseProcess) -> str:
-    """`exited with code 3` / `was killed by SIGKILL`."""
-    process.join(1.0)
-    code = process.exitcode
-    if code is None:
-        return "stopped answering"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerStatus:
+    """One slot of the pool: its process, its session's state and rung, requests served.
+
+    Fields as in `guard.SessionStatus`: `mode` is the rung's name, `healthy` means serving.
+    """
+
+    slot: int
+    pid: int | None  # None while a replacement has no process yet, or after it failed to start
+    state: State
+    rung: Rung
+    rung_index: int
+    requests: int
+
+    @property
+    def mode(self) -> str:
+        """The name of the rung in use ("static", "dynamic", ...)."""
+        return self.rung.name
+
+    @property
+    def healthy(self) -> bool:
+        """True while the worker's session serves with a module whose canary passed."""
+        return self.state in LIVE
+
+
+@dataclass(eq=False)
+class _Worker:
+    """The parent's record of one slot's worker, from spawn until it is stopped.
+
+    Its pipe belongs to one thread at a time: the starting thread until the worker is ready,
+    then the thread that acquired it for a request, or close() while it is idle.
+    """
+
+    slot: int
+    child: Child | None = None  # None until spawned
+    state: State = State.STARTING
+    rung_index: int = 0
+    requests: int = 0
+    error: Exception | None = None  # why it could not start (the slot then shows FAILED)
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def label(self) -> str:
+        pid = self.child.pid if self.child is not None else None
+        return f"worker {self.slot} (pid {pid})"
+
+
+class _Lost(Exception):
+    """A request's worker crashed or timed out; it is replaced and the request retried once."""
+
+
+class _Undelivered(_Lost):
+    """The worker died before the request reached it: replaced, and the request not blamed."""
 
 
 def _mark_dead(pid: int | None) -> None:
@@ -218,9 +295,14 @@ class Pool:
     Nothing MNN crosses a process boundary: the factory and policy are pickled to the workers
     (`guard.mnn_factory` and `guard.testing.FaultyFactory` pickle), the probe goes through a
     private temp file, inputs and outputs travel as numpy arrays over one pipe per worker.
-    A worker that crashes or takes longer than `request_timeout` is killed and replaced, and
-    its request retried once on another worker; a second failure raises WorkerFailed.
-    InputMismatch is raised as is, without a retry.
+
+    Requests are checked here first: a bad one raises InputMismatch at once and no worker sees
+    it. A worker that crashes or exceeds `request_timeout` is killed and replaced, and its
+    request retried once on another worker; a request that costs two workers is a
+    PoisonRequest and is not retried again. A worker whose session raises (its session FAILED,
+    a forward failed) is replaced too and the request retried once; the caller gets the
+    worker's exception itself (same type, message and attempts, with a note naming the worker).
+    A caller waits at most `policy.wait_timeout` for a free worker (Unavailable).
 
     Metrics: workers use prometheus_client as usual. Set PROMETHEUS_MULTIPROC_DIR (an empty
     directory) in the environment before creating the pool and serve it with
@@ -263,6 +345,10 @@ class Pool:
         self.name = name
         self.processes = processes
         self.request_timeout = request_timeout
+        self._ladder = policy.ladder
+        self._wait_timeout = policy.wait_timeout
+        self._check = InputChecker(probe.inputs, check_finite=policy.check_finite_inputs)
+        self._names = probe.input_names
         probe_path = stash_probe(probe)
         self._unstash = weakref.finalize(self, remove_stash, probe_path)
         self._args = (factory, probe_path, policy, name)
@@ -271,216 +357,299 @@ class Pool:
         self._startup_timeout = (
             None if policy.init_timeout is None else IMPORT_SECONDS + attempts * policy.init_timeout
         )
-        self._lock = threading.Lock()
-        self._idle: queue.Queue[_Worker] = queue.Queue()
-        self._workers: dict[int, _Worker] = {}
-        self._spawning: dict[int, BaseProcess] = {}
-        self._restarts: list[threading.Thread] = []
+        # Everything below is guarded by _cond.
+        self._cond = threading.Condition(threading.Lock())
+        self._slots: dict[int, _Worker] = {}
+        self._idle: collections.deque[_Worker] = collections.deque()
+        self._starters: set[threading.Thread] = set()
         self._closed = False
         self._replaced = 0
-        self._last_error: Exception | None = None
-        started = [self._spawn(slot) for slot in range(processes)]
+        workers = [_Worker(slot) for slot in range(processes)]
         try:
-            for slot, (process, conn) in enumerate(started):
-                worker = self._await_ready(slot, process, conn)
-                self._workers[slot] = worker
-                self._idle.put(worker)
+            for worker in workers:
+                self._launch(worker)
+            for worker in workers:
+                self._await_ready(worker)
         except BaseException:
             self.close()
-            for process, conn in started:
-                process.kill()
-                process.join()
-                conn.close()
+            for worker in workers:  # close() killed those still starting; reap them here
+                self._stop(worker)
             raise
+        with self._cond:
+            self._idle.extend(workers)
 
     # -------------------------------------------------------------- workers
 
-    def _spawn(self, slot: int) -> tuple[BaseProcess, Connection]:
-        parent, child = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(  # type: ignore[attr-defined]
-            target=_worker_main,
-            args=(child, *self._args),
-            name=f"mnn-guard-{self.name}-{slot}",
-            daemon=True,
-        )
-        process.start()
-        child.close()  # the parent keeps only its end, so a dead worker reads as EOF
-        with self._lock:
-            self._spawning[slot] = process
-        return process, parent
-
-    def _await_ready(self, slot: int, process: BaseProcess, conn: Connection) -> _Worker:
-        """Wait for a spawned worker's session; raise the worker's own error if it failed."""
-        prefix = f"pool {self.name!r}: worker {slot} (pid {process.pid}) could not start"
-        try:
-            ready = wait([conn, process.sentinel], timeout=self._startup_timeout)
-            if conn in ready:
-                try:
-                    reply = conn.recv()
-                except (EOFError, OSError):
-                    raise WorkerFailed(f"{prefix}: it {_exit_text(process)}") from None
-                if reply[0] == "failed":
-                    kind, message, input_name = reply[1]
-                    raise _rebuild(kind, f"{prefix}: {message}", input_name)
-                worker = _Worker(slot, process, conn)
-                worker.rung, worker.healthy = reply[1]
-                return worker
-            if ready:
-                raise WorkerFailed(f"{prefix}: it {_exit_text(process)}")
-            process.kill()
-            raise WorkerFailed(f"{prefix}: no session within {self._startup_timeout:g} s; killed")
-        except BaseException:
-            process.kill()
-            process.join()
-            conn.close()
-            raise
-        finally:
-            with self._lock:
-                if self._spawning.get(slot) is process:
-                    del self._spawning[slot]
-
-    def _stop(self, worker: _Worker, deadline: float | None = None) -> None:
-        """Kill a worker unless it exits by `deadline` (after a close request); reap it."""
-        if deadline is not None:
-            worker.process.join(max(0.0, deadline - time.monotonic()))
-        if worker.process.is_alive():
-            worker.process.kill()
-        worker.process.join()
-        worker.conn.close()
-        _mark_dead(worker.process.pid)
-
-    def _ask_to_close(self, worker: _Worker) -> None:
-        """Ask a worker to finish its request in hand and exit."""
-        try:
-            with worker.send_lock:
-                worker.conn.send(("close",))
-        except OSError:
-            pass  # already gone; _stop reaps it
-
-    def _retire(self, worker: _Worker) -> None:
-        """Kill a failed worker and start its replacement in the background."""
-        with self._lock:
-            if self._workers.get(worker.slot) is worker:
-                del self._workers[worker.slot]
-            restart = not self._closed
-            if restart:
-                thread = threading.Thread(
-                    target=self._restart,
-                    args=(worker.slot,),
-                    name=f"mnn-guard-{self.name}-restart",
-                    daemon=True,
-                )
-                self._restarts.append(thread)
-        self._stop(worker)
-        if restart:
-            thread.start()
-
-    def _restart(self, slot: int) -> None:
-        worker: _Worker | None = None
-        error: Exception | None = None
-        if not self._closed:
-            try:
-                process, conn = self._spawn(slot)
-                worker = self._await_ready(slot, process, conn)
-            except Exception as exc:
-                log.error("pool %s: replacement for worker %d failed: %s", self.name, slot, exc)
-                error = exc
-        with self._lock:
-            self._restarts.remove(threading.current_thread())
-            closed = self._closed
-            if worker is None:
-                self._last_error = error or self._last_error
-                return
-            if not closed:
-                self._workers[slot] = worker
-                self._replaced += 1
-        if closed:
-            self._ask_to_close(worker)
-            self._stop(worker, time.monotonic() + STOP_SECONDS)
-        else:
-            self._idle.put(worker)
-
-    def _acquire(self) -> _Worker:
-        """An idle worker; waits while every worker is busy or being replaced."""
-        while True:
+    def _launch(self, worker: _Worker) -> None:
+        """Spawn the worker's process and put the worker in its slot (STARTING)."""
+        with self._cond:
             if self._closed:
                 raise SessionClosed(f"pool {self.name!r} is closed")
-            try:
-                worker = self._idle.get(timeout=0.1)
-            except queue.Empty:
-                with self._lock:
-                    if not self._workers and not self._restarts and not self._closed:
-                        raise WorkerFailed(
-                            f"pool {self.name!r}: no worker is left; the last replacement failed: "
-                            f"{self._last_error}"
-                        ) from self._last_error
-                continue
-            with self._lock:
-                if self._workers.get(worker.slot) is worker:
-                    return worker
+            self._slots[worker.slot] = worker
+        child = Child.spawn(
+            self._ctx, _worker_main, self._args, name=f"mnn-guard-{self.name}-{worker.slot}"
+        )
+        with self._cond:
+            worker.child = child
+            closed = self._closed
+        if closed:  # close() ran meanwhile and could not see this process
+            child.kill()
 
-    def _request(self, worker: _Worker, inputs: Inputs) -> tuple[str, Any]:
-        """Send one request and wait for its reply; raise _Lost when the worker failed."""
+    def _await_ready(self, worker: _Worker) -> None:
+        """Wait for a spawned worker's session; raise the worker's own error if it failed."""
+        child = worker.child
+        assert child is not None
+        prefix = f"pool {self.name!r}: {worker.label} could not start"
+        try:
+            event = child.wait(self._startup_timeout)
+            if event is Event.TIMEOUT:
+                raise WorkerFailed(
+                    f"{prefix}: no session within {self._startup_timeout:g} s; killed"
+                )
+            try:
+                reply = self._receive(worker, child) if event is Event.MESSAGE else None
+            except _Lost as lost:
+                raise WorkerFailed(f"{prefix}: {lost}") from None
+            if reply is None:
+                raise WorkerFailed(f"{prefix}: it {child.exit_text()}")
+            if isinstance(reply, _StartFailed):
+                reply.error.add_note(prefix)
+                raise reply.error
+            if not isinstance(reply, _Ready):
+                raise WorkerFailed(f"{prefix}: it sent a {type(reply).__name__} first")
+        except BaseException:
+            child.stop()
+            _mark_dead(child.pid)
+            raise
+        with self._cond:
+            self._note(worker, reply.health)
+
+    @staticmethod
+    def _receive(worker: _Worker, child: Child) -> _Reply | None:
+        """The next reply on a worker's pipe; None when the worker died instead."""
+        try:
+            data = child.conn.recv_bytes()
+        except (EOFError, OSError):
+            return None
+        try:
+            reply = pickle.loads(data)
+        except Exception as exc:
+            raise _Lost(f"{worker.label} sent a reply that could not be decoded: {exc!r}") from exc
+        if not isinstance(reply, _Ready | _StartFailed | _Done | _Raised | _Refused):
+            raise _Lost(f"{worker.label} sent a {type(reply).__name__}, not a reply")
+        return reply
+
+    @staticmethod
+    def _note(worker: _Worker, health: _Health) -> None:
+        """Record a worker's reported health (the caller holds _cond)."""
+        worker.state, worker.rung_index = health.state, health.rung_index
+
+    def _stop(self, worker: _Worker, grace: float = 0.0, *, close: bool = True) -> None:
+        """Stop and reap a worker's process; drop its metrics."""
+        if worker.child is not None:
+            worker.child.stop(grace, close=close)
+            _mark_dead(worker.child.pid)
+
+    def _ask_to_stop(self, worker: _Worker) -> None:
+        """Ask a worker to finish its request in hand and exit."""
+        if worker.child is None:
+            return
         try:
             with worker.send_lock:
-                worker.conn.send(("run", inputs))
-        except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            self._idle.put(worker)
-            raise InputMismatch(
-                f"pool {self.name!r}: the inputs cannot be sent to a worker process ({exc}); "
-                "pass numpy arrays by input name"
-            ) from exc
+                worker.child.conn.send_bytes(pickle.dumps(_Stop()))
         except OSError:
-            raise _Lost(f"{worker.label} {_exit_text(worker.process)}") from None
-        ready = wait([worker.conn, worker.process.sentinel], timeout=self.request_timeout)
-        if worker.conn in ready:
-            try:
-                kind, payload, state = worker.conn.recv()
-            except (EOFError, OSError):
-                raise _Lost(f"{worker.label} {_exit_text(worker.process)}") from None
-            worker.rung, worker.healthy = state
-            worker.requests += 1
-            return kind, payload
-        if ready:
-            raise _Lost(f"{worker.label} {_exit_text(worker.process)}")
-        raise _Lost(
-            f"{worker.label} exceeded request_timeout={self.request_timeout:g} s and was killed"
+            pass  # already gone, or its pipe closed; it is reaped by its owner
+
+    def _retire(self, worker: _Worker, why: str) -> None:
+        """Stop a worker that failed (its owner calls this) and start its replacement."""
+        replacement: _Worker | None = None
+        with self._cond:
+            if self._slots.get(worker.slot) is worker and not self._closed:
+                replacement = _Worker(worker.slot)
+                self._slots[worker.slot] = replacement
+            self._cond.notify_all()
+        self._stop(worker)
+        if replacement is None:
+            return
+        log.warning("pool %s: %s; replacing it", self.name, why)
+        thread = threading.Thread(
+            target=self._replace,
+            args=(replacement,),
+            name=f"mnn-guard-{self.name}-restart",
+            daemon=True,
         )
+        with self._cond:
+            self._starters.add(thread)
+        thread.start()
+
+    def _replace(self, worker: _Worker) -> None:
+        """Start a replacement worker (a background thread); on failure the slot shows FAILED."""
+        try:
+            self._launch(worker)
+            self._await_ready(worker)
+        except Exception as exc:
+            with self._cond:
+                closed = self._closed
+                worker.state, worker.error, worker.child = State.FAILED, exc, None
+            if not closed:
+                log.error(
+                    "pool %s: replacement for worker %d failed: %s", self.name, worker.slot, exc
+                )
+        else:
+            with self._cond:
+                closed = self._closed
+                if not closed:
+                    self._idle.append(worker)
+                    self._replaced += 1
+            if closed:
+                self._ask_to_stop(worker)
+                self._stop(worker, STOP_SECONDS)
+        finally:
+            with self._cond:
+                self._starters.discard(threading.current_thread())
+                self._cond.notify_all()
+
+    def _acquire(self) -> _Worker:
+        """An idle worker; waits (at most Policy.wait_timeout) while all are busy or starting."""
+        deadline = time.monotonic() + self._wait_timeout
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise SessionClosed(f"pool {self.name!r} is closed")
+                if self._idle:
+                    return self._idle.popleft()
+                if all(w.error is not None for w in self._slots.values()):
+                    error = next((w.error for w in self._slots.values() if w.error), None)
+                    raise WorkerFailed(
+                        f"pool {self.name!r}: no worker is left; the last replacement failed: "
+                        f"{error}"
+                    ) from error
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    starting = sum(w.state is State.STARTING for w in self._slots.values())
+                    raise Unavailable(
+                        f"pool {self.name!r}: no worker was free within {self._wait_timeout:g} s "
+                        f"(Policy.wait_timeout); {starting} of {self.processes} starting, the "
+                        "rest busy"
+                    )
+                self._cond.wait(remaining)
+
+    def _release(self, worker: _Worker) -> None:
+        """Return a worker that answered to the idle ones (or stop it if the pool closed)."""
+        with self._cond:
+            closed = self._closed
+            if not closed:
+                self._idle.append(worker)
+                self._cond.notify()
+        if closed:
+            self._ask_to_stop(worker)
+            self._stop(worker, STOP_SECONDS)
+
+    def _request(self, worker: _Worker, data: bytes) -> _Reply:
+        """Send one encoded request and wait for its reply; raise _Lost when the worker died."""
+        child = worker.child
+        assert child is not None
+        try:
+            if child.conn.poll():  # an idle worker has nothing to say: it died while idle
+                raise _Undelivered(f"{worker.label} {child.exit_text()} while idle")
+            with worker.send_lock:
+                child.conn.send_bytes(data)
+        except (EOFError, OSError):
+            raise _Undelivered(f"{worker.label} {child.exit_text()} while idle") from None
+        event = child.wait(self.request_timeout)
+        if event is Event.TIMEOUT:
+            child.kill()
+            raise _Lost(
+                f"{worker.label} exceeded request_timeout={self.request_timeout:g} s and was killed"
+            )
+        reply = self._receive(worker, child) if event is Event.MESSAGE else None
+        if reply is None:
+            raise _Lost(f"{worker.label} {child.exit_text()}")
+        if isinstance(reply, _Done | _Raised | _Refused):
+            with self._cond:
+                self._note(worker, reply.health)
+                worker.requests += 1
+        return reply
 
     # -------------------------------------------------------------- serving
 
+    def _encode(self, inputs: Inputs) -> bytes:
+        """Check the inputs here and encode the plain arrays MNN will read as one request."""
+        arrays = self._check(inputs)  # InputMismatch, in the caller's thread
+        # np.asarray: a plain ndarray of the same data; a subclass would pickle with its own
+        # reduce, which the worker might not be able to undo
+        request = _Run({n: np.asarray(a) for n, a in zip(self._names, arrays, strict=True)})
+        try:
+            return pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise InputMismatch(
+                f"pool {self.name!r}: the request cannot be encoded for a worker: {exc!r}"
+            ) from exc
+
     def run(self, inputs: Inputs) -> dict[str, Array]:
         """Run one request on an idle worker; returns owned numpy arrays by output name."""
-        failures: list[str] = []
+        data = self._encode(inputs)
+        failures: list[tuple[str, Exception | None]] = []  # why, and the worker's error if any
+        unblamed = self.processes  # how many workers found dead before sending may be skipped
         while len(failures) < 2:
             worker = self._acquire()
             try:
-                kind, payload = self._request(worker, inputs)
+                reply = self._request(worker, data)
             except _Lost as lost:
-                failures.append(str(lost))
-                self._retire(worker)
+                self._retire(worker, str(lost))
+                if isinstance(lost, _Undelivered) and unblamed > 0:
+                    unblamed -= 1  # not the request's fault: try another worker, uncounted
+                    continue
+                failures.append((str(lost), None))
                 continue
-            except InputMismatch:
-                raise
             except BaseException:
-                self._retire(worker)  # interrupted mid-request: its reply would come out of step
+                self._retire(worker, "a request was interrupted")  # its reply would come late
                 raise
-            if kind == "ok":
-                self._idle.put(worker)
-                result: dict[str, Array] = payload
-                return result
-            error = _rebuild(*payload)
+            if isinstance(reply, _Done):
+                self._release(worker)
+                return reply.outputs
+            if isinstance(reply, _Refused):
+                self._release(worker)
+                raise InputMismatch(
+                    f"pool {self.name!r}: {worker.label} refused the request: {reply.reason}"
+                )
+            if not isinstance(reply, _Raised):
+                why = f"{worker.label} answered a request with a {type(reply).__name__}"
+                failures.append((why, None))
+                self._retire(worker, why)
+                continue
+            error = reply.error
+            error.add_note(f"raised in pool {self.name!r} by {worker.label}")
             if isinstance(error, InputMismatch):
-                self._idle.put(worker)
+                self._release(worker)
                 raise error
-            failures.append(f"{worker.label} raised {payload[0]}: {payload[1]}")
-            self._retire(worker)
+            why = f"{worker.label} raised {type(error).__name__}: {error}"
+            failures.append((why, error))
+            self._retire(worker, why)
+        raise self._failed(failures)
+
+    def _failed(self, failures: list[tuple[str, Exception | None]]) -> Exception:
+        """The error for a request that failed on two workers.
+
+        Both workers lost (crashed or timed out): PoisonRequest. The second raised: its own
+        error, noting the first failure. The first raised and the second was lost: WorkerFailed.
+        """
+        (first, first_error), (second, second_error) = failures
         if self._closed:
-            raise SessionClosed(f"pool {self.name!r} was closed during the request")
-        raise WorkerFailed(
-            f"pool {self.name!r}: the request failed on two workers: first {failures[0]}; "
-            f"then {failures[1]}"
+            return SessionClosed(f"pool {self.name!r} was closed during the request")
+        if second_error is not None:
+            second_error.add_note(f"the request was retried after: {first}")
+            return second_error
+        if first_error is None:
+            return PoisonRequest(
+                f"pool {self.name!r}: poison request, not retried again: it cost two workers: "
+                f"first {first}; then {second}"
+            )
+        error = WorkerFailed(
+            f"pool {self.name!r}: the request failed on two workers: first {first}; then {second}"
         )
+        error.__cause__ = first_error
+        return error
 
     def map(self, inputs: Iterable[Inputs]) -> list[dict[str, Array]]:
         """Run many requests spread over every worker at once; results in input order."""
@@ -498,45 +667,61 @@ class Pool:
                 raise
 
     def status(self) -> list[WorkerStatus]:
-        """Each live worker as of its last reply (rung and health change only with requests)."""
-        with self._lock:
-            workers = sorted(self._workers.values(), key=lambda w: w.slot)
-        return [
-            WorkerStatus(
-                slot=w.slot,
-                pid=w.process.pid or 0,
-                rung=w.rung,
-                healthy=w.healthy,
-                requests=w.requests,
-            )
-            for w in workers
-        ]
+        """Every slot in order, truthful through replacements; [] once closed.
+
+        A serving worker shows its session's state and rung as of its last reply (they change
+        only with requests); a replacement being started shows STARTING on the first rung, its
+        pid once it has one; a slot whose replacement failed shows FAILED with pid None.
+        """
+        with self._cond:
+            if self._closed:
+                return []
+            return [
+                WorkerStatus(
+                    slot=w.slot,
+                    pid=w.child.pid if w.child is not None else None,
+                    state=w.state,
+                    rung=self._ladder[w.rung_index],
+                    rung_index=w.rung_index,
+                    requests=w.requests,
+                )
+                for w in sorted(self._slots.values(), key=lambda w: w.slot)
+            ]
 
     @property
     def replaced(self) -> int:
-        """How many workers were replaced after a crash, timeout or failure."""
+        """How many replacement workers started serving after a crash, timeout or error."""
         return self._replaced
 
     # ------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
-        """Stop every worker and reap it; idempotent. Later `run()` calls raise SessionClosed."""
-        with self._lock:
+        """Stop every worker and reap it; idempotent. Later `run()` calls raise SessionClosed.
+
+        A request in flight is answered if its worker finishes within STOP_SECONDS; workers
+        still starting are killed, and nothing is logged about them.
+        """
+        with self._cond:
             if self._closed:
                 return
             self._closed = True
-            workers = list(self._workers.values())
-            self._workers.clear()
-            spawning = list(self._spawning.values())
-            restarts = list(self._restarts)
-        for process in spawning:
-            process.kill()
+            workers = list(self._slots.values())
+            idle = set(self._idle)
+            self._idle.clear()
+            starters = list(self._starters)
+            self._cond.notify_all()
         for worker in workers:
-            self._ask_to_close(worker)
+            if worker.state is State.STARTING and worker.child is not None:
+                worker.child.kill()  # its starting thread reaps it
+            else:
+                self._ask_to_stop(worker)
         deadline = time.monotonic() + STOP_SECONDS
         for worker in workers:
-            self._stop(worker, deadline)
-        for thread in restarts:
+            if worker.state is not State.STARTING:
+                # an idle worker's pipe is ours to close; a busy one's belongs to its request
+                grace = max(0.0, deadline - time.monotonic())
+                self._stop(worker, grace, close=worker in idle)
+        for thread in starters:
             thread.join(STOP_SECONDS + 1.0)
         self._unstash()
 
@@ -547,5 +732,5 @@ class Pool:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self.status())} worker(s)"
+        state = "closed" if self._closed else f"{self.processes} worker(s)"
         return f"<Pool {self.name!r} {state}>"

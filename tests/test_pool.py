@@ -1,10 +1,14 @@
-"""guard.Pool with real spawned workers: order, crashes, timeouts, input errors, close, soak."""
+"""guard.Pool with real spawned workers: order, crashes, timeouts, input errors, close, soak,
+and hostile requests: undecodable, poison (segfaults in MNN), raising, workers dying idle."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing
 import os
+import pickle
+import re
 import signal
 import threading
 import time
@@ -82,11 +86,18 @@ def test_map_serves_200_requests_in_order(pool: guard.Pool) -> None:
 
 
 def test_status_lists_each_worker(pool: guard.Pool) -> None:
-    """status() names each worker's pid, rung and health."""
+    """status() names each worker's pid, state and rung, as SessionStatus does."""
     pool.run({"mel": demo.demo_mel(50)})
     status = pool.status()
     assert [w.slot for w in status] == [0, 1]
-    assert all(w.rung == "static" and w.healthy for w in status)
+    for w in status:
+        assert (w.state, w.mode, w.rung_index, w.healthy) == (
+            guard.State.SERVING,
+            "static",
+            0,
+            True,
+        )
+        assert w.rung is guard.STATIC or w.rung == guard.STATIC
     assert len({w.pid for w in status}) == 2 and os.getpid() not in {w.pid for w in status}
 
 
@@ -116,12 +127,32 @@ def test_killed_worker_is_replaced_and_no_request_is_lost(pool: guard.Pool) -> N
     assert gone(victim)
 
 
+def _refuse_to_load(data: bytes) -> None:
+    """What unpickling an Unloadable calls: it always raises."""
+    raise RuntimeError(f"refusing to rebuild {len(data)} bytes")
+
+
+class Unloadable(np.ndarray[Any, Any]):
+    """An array that pickles and cannot be unpickled anywhere (its reduce raises on load)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_to_load, (self.tobytes(),))
+
+
+class UnloadableBox:
+    """Not an array; pickles and cannot be unpickled."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_to_load, (b"",))
+
+
 BAD_INPUTS = [
     pytest.param({"mel": np.zeros((1, 79, 50), np.float32)}, id="channels"),
     pytest.param({"mel": np.zeros((80, 50), np.float32)}, id="rank"),
     pytest.param({"spec": np.zeros((1, 80, 50), np.float32)}, id="name"),
     pytest.param({"mel": np.full((1, 80, 50), np.nan, np.float32)}, id="nan"),
     pytest.param({"mel": [[1.0]]}, id="list"),
+    pytest.param({"mel": UnloadableBox()}, id="unloadable", marks=pytest.mark.hostile),
 ]
 
 
@@ -140,8 +171,8 @@ def test_input_mismatch_reaches_caller_unchanged(
     assert [w.pid for w in pool.status()] == pids
 
 
-def test_request_timeout_twice_raises_worker_failed(demo_paths: tuple[Path, Path]) -> None:
-    """A request that exceeds request_timeout on two workers raises WorkerFailed saying so."""
+def test_request_timeout_twice_is_a_poison_request(demo_paths: tuple[Path, Path]) -> None:
+    """A request that exceeds request_timeout on two workers raises PoisonRequest saying so."""
     probe = probes.load(demo_paths[1], model=demo_paths[0])
     with guard.Pool(
         demo.demo_factory(threads=1),
@@ -152,7 +183,7 @@ def test_request_timeout_twice_raises_worker_failed(demo_paths: tuple[Path, Path
         request_timeout=0.01,
     ) as p:
         first = p.status()[0].pid
-        with pytest.raises(guard.WorkerFailed, match=r"request failed on two workers") as info:
+        with pytest.raises(guard.PoisonRequest, match=r"it cost two workers") as info:
             p.run({"mel": demo.demo_mel(4000)})
         assert str(info.value).count("exceeded request_timeout=0.01 s and was killed") == 2
         assert gone(first)
@@ -175,14 +206,24 @@ def test_close_is_idempotent_and_run_after_close_raises(demo_paths: tuple[Path, 
 
 
 def test_worker_startup_failure_raises_from_constructor(demo_paths: tuple[Path, Path]) -> None:
-    """Every init degraded in the worker: the constructor raises RecoveryExhausted naming it."""
+    """Every init degraded in the worker: the constructor raises the worker's RecoveryExhausted
+    with its message and every attempt's verdict, and a note naming the worker."""
     probe = probes.load(demo_paths[1], model=demo_paths[0])
     faulty = FaultyFactory(demo.demo_factory(threads=1), fault="noise", rate=1.0, affects="all")
     before = {c.pid for c in multiprocessing.active_children()}
-    match = r"pool 'bad': worker 0 \(pid \d+\) could not start"
+    match = "every rung of the ladder failed its canary"
     with pytest.raises(guard.RecoveryExhausted, match=match) as info:
         guard.Pool(faulty, probe, processes=1, policy=quiet_policy(reinit_attempts=0), name="bad")
-    assert "every rung of the ladder failed its canary" in str(info.value)
+    attempts = info.value.attempts
+    assert [(a.rung.name, a.outcome.value) for a in attempts] == [
+        ("static", "fail"),
+        ("dynamic", "fail"),
+    ]
+    assert all(v is not None and not v.passed for v in info.value.verdicts)
+    assert any(
+        re.fullmatch(r"pool 'bad': worker 0 \(pid \d+\) could not start", n)
+        for n in info.value.__notes__
+    )
     assert {c.pid for c in multiprocessing.active_children()} <= before
 
 
@@ -202,6 +243,250 @@ def test_bad_pool_config_raises_config_error(
     args: dict[str, Any] = {"factory": demo.demo_factory(threads=1), "probe": demo_probe, **kwargs}
     with pytest.raises(guard.ConfigError, match=match):
         guard.Pool(**args)
+
+
+# ------------------------------------------------------------------ hostile requests
+
+SEGFAULT, RAISE = 1234.5, 2345.5  # a mel whose first value is one of these crashes or raises
+
+
+class MarkedModule:
+    """A real demo module at the numpy level that segfaults or raises on a marked input."""
+
+    def __init__(self, module: Any) -> None:
+        self.runner = mnn.adapt(module)
+
+    def run(self, arrays: list[Array]) -> list[Array]:
+        """Forward through MNN, unless the first value marks the input as poison."""
+        first = float(arrays[0].flat[0])
+        if first == SEGFAULT:
+            os.kill(os.getpid(), signal.SIGSEGV)  # as MNN does on some inputs
+        if first == RAISE:
+            raise RuntimeError("injected forward failure")
+        return self.runner.run(arrays)
+
+
+class MarkedFactory:
+    """Picklable: the demo factory's real modules, wrapped in MarkedModule."""
+
+    def __init__(self, factory: mnn.MNNFactory) -> None:
+        self.factory = factory
+        self.path, self.inputs, self.outputs = factory.path, factory.inputs, factory.outputs
+
+    def __call__(self, **overrides: Any) -> MarkedModule:
+        return MarkedModule(self.factory(**overrides))
+
+
+class UnpicklableError(Exception):
+    """An exception that holds a lock, so it does not pickle."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class RaisingFactory:
+    """Picklable: a factory whose every init raises an UnpicklableError."""
+
+    def __init__(self, factory: mnn.MNNFactory) -> None:
+        self.path, self.inputs, self.outputs = factory.path, factory.inputs, factory.outputs
+
+    def __call__(self, **overrides: Any) -> Any:
+        raise UnpicklableError(f"factory broke with {dict(overrides)}")
+
+
+def marked(value: float) -> Array:
+    """A valid mel input whose first value is `value`."""
+    mel = demo.demo_mel(50, seed=3)
+    mel.flat[0] = value
+    return mel
+
+
+def wait_until_serving(pool: guard.Pool, seconds: float = 60.0) -> list[guard.pool.WorkerStatus]:
+    """Every slot serving again (replacements started), within a bound."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status = pool.status()
+        if all(w.healthy for w in status):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"pool {pool.name!r} not serving within {seconds} s: {pool.status()}")
+
+
+@pytest.fixture(scope="module")
+def marked_pool(demo_paths: tuple[Path, Path]) -> Iterator[guard.Pool]:
+    """Two workers whose real modules crash or raise on marked inputs."""
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    factory = MarkedFactory(demo.demo_factory(threads=1))
+    with guard.Pool(factory, probe, processes=2, policy=quiet_policy(), name="marked") as p:
+        yield p
+
+
+@pytest.mark.hostile
+def test_request_the_worker_cannot_unpickle_is_served_as_plain_arrays(pool: guard.Pool) -> None:
+    """An ndarray subclass that pickles here but not in a worker: the pool sends the plain
+    array MNN reads (as a session in this process would), and no worker is lost."""
+    mel = demo.demo_mel(60, seed=11)
+    hostile = mel.view(Unloadable)
+    with pytest.raises(RuntimeError, match="refusing to rebuild"):
+        pickle.loads(pickle.dumps(hostile))
+    pids, replaced = [w.pid for w in pool.status()], pool.replaced
+    out = pool.run({"mel": hostile})
+    assert_outputs([out], references([mel]))
+    assert [w.pid for w in pool.status()] == pids and pool.replaced == replaced
+
+
+@pytest.mark.hostile
+def test_worker_refuses_an_undecodable_message_and_keeps_serving(
+    demo_paths: tuple[Path, Path],
+) -> None:
+    """Bytes on a worker's pipe that do not decode get a refusal, not a dead worker."""
+    from guard import pool as pool_module
+    from guard.workers import Child, Event, remove_stash, stash_probe
+
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    path = stash_probe(probe)
+    ctx = multiprocessing.get_context("spawn")
+    args = (demo.demo_factory(threads=1), path, quiet_policy(), "raw")
+    child = Child.spawn(ctx, pool_module._worker_main, args, name="mnn-guard-raw")
+    try:
+
+        def reply() -> Any:
+            assert child.wait(60.0) is Event.MESSAGE
+            return pickle.loads(child.conn.recv_bytes())
+
+        assert isinstance(reply(), pool_module._Ready)
+        child.conn.send_bytes(b"\x80\x05not a pickle")
+        refused = reply()
+        assert isinstance(refused, pool_module._Refused)
+        assert "could not be decoded" in refused.reason
+        mel = demo.demo_mel(50)
+        child.conn.send_bytes(pickle.dumps(pool_module._Run({"mel": mel})))
+        done = reply()
+        assert isinstance(done, pool_module._Done)
+        assert_outputs([done.outputs], references([mel]))
+        child.conn.send_bytes(pickle.dumps(pool_module._Stop()))
+        child.process.join(10.0)
+        assert child.process.exitcode == 0
+    finally:
+        child.stop()
+        remove_stash(path)
+
+
+@pytest.mark.hostile
+def test_request_that_kills_two_workers_is_a_poison_request(marked_pool: guard.Pool) -> None:
+    """A request that segfaults MNN is retried once; after the second death it is a
+    PoisonRequest, not retried again; status() lists both slots starting, then serving."""
+    dead = {w.pid for w in wait_until_serving(marked_pool)}
+    replaced = marked_pool.replaced
+    with pytest.raises(guard.PoisonRequest) as info:
+        marked_pool.run({"mel": marked(SEGFAULT)})
+    assert isinstance(info.value, guard.WorkerFailed)
+    assert str(info.value).count("was killed by SIGSEGV") == 2
+    status = marked_pool.status()
+    assert [w.slot for w in status] == [0, 1]
+    assert all(w.state is guard.State.STARTING and not w.healthy for w in status), status
+    assert not dead & {w.pid for w in status}
+    assert all(gone(pid) for pid in dead if pid is not None)
+    mel = demo.demo_mel(70, seed=5)
+    assert_outputs([marked_pool.run({"mel": mel})], references([mel]))  # waits for a new worker
+    wait_until_serving(marked_pool)
+    assert marked_pool.replaced == replaced + 2
+
+
+def ended(pid: int) -> bool:
+    """True once a child has exited with every thread (waitable; left for its owner to reap)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True  # already reaped
+
+
+@pytest.mark.hostile
+def test_workers_that_died_while_idle_do_not_fail_the_next_request(
+    marked_pool: guard.Pool,
+) -> None:
+    """Both workers killed between requests: the next request is not blamed for their deaths;
+    it waits for a replacement and is served."""
+    dead = [w.pid for w in wait_until_serving(marked_pool)]
+    replaced = marked_pool.replaced
+    for pid in dead:
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not all(ended(pid) for pid in dead if pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(ended(pid) for pid in dead if pid), "the killed workers did not end within 30 s"
+    mel = demo.demo_mel(90, seed=8)
+    assert_outputs([marked_pool.run({"mel": mel})], references([mel]))
+    after = wait_until_serving(marked_pool)
+    assert marked_pool.replaced == replaced + 2 and not set(dead) & {w.pid for w in after}
+
+
+@pytest.mark.hostile
+def test_worker_that_raises_is_replaced_and_its_error_keeps_its_type(
+    marked_pool: guard.Pool,
+) -> None:
+    """A forward that raises in both workers: each worker is replaced, not kept, and the caller
+    gets the worker's ForwardFailed itself, with notes naming the workers."""
+    before = {w.pid for w in wait_until_serving(marked_pool)}
+    replaced = marked_pool.replaced
+    with pytest.raises(guard.ForwardFailed, match="injected forward failure") as info:
+        marked_pool.run({"mel": marked(RAISE)})
+    notes = "\n".join(info.value.__notes__)
+    assert "raised in pool 'marked' by worker" in notes
+    assert "the request was retried after: worker" in notes
+    assert not before & {w.pid for w in marked_pool.status()}
+    after = wait_until_serving(marked_pool)
+    assert marked_pool.replaced == replaced + 2 and not before & {w.pid for w in after}
+
+
+@pytest.mark.hostile
+def test_close_right_after_worker_deaths_is_clean_and_quiet(
+    demo_paths: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() while replacements start: every process reaped, nothing logged about them."""
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    factory = MarkedFactory(demo.demo_factory(threads=1))
+    p = guard.Pool(factory, probe, processes=2, policy=quiet_policy(), name="deaths")
+    with pytest.raises(guard.PoisonRequest):
+        p.run({"mel": marked(SEGFAULT)})
+    assert [w.state for w in p.status()] == [guard.State.STARTING] * 2
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="mnn_guard"):
+        p.close()
+    assert caplog.records == []
+    assert p.status() == []
+    left = [c for c in multiprocessing.active_children() if c.name.startswith("mnn-guard-deaths")]
+    assert left == []
+
+
+def test_fallback_worker_shows_its_rung_in_status(demo_paths: tuple[Path, Path]) -> None:
+    """A worker whose static inits are degraded serves on dynamic, and status() says so."""
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    faulty = FaultyFactory(demo.demo_factory(threads=1), fault="noise", rate=1.0)
+    policy = quiet_policy(reinit_attempts=0)
+    with guard.Pool(faulty, probe, processes=1, policy=policy, name="fallback") as p:
+        (worker,) = p.status()
+        assert (worker.mode, worker.rung_index, worker.healthy) == ("dynamic", 1, True)
+        assert worker.rung == guard.DYNAMIC and worker.state is guard.State.SERVING
+
+
+@pytest.mark.hostile
+def test_unpicklable_attempt_errors_still_reach_the_caller(demo_paths: tuple[Path, Path]) -> None:
+    """A factory raising an exception that does not pickle: the caller still gets the worker's
+    RecoveryExhausted with every attempt, each error a GuardError with the same message."""
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    factory = RaisingFactory(demo.demo_factory(threads=1))
+    with pytest.raises(guard.RecoveryExhausted, match="factory broke") as info:
+        guard.Pool(factory, probe, processes=1, policy=quiet_policy(reinit_attempts=0))
+    errors = [a.error for a in info.value.attempts]
+    assert [str(e) for e in errors] == [
+        "factory broke with {}",
+        "factory broke with {'dynamic': True}",
+    ]
+    assert all(type(e) is guard.GuardError for e in errors)
+    assert "UnpicklableError" in "\n".join(getattr(errors[0], "__notes__", []))
 
 
 # --------------------------------------------------------------------------- soak
