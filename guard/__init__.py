@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from guard.health import HealthTable, readiness
     from guard.ladder import DYNAMIC, STATIC, Policy, Rung
     from guard.listeners import Listener
-    from guard.mnn import mnn_factory
+    from guard.mnn import DynamicIgnoredWarning, mnn_factory
     from guard.pool import Pool
     from guard.server import serve
     from guard.session import GuardedSession
@@ -45,6 +45,7 @@ __all__ = [
     "DYNAMIC",
     "STATIC",
     "ConfigError",
+    "DynamicIgnoredWarning",
     "FactoryError",
     "ForkAfterLoad",
     "ForwardFailed",
@@ -92,6 +93,7 @@ _HOME = {  # public name -> the runtime module that defines it
     "Rung": "ladder",
     "Listener": "listeners",
     "mnn_factory": "mnn",
+    "DynamicIgnoredWarning": "mnn",
     "Pool": "pool",
     "serve": "server",
     "GuardedSession": "session",

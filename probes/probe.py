@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -239,7 +242,30 @@ class Probe:
             "per_output": {k: v.to_json() for k, v in self.per_output.items()},
             "cases": cases,
         }
-        store.write(directory, manifest, arrays)
+        if any(a.ndim == 0 for a in arrays.values()):
+            _write_with_scalars(directory, manifest, arrays)
+        else:
+            store.write(directory, manifest, arrays)
+
+
+def _write_with_scalars(
+    directory: str | os.PathLike[str], manifest: dict[str, Any], arrays: Mapping[str, Array]
+) -> None:
+    """`store.write` for a probe with 0-d arrays, which its np.ascontiguousarray makes 1-d.
+
+    The same files and checksum; kept apart until store.write keeps 0-d arrays 0-d.
+    """
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **{k: np.asarray(a, order="C") for k, a in arrays.items()})
+    data = buffer.getvalue()
+    manifest = {
+        **manifest,
+        "arrays": {"file": store.ARRAYS, "sha256": hashlib.sha256(data).hexdigest()},
+    }
+    (folder / store.ARRAYS).write_bytes(data)
+    (folder / store.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------- loading
