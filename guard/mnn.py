@@ -310,7 +310,7 @@ def _inspect_load(
         except SystemError:
             module = None
     if module is None:
-        said = f": MNN says {' | '.join(lines)}" if lines else ""
+        said = f"; MNN says: {' | '.join(lines)}" if lines else ""
         raise FactoryError(
             f"MNN could not load {path!r} (corrupt, truncated or not an .mnn file?){said}"
         )

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import io
 import logging
+import os
+import sys
 from collections.abc import Iterator, Sequence
 
-__all__ = ["quiet_log", "text_table"]
+__all__ = ["native_stdout_to_stderr", "quiet_log", "text_table"]
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -30,3 +34,37 @@ def quiet_log(level: int = logging.ERROR, name: str = "mnn_guard") -> Iterator[N
         yield
     finally:
         logger.setLevel(saved)
+
+
+def _flush_native() -> None:
+    """Flush C stdio (MNN prints with printf, buffered when stdout is not a terminal)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).fflush(None)
+
+
+@contextlib.contextmanager
+def native_stdout_to_stderr() -> Iterator[None]:
+    """Send what native code prints on fd 1 to stderr; Python's `print` keeps the real stdout.
+
+    For `--json`: MNN prints diagnostics on stdout (on a failed forward, say), which would
+    spoil the document.
+    """
+    sys.stdout.flush()
+    _flush_native()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no fd 1: nothing to protect
+        yield
+        return
+    real = io.TextIOWrapper(os.fdopen(saved, "wb"), encoding="utf-8", line_buffering=True)
+    previous = sys.stdout
+    try:
+        os.dup2(2, 1)
+        sys.stdout = real
+        yield
+    finally:
+        real.flush()
+        _flush_native()
+        sys.stdout = previous
+        os.dup2(real.fileno(), 1)
+        real.close()
