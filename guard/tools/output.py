@@ -42,6 +42,14 @@ def _flush_native() -> None:
         ctypes.CDLL(None).fflush(None)
 
 
+def _python_on_fd1() -> bool:
+    """True when `sys.stdout` writes to fd 1 (not a redirect_stdout or a test's capture)."""
+    try:
+        return sys.stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 @contextlib.contextmanager
 def native_stdout_to_stderr() -> Iterator[None]:
     """Send what native code prints on fd 1 to stderr; Python's `print` keeps the real stdout.
@@ -56,15 +64,19 @@ def native_stdout_to_stderr() -> Iterator[None]:
     except OSError:  # no fd 1: nothing to protect
         yield
         return
-    real = io.TextIOWrapper(os.fdopen(saved, "wb"), encoding="utf-8", line_buffering=True)
     previous = sys.stdout
+    real = None
+    if _python_on_fd1():
+        real = io.TextIOWrapper(os.fdopen(saved, "wb", closefd=False), line_buffering=True)
+        sys.stdout = real
     try:
         os.dup2(2, 1)
-        sys.stdout = real
         yield
     finally:
-        real.flush()
+        sys.stdout.flush()
         _flush_native()
         sys.stdout = previous
-        os.dup2(real.fileno(), 1)
-        real.close()
+        os.dup2(saved, 1)
+        if real is not None:
+            real.close()
+        os.close(saved)
