@@ -119,10 +119,24 @@ _capture_lock = threading.RLock()
 _capturing = threading.local()
 
 
+try:
+    _LIBC: Any = ctypes.CDLL(None)
+except OSError:  # no C library to open by name: stdio buffers are left to flush themselves
+    _LIBC = None
+
+
 def _flush_c_stdio() -> None:
     """Flush C stdio buffers (MNN prints with printf, fully buffered when fd 1 is not a tty)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).fflush(None)
+    if _LIBC is not None:
+        _LIBC.fflush(None)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte to `fd` (os.write may write part of it)."""
+    view = memoryview(data)
+    with contextlib.suppress(OSError):
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 @contextlib.contextmanager
@@ -163,9 +177,8 @@ def captured_output(*, echo: bool = True) -> Iterator[list[str]]:
                 os.close(saved[1])
                 sink.seek(0)
                 data = sink.read()
-                if echo and data:
-                    with contextlib.suppress(OSError):
-                        os.write(2, data)
+                if echo:
+                    _write_all(2, data)
                 lines.extend(_lines(data.decode("utf-8", "replace")))
     finally:
         _capturing.active = False

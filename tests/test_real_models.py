@@ -546,3 +546,25 @@ def test_a_file_mnn_refuses_names_mnns_reason(tmp_path: Path) -> None:
         guard.FactoryError, match="MNN says: Invalidate buffer to create MNN Module"
     ):
         mnn.MNNFactory(str(bad), ("x",), ("y",))()
+
+
+def test_a_reduced_precision_build_guarded_against_fp32_goldens(
+    demo_probe: probes.Probe, tmp_path: Path
+) -> None:
+    """The README's recipe: the fp32 probe refuses the fp16 file; a probe recorded from the
+    fp32 reference with the fp16 file's hash and its own limit serves it, judged vs fp32."""
+    fp16 = tmp_path / "vocoder_fp16.mnn"
+    demo.build_vocoder(fp16, weight_transform=lambda w: w.astype(np.float16).astype(np.float32))
+    fp16_factory = guard.mnn_factory(fp16, ["mel"], ["wav"], threads=1)
+    with pytest.raises(probes.ProbeError, match="stale probe"):
+        guard.wrap(fp16_factory, demo_probe, metrics=False, policy=quiet_policy())
+    probe = probes.record(
+        demo.demo_factory(),
+        {"mel": demo.demo_mel(20)},
+        model=fp16,
+        per_output={"wav": probes.Thresholds(min_snr_db=50)},
+    )
+    with guard.wrap(fp16_factory, probe, metrics=False, policy=quiet_policy()) as session:
+        verdict = session.status.verdict
+    assert verdict is not None and verdict.passed
+    assert 50 < verdict.worst_snr_db < 100  # fp16 weights: close, not identical
