@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from guard.health import HealthTable, mark_process_dead, readiness
     from guard.ladder import DYNAMIC, STATIC, Policy, Rung
     from guard.listeners import Listener
-    from guard.mnn import mnn_factory
+    from guard.mnn import DynamicIgnoredWarning, mnn_factory
     from guard.pool import Pool
     from guard.server import asgi_app, serve, wsgi_app
     from guard.session import GuardedSession
@@ -46,6 +46,7 @@ __all__ = [
     "DYNAMIC",
     "STATIC",
     "ConfigError",
+    "DynamicIgnoredWarning",
     "FactoryError",
     "ForkAfterLoad",
     "ForwardFailed",
@@ -99,6 +100,7 @@ _HOME = {  # public name -> the runtime module that defines it
     "Rung": "ladder",
     "Listener": "listeners",
     "mnn_factory": "mnn",
+    "DynamicIgnoredWarning": "mnn",
     "Pool": "pool",
     "serve": "server",
     "asgi_app": "server",

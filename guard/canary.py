@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from numpy.typing import NDArray
 
-from guard.mnn import Runner, adapt
+from guard.mnn import Runner, VarModule, adapt, load
 from probes import Probe, Verdict
 
 __all__ = ["Canary", "init_and_check", "run_canary"]
@@ -20,18 +20,34 @@ Outputs = dict[str, NDArray[Any]]
 
 @dataclass(frozen=True, slots=True)
 class Canary:
-    """A canary's merged verdict, and the outputs of its first failing judgement per case."""
+    """A canary's merged verdict, the outputs of its first failing judgement per case, and
+    what MNN printed while loading the module and on a forward that returned too few outputs."""
 
     verdict: Verdict
     failed_outputs: dict[int, Outputs] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    turned_static: bool = False  # MNN loaded the module statically although dynamic=True
 
 
 def init_and_check(
     factory: Callable[..., Any], overrides: Mapping[str, Any], probe: Probe, runs: int
 ) -> tuple[Runner, Canary]:
-    """Call the factory with `overrides` and run the canary on what it built."""
-    runner = adapt(factory(**overrides))
-    return runner, run_canary(runner, probe, runs)
+    """Call the factory with `overrides` and run the canary on what it built.
+
+    What MNN printed while loading is in the canary's notes; if the canary raises, the same
+    lines are attached to the exception (`add_note`).
+    """
+    module, report = load(factory, overrides)
+    runner = adapt(module)
+    try:
+        canary = run_canary(runner, probe, runs)
+    except Exception as exc:
+        for note in report.notes:
+            exc.add_note(f"MNN while loading: {note}")
+        raise
+    loading = (f"MNN while loading: {note}" for note in report.notes)
+    notes = tuple(dict.fromkeys((*loading, *canary.notes)))
+    return runner, replace(canary, notes=notes, turned_static=report.turned_static)
 
 
 def run_canary(
@@ -52,15 +68,26 @@ def run_canary(
     verdicts: list[Verdict] = []
     labels: list[str] = []
     failed: dict[int, Outputs] = {}
+    notes: tuple[str, ...] = ()
     held = gate if gate is not None else contextlib.nullcontext()
     for run in range(runs):
         for index, case in enumerate(probe.cases):
+            arrays = [case.inputs[n] for n in probe.input_names]
             with held:
-                outputs = runner.run([case.inputs[n] for n in probe.input_names])
+                outputs = runner.run(arrays)
+                if len(outputs) < len(probe.outputs) and not notes and gate is None:
+                    notes = _diagnose(runner, arrays)
             verdicts.append(probe.judge(outputs, case=index))
             labels.append(f"canary run {run + 1} case {index}")
             if not verdicts[-1].passed and index not in failed:
                 failed[index] = dict(zip(probe.output_names, outputs, strict=False))
                 if stop_at_failure:
-                    return Canary(Verdict.merge(verdicts, labels), failed)
-    return Canary(Verdict.merge(verdicts, labels), failed)
+                    return Canary(Verdict.merge(verdicts, labels), failed, notes)
+    return Canary(Verdict.merge(verdicts, labels), failed, notes)
+
+
+def _diagnose(runner: Runner, arrays: list[NDArray[Any]]) -> tuple[str, ...]:
+    """What MNN prints on a forward that returned too few outputs (an MNN module only)."""
+    if isinstance(runner, VarModule):
+        return tuple(f"MNN on a canary forward: {line}" for line in runner.diagnose(arrays))
+    return ()

@@ -32,6 +32,9 @@ def _rung(name: str, overrides: dict[str, Any]) -> Rung:
     return Rung(name, MappingProxyType(overrides))
 
 
+STATIC_LOAD = "loaded static: MNN ignores dynamic=True for this model (control flow)"
+"""How a rung that asked for dynamic=True, and was loaded statically by MNN, is described."""
+
 STATIC = Rung("static")
 DYNAMIC = Rung("dynamic", MappingProxyType({"dynamic": True}))
 DEFAULT_LADDER = (STATIC, DYNAMIC)
@@ -132,6 +135,8 @@ class Attempt:
     outputs: Mapping[int, Mapping[str, Any]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    notes: tuple[str, ...] = ()  # what MNN printed while loading, or on a failed canary forward
+    turned_static: bool = False  # the rung asked for dynamic=True; MNN loaded it statically
 
     @property
     def passed(self) -> bool:
@@ -144,4 +149,7 @@ class Attempt:
             detail = self.verdict.describe()
         else:
             detail = f"{type(self.error).__name__}: {self.error}"
-        return f"rung {self.rung.name!r}: {self.outcome.value} ({detail})"
+        static = f" [{STATIC_LOAD}]" if self.turned_static else ""
+        new = [n for n in self.notes if n.split(": ", 1)[-1] not in detail]  # not said already
+        said = f"; {' | '.join(new)}" if new else ""
+        return f"rung {self.rung.name!r}{static}: {self.outcome.value} ({detail}){said}"

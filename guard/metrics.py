@@ -97,6 +97,14 @@ class GuardMetrics:
             "mnn_guard_state", "1 for the session's state, 0 for the others.",
             ["session", "state"], registry=r, multiprocess_mode="liveall",
         )  # fmt: skip
+        self.loaded_static = Gauge(
+            "mnn_guard_rung_loaded_static",
+            "1 when the rung asked for dynamic=True and MNN loaded it statically (the model has "
+            "control flow): that rung is no real fallback.",
+            ["session", "rung"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.canary_snr_db = Gauge(
             "mnn_guard_canary_snr_db", "Worst SNR of the last canary judgement, in dB.",
             ["session"], registry=r, multiprocess_mode="liveall",
@@ -109,7 +117,14 @@ class GuardMetrics:
             "mnn_guard_run_seconds", "run() time.", ["session", "rung"],
             registry=r, buckets=buckets.run,
         )  # fmt: skip
-        self.gauges = (self.info, self.healthy, self.rung, self.state, self.canary_snr_db)
+        self.gauges = (
+            self.info,
+            self.healthy,
+            self.rung,
+            self.state,
+            self.loaded_static,
+            self.canary_snr_db,
+        )
         self.counters = (self.inits, self.canary_checks, self.recoveries, self.runs)
         self.histograms = (self.init_seconds, self.run_seconds)
         self.lock = threading.Lock()
@@ -175,6 +190,7 @@ class PrometheusListener(Listener):
             for rung in self._rungs:
                 m.inits.labels(session, rung)
                 m.rung.labels(session, rung).set(0)
+                m.loaded_static.labels(session, rung).set(0)
                 m.init_seconds.labels(session, rung)
                 m.run_seconds.labels(session, rung)
                 for outcome in _OUTCOMES:
@@ -199,6 +215,9 @@ class PrometheusListener(Listener):
     def on_attempt(self, session: str, attempt: Attempt) -> None:
         self._judged(session, attempt)
         self.metrics.init_seconds.labels(session, attempt.rung.name).observe(attempt.seconds)
+        if attempt.verdict is not None:  # the module was loaded: MNN said how
+            static = 1 if attempt.turned_static else 0
+            self.metrics.loaded_static.labels(session, attempt.rung.name).set(static)
 
     def on_check(self, session: str, attempt: Attempt) -> None:
         self._judged(session, attempt)
@@ -240,6 +259,7 @@ class PrometheusListener(Listener):
                     gauge.labels(session).set(math.nan)
                 for rung in self._rungs:
                     m.rung.labels(session, rung).set(math.nan)
+                    m.loaded_static.labels(session, rung).set(math.nan)
                 for state in State:
                     m.state.labels(session, state.value).set(math.nan)
                 m.info.labels(session, *self._info).set(math.nan)

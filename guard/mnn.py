@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import sys
+import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -40,15 +42,25 @@ with _stdout_to_stderr():
     from MNN import nn
 
 __all__ = [
+    "STATIC_LOAD_NOTE",
+    "DynamicIgnoredWarning",
     "F",
+    "LoadReport",
     "MNNFactory",
+    "ModelInfo",
     "Runner",
+    "TensorInfo",
     "VarModule",
     "adapt",
+    "captured_output",
+    "check_names",
     "check_not_forked",
+    "inspect",
+    "load",
     "mnn_factory",
     "mnn_version",
     "note_load",
+    "notes_of",
 ]
 
 _LOAD_KEYS = frozenset(
@@ -81,6 +93,353 @@ _state = threading.Lock()
 _loaded_pid: int | None = None
 _forked_after_load = False
 _runtime_managers: dict[int, Any] = {}
+
+STATIC_LOAD_NOTE = "turn back to static load"
+"""What MNN prints when it loads a model with control flow statically despite dynamic=True."""
+MAX_NOTES = 40  # lines of MNN output kept per load (the rest are counted)
+CAPTURE_WAIT = 30.0  # seconds to wait for another thread's capture before loading uncaptured
+_FORMAT_NAMES = {"NCHW", "NHWC", "NC4HW4"}
+_DTYPE_NAMES = {
+    "float": "float32",
+    "double": "float64",
+    "int": "int32",
+    "int64": "int64",
+    "int8": "int8",
+    "uint8": "uint8",
+}
+
+
+class DynamicIgnoredWarning(UserWarning):
+    """MNN loads this model statically even with dynamic=True: a dynamic rung is no fallback."""
+
+
+# ----------------------------------------------------- what MNN prints on fd 1 and 2
+
+_capture_lock = threading.RLock()
+_capturing = threading.local()
+
+
+try:
+    _LIBC: Any = ctypes.CDLL(None)
+except OSError:  # no C library to open by name: stdio buffers are left to flush themselves
+    _LIBC = None
+
+
+def _flush_c_stdio() -> None:
+    """Flush C stdio buffers (MNN prints with printf, fully buffered when fd 1 is not a tty)."""
+    if _LIBC is not None:
+        _LIBC.fflush(None)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte to `fd` (os.write may write part of it)."""
+    view = memoryview(data)
+    with contextlib.suppress(OSError):
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+@contextlib.contextmanager
+def captured_output(*, echo: bool = True) -> Iterator[list[str]]:
+    """Collect what native code prints on fd 1 and 2 in the block, as lines; then echo it.
+
+    The list yielded is filled when the block ends. fds 1 and 2 are process-wide, so captures
+    take turns under one lock; what other threads print meanwhile is collected too and, with
+    `echo`, re-emitted on the real stderr afterwards (nothing is lost, some of it is late).
+    A nested capture in the same thread yields an empty list (the outer one collects).
+    """
+    lines: list[str] = []
+    if getattr(_capturing, "active", False) or not _capture_lock.acquire(timeout=CAPTURE_WAIT):
+        yield lines
+        return
+    try:
+        _capturing.active = True
+        with tempfile.TemporaryFile() as sink:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            _flush_c_stdio()
+            try:
+                saved = (os.dup(1), os.dup(2))
+            except OSError:  # no fd 1 or 2 (embedded interpreters): nothing to capture
+                yield lines
+                return
+            try:
+                os.dup2(sink.fileno(), 1)
+                os.dup2(sink.fileno(), 2)
+                yield lines
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                _flush_c_stdio()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                os.close(saved[0])
+                os.close(saved[1])
+                sink.seek(0)
+                data = sink.read()
+                if echo:
+                    _write_all(2, data)
+                lines.extend(_lines(data.decode("utf-8", "replace")))
+    finally:
+        _capturing.active = False
+        _capture_lock.release()
+
+
+def _lines(text: str) -> list[str]:
+    """Non-empty stripped lines, repeats dropped, at most MAX_NOTES (the rest counted)."""
+    lines = list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
+    if len(lines) > MAX_NOTES:
+        lines = [*lines[:MAX_NOTES], f"... and {len(lines) - MAX_NOTES} more line(s)"]
+    return lines
+
+
+def notes_of(exc: BaseException) -> tuple[str, ...]:
+    """The notes attached to an exception (`add_note`): what MNN printed, for instance."""
+    return tuple(str(n) for n in getattr(exc, "__notes__", ()))
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """What MNN printed while loading one module, and whether it ignored dynamic=True."""
+
+    notes: tuple[str, ...] = ()
+    turned_static: bool = False
+
+
+_last_load = threading.local()
+
+
+def load(factory: Callable[..., Any], overrides: Mapping[str, Any]) -> tuple[Any, LoadReport]:
+    """Call `factory(**overrides)`; the module and what MNN said while an MNNFactory loaded it.
+
+    A factory that wraps an `MNNFactory` (a fault injector, say) reports through it; any other
+    factory gets an empty report.
+    """
+    _last_load.report = None
+    try:
+        module = factory(**overrides)
+        report: LoadReport | None = _last_load.report
+    finally:
+        _last_load.report = None
+    return module, report or LoadReport()
+
+
+# ------------------------------------------------------------ what a model file holds
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorInfo:
+    """One model input as the file declares it (-1 where a size is left open)."""
+
+    name: str
+    shape: tuple[int, ...] | None  # None when the file declares no shape
+    dtype: str
+    format: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-ready data."""
+        shape = None if self.shape is None else list(self.shape)
+        return {"name": self.name, "shape": shape, "dtype": self.dtype, "format": self.format}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelInfo:
+    """What an .mnn file declares: inputs, outputs, versions, and whether it has control flow."""
+
+    path: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[str, ...]
+    mnn_version: str  # recorded in the file by the converter or MNN.expr.save
+    biz_code: str
+    control_flow: bool  # MNN turns dynamic=True back to a static load for this model
+    notes: tuple[str, ...]  # what MNN printed while loading it
+
+    @property
+    def input_names(self) -> list[str]:
+        """Input names in the model's order."""
+        return [t.name for t in self.inputs]
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-ready data."""
+        return {
+            "path": self.path,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": list(self.outputs),
+            "mnn_version": self.mnn_version,
+            "biz_code": self.biz_code,
+            "control_flow": self.control_flow,
+            "dynamic_honoured": not self.control_flow,
+            "notes": list(self.notes),
+        }
+
+
+_infos: dict[tuple[str, int, int], ModelInfo] = {}
+_tensors: dict[tuple[str, int, int], frozenset[str]] = {}
+_info_lock = threading.Lock()
+_MAX_CACHED = 64
+
+
+def _file_key(path: str) -> tuple[str, int, int]:
+    """(real path, mtime ns, size) of a model file; FactoryError if it is not a readable file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise FactoryError(f"model file {path!r} does not exist") from None
+    if not os.path.isfile(path):
+        raise FactoryError(f"model {path!r} is not a file")
+    return os.path.realpath(path), st.st_mtime_ns, st.st_size
+
+
+def _enum_name(value: Any) -> str:
+    """`dtype.float` -> "float"."""
+    return str(value).rsplit(".", 1)[-1]
+
+
+def _tensor_info(name: str, var: Any) -> TensorInfo:
+    shape: tuple[int, ...] | None
+    try:
+        shape = tuple(int(d) for d in var.shape)
+    except Exception:  # MNN raises when a Var has no shape information
+        shape = None
+    dtype = _enum_name(var.dtype)
+    fmt = _enum_name(var.data_format)
+    return TensorInfo(
+        name=name,
+        shape=shape,
+        dtype=_DTYPE_NAMES.get(dtype, dtype),
+        format=fmt if fmt in _FORMAT_NAMES else "unknown",
+    )
+
+
+def _inspect_load(
+    path: str, names: tuple[list[str], list[str]], dynamic: bool
+) -> tuple[Any, list[str]]:
+    """Load for inspection (one-thread runtime manager: no MNN thread pool, fork-safe)."""
+    with captured_output(echo=False) as lines:
+        try:
+            module = nn.load_module_from_file(
+                path, *names, dynamic=dynamic, runtime_manager=_runtime_manager(1)
+            )
+        except SystemError:
+            module = None
+    if module is None:
+        said = f"; MNN says: {' | '.join(lines)}" if lines else ""
+        raise FactoryError(
+            f"MNN could not load {path!r} (corrupt, truncated or not an .mnn file?){said}"
+        )
+    return module, lines
+
+
+def inspect(path: str | os.PathLike[str]) -> ModelInfo:
+    """What the model file declares, read by MNN itself (cached per file and mtime).
+
+    Loads the model with its own names (statically, then with dynamic=True to see whether MNN
+    turns that back to a static load, as it does for models with control flow) on a
+    one-thread runtime manager, which starts no MNN threads: a later fork stays safe.
+
+    >>> guard.mnn.inspect("vocoder.mnn").input_names  # doctest: +SKIP
+    ['mel']
+    """
+    path = os.fspath(path)
+    key = _file_key(path)
+    with _info_lock:
+        found = _infos.get(key)
+    if found is not None:
+        return found
+    module, notes = _inspect_load(path, ([], []), dynamic=False)
+    raw = module.get_info()
+    names = [str(n) for n in raw.get("inputNames", [])]
+    outputs = tuple(str(n) for n in raw.get("outputNames", []))
+    variables = list(raw.get("inputs", []))
+    inputs = tuple(
+        _tensor_info(n, variables[i])
+        if i < len(variables)
+        else TensorInfo(name=n, shape=None, dtype="unknown", format="unknown")
+        for i, n in enumerate(names)
+    )
+    version, biz = str(raw.get("version", "")), str(raw.get("bizCode", ""))
+    del module, raw, variables
+    control_flow = False
+    if names and outputs:
+        _, said = _inspect_load(path, (names, list(outputs)), dynamic=True)
+        control_flow = any(STATIC_LOAD_NOTE in line for line in said)
+        notes = [*notes, *said]
+    info = ModelInfo(
+        path=path,
+        inputs=inputs,
+        outputs=outputs,
+        mnn_version=version,
+        biz_code=biz,
+        control_flow=control_flow,
+        notes=tuple(dict.fromkeys(notes)),
+    )
+    with _info_lock:
+        if len(_infos) >= _MAX_CACHED:
+            _infos.clear()
+        _infos[key] = info
+    return info
+
+
+def _tensor_names(path: str) -> frozenset[str]:
+    """Every tensor name in the model (any of them can be asked for as an extra output)."""
+    key = _file_key(path)
+    with _info_lock:
+        found = _tensors.get(key)
+    if found is not None:
+        return found
+    with captured_output(echo=False):  # MNN complains about tensors it cannot size: noise here
+        try:
+            names = frozenset(str(n) for n in F.load_as_dict(path))
+        except Exception:
+            names = frozenset()
+    with _info_lock:
+        if len(_tensors) >= _MAX_CACHED:
+            _tensors.clear()
+        _tensors[key] = names
+    return names
+
+
+def _repeated(names: Sequence[str]) -> list[str]:
+    return sorted({n for n in names if list(names).count(n) > 1})
+
+
+def check_names(
+    path: str | os.PathLike[str], inputs: Sequence[str], outputs: Sequence[str]
+) -> ModelInfo:
+    """Refuse input or output names the model does not have, before MNN sees them.
+
+    MNN's static loader raises a bare SystemError on an unknown name and its dynamic loader
+    crashes the process (SIGSEGV). Inputs must be the model's inputs, each once, in any order;
+    outputs the model's outputs or any other tensor of the model, each once. Empty lists mean
+    the model's own names.
+    """
+    path = os.fspath(path)
+    info = inspect(path)
+    problems = []
+    if inputs:
+        unknown = [n for n in inputs if n not in info.input_names]
+        missing = [n for n in info.input_names if n not in inputs]
+        if unknown:
+            problems.append(f"no input(s) {unknown}")
+        if missing:
+            problems.append(f"input(s) {missing} not given")
+        if _repeated(inputs):
+            problems.append(f"input(s) {_repeated(inputs)} given twice")
+    if outputs:
+        unknown = [n for n in outputs if n not in info.outputs]
+        if unknown:
+            tensors = _tensor_names(path)
+            unknown = [n for n in unknown if n not in tensors]
+        if unknown:
+            problems.append(f"no output or tensor named {unknown}")
+        if _repeated(outputs):
+            problems.append(f"output(s) {_repeated(outputs)} given twice")
+    if problems:
+        raise ConfigError(
+            f"model {path!r}: {'; '.join(problems)}. Its inputs are {info.input_names} and its "
+            f"outputs {list(info.outputs)} (see `mnn-guard inspect {path}`)"
+        )
+    return info
 
 
 def mnn_version() -> str:
@@ -164,17 +523,35 @@ class MNNFactory:
     load_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, **overrides: Any) -> Any:
-        """Load a fresh module; `overrides` update the load keywords (e.g. dynamic=True)."""
+        """Load a fresh module; `overrides` update the load keywords (e.g. dynamic=True).
+
+        The names are checked against the model first (MNN crashes on unknown ones); what MNN
+        prints while loading is echoed to stderr and kept (`guard.mnn.load` returns it).
+        """
         check_not_forked()
         if not os.path.isfile(self.path):
             raise FactoryError(f"model file {self.path!r} does not exist")
+        check_names(self.path, self.inputs, self.outputs)
         kwargs = _load_kwargs({**self.load_kwargs, **overrides})
-        module = nn.load_module_from_file(
-            self.path, list(self.inputs), list(self.outputs), **kwargs
-        )
+        with captured_output() as lines:
+            try:
+                module = nn.load_module_from_file(
+                    self.path, list(self.inputs), list(self.outputs), **kwargs
+                )
+            except SystemError:  # MNN's answer to a file or name it cannot load
+                module = None
         note_load()
+        turned = bool(kwargs.get("dynamic")) and any(STATIC_LOAD_NOTE in x for x in lines)
+        _last_load.report = LoadReport(tuple(lines), turned)
         if module is None:
-            raise FactoryError(f"MNN could not load {self.path!r} (corrupt or not an .mnn file?)")
+            said = f"; MNN says: {' | '.join(lines)}" if lines else ""
+            error = FactoryError(
+                f"MNN could not load {self.path!r} with inputs {list(self.inputs)} and outputs "
+                f"{list(self.outputs)} (corrupt or not an .mnn file?){said}"
+            )
+            for line in lines:
+                error.add_note(f"MNN while loading: {line}")
+            raise error
         return module
 
 
@@ -187,7 +564,8 @@ def mnn_factory(
     """Build a picklable factory for `MNN.nn.load_module_from_file`.
 
     `threads=n` really sets MNN's thread count (through a runtime manager); other keywords
-    (dynamic, shape_mutable, precision_mode, ...) go to `load_module_from_file`.
+    (dynamic, shape_mutable, precision_mode, ...) go to `load_module_from_file`. The names are
+    checked against the model now (ConfigError naming its real ones) and again at each load.
 
     >>> factory = mnn_factory("vocoder.mnn", ["mel"], ["wav"], threads=1)
     >>> module = factory(dynamic=True)  # doctest: +SKIP
@@ -195,7 +573,10 @@ def mnn_factory(
     if isinstance(inputs, str) or isinstance(outputs, str):
         raise ConfigError("inputs and outputs are lists of names, not a single string")
     _load_kwargs({k: v for k, v in load_kwargs.items() if k != "threads"})  # fail early on typos
-    return MNNFactory(os.fspath(path), tuple(inputs), tuple(outputs), dict(load_kwargs))
+    path = os.fspath(path)
+    if os.path.isfile(path):  # a file that is not there yet is checked when it is loaded
+        check_names(path, inputs, outputs)
+    return MNNFactory(path, tuple(inputs), tuple(outputs), dict(load_kwargs))
 
 
 def to_var(array: NDArray[Any]) -> Any:
@@ -205,7 +586,8 @@ def to_var(array: NDArray[Any]) -> Any:
         raise ConfigError(
             f"dtype {array.dtype} cannot be given to MNN; use one of {SUPPORTED_DTYPES}"
         )
-    return F.const(np.ascontiguousarray(array), list(array.shape), F.NCHW, dtype)
+    data = array if array.flags.c_contiguous else np.ascontiguousarray(array)  # keeps 0-d 0-d
+    return F.const(data, list(array.shape), F.NCHW, dtype)
 
 
 def to_numpy(var: Any) -> NDArray[Any]:
@@ -238,6 +620,12 @@ class VarModule:
         if not isinstance(result, (list, tuple)):
             result = [result]
         return [to_numpy(v) for v in result]
+
+    def diagnose(self, arrays: Sequence[NDArray[Any]]) -> tuple[str, ...]:
+        """Run one forward again and return what MNN prints (why it returned no outputs)."""
+        with captured_output() as lines, contextlib.suppress(Exception):
+            self.run(arrays)
+        return tuple(lines)
 
 
 def adapt(module: Any) -> Runner:

@@ -17,9 +17,12 @@ from probes.probe import Case, Probe, ProbeMeta
 from probes.signature import Dim, InputSpec, OutputSpec
 from probes.store import file_sha256
 
-__all__ = ["as_input_array", "record"]
+__all__ = ["Derive", "as_input_array", "record"]
 
 Array = NDArray[Any]
+Derive = bool | Mapping[str, int | None]
+"""Which inputs a derived canary rolls: True (those with a declared dynamic axis, along it),
+False (no derived canary), or {name: axis} (None: the input's last dynamic axis, else its last)."""
 _SAFE_CASTS = {np.dtype(np.float64): np.dtype(np.float32), np.dtype(np.int64): np.dtype(np.int32)}
 SUPPORTED = frozenset(np.dtype(t) for t in (np.float32, np.int32, np.int8, np.uint8))
 
@@ -44,7 +47,7 @@ def as_input_array(name: str, value: Any) -> Array:
         raise ProbeError(
             f"input {name!r}: canary inputs must not be empty (shape {list(arr.shape)})"
         )
-    return np.ascontiguousarray(arr)
+    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # 0-d stays 0-d
 
 
 def _signature(
@@ -73,12 +76,53 @@ def _signature(
     return tuple(specs)
 
 
-def _derived_case(case: Mapping[str, Array]) -> dict[str, Array] | None:
-    """A second canary: each input rolled by half its last axis (None if that changes nothing)."""
-    rolled = {n: np.roll(a, a.shape[-1] // 2, axis=-1) if a.ndim else a for n, a in case.items()}
+def _derive_axes(
+    derive: Derive, case: Mapping[str, Array], dynamic: Mapping[str, Mapping[int, Any]]
+) -> dict[str, int]:
+    """Input name -> the (non-negative) axis a derived canary rolls it along."""
+    if derive is True:
+        chosen: Mapping[str, int | None] = {n: None for n, axes in dynamic.items() if axes}
+    elif derive is False:
+        return {}
+    elif isinstance(derive, Mapping):
+        chosen = derive
+    else:
+        raise ProbeError(
+            f"derive must be True, False or a dict of input name -> axis, got {derive!r}"
+        )
+    unknown = sorted(set(chosen) - set(case))
+    if unknown:
+        raise ProbeError(f"derive names unknown inputs {unknown}; inputs are {list(case)}")
+    axes: dict[str, int] = {}
+    for name, given in chosen.items():
+        arr = case[name]
+        if arr.ndim == 0:
+            raise ProbeError(f"derive: input {name!r} is a scalar (0-d); it has no axis to roll")
+        declared = [a % arr.ndim for a in dynamic.get(name, {})]
+        axis = given if given is not None else max(declared, default=arr.ndim - 1)
+        if isinstance(axis, bool) or not isinstance(axis, int) or not -arr.ndim <= axis < arr.ndim:
+            raise ProbeError(
+                f"derive: axis {axis!r} of input {name!r} is out of range for rank {arr.ndim}"
+            )
+        axes[name] = axis % arr.ndim
+    return axes
+
+
+def _derived_case(
+    case: Mapping[str, Array], axes: Mapping[str, int]
+) -> tuple[dict[str, Array], str] | None:
+    """A second canary: the chosen inputs rolled by half along their axis, the others as they
+    are; None when that changes nothing. With a note saying what was rolled."""
+    rolled = {
+        n: np.roll(a, a.shape[axes[n]] // 2, axis=axes[n]) if n in axes else a
+        for n, a in case.items()
+    }
     if all(np.array_equal(rolled[n], case[n]) for n in case):
         return None
-    return rolled
+    moved = ", ".join(f"{n} by {case[n].shape[a] // 2} along axis {a}" for n, a in axes.items())
+    fixed = [n for n in case if n not in axes]
+    held = f"; {', '.join(fixed)} held fixed" if fixed else ""
+    return rolled, f"case 1 is case 0 with {moved}{held}"
 
 
 def _run_reference(
@@ -88,12 +132,16 @@ def _run_reference(
     names: Sequence[str],
     runs: int,
     agreement_db: float,
-) -> list[list[Array]]:
-    """Outputs of every case; refuses NaN/Inf and any disagreement across inits and repeat runs."""
+) -> tuple[list[list[Array]], bool]:
+    """Outputs of every case, and whether MNN loaded the reference statically despite
+    dynamic=True; refuses NaN/Inf and any disagreement across inits and repeat runs."""
     first: list[list[Array]] | None = None
+    static = False
     for init in range(runs):
         try:
-            module = mnn.adapt(factory(**reference))
+            loaded, report = mnn.load(factory, reference)
+            static = static or report.turned_static
+            module = mnn.adapt(loaded)
             results = [[module.run([case[n] for n in names]) for case in cases] for _ in range(2)]
         except ProbeError:
             raise
@@ -101,11 +149,15 @@ def _run_reference(
             raise ProbeError(
                 f"the reference configuration {dict(reference)} failed: {exc!r}"
             ) from exc
-        del module
+        del module, loaded
+        how = " (which MNN loaded statically: the model has control flow)" if static else ""
         for rep, per_case in enumerate(results):
             for c, outs in enumerate(per_case):
                 if not outs:
-                    raise ProbeError(f"the reference returned no outputs for case {c}")
+                    raise ProbeError(
+                        f"the reference returned no outputs for case {c}{how}; MNN returns none "
+                        "when the inputs' shapes or dtypes do not suit the model"
+                    )
                 for k, out in enumerate(outs):
                     if not np.issubdtype(out.dtype, np.number) or not np.all(np.isfinite(out)):
                         raise ProbeError(
@@ -118,15 +170,15 @@ def _run_reference(
                     agree = ref.shape == out.shape and snr_db(ref, out) >= agreement_db
                     if len(first[c]) != len(outs) or not agree:
                         raise ProbeError(
-                            f"the reference {dict(reference)} does not agree with itself: init "
-                            f"{init + 1}, run {rep + 1}, case {c}, output {k} differs from the "
-                            f"first run (needs >= {agreement_db} dB SNR); pick a deterministic "
-                            "reference configuration"
+                            f"the reference {dict(reference)}{how} does not agree with itself: "
+                            f"init {init + 1}, run {rep + 1}, case {c}, output {k} differs from "
+                            f"the first run (needs >= {agreement_db} dB SNR); pick a "
+                            "deterministic reference configuration"
                         )
             if first is None:
                 first = per_case
     assert first is not None
-    return first
+    return first, static
 
 
 def record(
@@ -140,14 +192,16 @@ def record(
     dynamic: Mapping[str, Mapping[int, tuple[int, int]]] | None = None,
     output_names: Sequence[str] | None = None,
     model: str | os.PathLike[str] | None = None,
-    derive: bool = True,
+    derive: Derive = True,
     agreement_db: float = 90.0,
 ) -> Probe:
     """Record a probe by running the canary on `factory(**reference)` in `runs` fresh inits.
 
-    `inputs` is one dict of canary inputs by name, or a list of such dicts. With `derive`, a
-    single canary gets a second one (its inputs rolled along the last axis) so that a module
-    that returns a previous call's output is caught. `dynamic={"mel": {2: (1, 4000)}}` declares
+    `inputs` is one dict of canary inputs by name, or a list of such dicts. A single canary
+    gets a derived second one, so that a module that returns a previous call's output is
+    caught: by default the inputs with a declared dynamic axis are rolled by half along it and
+    the others (control inputs, recurrent state) held fixed; `derive={"mel": 2}` chooses the
+    inputs and axes, `derive=False` records none. `dynamic={"mel": {2: (1, 4000)}}` declares
     axis 2 of `mel` dynamic within 1..4000; other dimensions are fixed to the canary's.
 
     >>> probe = record(factory, {"mel": mel}, reference={"dynamic": True})  # doctest: +SKIP
@@ -168,33 +222,51 @@ def record(
         if sorted(raw) != sorted(names):
             raise ProbeError(f"canary {i} has inputs {sorted(raw)}, the model takes {names}")
         cases.append({n: as_input_array(n, raw[n]) for n in names})
-    notes: list[str] = []
-    if derive and len(cases) == 1:
-        extra = _derived_case(cases[0])
-        if extra is not None:
-            cases.append(extra)
-            notes.append("case 1 is case 0 with every input rolled by half along its last axis")
     signature = _signature(names, cases[0], dynamic or {})
+    axes = _derive_axes(derive, cases[0], dynamic or {})
+    derived_note: str | None = None
+    if len(cases) == 1 and axes:
+        extra = _derived_case(cases[0], axes)
+        if extra is not None:
+            cases.append(extra[0])
+            derived_note = extra[1]
     for i, case in enumerate(cases):
         for spec in signature:
             if not spec.accepts(case[spec.name].shape) or str(case[spec.name].dtype) != spec.dtype:
                 raise ProbeError(
                     f"canary {i}: input {spec.name!r} does not fit the signature of canary 0"
                 )
-    goldens = _run_reference(factory, reference, cases, names, runs, agreement_db)
+    goldens, static = _run_reference(factory, reference, cases, names, runs, agreement_db)
     out_names = list(output_names or getattr(factory, "outputs", None) or [])
     if not out_names:
         out_names = [f"output{k}" for k in range(len(goldens[0]))]
     if any(len(g) != len(out_names) for g in goldens):
         raise ProbeError(f"the reference returned {len(goldens[0])} outputs, expected {out_names}")
     if (
-        len(goldens) > 1
+        derived_note is not None
+        and len(goldens) > 1
         and all(np.array_equal(a, b) for a, b in zip(goldens[0], goldens[1], strict=True))
-        and notes
     ):
         cases.pop()
         goldens.pop()
-        notes.pop()
+        derived_note = None
+    notes = [derived_note] if derived_note else []
+    if len(cases) == 1:
+        why = (
+            "derive=False"
+            if derive is False
+            else "no input has a declared dynamic axis to roll (derive= chooses inputs)"
+            if not axes
+            else "the derived case changed no output and was dropped"
+        )
+        notes.append(
+            f"one canary case ({why}): a module that returns a previous call's output is not caught"
+        )
+    if static:
+        notes.append(
+            f"the reference {reference} was a static load: MNN ignores dynamic=True for this "
+            "model (it has control flow)"
+        )
     model_path = model if model is not None else getattr(factory, "path", None)
 
     return Probe(

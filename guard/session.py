@@ -264,6 +264,8 @@ class GuardedSession:
         verdict: Verdict | None = None
         error: BaseException | None = None
         failed: dict[int, Any] = {}
+        notes: tuple[str, ...] = ()
+        turned_static = False
         try:
             mnn.check_not_forked()
 
@@ -280,15 +282,18 @@ class GuardedSession:
                 what,
             )
             verdict, failed = canary.verdict, canary.failed_outputs
+            notes, turned_static = canary.notes, canary.turned_static
             outcome = Outcome.PASS if verdict.passed else Outcome.FAIL
         except InitTimeout as exc:
             outcome, error = Outcome.TIMEOUT, exc
         except ForkAfterLoad:
             raise  # no rung can work in this process
         except Exception as exc:
-            outcome, error = Outcome.ERROR, exc
+            outcome, error, notes = Outcome.ERROR, exc, mnn.notes_of(exc)
         seconds = time.perf_counter() - start
-        attempt = Attempt(rung, index, outcome, verdict, error, seconds, failed)
+        attempt = Attempt(
+            rung, index, outcome, verdict, error, seconds, failed, notes, turned_static
+        )
         notify(self._listeners, "on_attempt", self.name, attempt)
         return (runner if attempt.passed else None), attempt
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from guard.ladder import Attempt, Rung
+from guard.ladder import STATIC_LOAD, Attempt, Rung
 from probes import Verdict
 
 __all__ = ["LIVE", "MOVES", "SessionStatus", "State"]
@@ -84,8 +84,21 @@ class SessionStatus:
         """How many inits the last recovery took."""
         return len(self.history)
 
+    @property
+    def turned_static(self) -> bool:
+        """True when the rung in use asked for dynamic=True and MNN loaded it statically.
+
+        MNN does that for models with control flow: `mode` says "dynamic", the module is not.
+        """
+        last = self.history[-1] if self.history else None
+        return last is not None and last.rung_index == self.rung_index and last.turned_static
+
     def describe(self) -> str:
         """One line for logs and tables."""
         verdict = self.verdict.describe() if self.verdict is not None else "no verdict"
         tries = f"after {self.attempts} attempt(s)"
-        return f"{self.state.value} on rung {self.mode!r} ({self.rung_index}) {tries}; {verdict}"
+        static = f" [{STATIC_LOAD}]" if self.turned_static else ""
+        return (
+            f"{self.state.value} on rung {self.mode!r} ({self.rung_index}){static} {tries}; "
+            f"{verdict}"
+        )

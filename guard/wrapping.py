@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from guard import mnn
+from guard.errors import GuardError
 from guard.health import HealthListener, HealthTable
-from guard.ladder import Policy
+from guard.ladder import Policy, Rung
 from guard.listeners import Listener, LoggingListener
 from guard.metrics import Buckets, PrometheusListener
 from guard.session import Factory, GuardedSession
@@ -18,7 +21,7 @@ from probes import Probe, ProbeError, check_mnn_version, check_model
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-__all__ = ["check_probe", "wrap"]
+__all__ = ["check_probe", "ignored_rungs", "wrap"]
 
 
 def check_probe(factory: Factory, probe: Probe, *, model_hash: bool = True) -> None:
@@ -39,6 +42,19 @@ def check_probe(factory: Factory, probe: Probe, *, model_hash: bool = True) -> N
     check_mnn_version(probe, mnn.mnn_version())
 
 
+def ignored_rungs(factory: Factory, ladder: Sequence[Rung]) -> list[Rung]:
+    """The rungs asking for dynamic=True on a model MNN always loads statically (control flow)."""
+    path = getattr(factory, "path", None)
+    dynamic = [r for r in ladder if r.overrides.get("dynamic")]
+    if not dynamic or not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        return []
+    try:
+        info = mnn.inspect(path)
+    except GuardError:  # a file MNN cannot load: every rung's own attempt will say so
+        return []
+    return dynamic if info.control_flow else []
+
+
 def wrap(
     factory: Factory,
     probe: Probe,
@@ -55,9 +71,11 @@ def wrap(
 ) -> GuardedSession:
     """Initialise a guarded session now: canary after every init, recovery down the ladder.
 
-    Raises RecoveryExhausted (a GuardError) when every rung fails its canary; with
-    `raise_exhausted=False` it returns the session in FAILED instead (not ready, `run()`
-    raises, retried every `Policy.promote_after` seconds), so a server can stay up. The
+    Warns `DynamicIgnoredWarning` when MNN would load the ladder's dynamic rung statically
+    (a model with control flow). Raises RecoveryExhausted (a GuardError) when every rung fails
+    its canary; with `raise_exhausted=False` it returns the session in FAILED instead (not
+    ready, `run()` raises, retried every `Policy.promote_after` seconds), so a server can stay
+    up. The
     session's health goes to `health` (default: the process's table, which `guard.serve`
     answers for); its metrics to `registry` (default: the global one), with `buckets`.
 
@@ -69,6 +87,17 @@ def wrap(
     check_probe(factory, probe)
     chain: list[Listener] = [LoggingListener(), HealthListener(health)]
     policy = policy or Policy()
+    ignored = ignored_rungs(factory, policy.ladder)
+    if ignored:
+        names = [r.name for r in ignored]
+        warnings.warn(
+            mnn.DynamicIgnoredWarning(
+                f"session {name!r}: MNN loads {getattr(factory, 'path', '')!r} statically even "
+                f"with dynamic=True (the model has control flow), so rung(s) {names} are "
+                "static loads: the ladder has no real dynamic fallback for this model"
+            ),
+            stacklevel=2,
+        )
     if metrics:
         info = (__version__, mnn.mnn_version(), probe.meta.model_sha256 or "")
         chain.append(

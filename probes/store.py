@@ -105,7 +105,8 @@ def write(
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    np.savez(buffer, allow_pickle=False, **{k: np.ascontiguousarray(a) for k, a in arrays.items()})
+    # C order without np.ascontiguousarray, which makes 0-d arrays 1-d
+    np.savez(buffer, allow_pickle=False, **{k: np.asarray(a, order="C") for k, a in arrays.items()})
     data = buffer.getvalue()
     manifest = {**manifest, "arrays": {"file": ARRAYS, "sha256": hashlib.sha256(data).hexdigest()}}
     (folder / ARRAYS).write_bytes(data)

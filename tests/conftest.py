@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_models
 import pytest
 from hypothesis import settings
 from prometheus_client import CollectorRegistry
@@ -54,6 +55,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 def demo_paths() -> tuple[Path, Path]:
     """(model, probe dir) of the bundled demo vocoder, verified by hash."""
     return demo.ensure_demo()
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The small ONNX test graphs (tests/onnx_models.py), converted to .mnn once per run."""
+    return onnx_models.build_all(tmp_path_factory.mktemp("converted"))
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,18 @@ import pytest
 from guard.tools import bench, cli
 
 FIELDS = {
-    "quick", "frames", "cpus", "mnn_version", "seconds", "vocoder", "tiny", "dynamic",
-    "healthy", "recheck", "pool", "memory",
+    "quick", "model", "builtin", "inputs", "frames", "cpus", "mnn_version", "seconds", "hot",
+    "dynamic", "healthy", "recheck", "pool", "memory", "tiny", "judge",
 }  # fmt: skip
+SECTIONS = {
+    "hot": bench.HotPath,
+    "tiny": bench.HotPath,
+    "dynamic": bench.Speedup,
+    "healthy": bench.TimeToHealthy,
+    "recheck": bench.Recheck,
+    "memory": bench.Memory,
+    "judge": bench.JudgeCost,
+}
 
 
 def field_names(cls: Any) -> set[str]:
@@ -34,25 +43,19 @@ def report_json(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_json_has_every_field(report_json: dict[str, Any]) -> None:
     """Every section and every field of every section is in the JSON."""
     assert set(report_json) == FIELDS
-    sections = {
-        "vocoder": bench.HotPath,
-        "tiny": bench.HotPath,
-        "dynamic": bench.Speedup,
-        "healthy": bench.TimeToHealthy,
-        "recheck": bench.Recheck,
-        "memory": bench.Memory,
-    }
-    for name, cls in sections.items():
+    for name, cls in SECTIONS.items():
         assert set(report_json[name]) == field_names(cls), name
     assert [p["processes"] for p in report_json["pool"]] == [1, 2]
     for p in report_json["pool"]:
         assert set(p) == field_names(bench.PoolThroughput)
     assert report_json["quick"] is True
+    assert (report_json["model"], report_json["builtin"]) == ("demo_vocoder.mnn", True)
+    assert report_json["inputs"] == "mel float32[1, 80, 100]"
 
 
 def test_measurements_are_real_numbers(report_json: dict[str, Any]) -> None:
     """Timings and rates are finite and positive; ratios agree with the timings they come from."""
-    for name in ("vocoder", "tiny"):
+    for name in ("hot", "tiny"):
         hot = report_json[name]
         for key in ("guarded_us", "guarded_no_metrics_us", "raw_us", "ratio"):
             assert math.isfinite(hot[key]) and hot[key] > 0, (name, key)
@@ -62,8 +65,10 @@ def test_measurements_are_real_numbers(report_json: dict[str, Any]) -> None:
         assert isinstance(hot["met"], bool)
     healthy = report_json["healthy"]
     assert healthy["canary_forwards"] == 4  # 2 canary runs x 2 cases
-    assert healthy["wrap_ms"] > 0 and healthy["raw_ms"] > 0 and healthy["judge_ms"] > 0
+    assert healthy["wrap_ms"] > 0 and healthy["raw_ms"] > 0 and healthy["judging_ms"] > 0
+    assert report_json["judge"]["judge_ms"] > 0
     assert report_json["dynamic"]["speedup"] > 0
+    assert report_json["dynamic"]["dynamic_ignored"] is False
     assert report_json["recheck"]["recheck_ms"] > 0
     assert all(p["requests_per_s"] > 0 for p in report_json["pool"])
     memory = report_json["memory"]
@@ -71,28 +76,44 @@ def test_measurements_are_real_numbers(report_json: dict[str, Any]) -> None:
     assert memory["rss_end_mb"] > 0
 
 
+def report_from(data: dict[str, Any]) -> bench.BenchReport:
+    """A BenchReport rebuilt from its JSON."""
+    sections = {key: cls(**data[key]) for key, cls in SECTIONS.items()}
+    pool = tuple(bench.PoolThroughput(**p) for p in data["pool"])
+    return bench.BenchReport(**{**data, **sections, "pool": pool})
+
+
 def test_table_lists_every_measure(report_json: dict[str, Any]) -> None:
-    """The table (rebuilt from the JSON) has one row per measure and flags each target."""
-    report = bench.BenchReport(
-        **{
-            **report_json,
-            **{
-                key: cls(**report_json[key])
-                for key, cls in (
-                    ("vocoder", bench.HotPath),
-                    ("tiny", bench.HotPath),
-                    ("dynamic", bench.Speedup),
-                    ("healthy", bench.TimeToHealthy),
-                    ("recheck", bench.Recheck),
-                    ("memory", bench.Memory),
-                )
-            },
-            "pool": tuple(bench.PoolThroughput(**p) for p in report_json["pool"]),
-        }
-    )
+    """The model's table, then the reference table; one row per measure, each target flagged."""
+    report = report_from(report_json)
     table = bench.format_bench(report)
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 1 + 9  # header + one row per measure
-    flagged = [r for r in rows if r.endswith(("| met |", "| **MISSED** |"))]
+    model_part, reference_part = table.split("Reference measures on built-in models")
+    assert "**demo_vocoder.mnn** (the built-in demo vocoder, 100 frames" in model_part
+
+    def rows(part: str) -> list[str]:
+        return [line for line in part.splitlines() if line.startswith("| ") and "---" not in line]
+
+    assert len(rows(model_part)) == 1 + 7  # header + one row per measure of the model
+    assert len(rows(reference_part)) == 1 + 2  # header + the tiny model and the 1 s judgement
+    assert "tiny built-in model" in reference_part and "tiny" not in model_part
+    flagged = [r for r in rows(table) if r.endswith(("| met |", "| **MISSED** |"))]
     assert len(flagged) == 4  # the four targets carry a verdict
     assert table.count("MISSED") == len(report.missed)
+
+
+@pytest.mark.parametrize(
+    ("static_us", "dynamic_us", "words"),
+    [(3000.0, 4000.0, "**1.33x** faster"), (4000.0, 3000.0, "**1.33x** slower")],
+)
+def test_dynamic_row_says_faster_or_slower(
+    report_json: dict[str, Any], static_us: float, dynamic_us: float, words: str
+) -> None:
+    """The guarded static side is "1.33x slower", never "0.75x faster", when it is slower."""
+    speedup = bench.Speedup(
+        guarded_static_us=static_us,
+        raw_dynamic_us=dynamic_us,
+        speedup=dynamic_us / static_us,
+        dynamic_ignored=False,
+    )
+    report = dataclasses.replace(report_from(report_json), dynamic=speedup)
+    assert f"guarded static is {words}" in bench.format_bench(report)

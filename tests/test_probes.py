@@ -252,9 +252,12 @@ def test_model_file_missing_when_checking(demo_paths: tuple[Path, Path], tmp_pat
 
 
 def test_signature_mismatch_with_model(demo_paths: tuple[Path, Path]) -> None:
-    """A probe whose input names differ from the factory's is refused."""
+    """A probe whose input names differ from the factory's is refused (a factory built by hand:
+    guard.mnn_factory itself refuses names the model lacks)."""
     probe = probes.load(demo_paths[1])
-    factory = guard.mnn_factory(demo_paths[0], ["spectrogram"], ["wav"])
+    factory = dataclasses.replace(
+        guard.mnn_factory(demo_paths[0], ["mel"], ["wav"]), inputs=("spectrogram",)
+    )
     with pytest.raises(
         probes.ProbeError, match=r"inputs \['mel'\] do not match the model's \['spectrogram'\]"
     ):
@@ -289,10 +292,11 @@ def test_record_refuses_a_nondeterministic_reference(demo_factory: guard.mnn.MNN
 
 
 def test_record_refuses_a_stale_reference(demo_factory: guard.mnn.MNNFactory) -> None:
-    """A reference that returns the previous call's output disagrees with itself and is refused."""
+    """A reference that returns the previous call's output disagrees with itself and is refused
+    (the derived case, rolled along the declared dynamic axis, tells the calls apart)."""
     faulty = FaultyFactory(demo_factory, fault=Fault.STALE, rate=1.0, affects="all")
     with pytest.raises(probes.ProbeError, match="does not agree with itself"):
-        probes.record(faulty, {"mel": demo.demo_mel(10)})
+        probes.record(faulty, {"mel": demo.demo_mel(10)}, dynamic={"mel": {2: (1, 64)}})
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The `mnn-guard` command line: record, check, demo, doctor, bench.
+"""The `mnn-guard` command line: inspect, record, check, demo, doctor, bench.
 
 argparse lives here and nowhere else. A subcommand imports its tool (and MNN) when it runs, so
 `mnn-guard --help` stays fast. A user error (a bad argument, a model or probe that cannot be
@@ -9,6 +9,7 @@ read, an output path that cannot be written) is one line on stderr and exit 2; e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ EXIT_OK = 0  # everything checked was healthy
 EXIT_DEGRADED = 1  # a degraded init, start or output was found
 EXIT_USAGE = 2  # a user error: a bad argument, an unreadable input, an unwritable output
 MAX_CANARY_ELEMENTS = 1 << 26  # per --shape input: 256 MiB of float32
+DEMO_FRAMES = 100  # the demo vocoder's input length in `bench`
 
 
 class UsageError(Exception):
@@ -80,23 +82,46 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _shape(text: str) -> tuple[str, tuple[int, ...]]:
-    """`mel=1,80,100` -> ("mel", (1, 80, 100)), positive sizes of a canary-sized input."""
-    name, _, dims = text.partition("=")
+CANARY_DTYPES = ("float32", "float64", "int32", "int64", "int8", "uint8")
+INT_CANARY_HIGH = 10  # random integer canary values are drawn from 0..9
+
+
+def _shape(text: str) -> tuple[str, str | None, tuple[int, ...]]:
+    """`mel=1,80,100` -> ("mel", None, (1, 80, 100)); `ids=int64:1,50` names the dtype;
+    `flag=int64:` (no sizes) is a scalar."""
+    name, _, spec = text.partition("=")
+    dtype: str | None = None
+    if ":" in spec:
+        dtype, _, spec = spec.partition(":")
     try:
-        shape = tuple(int(d) for d in dims.split(","))
+        shape = tuple(int(d) for d in spec.split(",")) if spec else ()
     except ValueError:
-        shape = ()
-    if not name or not shape or any(d <= 0 for d in shape):
+        shape = (-1,)
+    bad_dtype = dtype is not None and dtype not in CANARY_DTYPES
+    if not name or bad_dtype or (not shape and dtype is None) or any(d <= 0 for d in shape):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected NAME=D1,D2,... with positive integer sizes"
+            f"{text!r}: expected NAME=[DTYPE:]D1,D2,... with positive integer sizes (DTYPE one "
+            f"of {', '.join(CANARY_DTYPES)}; NAME=DTYPE: alone is a scalar)"
         )
     if math.prod(shape) > MAX_CANARY_ELEMENTS:
         raise argparse.ArgumentTypeError(
             f"{text!r} has {math.prod(shape)} elements; a canary input holds at most "
             f"{MAX_CANARY_ELEMENTS}"
         )
-    return name, shape
+    return name, dtype, shape
+
+
+def _derive(text: str) -> tuple[str, int | None]:
+    """`mel:2` -> ("mel", 2); `mel` -> ("mel", None): its last dynamic axis, else its last."""
+    name, sep, axis = text.partition(":")
+    try:
+        return (name, int(axis) if sep else None) if name else _bad_derive(text)
+    except ValueError:
+        return _bad_derive(text)
+
+
+def _bad_derive(text: str) -> NoReturn:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected NAME or NAME:AXIS, e.g. mel:2")
 
 
 def _dynamic(text: str) -> tuple[str, int, tuple[int, int]]:
@@ -158,17 +183,14 @@ def _model_file(path: str) -> str:
 
 
 def _model(path: str, inputs: Sequence[str], outputs: Sequence[str], threads: int) -> MNNFactory:
-    """A factory for the model, once MNN has loaded it (a file MNN refuses is a user error)."""
+    """A factory for the model, once its names are checked and MNN has loaded it.
+
+    A name the model lacks (ConfigError) or a file MNN refuses (FactoryError) is a user error.
+    """
     from guard.mnn import mnn_factory
 
     factory = mnn_factory(_model_file(path), inputs, outputs, threads=threads)
-    try:
-        factory()
-    except SystemError:  # MNN's answer to a corrupt or truncated file, or an unknown name
-        raise UsageError(
-            f"MNN cannot load model {path!r} with inputs {list(inputs)} and outputs "
-            f"{list(outputs)}: a corrupt or truncated file, not an .mnn file, or names it lacks"
-        ) from None
+    factory()
     return factory
 
 
@@ -204,7 +226,11 @@ def _writable(flag: str, path: str, *, folder: bool) -> Path:
 
 
 def _canary_inputs(args: argparse.Namespace) -> dict[str, NDArray[Any]]:
-    """The canary inputs from --canary FILE.npz, or random float32 arrays from --shape."""
+    """The canary inputs from --canary FILE.npz, or random arrays from --shape.
+
+    A --shape without a dtype takes the dtype the model declares for that input (float32 when
+    it declares none); integers are drawn from 0..9, floats from a standard normal.
+    """
     import numpy as np
 
     inputs: dict[str, NDArray[Any]] = {}
@@ -220,12 +246,24 @@ def _canary_inputs(args: argparse.Namespace) -> dict[str, NDArray[Any]]:
                 f"--canary {args.canary!r} is not a readable .npz of arrays ({exc})"
             ) from None
     else:
+        from guard.mnn import inspect
+
+        declared = {t.name: t.dtype for t in inspect(_model_file(args.model)).inputs}
         rng = np.random.default_rng(args.seed)
-        for name, shape in args.shape:
-            inputs[name] = rng.standard_normal(shape).astype(np.float32)
+        for name, dtype, shape in args.shape:
+            kind = np.dtype(dtype or _canary_dtype(declared.get(name)))
+            if kind.kind == "f":
+                inputs[name] = rng.standard_normal(shape).astype(kind)
+            else:
+                inputs[name] = rng.integers(0, INT_CANARY_HIGH, shape).astype(kind)
     if sorted(inputs) != sorted(args.input):
         raise UsageError(f"canary inputs {sorted(inputs)} do not match --input {args.input}")
     return inputs
+
+
+def _canary_dtype(declared: str | None) -> str:
+    """The model's declared dtype for an input if a canary can have it, else float32."""
+    return declared if declared in CANARY_DTYPES else "float32"
 
 
 def _say(text: str) -> None:
@@ -236,65 +274,64 @@ def _say(text: str) -> None:
 # --------------------------------------------------------------- subcommands
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print what the model declares: inputs, outputs, versions, control flow."""
+    from guard.mnn import inspect
+    from guard.tools.inspect_model import format_model_info, model_info_json
+
+    info = inspect(_model_file(args.model))
+    print(model_info_json(info) if args.json else format_model_info(info))
+    return EXIT_OK
+
+
 def cmd_record(args: argparse.Namespace) -> int:
     """Record a probe from the reference configuration and save it."""
     out = _writable("-o", args.out, folder=True)
+    factory = _model(args.model, args.input, args.output, args.threads)
     inputs = _canary_inputs(args)
     reference = _load_options("--reference", args.reference) or {"dynamic": True}
     dynamic: dict[str, dict[int, tuple[int, int]]] = {}
     for name, axis, bounds in args.dynamic:
         dynamic.setdefault(name, {})[axis] = bounds
-    factory = _model(args.model, args.input, args.output, args.threads)
+    derive: bool | dict[str, int | None] = not args.no_derive
+    if args.derive:
+        derive = dict(args.derive)
 
     from guard.record import record
     from probes.signature import format_shape
 
-    probe = record(factory, inputs, reference=reference, runs=args.runs, dynamic=dynamic)
+    probe = record(
+        factory, inputs, reference=reference, runs=args.runs, dynamic=dynamic, derive=derive
+    )
     probe.save(out)
     print(f"recorded {len(probe.cases)} canary case(s) for {args.model} into {args.out}")
     for spec in probe.inputs:
         print(f"  input  {spec.name}: {spec.dtype}{format_shape(spec.shape)}")
     for output in probe.outputs:
         print(f"  output {output.name}: {output.dtype}{list(output.shape)}")
+    for note in probe.meta.notes:
+        print(f"  note: {note}")
     return EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Initialise the model N times on one rung and print each canary verdict."""
+    """Initialise the model N times on one rung and print every init's scores and reasons."""
     probe = _probe(args.probe, None if args.ignore_model_hash else _model_file(args.model))
     overrides = _load_options("--override", args.override)
     factory = _model(args.model, probe.input_names, probe.output_names, args.threads)
 
-    from guard.canary import init_and_check
-    from guard.tools.output import text_table
+    from guard.tools.check import check_json, format_check, run_check
     from guard.wrapping import check_probe
 
     check_probe(factory, probe, model_hash=not args.ignore_model_hash)
-    rows = []
-    degraded = 0
-    for init in range(1, args.inits + 1):
-        verdict = init_and_check(factory, overrides, probe, runs=2)[1].verdict
-        degraded += not verdict.passed
-        score = min(verdict.scores.values(), key=lambda s: s.snr_db, default=None)
-        rows.append(
-            (
-                str(init),
-                "pass" if verdict.passed else "FAIL",
-                f"{verdict.worst_snr_db:.1f}",
-                f"{score.cosine:.6f}" if score else "-",
-                f"{score.lsd_db:.3f}" if score and score.lsd_db is not None else "-",
-                "; ".join(verdict.reasons)[:100],
-            )
-        )
-    print(text_table(("init", "verdict", "SNR dB", "cosine", "LSD dB", "reasons"), rows))
-    what = f"{args.model}, overrides {overrides or 'none'}"
-    print(f"{degraded} of {args.inits} init(s) degraded ({what})")
-    return EXIT_DEGRADED if degraded else EXIT_OK
+    report = run_check(factory, probe, overrides, inits=args.inits, model=args.model)
+    print(check_json(report) if args.json else format_check(report))
+    return EXIT_DEGRADED if report.degraded else EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Guard many inits of the demo vocoder with injected faults; exit 1 if any was served."""
-    from guard.tools.demo_job import format_demo, run_demo
+    from guard.tools.demo_job import demo_json, format_demo, run_demo
 
     report = run_demo(
         sessions=args.sessions,
@@ -305,7 +342,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         quiet=not args.verbose,
         progress=_say,
     )
-    print(format_demo(report))
+    print(demo_json(report) if args.json else format_demo(report))
     return EXIT_DEGRADED if report.degraded else EXIT_OK
 
 
@@ -328,6 +365,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     json_path = None if args.json is None else _writable("--json", args.json, folder=False)
     if (args.model is None) != (args.probe is None):
         raise UsageError("MODEL and --probe DIR go together (neither: the demo vocoder)")
+    if args.model is not None and args.frames is not None:
+        raise UsageError(
+            "--frames sets the demo vocoder's input length; MODEL is measured on its probe's "
+            "canary inputs, as recorded"
+        )
     factory: MNNFactory | None = None
     probe: Probe | None = None
     if args.model is not None:
@@ -338,8 +380,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     report = run_bench(
         quick=args.quick,
-        frames=args.frames,
+        frames=args.frames or DEMO_FRAMES,
         factory=factory,
+        model=args.model,
         probe=probe,
         progress=lambda text: _say(f"  ... {text}"),
     )
@@ -352,12 +395,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ the parser
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mnn-guard", description=__doc__.split("\n", 1)[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every init and verdict")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    hash_help = "judge another build of the model (e.g. fp16 or int8) against this probe"
+HASH_HELP = "judge another build of the model (e.g. fp16 or int8) against this probe"
 
+
+def _add_record(sub: Any) -> None:
+    """The `record` subcommand's arguments."""
     rec = sub.add_parser("record", help="record a probe (canary + golden outputs) for a model")
     rec.add_argument("model", help="the .mnn model file")
     rec.add_argument("--input", action="append", required=True, help="input name (repeat in order)")
@@ -367,11 +409,23 @@ def _parser() -> argparse.ArgumentParser:
     src = rec.add_mutually_exclusive_group(required=True)
     src.add_argument("--canary", help=".npz with one array per input name")
     src.add_argument(
-        "--shape", action="append", type=_shape, help="NAME=D1,D2,... random canary (float32)"
+        "--shape",
+        action="append",
+        type=_shape,
+        help="NAME=[DTYPE:]D1,D2,... random canary (dtype: the model's; NAME=DTYPE: a scalar)",
     )
     rec.add_argument(
         "--dynamic", action="append", default=[], type=_dynamic, help="NAME:AXIS=MIN..MAX"
     )
+    der = rec.add_mutually_exclusive_group()
+    der.add_argument(
+        "--derive",
+        action="append",
+        default=[],
+        type=_derive,
+        help="NAME[:AXIS] input the derived canary rolls (repeat; default: inputs with --dynamic)",
+    )
+    der.add_argument("--no-derive", action="store_true", help="record no derived canary")
     rec.add_argument(
         "--reference",
         action="append",
@@ -390,6 +444,20 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("-o", "--out", required=True, help="probe folder to write")
     rec.set_defaults(func=cmd_record)
 
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mnn-guard", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every init and verdict")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    hash_help = HASH_HELP
+
+    ins = sub.add_parser("inspect", help="what a model declares: inputs, outputs, control flow")
+    ins.add_argument("model", help="the .mnn model file")
+    ins.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    ins.set_defaults(func=cmd_inspect)
+
+    _add_record(sub)
+
     chk = sub.add_parser("check", help="initialise a model N times and judge each init's canary")
     chk.add_argument("model", help="the .mnn model file")
     chk.add_argument("--probe", required=True, help="probe folder recorded for this model")
@@ -403,6 +471,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     chk.add_argument("--threads", type=_count, default=1)
     chk.add_argument("--ignore-model-hash", action="store_true", help=hash_help)
+    chk.add_argument("--json", action="store_true", help="print only JSON on stdout")
     chk.set_defaults(func=cmd_check)
 
     demo = sub.add_parser("demo", help="guard many inits of the demo vocoder with injected faults")
@@ -411,6 +480,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=_fraction, default=0.1, help="fraction of inits degraded")
     demo.add_argument("--seed", type=_seed, default=2026)
     demo.add_argument("--port", type=_port, default=0, help="metrics port (0 free, -1 none)")
+    demo.add_argument("--json", action="store_true", help="print only JSON on stdout")
     demo.set_defaults(func=cmd_demo)
 
     doc = sub.add_parser(
@@ -428,7 +498,9 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure what the guard costs, side by side with raw MNN")
     bench.add_argument("model", nargs="?", help="a .mnn model (default: the demo vocoder)")
     bench.add_argument("--probe", help="probe folder for MODEL")
-    bench.add_argument("--frames", type=_count, default=100, help="length of a dynamic last axis")
+    bench.add_argument(
+        "--frames", type=_count, help=f"demo vocoder input length (default {DEMO_FRAMES})"
+    )
     bench.add_argument("--quick", action="store_true", help="fewer rounds (for tests)")
     bench.add_argument("--json", help="also write the report as JSON to this file")
     bench.set_defaults(func=cmd_bench)
@@ -449,10 +521,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     from guard.errors import GuardError, RecoveryExhausted
+    from guard.tools.output import native_stdout_to_stderr
     from probes.errors import ProbeError
 
+    clean = getattr(args, "json", None) is True  # the --json flag, not bench's --json PATH
     try:
-        code: int = args.func(args)
+        with native_stdout_to_stderr() if clean else contextlib.nullcontext():
+            code: int = args.func(args)
     except UsageError as exc:
         return _refuse(args.command, str(exc))
     except RecoveryExhausted as exc:  # every rung of the model failed its canary

@@ -1,11 +1,13 @@
 """`mnn-guard demo`: guard many inits of the demo vocoder with ~10% of inits degraded.
 
-`run_demo` measures (returns a `DemoReport`); `format_demo` renders it as text.
+`run_demo` measures (returns a `DemoReport`); `format_demo` renders it as text, `demo_json` as
+JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from guard.tools import demo
 from guard.tools.output import quiet_log, text_table
 from guard.wrapping import wrap
 
-__all__ = ["DemoReport", "DemoTally", "format_demo", "run_demo"]
+__all__ = ["DemoReport", "DemoTally", "demo_json", "format_demo", "run_demo"]
 
 FAULTS = (Fault.NOISE, Fault.STALE, Fault.ZEROS, Fault.NAN)
 
@@ -183,3 +185,23 @@ def format_demo(report: DemoReport) -> str:
     title = f"mnn-guard demo: demo vocoder, {report.rate:.0%} of static inits degraded ({faults})"
     table = text_table(("what happened", "count"), rows)
     return "\n".join([title, *("  " + line for line in table.splitlines())])
+
+
+def demo_json(report: DemoReport) -> str:
+    """The demo's counts as a JSON document."""
+    tally = report.tally
+    data = {
+        "sessions": report.sessions,
+        "rate": report.rate,
+        "inits": tally.inits,
+        "injected": report.injected,
+        "caught": tally.caught,
+        "recoveries": {a: tally.actions.get(a, 0) for a in ("reinit", "fallback", "promote")},
+        "final_rungs": dict(sorted(tally.rungs.items())),
+        "exhausted": report.exhausted,
+        "served": report.served,
+        "degraded_served": report.bad,
+        "degraded": report.degraded,
+        "seconds": report.seconds,
+    }
+    return json.dumps(data, indent=2)

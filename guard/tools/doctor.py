@@ -58,6 +58,7 @@ class RungReport:
     speed_ratio: float | None
     worst_snr_db: float | None
     reasons: tuple[str, ...]
+    loaded_static: int = 0  # starts where the rung asked for dynamic=True, MNN loaded it static
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,8 +104,10 @@ def _measure(rung: Rung, factory: Factory, probe: Probe, forward_runs: int) -> d
     result: dict[str, Any] = {"rung": rung.name}
     try:
         start = time.perf_counter()
-        module = mnn.adapt(factory(**rung.overrides))
+        loaded, report = mnn.load(factory, rung.overrides)
+        module = mnn.adapt(loaded)
         result["init_s"] = time.perf_counter() - start
+        result["loaded_static"] = report.turned_static
         verdict = run_canary(module, probe, CANARY_RUNS).verdict
         result["passed"] = verdict.passed
         result["snr_db"] = verdict.worst_snr_db
@@ -205,6 +208,7 @@ def _summarise(
                 speed_ratio=None if forward is None or not base else forward / base,
                 worst_snr_db=min((r["snr_db"] for r in judged), default=None),
                 reasons=tuple(dict.fromkeys(reasons))[:MAX_REASONS],
+                loaded_static=sum(bool(r.get("loaded_static")) for r in mine),
             )
         )
     return tuple(rows)
@@ -343,6 +347,19 @@ def doctor_json(report: DoctorReport) -> str:
     return json.dumps(doctor_dict(report), indent=2, allow_nan=False, default=str)
 
 
+def static_note(report: DoctorReport) -> str | None:
+    """A sentence naming the rungs MNN loaded statically although they asked for dynamic=True."""
+    static = [r for r in report.rungs if r.loaded_static]
+    if not static:
+        return None
+    parts = ", ".join(f"{r.name!r} in {r.loaded_static} of {r.starts} starts" for r in static)
+    return (
+        f"MNN loaded rung(s) {parts} statically although they ask for dynamic=True (the model "
+        "has control flow): they are no fallback, and their speed ratio compares two static "
+        "loads"
+    )
+
+
 def conclusion(report: DoctorReport) -> str:
     """One sentence answering: is this machine affected, and what would a fallback cost?"""
     bad = [r for r in report.rungs if r.degraded or r.errors]
@@ -375,14 +392,14 @@ def format_doctor(report: DoctorReport, model: str) -> str:
     )
     rows = [
         (
-            r.name,
+            f"{r.name} (loaded static)" if r.loaded_static else r.name,
             str(r.starts),
             str(r.degraded),
             str(r.errors),
             _interval(r.ci_low, r.ci_high),
             _ms(r.init_median_s),
             _ms(r.forward_median_s),
-            "-" if r.speed_ratio is None else f"{r.speed_ratio:.2f}x",
+            _ratio(r),
         )
         for r in report.rungs
     ]
@@ -390,4 +407,13 @@ def format_doctor(report: DoctorReport, model: str) -> str:
         f"mnn-guard doctor: {report.starts} fresh process starts of {model} "
         f"(MNN {report.mnn_version}), {report.processes} at a time, {report.seconds:.1f} s"
     )
-    return "\n".join([title, text_table(header, rows), "", conclusion(report)])
+    note = static_note(report)
+    tail = [note] if note else []
+    return "\n".join([title, text_table(header, rows), "", conclusion(report), *tail])
+
+
+def _ratio(rung: RungReport) -> str:
+    """The speed ratio, or what stands in for it when MNN never ran the rung as asked."""
+    if rung.loaded_static:
+        return "n/a (static)"
+    return "-" if rung.speed_ratio is None else f"{rung.speed_ratio:.2f}x"

@@ -1,0 +1,161 @@
+"""`mnn-guard check`: initialise a model N times on one rung and judge each init's canary.
+
+`run_check` measures (returns a `CheckReport`); `format_check` and `check_json` render it,
+with every score of every output on every init, and reasons in full.
+
+>>> report = run_check(factory, probe, {}, inits=3)  # doctest: +SKIP
+>>> report.degraded  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from guard.canary import init_and_check
+from guard.ladder import STATIC_LOAD
+from guard.tools.output import text_table
+from probes import OutputScore, Probe
+
+__all__ = ["CheckReport", "InitCheck", "check_json", "format_check", "run_check"]
+
+CANARY_RUNS = 2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InitCheck:
+    """One fresh init: its verdict, the scores of every output, and what MNN printed."""
+
+    init: int
+    passed: bool
+    scores: Mapping[str, OutputScore]
+    reasons: tuple[str, ...]
+    notes: tuple[str, ...]
+    loaded_static: bool  # asked for dynamic=True; MNN loaded the model statically
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckReport:
+    """Every init of one `mnn-guard check` run."""
+
+    model: str
+    outputs: tuple[str, ...]
+    overrides: Mapping[str, Any]
+    inits: tuple[InitCheck, ...]
+
+    @property
+    def degraded(self) -> int:
+        """How many inits failed their canary."""
+        return sum(not i.passed for i in self.inits)
+
+
+def run_check(
+    factory: Callable[..., Any],
+    probe: Probe,
+    overrides: Mapping[str, Any],
+    *,
+    inits: int,
+    model: str = "",
+) -> CheckReport:
+    """Initialise `factory(**overrides)` `inits` times; judge each init's canary (2 runs)."""
+    results = []
+    for init in range(1, inits + 1):
+        canary = init_and_check(factory, overrides, probe, CANARY_RUNS)[1]
+        verdict = canary.verdict
+        results.append(
+            InitCheck(
+                init=init,
+                passed=verdict.passed,
+                scores=dict(verdict.scores),
+                reasons=verdict.reasons,
+                notes=canary.notes,
+                loaded_static=canary.turned_static,
+            )
+        )
+    return CheckReport(
+        model=model,
+        outputs=tuple(probe.output_names),
+        overrides=dict(overrides),
+        inits=tuple(results),
+    )
+
+
+def _number(value: float | None, spec: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:{spec}}" if math.isfinite(value) else str(value)
+
+
+def _row(init: InitCheck, name: str) -> tuple[str, ...]:
+    word = "pass" if init.passed else "FAIL"
+    score = init.scores.get(name)
+    if score is None:
+        return (str(init.init), name, word, "missing", "-", "-", "-")
+    return (
+        str(init.init),
+        name,
+        word,
+        _number(score.snr_db, ".1f"),
+        _number(score.cosine, ".7f"),
+        _number(score.max_abs, ".3g"),
+        _number(score.lsd_db, ".3f"),
+    )
+
+
+def format_check(report: CheckReport) -> str:
+    """A table with one row per init and output (every score), then reasons and notes in full."""
+    header = ("init", "output", "verdict", "SNR dB", "cosine", "max abs", "LSD dB")
+    rows = [_row(init, name) for init in report.inits for name in report.outputs]
+    lines = [text_table(header, rows)]
+    for init in report.inits:
+        if init.loaded_static:
+            lines.append(f"init {init.init}: {STATIC_LOAD}")
+        lines += [f"init {init.init}: {reason}" for reason in init.reasons]
+        lines += [f"init {init.init}: {note}" for note in init.notes]
+    what = f"{report.model}, overrides {dict(report.overrides) or 'none'}"
+    lines.append(f"{report.degraded} of {len(report.inits)} init(s) degraded ({what})")
+    return "\n".join(lines)
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN or infinity: those become null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def score_dict(score: OutputScore) -> dict[str, Any]:
+    """One output's scores as JSON-ready data."""
+    return {
+        "passed": score.passed,
+        "shape_ok": score.shape_ok,
+        "finite": score.finite,
+        "snr_db": _finite(score.snr_db),
+        "cosine": _finite(score.cosine),
+        "max_abs": _finite(score.max_abs),
+        "lsd_db": _finite(score.lsd_db),
+        "reasons": score.reasons,
+    }
+
+
+def check_json(report: CheckReport) -> str:
+    """The report as a JSON document (non-finite scores are null)."""
+    data = {
+        "model": report.model,
+        "overrides": dict(report.overrides),
+        "degraded": report.degraded,
+        "inits": [
+            {
+                "init": i.init,
+                "passed": i.passed,
+                "loaded_static": i.loaded_static,
+                "scores": {n: score_dict(s) for n, s in i.scores.items()},
+                "missing": [n for n in report.outputs if n not in i.scores],
+                "reasons": list(i.reasons),
+                "notes": list(i.notes),
+            }
+            for i in report.inits
+        ],
+    }
+    return json.dumps(data, indent=2, allow_nan=False, default=str)

@@ -1,0 +1,133 @@
+"""Small real ONNX graphs, converted to .mnn with MNN's converter module, for the tests.
+
+Each builder returns an `onnx.ModelProto`; `convert` writes the .mnn file. The converter is
+called as a module (`_tools.mnnconvert`), never as the `mnnconvert` console script, which runs
+`pip install` and sends usage telemetry. It returns True even when it fails, so `convert`
+checks that the file was written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+from onnx import TensorProto, helper, numpy_helper
+
+BIZ_CODE = "mnn-guard-tests"
+OPSET = [helper.make_opsetid("", 13)]
+
+
+def _value(name: str, dtype: int, shape: list[int | str]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def _const(name: str, value: NDArray[Any]) -> onnx.TensorProto:
+    return numpy_helper.from_array(value, name)
+
+
+def control_flow() -> onnx.ModelProto:
+    """`y = x * 2 if flag > 0 else x + 2`: an ONNX `If` subgraph and an int64 scalar input."""
+    x = _value("x", TensorProto.FLOAT, [1, 16])
+    flag = _value("flag", TensorProto.INT64, [])
+    two = _const("two", np.array(2.0, np.float32))
+    then = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["t_out"])],
+        "then",
+        [],
+        [_value("t_out", TensorProto.FLOAT, [1, 16])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Add", ["x", "two"], ["e_out"])],
+        "else",
+        [],
+        [_value("e_out", TensorProto.FLOAT, [1, 16])],
+    )
+    nodes = [
+        helper.make_node("Greater", ["flag", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other),
+    ]
+    initializers = [two, _const("zero", np.array(0, np.int64))]
+    graph = helper.make_graph(
+        nodes, "control_flow", [x, flag], [_value("y", TensorProto.FLOAT, [1, 16])], initializers
+    )
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def roles() -> onnx.ModelProto:
+    """Inputs with different roles: a signal `x` [1, 4, T], a control vector `scales` [3],
+    a recurrent `state` [1, 8] and a float scalar `gain`.
+
+    `y = x * scales[1] * gain + scales[0]`, `new_state = tanh(state * scales[2])`.
+    """
+    inputs = [
+        _value("x", TensorProto.FLOAT, [1, 4, "T"]),
+        _value("scales", TensorProto.FLOAT, [3]),
+        _value("state", TensorProto.FLOAT, [1, 8]),
+        _value("gain", TensorProto.FLOAT, []),
+    ]
+    nodes = [
+        *(helper.make_node("Gather", ["scales", f"i{k}"], [f"s{k}"], axis=0) for k in range(3)),
+        helper.make_node("Mul", ["x", "s1"], ["xs"]),
+        helper.make_node("Mul", ["xs", "gain"], ["xg"]),
+        helper.make_node("Add", ["xg", "s0"], ["y"]),
+        helper.make_node("Mul", ["state", "s2"], ["st"]),
+        helper.make_node("Tanh", ["st"], ["new_state"]),
+    ]
+    outputs = [
+        _value("y", TensorProto.FLOAT, [1, 4, "T"]),
+        _value("new_state", TensorProto.FLOAT, [1, 8]),
+    ]
+    initializers = [_const(f"i{k}", np.array([k], np.int64)) for k in range(3)]
+    graph = helper.make_graph(nodes, "roles", inputs, outputs, initializers)
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def strided(stride: int = 32) -> onnx.ModelProto:
+    """`mask = image + upsample(maxpool(image))` over `stride` x `stride` cells: H and W must be
+    multiples of `stride`, or MNN's broadcast fails and the module returns no outputs."""
+    image = _value("image", TensorProto.FLOAT, [1, 1, "H", "W"])
+    mask = _value("mask", TensorProto.FLOAT, [1, 1, "H", "W"])
+    nodes = [
+        helper.make_node(
+            "MaxPool", ["image"], ["pooled"], kernel_shape=[stride, stride], strides=[stride] * 2
+        ),
+        helper.make_node("Resize", ["pooled", "roi", "scales"], ["up"], mode="nearest"),
+        helper.make_node("Add", ["image", "up"], ["mask"]),
+    ]
+    initializers = [
+        _const("roi", np.array([], np.float32)),
+        _const("scales", np.array([1, 1, stride, stride], np.float32)),
+    ]
+    graph = helper.make_graph(nodes, f"stride{stride}", [image], [mask], initializers)
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def convert(model: onnx.ModelProto, path: Path) -> Path:
+    """Check the graph, save it next to `path` as .onnx, convert it to the .mnn at `path`."""
+    import _tools
+
+    onnx.checker.check_model(model, full_check=True)
+    source = path.with_suffix(".onnx")
+    onnx.save(model, source)
+    args = ["mnnconvert", "-f", "ONNX", "--modelFile", str(source), "--MNNModel", str(path)]
+    _tools.mnnconvert([*args, "--bizCode", BIZ_CODE])
+    if not path.is_file() or path.stat().st_size == 0:
+        raise RuntimeError(f"MNN's converter wrote no {path} from {source}")
+    return path
+
+
+BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
+    "control_flow": control_flow,
+    "roles": roles,
+    "stride32": strided,
+    "stride64": lambda: strided(64),
+}
+
+
+def build_all(folder: Path) -> dict[str, Path]:
+    """Every test model, converted into `folder`, by name."""
+    return {name: convert(build(), folder / f"{name}.mnn") for name, build in BUILDERS.items()}
