@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from probes import Verdict
 
 __all__ = [
+    "BundleError",
     "ConfigError",
     "FactoryError",
     "ForkAfterLoad",
@@ -101,3 +102,7 @@ class RecoveryExhausted(GuardError):
     def verdict(self) -> Verdict | None:
         """The last attempt's verdict."""
         return self.attempts[-1].verdict if self.attempts else None
+
+
+class BundleError(GuardError, ValueError):
+    """A diagnosis bundle folder cannot be read: missing, not a bundle, or damaged."""
