@@ -415,7 +415,7 @@ def prune(folder: Path, *, max_bundles: int, max_bytes: int, keep: Path) -> list
     bundles = find_bundles(folder)
     sizes = {b: _size(b) for b in bundles}
     total = sum(sizes.values())
-    removed = []
+    removed: list[Path] = []
     for bundle in bundles:
         if len(bundles) - len(removed) <= max_bundles and total <= max_bytes:
             break
@@ -534,11 +534,10 @@ def writer_for(
     queue_size: int = QUEUE_SIZE,
 ) -> BundleWriter:
     """The process's writer for `folder` and these bounds (one thread per folder, not session)."""
-    for key, value in (("max_bundles", max_bundles), ("max_bytes", max_bytes)):
+    bounds = {"max_bundles": max_bundles, "max_bytes": max_bytes, "queue_size": queue_size}
+    for what, value in bounds.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key} must be a positive int, got {value!r}")
-    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-        raise ConfigError(f"queue_size must be a positive int, got {queue_size!r}")
+            raise ConfigError(f"{what} must be a positive int, got {value!r}")
     path = _folder(folder)
     key = (str(path), max_bundles, max_bytes, queue_size)
     with _writers_lock:
