@@ -363,6 +363,7 @@ you may share them before you attach them.
 def write_bundle(folder: Path, job: _Job, *, seq: int, max_bytes: int) -> Path:
     """Write one bundle atomically (a hidden temporary folder renamed into place)."""
     name = _bundle_name(job, seq)
+    folder.mkdir(exist_ok=True)  # its parent was checked when the listener was made
     tmp = folder / f".tmp-{name}"
     tmp.mkdir()
     try:
@@ -439,6 +440,7 @@ class BundleWriter:
         self.max_bytes = max_bytes
         self.queue_size = queue_size
         self.written: collections.deque[Path] = collections.deque(maxlen=100)
+        self.total = 0  # bundles written so far
         self.dropped = 0  # failures not written: the queue was full
         self.failed = 0  # bundles whose writing raised (logged)
         self._jobs: collections.deque[_Job] = collections.deque()
@@ -489,7 +491,9 @@ class BundleWriter:
                     self.folder, max_bundles=self.max_bundles, max_bytes=self.max_bytes, keep=path
                 )
                 log.warning("session %s: diagnosis bundle written to %s", job.session, path)
-                self.written.append(path)
+                with self._cond:
+                    self.written.append(path)
+                    self.total += 1
             except Exception:
                 self.failed += 1
                 log.exception("diagnosis: a bundle could not be written to %s", self.folder)
@@ -503,26 +507,30 @@ class BundleWriter:
         with self._cond:
             return self._cond.wait_for(lambda: not self._jobs and not self._busy, timeout)
 
+    def since(self, total: int) -> list[Path]:
+        """The bundles written after the first `total` that still exist (the last 100 at most)."""
+        with self._cond:
+            new = self.total - total
+            paths = list(self.written)[-new:] if new > 0 else []
+        return [p for p in paths if p.is_dir()]  # the bounds may have removed the oldest
+
 
 _writers_lock = threading.Lock()
 _writers: dict[tuple[str, int, int, int], BundleWriter] = {}
 
 
 def _folder(folder: str | os.PathLike[str]) -> Path:
-    """The bundle folder, created if its parent exists; anything else is a ConfigError."""
+    """The bundle folder, checked now and created at the first bundle (its parent must exist)."""
     path = Path(folder).absolute()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"diagnosis folder {str(path)!r} is a file; expected a folder")
-    try:
-        path.mkdir(exist_ok=True)
-    except FileNotFoundError:
+    where = path if path.exists() else path.parent
+    if not where.is_dir():
         raise ConfigError(
             f"diagnosis folder {str(path)!r}: its parent folder does not exist; create it first"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"diagnosis folder {str(path)!r} cannot be created: {exc}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"diagnosis folder {str(path)!r} is not writable")
+        )
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise ConfigError(f"diagnosis folder {str(path)!r}: {str(where)!r} is not writable")
     return path
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "GuardError",
     "InitTimeout",
     "InputMismatch",
+    "MissingExtra",
     "OutputMismatch",
     "RecoveryExhausted",
     "SessionClosed",
@@ -106,3 +107,7 @@ class RecoveryExhausted(GuardError):
 
 class BundleError(GuardError, ValueError):
     """A diagnosis bundle folder cannot be read: missing, not a bundle, or damaged."""
+
+
+class MissingExtra(GuardError, ImportError):
+    """A tool needs an optional dependency that is not installed (an extra of mnn-guard)."""
