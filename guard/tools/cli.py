@@ -321,7 +321,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     check_probe(factory, probe, model_hash=not args.ignore_model_hash)
     listener = _diagnosis(args.diagnose, probe, factory)
     before = listener.writer.total if listener is not None else 0
-    rung = Rung("check", MappingProxyType(dict(overrides)))
+    named = ",".join(f"{k}={v}" for k, v in overrides.items()) or "static"
+    rung = Rung(named, MappingProxyType(dict(overrides)))
     rows = []
     degraded = 0
     for init in range(1, args.inits + 1):

@@ -196,6 +196,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], raw: bool = Fal
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _g(value: Any, digits: int = 6) -> str:
+    """A number with `digits` significant digits (JSON's "inf" strings and None as they are)."""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return "-" if value is None else str(value)
+
+
 def _word(passed: Any) -> str:
     return '<span class="pass">pass</span>' if passed else '<span class="fail">FAIL</span>'
 
@@ -208,8 +215,8 @@ def _scores(outputs: Mapping[str, Any]) -> str:
                 (
                     _e(name),
                     _e(check["judge"]),
-                    _e(check["value"]),
-                    _e(check["limit"]),
+                    _e(_g(check["value"])),
+                    _e(_g(check["limit"])),
                     _word(check["passed"]),
                     _e(check["reason"]),
                 )
@@ -279,9 +286,9 @@ def _diagnosis(found: Mapping[str, Any] | None) -> str:
     )
     if not found["first"]:
         return head + "<p class='pass'>No tensor diverges: the configurations agree.</p>"
-    rows = [(t["index"], t["name"], t["op_type"], t["snr_db"], ", ".join(t["inputs"]))
+    rows = [(t["index"], t["name"], t["op_type"], _g(t["snr_db"], 3), ", ".join(t["inputs"]))
             for t in found["first"]]  # fmt: skip
-    path = " &rarr; ".join(f"{_e(t['name'])} ({_e(t['snr_db'])} dB)" for t in found["path"])
+    path = " &rarr; ".join(f"{_e(t['name'])} ({_e(_g(t['snr_db'], 3))} dB)" for t in found["path"])
     return (
         head
         + "<p>First divergent tensors, in execution order:</p>"
