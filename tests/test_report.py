@@ -73,7 +73,8 @@ def test_a_nan_output_and_a_2d_output_still_render() -> None:
     """NaN outputs are drawn as 0 with a note; other shapes get an error histogram."""
     rng = np.random.default_rng(0)
     golden = np.sin(np.arange(4096) / 7.0).astype(np.float32)[None, None]
-    signal = np.asarray(Image.open(io.BytesIO(figure_png(golden, np.full_like(golden, np.nan), "x"))))
+    nan = figure_png(golden, np.full_like(golden, np.nan), "x")
+    signal = np.asarray(Image.open(io.BytesIO(nan)))
     grid = rng.standard_normal((8, 40)).astype(np.float32)
     hist = np.asarray(Image.open(io.BytesIO(figure_png(grid, grid + 0.1, "y"))))
     assert signal.shape[0] > 2 * hist.shape[0]  # four rows of plots against one histogram
@@ -97,7 +98,7 @@ def test_without_matplotlib_the_report_says_how_to_get_it(
     demo_factory: guard.mnn.MNNFactory,
     demo_probe: probes.Probe,
 ) -> None:
-    """Rendering without the extra raises MissingExtra naming the pip command; bundles still work."""
+    """Without the extra, rendering raises MissingExtra naming the pip command; nothing is written."""
     path = bundle_of(tmp_path / "d", demo_factory, demo_probe, Fault.NOISE)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if it were not installed
     with pytest.raises(guard.GuardError, match=r"pip install 'mnn-guard\[diagnose\]'"):
