@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml guard guard/tools probes guard/data
 	$(PY) -m pip install --quiet -e '.[test,diagnose]' --config-settings editable_mode=strict
 	touch $(STAMP)
 
+# every failed canary of the demo leaves a bundle with its HTML page in diagnosis/ (at most 20)
 demo: $(STAMP)
-	$(VENV)/bin/mnn-guard demo
+	$(VENV)/bin/mnn-guard demo --diagnose diagnosis
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check guard probes tests
