@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -104,3 +105,18 @@ def test_without_matplotlib_the_report_says_how_to_get_it(
     with pytest.raises(guard.GuardError, match=r"pip install 'mnn-guard\[diagnose\]'"):
         render_report(path)
     assert not (path / "report.html").exists()
+
+
+@pytest.mark.hostile
+def test_report_of_a_folder_without_bundles_is_one_line(tmp_path: Path) -> None:
+    """`mnn-guard report DIR` on a folder that holds no bundle: exit 2 and one line."""
+    run = subprocess.run(
+        [sys.executable, "-m", "guard.tools.cli", "report", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    ours = [line for line in run.stderr.splitlines() if line.startswith("mnn-guard")]
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert len(ours) == 1 and "holds no diagnosis bundle" in ours[0], run.stderr
