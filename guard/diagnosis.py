@@ -589,31 +589,33 @@ class DiagnosisListener(Listener):
         """Where the bundles go."""
         return self.writer.folder
 
-    def record(
-        self, session: str, attempt: Attempt, *, event: str = "init", mnn_log: Sequence[str] = ()
-    ) -> bool:
-        """Note the attempt in the session's history and queue a bundle for it (any outcome)."""
-        now = time.time()
+    def _remember(self, session: str, attempt: Attempt, event: str, now: float) -> tuple[Any, ...]:
+        """Add the attempt to the session's history (the last HISTORY); the history so far."""
+        verdict = attempt.verdict
         entry = {
             "at": datetime.fromtimestamp(now, UTC).isoformat(),
             "event": event,
             "rung": attempt.rung.name,
             "outcome": attempt.outcome.value,
             "seconds": attempt.seconds,
-            "worst_snr_db": _number(
-                attempt.verdict.worst_snr_db if attempt.verdict is not None else None
-            ),
+            "worst_snr_db": _number(verdict.worst_snr_db if verdict is not None else None),
             "summary": attempt.describe(),
         }
         with self._lock:
             history = self._history.setdefault(session, collections.deque(maxlen=HISTORY))
             history.append(entry)
-            snapshot = tuple(history)
+            return tuple(history)
+
+    def record(
+        self, session: str, attempt: Attempt, *, event: str = "init", mnn_log: Sequence[str] = ()
+    ) -> bool:
+        """Note the attempt in the session's history and queue a bundle for it (any outcome)."""
+        now = time.time()
         job = _Job(
             session=session,
             event=event,
             attempt=attempt,
-            history=snapshot,
+            history=self._remember(session, attempt, event, now),
             probe=self.probe,
             factory=self._factory,
             when=now,
@@ -622,15 +624,11 @@ class DiagnosisListener(Listener):
         return self.writer.submit(job)
 
     def _note(self, session: str, attempt: Attempt, event: str) -> None:
-        if not attempt.passed:
+        """A failure gets a bundle; a pass goes into the history the next bundle shows."""
+        if attempt.passed:
+            self._remember(session, attempt, event, time.time())
+        else:
             self.record(session, attempt, event=event)
-            return
-        with self._lock:  # a pass goes into the history that the next bundle shows
-            self._history.setdefault(session, collections.deque(maxlen=HISTORY)).append(
-                {"event": event, "rung": attempt.rung.name, "outcome": "pass",
-                 "seconds": attempt.seconds, "summary": attempt.describe(),
-                 "at": datetime.now(UTC).isoformat()}
-            )  # fmt: skip
 
     def on_attempt(self, session: str, attempt: Attempt) -> None:
         self._note(session, attempt, "init")
