@@ -113,6 +113,7 @@ _HOME = {  # public name -> the runtime module that defines it
 _RUNTIME = frozenset(  # submodules that were attributes when this module imported them all
     {
         "canary",
+        "diagnosis",
         "errors",
         "health",
         "inputs",

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from probes import Verdict
 
 __all__ = [
+    "BundleError",
     "ConfigError",
     "FactoryError",
     "ForkAfterLoad",
@@ -17,6 +18,7 @@ __all__ = [
     "GuardError",
     "InitTimeout",
     "InputMismatch",
+    "MissingExtra",
     "OutputMismatch",
     "PoisonRequest",
     "RecoveryExhausted",
@@ -106,3 +108,11 @@ class RecoveryExhausted(GuardError):
     def verdict(self) -> Verdict | None:
         """The last attempt's verdict."""
         return self.attempts[-1].verdict if self.attempts else None
+
+
+class BundleError(GuardError, ValueError):
+    """A diagnosis bundle folder cannot be read: missing, not a bundle, or damaged."""
+
+
+class MissingExtra(GuardError, ImportError):
+    """A tool needs an optional dependency that is not installed (an extra of mnn-guard)."""

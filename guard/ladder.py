@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -65,7 +66,9 @@ class Policy:
     `recheck_every` re-runs the canary on the live module: an int counts calls, a float or
     timedelta is seconds. `promote_after` seconds after a fallback (or a failure), the faster
     rungs are tried again off the request path. `wait_timeout` bounds how long a `run()` call
-    waits for a replacement module before it raises `Unavailable`.
+    waits for a replacement module before it raises `Unavailable`. `diagnose` names a folder
+    where every failed canary leaves a diagnosis bundle (`guard.diagnosis`), written off the
+    request path and bounded in count and size.
     """
 
     ladder: tuple[Rung, ...] = DEFAULT_LADDER
@@ -77,6 +80,7 @@ class Policy:
     promote_after: float | None = 300.0
     check_finite_inputs: bool = True
     background: bool = True
+    diagnose: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.ladder:
@@ -88,6 +92,9 @@ class Policy:
             raise ConfigError(f"reinit_attempts must be >= 0, got {self.reinit_attempts}")
         if self.canary_runs < 1:
             raise ConfigError(f"canary_runs must be >= 1, got {self.canary_runs}")
+        folder = self.diagnose
+        if folder is not None and (not isinstance(folder, str | os.PathLike) or not str(folder)):
+            raise ConfigError(f"diagnose must be a folder path or None, got {folder!r}")
         for key in ("init_timeout", "wait_timeout", "promote_after"):
             value = getattr(self, key)
             if value is not None and not value > 0:

@@ -643,3 +643,91 @@ def adapt(module: Any) -> Runner:
         f"the factory returned a {type(module).__name__} without a forward() method; "
         "expected a module with .forward(list_of_vars) -> list_of_vars"
     )
+
+
+# ------------------------------------------------------------------------------- diagnosis
+# What a diagnosis needs from MNN: every named tensor of a model file, a forward with any of
+# them as extra outputs, the weights, the build and what MNN prints.
+
+GRAPH_SOURCES = frozenset({"Input", "Const"})  # op types that compute nothing
+
+
+@dataclass(frozen=True, slots=True)
+class TensorNode:
+    """One named tensor of a model file: its operator type and the tensors it reads."""
+
+    name: str
+    op_type: str
+    inputs: tuple[str, ...]
+
+
+def tensor_graph(path: str | os.PathLike[str]) -> list[TensorNode]:
+    """Every named tensor of a model file, in the file's (execution) order."""
+    check_not_forked()
+    with _stdout_to_stderr():
+        variables = F.load_as_list(os.fspath(path))
+    note_load()
+    return [
+        TensorNode(str(v.name), str(v.op_type), tuple(str(i.name) for i in v.inputs))
+        for v in variables
+    ]
+
+
+def constant_arrays(path: str | os.PathLike[str]) -> dict[str, NDArray[Any]]:
+    """The values of a model file's constant tensors (its weights), by name."""
+    check_not_forked()
+    with _stdout_to_stderr():
+        variables = F.load_as_list(os.fspath(path))
+    note_load()
+    return {str(v.name): to_numpy(v) for v in variables if v.op_type == "Const"}
+
+
+def run_tensors(
+    path: str | os.PathLike[str],
+    inputs: Sequence[str],
+    arrays: Sequence[NDArray[Any]],
+    names: Sequence[str],
+    **load_kwargs: Any,
+) -> dict[str, NDArray[Any]]:
+    """Load the model with `names` (any named tensors) as its outputs, forward once, copy out."""
+    check_not_forked()
+    known = {node.name for node in tensor_graph(path)}
+    unknown = sorted(set(inputs) - known) + sorted(set(names) - known)
+    if unknown:  # an unknown name crashes the dynamic load (DESIGN.md)
+        raise ConfigError(f"model {os.fspath(path)!r} has no tensor(s) named {unknown}")
+    kwargs = _load_kwargs(load_kwargs)
+    module = nn.load_module_from_file(os.fspath(path), list(inputs), list(names), **kwargs)
+    note_load()
+    if module is None:
+        raise FactoryError(f"MNN could not load {os.fspath(path)!r} with outputs {list(names)}")
+    result = VarModule(module).run(arrays)
+    if len(result) != len(names):
+        raise FactoryError(f"MNN returned {len(result)} of the {len(names)} tensors asked for")
+    return dict(zip(names, result, strict=True))
+
+
+_build_info: dict[str, str] = {}
+
+
+def build_info() -> dict[str, str]:
+    """The installed MNN: version, wheel tags, and each native library's size and sha256."""
+    import hashlib
+    import importlib.metadata
+
+    if _build_info:
+        return dict(_build_info)
+    info = {"version": mnn_version()}
+    try:
+        dist = importlib.metadata.distribution("MNN")
+    except importlib.metadata.PackageNotFoundError:
+        return info
+    wheel = dist.read_text("WHEEL") or ""
+    info["wheel_tags"] = " ".join(line[5:] for line in wheel.splitlines() if line[:5] == "Tag: ")
+    for file in dist.files or ():
+        if file.name.endswith((".so", ".pyd", ".dylib")):
+            located = file.locate()
+            with contextlib.suppress(OSError), open(located, "rb") as handle:
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+                info[file.name] = f"{os.path.getsize(located)} bytes, sha256 {digest}"
+    _build_info.update(info)  # computed once per process (hashing the libraries takes ~0.1 s)
+    return info

@@ -103,6 +103,10 @@ def wrap(
         chain.append(
             PrometheusListener(name, policy.ladder, registry=registry, buckets=buckets, info=info)
         )
+    if policy.diagnose is not None:  # bundles for failed canaries, written off the request path
+        from guard.diagnosis import DiagnosisListener
+
+        chain.append(DiagnosisListener(policy.diagnose, probe, factory=factory))
     chain.extend(listeners)
     return GuardedSession(
         factory,

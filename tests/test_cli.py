@@ -86,9 +86,14 @@ def test_check_degraded_model_exits_1(demo_paths: tuple[Path, Path], tmp_path: P
             np.float32
         ),
     )
-    chk = cli("check", str(noisy), "--probe", str(demo_paths[1]), "--ignore-model-hash")
+    folder = tmp_path / "bundles"
+    chk = cli(
+        "check", str(noisy), "--probe", str(demo_paths[1]), "--ignore-model-hash",
+        "--diagnose", str(folder),
+    )  # fmt: skip
     assert chk.returncode == 1, chk.stderr
     assert "FAIL" in chk.stdout and "1 of 1 init(s) degraded" in chk.stdout
+    assert len(list(folder.glob("*/bundle.json"))) == 1  # check leaves a bundle by default
 
 
 def test_check_with_a_named_override_passes(demo_paths: tuple[Path, Path]) -> None:
@@ -107,6 +112,27 @@ def test_check_stale_probe_exits_2(demo_paths: tuple[Path, Path], tmp_path: Path
     chk = cli("check", str(other), "--probe", str(demo_paths[1]))
     assert chk.returncode == 2
     assert "stale probe" in chk.stderr
+
+
+def test_demo_leaves_a_rendered_bundle_per_failed_canary_when_asked(tmp_path: Path) -> None:
+    """`demo --diagnose DIR`: a caught fault leaves a bundle whose page shows golden and actual."""
+    folder = tmp_path / "bundles"
+    run = cli(
+        "demo", "--sessions", "3", "--requests", "1", "--rate", "0.3", "--seed", "7",
+        "--port", "-1", "--diagnose", str(folder),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "diagnosis: 1 bundle(s) with report.html in" in run.stdout
+    (bundle,) = folder.iterdir()
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert (manifest["session"], manifest["outcome"], manifest["rung"]["name"]) == (
+        "vocoder", "fail", "static",
+    )  # fmt: skip
+    with np.load(bundle / "golden.npz") as golden, np.load(bundle / "actual.npz") as actual:
+        assert sorted(golden.files) == sorted(actual.files) == ["case0/wav", "case1/wav"]
+        assert not np.array_equal(golden["case0/wav"], actual["case0/wav"])
+    page = (bundle / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "Golden and actual outputs" in page
 
 
 def test_demo_serves_no_degraded_output() -> None:

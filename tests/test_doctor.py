@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import probes
+from guard.diagnosis import find_bundles, read_bundle
 from guard.testing import FaultyFactory
 from guard.tools import demo
 from guard.tools.doctor import DoctorReport, RungReport, doctor_json, format_doctor, run_doctor
@@ -182,17 +183,24 @@ def test_cli_json_is_clean_and_exits_0(demo_paths: tuple[Path, Path]) -> None:
 
 @pytest.mark.slow
 def test_cli_exits_1_on_a_degraded_model(demo_paths: tuple[Path, Path], tmp_path: Path) -> None:
-    """A rebuilt model with 1% weight noise vs the shipped probe: every start degraded, exit 1."""
+    """A rebuilt model with 1% weight noise vs the shipped probe: every start degraded, exit 1,
+    and a rendered diagnosis bundle for each of the 4 failed canaries."""
     noisy = tmp_path / "noisy.mnn"
     rng = np.random.default_rng(3)
     demo.build_vocoder(
         noisy, weight_transform=lambda w: w * (1 + 0.01 * rng.standard_normal(w.shape))
     )
-    done = doctor_cli(noisy, demo_paths[1], "--ignore-model-hash")
+    folder = tmp_path / "bundles"
+    done = doctor_cli(noisy, demo_paths[1], "--ignore-model-hash", "--diagnose", str(folder))
     assert done.returncode == 1, done.stderr
     data = json.loads(done.stdout)
     assert data["degraded"] is True
     assert [(r["name"], r["degraded"]) for r in data["rungs"]] == [("static", 2), ("dynamic", 2)]
+    bundles = [read_bundle(b) for b in find_bundles(folder)]
+    assert sorted(b.manifest["rung"]["name"] for b in bundles) == ["dynamic"] * 2 + ["static"] * 2
+    assert all((b.path / "report.html").is_file() for b in bundles)
+    assert all(b.manifest["model"]["sha256"] == probes.file_sha256(noisy) for b in bundles)
+    assert done.stderr.count("diagnosis bundle: ") == 4
 
 
 @pytest.mark.slow

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from guard.canary import init_and_check
+from guard.canary import Canary, init_and_check
 from guard.ladder import STATIC_LOAD
 from guard.tools.output import text_table
 from probes import OutputScore, Probe
@@ -59,12 +60,19 @@ def run_check(
     *,
     inits: int,
     model: str = "",
+    on_failure: Callable[[Canary, float], None] | None = None,
 ) -> CheckReport:
-    """Initialise `factory(**overrides)` `inits` times; judge each init's canary (2 runs)."""
+    """Initialise `factory(**overrides)` `inits` times; judge each init's canary (2 runs).
+
+    `on_failure(canary, seconds)` is told of every failed canary (a diagnosis bundle, say).
+    """
     results = []
     for init in range(1, inits + 1):
+        start = time.perf_counter()
         canary = init_and_check(factory, overrides, probe, CANARY_RUNS)[1]
         verdict = canary.verdict
+        if on_failure is not None and not verdict.passed:
+            on_failure(canary, time.perf_counter() - start)
         results.append(
             InitCheck(
                 init=init,

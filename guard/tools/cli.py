@@ -1,4 +1,4 @@
-"""The `mnn-guard` command line: inspect, record, check, demo, doctor, bench.
+"""The `mnn-guard` command line: inspect, record, check, demo, doctor, bench, diagnose, report.
 
 argparse lives here and nowhere else. A subcommand imports its tool (and MNN) when it runs, so
 `mnn-guard --help` stays fast. A user error (a bad argument, a model or probe that cannot be
@@ -17,13 +17,15 @@ import sys
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
+    from guard.canary import Canary
+    from guard.diagnosis import DiagnosisListener
     from guard.mnn import MNNFactory
     from probes import Probe
 
@@ -34,6 +36,7 @@ EXIT_DEGRADED = 1  # a degraded init, start or output was found
 EXIT_USAGE = 2  # a user error: a bad argument, an unreadable input, an unwritable output
 MAX_CANARY_ELEMENTS = 1 << 26  # per --shape input: 256 MiB of float32
 DEMO_FRAMES = 100  # the demo vocoder's input length in `bench`
+DIAGNOSIS_DIR = "mnn-guard-diagnosis"  # check's and doctor's bundle folder unless told otherwise
 
 
 class UsageError(Exception):
@@ -271,6 +274,67 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _diagnosis(folder: str | None, probe: Probe, factory: MNNFactory) -> DiagnosisListener | None:
+    """The bundle writer for --diagnose DIR (None with --no-diagnose); a bad folder is refused."""
+    if folder is None:
+        return None
+    from guard.diagnosis import DiagnosisListener
+    from guard.errors import ConfigError
+
+    try:
+        return DiagnosisListener(folder, probe, factory=factory)
+    except ConfigError as exc:
+        raise UsageError(f"--diagnose: {exc}") from None
+
+
+def _diagnosis_folder(folder: str) -> None:
+    """Refuse a --diagnose folder that cannot be created or written, before any work starts."""
+    from guard.diagnosis import writer_for
+    from guard.errors import ConfigError
+
+    try:
+        writer_for(folder)
+    except ConfigError as exc:
+        raise UsageError(f"--diagnose: {exc}") from None
+
+
+def _bundler(listener: DiagnosisListener, overrides: Mapping[str, Any]) -> Callable[..., None]:
+    """`check`'s failed canaries as attempts on a rung named by the overrides, each bundled."""
+    from types import MappingProxyType
+
+    from guard.ladder import Attempt, Outcome, Rung
+
+    named = ",".join(f"{k}={v}" for k, v in overrides.items()) or "static"
+    rung = Rung(named, MappingProxyType(dict(overrides)))
+
+    def bundle(canary: Canary, seconds: float) -> None:
+        failed = Attempt(
+            rung, 0, Outcome.FAIL, canary.verdict, None, seconds, canary.failed_outputs
+        )
+        listener.record("check", failed, mnn_log=canary.notes)
+        listener.flush()  # a tool waits for its bundles; the queue never drops one
+
+    return bundle
+
+
+def _reports(listener: DiagnosisListener | None, before: int) -> list[str]:
+    """Wait for the bundles written since `before`, render their pages; one line each."""
+    if listener is None:
+        return []
+    from guard.errors import MissingExtra
+
+    listener.flush()
+    lines = []
+    for bundle in listener.writer.since(before):
+        try:
+            from guard.tools.report import render_report
+
+            lines.append(f"diagnosis bundle: {bundle} (report: {render_report(bundle)})")
+        except MissingExtra as exc:
+            lines.append(f"diagnosis bundle: {bundle} ({exc})")
+    return lines
+
+
 # --------------------------------------------------------------- subcommands
 
 
@@ -324,8 +388,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     from guard.wrapping import check_probe
 
     check_probe(factory, probe, model_hash=not args.ignore_model_hash)
-    report = run_check(factory, probe, overrides, inits=args.inits, model=args.model)
+    listener = _diagnosis(args.diagnose, probe, factory)
+    before = listener.writer.total if listener is not None else 0
+    report = run_check(
+        factory,
+        probe,
+        overrides,
+        inits=args.inits,
+        model=args.model,
+        on_failure=_bundler(listener, overrides) if listener is not None else None,
+    )
     print(check_json(report) if args.json else format_check(report))
+    for line in _reports(listener, before):
+        _say(line) if args.json else print(line)
     return EXIT_DEGRADED if report.degraded else EXIT_OK
 
 
@@ -333,6 +408,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Guard many inits of the demo vocoder with injected faults; exit 1 if any was served."""
     from guard.tools.demo_job import demo_json, format_demo, run_demo
 
+    if args.diagnose is not None:
+        _diagnosis_folder(args.diagnose)
     report = run_demo(
         sessions=args.sessions,
         requests=args.requests,
@@ -341,8 +418,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         port=None if args.port < 0 else args.port,
         quiet=not args.verbose,
         progress=_say,
+        diagnose=args.diagnose,
     )
     print(demo_json(report) if args.json else format_demo(report))
+    if report.bundles:
+        from guard.errors import MissingExtra
+        from guard.tools.report import render_report
+
+        try:
+            pages = [render_report(b) for b in report.bundles]
+            line = f"diagnosis: {len(pages)} bundle(s) with report.html in {args.diagnose}"
+        except MissingExtra as exc:
+            line = f"diagnosis: {len(report.bundles)} bundle(s) in {args.diagnose} ({exc})"
+        _say(line) if args.json else print(line)
     return EXIT_DEGRADED if report.degraded else EXIT_OK
 
 
@@ -355,8 +443,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from guard.wrapping import check_probe
 
     check_probe(factory, probe, model_hash=not args.ignore_model_hash)
-    report = run_doctor(factory, probe, starts=args.starts, processes=args.processes, progress=_say)
+    listener = _diagnosis(args.diagnose, probe, factory)
+    before = listener.writer.total if listener is not None else 0
+    report = run_doctor(
+        factory,
+        probe,
+        starts=args.starts,
+        processes=args.processes,
+        progress=_say,
+        diagnose=listener,
+    )
     print(doctor_json(report) if args.json else format_doctor(report, args.model))
+    for line in _reports(listener, before):
+        _say(line)  # stdout holds only the report (--json)
     return EXIT_DEGRADED if report.degraded else EXIT_OK
 
 
@@ -389,6 +488,59 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_bench(report))
     if json_path is not None:
         json_path.write_text(bench_json(report))
+    return EXIT_OK
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """Compare every named tensor of the suspect and reference configurations; exit 1 if any
+    diverges."""
+    probe = _probe(args.probe, None if args.ignore_model_hash else _model_file(args.model))
+    overrides = _load_options("--override", args.override)
+    reference = _load_options("--reference", args.reference) if args.reference else None
+    reference_model = _model_file(args.reference_model) if args.reference_model else None
+    bundle = None
+    if args.bundle is not None:
+        from guard.diagnosis import read_bundle
+
+        bundle = read_bundle(args.bundle).path  # a BundleError is a user error
+    _model(args.model, probe.input_names, probe.output_names, args.threads)
+
+    from guard.tools.diagnose import diagnosis_json, format_diagnosis, run_diagnose
+
+    found = run_diagnose(
+        args.model,
+        probe,
+        overrides=overrides,
+        reference_model=reference_model,
+        reference=reference,
+        threshold_db=args.threshold_db,
+        tries=args.tries,
+        threads=args.threads,
+        progress=_say,
+    )
+    print(diagnosis_json(found) if args.json else format_diagnosis(found))
+    if bundle is not None:
+        from guard.errors import MissingExtra
+        from guard.tools.report import render_report
+
+        (bundle / "diagnosis.json").write_text(diagnosis_json(found))
+        try:
+            _say(f"diagnosis added to {bundle} (report: {render_report(bundle)})")
+        except MissingExtra as exc:
+            _say(f"diagnosis added to {bundle} ({exc})")
+    return EXIT_DEGRADED if found.diverged else EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the HTML page of a bundle (or of every bundle in a folder)."""
+    from guard.tools.report import render_folder, render_report
+
+    if args.out is not None:
+        out = _writable("-o", args.out, folder=False)
+        print(render_report(args.bundle, out))
+        return EXIT_OK
+    for page in render_folder(args.bundle):
+        print(page)
     return EXIT_OK
 
 
@@ -472,6 +624,7 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--threads", type=_count, default=1)
     chk.add_argument("--ignore-model-hash", action="store_true", help=hash_help)
     chk.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    _diagnose_flags(chk)
     chk.set_defaults(func=cmd_check)
 
     demo = sub.add_parser("demo", help="guard many inits of the demo vocoder with injected faults")
@@ -481,6 +634,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=_seed, default=2026)
     demo.add_argument("--port", type=_port, default=0, help="metrics port (0 free, -1 none)")
     demo.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    demo.add_argument("--diagnose", metavar="DIR", help="leave a bundle per failed canary in DIR")
     demo.set_defaults(func=cmd_demo)
 
     doc = sub.add_parser(
@@ -493,6 +647,7 @@ def _parser() -> argparse.ArgumentParser:
     doc.add_argument("--threads", type=_count, default=1, help="MNN threads per process")
     doc.add_argument("--json", action="store_true", help="print only JSON on stdout")
     doc.add_argument("--ignore-model-hash", action="store_true", help=hash_help)
+    _diagnose_flags(doc)
     doc.set_defaults(func=cmd_doctor)
 
     bench = sub.add_parser("bench", help="measure what the guard costs, side by side with raw MNN")
@@ -504,7 +659,62 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="fewer rounds (for tests)")
     bench.add_argument("--json", help="also write the report as JSON to this file")
     bench.set_defaults(func=cmd_bench)
+
+    _diagnosis_commands(sub, hash_help)
     return parser
+
+
+def _diagnosis_commands(sub: Any, hash_help: str) -> None:
+    """The `diagnose` and `report` subcommands."""
+    dia = sub.add_parser(
+        "diagnose", help="name the first tensors where a suspect configuration diverges"
+    )
+    dia.add_argument("model", help="the suspect .mnn model file")
+    dia.add_argument("--probe", required=True, help="probe folder: its canary inputs are used")
+    dia.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        type=_option,
+        help="KEY=VALUE load option of the suspect",
+    )
+    dia.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        type=_option,
+        help="KEY=VALUE load option of the reference (default: the probe's, e.g. dynamic=true)",
+    )
+    dia.add_argument("--reference-model", help="the reference .mnn file (default: MODEL)")
+    dia.add_argument(
+        "--threshold-db", type=float, default=None, help="SNR below which a tensor diverges "
+        "(default: the probe's min_snr_db)"
+    )  # fmt: skip
+    dia.add_argument("--tries", type=_count, default=1, help="suspect loads until one diverges")
+    dia.add_argument("--threads", type=_count, default=1)
+    dia.add_argument("--bundle", help="add the diagnosis to this bundle and re-render its page")
+    dia.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    dia.add_argument("--ignore-model-hash", action="store_true", help=hash_help)
+    dia.set_defaults(func=cmd_diagnose)
+
+    rep = sub.add_parser("report", help="write the HTML page of a diagnosis bundle")
+    rep.add_argument("bundle", help="a bundle folder, or a folder of bundles")
+    rep.add_argument("-o", "--out", help="write the page here (one bundle only)")
+    rep.set_defaults(func=cmd_report)
+
+
+def _diagnose_flags(parser: argparse.ArgumentParser) -> None:
+    """--diagnose DIR (default mnn-guard-diagnosis) and --no-diagnose."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--diagnose",
+        metavar="DIR",
+        default=DIAGNOSIS_DIR,
+        help=f"leave a bundle per failed canary in DIR (default ./{DIAGNOSIS_DIR})",
+    )
+    group.add_argument(
+        "--no-diagnose", dest="diagnose", action="store_const", const=None, help="no bundles"
+    )
 
 
 def _refuse(command: str, message: str) -> int:

@@ -7,17 +7,21 @@ JSON.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry
 
 import probes
 from guard import mnn
+from guard.diagnosis import writer_for
 from guard.errors import RecoveryExhausted
 from guard.ladder import Action, Attempt, Policy, Rung
 from guard.listeners import Listener
@@ -60,6 +64,7 @@ class DemoReport:
     served: int
     bad: int
     seconds: float
+    bundles: tuple[Path, ...] = ()  # diagnosis bundles left by failed canaries (--diagnose)
 
     @property
     def degraded(self) -> bool:
@@ -83,11 +88,13 @@ def run_demo(
     port: int | None = None,
     quiet: bool = True,
     progress: Callable[[str], None] | None = None,
+    diagnose: str | os.PathLike[str] | None = None,
 ) -> DemoReport:
     """Build `sessions` guarded sessions over a faulty demo factory; serve and judge `requests`.
 
     `port` serves the metrics while the demo runs (0 picks a free port). With `quiet` the
-    guard's per-init warnings are silenced for the run (the report says what happened).
+    guard's per-init warnings are silenced for the run (the report says what happened). With
+    `diagnose`, every failed canary leaves a bundle in that folder (`Policy.diagnose`).
     """
     say = progress or (lambda _: None)
     with quiet_log() if quiet else contextlib.nullcontext():
@@ -101,12 +108,20 @@ def run_demo(
                 server = serve(port=port, registry=registry)
                 stack.callback(server.close)
                 say(f"metrics: {server.url}/metrics  ready: {server.url}/readyz")
-            return _serve_sessions(probe, registry, sessions, requests, rate, seed, say)
+            policy = Policy(promote_after=None, background=False, diagnose=diagnose)
+            writer = None if diagnose is None else writer_for(diagnose)
+            mark = 0 if writer is None else writer.total
+            report = _serve_sessions(probe, registry, policy, sessions, requests, rate, seed, say)
+        if writer is None:
+            return report
+        writer.flush()
+        return dataclasses.replace(report, bundles=tuple(writer.since(mark)))
 
 
 def _serve_sessions(
     probe: probes.Probe,
     registry: CollectorRegistry,
+    policy: Policy,
     sessions: int,
     requests: int,
     rate: float,
@@ -126,7 +141,6 @@ def _serve_sessions(
     del reference_module
     tally = DemoTally()
     injected = served = bad = exhausted = 0
-    policy = Policy(promote_after=None, background=False)
     start = time.perf_counter()
     every = max(1, sessions // 20)
     for k in range(sessions):
@@ -180,6 +194,7 @@ def format_demo(report: DemoReport) -> str:
         ("outputs served", str(report.served)),
         ("degraded outputs served", str(report.bad)),
         ("wall time", f"{report.seconds:.1f} s"),
+        *((("diagnosis bundles kept", str(len(report.bundles))),) if report.bundles else ()),
     ]
     faults = ", ".join(f.value for f in FAULTS)
     title = f"mnn-guard demo: demo vocoder, {report.rate:.0%} of static inits degraded ({faults})"

@@ -21,12 +21,14 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from guard.diagnosis import DiagnosisListener
 from guard.errors import ConfigError
-from guard.ladder import DEFAULT_LADDER, Rung
+from guard.ladder import DEFAULT_LADDER, Attempt, Outcome, Rung
 from guard.pool import load_stashed_probe, remove_stash, stash_probe
 from guard.session import Factory
 from guard.tools.output import text_table
@@ -108,8 +110,12 @@ def _measure(rung: Rung, factory: Factory, probe: Probe, forward_runs: int) -> d
         module = mnn.adapt(loaded)
         result["init_s"] = time.perf_counter() - start
         result["loaded_static"] = report.turned_static
-        verdict = run_canary(module, probe, CANARY_RUNS).verdict
+        canary = run_canary(module, probe, CANARY_RUNS)
+        verdict = canary.verdict
         result["passed"] = verdict.passed
+        if not verdict.passed:  # for a diagnosis bundle, written by the parent
+            result["verdict"] = verdict
+            result["outputs"] = canary.failed_outputs
         result["snr_db"] = verdict.worst_snr_db
         result["reasons"] = list(verdict.reasons[:MAX_REASONS])
         inputs = [probe.cases[0].inputs[n] for n in probe.input_names]
@@ -136,6 +142,26 @@ def _start_main(
 
 
 # ------------------------------------------------------------------ the parent
+
+
+def _bundle(
+    rungs: tuple[Rung, ...],
+    diagnose: DiagnosisListener | None,
+    written: list[int],
+    result: dict[str, Any],
+) -> None:
+    """Leave a bundle for a start's failed canary (its outputs are dropped from the result)."""
+    outputs = result.pop("outputs", None)
+    verdict = result.pop("verdict", None)
+    if diagnose is None or verdict is None or written[0] >= diagnose.writer.max_bundles:
+        return
+    index = next(i for i, r in enumerate(rungs) if r.name == result["rung"])
+    attempt = Attempt(
+        rungs[index], index, Outcome.FAIL, verdict, None, result.get("init_s", 0.0), outputs or {}
+    )
+    diagnose.record("doctor", attempt)
+    diagnose.flush()  # a tool waits for its bundles; the queue never drops one
+    written[0] += 1
 
 
 @dataclass(eq=False)
@@ -223,6 +249,7 @@ def _run_starts(
     forward_runs: int,
     start_timeout: float,
     say: Callable[[str], None],
+    on_result: Callable[[dict[str, Any]], None],
 ) -> list[list[dict[str, Any]]]:
     """Run every start in its own spawned process, `processes` at a time; results per start."""
     ctx = multiprocessing.get_context("spawn")
@@ -248,7 +275,10 @@ def _run_starts(
             wait([s.conn for s in running], timeout=1.0)
             for start in list(running):
                 results = per_start[start.index]
+                seen = len(results)
                 open_ = _drain(start, results)
+                for result in results[seen:]:
+                    on_result(result)
                 late = time.perf_counter() - start.began > start_timeout
                 if open_ and not late and len(results) < len(rungs):
                     continue
@@ -287,11 +317,12 @@ def run_doctor(
     forward_runs: int = FORWARD_RUNS,
     start_timeout: float = START_TIMEOUT,
     progress: Callable[[str], None] | None = None,
+    diagnose: DiagnosisListener | None = None,
 ) -> DoctorReport:
     """Run `starts` fresh spawned processes, at most `processes` at a time; summarise per rung.
 
     `factory` must pickle (it is sent to every process). `progress` gets one line per finished
-    start.
+    start. With `diagnose`, each failed canary leaves a bundle (the first `max_bundles` of them).
     """
     from guard.mnn import mnn_version
 
@@ -314,6 +345,7 @@ def run_doctor(
             forward_runs,
             start_timeout,
             progress or (lambda _: None),
+            partial(_bundle, rungs, diagnose, [0]),
         )
     finally:
         remove_stash(probe_path)
