@@ -13,7 +13,7 @@ from guard.errors import InputMismatch
 from probes import InputSpec
 from probes.signature import format_shape
 
-__all__ = ["InputChecker", "describe", "prepare_inputs"]
+__all__ = ["InputChecker", "check_input", "describe", "prepare_inputs"]
 
 
 def _square_sum(value: NDArray[Any]) -> float:
@@ -92,6 +92,11 @@ def _plain(spec: InputSpec, value: np.ndarray[Any, Any]) -> NDArray[Any]:
                 "the mask); fill them (np.ma.filled) or pass a plain array",
             )
     return np.asarray(value)
+
+
+def check_input(spec: InputSpec, value: Any, *, check_finite: bool = True) -> NDArray[Any]:
+    """One input checked and cast as `run()` does: the exact array MNN will be given."""
+    return _check_one(spec, value, check_finite)
 
 
 def _check_one(spec: InputSpec, value: Any, check_finite: bool) -> NDArray[Any]:

@@ -57,6 +57,7 @@ __all__ = [
     "check_not_forked",
     "inspect",
     "load",
+    "mnn_dtype",
     "mnn_factory",
     "mnn_version",
     "note_load",
@@ -88,6 +89,21 @@ _DTYPES: dict[np.dtype[Any], Any] = {
     np.dtype(np.int8): F.int8,
 }
 SUPPORTED_DTYPES = tuple(str(d) for d in _DTYPES)
+_WIDER = {np.dtype(np.float64): np.dtype(np.float32), np.dtype(np.int64): np.dtype(np.int32)}
+
+
+def mnn_dtype(dtype: np.dtype[Any]) -> str:
+    """The dtype MNN takes for arrays of `dtype`: itself, or float32 for float64, int32 for int64.
+
+    Raises ConfigError for any other dtype (MNN would misread it).
+    """
+    found = dtype if dtype in _DTYPES else _WIDER.get(dtype)
+    if found is None:
+        raise ConfigError(
+            f"dtype {dtype} is not supported by MNN's Python API; use one of {SUPPORTED_DTYPES}"
+        )
+    return str(found)
+
 
 _state = threading.Lock()
 _loaded_pid: int | None = None

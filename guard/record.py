@@ -11,6 +11,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guard import mnn
+from guard.errors import ConfigError, InputMismatch
+from guard.inputs import check_input
 from probes.errors import ProbeError
 from probes.judges import Thresholds, snr_db
 from probes.probe import Case, Probe, ProbeMeta
@@ -23,31 +25,18 @@ Array = NDArray[Any]
 Derive = bool | Mapping[str, int | None]
 """Which inputs a derived canary rolls: True (those with a declared dynamic axis, along it),
 False (no derived canary), or {name: axis} (None: the input's last dynamic axis, else its last)."""
-_SAFE_CASTS = {np.dtype(np.float64): np.dtype(np.float32), np.dtype(np.int64): np.dtype(np.int32)}
-SUPPORTED = frozenset(np.dtype(t) for t in (np.float32, np.int32, np.int8, np.uint8))
 
 
 def as_input_array(name: str, value: Any) -> Array:
-    """A canary input as an array of a dtype MNN takes (float64 -> float32, int64 -> int32)."""
-    arr = np.asarray(value)
-    if arr.dtype in _SAFE_CASTS:
-        target = _SAFE_CASTS[arr.dtype]
-        i32 = np.iinfo(np.int32)
-        if target.kind == "i" and arr.size and (arr.min() < i32.min or arr.max() > i32.max):
-            raise ProbeError(f"input {name!r}: int64 values do not fit in int32")
-        arr = arr.astype(target)
-    if arr.dtype not in SUPPORTED:
-        raise ProbeError(
-            f"input {name!r}: dtype {arr.dtype} is not supported; use one of "
-            f"{sorted(str(d) for d in SUPPORTED)}"
-        )
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-        raise ProbeError(f"input {name!r}: canary inputs must be finite (found NaN or Inf)")
-    if arr.size == 0:
-        raise ProbeError(
-            f"input {name!r}: canary inputs must not be empty (shape {list(arr.shape)})"
-        )
-    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # 0-d stays 0-d
+    """A canary input as `run()` will take it: the plain array, in the dtype MNN takes for it
+    (float64 -> float32, int64 -> int32, values checked to fit), finite, non-empty."""
+    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    try:
+        spec = InputSpec(name=name, dtype=mnn.mnn_dtype(arr.dtype), shape=tuple(arr.shape))
+        checked = check_input(spec, arr)
+    except (ConfigError, InputMismatch) as exc:
+        raise ProbeError(f"canary input {name!r}: {exc}") from exc
+    return checked if checked.flags.c_contiguous else np.ascontiguousarray(checked)  # 0-d stays
 
 
 def _signature(

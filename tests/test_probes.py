@@ -302,9 +302,11 @@ def test_record_refuses_a_stale_reference(demo_factory: guard.mnn.MNNFactory) ->
 @pytest.mark.parametrize(
     ("inputs", "kwargs", "message"),
     [
-        ({"mel": np.full((1, 80, 10), np.nan, np.float32)}, {}, "canary inputs must be finite"),
+        ({"mel": np.full((1, 80, 10), np.nan, np.float32)}, {}, "800 NaN/Inf values"),
         ({"spec": demo.demo_mel(10)}, {}, "the model takes ['mel']"),
         ({"mel": demo.demo_mel(10).astype(np.complex64)}, {}, "dtype complex64 is not supported"),
+        ({"mel": np.full((1, 80, 10), 2**40, np.int64)}, {}, "outside the int32 range"),
+        ({"mel": np.zeros((1, 80, 0), np.float32)}, {}, "the array is empty"),
         ({"mel": demo.demo_mel(10)}, {"runs": 1}, "runs must be at least 2"),
         (
             {"mel": demo.demo_mel(10)},
@@ -318,7 +320,17 @@ def test_record_refuses_a_stale_reference(demo_factory: guard.mnn.MNNFactory) ->
         ),
         ([], {}, "non-empty list"),
     ],
-    ids=["nan input", "wrong name", "dtype", "runs", "range", "unknown dynamic", "empty"],
+    ids=[
+        "nan input",
+        "wrong name",
+        "dtype",
+        "int64 too large",
+        "empty array",
+        "runs",
+        "range",
+        "unknown dynamic",
+        "empty",
+    ],
 )
 def test_record_rejects_bad_arguments(
     demo_factory: guard.mnn.MNNFactory, inputs: Any, kwargs: dict[str, Any], message: str
