@@ -24,6 +24,8 @@ class Call(enum.StrEnum):
     FAILED = "failed"  # the session had no module: every rung failed (RecoveryExhausted)
     CLOSED = "closed"  # the session was closed (SessionClosed)
 
+    __hash__ = str.__hash__  # hashed on every call (metrics): str's C hash, not Enum's Python one
+
 
 class Listener:
     """No-op base: override only the events you need."""

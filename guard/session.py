@@ -371,7 +371,8 @@ class GuardedSession:
             self._ran(self._rung_index, start, Call.INVALID)
             raise
         with self._lock:  # the condition's own lock (Condition.__enter__ costs a Python call)
-            refused = None if self._state in LIVE else self._await_module()
+            live = self._live  # set exactly in the live states (`_to`)
+            refused = None if live is not None else self._await_module()
             index = self._rung_index
             if refused is None:
                 live = self._live

@@ -110,6 +110,8 @@ def log_spectral_distance(golden: Array, actual: Array) -> float | None:
     g, a = _signal_1d(golden), _signal_1d(actual)
     if g is None or a is None or g.size != a.size:
         return None
+    if np.array_equal(g, a):  # a healthy module's canary often is: every bin's ratio is 1
+        return 0.0
     n = min(512, g.size)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         frames = np.stack([_frames(g, n), _frames(a, n)])

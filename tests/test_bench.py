@@ -13,11 +13,13 @@ from guard.tools import bench, cli
 
 FIELDS = {
     "quick", "model", "builtin", "inputs", "frames", "cpus", "mnn_version", "seconds", "hot",
-    "dynamic", "healthy", "recheck", "pool", "memory", "tiny", "judge",
+    "dynamic", "healthy", "recheck", "pool", "memory", "small", "tiny", "judge", "startup",
 }  # fmt: skip
 SECTIONS = {
     "hot": bench.HotPath,
+    "small": bench.HotPath,
     "tiny": bench.HotPath,
+    "startup": bench.Startup,
     "dynamic": bench.Speedup,
     "healthy": bench.TimeToHealthy,
     "recheck": bench.Recheck,
@@ -55,22 +57,29 @@ def test_json_has_every_field(report_json: dict[str, Any]) -> None:
 
 def test_measurements_are_real_numbers(report_json: dict[str, Any]) -> None:
     """Timings and rates are finite and positive; ratios agree with the timings they come from."""
-    for name in ("hot", "tiny"):
+    for name in ("hot", "small", "tiny"):
         hot = report_json[name]
         for key in ("guarded_us", "guarded_no_metrics_us", "raw_us", "ratio"):
             assert math.isfinite(hot[key]) and hot[key] > 0, (name, key)
         # ratio and added time are medians over the same (odd number of) rounds' pairs: they
         # agree in direction exactly (the medians per side need not, on a busy machine)
         assert (hot["ratio"] < 1.0) == (hot["added_us"] > 0.0)
-        assert isinstance(hot["met"], bool)
+    assert isinstance(report_json["hot"]["met"], bool)  # the vocoder: a model of 2 ms or more
+    assert isinstance(report_json["small"]["met"], bool)
+    assert report_json["tiny"]["met"] is None  # reported only
     healthy = report_json["healthy"]
     assert healthy["canary_forwards"] == 4  # 2 canary runs x 2 cases
     assert healthy["wrap_ms"] > 0 and healthy["raw_ms"] > 0 and healthy["judging_ms"] > 0
+    assert healthy["met"] is (healthy["added_ms"] <= bench.HEALTHY_ADDED_MS_TARGET)
+    startup = report_json["startup"]
+    assert 0 < startup["import_s"] < startup["help_s"]  # --help includes interpreter start
     assert report_json["judge"]["judge_ms"] > 0
     assert report_json["dynamic"]["speedup"] > 0
     assert report_json["dynamic"]["dynamic_ignored"] is False
     assert report_json["recheck"]["recheck_ms"] > 0
     assert all(p["requests_per_s"] > 0 for p in report_json["pool"])
+    for p in report_json["pool"]:  # efficiency against N x the raw single-process rate
+        assert p["efficiency"] > 0 and (p["met"] is None) == (p["target"] == bench.REPORT)
     memory = report_json["memory"]
     assert memory["inits"] == 2 * memory["cycles"]  # each cycle: a degraded init, then a clean one
     assert memory["rss_end_mb"] > 0
@@ -94,10 +103,12 @@ def test_table_lists_every_measure(report_json: dict[str, Any]) -> None:
         return [line for line in part.splitlines() if line.startswith("| ") and "---" not in line]
 
     assert len(rows(model_part)) == 1 + 7  # header + one row per measure of the model
-    assert len(rows(reference_part)) == 1 + 2  # header + the tiny model and the 1 s judgement
+    assert len(rows(reference_part)) == 1 + 4  # header + small, tiny, 1 s judgement, startup
     assert "tiny built-in model" in reference_part and "tiny" not in model_part
+    assert "small built-in model" in reference_part
     flagged = [r for r in rows(table) if r.endswith(("| met |", "| **MISSED** |"))]
-    assert len(flagged) == 4  # the four targets carry a verdict
+    judged = [p for p in report.pool if p.met is not None]
+    assert len(flagged) == 6 + len(judged)  # every target carries a verdict
     assert table.count("MISSED") == len(report.missed)
 
 
