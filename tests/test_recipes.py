@@ -85,6 +85,32 @@ def healthy_pids(url: str) -> set[int]:
     }
 
 
+def two_ready_workers(url: str, server: subprocess.Popen[bytes]) -> set[int]:
+    """Wait until /readyz at `url` is 200 listing two worker pids; return them."""
+
+    def both_ready() -> set[int] | None:
+        answer = readiness(url)
+        ok = answer is not None and answer[0] == 200 and len(pids(answer[1])) == 2
+        return pids(answer[1]) if ok and answer is not None else None
+
+    return until("two ready workers", both_ready, server)
+
+
+def kill_one_and_follow(url: str, server: subprocess.Popen[bytes], workers: set[int]) -> None:
+    """kill -9 one worker; readiness must list its replacement instead, and /metrics drop it."""
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> set[int] | None:
+        answer = readiness(url)
+        now = pids(answer[1]) if answer is not None and answer[0] == 200 else set()
+        return now if len(now) == 2 and victim not in now else None
+
+    second = until("a ready replacement worker", replaced, server)
+    assert len(second & workers) == 1
+    until("metrics without the dead worker", lambda: healthy_pids(url) == second or None, server)
+
+
 def stop(server: subprocess.Popen[bytes]) -> None:
     """SIGTERM and wait, then SIGKILL the whole group if it lingers."""
     if server.poll() is None:
@@ -142,28 +168,11 @@ def test_gunicorn_readiness_and_metrics_follow_a_killed_worker(
     """The master's /readyz lists both workers' sessions; after kill -9 of one, the replacement
     is listed instead, and /metrics no longer shows the dead worker's health series."""
     server, app, metrics = gunicorn
-
-    def both_ready() -> set[int] | None:
-        answer = readiness(metrics)
-        ok = answer is not None and answer[0] == 200 and len(pids(answer[1])) == 2
-        return pids(answer[1]) if ok and answer is not None else None
-
-    first = until("two ready workers", both_ready, server)
+    first = two_ready_workers(metrics, server)
     status, body = get(app + "/?frames=30")
     assert status == 200 and json.loads(body)["samples"] > 0
     assert healthy_pids(metrics) == first
-    victim = min(first)
-    os.kill(victim, signal.SIGKILL)
-
-    def replaced() -> set[int] | None:
-        now = both_ready()
-        return now if now is not None and victim not in now else None
-
-    second = until("a ready replacement worker", replaced, server)
-    assert len(second & first) == 1
-    assert until(
-        "metrics without the dead worker", lambda: healthy_pids(metrics) == second or None, server
-    )
+    kill_one_and_follow(metrics, server, first)
     assert get(metrics + "/healthz")[0] == 200
 
 
@@ -206,27 +215,10 @@ def test_uvicorn_two_workers_share_readiness_and_metrics(multiproc_env: dict[str
         start_new_session=True,
     )
     try:
-
-        def both_ready() -> set[int] | None:
-            answer = readiness(url)
-            ok = answer is not None and answer[0] == 200 and len(pids(answer[1])) == 2
-            return pids(answer[1]) if ok and answer is not None else None
-
-        first = until("two ready workers", both_ready, server)
+        first = two_ready_workers(url, server)
         status, body = get(url + "/synthesize")
         assert status == 200 and json.loads(body)["pid"] in first
         assert healthy_pids(url) == first
-        victim = min(first)
-        os.kill(victim, signal.SIGKILL)
-
-        def replaced() -> set[int] | None:
-            now = both_ready()
-            return now if now is not None and victim not in now else None
-
-        second = until("a ready replacement worker", replaced, server)
-        assert victim not in second
-        assert until(
-            "metrics without the dead worker", lambda: healthy_pids(url) == second or None, server
-        )
+        kill_one_and_follow(url, server, first)
     finally:
         stop(server)

@@ -378,18 +378,28 @@ def cmd_record(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    """Initialise the model N times on one rung and print every init's scores and reasons."""
+def _checked_model(
+    args: argparse.Namespace,
+) -> tuple[Probe, MNNFactory, DiagnosisListener | None, int]:
+    """The probe, the model's factory checked against it, and the --diagnose bundle writer
+    with its count so far: what `check` and `doctor` start from."""
     probe = _probe(args.probe, None if args.ignore_model_hash else _model_file(args.model))
-    overrides = _load_options("--override", args.override)
     factory = _model(args.model, probe.input_names, probe.output_names, args.threads)
 
-    from guard.tools.check import check_json, format_check, run_check
     from guard.wrapping import check_probe
 
     check_probe(factory, probe, model_hash=not args.ignore_model_hash)
     listener = _diagnosis(args.diagnose, probe, factory)
-    before = listener.writer.total if listener is not None else 0
+    return probe, factory, listener, listener.writer.total if listener is not None else 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Initialise the model N times on one rung and print every init's scores and reasons."""
+    overrides = _load_options("--override", args.override)
+    probe, factory, listener, before = _checked_model(args)
+
+    from guard.tools.check import check_json, format_check, run_check
+
     report = run_check(
         factory,
         probe,
@@ -436,15 +446,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Many fresh processes per rung: the report as a table, or JSON with --json."""
-    probe = _probe(args.probe, None if args.ignore_model_hash else _model_file(args.model))
-    factory = _model(args.model, probe.input_names, probe.output_names, args.threads)
+    probe, factory, listener, before = _checked_model(args)
 
     from guard.tools.doctor import doctor_json, format_doctor, run_doctor
-    from guard.wrapping import check_probe
 
-    check_probe(factory, probe, model_hash=not args.ignore_model_hash)
-    listener = _diagnosis(args.diagnose, probe, factory)
-    before = listener.writer.total if listener is not None else 0
     report = run_doctor(
         factory,
         probe,
