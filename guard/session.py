@@ -372,10 +372,12 @@ class GuardedSession:
             raise
         with self._lock:  # the condition's own lock (Condition.__enter__ costs a Python call)
             live = self._live  # set exactly in the live states (`_to`)
-            refused = None if live is not None else self._await_module()
+            refused = None
+            if live is None:
+                refused = self._await_module()
+                live = self._live
             index = self._rung_index
             if refused is None:
-                live = self._live
                 assert live is not None
                 try:
                     outputs = live.run(arrays)
@@ -394,8 +396,9 @@ class GuardedSession:
         if refused is not None:
             self._ran(index, start, refused[0])
             raise refused[1]
-        self._ran(index, start, Call.OK)
-        return dict(zip(self._output_names, outputs, strict=True))
+        if self._run_listeners:
+            self._ran(index, start, Call.OK)
+        return dict(zip(self._output_names, outputs, strict=False))  # lengths checked above
 
     def _await_module(self) -> tuple[Call, GuardError] | None:
         """Wait (holding `_cond`) until a module serves: None, or why the call is refused."""
