@@ -840,7 +840,8 @@ class SessionModule:
             if dtype is None:
                 raise FactoryError(f"session input {name!r} has a type PyMNN cannot fill")
             self._types.append((halide, dtype, _host_format(tensor)))
-        self._shapes = [tuple(t.getShape()) for t in self._inputs]
+        # the shape each input tensor has; None after a failed run (resized again next call)
+        self._shapes: list[tuple[int, ...] | None] = [tuple(t.getShape()) for t in self._inputs]
         self._outputs = [own_outputs[n] for n in self.output_names]
         self._hosts: dict[tuple[int, tuple[int, ...]], Any] = {}
         self._lock = threading.Lock()
@@ -878,7 +879,8 @@ class SessionModule:
                     )
                 tensor.copyFrom(MNN.Tensor(array.shape, halide, array, fmt))
             self.last_error = int(self.interpreter.runSession(self.session))
-            if self.last_error:
+            if self.last_error:  # the next call resizes again (and MNN says again why it fails)
+                self._shapes = [None] * len(self._shapes)
                 return []
             return [self._copy_out(i, t) for i, t in enumerate(self._outputs)]
 

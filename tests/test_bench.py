@@ -13,7 +13,7 @@ from guard.tools import bench, cli
 
 FIELDS = {
     "quick", "model", "builtin", "inputs", "frames", "cpus", "mnn_version", "seconds", "hot",
-    "dynamic", "healthy", "recheck", "pool", "memory", "tiny", "judge",
+    "dynamic", "healthy", "recheck", "pool", "memory", "tiny", "judge", "api", "apis",
 }  # fmt: skip
 SECTIONS = {
     "hot": bench.HotPath,
