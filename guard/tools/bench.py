@@ -597,7 +597,7 @@ def _model_rows(r: BenchReport) -> list[Row]:
     else:
         dynamic = (
             f"{d.guarded_static_us / 1e3:.2f} ms vs {d.raw_dynamic_us / 1e3:.2f} ms: "
-            f"guarded static is {_times(d.speedup)}"
+            f"guarded {'session' if r.api == 'session' else 'static'} is {_times(d.speedup)}"
         )
     session = r.api == "session"
     rows: list[Row] = []

@@ -53,8 +53,9 @@ def format_session_info(info: SessionInfo) -> str:
         f"{info.path}: as an MNN.Interpreter session sees it (numThread 1)",
         text_table(("input", *header), inputs),
         text_table(("output", *header), outputs),
-        "an open size is set per call (resizeTensor + resizeSession); output shapes follow it",
     ]
+    if any(t.shape is None or -1 in t.shape for t in info.inputs):
+        lines.append("open sizes are set per call (resizeTensor + resizeSession), outputs follow")
     lines += [f"MNN said: {note}" for note in info.notes]
     return "\n".join(lines)
 
