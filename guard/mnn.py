@@ -652,6 +652,8 @@ def adapt(
     caller uses; a module loaded by name keeps the order it was loaded with.
     """
     note_load()
+    if isinstance(module, SessionModule):  # keeps its names unless the caller gives others
+        return module.bind(inputs, outputs)
     if callable(getattr(module, "forward", None)):
         return VarModule(module)
     pair = session_pair(module)

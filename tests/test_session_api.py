@@ -136,6 +136,8 @@ def test_several_inputs_and_outputs_an_int_input_and_a_resize(
     sorted one), an int32 input that picks channels, and new lengths resized per call."""
     factory = session_factory(converted["mixed"])
     assert [list(factory.inputs), list(factory.outputs)] == [*MIXED_NAMES]
+    runner = mnn.adapt(factory())  # adapted again without names: the model's order stays
+    assert [list(runner.input_names), list(runner.output_names)] == [*MIXED_NAMES]
     probe = record_mixed(factory)
     assert probe.input_names == MIXED_NAMES[0] and probe.output_names == MIXED_NAMES[1]
     assert dict(probe.cases[0].inputs)["index"].dtype == np.int32
