@@ -718,11 +718,6 @@ def _numpy_dtype(halide: Any) -> np.dtype[Any] | None:
     return next((d for h, d in _HALIDE if h is halide or h == halide), None)
 
 
-def _halide_type(dtype: np.dtype[Any]) -> Any:
-    """The MNN tensor type of a numpy dtype, or None."""
-    return next((h for h, d in _HALIDE if d == dtype), None)
-
-
 def split_api(overrides: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """("session" or "module", the other overrides): `api=` if given, else "module" when any
     Module-API-only load option (dynamic=True, shape_mutable, ...) is present."""
@@ -744,8 +739,8 @@ def split_api(overrides: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 def session_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a `createSession` config; mode names become MNN's numbers.
 
-    MNN ignores unknown keys, a precision name it does not know, and a `numThread` below 1;
-    here each is a ConfigError. Modes take names (`precision="low"`) or MNN's numbers.
+    MNN takes unknown keys, precision names it does not know and `numThread=0` without a
+    word; here each is a ConfigError. Modes take names (`precision="low"`) or MNN's numbers.
     """
     unknown = sorted(set(config) - SESSION_KEYS)
     if unknown:
@@ -842,8 +837,7 @@ class SessionModule:
             if dtype is None:
                 raise FactoryError(f"session input {name!r} has a type PyMNN cannot fill")
             self._types.append((halide, dtype, _host_format(tensor)))
-        # the shape each input tensor has; None after a failed run (resized again next call)
-        self._shapes: list[tuple[int, ...] | None] = [tuple(t.getShape()) for t in self._inputs]
+        self._stale = False  # a run failed: resize every input again on the next call
         self._outputs = [own_outputs[n] for n in self.output_names]
         self._hosts: dict[tuple[int, tuple[int, ...]], Any] = {}
         self._lock = threading.Lock()
@@ -854,12 +848,14 @@ class SessionModule:
         same_in = inputs is None or tuple(inputs) == self.input_names
         if same_in and (outputs is None or tuple(outputs) == self.output_names):
             return self
-        return SessionModule(
+        bound = SessionModule(
             self.interpreter,
             self.session,
             self.input_names if inputs is None else inputs,
             self.output_names if outputs is None else outputs,
         )
+        bound._lock = self._lock  # one session: its runs are serialised whoever holds it
+        return bound
 
     def run(self, arrays: Sequence[NDArray[Any]]) -> list[NDArray[Any]]:
         """Resize if a shape changed, copy in, run, copy every output out ([] if MNN failed)."""
@@ -869,30 +865,30 @@ class SessionModule:
                 f"the session takes {len(self._inputs)} inputs {list(self.input_names)}, "
                 f"got {len(arrays)} arrays"
             )
+        for name, array, (_, dtype, _) in zip(self.input_names, arrays, self._types, strict=True):
+            if array.dtype != dtype:
+                raise InputMismatch(
+                    f"input {name!r}: the session takes {dtype}, got {array.dtype}", input=name
+                )
         with self._lock:
             self._resize(arrays)
-            for name, array, tensor, (halide, dtype, fmt) in zip(
-                self.input_names, arrays, self._inputs, self._types, strict=True
+            for array, tensor, (halide, _, fmt) in zip(
+                arrays, self._inputs, self._types, strict=True
             ):
-                if array.dtype != dtype:
-                    raise InputMismatch(
-                        f"input {name!r}: the session takes {dtype}, got {array.dtype}",
-                        input=name,
-                    )
                 tensor.copyFrom(MNN.Tensor(array.shape, halide, array, fmt))
             self.last_error = int(self.interpreter.runSession(self.session))
             if self.last_error:  # the next call resizes again (and MNN says again why it fails)
-                self._shapes = [None] * len(self._shapes)
+                self._stale = True
                 return []
             return [self._copy_out(i, t) for i, t in enumerate(self._outputs)]
 
     def _resize(self, arrays: Sequence[NDArray[Any]]) -> None:
-        """`resizeTensor` every input whose shape changed, then `resizeSession` once."""
-        changed = False
-        for k, array in enumerate(arrays):
-            if array.shape != self._shapes[k]:
-                self.interpreter.resizeTensor(self._inputs[k], array.shape)
-                self._shapes[k] = array.shape
+        """`resizeTensor` every input whose shape differs from its tensor's (as MNN reports
+        it: never copy into a tensor of another size), then `resizeSession` once."""
+        force, changed, self._stale = self._stale, False, False
+        for tensor, array in zip(self._inputs, arrays, strict=True):
+            if force or array.shape != tuple(tensor.getShape()):
+                self.interpreter.resizeTensor(tensor, array.shape)
                 changed = True
         if changed:
             self.interpreter.resizeSession(self.session)

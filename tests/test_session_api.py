@@ -153,6 +153,21 @@ def test_several_inputs_and_outputs_an_int_input_and_a_resize(
             session.run({**mixed_inputs(), "index": np.array([1, 2, 3], np.int32)})
 
 
+def test_two_bindings_of_one_session_resize_from_what_mnn_reports(
+    converted: dict[str, Path],
+) -> None:
+    """Two Runners bound to one session in different orders resize from the tensors' real
+    shapes, so neither copies an array into a tensor of another size."""
+    first = session_factory(converted["mixed"])()
+    second = mnn.adapt(first, ["bias", "index", "x"], ["energy", "picked"])
+    assert second is not first
+    for runner, frames in ((first, 12), (second, 30), (first, 12), (second, 5)):
+        inputs = mixed_inputs(frames, seed=frames)
+        outputs = runner.run([inputs[n] for n in runner.input_names])
+        out = dict(zip(runner.output_names, outputs, strict=True))
+        np.testing.assert_allclose(out["picked"], mixed_truth(inputs)[0], rtol=1e-6)
+
+
 def test_a_bare_pair_is_bound_by_the_probes_names(converted: dict[str, Path]) -> None:
     """A factory returning a bare pair of a multi-input model is bound by the probe's names."""
     path = str(converted["mixed"])
