@@ -31,9 +31,14 @@ if TYPE_CHECKING:
         WorkerFailed,
     )
     from guard.health import HealthTable, mark_process_dead, readiness
-    from guard.ladder import DYNAMIC, STATIC, Policy, Rung
+    from guard.ladder import DYNAMIC, SESSION_LADDER, STATIC, Policy, Rung, session_ladder
     from guard.listeners import Listener
-    from guard.mnn import DynamicIgnoredWarning, mnn_factory
+    from guard.mnn import (
+        DynamicIgnoredWarning,
+        mnn_factory,
+        mnn_session_factory,
+        session_factory,
+    )
     from guard.pool import Pool
     from guard.server import asgi_app, serve, wsgi_app
     from guard.session import GuardedSession
@@ -44,6 +49,7 @@ from guard.version import __version__
 
 __all__ = [
     "DYNAMIC",
+    "SESSION_LADDER",
     "STATIC",
     "ConfigError",
     "DynamicIgnoredWarning",
@@ -71,8 +77,11 @@ __all__ = [
     "asgi_app",
     "mark_process_dead",
     "mnn_factory",
+    "mnn_session_factory",
     "readiness",
     "serve",
+    "session_factory",
+    "session_ladder",
     "wrap",
     "wsgi_app",
 ]
@@ -95,11 +104,15 @@ _HOME = {  # public name -> the runtime module that defines it
     "readiness": "health",
     "mark_process_dead": "health",
     "DYNAMIC": "ladder",
+    "SESSION_LADDER": "ladder",
     "STATIC": "ladder",
     "Policy": "ladder",
     "Rung": "ladder",
+    "session_ladder": "ladder",
     "Listener": "listeners",
     "mnn_factory": "mnn",
+    "mnn_session_factory": "mnn",
+    "session_factory": "mnn",
     "DynamicIgnoredWarning": "mnn",
     "Pool": "pool",
     "serve": "server",

@@ -10,7 +10,7 @@ from typing import Any
 
 from numpy.typing import NDArray
 
-from guard.mnn import Runner, VarModule, adapt, load
+from guard.mnn import Runner, adapt, load
 from probes import Probe, Verdict
 
 __all__ = ["Canary", "init_and_check", "run_canary"]
@@ -38,7 +38,7 @@ def init_and_check(
     lines are attached to the exception (`add_note`).
     """
     module, report = load(factory, overrides)
-    runner = adapt(module)
+    runner = adapt(module, probe.input_names, probe.output_names)
     try:
         canary = run_canary(runner, probe, runs)
     except Exception as exc:
@@ -87,7 +87,9 @@ def run_canary(
 
 
 def _diagnose(runner: Runner, arrays: list[NDArray[Any]]) -> tuple[str, ...]:
-    """What MNN prints on a forward that returned too few outputs (an MNN module only)."""
-    if isinstance(runner, VarModule):
-        return tuple(f"MNN on a canary forward: {line}" for line in runner.diagnose(arrays))
-    return ()
+    """What MNN prints on a forward that returned too few outputs (an MNN module or session)."""
+    diagnose: Callable[[list[NDArray[Any]]], tuple[str, ...]] | None
+    diagnose = getattr(runner, "diagnose", None)
+    if diagnose is None:
+        return ()
+    return tuple(f"MNN on a canary forward: {line}" for line in diagnose(arrays))

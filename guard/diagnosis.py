@@ -179,7 +179,7 @@ def _factory(factory: Any) -> dict[str, Any]:
         if seen is None:
             break
         kinds.append(type(seen).__name__)
-        for key in ("path", "inputs", "outputs", "load_kwargs"):
+        for key in ("path", "inputs", "outputs", "load_kwargs", "config"):
             value = getattr(seen, key, None)
             if value is not None and key not in settings:
                 settings[key] = _plain(value)
@@ -191,8 +191,12 @@ def _factory(factory: Any) -> dict[str, Any]:
 def _threads(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The thread settings that shape MNN's work: the factory's, the environment's, Python's."""
     load = settings.get("load_kwargs")
+    config = settings.get("config")  # a Session-API factory's createSession config
+    threads = load.get("threads") if isinstance(load, Mapping) else None
+    if threads is None and isinstance(config, Mapping):
+        threads = config.get("numThread")
     return {
-        "factory_threads": load.get("threads") if isinstance(load, Mapping) else None,
+        "factory_threads": threads,
         "environment": {k: v for k, v in sorted(os.environ.items()) if _ENV_THREADS.match(k)},
         "python_threads": threading.active_count(),
     }

@@ -13,7 +13,20 @@ from typing import Any
 from guard.errors import ConfigError
 from probes import Verdict
 
-__all__ = ["DEFAULT_LADDER", "DYNAMIC", "STATIC", "Action", "Attempt", "Outcome", "Policy", "Rung"]
+__all__ = [
+    "DEFAULT_LADDER",
+    "DYNAMIC",
+    "MODULE_DYNAMIC",
+    "SESSION",
+    "SESSION_LADDER",
+    "STATIC",
+    "Action",
+    "Attempt",
+    "Outcome",
+    "Policy",
+    "Rung",
+    "session_ladder",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +52,39 @@ STATIC_LOAD = "loaded static: MNN ignores dynamic=True for this model (control f
 STATIC = Rung("static")
 DYNAMIC = Rung("dynamic", MappingProxyType({"dynamic": True}))
 DEFAULT_LADDER = (STATIC, DYNAMIC)
+
+# Session-API ladders (guard.mnn_session_factory, guard.session_factory): rungs are
+# createSession configs; the last loads the same file through the Module API, dynamic=True.
+SESSION = Rung("session")
+MODULE_DYNAMIC = Rung("dynamic", MappingProxyType({"api": "module", "dynamic": True}))
+SESSION_LADDER = (SESSION, MODULE_DYNAMIC)
+
+
+def session_ladder(*configs: Mapping[str, Any], fallback: bool = True) -> tuple[Rung, ...]:
+    """A rung per session config (fastest first), then the Module API's dynamic=True.
+
+    Each config updates the session factory's own (`{"precision": "low"}`, `{"numThread":
+    2}`, `{"memory": "low"}`, `{"backend": "OPENCL"}`); a rung is named after it, e.g.
+    `session:precision=low`. No configs: one rung with the factory's config as it is.
+
+    >>> policy = guard.Policy(ladder=guard.session_ladder({"precision": "low"}, {}))
+    """
+    rungs = [Rung(_session_name(c), MappingProxyType(dict(c))) for c in configs or ({},)]
+    if any(c.get("api", "session") != "session" for c in configs):
+        raise ConfigError("session_ladder takes session configs; the Module API rung is its last")
+    if fallback:
+        rungs.append(MODULE_DYNAMIC)
+    names = [r.name for r in rungs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two session configs are the same rung: {names}")
+    return tuple(rungs)
+
+
+def _session_name(config: Mapping[str, Any]) -> str:
+    """`session`, or `session:precision=low,numThread=2`."""
+    if not config:
+        return SESSION.name
+    return "session:" + ",".join(f"{k}={v}" for k, v in config.items())
 
 
 class Outcome(enum.StrEnum):

@@ -1,4 +1,5 @@
-"""The only module that knows MNN: loading, the numpy-level Runner over Vars, fork bookkeeping."""
+"""The only module that knows MNN: loading, the numpy-level Runners (over a Module's Vars or a
+Session's tensors), fork bookkeeping."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 from numpy.typing import NDArray
 
-from guard.errors import ConfigError, FactoryError, ForkAfterLoad
+from guard.errors import ConfigError, FactoryError, ForkAfterLoad, ForwardFailed, InputMismatch
 
 
 @contextlib.contextmanager
@@ -42,13 +43,18 @@ with _stdout_to_stderr():
     from MNN import nn
 
 __all__ = [
+    "SESSION_KEYS",
     "STATIC_LOAD_NOTE",
     "DynamicIgnoredWarning",
     "F",
     "LoadReport",
     "MNNFactory",
+    "MNNSessionFactory",
     "ModelInfo",
     "Runner",
+    "SessionFactory",
+    "SessionInfo",
+    "SessionModule",
     "TensorInfo",
     "VarModule",
     "adapt",
@@ -56,12 +62,18 @@ __all__ = [
     "check_names",
     "check_not_forked",
     "inspect",
+    "inspect_session",
     "load",
     "mnn_dtype",
     "mnn_factory",
+    "mnn_session_factory",
     "mnn_version",
     "note_load",
     "notes_of",
+    "session_config",
+    "session_factory",
+    "session_pair",
+    "split_api",
 ]
 
 _LOAD_KEYS = frozenset(
@@ -644,20 +656,506 @@ class VarModule:
         return tuple(lines)
 
 
-def adapt(module: Any) -> Runner:
+def adapt(
+    module: Any, inputs: Sequence[str] | None = None, outputs: Sequence[str] | None = None
+) -> Runner:
     """The numpy-level Runner for what a factory returned (and note that MNN is loaded here).
 
-    An object with `.forward(list_of_vars)` is an MNN-style module; one that already has
-    `.run(list_of_arrays)` (a fault injector, say) is a Runner as it is.
+    An object with `.forward(list_of_vars)` is an MNN-style module; an `(MNN.Interpreter,
+    MNN.Session)` pair (or an object with `.interpreter` and `.session`) is a `SessionModule`;
+    one that already has `.run(list_of_arrays)` (a fault injector, say) is a Runner as it is.
+    `inputs` and `outputs` (the probe's names) bind a session's tensors to the order the
+    caller uses; a module loaded by name keeps the order it was loaded with.
     """
     note_load()
+    if isinstance(module, SessionModule):  # keeps its names unless the caller gives others
+        return module.bind(inputs, outputs)
     if callable(getattr(module, "forward", None)):
         return VarModule(module)
+    pair = session_pair(module)
+    if pair is not None:
+        return SessionModule(*pair, inputs=inputs, outputs=outputs)
     if callable(getattr(module, "run", None)):
+        bind = getattr(module, "bind", None)
+        if callable(bind) and (inputs is not None or outputs is not None):
+            return cast(Runner, bind(inputs, outputs))
         return cast(Runner, module)
     raise FactoryError(
         f"the factory returned a {type(module).__name__} without a forward() method; "
-        "expected a module with .forward(list_of_vars) -> list_of_vars"
+        "expected a module with .forward(list_of_vars) -> list_of_vars, or an "
+        "(MNN.Interpreter, MNN.Session) pair"
+    )
+
+
+# ============================================================ the Session API (MNN.Interpreter)
+# PyMNN's other inference API: `MNN.Interpreter(path)`, `createSession(config)`, and per call
+# `copyFrom` into the session's input tensors, `runSession`, `copyToHostTensor` out of its output
+# tensors. A session owns its tensors and reuses them on every run (inputs and outputs alike),
+# so every array handed out is copied out of a host tensor into memory numpy owns.
+# `runSession` releases the GIL (a Module's forward does not); calls are still serialised.
+
+SESSION_KEYS = frozenset({"backend", "numThread", "precision", "memory", "power", "saveTensors"})
+"""The `createSession` config keys the guard passes on (MNN silently ignores any other key)."""
+SESSION_BACKENDS = ("CPU", "OPENCL", "OPENGL", "VULKAN", "METAL", "TRT", "CUDA", "HIAI", "AUTO")
+_SESSION_MODES: dict[str, dict[str, int]] = {  # MNN::BackendConfig's enums, by name
+    "precision": {"normal": 0, "high": 1, "low": 2, "low_bf16": 3},
+    "memory": {"normal": 0, "high": 1, "low": 2},
+    "power": {"normal": 0, "high": 1, "low": 2},
+}
+_MODULE_ONLY = (_LOAD_KEYS - {"backend"}) | {"threads"}  # keys that mean the Module API
+APIS = ("session", "module")
+_SESSION_ERRORS = {  # MNN::ErrorCode, as runSession returns it
+    1: "OUT_OF_MEMORY",
+    2: "NOT_SUPPORT",
+    3: "COMPUTE_SIZE_ERROR",
+    4: "NO_EXECUTION",
+    5: "INVALID_VALUE",
+    10: "INPUT_DATA_ERROR",
+    11: "CALL_BACK_STOP",
+    20: "TENSOR_NOT_SUPPORT",
+    21: "TENSOR_NEED_DIVIDE",
+}
+_HALIDE: tuple[tuple[Any, np.dtype[Any]], ...] = (  # no int8 or float64 tensors in PyMNN
+    (MNN.Halide_Type_Float, np.dtype(np.float32)),
+    (MNN.Halide_Type_Int, np.dtype(np.int32)),
+    (MNN.Halide_Type_Uint8, np.dtype(np.uint8)),
+    (MNN.Halide_Type_Int64, np.dtype(np.int64)),
+)
+_CAFFE = MNN.Tensor_DimensionType_Caffe
+_FORMATS = {
+    MNN.Tensor_DimensionType_Caffe: "NCHW",
+    MNN.Tensor_DimensionType_Caffe_C4: "NC4HW4",
+    MNN.Tensor_DimensionType_Tensorflow: "NHWC",
+}
+
+
+def _numpy_dtype(halide: Any) -> np.dtype[Any] | None:
+    """The numpy dtype of an MNN tensor type (None for a type PyMNN cannot hand over)."""
+    return next((d for h, d in _HALIDE if h is halide or h == halide), None)
+
+
+def split_api(overrides: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """("session" or "module", the other overrides): `api=` if given, else "module" when any
+    Module-API-only load option (dynamic=True, shape_mutable, ...) is present."""
+    rest = dict(overrides)
+    api = rest.pop("api", None)
+    module_only = sorted(set(rest) & _MODULE_ONLY)
+    if api is None:
+        api = "module" if module_only else "session"
+    if api not in APIS:
+        raise ConfigError(f"api={api!r}; expected one of {list(APIS)}")
+    if api == "session" and module_only:
+        raise ConfigError(
+            f"{module_only} are Module API load options; a session takes some of "
+            f"{sorted(SESSION_KEYS)} (use api='module' for the Module API)"
+        )
+    return api, rest
+
+
+def session_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a `createSession` config; mode names become MNN's numbers.
+
+    MNN takes unknown keys, precision names it does not know and `numThread=0` without a
+    word; here each is a ConfigError. Modes take names (`precision="low"`) or MNN's numbers.
+    """
+    unknown = sorted(set(config) - SESSION_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"unknown session option(s) {unknown}; expected some of {sorted(SESSION_KEYS)} "
+            "(MNN would silently ignore them)"
+        )
+    out = dict(config)
+    threads = out.get("numThread")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
+        raise ConfigError(f"numThread must be a positive int, got {threads!r}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"numThread must be a positive int, got {threads!r}")
+    backend = out.get("backend")
+    if backend is not None:
+        if not isinstance(backend, str) or backend.upper() not in SESSION_BACKENDS:
+            raise ConfigError(f"backend={backend!r}; expected one of {list(SESSION_BACKENDS)}")
+        out["backend"] = backend.upper()
+    for key, names in _SESSION_MODES.items():
+        value = out.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str) and value.lower() in names:
+            out[key] = names[value.lower()]
+        elif isinstance(value, bool) or not isinstance(value, int) or value not in names.values():
+            raise ConfigError(f"{key}={value!r}; expected one of {sorted(names)} (or its number)")
+    saved = out.get("saveTensors")
+    if saved is not None:
+        if isinstance(saved, str) or not all(isinstance(n, str) for n in saved):
+            raise ConfigError(f"saveTensors must be a list of tensor names, got {saved!r}")
+        out["saveTensors"] = tuple(saved)
+    return out
+
+
+def session_pair(made: Any) -> tuple[Any, Any] | None:
+    """(interpreter, session) from an `(MNN.Interpreter, MNN.Session)` pair or an object with
+    `.interpreter` and `.session`; None for anything else."""
+    if isinstance(made, (tuple, list)) and len(made) == 2:
+        interpreter, session = made
+    else:
+        interpreter = getattr(made, "interpreter", None)
+        session = getattr(made, "session", None)
+    if isinstance(interpreter, MNN.Interpreter) and isinstance(session, MNN.Session):
+        return interpreter, session
+    if isinstance(made, (tuple, list)) and len(made) == 2 and isinstance(made[0], MNN.Session):
+        raise FactoryError(
+            "the factory returned (session, interpreter); return (interpreter, session)"
+        )
+    return None
+
+
+def _bind(kind: str, wanted: Sequence[str] | None, own: Sequence[str]) -> tuple[str, ...]:
+    """The names a SessionModule uses: `wanted` (each one of the session's), else its own."""
+    if wanted is None:
+        return tuple(own)
+    names = tuple(wanted)
+    unknown = [n for n in names if n not in own]
+    missing = [n for n in own if n not in names] if kind == "input" else []
+    if unknown or missing or _repeated(names):
+        extra = " (an intermediate tensor needs saveTensors in the session config)"
+        hint = extra if kind == "output" and unknown else ""
+        raise ConfigError(f"the session's {kind}s are {sorted(own)}, not {list(names)}{hint}")
+    return names
+
+
+class SessionModule:
+    """An `MNN.Interpreter` and one of its sessions as a Runner: arrays in, owned arrays out.
+
+    Each call resizes the inputs whose shape changed (`resizeTensor`, then one
+    `resizeSession`), copies every array in through a host tensor, runs the session and
+    copies every output out through a host tensor into an array numpy owns (the session
+    reuses its tensors on the next run). A failed `runSession` returns no outputs, as a
+    Module's forward does on a shape error. Calls are serialised.
+    """
+
+    def __init__(
+        self,
+        interpreter: Any,
+        session: Any,
+        inputs: Sequence[str] | None = None,
+        outputs: Sequence[str] | None = None,
+    ) -> None:
+        self.interpreter = interpreter
+        self.session = session
+        own_inputs = interpreter.getSessionInputAll(session)
+        own_outputs = interpreter.getSessionOutputAll(session)
+        self.input_names = _bind("input", inputs, list(own_inputs))
+        self.output_names = _bind("output", outputs, list(own_outputs))
+        self._inputs = [own_inputs[n] for n in self.input_names]
+        self._types: list[tuple[Any, np.dtype[Any], Any]] = []
+        for name, tensor in zip(self.input_names, self._inputs, strict=True):
+            halide = tensor.getDataType()
+            dtype = _numpy_dtype(halide)
+            if dtype is None:
+                raise FactoryError(f"session input {name!r} has a type PyMNN cannot fill")
+            self._types.append((halide, dtype, _host_format(tensor)))
+        self._stale = False  # a run failed: resize every input again on the next call
+        self._outputs = [own_outputs[n] for n in self.output_names]
+        self._hosts: dict[tuple[int, tuple[int, ...]], Any] = {}
+        self._lock = threading.Lock()
+        self.last_error = 0  # what the last runSession returned (0: no error)
+
+    def bind(self, inputs: Sequence[str] | None, outputs: Sequence[str] | None) -> SessionModule:
+        """This session with its tensors in the order of `inputs` and `outputs` (the probe's)."""
+        same_in = inputs is None or tuple(inputs) == self.input_names
+        if same_in and (outputs is None or tuple(outputs) == self.output_names):
+            return self
+        bound = SessionModule(
+            self.interpreter,
+            self.session,
+            self.input_names if inputs is None else inputs,
+            self.output_names if outputs is None else outputs,
+        )
+        bound._lock = self._lock  # one session: its runs are serialised whoever holds it
+        return bound
+
+    def run(self, arrays: Sequence[NDArray[Any]]) -> list[NDArray[Any]]:
+        """Resize if a shape changed, copy in, run, copy every output out ([] if MNN failed)."""
+        check_not_forked()
+        if len(arrays) != len(self._inputs):
+            raise ConfigError(
+                f"the session takes {len(self._inputs)} inputs {list(self.input_names)}, "
+                f"got {len(arrays)} arrays"
+            )
+        for name, array, (_, dtype, _) in zip(self.input_names, arrays, self._types, strict=True):
+            if array.dtype != dtype:
+                raise InputMismatch(
+                    f"input {name!r}: the session takes {dtype}, got {array.dtype}", input=name
+                )
+        with self._lock:
+            self._resize(arrays)
+            for array, tensor, (halide, _, fmt) in zip(
+                arrays, self._inputs, self._types, strict=True
+            ):
+                tensor.copyFrom(MNN.Tensor(array.shape, halide, array, fmt))
+            self.last_error = int(self.interpreter.runSession(self.session))
+            if self.last_error:  # the next call resizes again (and MNN says again why it fails)
+                self._stale = True
+                return []
+            return [self._copy_out(i, t) for i, t in enumerate(self._outputs)]
+
+    def _resize(self, arrays: Sequence[NDArray[Any]]) -> None:
+        """`resizeTensor` every input whose shape differs from its tensor's (as MNN reports
+        it: never copy into a tensor of another size), then `resizeSession` once."""
+        force, changed, self._stale = self._stale, False, False
+        for tensor, array in zip(self._inputs, arrays, strict=True):
+            if force or array.shape != tuple(tensor.getShape()):
+                self.interpreter.resizeTensor(tensor, array.shape)
+                changed = True
+        if changed:
+            self.interpreter.resizeSession(self.session)
+            get = self.interpreter.getSessionOutput
+            self._outputs = [get(self.session, n) for n in self.output_names]
+
+    def _copy_out(self, index: int, tensor: Any) -> NDArray[Any]:
+        """One output, copied to a host tensor (kept per shape) and from there into numpy."""
+        shape = tuple(tensor.getShape())
+        host = self._hosts.get((index, shape))
+        if host is None:
+            halide = tensor.getDataType()
+            dtype = _numpy_dtype(halide)
+            if dtype is None:
+                raise ForwardFailed(
+                    f"session output {self.output_names[index]!r} has a type PyMNN cannot read"
+                )
+            zeros = np.zeros(shape, dtype)
+            host = MNN.Tensor(shape, halide, zeros, _host_format(tensor))
+            if len(self._hosts) >= 4 * len(self._outputs):
+                self._hosts.clear()
+            self._hosts[index, shape] = host
+        tensor.copyToHostTensor(host)
+        return np.array(host.getNumpyData(), copy=True)
+
+    def diagnose(self, arrays: Sequence[NDArray[Any]]) -> tuple[str, ...]:
+        """Run once more and return what MNN prints, and the error code runSession returned."""
+        with captured_output() as lines, contextlib.suppress(Exception):
+            self.run(arrays)
+        code = self.last_error
+        said = (f"runSession returned {_SESSION_ERRORS.get(code, 'error')} ({code})",)
+        return tuple(lines) + (said if code else ())
+
+
+def _host_format(tensor: Any) -> Any:
+    """The layout of a host tensor for `tensor`: its own, with NC4HW4 read as NCHW."""
+    kind = tensor.getDimensionType()
+    return _CAFFE if kind == MNN.Tensor_DimensionType_Caffe_C4 else kind
+
+
+def _no_control_flow(path: str, info: ModelInfo) -> None:
+    """Refuse a model the Session API cannot run (control-flow subgraphs need a Module)."""
+    if info.control_flow:
+        raise ConfigError(
+            f"model {path!r} has control flow (ONNX If/Loop): MNN's Session API cannot run it "
+            '("please use MNN::Express::Module"); use guard.mnn_factory'
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MNNSessionFactory:
+    """A picklable Session-API factory: `factory(**overrides)` creates an interpreter and a
+    session with the config updated by `overrides`; `api="module"` (or any Module-API-only
+    option, such as `dynamic=True`) loads the same file through the Module API instead."""
+
+    path: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, **overrides: Any) -> Any:
+        """A fresh SessionModule (or, for the Module API, a fresh module)."""
+        check_not_forked()
+        api, rest = split_api(overrides)
+        if api == "module":
+            threads = self.config.get("numThread")
+            kwargs = {"threads": threads} if threads and "runtime_manager" not in rest else {}
+            return MNNFactory(self.path, self.inputs, self.outputs)(**{**kwargs, **rest})
+        if not os.path.isfile(self.path):
+            raise FactoryError(f"model file {self.path!r} does not exist")
+        info = check_names(self.path, self.inputs, self.outputs)
+        _no_control_flow(self.path, info)
+        config = session_config({**self.config, **rest})
+        inputs = self.inputs or tuple(info.input_names)
+        outputs = self.outputs or info.outputs
+        extra = [n for n in outputs if n not in info.outputs]  # intermediate tensors
+        if extra:
+            config["saveTensors"] = tuple(dict.fromkeys([*config.get("saveTensors", ()), *extra]))
+        interpreter = session = None
+        with captured_output() as lines:
+            try:
+                interpreter = MNN.Interpreter(self.path)
+                session = interpreter.createSession(config)
+            except Exception:  # MNN raises a bare Exception and prints the reason
+                session = None
+        note_load()
+        _last_load.report = LoadReport(tuple(lines))
+        if session is None:
+            said = f"; MNN says: {' | '.join(lines)}" if lines else ""
+            error = FactoryError(
+                f"MNN could not create a session for {self.path!r} with config {config}{said}"
+            )
+            for line in lines:
+                error.add_note(f"MNN while loading: {line}")
+            raise error
+        return SessionModule(interpreter, session, inputs, outputs)
+
+
+def mnn_session_factory(
+    path: str | os.PathLike[str],
+    config: Mapping[str, Any] | None = None,
+    inputs: Sequence[str] = (),
+    outputs: Sequence[str] = (),
+) -> MNNSessionFactory:
+    """Build a picklable factory for the Session API (`MNN.Interpreter` + `createSession`).
+
+    `config` is `createSession`'s dict, checked (`numThread` really sets the thread count;
+    precision, memory and power take names such as "low"); a rung's overrides update it.
+    `api="module"` or `dynamic=True` loads the same file through the Module API (with the
+    config's numThread), so the default ladder's dynamic rung is a real fallback. Names are
+    checked against the model (empty: the model's own); other tensors may be outputs.
+
+    >>> factory = mnn_session_factory("vocoder.mnn", {"numThread": 1}, ["mel"], ["wav"])
+    >>> session = guard.wrap(factory, probe, name="vocoder")  # doctest: +SKIP
+    """
+    if isinstance(inputs, str) or isinstance(outputs, str):
+        raise ConfigError("inputs and outputs are lists of names, not a single string")
+    config = dict(config or {})
+    session_config(config)  # fail early on typos
+    path = os.fspath(path)
+    names = (tuple(inputs), tuple(outputs))
+    if os.path.isfile(path):  # a file that is not there yet is checked when it is loaded
+        info = check_names(path, inputs, outputs)
+        _no_control_flow(path, info)
+        names = (names[0] or tuple(info.input_names), names[1] or info.outputs)
+    return MNNSessionFactory(path, *names, config)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFactory:
+    """Your factory returning `(interpreter, session)`, as a guard factory of SessionModules.
+
+    Overrides other than the Module API's go to your factory. With `path`, `api="module"`
+    (or `dynamic=True`) loads that file through the Module API: the ladder keeps its fallback.
+    Picklable when your factory is (a module-level function).
+    """
+
+    make: Callable[..., Any]
+    path: str | None = None
+    inputs: tuple[str, ...] | None = None
+    outputs: tuple[str, ...] | None = None
+
+    def __call__(self, **overrides: Any) -> Any:
+        """Call your factory (or load the file with the Module API) and adapt the result."""
+        check_not_forked()
+        api, rest = split_api(overrides)
+        if api == "module":
+            if self.path is None:
+                raise ConfigError(
+                    f"overrides {dict(overrides)} ask for the Module API; give "
+                    "guard.session_factory(..., path=MODEL) so it can load the file"
+                )
+            return MNNFactory(self.path, self.inputs or (), self.outputs or ())(**rest)
+        made = self.make(**rest)
+        note_load()
+        pair = session_pair(made)
+        if pair is None:
+            raise FactoryError(
+                f"the session factory returned a {type(made).__name__}; expected an "
+                "(MNN.Interpreter, MNN.Session) pair or an object with .interpreter and .session"
+            )
+        return SessionModule(*pair, inputs=self.inputs, outputs=self.outputs)
+
+
+def session_factory(
+    make: Callable[..., Any],
+    *,
+    path: str | os.PathLike[str] | None = None,
+    inputs: Sequence[str] | None = None,
+    outputs: Sequence[str] | None = None,
+) -> SessionFactory:
+    """Guard your own Session-API factory: `make(**overrides) -> (interpreter, session)`.
+
+    With `path` (the .mnn file `make` opens) the probe is checked against the file, names
+    against the model (default: the model's own, in its order) and the ladder's Module API
+    rungs (`guard.SESSION_LADDER`'s last) load that file. Without names a session's tensors
+    are bound by the probe's names.
+
+    >>> factory = guard.session_factory(make_session, path="vocoder.mnn")  # doctest: +SKIP
+    """
+    if not callable(make):
+        raise ConfigError(f"make must be callable, got {type(make).__name__}")
+    if isinstance(inputs, str) or isinstance(outputs, str):
+        raise ConfigError("inputs and outputs are lists of names, not a single string")
+    ins = None if inputs is None else tuple(inputs)
+    outs = None if outputs is None else tuple(outputs)
+    if path is None:
+        return SessionFactory(make, None, ins, outs)
+    path = os.fspath(path)
+    info = check_names(path, ins or (), outs or ())
+    _no_control_flow(path, info)
+    return SessionFactory(make, path, ins or tuple(info.input_names), outs or info.outputs)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionInfo:
+    """A model as MNN's Session API sees it: the session's input and output tensors."""
+
+    path: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]  # shapes None while an input has an open size
+    notes: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-ready data."""
+        return {
+            "path": self.path,
+            "api": "session",
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "notes": list(self.notes),
+        }
+
+
+def _session_tensor(name: str, tensor: Any, known: bool) -> TensorInfo:
+    dtype = _numpy_dtype(tensor.getDataType())
+    return TensorInfo(
+        name=name,
+        shape=tuple(int(d) for d in tensor.getShape()) if known else None,
+        dtype="unknown" if dtype is None else str(dtype),
+        format=_FORMATS.get(tensor.getDimensionType(), "unknown"),
+    )
+
+
+def inspect_session(path: str | os.PathLike[str]) -> SessionInfo:
+    """The session's tensors for a model file (a one-thread session: no MNN thread starts)."""
+    path = os.fspath(path)
+    _file_key(path)
+    info = inspect(path)
+    _no_control_flow(path, info)
+    with captured_output(echo=False) as lines:
+        try:
+            interpreter = MNN.Interpreter(path)
+            session = interpreter.createSession({"numThread": 1})
+        except Exception:
+            session = None
+    if session is None:
+        raise FactoryError(f"MNN could not create a session for {path!r}: {' | '.join(lines)}")
+    note_load()
+    inputs = interpreter.getSessionInputAll(session)
+    outputs = interpreter.getSessionOutputAll(session)
+    known = all(d >= 0 for t in inputs.values() for d in t.getShape())
+    order = [n for n in info.input_names if n in inputs] + sorted(
+        set(inputs) - set(info.input_names)
+    )
+    outs = [n for n in info.outputs if n in outputs] + sorted(set(outputs) - set(info.outputs))
+    return SessionInfo(
+        path=path,
+        inputs=tuple(_session_tensor(n, inputs[n], True) for n in order),
+        outputs=tuple(_session_tensor(n, outputs[n], known) for n in outs),
+        notes=tuple(lines),
     )
 
 

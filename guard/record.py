@@ -121,16 +121,20 @@ def _run_reference(
     names: Sequence[str],
     runs: int,
     agreement_db: float,
-) -> tuple[list[list[Array]], bool]:
-    """Outputs of every case, and whether MNN loaded the reference statically despite
-    dynamic=True; refuses NaN/Inf and any disagreement across inits and repeat runs."""
+    outputs: Sequence[str] | None = None,
+) -> tuple[list[list[Array]], bool, tuple[str, ...]]:
+    """Outputs of every case, whether MNN loaded the reference statically despite
+    dynamic=True, and the output names a session reports (a module reports none); refuses
+    NaN/Inf and any disagreement across inits and repeat runs."""
     first: list[list[Array]] | None = None
     static = False
+    reported: tuple[str, ...] = ()
     for init in range(runs):
         try:
             loaded, report = mnn.load(factory, reference)
             static = static or report.turned_static
-            module = mnn.adapt(loaded)
+            module = mnn.adapt(loaded, names, outputs)
+            reported = tuple(getattr(module, "output_names", ()))
             results = [[module.run([case[n] for n in names]) for case in cases] for _ in range(2)]
         except ProbeError:
             raise
@@ -167,7 +171,7 @@ def _run_reference(
             if first is None:
                 first = per_case
     assert first is not None
-    return first, static
+    return first, static, reported
 
 
 def record(
@@ -225,8 +229,11 @@ def record(
                 raise ProbeError(
                     f"canary {i}: input {spec.name!r} does not fit the signature of canary 0"
                 )
-    goldens, static = _run_reference(factory, reference, cases, names, runs, agreement_db)
-    out_names = list(output_names or getattr(factory, "outputs", None) or [])
+    declared = list(output_names or getattr(factory, "outputs", None) or [])
+    goldens, static, reported = _run_reference(
+        factory, reference, cases, names, runs, agreement_db, declared or None
+    )
+    out_names = declared or list(reported)
     if not out_names:
         out_names = [f"output{k}" for k in range(len(goldens[0]))]
     if any(len(g) != len(out_names) for g in goldens):

@@ -83,7 +83,8 @@ def degrade(
 class DegradedModule:
     """Wraps a real module so that every forward after the first `after` is degraded.
 
-    A numpy-level Runner (`run(arrays) -> arrays`): the guard uses it as it is.
+    A numpy-level Runner (`run(arrays) -> arrays`): the guard uses it as it is. The module may
+    be an MNN Module, a Session-API `(interpreter, session)` pair or any Runner.
     """
 
     def __init__(
@@ -103,6 +104,11 @@ class DegradedModule:
         self.forwards = 0
         self._rng = np.random.default_rng(seed)
         self._previous: list[Array] | None = None
+
+    def bind(self, inputs: Sequence[str] | None, outputs: Sequence[str] | None) -> DegradedModule:
+        """Bind a session's tensors to the probe's names (see `guard.mnn.adapt`); same faults."""
+        self.runner = mnn.adapt(self.runner, inputs, outputs)
+        return self
 
     def run(self, arrays: Sequence[Array]) -> list[Array]:
         """Run the real module, then degrade its outputs."""

@@ -86,6 +86,31 @@ def roles() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=OPSET)
 
 
+def mixed() -> onnx.ModelProto:
+    """Several inputs and outputs, an open length and an int input: a signal `x` [1, 4, T],
+    channel indices `index` (int64 [2], int32 once converted) and a `bias` [1].
+
+    `picked = x[:, index, :] + bias` [1, 2, T], `energy = mean(x * x, axis 2)` [1, 4, 1].
+    """
+    inputs = [
+        _value("x", TensorProto.FLOAT, [1, 4, "T"]),
+        _value("index", TensorProto.INT64, [2]),
+        _value("bias", TensorProto.FLOAT, [1]),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["x", "index"], ["gathered"], axis=1),
+        helper.make_node("Add", ["gathered", "bias"], ["picked"]),
+        helper.make_node("Mul", ["x", "x"], ["squared"]),
+        helper.make_node("ReduceMean", ["squared"], ["energy"], axes=[2], keepdims=1),
+    ]
+    outputs = [
+        _value("picked", TensorProto.FLOAT, [1, 2, "T"]),
+        _value("energy", TensorProto.FLOAT, [1, 4, 1]),
+    ]
+    graph = helper.make_graph(nodes, "mixed", inputs, outputs)
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
 def strided(stride: int = 32) -> onnx.ModelProto:
     """`mask = image + upsample(maxpool(image))` over `stride` x `stride` cells: H and W must be
     multiples of `stride`, or MNN's broadcast fails and the module returns no outputs."""
@@ -123,6 +148,7 @@ def convert(model: onnx.ModelProto, path: Path) -> Path:
 BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
     "control_flow": control_flow,
     "roles": roles,
+    "mixed": mixed,
     "stride32": strided,
     "stride64": lambda: strided(64),
 }

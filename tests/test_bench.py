@@ -14,6 +14,7 @@ from guard.tools import bench, cli
 FIELDS = {
     "quick", "model", "builtin", "inputs", "frames", "cpus", "mnn_version", "seconds", "hot",
     "dynamic", "healthy", "recheck", "pool", "memory", "small", "tiny", "judge", "startup",
+    "api", "apis",
 }  # fmt: skip
 SECTIONS = {
     "hot": bench.HotPath,

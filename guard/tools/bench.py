@@ -97,6 +97,16 @@ class Speedup:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ApiCompare:
+    """Raw Session API run (copy in, runSession, copy out) against a raw static Module forward
+    + copy, on the same file and thread count (`bench --api session`)."""
+
+    session_us: float
+    module_us: float
+    ratio: float  # session time / module time: < 1 means the Session API is faster
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TimeToHealthy:
     """`guard.wrap` (init + canary) against init + the same forwards raw, and the judging.
 
@@ -188,6 +198,8 @@ class BenchReport:
     tiny: HotPath  # reference: the built-in tiny model
     judge: JudgeCost  # reference: a synthetic 1 s signal
     startup: Startup
+    api: str = "module"  # MNN's API the model is measured through: module or session
+    apis: ApiCompare | None = None  # with api="session": the raw Session API vs the Module API
 
     @property
     def missed(self) -> list[str]:
@@ -502,16 +514,20 @@ def run_bench(
     factory: Factory | None = None,
     probe: Probe | None = None,
     model: str | os.PathLike[str] | None = None,
+    api: str = "module",
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
     """Measure every comparison on `factory` with `probe`'s canary inputs (default: the demo
-    vocoder at `frames` frames), then the reference measures on built-in models."""
+    vocoder at `frames` frames, through MNN's `api`), then the reference measures on built-in
+    models. With api="session" the raw Session API is also timed against the Module API."""
     say = progress or (lambda _: None)
     started = time.perf_counter()
     builtin = factory is None or probe is None
     if factory is None or probe is None:
         _, probe_dir = demo.ensure_demo()
         factory, probe = demo.demo_factory(threads=1), probes.load(probe_dir)
+        if api == "session":
+            factory = mnn.mnn_session_factory(demo.DEMO_MODEL, {"numThread": 1})
         inputs = {demo.DEMO_INPUT: demo.demo_mel(frames)}
         label = demo.DEMO_MODEL.name
     else:
@@ -522,6 +538,10 @@ def run_bench(
     with warnings.catch_warnings():  # a control-flow model: the dynamic row says so
         warnings.simplefilter("ignore", mnn.DynamicIgnoredWarning)
         measured = _measure_model(label, builtin, factory, probe, inputs, policy, quick, say)
+    apis = None
+    if api == "session":
+        say(f"{label}: raw Session API run vs raw Module API forward")
+        apis = api_compare(factory, [inputs[n] for n in probe.input_names], quick=quick)
     say("reference: the built-in small 3-input model, added microseconds per call")
     small = _small(quick)
     say("reference: the built-in tiny model, added microseconds per call")
@@ -543,7 +563,24 @@ def run_bench(
         tiny=tiny,
         judge=judge,
         startup=started_up,
+        api=api,
+        apis=apis,
         **measured,
+    )
+
+
+def api_compare(factory: Factory, arrays: Sequence[Array], *, quick: bool) -> ApiCompare:
+    """A session from `factory()` against a static module from `factory(api="module")`, raw."""
+    session = raw_call(factory(), arrays)
+    module = raw_call(mnn.load(factory, {"api": "module"})[0], arrays)
+    rounds = 5 if quick else 31
+    session_rounds, module_rounds = rounds_of(
+        [session, module], rounds=rounds, per_round=3 if quick else 10
+    )
+    return ApiCompare(
+        session_us=statistics.median(session_rounds) * 1e6,
+        module_us=statistics.median(module_rounds) * 1e6,
+        ratio=paired(session_rounds, module_rounds, operator.truediv),
     )
 
 
@@ -681,17 +718,40 @@ def _model_rows(r: BenchReport) -> list[Row]:
     else:
         dynamic = (
             f"{d.guarded_static_us / 1e3:.2f} ms vs {d.raw_dynamic_us / 1e3:.2f} ms: "
-            f"guarded static is {_times(d.speedup)}"
+            f"guarded {'session' if r.api == 'session' else 'static'} is {_times(d.speedup)}"
+        )
+    session = r.api == "session"
+    rows: list[Row] = []
+    if r.apis is not None:
+        a = r.apis
+        rows.append(
+            (
+                "raw Session API run vs raw Module API forward (static, same file and threads)",
+                f"{a.session_us / 1e3:.3f} ms vs {a.module_us / 1e3:.3f} ms: "
+                f"**{a.ratio:.3f}x** the Module API's time",
+                REPORT,
+                None,
+            )
         )
     return [
+        *rows,
         (
-            "guarded `run()` vs raw forward + copy",
+            "guarded `run()` vs raw run + copy (Session API)"
+            if session
+            else "guarded `run()` vs raw forward + copy",
             f"{v.guarded_us / 1e3:.3f} ms vs {v.raw_us / 1e3:.3f} ms (medians); "
             f"**{v.ratio:.3f}x** throughput, {v.added_us:+.1f} us/call (median of paired rounds)",
             v.target,
             v.met,
         ),
-        ("guarded static rung vs raw `dynamic=True`", dynamic, REPORT, None),
+        (
+            "guarded session rung vs raw Module API `dynamic=True`"
+            if session
+            else "guarded static rung vs raw `dynamic=True`",
+            dynamic,
+            REPORT,
+            None,
+        ),
         (
             "time to healthy: `guard.wrap` vs init + the canary's forwards",
             f"{h.wrap_ms:.1f} ms vs {h.raw_ms:.1f} ms ({h.canary_forwards} forwards): "
@@ -772,6 +832,8 @@ def _table(rows: list[Row]) -> list[str]:
 def format_bench(r: BenchReport) -> str:
     """The Markdown tables printed by `mnn-guard bench` (and pasted into the README)."""
     what = f"the built-in demo vocoder, {r.frames} frames" if r.builtin else "its probe's canary"
+    if r.api == "session":
+        what = f"MNN.Interpreter sessions; {what}"
     return "\n".join(
         [
             f"mnn-guard bench, {'quick' if r.quick else 'full'} run: MNN {r.mnn_version}, "

@@ -46,6 +46,7 @@ class CheckReport:
     outputs: tuple[str, ...]
     overrides: Mapping[str, Any]
     inits: tuple[InitCheck, ...]
+    api: str = "module"  # MNN's API the factory uses: module or session
 
     @property
     def degraded(self) -> int:
@@ -60,6 +61,7 @@ def run_check(
     *,
     inits: int,
     model: str = "",
+    api: str = "module",
     on_failure: Callable[[Canary, float], None] | None = None,
 ) -> CheckReport:
     """Initialise `factory(**overrides)` `inits` times; judge each init's canary (2 runs).
@@ -88,6 +90,7 @@ def run_check(
         outputs=tuple(probe.output_names),
         overrides=dict(overrides),
         inits=tuple(results),
+        api=api,
     )
 
 
@@ -123,7 +126,8 @@ def format_check(report: CheckReport) -> str:
             lines.append(f"init {init.init}: {STATIC_LOAD}")
         lines += [f"init {init.init}: {reason}" for reason in init.reasons]
         lines += [f"init {init.init}: {note}" for note in init.notes]
-    what = f"{report.model}, overrides {dict(report.overrides) or 'none'}"
+    api = ", Session API" if report.api == "session" else ""
+    what = f"{report.model}{api}, overrides {dict(report.overrides) or 'none'}"
     lines.append(f"{report.degraded} of {len(report.inits)} init(s) degraded ({what})")
     return "\n".join(lines)
 
@@ -151,6 +155,7 @@ def check_json(report: CheckReport) -> str:
     """The report as a JSON document (non-finite scores are null)."""
     data = {
         "model": report.model,
+        "api": report.api,
         "overrides": dict(report.overrides),
         "degraded": report.degraded,
         "inits": [

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from guard.canary import Canary
     from guard.diagnosis import DiagnosisListener
-    from guard.mnn import MNNFactory
+    from guard.mnn import MNNFactory, MNNSessionFactory
     from probes import Probe
 
 __all__ = ["EXIT_DEGRADED", "EXIT_OK", "EXIT_USAGE", "UsageError", "main"]
@@ -185,16 +185,62 @@ def _model_file(path: str) -> str:
     return path
 
 
-def _model(path: str, inputs: Sequence[str], outputs: Sequence[str], threads: int) -> MNNFactory:
-    """A factory for the model, once its names are checked and MNN has loaded it.
+def _model(
+    path: str, inputs: Sequence[str], outputs: Sequence[str], threads: int, api: str = "module"
+) -> MNNFactory | MNNSessionFactory:
+    """A factory for the model (`api`: MNN's Module or Session API), once its names are
+    checked and MNN has loaded it.
 
     A name the model lacks (ConfigError) or a file MNN refuses (FactoryError) is a user error.
     """
-    from guard.mnn import mnn_factory
+    from guard.mnn import mnn_factory, mnn_session_factory
 
-    factory = mnn_factory(_model_file(path), inputs, outputs, threads=threads)
+    factory: MNNFactory | MNNSessionFactory
+    if api == "session":
+        factory = mnn_session_factory(_model_file(path), {"numThread": threads}, inputs, outputs)
+    else:
+        factory = mnn_factory(_model_file(path), inputs, outputs, threads=threads)
     factory()
     return factory
+
+
+def _overrides(flag: str, pairs: Sequence[tuple[str, Any]], api: str) -> dict[str, Any]:
+    """--override options for `api`: load options (Module API) or session config keys
+    (Session API, where dynamic=true or api=module means the Module API on the same file)."""
+    if api != "session":
+        return _load_options(flag, pairs)
+    from guard.errors import ConfigError
+    from guard.mnn import session_config, split_api
+
+    options = dict(pairs)
+    try:
+        chosen, rest = split_api(options)
+    except ConfigError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+    if chosen == "module":
+        return {"api": "module", **_load_options(flag, list(rest.items()))}
+    try:
+        session_config(rest)
+    except ConfigError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+    return options
+
+
+def _session_configs(texts: Sequence[str]) -> list[dict[str, Any]]:
+    """`--config precision=low,numThread=2` (repeated): one checked session config each."""
+    from guard.errors import ConfigError
+    from guard.mnn import session_config
+
+    configs = []
+    for text in texts:
+        pairs = [_option(part) for part in text.split(",")] if text else []
+        config = dict(pairs)
+        try:
+            session_config(config)
+        except ConfigError as exc:
+            raise UsageError(f"--config {text!r}: {exc}") from None
+        configs.append(config)
+    return configs
 
 
 def _probe(path: str, model: str | None) -> Probe:
@@ -274,7 +320,9 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _diagnosis(folder: str | None, probe: Probe, factory: MNNFactory) -> DiagnosisListener | None:
+def _diagnosis(
+    folder: str | None, probe: Probe, factory: MNNFactory | MNNSessionFactory
+) -> DiagnosisListener | None:
     """The bundle writer for --diagnose DIR (None with --no-diagnose); a bad folder is refused."""
     if folder is None:
         return None
@@ -340,9 +388,18 @@ def _reports(listener: DiagnosisListener | None, before: int) -> list[str]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print what the model declares: inputs, outputs, versions, control flow."""
-    from guard.mnn import inspect
-    from guard.tools.inspect_model import format_model_info, model_info_json
+    from guard.mnn import inspect, inspect_session
+    from guard.tools.inspect_model import (
+        format_model_info,
+        format_session_info,
+        model_info_json,
+        session_info_json,
+    )
 
+    if args.api == "session":
+        found = inspect_session(_model_file(args.model))
+        print(session_info_json(found) if args.json else format_session_info(found))
+        return EXIT_OK
     info = inspect(_model_file(args.model))
     print(model_info_json(info) if args.json else format_model_info(info))
     return EXIT_OK
@@ -380,11 +437,11 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 def _checked_model(
     args: argparse.Namespace,
-) -> tuple[Probe, MNNFactory, DiagnosisListener | None, int]:
+) -> tuple[Probe, MNNFactory | MNNSessionFactory, DiagnosisListener | None, int]:
     """The probe, the model's factory checked against it, and the --diagnose bundle writer
     with its count so far: what `check` and `doctor` start from."""
     probe = _probe(args.probe, None if args.ignore_model_hash else _model_file(args.model))
-    factory = _model(args.model, probe.input_names, probe.output_names, args.threads)
+    factory = _model(args.model, probe.input_names, probe.output_names, args.threads, args.api)
 
     from guard.wrapping import check_probe
 
@@ -395,7 +452,7 @@ def _checked_model(
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Initialise the model N times on one rung and print every init's scores and reasons."""
-    overrides = _load_options("--override", args.override)
+    overrides = _overrides("--override", args.override, args.api)
     probe, factory, listener, before = _checked_model(args)
 
     from guard.tools.check import check_json, format_check, run_check
@@ -406,6 +463,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         overrides,
         inits=args.inits,
         model=args.model,
+        api=args.api,
         on_failure=_bundler(listener, overrides) if listener is not None else None,
     )
     print(check_json(report) if args.json else format_check(report))
@@ -446,13 +504,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Many fresh processes per rung: the report as a table, or JSON with --json."""
+    if args.config and args.api != "session":
+        raise UsageError("--config sets the rungs of --api session")
+    configs = _session_configs(args.config)
     probe, factory, listener, before = _checked_model(args)
 
-    from guard.tools.doctor import doctor_json, format_doctor, run_doctor
+    from guard.ladder import DEFAULT_LADDER, Rung, session_ladder
+    from guard.tools.doctor import SESSION_CONFIGS, doctor_json, format_doctor, run_doctor
 
+    ladder: tuple[Rung, ...] = DEFAULT_LADDER
+    if args.api == "session":
+        ladder = session_ladder(*(configs or SESSION_CONFIGS))
     report = run_doctor(
         factory,
         probe,
+        ladder=ladder,
         starts=args.starts,
         processes=args.processes,
         progress=_say,
@@ -474,11 +540,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "--frames sets the demo vocoder's input length; MODEL is measured on its probe's "
             "canary inputs, as recorded"
         )
-    factory: MNNFactory | None = None
+    factory: MNNFactory | MNNSessionFactory | None = None
     probe: Probe | None = None
     if args.model is not None:
         probe = _probe(args.probe, _model_file(args.model))
-        factory = _model(args.model, probe.input_names, probe.output_names, threads=1)
+        factory = _model(args.model, probe.input_names, probe.output_names, 1, args.api)
 
     from guard.tools.bench import bench_json, format_bench, run_bench
 
@@ -488,6 +554,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         factory=factory,
         model=args.model,
         probe=probe,
+        api=args.api,
         progress=lambda text: _say(f"  ... {text}"),
     )
     print(format_bench(report))
@@ -602,6 +669,30 @@ def _add_record(sub: Any) -> None:
     rec.set_defaults(func=cmd_record)
 
 
+def _add_doctor(sub: Any, hash_help: str) -> None:
+    """The `doctor` subcommand's arguments."""
+    doc = sub.add_parser(
+        "doctor", help="does this machine have the degraded-init problem, what does dynamic cost?"
+    )
+    doc.add_argument("model", help="the .mnn model file")
+    doc.add_argument("--probe", required=True, help="probe folder recorded for this model")
+    doc.add_argument("--starts", type=_count, default=100, help="fresh processes to start")
+    doc.add_argument("--processes", type=_count, default=2, help="processes running at a time")
+    doc.add_argument("--threads", type=_count, default=1, help="MNN threads per process")
+    _api_flag(doc, "a rung per session config (--config), then the Module API's dynamic=True")
+    doc.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="KEY=VALUE[,KEY=VALUE] session config of one rung, e.g. precision=low (repeat; "
+        "default: {}, precision=low, memory=low)",
+    )
+    doc.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    doc.add_argument("--ignore-model-hash", action="store_true", help=hash_help)
+    _diagnose_flags(doc)
+    doc.set_defaults(func=cmd_doctor)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mnn-guard", description=__doc__.split("\n", 1)[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log every init and verdict")
@@ -610,6 +701,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="what a model declares: inputs, outputs, control flow")
     ins.add_argument("model", help="the .mnn model file")
+    _api_flag(ins, "the model as a Session-API session sees it (input and output tensors)")
     ins.add_argument("--json", action="store_true", help="print only JSON on stdout")
     ins.set_defaults(func=cmd_inspect)
 
@@ -624,8 +716,10 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         type=_option,
-        help="KEY=VALUE load option, e.g. dynamic=true",
+        help="KEY=VALUE load option, e.g. dynamic=true (--api session: a session config key, "
+        "e.g. precision=low)",
     )
+    _api_flag(chk, "initialise MNN.Interpreter sessions (numThread=--threads)")
     chk.add_argument("--threads", type=_count, default=1)
     chk.add_argument("--ignore-model-hash", action="store_true", help=hash_help)
     chk.add_argument("--json", action="store_true", help="print only JSON on stdout")
@@ -642,18 +736,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--diagnose", metavar="DIR", help="leave a bundle per failed canary in DIR")
     demo.set_defaults(func=cmd_demo)
 
-    doc = sub.add_parser(
-        "doctor", help="does this machine have the degraded-init problem, what does dynamic cost?"
-    )
-    doc.add_argument("model", help="the .mnn model file")
-    doc.add_argument("--probe", required=True, help="probe folder recorded for this model")
-    doc.add_argument("--starts", type=_count, default=100, help="fresh processes to start")
-    doc.add_argument("--processes", type=_count, default=2, help="processes running at a time")
-    doc.add_argument("--threads", type=_count, default=1, help="MNN threads per process")
-    doc.add_argument("--json", action="store_true", help="print only JSON on stdout")
-    doc.add_argument("--ignore-model-hash", action="store_true", help=hash_help)
-    _diagnose_flags(doc)
-    doc.set_defaults(func=cmd_doctor)
+    _add_doctor(sub, hash_help)
 
     bench = sub.add_parser("bench", help="measure what the guard costs, side by side with raw MNN")
     bench.add_argument("model", nargs="?", help="a .mnn model (default: the demo vocoder)")
@@ -662,6 +745,7 @@ def _parser() -> argparse.ArgumentParser:
         "--frames", type=_count, help=f"demo vocoder input length (default {DEMO_FRAMES})"
     )
     bench.add_argument("--quick", action="store_true", help="fewer rounds (for tests)")
+    _api_flag(bench, "measure MNN.Interpreter sessions, and the Session API against the Module API")
     bench.add_argument("--json", help="also write the report as JSON to this file")
     bench.set_defaults(func=cmd_bench)
 
@@ -706,6 +790,16 @@ def _diagnosis_commands(sub: Any, hash_help: str) -> None:
     rep.add_argument("bundle", help="a bundle folder, or a folder of bundles")
     rep.add_argument("-o", "--out", help="write the page here (one bundle only)")
     rep.set_defaults(func=cmd_report)
+
+
+def _api_flag(parser: argparse.ArgumentParser, session_help: str) -> None:
+    """--api module|session: which of PyMNN's two APIs runs the model."""
+    parser.add_argument(
+        "--api",
+        choices=("module", "session"),
+        default="module",
+        help=f"MNN's API (default module); session: {session_help}",
+    )
 
 
 def _diagnose_flags(parser: argparse.ArgumentParser) -> None:

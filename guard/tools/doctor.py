@@ -34,13 +34,22 @@ from guard.session import Factory
 from guard.tools.output import text_table
 from probes import Probe
 
-__all__ = ["DoctorReport", "RungReport", "doctor_json", "format_doctor", "run_doctor"]
+__all__ = [
+    "SESSION_CONFIGS",
+    "DoctorReport",
+    "RungReport",
+    "doctor_json",
+    "format_doctor",
+    "run_doctor",
+]
 
 CONFIDENCE = 0.95
 FORWARD_RUNS = 5
 CANARY_RUNS = 2
 START_TIMEOUT = 300.0  # seconds one fresh process may take for every rung before it is killed
 MAX_REASONS = 3  # example reasons kept per rung
+SESSION_CONFIGS: tuple[dict[str, Any], ...] = ({}, {"precision": "low"}, {"memory": "low"})
+"""`doctor --api session`'s rungs unless --config names them (then the Module API, dynamic)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 
-from guard.mnn import ModelInfo
+from guard.mnn import ModelInfo, SessionInfo
 from guard.tools.output import text_table
 
-__all__ = ["format_model_info", "model_info_json"]
+__all__ = ["format_model_info", "format_session_info", "model_info_json", "session_info_json"]
 
 
 def _shape(shape: tuple[int, ...] | None) -> str:
@@ -41,4 +41,25 @@ def format_model_info(info: ModelInfo) -> str:
 
 def model_info_json(info: ModelInfo) -> str:
     """The model's description as a JSON document."""
+    return json.dumps(info.to_json(), indent=2)
+
+
+def format_session_info(info: SessionInfo) -> str:
+    """The session's input and output tensors as tables (`inspect --api session`)."""
+    header = ("dtype", "shape (? = open)", "format")
+    inputs = [(t.name, t.dtype, _shape(t.shape), t.format) for t in info.inputs]
+    outputs = [(t.name, t.dtype, _shape(t.shape), t.format) for t in info.outputs]
+    lines = [
+        f"{info.path}: as an MNN.Interpreter session sees it (numThread 1)",
+        text_table(("input", *header), inputs),
+        text_table(("output", *header), outputs),
+    ]
+    if any(t.shape is None or -1 in t.shape for t in info.inputs):
+        lines.append("open sizes are set per call (resizeTensor + resizeSession), outputs follow")
+    lines += [f"MNN said: {note}" for note in info.notes]
+    return "\n".join(lines)
+
+
+def session_info_json(info: SessionInfo) -> str:
+    """The session's tensors as a JSON document."""
     return json.dumps(info.to_json(), indent=2)
