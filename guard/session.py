@@ -40,7 +40,8 @@ from probes import Probe, Verdict
 __all__ = ["Factory", "GuardedSession"]
 
 Factory = Callable[..., Any]
-"""`factory(**overrides) -> module` whose `.forward(list_of_vars)` returns a list of Vars."""
+"""`factory(**overrides)` -> an MNN module (`.forward(list_of_vars)`), an (Interpreter, Session)
+pair, or any `guard.mnn.Runner`; `guard.mnn.adapt` makes each a numpy-level Runner."""
 
 Array = NDArray[Any]
 log = logging.getLogger("mnn_guard")
