@@ -250,6 +250,7 @@ class WorkerStatus:
     rung: Rung
     rung_index: int
     requests: int
+    busy: bool = False  # a request is in hand
 
     @property
     def mode(self) -> str:
@@ -895,6 +896,7 @@ class Pool:
         with self._cond:
             if self._closed:
                 return []
+            idle = set(self._idle)
             return [
                 WorkerStatus(
                     slot=w.slot,
@@ -903,6 +905,7 @@ class Pool:
                     rung=self._ladder[w.rung_index],
                     rung_index=w.rung_index,
                     requests=w.requests,
+                    busy=w.child is not None and w.state in LIVE and w not in idle,
                 )
                 for w in sorted(self._slots.values(), key=lambda w: w.slot)
             ]
