@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mnn-guard demo --diagnose diagnosis
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check guard probes tests
+	$(VENV)/bin/ruff check guard probes tests examples
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
