@@ -13,6 +13,8 @@ import concurrent.futures
 import itertools
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 import urllib.error
@@ -45,6 +47,7 @@ pytestmark = pytest.mark.slow
 Array = np.ndarray[Any, Any]
 T = TypeVar("T")
 BOUND = 180.0  # seconds any one condition may take: a Serve application starts in about 25 s
+ROOT = Path(__file__).resolve().parent.parent
 REPLICA = {"num_cpus": 0.5}  # two replicas per application on a 2-CPU cluster, room for more
 
 
@@ -232,7 +235,64 @@ def test_degraded_replica_is_replaced_and_serves_nothing(
 
     replicas = until("both live replicas' metrics", live_replicas, 60)
     print(f"metrics of replicas {sorted(replicas)} at {cluster.metrics_url}")
+    check_relabelled(cluster, replicas, tmp_path)
     serve.delete("vocoder")
+
+
+RELABEL = """
+    metric_relabel_configs:
+      - {source_labels: [__name__], regex: "ray_(mnn_guard_.*)", target_label: __name__}
+"""  # as the README says
+
+
+def check_relabelled(cluster: Cluster, replicas: set[str], folder: Path) -> None:
+    """A real Prometheus scraping Ray's endpoint with the README's relabelling and the alert
+    rules: the guard's own names carry both replicas' health, and every rule evaluates."""
+    from test_dashboard import free_port, get_json, poll, query
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        assert os.environ.get("CI") != "true", "the prometheus binary is missing (.ci/run)"
+        print("RELABELLING NOT CHECKED: the `prometheus` binary is not installed")
+        return
+    target = cluster.metrics_url.removeprefix("http://").removesuffix("/metrics")
+    config = folder / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: ['{ROOT / 'deploy' / 'prometheus' / 'alerts.yml'}']\n"
+        "scrape_configs:\n  - job_name: mnn-guard\n"
+        f"    static_configs: [{{targets: ['{target}']}}]\n{RELABEL}"
+    )
+    address = f"127.0.0.1:{free_port()}"
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={folder / 'tsdb'}",
+            f"--web.listen-address={address}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://{address}"
+    try:
+        healthy = 'mnn_guard_healthy{session="vocoder"} == 1'
+
+        def both() -> bool:
+            return {s["metric"]["replica"] for s in query(base, healthy)} == replicas
+
+        poll("both replicas under the guard's own names", both)
+
+        def evaluated() -> bool:
+            groups = get_json(f"{base}/api/v1/rules")["data"]["groups"]
+            rules = [r for g in groups for r in g["rules"]]
+            return len(rules) >= 8 and all(r["health"] == "ok" for r in rules)
+
+        poll("every alert and recording rule evaluated", evaluated)
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def _handle(app: str) -> Any:
