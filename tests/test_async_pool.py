@@ -176,9 +176,12 @@ def test_loop_stays_free_while_100_calls_run(pool: guard.Pool) -> None:
 
     The calls start one per loop iteration, as requests reach a server; 100 calls started in
     one iteration would hold it for 100 times the per-call cost (input checks and pickling,
-    0.05 to 0.2 ms by machine load)."""
+    0.05 to 0.2 ms by machine load). Two long calls occupy both workers first, so that all
+    100 are in flight together however fast the machine is."""
     inputs = [demo.demo_mel(FRAMES, seed=i) for i in range(10)]
     expected = [reference(x) for x in inputs]
+    long = demo.demo_mel(LONG, seed=11)
+    long_expected = reference(long)
     flight = {"now": 0, "peak": 0}
 
     async def call(x: Array) -> dict[str, Array]:
@@ -190,11 +193,13 @@ def test_loop_stays_free_while_100_calls_run(pool: guard.Pool) -> None:
             flight["now"] -= 1
 
     async def hundred() -> list[dict[str, Array]]:
+        blockers = [asyncio.ensure_future(pool.arun({"mel": long})) for _ in range(2)]
+        await until("both workers busy", lambda: all(w.busy for w in pool.status()) or None)
         tasks = []
         for k in range(100):
             tasks.append(asyncio.ensure_future(call(inputs[k % 10])))
             await asyncio.sleep(0)
-        return list(await asyncio.gather(*tasks))
+        return list(await asyncio.gather(*blockers, *tasks))  # compared after the window
 
     async def main() -> tuple[list[dict[str, Array]], Ticker, float]:
         await pool.amap([{"mel": x} for x in inputs[:4]])  # warm: both threads, both workers
@@ -205,7 +210,9 @@ def test_loop_stays_free_while_100_calls_run(pool: guard.Pool) -> None:
     outputs, ticker, seconds = asyncio.run(main())
     print(f"100 calls of {FRAMES} frames in {seconds:.2f} s; {ticker.describe()}")
     assert flight["peak"] == 100
-    for k, out in enumerate(outputs):
+    for out in outputs[:2]:
+        np.testing.assert_allclose(out["wav"], long_expected, rtol=0, atol=1e-5)
+    for k, out in enumerate(outputs[2:]):
         np.testing.assert_allclose(out["wav"], expected[k % 10], rtol=0, atol=1e-5)
     assert ticker.stall < STALL_BOUND, ticker.describe()
     assert statistics.median(w for w, _ in ticker.gaps) < 0.005, ticker.describe()
