@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml guard guard/tools probes guard/data
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,serve,diagnose]' --config-settings editable_mode=strict
+	$(PY) -m pip install --quiet -e '.[test,serve,diagnose,ray]' --config-settings editable_mode=strict
 	touch $(STAMP)
 
 # every failed canary of the demo leaves a bundle with its HTML page in diagnosis/ (at most 20)
@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mnn-guard demo --diagnose diagnosis
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check guard probes tests
+	$(VENV)/bin/ruff check guard probes tests examples
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 

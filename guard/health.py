@@ -14,7 +14,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +90,16 @@ class HealthTable:
         self._lock = threading.Lock()
         self._sessions: dict[str, SessionStatus] = {}
         self._owners: dict[str, object] = {}  # which session's listener wrote each entry
+        self._details: dict[str, dict[str, Any]] = {}  # extra fields of an entry (a pool's workers)
 
-    def record(self, owner: object, status: SessionStatus) -> None:
-        """Keep `status` as the latest of its session, written by `owner`."""
+    def record(
+        self, owner: object, status: SessionStatus, detail: Mapping[str, Any] | None = None
+    ) -> None:
+        """Keep `status` as the latest of its session, written by `owner`; `detail` adds fields."""
         with self._lock:
             self._sessions[status.name] = status
             self._owners[status.name] = owner
+            self._details[status.name] = dict(detail or {})
             self._write()
 
     def forget(self, name: str, owner: object | None = None) -> None:
@@ -104,6 +108,7 @@ class HealthTable:
             if owner is None or self._owners.get(name) is owner:
                 self._sessions.pop(name, None)
                 self._owners.pop(name, None)
+                self._details.pop(name, None)
                 self._write()
 
     def clear(self) -> None:
@@ -111,6 +116,7 @@ class HealthTable:
         with self._lock:
             self._sessions.clear()
             self._owners.clear()
+            self._details.clear()
             self._write()
 
     def sessions(self) -> dict[str, SessionStatus]:
@@ -120,7 +126,12 @@ class HealthTable:
 
     def entries(self) -> list[dict[str, Any]]:
         """What readiness says of each session of this table."""
-        return [_entry(s) for s in self.sessions().values()]
+        with self._lock:
+            return self._entries()
+
+    def _entries(self) -> list[dict[str, Any]]:
+        """Each entry with its detail (the caller holds the lock)."""
+        return [{**_entry(s), **self._details.get(n, {})} for n, s in self._sessions.items()]
 
     def readiness(self, expect: Sequence[str] = ()) -> tuple[bool, list[dict[str, Any]]]:
         """(ready, details) of this process's sessions, by the readiness rule."""
@@ -131,7 +142,7 @@ class HealthTable:
         if self.directory is None:
             return
         pid = os.getpid()
-        doc = {"pid": pid, "sessions": [_entry(s) for s in self._sessions.values()]}
+        doc = {"pid": pid, "sessions": self._entries()}
         path = self.directory / f"{_PREFIX}{pid}.json"
         with contextlib.suppress(OSError):  # health files must never break serving
             fd, tmp = tempfile.mkstemp(prefix=f".{_PREFIX}", dir=self.directory)

@@ -2,15 +2,22 @@
 
 >>> with guard.Pool(guard.mnn_factory("vocoder.mnn", ["mel"], ["wav"]), probe, processes=2) as pool:
 ...     wavs = pool.map([{"mel": m} for m in mels])  # doctest: +SKIP
+...     wav = (await pool.arun({"mel": mel}))["wav"]  # in a coroutine  # doctest: +SKIP
 
 The parent checks every request against the probe and sends workers only the plain arrays MNN
 will read; each worker builds one guarded session and serves requests from its pipe. Messages
 on a pipe are the small dataclasses below, pickled by the sender.
+
+The async face (`arun`, `amap`) keeps an event loop free: the loop itself only checks and
+pickles the inputs (tens of microseconds, whatever the forward costs); a thread of the pool
+waits for a worker and its reply, with the GIL released, while the forward runs in the worker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import multiprocessing
@@ -23,7 +30,7 @@ import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import numpy as np
@@ -39,10 +46,11 @@ from guard.errors import (
     Unavailable,
     WorkerFailed,
 )
+from guard.health import HEALTH, HealthTable
 from guard.inputs import InputChecker
 from guard.ladder import Policy, Rung
 from guard.session import Factory, GuardedSession
-from guard.state import LIVE, State
+from guard.state import LIVE, SessionStatus, State
 from guard.workers import Child, Event, load_stashed_probe, remove_stash, stash_probe
 from guard.wrapping import check_probe, wrap
 from probes import Probe
@@ -57,6 +65,10 @@ log = logging.getLogger("mnn_guard")
 START_METHODS = ("spawn", "forkserver")
 IMPORT_SECONDS = 60.0  # allowance for a spawned worker to import numpy, scipy and MNN
 STOP_SECONDS = 5.0  # how long close() waits for a worker to exit before killing it
+WATCH_SECONDS = 0.25  # how soon a worker that died while idle is noticed, at the latest
+MAX_WAITING = 256  # default bound on async calls waiting for a worker (beyond one per worker)
+# how bad each state of a worker is for the pool's readiness entry, from fine to worst
+_SEVERITY = (State.SERVING, State.CHECKING, State.STARTING, State.REPLACING, State.FAILED)
 
 
 # ------------------------------------------------------------------ pipe messages
@@ -208,7 +220,10 @@ def _worker_main(
     """A worker process: build one guarded session here, then serve requests from the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
-        session = wrap(factory, load_stashed_probe(probe_path), policy=policy, name=name)
+        # the parent answers for its workers' readiness (one entry per pool): a private table
+        # keeps this session out of PROMETHEUS_MULTIPROC_DIR's health files
+        probe = load_stashed_probe(probe_path)
+        session = wrap(factory, probe, policy=policy, name=name, health=HealthTable())
     except Exception as exc:
         _send(conn, _StartFailed(_portable(exc)))
         return
@@ -235,6 +250,7 @@ class WorkerStatus:
     rung: Rung
     rung_index: int
     requests: int
+    busy: bool = False  # a request is in hand
 
     @property
     def mode(self) -> str:
@@ -289,6 +305,30 @@ def _mark_dead(pid: int | None) -> None:
         log.warning("could not drop the metrics files of dead worker pid %d", pid)
 
 
+def _watch(ref: weakref.ref[Pool], stop: threading.Event) -> None:
+    """Replace idle workers that die (a kill, the OOM killer) until the pool closes or goes.
+
+    Busy workers are their request's to watch; this thread holds the pool only between waits.
+    """
+    while not stop.is_set():
+        pool = ref()
+        if pool is None:
+            return
+        idle = pool._idle_children()
+        del pool
+        sentinels = {w.child.process.sentinel: w for w in idle if w.child is not None}
+        if not sentinels:
+            stop.wait(WATCH_SECONDS)
+            continue
+        dead = wait(list(sentinels), WATCH_SECONDS)
+        pool = ref()
+        if pool is None:
+            return
+        for sentinel in dead:
+            pool._reap_idle(sentinels[sentinel])  # type: ignore[index]
+        del pool
+
+
 class Pool:
     """Guarded worker processes: each builds its own session with `guard.wrap` after spawn.
 
@@ -303,6 +343,18 @@ class Pool:
     a forward failed) is replaced too and the request retried once; the caller gets the
     worker's exception itself (same type, message and attempts, with a note naming the worker).
     A caller waits at most `policy.wait_timeout` for a free worker (Unavailable).
+
+    `arun` and `amap` are the same calls for asyncio: the event loop only checks and pickles
+    the inputs. At most `processes + max_waiting` async calls are admitted at once; one more
+    raises Unavailable at once (shed load rather than queue without end). A cancelled `arun`
+    leaves the pool serving: a request not yet sent is dropped; one in flight is finished by
+    the pool's thread and its reply discarded, so it never reaches another caller.
+
+    Readiness: the pool is one entry of `health` (default: the process's table, which
+    `guard.serve` and `guard.asgi_app` answer for), named `name`: ready while every worker
+    serves; its state is the worst worker's (STARTING while one is replaced, FAILED when a
+    replacement could not start), and it lists its workers. Workers' own sessions stay out of
+    readiness. A worker that dies while idle is noticed within WATCH_SECONDS and replaced.
 
     Metrics: workers use prometheus_client as usual. Set PROMETHEUS_MULTIPROC_DIR (an empty
     directory) in the environment before creating the pool and serve it with
@@ -323,9 +375,13 @@ class Pool:
         name: str = "pool",
         request_timeout: float | None = 60.0,
         start_method: str = "spawn",
+        max_waiting: int = MAX_WAITING,
+        health: HealthTable | None = None,
     ) -> None:
         if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
             raise ConfigError(f"processes must be a positive int, got {processes!r}")
+        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
+            raise ConfigError(f"max_waiting must be an int >= 0, got {max_waiting!r}")
         if request_timeout is not None and request_timeout <= 0:
             raise ConfigError(f"request_timeout must be > 0 or None, got {request_timeout}")
         if start_method not in START_METHODS:
@@ -345,6 +401,7 @@ class Pool:
         self.name = name
         self.processes = processes
         self.request_timeout = request_timeout
+        self.max_waiting = max_waiting
         self._ladder = policy.ladder
         self._wait_timeout = policy.wait_timeout
         self._check = InputChecker(probe.inputs, check_finite=policy.check_finite_inputs)
@@ -364,10 +421,26 @@ class Pool:
         self._starters: set[threading.Thread] = set()
         self._closed = False
         self._replaced = 0
-        workers = [_Worker(slot) for slot in range(processes)]
+        self._pending = 0  # async calls admitted and not finished
+        # one thread per worker waits for its reply, so that arun() never blocks the loop
+        self._executor = ThreadPoolExecutor(processes, thread_name_prefix=f"mnn-guard-{name}-a")
+        # readiness: one entry named after the pool, published in order by _publish
+        self._health = health or HEALTH
+        self._publishing = threading.Lock()
+        self._published: tuple[Any, ...] | None = None
+        self._since = time.time()
+        self._stop_watch = threading.Event()
+        self._start()
+
+    # -------------------------------------------------------------- workers
+
+    def _start(self) -> None:
+        """Start every worker and wait for all to serve; then watch the idle ones."""
+        workers = [_Worker(slot) for slot in range(self.processes)]
         try:
             for worker in workers:
                 self._launch(worker)
+            self._publish()
             for worker in workers:
                 self._await_ready(worker)
         except BaseException:
@@ -377,8 +450,12 @@ class Pool:
             raise
         with self._cond:
             self._idle.extend(workers)
-
-    # -------------------------------------------------------------- workers
+        threading.Thread(
+            target=_watch,
+            args=(weakref.ref(self), self._stop_watch),
+            name=f"mnn-guard-{self.name}-watch",
+            daemon=True,
+        ).start()
 
     def _launch(self, worker: _Worker) -> None:
         """Spawn the worker's process and put the worker in its slot (STARTING)."""
@@ -423,6 +500,7 @@ class Pool:
             raise
         with self._cond:
             self._note(worker, reply.health)
+        self._publish()
 
     @staticmethod
     def _receive(worker: _Worker, child: Child) -> _Reply | None:
@@ -440,9 +518,11 @@ class Pool:
         return reply
 
     @staticmethod
-    def _note(worker: _Worker, health: _Health) -> None:
-        """Record a worker's reported health (the caller holds _cond)."""
+    def _note(worker: _Worker, health: _Health) -> bool:
+        """Record a worker's reported health (the caller holds _cond); True if it changed."""
+        changed = (worker.state, worker.rung_index) != (health.state, health.rung_index)
         worker.state, worker.rung_index = health.state, health.rung_index
+        return changed
 
     def _stop(self, worker: _Worker, grace: float = 0.0, *, close: bool = True) -> None:
         """Stop and reap a worker's process; drop its metrics."""
@@ -471,6 +551,7 @@ class Pool:
         self._stop(worker)
         if replacement is None:
             return
+        self._publish()
         log.warning("pool %s: %s; replacing it", self.name, why)
         thread = threading.Thread(
             target=self._replace,
@@ -492,6 +573,7 @@ class Pool:
                 closed = self._closed
                 worker.state, worker.error, worker.child = State.FAILED, exc, None
             if not closed:
+                self._publish()
                 log.error(
                     "pool %s: replacement for worker %d failed: %s", self.name, worker.slot, exc
                 )
@@ -509,9 +591,11 @@ class Pool:
                 self._starters.discard(threading.current_thread())
                 self._cond.notify_all()
 
-    def _acquire(self) -> _Worker:
-        """An idle worker; waits (at most Policy.wait_timeout) while all are busy or starting."""
-        deadline = time.monotonic() + self._wait_timeout
+    def _acquire(self, deadline: float | None = None) -> _Worker:
+        """An idle worker; waits (until `deadline`, by default Policy.wait_timeout from now)
+        while all are busy or starting."""
+        if deadline is None:
+            deadline = time.monotonic() + self._wait_timeout
         with self._cond:
             while True:
                 if self._closed:
@@ -567,8 +651,10 @@ class Pool:
             raise _Lost(f"{worker.label} {child.exit_text()}")
         if isinstance(reply, _Done | _Raised | _Refused):
             with self._cond:
-                self._note(worker, reply.health)
+                changed = self._note(worker, reply.health)
                 worker.requests += 1
+            if changed:
+                self._publish()
         return reply
 
     # -------------------------------------------------------------- serving
@@ -588,11 +674,15 @@ class Pool:
 
     def run(self, inputs: Inputs) -> dict[str, Array]:
         """Run one request on an idle worker; returns owned numpy arrays by output name."""
-        data = self._encode(inputs)
+        return self._run_data(self._encode(inputs))
+
+    def _run_data(self, data: bytes, deadline: float | None = None) -> dict[str, Array]:
+        """Run one encoded request; the first wait for a worker ends at `deadline`."""
         failures: list[tuple[str, Exception | None]] = []  # why, and the worker's error if any
         unblamed = self.processes  # how many workers found dead before sending may be skipped
         while len(failures) < 2:
-            worker = self._acquire()
+            worker = self._acquire(deadline)
+            deadline = None  # a retry waits its own Policy.wait_timeout
             try:
                 reply = self._request(worker, data)
             except _Lost as lost:
@@ -666,6 +756,136 @@ class Pool:
                     f.cancel()
                 raise
 
+    # ------------------------------------------------------------- asyncio
+
+    async def arun(self, inputs: Inputs) -> dict[str, Array]:
+        """`run` for asyncio: the loop only checks and pickles the inputs; owned arrays back.
+
+        Raises InputMismatch at once for bad inputs, Unavailable at once when
+        `processes + max_waiting` calls are already admitted, or when no worker was free
+        within `Policy.wait_timeout`; otherwise whatever `run` raises. Cancelling the await
+        drops a request not yet sent; one in flight finishes in the pool's thread and its
+        reply is discarded: the worker goes on serving others.
+        """
+        data = self._encode(inputs)  # InputMismatch here, in the caller
+        job = self._submit(data, time.monotonic() + self._wait_timeout)
+        reply = asyncio.wrap_future(job)
+        try:
+            await asyncio.wait((reply,), timeout=self._wait_timeout)
+            if not reply.done() and job.cancel():  # never reached a thread: not sent
+                raise Unavailable(
+                    f"pool {self.name!r}: no worker was free within {self._wait_timeout:g} s "
+                    f"(Policy.wait_timeout); {self._pending} call(s) in flight or waiting"
+                )
+            return await reply
+        except asyncio.CancelledError:
+            reply.cancel()  # cancels the job too if no thread took it yet
+            raise
+
+    def _submit(self, data: bytes, deadline: float) -> concurrent.futures.Future[dict[str, Array]]:
+        """Admit one encoded async call (bounded by max_waiting) and hand it to a thread."""
+        limit = self.processes + self.max_waiting
+        with self._cond:
+            if self._closed:
+                raise SessionClosed(f"pool {self.name!r} is closed")
+            if self._pending >= limit:
+                raise Unavailable(
+                    f"pool {self.name!r}: {self._pending} calls are already in flight or waiting "
+                    f"(processes + max_waiting = {limit}); shed load or raise max_waiting"
+                )
+            self._pending += 1
+        try:
+            job = self._executor.submit(self._run_data, data, deadline)
+        except RuntimeError:  # the executor was shut down: close() ran meanwhile
+            self._finished()
+            raise SessionClosed(f"pool {self.name!r} is closed") from None
+        job.add_done_callback(self._finished)
+        return job
+
+    def _finished(self, job: object = None) -> None:
+        """One admitted async call ended (served, failed or cancelled)."""
+        with self._cond:
+            self._pending -= 1
+
+    async def amap(self, inputs: Iterable[Inputs]) -> list[dict[str, Array]]:
+        """`map` for asyncio: every request through `arun`, one per worker at a time; in order.
+
+        The first error is raised and the requests not yet done are cancelled.
+        """
+        items = list(inputs)
+        turns = asyncio.Semaphore(self.processes)
+
+        async def one(item: Inputs) -> dict[str, Array]:
+            async with turns:
+                return await self.arun(item)
+
+        tasks = [asyncio.ensure_future(one(item)) for item in items]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # none left running
+            raise
+
+    # ------------------------------------------------------------ readiness
+
+    def _publish(self) -> None:
+        """Put the pool's state into its health table, if it changed (in order)."""
+        with self._publishing:
+            with self._cond:
+                if self._closed or not self._slots:
+                    return
+                workers = sorted(self._slots.values(), key=lambda w: w.slot)
+                state = max((w.state for w in workers), key=_SEVERITY.index)
+                index = max(w.rung_index for w in workers)
+                listed = [
+                    {
+                        "slot": w.slot,
+                        "pid": w.child.pid if w.child is not None else None,
+                        "state": w.state.value,
+                        "rung": self._ladder[w.rung_index].name,
+                    }
+                    for w in workers
+                ]
+                reasons = [
+                    f"worker {w.slot} (pid {w.child.pid if w.child else None}) is "
+                    f"{w.state.value}" + (f": {w.error}" if w.error is not None else "")
+                    for w in workers
+                    if w.state not in LIVE
+                ]
+            key = (state, index, repr(listed), reasons)
+            if key == self._published:
+                return
+            if self._published is None or self._published[0] is not state:
+                self._since = time.time()
+            self._published = key
+            status = SessionStatus(
+                name=self.name,
+                state=state,
+                rung=self._ladder[index],
+                rung_index=index,
+                verdict=None,
+                history=(),
+                since=self._since,
+            )
+            self._health.record(self, status, {"workers": listed, "reasons": reasons})
+
+    def _reap_idle(self, worker: _Worker) -> None:
+        """Retire a worker found dead while idle (the watcher calls this)."""
+        with self._cond:
+            if worker not in self._idle:
+                return  # a request took it meanwhile: that request finds it dead
+            self._idle.remove(worker)
+        child = worker.child
+        assert child is not None
+        self._retire(worker, f"{worker.label} {child.exit_text()} while idle")
+
+    def _idle_children(self) -> list[_Worker]:
+        """The idle workers (the watcher waits for their deaths)."""
+        with self._cond:
+            return [] if self._closed else list(self._idle)
+
     def status(self) -> list[WorkerStatus]:
         """Every slot in order, truthful through replacements; [] once closed.
 
@@ -676,6 +896,7 @@ class Pool:
         with self._cond:
             if self._closed:
                 return []
+            idle = set(self._idle)
             return [
                 WorkerStatus(
                     slot=w.slot,
@@ -684,6 +905,7 @@ class Pool:
                     rung=self._ladder[w.rung_index],
                     rung_index=w.rung_index,
                     requests=w.requests,
+                    busy=w.child is not None and w.state in LIVE and w not in idle,
                 )
                 for w in sorted(self._slots.values(), key=lambda w: w.slot)
             ]
@@ -710,6 +932,10 @@ class Pool:
             self._idle.clear()
             starters = list(self._starters)
             self._cond.notify_all()
+        self._stop_watch.set()
+        self._executor.shutdown(wait=False)  # queued async calls raise SessionClosed
+        with self._publishing:  # after any publication in progress
+            self._health.forget(self.name, owner=self)
         for worker in workers:
             if worker.state is State.STARTING and worker.child is not None:
                 worker.child.kill()  # its starting thread reaps it

@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -161,8 +161,10 @@ def wsgi_app(endpoints: Endpoints | None = None) -> WSGIApp:
     return app
 
 
+Message = MutableMapping[str, Any]
+# the ASGI signature as Starlette and FastAPI type it, so that `app.mount(...)` type-checks
 ASGIApp = Callable[
-    [dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[..., Awaitable[None]]],
+    [Message, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
     Awaitable[None],
 ]
 
@@ -173,9 +175,9 @@ def asgi_app(endpoints: Endpoints | None = None) -> ASGIApp:
     metrics = make_asgi_app(ends.registry)
 
     async def app(
-        scope: dict[str, Any],
-        receive: Callable[[], Awaitable[dict[str, Any]]],
-        send: Callable[..., Awaitable[None]],
+        scope: Message,
+        receive: Callable[[], Awaitable[Message]],
+        send: Callable[[Message], Awaitable[None]],
     ) -> None:
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":
@@ -188,7 +190,7 @@ def asgi_app(endpoints: Endpoints | None = None) -> ASGIApp:
         else:
             answer = ends.health_route(scope.get("path", ""))
 
-        async def respond(message: dict[str, Any]) -> None:
+        async def respond(message: Message) -> None:
             if method == "HEAD" and message["type"] == "http.response.body":
                 message = {**message, "body": b""}
             await send(message)
