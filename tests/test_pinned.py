@@ -23,6 +23,7 @@ from guard.health import HealthListener
 from guard.ladder import Action, Attempt
 from guard.testing import CapturingListener, Fault, FaultyFactory
 from guard.tools import demo
+from probes import judges
 
 Array = np.ndarray[Any, Any]
 CANARY_FORWARDS = 4  # Policy.canary_runs (2) x the demo probe's cases (2)
@@ -532,3 +533,372 @@ def test_nothing_published_after_close_reaches_the_table(demo_probe: probes.Prob
     s.close()
     HealthListener(table).on_status("a", s.status)  # CLOSED is never recorded
     assert table.sessions() == {}
+
+
+# ------------------------------------------------------------------ judges and thresholds
+
+
+def scaled_noise(golden: Array, snr: float, seed: int = 0) -> Array:
+    """`golden` plus white noise at exactly `snr` dB (float64)."""
+    g = golden.astype(np.float64)
+    n = np.random.default_rng(seed).standard_normal(g.shape)
+    return g + n * math.sqrt(float(np.sum(g**2)) / float(np.sum(n**2))) * 10 ** (-snr / 20)
+
+
+def tone(seconds_samples: int = 4096, hz: float = 440.0, amplitude: float = 1.0) -> Array:
+    """A sine of `hz` at 22,050 Hz, shaped (1, 1, n) like the demo vocoder's output."""
+    t = np.arange(seconds_samples) / 22050
+    return (amplitude * np.sin(2 * np.pi * hz * t)).reshape(1, 1, -1)
+
+
+def test_default_thresholds() -> None:
+    """SNR 45 dB, cosine 0.99995, LSD 1 dB, no max_abs: the limits every probe starts from."""
+    assert probes.Thresholds() == probes.Thresholds(
+        min_snr_db=45.0, min_cosine=0.99995, max_lsd_db=1.0, max_abs=None
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "passes", "failing"),
+    [
+        (lambda g: g * 0.98, False, ["snr_db"]),  # a 2% gain fault: 34 dB
+        (lambda g: scaled_noise(g, 44.0), False, ["snr_db"]),
+        (lambda g: scaled_noise(g, 46.0), True, []),
+        (lambda g: g + 10 ** (-50 / 20) * tone(g.size, 9000), False, ["lsd_db"]),
+    ],
+    ids=["gain 0.98", "noise 44 dB", "noise 46 dB", "tone in a silent band"],
+)
+def test_each_default_limit_decides(
+    make: Callable[[Array], Array], passes: bool, failing: list[str], demo_probe: probes.Probe
+) -> None:
+    """The default SNR limit sits between 44 and 46 dB and fails a 2% gain (on the demo output);
+    the LSD limit fails a quiet tone in a silent band of a sine (SNR 50 dB, LSD about 3 dB)
+    that SNR and cosine pass."""
+    golden = demo_probe.cases[0].outputs["wav"] if passes or failing == ["snr_db"] else tone()
+    golden = golden.astype(np.float32)
+    score = probes.judge_output("y", golden, make(golden).astype(np.float32), probes.Thresholds())
+    assert score.passed is passes
+    assert [c.judge for c in score.checks if not c.passed] == failing
+
+
+def test_cosine_limit_decides_only_below_the_default_snr_limit() -> None:
+    """At 45 dB SNR cosine is at least 1 - 10**-4.5 / 2 (0.999984), so the default cosine limit
+    (0.99995, about 40 dB) never decides alone; with SNR lowered to 30 dB it fails 35 dB noise."""
+    golden = tone().astype(np.float32)
+    worst = max(  # the lowest cosine of 45 dB noise over a few draws: above the default limit
+        1 - probes.cosine_similarity(golden, scaled_noise(golden, 45.0, seed=k)) for k in range(8)
+    )
+    assert worst <= 10**-4.5 / 2 * 1.01 and 1 - worst > probes.Thresholds().min_cosine
+    loose = probes.Thresholds(min_snr_db=30.0, max_lsd_db=None)
+    noisy = scaled_noise(golden, 35.0).astype(np.float32)
+    score = probes.judge_output("y", golden, noisy, loose)
+    assert [c.judge for c in score.checks if not c.passed] == ["cosine"]
+    assert score.reasons == [f"output 'y': cosine {score.cosine:.6g} is below the limit 0.99995"]
+
+
+@pytest.mark.parametrize(
+    ("delta", "passes"), [(0.0, True), (0.25, True), (0.5, True), (0.5000001, False), (-0.6, False)]
+)
+def test_max_abs_judge_allows_up_to_its_limit(delta: float, passes: bool) -> None:
+    """max_abs(0.5) passes a difference of exactly 0.5 and fails anything larger, either sign."""
+    golden = np.zeros((1, 8))
+    actual = golden.copy()
+    actual[0, 3] = delta
+    check = judges.max_abs(0.5)(golden, actual)
+    assert (check.judge, check.passed, check.value, check.limit) == (
+        "max_abs",
+        passes,
+        abs(delta),
+        0.5,
+    )
+    assert check.reason == ("" if passes else f"max_abs {abs(delta):.6g} is above the limit 0.5")
+
+
+def test_max_abs_threshold_fails_one_outlier_that_snr_passes(demo_probe: probes.Probe) -> None:
+    """Thresholds(max_abs=...) adds the judge: one sample off by 0.01 fails it, SNR still passes."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    spiked = golden.copy()
+    spiked.flat[1000] += 0.01
+    assert demo_probe.judge({"wav": spiked}).passed
+    strict = demo_probe.with_thresholds(wav=probes.Thresholds(max_abs=0.005))
+    verdict = strict.judge({"wav": spiked})
+    assert not verdict.passed
+    score = verdict.scores["wav"]
+    assert [c.judge for c in score.checks if not c.passed] == ["max_abs"]
+    assert score.snr_db > 45 and score.max_abs == pytest.approx(0.01, rel=1e-3)
+
+
+def test_silent_golden_passes_only_silence() -> None:
+    """Against an all-zero golden, zeros pass (SNR +inf) and any sound fails (SNR -inf)."""
+    golden = np.zeros((1, 1, 256), np.float32)
+    same = probes.judge_output("y", golden, golden.copy(), probes.Thresholds())
+    assert same.passed and same.snr_db == math.inf and same.cosine == 1.0
+    sound = golden.copy()
+    sound[0, 0, 7] = 1e-6
+    score = probes.judge_output("y", golden, sound, probes.Thresholds())
+    assert not score.passed
+    assert (score.snr_db, score.cosine) == (-math.inf, 0.0)
+    assert score.reasons[0] == "output 'y': snr_db -inf dB is below the limit 45 dB"
+
+
+@pytest.mark.parametrize(
+    ("golden", "actual", "expected"),
+    [
+        ([1.0, 2.0], [1.0, 2.0], math.inf),
+        ([1.0, 1.0], [0.5, 0.5], 20 * math.log10(2)),
+        ([3.0, 4.0], [3.0, 4.5], 10 * math.log10(25 / 0.25)),
+        ([0.0, 0.0], [0.0, 1.0], -math.inf),
+        ([1.0, 1.0], [np.inf, 1.0], -math.inf),
+    ],
+)
+def test_snr_db_values(golden: list[float], actual: list[float], expected: float) -> None:
+    """snr_db is 10 log10(signal / error) in dB; +inf when equal, -inf against silence or inf."""
+    assert probes.snr_db(np.array(golden), np.array(actual)) == pytest.approx(expected)
+
+
+def test_snr_and_cosine_of_nan_are_nan() -> None:
+    """A NaN anywhere gives NaN, which fails every limit."""
+    nan = np.array([1.0, np.nan])
+    assert math.isnan(probes.snr_db(np.ones(2), nan))
+    assert math.isnan(probes.snr_db(nan, np.ones(2)))
+    assert not judges.snr(-1000.0)(np.ones(2), nan).passed
+
+
+@pytest.mark.parametrize(
+    ("golden", "actual", "expected"),
+    [
+        ([1.0, 0.0], [0.0, 1.0], 0.0),
+        ([1.0, 2.0], [-1.0, -2.0], -1.0),
+        ([1.0, 2.0], [2.0, 4.0], 1.0),
+        ([0.0, 0.0], [0.0, 0.0], 1.0),
+        ([0.0, 0.0], [1.0, 0.0], 0.0),
+        ([1.0, 0.0], [0.0, 0.0], 0.0),
+        ([1.0, 1.0], [1.0, 0.0], math.sqrt(0.5)),
+    ],
+)
+def test_cosine_similarity_values(
+    golden: list[float], actual: list[float], expected: float
+) -> None:
+    """Cosine of the angle between the arrays; 1 for two silences, 0 against one silence."""
+    value = probes.cosine_similarity(np.array(golden), np.array(actual))
+    assert value == pytest.approx(expected) and -1.0 <= value <= 1.0
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 63), (2, 64), (64, 1, 2), (8, 8)], ids=["short", "2-d", "3-d", "square"]
+)
+def test_lsd_is_only_for_one_dimensional_signals(shape: tuple[int, ...]) -> None:
+    """LSD is None (and its judge passes with no value) unless one axis of 64+ samples."""
+    golden = np.random.default_rng(0).standard_normal(shape)
+    assert probes.log_spectral_distance(golden, golden * 2) is None
+    check = judges.lsd(1.0)(golden, golden * 2)
+    assert (check.passed, check.value) == (True, None)
+
+
+def test_lsd_of_equal_signals_is_zero_and_grows_with_noise() -> None:
+    """Identical signals: 0 dB. 64 samples already count as a signal; more noise, larger LSD."""
+    golden = tone(64).ravel()
+    assert probes.log_spectral_distance(golden, golden.copy()) == 0.0
+    values = [
+        probes.log_spectral_distance(tone(), scaled_noise(tone(), snr)) for snr in (60, 40, 20)
+    ]
+    assert all(v is not None for v in values) and values == sorted(values)
+    assert probes.log_spectral_distance(tone(), tone(4095)) is None  # sizes differ
+
+
+@pytest.mark.parametrize(
+    ("actual", "judge"),
+    [
+        (np.array(["a", "b"]), "dtype"),
+        (np.array([True, False]), "dtype"),
+        (np.array([1 + 1j, 2]), "dtype"),
+        (np.array([1.0, np.nan]), "finite"),
+        (np.array([1.0, 2.0, 3.0]), "shape"),
+    ],
+    ids=["strings", "bools", "complex", "nan", "longer"],
+)
+def test_outputs_that_are_not_real_finite_numbers_fail_first(actual: Array, judge: str) -> None:
+    """Shape, then a real numeric dtype, then finiteness: each failure is the only check."""
+    score = probes.judge_output("y", np.array([1.0, 2.0]), actual, probes.Thresholds())
+    assert not score.passed and [c.judge for c in score.checks] == [judge]
+    assert math.isnan(score.snr_db) and score.lsd_db is None
+
+
+def test_scores_measure_what_no_judge_checks() -> None:
+    """With cosine and max_abs off, the score still reports both; a switched-off judge is absent."""
+    golden = tone(256).astype(np.float32)
+    actual = golden * np.float32(1.001)
+    score = probes.judge_output(
+        "y", golden, actual, probes.Thresholds(min_cosine=None, max_lsd_db=None)
+    )
+    assert [c.judge for c in score.checks] == ["finite", "snr_db"]
+    assert score.cosine == pytest.approx(1.0) and score.cosine > 0.99
+    assert score.max_abs == pytest.approx(0.001, rel=1e-2)
+    assert score.lsd_db is not None and score.lsd_db < 0.01
+    assert score.snr_db == pytest.approx(60.0, abs=0.01)
+
+
+# ------------------------------------------------------------------ verdicts
+
+
+def test_verdict_merge_keeps_the_first_failure_and_the_worst_scores(
+    demo_probe: probes.Probe,
+) -> None:
+    """A merged verdict passes only if all pass; reasons are the first failing run's and a
+    count; its scores are those of the worst run; nothing to merge fails."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    good = demo_probe.judge({"wav": golden})
+    worse = demo_probe.judge({"wav": scaled_noise(golden, 30.0).astype(np.float32)})
+    worst = demo_probe.judge({"wav": scaled_noise(golden, 20.0).astype(np.float32)})
+    merged = probes.Verdict.merge([good, worse, worst], ["a", "b", "c"])
+    assert not merged.passed and merged.scores == worst.scores
+    assert merged.reasons == (*(f"b: {r}" for r in worse.reasons), "2 of 3 canary runs failed")
+    assert probes.Verdict.merge([good, good]).passed
+    assert probes.Verdict.merge([good, good]).reasons == ()
+    assert probes.Verdict.merge([worse]).reasons == tuple(f"run 1: {r}" for r in worse.reasons)
+    empty = probes.Verdict.merge([])
+    assert (empty.passed, empty.reasons, empty.worst_snr_db) == (
+        False,
+        ("no canary run was judged",),
+        -math.inf,
+    )
+    assert worst.worst_snr_db == pytest.approx(20.0, abs=0.01)
+
+
+def test_verdict_describe_names_result_snr_and_reasons(demo_probe: probes.Probe) -> None:
+    """One line: PASSED or FAILED, the worst SNR when finite, and the reasons of a failure."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    noisy = demo_probe.judge({"wav": scaled_noise(golden, 30.0).astype(np.float32)})
+    assert noisy.describe().startswith("FAILED worst SNR 30.0 dB: output 'wav': snr_db 30 dB")
+    assert demo_probe.judge({"wav": golden}).describe() == "PASSED"  # SNR +inf: not shown
+    assert demo_probe.judge({}).describe() == "FAILED: output 'wav' is missing"
+    assert demo_probe.judge({}).worst_snr_db == -math.inf
+
+
+# ------------------------------------------------------------------ inputs
+
+
+INT32 = [probes.InputSpec(name="ids", dtype="int32", shape=((1, 8),))]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array([0, 2**31 - 1, -(2**31)], np.int64),
+        np.array([1, 2], np.uint8),
+        np.array([True, False]),
+        np.array([7], np.int16),
+    ],
+    ids=["int64 at the limits", "uint8", "bool", "int16"],
+)
+def test_integers_within_range_are_cast(values: Array) -> None:
+    """Integers (and bools) that fit the input's int32 are cast without changing a value."""
+    (out,) = guard.inputs.prepare_inputs(INT32, {"ids": values})
+    assert out.dtype == np.int32 and np.array_equal(out, values.astype(np.int64))
+    (fast,) = guard.inputs.InputChecker(INT32)({"ids": values})
+    assert fast.dtype == np.int32 and np.array_equal(fast, out)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (np.array([1, 2**40], np.int64), "int64 values outside the int32 range"),
+        (np.array([2**31], np.int64), "int64 values outside the int32 range"),
+        (np.array([-(2**31) - 1], np.int64), "int64 values outside the int32 range"),
+        (np.array([2**63], np.uint64), "uint64 values outside the int32 range"),
+        (np.array([1.0]), "dtype float64 cannot be cast safely to int32"),
+    ],
+    ids=["2**40", "2**31", "-2**31-1", "uint64", "float"],
+)
+def test_integers_outside_the_range_are_refused(values: Array, message: str) -> None:
+    """An integer the input's int32 cannot hold is refused, never wrapped around."""
+    with pytest.raises(guard.InputMismatch, match=message) as info:
+        guard.inputs.InputChecker(INT32)({"ids": values})
+    assert info.value.input == "ids"
+    assert "-2147483648..2147483647" in str(info.value) or "float64" in str(info.value)
+
+
+def test_float_inputs_that_overflow_the_target_are_refused() -> None:
+    """float32 70,000 does not fit float16 (it would become inf); 60,000 does."""
+    spec = [probes.InputSpec(name="x", dtype="float16", shape=(2,))]
+    with pytest.raises(guard.InputMismatch, match="float32 values overflow float16"):
+        guard.inputs.InputChecker(spec)({"x": np.array([1.0, 7e4], np.float32)})
+    (out,) = guard.inputs.InputChecker(spec)({"x": np.array([1.0, 6e4], np.float32)})
+    assert out.dtype == np.float16 and out.tolist() == [1.0, 6e4]
+    nan = np.array([np.nan, 1.0], np.float32)  # non-finite in, non-finite out: not an overflow
+    with pytest.raises(guard.InputMismatch, match="1 NaN/Inf values"):
+        guard.inputs.InputChecker(spec)({"x": nan})
+    (kept,) = guard.inputs.InputChecker(spec, check_finite=False)({"x": nan})
+    assert kept.dtype == np.float16 and math.isnan(kept[0])
+
+
+def test_many_shapes_do_not_wear_out_the_shape_check() -> None:
+    """After more distinct valid shapes than the checker remembers, a wrong one is refused."""
+    checker = guard.inputs.InputChecker(
+        [probes.InputSpec(name="x", dtype="float32", shape=(1, (1, 200)))]
+    )
+    for n in range(1, 101):
+        (out,) = checker({"x": np.zeros((1, n), np.float32)})
+        assert out.shape == (1, n)
+    for bad in (np.zeros((1, 201), np.float32), np.zeros((2, 5), np.float32)):
+        with pytest.raises(guard.InputMismatch, match="dimension"):
+            checker({"x": bad})
+    with pytest.raises(guard.InputMismatch, match="the array is empty"):
+        checker({"x": np.zeros((1, 0), np.float32)})
+
+
+def test_two_inputs_are_checked_and_ordered_by_the_signature() -> None:
+    """Inputs come back in signature order whatever the dict's order; each one is checked."""
+    specs = [
+        probes.InputSpec(name="a", dtype="float32", shape=(2,)),
+        probes.InputSpec(name="b", dtype="int32", shape=(3,)),
+    ]
+    checker = guard.inputs.InputChecker(specs)
+    a, b = np.ones(2, np.float32), np.arange(3, dtype=np.int32)
+    out = checker({"b": b, "a": a})
+    assert [o.dtype for o in out] == [np.float32, np.int32] and out[0] is a and out[1] is b
+    assert checker([a, b])[1] is b
+    with pytest.raises(guard.InputMismatch, match="input 'b'"):
+        checker({"a": a, "b": np.arange(4, dtype=np.int32)})
+    with pytest.raises(guard.InputMismatch, match=r"missing input\(s\) \['b'\]"):
+        checker({"a": a, "c": b})
+    inf = np.array([1.0, np.inf], np.float32)
+    with pytest.raises(guard.InputMismatch, match="input 'a': 1 NaN/Inf values"):
+        checker({"a": inf, "b": b})
+    assert guard.inputs.InputChecker(specs, check_finite=False)({"a": inf, "b": b})[0] is inf
+
+
+# ------------------------------------------------------------------ probes
+
+
+def small_probe(golden: Any) -> probes.Probe:
+    """A one-case probe whose golden output is `golden`."""
+    return probes.Probe(
+        cases=(probes.Case(inputs={"x": np.zeros(2, np.float32)}, outputs={"y": golden}),),
+        inputs=(probes.InputSpec(name="x", dtype="float32", shape=(2,)),),
+        outputs=(probes.OutputSpec(name="y", dtype="float32", shape=(2,)),),
+    )
+
+
+@pytest.mark.parametrize(
+    "golden",
+    [np.array(["a", "b"]), np.array([1 + 1j, 2]), np.array([True, False]), np.array([1.0, np.inf])],
+    ids=["strings", "complex", "bools", "inf"],
+)
+def test_a_golden_that_is_not_finite_real_numbers_is_a_probe_error(golden: Array) -> None:
+    """Goldens of strings, complex numbers, bools or non-finite values raise ProbeError."""
+    with pytest.raises(probes.ProbeError, match="golden output 'y'"):
+        small_probe(golden)
+
+
+def test_manifest_must_name_arrays_npz(demo_paths: tuple[Any, Any], tmp_path: Any) -> None:
+    """A manifest naming another arrays file is refused, even with a matching checksum."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(demo_paths[1], tmp_path / "p")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["arrays"]["file"] = "other.npz"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(probes.ProbeError, match="'arrays' must be"):
+        probes.load(folder)
