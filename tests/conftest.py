@@ -48,6 +48,8 @@ class FakeClock:
 # CI runs the same examples every time (HYPOTHESIS_PROFILE=ci in .ci/run), so a run is
 # reproducible; local runs draw new ones, and a failure found there is pinned with @example.
 settings.register_profile("ci", derandomize=True, print_blob=True)
+# `make mutate` runs each mutant against few, fixed examples (mutation/README.md)
+settings.register_profile("mutation", derandomize=True, max_examples=25, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 

@@ -59,7 +59,8 @@ class Plan:
     """A factory whose n-th init does what `steps[n]` says (the last step repeats).
 
     "clean": a real module; "turns": a real module that degrades (all zeros) once its canary
-    has run; "bad": degraded (all zeros) from the start.
+    has run; "bad": degraded (all zeros) from the start; "noisy": 29 dB noise from the start;
+    "exit": the factory raises SystemExit.
     """
 
     def __init__(self, *steps: str) -> None:
@@ -69,6 +70,7 @@ class Plan:
             "clean": real,
             "turns": FaultyFactory(real, degrade_after=CANARY_FORWARDS, **zeros),
             "bad": FaultyFactory(real, **zeros),
+            "noisy": FaultyFactory(real, fault=Fault.NOISE, rate=1.0, affects="all"),
         }
         self.steps = steps
         self.inits = 0
@@ -76,6 +78,8 @@ class Plan:
     def __call__(self, **overrides: Any) -> Any:
         step = self.steps[min(self.inits, len(self.steps) - 1)]
         self.inits += 1
+        if step == "exit":
+            raise SystemExit(3)
         return self.makers[step](**overrides)
 
 
@@ -902,3 +906,321 @@ def test_manifest_must_name_arrays_npz(demo_paths: tuple[Any, Any], tmp_path: An
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(probes.ProbeError, match="'arrays' must be"):
         probes.load(folder)
+
+
+# ------------------------------------------------------------------ readiness across processes
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_health_files_answer_for_every_live_worker(demo_probe: probes.Probe, tmp_path: Any) -> None:
+    """A table with a directory keeps this process's file current; worker_readiness reads every
+    live process's file, reaps a dead one's, skips one it cannot read, and lists an expected
+    session a worker lacks."""
+    import json
+    import os
+
+    from guard import health
+
+    table = guard.HealthTable(tmp_path)
+    s = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, name="a", metrics=False, health=table,
+        policy=guard.Policy(background=False),
+    )  # fmt: skip
+    ours = tmp_path / f"mnn_guard_health_{os.getpid()}.json"
+    doc = json.loads(ours.read_text())
+    assert doc == {"pid": os.getpid(), "sessions": table.entries()}
+    assert [e["name"] for e in doc["sessions"]] == ["a"]
+    gone = dead_pid()
+    (tmp_path / f"mnn_guard_health_{gone}.json").write_text(
+        json.dumps({"pid": gone, "sessions": [{**doc["sessions"][0], "healthy": False}]})
+    )
+    (tmp_path / "mnn_guard_health_1.json").write_text("{not json")
+    assert health.worker_entries(tmp_path) == [{"pid": os.getpid(), "sessions": doc["sessions"]}]
+    assert not (tmp_path / f"mnn_guard_health_{gone}.json").exists()
+    ready, details = health.worker_readiness(tmp_path)
+    assert (ready, details) == (True, [{**doc["sessions"][0], "pid": os.getpid()}])
+    ready, details = health.worker_readiness(tmp_path, expect=["a", "b"])
+    assert ready is False
+    assert details[1:] == [
+        {
+            "name": "b",
+            "pid": os.getpid(),
+            "state": "missing",
+            "healthy": False,
+            "reasons": ["no such session in this worker yet"],
+        },
+    ]
+    assert table.readiness(expect=["b"])[1][1:] == [
+        {"name": "b", "state": "missing", "healthy": False, "reasons": ["no such session yet"]}
+    ]
+    s.close()
+    assert json.loads(ours.read_text()) == {"pid": os.getpid(), "sessions": []}
+    assert health.worker_readiness(tmp_path) == (False, [])
+    health.mark_process_dead(os.getpid(), tmp_path)
+    assert not ours.exists()
+
+
+def test_a_session_still_starting_is_listed_not_ready(demo_probe: probes.Probe) -> None:
+    """While the first init runs the session is listed as starting, unhealthy, with no reasons."""
+    table = guard.HealthTable()
+    seen: list[tuple[bool, list[dict[str, Any]]]] = []
+
+    class Peek(guard.Listener):
+        def on_init(self, session: str, rung: guard.Rung) -> None:
+            seen.append(table.readiness())
+
+    s = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, name="a", metrics=False, health=table,
+        listeners=[Peek()], policy=guard.Policy(background=False),
+    )  # fmt: skip
+    ((ready, (entry,)),) = seen
+    assert ready is False
+    assert (entry["state"], entry["healthy"], entry["reasons"], entry["rung"]) == (
+        "starting",
+        False,
+        [],
+        "static",
+    )
+    s.close()
+
+
+def test_stuck_lists_sessions_failed_for_longer_than_the_bound() -> None:
+    """stuck() names FAILED entries older than `after` seconds; others, and entries without a
+    time, never."""
+    from guard.health import stuck
+
+    now = time.time()
+    entries = [
+        {"name": "old", "state": "failed", "since": now - 100},
+        {"name": "new", "state": "failed", "since": now - 1},
+        {"name": "up", "state": "serving", "since": now - 1000},
+        {"name": "untimed", "state": "failed"},
+    ]
+    assert [e["name"] for e in stuck(entries, 50)] == ["old"]
+    assert [e["name"] for e in stuck(entries, 0.5)] == ["old", "new"]
+
+
+# ------------------------------------------------------------------ what callers and operators read
+
+
+def test_exhaustion_names_the_session_and_numbers_every_attempt(demo_probe: probes.Probe) -> None:
+    """RecoveryExhausted says which session, why, and lists each attempt on its own line, from 1;
+    status and its verdict are those of the last attempt."""
+    factory = Plan("turns", "noisy", "noisy", "noisy", "bad")
+    s = plan_session(factory, demo_probe, FakeClock(), reinit_attempts=1)
+    assert s.maintain(force_recheck=True) == ["recheck"]
+    status = s.status
+    assert [(a.rung.name, a.outcome.value) for a in status.history] == [
+        ("static", "fail"),
+        ("static", "fail"),
+        ("dynamic", "fail"),
+        ("dynamic", "fail"),
+    ]
+    last = status.history[-1].verdict
+    assert last is not None and status.verdict is not None
+    assert status.verdict.worst_snr_db == last.worst_snr_db < 1  # all zeros: 0 dB, not 29 dB
+    assert (status.rung_index, status.mode) == (1, "dynamic")
+    with pytest.raises(guard.RecoveryExhausted) as info:
+        s.run({"mel": demo.demo_mel(8)})
+    text = str(info.value)
+    assert text.startswith("session 'p': every rung of the ladder failed its canary:\n  1. rung")
+    assert "\n  2. rung 'static': fail" in text and "\n  4. rung 'dynamic': fail" in text
+    assert "\n  5." not in text and len(info.value.attempts) == 4
+    s.close()
+
+
+def test_waiting_callers_are_told_to_try_again(demo_probe: probes.Probe) -> None:
+    """A caller that waited wait_timeout for a replacement is told which setting bounded it."""
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def factory(**overrides: Any) -> Any:
+        if factory.inits:  # type: ignore[attr-defined]
+            entered.set()
+            assert gate.wait(30)
+        factory.inits += 1  # type: ignore[attr-defined]
+        return FaultyFactory(
+            demo.demo_factory(threads=1), fault=Fault.ZEROS, rate=1.0, affects="all",
+            degrade_after=CANARY_FORWARDS,
+        )(**overrides)  # fmt: skip
+
+    factory.inits = 0  # type: ignore[attr-defined]
+    s = plan_session(factory, demo_probe, FakeClock(), wait_timeout=0.2, promote_after=None)
+    worker = threading.Thread(target=s.maintain, kwargs={"force_recheck": True})
+    worker.start()
+    assert entered.wait(30)
+    with pytest.raises(guard.Unavailable) as info:
+        s.run({"mel": demo.demo_mel(8)})
+    gate.set()
+    worker.join(30)
+    assert str(info.value) == (
+        "session 'p': no healthy module within 0.2 s while it was replacing "
+        "(Policy.wait_timeout); try again later"
+    )
+    s.close()
+
+
+def test_close_stops_the_maintenance_thread_at_once(demo_probe: probes.Probe) -> None:
+    """close() wakes and ends the background thread: it returns well within its 5 s join."""
+    s = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, name="stop", metrics=False,
+        policy=guard.Policy(recheck_every=30.0, promote_after=None),
+    )  # fmt: skip
+    names = [t.name for t in threading.enumerate()]
+    assert "mnn-guard-stop" in names
+    started = time.monotonic()
+    s.close()
+    assert time.monotonic() - started < 2.0
+    assert "mnn-guard-stop" not in [t.name for t in threading.enumerate()]
+
+
+def test_a_failing_background_pass_is_logged_and_maintenance_goes_on(
+    demo_probe: probes.Probe,
+) -> None:
+    """SystemExit from the factory in the maintenance thread is logged with the session's name."""
+    import logging
+
+    logged = threading.Event()
+    messages: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.exc_info is not None:
+                messages.append(record.getMessage())
+                logged.set()
+
+    handler = Catch()
+    logging.getLogger("mnn_guard").addHandler(handler)
+    try:
+        s = guard.wrap(
+            Plan("turns", "exit", "clean"), demo_probe, name="bg", metrics=False,
+            policy=guard.Policy(recheck_every=2, promote_after=None, reinit_attempts=0),
+        )  # fmt: skip
+        x = demo.demo_mel(4)
+        for _ in range(2):
+            s.run({"mel": x})
+        assert logged.wait(10)
+        s.close()
+    finally:
+        logging.getLogger("mnn_guard").removeHandler(handler)
+    assert messages == ["session bg: maintenance failed"]
+
+
+def test_input_errors_name_the_input_and_only_what_is_wrong() -> None:
+    """Input errors name the offending input (its `input` attribute) and only what is wrong."""
+    specs = [probes.InputSpec(name="mel", dtype="float32", shape=(1, 4))]
+    x = np.zeros((1, 4), np.float32)
+    cases: list[tuple[Any, str, str | None]] = [
+        (
+            {"mel": x, "pitch": x},
+            "unknown input(s) ['pitch']; the model takes ['mel']",
+            "pitch",
+        ),
+        ({}, "missing input(s) ['mel']; the model takes ['mel']", "mel"),
+        (x, "inputs must be a dict by input name or a list in input order ['mel'], got ndarray",
+         None),
+        ("mel", "inputs must be a dict by input name or a list in input order ['mel'], got str",
+         None),
+    ]  # fmt: skip
+    for inputs, message, name in cases:
+        with pytest.raises(guard.InputMismatch) as info:
+            guard.inputs.InputChecker(specs)(inputs)
+        assert (str(info.value), info.value.input) == (message, name)
+    with pytest.raises(guard.InputMismatch, match="4 NaN/Inf values"):
+        guard.inputs.prepare_inputs(specs, {"mel": np.full((1, 4), np.nan, np.float32)})
+
+
+def test_refusing_an_overflowing_input_warns_nothing() -> None:
+    """A float64 input beyond float32 is refused quietly: no RuntimeWarning from the cast."""
+    import warnings
+
+    checker = guard.inputs.InputChecker([probes.InputSpec(name="x", dtype="float32", shape=(2,))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(guard.InputMismatch, match="float64 values overflow float32"):
+            checker({"x": np.array([1.0, 1e300])})
+
+
+def test_the_same_buckets_may_be_passed_again(
+    demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """A second session passing the registry's own buckets again is accepted."""
+    buckets = guard.metrics.Buckets(run=(0.001, 0.01))
+    for name in ("a", "b"):
+        guard.wrap(
+            demo.demo_factory(threads=1), demo_probe, name=name, registry=registry,
+            buckets=buckets, policy=guard.Policy(background=False),
+        ).close()  # fmt: skip
+    assert guard.metrics.metrics_for(registry).buckets == buckets
+
+
+FAMILIES = {
+    "mnn_guard_session_info": "1 per guarded session: versions and the model file's sha256.",
+    "mnn_guard_inits": "Module initialisations (factory calls).",
+    "mnn_guard_canary_checks": "Canary judgements by result (pass, fail, error, timeout).",
+    "mnn_guard_recoveries": "Recovery actions (reinit, fallback, promote).",
+    "mnn_guard_runs": "run() calls by result (ok, error, invalid, unavailable, failed, closed).",
+    "mnn_guard_healthy": "1 while the session serves a module whose canary passed.",
+    "mnn_guard_rung": "1 for the rung the session is on, 0 for its other rungs.",
+    "mnn_guard_state": "1 for the session's state, 0 for the others.",
+    "mnn_guard_rung_loaded_static": (
+        "1 when the rung asked for dynamic=True and MNN loaded it statically (the model has "
+        "control flow): that rung is no real fallback."
+    ),
+    "mnn_guard_canary_snr_db": "Worst SNR of the last canary judgement, in dB.",
+    "mnn_guard_init_seconds": "Init + canary time.",
+    "mnn_guard_run_seconds": "run() time.",
+}
+
+
+def test_every_family_says_what_it_counts(registry: CollectorRegistry) -> None:
+    """The HELP line of each mnn_guard family, as dashboards and docs/ops.md quote it."""
+    guard.metrics.metrics_for(registry)
+    helps = {m.name: m.documentation for m in registry.collect()}
+    assert helps == FAMILIES
+
+
+def test_lowercase_multiprocess_variable_counts_too(
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+) -> None:
+    """prometheus_client also reads prometheus_multiproc_dir: closing then keeps series as NaN,
+    session_info included."""
+    s = plan_session(Plan("clean"), demo_probe, FakeClock(), registry=registry)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.setenv("prometheus_multiproc_dir", str(tmp_path))
+    s.close()
+    (info,) = [
+        x.value
+        for m in registry.collect()
+        for x in m.samples
+        if x.name == "mnn_guard_session_info" and x.labels["session"] == "p"
+    ]
+    assert math.isnan(info) and math.isnan(sample(registry, "mnn_guard_healthy"))
+
+
+def test_mnns_own_words_on_a_failed_canary_forward_are_kept(
+    converted: dict[str, Any], tmp_path: Any
+) -> None:
+    """A build that returns no output on the canary's input: the attempt carries what MNN said."""
+    factory = guard.mnn_factory(converted["stride32"], ["image"], ["mask"], threads=1)
+    image = np.random.default_rng(2).standard_normal((1, 1, 64, 96)).astype(np.float32)
+    probe = probes.record(factory, {"image": image}, model=converted["stride64"])
+    s = guard.wrap(
+        guard.mnn_factory(converted["stride64"], ["image"], ["mask"], threads=1), probe,
+        name="cells", metrics=False, raise_exhausted=False,
+        policy=guard.Policy(background=False, reinit_attempts=0, ladder=(guard.STATIC,)),
+    )  # fmt: skip
+    (attempt,) = s.status.history
+    assert any(n.startswith("MNN on a canary forward: Broad cast error") for n in attempt.notes)
+    s.close()
