@@ -1224,3 +1224,16 @@ def test_mnns_own_words_on_a_failed_canary_forward_are_kept(
     (attempt,) = s.status.history
     assert any(n.startswith("MNN on a canary forward: Broad cast error") for n in attempt.notes)
     s.close()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_float16_inputs_are_checked_value_by_value_when_their_sum_overflows() -> None:
+    """A float16 input whose values are finite but whose sum overflows is accepted; one with an
+    inf or NaN is refused."""
+    checker = guard.inputs.InputChecker([probes.InputSpec(name="h", dtype="float16", shape=(3,))])
+    loud = np.array([6e4, 6e4, -1.0], np.float16)
+    (out,) = checker({"h": loud})
+    assert out is loud
+    for bad in (np.array([np.inf, 1, 2], np.float16), np.array([1, np.nan, 2], np.float16)):
+        with pytest.raises(guard.InputMismatch, match="input 'h': 1 NaN/Inf values"):
+            checker({"h": bad})
