@@ -1237,3 +1237,70 @@ def test_float16_inputs_are_checked_value_by_value_when_their_sum_overflows() ->
     for bad in (np.array([np.inf, 1, 2], np.float16), np.array([1, np.nan, 2], np.float16)):
         with pytest.raises(guard.InputMismatch, match="input 'h': 1 NaN/Inf values"):
             checker({"h": bad})
+
+
+def test_every_series_of_a_new_session_and_nothing_else(
+    demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """After one clean init: each series of the session with its value, every rung's and
+    state's present, and no series of any other session."""
+    s = plan_session(Plan("clean"), demo_probe, FakeClock(), registry=registry)
+    got = {
+        (x.name, tuple(sorted((k, v) for k, v in x.labels.items() if k != "session"))): x.value
+        for m in registry.collect()
+        for x in m.samples
+        if not x.name.endswith(("_created", "_bucket", "_sum"))
+        and x.name != "mnn_guard_session_info"
+    }
+    assert {x.labels["session"] for m in registry.collect() for x in m.samples} == {"p"}
+    want: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for rung in ("static", "dynamic"):
+        up = float(rung == "static")
+        want[("mnn_guard_inits_total", (("rung", rung),))] = up
+        want[("mnn_guard_rung", (("rung", rung),))] = up
+        want[("mnn_guard_rung_loaded_static", (("rung", rung),))] = 0.0
+        want[("mnn_guard_init_seconds_count", (("rung", rung),))] = up
+        want[("mnn_guard_run_seconds_count", (("rung", rung),))] = 0.0
+        for result in ("pass", "fail", "error", "timeout"):
+            key = ("mnn_guard_canary_checks_total", (("result", result), ("rung", rung)))
+            want[key] = float(up and result == "pass")
+        for call in ("ok", "error", "invalid", "unavailable", "failed", "closed"):
+            want[("mnn_guard_runs_total", (("result", call), ("rung", rung)))] = 0.0
+    for action in ("reinit", "fallback", "promote"):
+        want[("mnn_guard_recoveries_total", (("action", action),))] = 0.0
+    for state in guard.State:
+        want[("mnn_guard_state", (("state", state.value),))] = float(state is guard.State.SERVING)
+    want[("mnn_guard_healthy", ())] = 1.0
+    snr = s.status.verdict.worst_snr_db if s.status.verdict is not None else None
+    want[("mnn_guard_canary_snr_db", ())] = snr  # type: ignore[assignment]
+    assert got == want
+    (info,) = [
+        x for m in registry.collect() for x in m.samples if x.name == "mnn_guard_session_info"
+    ]
+    assert info.value == 1.0
+    s.close()
+
+
+def test_a_dynamic_rung_mnn_loads_statically_is_flagged(
+    converted: dict[str, Any], registry: CollectorRegistry
+) -> None:
+    """A model with control flow on its dynamic rung: rung_loaded_static is 1 for that rung
+    only; a rung whose init raised says nothing of how MNN loads it."""
+    import warnings
+
+    from test_real_models import cf_factory, cf_inputs
+
+    probe = probes.record(cf_factory(converted), cf_inputs())
+    faulty = FaultyFactory(cf_factory(converted), fault=Fault.RAISE, schedule=[True])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", guard.DynamicIgnoredWarning)
+        s = guard.wrap(
+            faulty, probe, name="p", registry=registry,
+            policy=guard.Policy(background=False, reinit_attempts=0),
+        )  # fmt: skip
+    assert [a.outcome.value for a in s.status.history] == ["error", "pass"]
+    loaded = {
+        r: sample(registry, "mnn_guard_rung_loaded_static", rung=r) for r in ("static", "dynamic")
+    }
+    assert loaded == {"static": 0.0, "dynamic": 1.0}
+    s.close()
