@@ -1160,6 +1160,24 @@ def test_the_same_buckets_may_be_passed_again(
             buckets=buckets, policy=guard.Policy(background=False),
         ).close()  # fmt: skip
     assert guard.metrics.metrics_for(registry).buckets == buckets
+    with pytest.raises(guard.ConfigError) as info:
+        guard.metrics.metrics_for(registry, guard.metrics.Buckets(run=(0.5,)))
+    assert str(info.value).endswith("; buckets are set once per registry, by its first session")
+
+
+def test_sessions_report_to_the_global_registry_by_default(demo_probe: probes.Probe) -> None:
+    """Without a registry a session's series go to prometheus_client's global REGISTRY (what
+    guard.serve shows), and leave it when the session closes."""
+    from prometheus_client import REGISTRY
+
+    assert guard.metrics.metrics_for() is guard.metrics.metrics_for(REGISTRY)
+    s = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, name="global-16",
+        policy=guard.Policy(background=False),
+    )  # fmt: skip
+    assert REGISTRY.get_sample_value("mnn_guard_healthy", {"session": "global-16"}) == 1.0
+    s.close()
+    assert REGISTRY.get_sample_value("mnn_guard_healthy", {"session": "global-16"}) is None
 
 
 FAMILIES = {
