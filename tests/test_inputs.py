@@ -9,6 +9,7 @@ import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
 import numpy as np
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from prometheus_client import CollectorRegistry
 
@@ -255,7 +256,7 @@ def test_a_lying_subclass_is_checked_as_the_plain_array(
 finite_or_not = st.sampled_from([0.0, -1.5, 2.0, 1e300, -1e300, np.nan, np.inf])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     values=hnp.arrays(np.float64, (1, 6), elements=finite_or_not),
     mask=hnp.arrays(np.bool_, (1, 6)),

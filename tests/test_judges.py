@@ -12,6 +12,7 @@ import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
 import numpy as np
 import pytest
+from conftest import examples
 from hypothesis import example, given, settings
 
 import guard
@@ -177,7 +178,7 @@ def agrees_with_its_limit(check: judges.Check, higher_is_better: bool) -> bool:
     return meets is check.passed
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(golden=floats, data=st.data())
 def test_judges_never_raise(golden: Array, data: st.DataObject) -> None:
     """Random arrays through every judge give a Check or score, never an exception; each Check
@@ -199,7 +200,7 @@ def test_judges_never_raise(golden: Array, data: st.DataObject) -> None:
         assert agrees_with_its_limit(judge(golden, actual), higher_is_better)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(golden=floats)
 @example(golden=np.full(64, 5.5e17, np.float32))  # found by CI: float32 power overflowed
 @example(golden=np.full(64, 1e-30, np.float32))
@@ -226,7 +227,7 @@ def test_log_spectral_distance_does_not_depend_on_loudness(scale: float) -> None
     assert scaled == pytest.approx(unit, rel=1e-3)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     golden=hnp.arrays(
         np.float32,
