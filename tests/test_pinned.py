@@ -257,12 +257,10 @@ def test_recheck_by_calls_wakes_the_background_thread_at_once(demo_probe: probes
         name="wake",
         metrics=False,
         listeners=[OnCheck()],
-        policy=guard.Policy(recheck_every=3, promote_after=None),
+        policy=guard.Policy(recheck_every=1, promote_after=None),
     )
     built = time.monotonic()  # the thread started inside wrap: its first idle tick is 1 s on
-    x = demo.demo_mel(4)
-    for _ in range(3):
-        s.run({"mel": x})
+    s.run({"mel": demo.demo_mel(4)})
     assert checked.wait(10)
     elapsed = time.monotonic() - built
     s.close()
@@ -1321,4 +1319,230 @@ def test_a_dynamic_rung_mnn_loads_statically_is_flagged(
         r: sample(registry, "mnn_guard_rung_loaded_static", rung=r) for r in ("static", "dynamic")
     }
     assert loaded == {"static": 0.0, "dynamic": 1.0}
+    s.close()
+
+
+# ------------------------------------------------------------------ maintenance, in detail
+
+
+class Counting:
+    """A real demo-vocoder module that counts its forwards and how many ran at once; `hook`
+    runs inside each forward with the forward's number."""
+
+    def __init__(self, hook: Callable[[int], None] = lambda n: None, **kw: Any) -> None:
+        self.runner = mnn.adapt(demo.demo_factory(threads=1)(**kw))
+        self.hook = hook
+        self.forwards = 0
+        self.inside = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def run(self, arrays: Sequence[Array]) -> list[Array]:
+        """Run the real module, counting."""
+        with self._lock:
+            self.forwards += 1
+            self.inside += 1
+            self.most_at_once = max(self.most_at_once, self.inside)
+            number = self.forwards
+        try:
+            self.hook(number)
+            return self.runner.run(arrays)
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+
+class Checks(guard.Listener):
+    """Keeps every re-check's Attempt."""
+
+    def __init__(self) -> None:
+        self.attempts: list[Attempt] = []
+
+    def on_check(self, session: str, attempt: Attempt) -> None:
+        self.attempts.append(attempt)
+
+
+def test_a_failing_recheck_stops_at_its_first_failing_judgement(demo_probe: probes.Probe) -> None:
+    """A module that turned: its re-check ends at the first failing forward (no more forwards
+    on a degraded module), and the check event carries rung, index, verdict and duration."""
+    modules: list[Any] = []
+    faulty = FaultyFactory(
+        lambda **kw: modules.append(Counting(**kw)) or modules[-1],
+        fault=Fault.NOISE, schedule=[True], affects="all", degrade_after=CANARY_FORWARDS,
+    )  # fmt: skip
+    checks = Checks()
+    s = plan_session(faulty, demo_probe, FakeClock(), listeners=[checks])
+    assert s.maintain(force_recheck=True) == ["recheck"]
+    assert modules[0].forwards == CANARY_FORWARDS + 1
+    (check,) = checks.attempts
+    assert (check.rung.name, check.rung_index, check.outcome, check.error) == (
+        "static",
+        0,
+        guard.ladder.Outcome.FAIL,
+        None,
+    )
+    assert check.verdict is not None and not check.verdict.passed
+    assert check.verdict.reasons[0].startswith("canary run 1 case 0: output 'wav': snr_db")
+    assert not any("canary runs failed" in r for r in check.verdict.reasons)  # one judgement
+    assert sorted(check.outputs) == [0] and 0 < check.seconds < 30
+    s.close()
+
+
+def test_a_recheck_that_raises_is_an_error_and_the_module_is_replaced(
+    demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """A forward raising during a re-check: the check is an error (no verdict, SNR -inf), the
+    module is replaced; a passing re-check's event has no error and its outputs are empty."""
+    calls = [0]
+
+    def factory(**kw: Any) -> Turning:
+        calls[0] += 1
+        return Turning(raising, after=CANARY_FORWARDS if calls[0] == 1 else 10**9, **kw)
+
+    checks = Checks()
+    gauges = GaugeAtEvent(registry)
+    s = plan_session(
+        factory, demo_probe, FakeClock(), registry=registry, listeners=[checks, gauges]
+    )
+    assert s.maintain(force_recheck=True) == ["recheck"]
+    assert gauges.seen[-2] == ("check", "error", None, -math.inf)
+    (check,) = checks.attempts
+    assert (check.outcome, check.verdict, check.rung_index) == (guard.ladder.Outcome.ERROR, None, 0)
+    assert isinstance(check.error, RuntimeError) and check.outputs == {}
+    assert sample(registry, "mnn_guard_canary_checks_total", rung="static", result="error") == 1
+    assert (s.status.state, calls[0]) == (guard.State.SERVING, 2)
+    assert s.maintain(force_recheck=True) == ["recheck"]
+    assert checks.attempts[-1].passed and checks.attempts[-1].error is None
+    assert checks.attempts[-1].outputs == {}
+    s.close()
+
+
+def test_a_recheck_interrupted_by_systemexit_leaves_failed(demo_probe: probes.Probe) -> None:
+    """SystemExit inside a re-check's forward: maintain() re-raises it, the session is FAILED,
+    and callers get RecoveryExhausted naming it, chained to it."""
+
+    def exiting(outputs: list[Array]) -> list[Array]:
+        raise SystemExit(3)
+
+    s = plan_session(
+        lambda **kw: Turning(exiting, after=CANARY_FORWARDS, **kw), demo_probe, FakeClock()
+    )
+    with pytest.raises(SystemExit):
+        s.maintain(force_recheck=True)
+    assert (s.status.state, s.status.attempts) == (guard.State.FAILED, 0)
+    with pytest.raises(guard.RecoveryExhausted) as info:
+        s.run({"mel": demo.demo_mel(8)})
+    assert str(info.value) == "session 'p': a re-check was interrupted by SystemExit: 3:\n  "
+    assert isinstance(info.value.__cause__, SystemExit)
+    s.close()
+
+
+def test_a_recheck_holds_the_module_one_forward_at_a_time(demo_probe: probes.Probe) -> None:
+    """While a re-check's forward runs, a caller's forward waits for it: the module never runs
+    two forwards at once."""
+    caller_waiting = threading.Event()
+    modules: list[Counting] = []
+
+    def hold(number: int) -> None:
+        if number == CANARY_FORWARDS + 1:  # the re-check's first forward
+            caller_waiting.wait(0.5)  # a caller that could enter would do so now
+
+    s = plan_session(
+        lambda **kw: modules.append(Counting(hold, **kw)) or modules[-1],
+        demo_probe, FakeClock(),
+    )  # fmt: skip
+    x = demo.demo_mel(4)
+
+    def caller() -> None:
+        while modules[0].forwards < CANARY_FORWARDS + 1:
+            time.sleep(0.001)
+        caller_waiting.set()
+        s.run({"mel": x})
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    assert s.maintain(force_recheck=True) == ["recheck"]
+    thread.join(30)
+    assert modules[0].most_at_once == 1
+    assert modules[0].forwards == 2 * CANARY_FORWARDS + 1
+    s.close()
+
+
+def test_a_second_maintenance_pass_during_one_does_nothing(demo_probe: probes.Probe) -> None:
+    """maintain() while another pass builds a promotion returns [] at once (no second pass)."""
+    building = threading.Event()
+    release = threading.Event()
+    plan = Plan("bad", "clean")
+
+    def factory(**kw: Any) -> Any:
+        if plan.inits == 2:  # the promotion's init
+            building.set()
+            assert release.wait(30)
+        return plan(**kw)
+
+    clock = FakeClock()
+    s = plan_session(factory, demo_probe, clock)
+    clock.advance(301)
+    done: list[Any] = []
+    first = threading.Thread(target=lambda: done.append(s.maintain()))
+    first.start()
+    assert building.wait(30)
+    assert s.maintain(force_recheck=True) == []
+    release.set()
+    first.join(30)
+    assert done == [[Action.PROMOTE]]
+    s.close()
+
+
+def test_promotion_is_due_at_exactly_promote_after(demo_probe: probes.Probe) -> None:
+    """promote_after seconds to the tick after a fallback, the promotion runs."""
+    clock = FakeClock()
+    s = plan_session(Plan("bad", "clean"), demo_probe, clock)
+    clock.advance(299.5)
+    assert s.maintain() == []
+    clock.advance(0.5)
+    assert s.maintain() == [Action.PROMOTE]
+    s.close()
+
+
+def test_a_pass_rechecks_and_then_promotes(demo_probe: probes.Probe) -> None:
+    """A re-check and a promotion both due: one pass does both, the passing re-check first."""
+    clock = FakeClock()
+    s = plan_session(Plan("bad", "clean"), demo_probe, clock, recheck_every=60.0)
+    clock.advance(301)
+    assert s.maintain() == ["recheck", Action.PROMOTE]
+    assert s.status.mode == "static"
+    s.close()
+
+
+def test_work_finishing_after_close_changes_nothing(demo_probe: probes.Probe) -> None:
+    """A promotion whose init finishes after close() installs nothing and reports nothing."""
+    plan = Plan("bad", "clean")
+    holder: list[guard.GuardedSession] = []
+
+    def factory(**kw: Any) -> Any:
+        if plan.inits == 2:
+            holder[0].close()
+        return plan(**kw)
+
+    clock = FakeClock()
+    s = plan_session(factory, demo_probe, clock)
+    holder.append(s)
+    clock.advance(301)
+    assert s.maintain() == []
+    assert s.status.state is guard.State.CLOSED and plan.inits == 3
+    with pytest.raises(guard.SessionClosed):
+        s.run({"mel": demo.demo_mel(8)})
+
+
+def test_run_seconds_are_the_calls_own(
+    demo_probe: probes.Probe, registry: CollectorRegistry, mel: Array
+) -> None:
+    """run_seconds observes each call's own duration (milliseconds here, not the clock's time)."""
+    s = plan_session(Plan("clean"), demo_probe, FakeClock(), registry=registry)
+    for _ in range(3):
+        s.run({"mel": mel})
+    total = sample(registry, "mnn_guard_run_seconds_sum", rung="static")
+    assert 0 < total < 5
+    assert sample(registry, "mnn_guard_run_seconds_bucket", rung="static", le="5.0") == 3
     s.close()
