@@ -971,15 +971,24 @@ def test_a_session_still_starting_is_listed_not_ready(demo_probe: probes.Probe) 
     table = guard.HealthTable()
     seen: list[tuple[bool, list[dict[str, Any]]]] = []
 
+    table_starting: list[guard.SessionStatus] = []
+
     class Peek(guard.Listener):
         def on_init(self, session: str, rung: guard.Rung) -> None:
             seen.append(table.readiness())
+
+        def on_status(self, session: str, status: guard.SessionStatus) -> None:
+            if status.state is guard.State.STARTING:
+                table_starting.append(status)
 
     s = guard.wrap(
         demo.demo_factory(threads=1), demo_probe, name="a", metrics=False, health=table,
         listeners=[Peek()], policy=guard.Policy(background=False),
     )  # fmt: skip
     ((ready, (entry,)),) = seen
+    assert repr(s) == "<GuardedSession 'a' serving on rung 'static' (0) after 1 attempt(s); PASSED>"
+    (starting,) = table_starting
+    assert starting.describe() == "starting on rung 'static' (0) after 0 attempt(s); no verdict"
     assert ready is False
     assert (entry["state"], entry["healthy"], entry["reasons"], entry["rung"]) == (
         "starting",
@@ -1319,6 +1328,8 @@ def test_a_dynamic_rung_mnn_loads_statically_is_flagged(
         r: sample(registry, "mnn_guard_rung_loaded_static", rung=r) for r in ("static", "dynamic")
     }
     assert loaded == {"static": 0.0, "dynamic": 1.0}
+    said = s.status.describe()
+    assert said.startswith(f"serving on rung 'dynamic' (1) [{guard.ladder.STATIC_LOAD}] after 2 ")
     s.close()
 
 
