@@ -402,6 +402,8 @@ def test_timeout_sets_the_snr_gauge_to_minus_infinity(
         init_timeout=0.3,
         reinit_attempts=1,
     )
+    hung = [t for t in threading.enumerate() if t.name == "mnn-guard-init"]
+    assert hung and all(t.daemon for t in hung)  # a hung init never blocks the process's exit
     assert gauges.seen[0] == ("attempt", "timeout", None, -math.inf)
     assert gauges.seen[1][1] == "pass" and gauges.seen[1][3] == gauges.seen[1][2]
     assert sample(registry, "mnn_guard_canary_checks_total", rung="static", result="timeout") == 1
