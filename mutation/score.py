@@ -37,10 +37,17 @@ def status(code: int | None) -> str:
 
 
 def results(mutants: Path) -> dict[str, dict[str, str]]:
-    """Module -> mutant name -> verdict, from every .meta file mutmut left."""
+    """Module -> mutant name -> verdict, from the .meta file of each file mutmut mutates now."""
+    import tomllib
+
+    config = tomllib.loads((mutants.parent / "pyproject.toml").read_text())
+    mutated = set(config["tool"]["mutmut"]["only_mutate"])
     found: dict[str, dict[str, str]] = defaultdict(dict)
     for meta in sorted(mutants.rglob("*.py.meta")):
-        module = ".".join(meta.relative_to(mutants).with_suffix("").with_suffix("").parts)
+        source = meta.relative_to(mutants).with_suffix("")
+        if source.as_posix() not in mutated:
+            continue  # left from a run with other settings
+        module = ".".join(source.with_suffix("").parts)
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
             found[module][name] = status(code)
     return found
