@@ -926,6 +926,7 @@ def test_health_files_answer_for_every_live_worker(demo_probe: probes.Probe, tmp
     session a worker lacks."""
     import json
     import os
+    import subprocess
 
     from guard import health
 
@@ -942,7 +943,7 @@ def test_health_files_answer_for_every_live_worker(demo_probe: probes.Probe, tmp
     (tmp_path / f"mnn_guard_health_{gone}.json").write_text(
         json.dumps({"pid": gone, "sessions": [{**doc["sessions"][0], "healthy": False}]})
     )
-    (tmp_path / "mnn_guard_health_1.json").write_text("{not json")
+    (tmp_path / "mnn_guard_health_0a.json").write_text("{not json")  # read first, skipped
     assert health.worker_entries(tmp_path) == [{"pid": os.getpid(), "sessions": doc["sessions"]}]
     assert not (tmp_path / f"mnn_guard_health_{gone}.json").exists()
     ready, details = health.worker_readiness(tmp_path)
@@ -961,6 +962,18 @@ def test_health_files_answer_for_every_live_worker(demo_probe: probes.Probe, tmp
     assert table.readiness(expect=["b"])[1][1:] == [
         {"name": "b", "state": "missing", "healthy": False, "reasons": ["no such session yet"]}
     ]
+    other = subprocess.Popen(["sleep", "60"])  # a second live worker, with a session "z"
+    try:
+        entry = {**doc["sessions"][0], "name": "z"}
+        (tmp_path / f"mnn_guard_health_{other.pid}.json").write_text(
+            json.dumps({"pid": other.pid, "sessions": [entry]})
+        )
+        ready, details = health.worker_readiness(tmp_path)
+        assert ready is True
+        assert [(e["name"], e["pid"]) for e in details] == [("a", os.getpid()), ("z", other.pid)]
+    finally:
+        other.kill()
+        other.wait()
     s.close()
     assert json.loads(ours.read_text()) == {"pid": os.getpid(), "sessions": []}
     assert health.worker_readiness(tmp_path) == (False, [])
@@ -1559,3 +1572,79 @@ def test_run_seconds_are_the_calls_own(
     assert 0 < total < 5
     assert sample(registry, "mnn_guard_run_seconds_bucket", rung="static", le="5.0") == 3
     s.close()
+
+
+def test_forgetting_a_dead_process_removes_its_files(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mark_process_dead drops a pid's health file and live gauge files, in the given folder or
+    PROMETHEUS_MULTIPROC_DIR; a pid with no files, or no folder at all, is no error."""
+    from guard import health
+
+    gone = dead_pid()
+    files = [tmp_path / f"mnn_guard_health_{gone}.json", tmp_path / f"gauge_liveall_{gone}.db"]
+    for f in files:
+        f.write_text("{}")
+    kept = tmp_path / f"counter_{gone}.db"
+    kept.write_text("")
+    health.mark_process_dead(gone, tmp_path)
+    assert [f.exists() for f in (*files, kept)] == [False, False, True]
+    health.mark_process_dead(gone, tmp_path)  # nothing left to remove
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    health.mark_process_dead(gone)  # no folder: nothing to do
+    files[0].write_text("{}")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    health.mark_process_dead(gone)
+    assert not files[0].exists()
+
+
+def test_forgetting_an_unknown_session_is_no_error() -> None:
+    """HealthTable.forget of a name it never had, with or without an owner, changes nothing."""
+    table = guard.HealthTable()
+    table.forget("nobody")
+    table.forget("nobody", owner=object())
+    assert table.sessions() == {} and table.readiness() == (False, [])
+
+
+def test_a_listener_made_alone_starts_every_gauge_at_zero(registry: CollectorRegistry) -> None:
+    """A PrometheusListener made by hand, before any event: healthy, rung and state read 0."""
+    listener = guard.metrics.PrometheusListener("solo", guard.Policy().ladder, registry=registry)
+    assert listener.session == "solo"
+    gauges = [
+        sample(registry, "mnn_guard_healthy", session="solo"),
+        *(
+            sample(registry, "mnn_guard_rung", session="solo", rung=r)
+            for r in ("static", "dynamic")
+        ),
+        *(sample(registry, "mnn_guard_state", session="solo", state=x.value) for x in guard.State),
+    ]
+    assert gauges == [0.0] * 9
+
+
+def test_buckets_reach_the_histograms_and_must_be_positive(
+    demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """Custom bounds are the histograms' le labels (run and init); a bound of 0 is refused."""
+    with pytest.raises(guard.ConfigError, match=r"Buckets\.init"):
+        guard.metrics.Buckets(init=(0.0, 1.0))
+    buckets = guard.metrics.Buckets(run=(0.001, 0.01), init=(0.5, 600.0))
+    guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, name="b", registry=registry, buckets=buckets,
+        policy=guard.Policy(background=False),
+    ).close()  # fmt: skip
+    guard.metrics.PrometheusListener("h", guard.Policy().ladder, registry=registry)
+    bounds = {
+        name: sorted(
+            float(x.labels["le"])
+            for m in registry.collect()
+            for x in m.samples
+            if x.name == f"{name}_bucket"
+            and x.labels["session"] == "h"
+            and x.labels["rung"] == "static"
+        )
+        for name in ("mnn_guard_run_seconds", "mnn_guard_init_seconds")
+    }
+    assert bounds == {
+        "mnn_guard_run_seconds": [0.001, 0.01, math.inf],
+        "mnn_guard_init_seconds": [0.5, 600.0, math.inf],
+    }
