@@ -15,7 +15,14 @@ from numpy.typing import NDArray
 from probes import store
 from probes.errors import ProbeError, brief
 from probes.judges import OutputScore, Thresholds, judge_output
-from probes.signature import MAX_DIM, MAX_RANK, InputSpec, OutputSpec, check_dtype
+from probes.signature import (
+    MAX_DIM,
+    MAX_RANK,
+    NUMERIC_DTYPES,
+    InputSpec,
+    OutputSpec,
+    check_dtype,
+)
 
 __all__ = ["KIND", "MAX_RUNS", "SCHEMA_VERSION", "Case", "Probe", "ProbeMeta", "Verdict", "load"]
 
@@ -155,6 +162,12 @@ class Probe:
                         f"signature {spec.dtype}{list(spec.shape)} does not accept"
                     )
             for name, arr in case.outputs.items():
+                dtype = getattr(arr, "dtype", None)
+                if not isinstance(arr, np.ndarray) or str(dtype) not in NUMERIC_DTYPES:
+                    raise ProbeError(
+                        f"case {i}: golden output {name!r} is a {type(arr).__name__} of "
+                        f"{dtype}, not an array of one of {sorted(NUMERIC_DTYPES)}"
+                    )
                 if not np.all(np.isfinite(arr)):
                     raise ProbeError(
                         f"case {i}: golden output {name!r} holds NaN or Inf; re-record the probe"

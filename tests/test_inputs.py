@@ -9,10 +9,13 @@ import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
 import numpy as np
 import pytest
+from conftest import examples
 from hypothesis import given, settings
+from prometheus_client import CollectorRegistry
 
 import guard
 import probes
+from guard import mnn
 from guard.inputs import InputChecker
 from guard.tools import demo
 
@@ -145,10 +148,31 @@ def test_accepted_inputs_give_the_correct_result(
     assert np.array_equal(out, expected)
 
 
-def test_hostile_input_count_is_reported() -> None:
-    """Prints how many hostile input cases the table runs (kept honest by the tables above)."""
+def test_every_hostile_input_is_refused_before_the_module_runs(demo_probe: probes.Probe) -> None:
+    """Each rejected case counts as invalid and each accepted one as ok in runs_total: no
+    hostile input reaches the module (which would count as an error) or goes uncounted."""
+    registry = CollectorRegistry()
+    s = guard.wrap(
+        demo.demo_factory(),
+        demo_probe,
+        name="counted",
+        registry=registry,
+        policy=guard.Policy(background=False, promote_after=None),
+    )
+    for _, inputs, _ in REJECTED:
+        with pytest.raises(guard.InputMismatch):
+            s.run(inputs)
+    for _, make in ACCEPTED:
+        s.run(make(MEL))
+    counts = {
+        result: registry.get_sample_value(
+            "mnn_guard_runs_total", {"session": "counted", "rung": "static", "result": result}
+        )
+        for result in ("invalid", "ok", "error")
+    }
+    s.close()
     print(f"hostile inputs: {len(REJECTED)} rejected, {len(ACCEPTED)} accepted cases")
-    assert len(REJECTED) >= 15 and len(ACCEPTED) >= 5
+    assert counts == {"invalid": len(REJECTED), "ok": len(ACCEPTED), "error": 0.0}
 
 
 def test_mismatch_names_the_input(session: guard.GuardedSession) -> None:
@@ -160,20 +184,29 @@ def test_mismatch_names_the_input(session: guard.GuardedSession) -> None:
 
 
 def test_nonfinite_inputs_allowed_when_policy_says_so(demo_paths: Any) -> None:
-    """With check_finite_inputs=False, NaN inputs reach the model (documented opt-out)."""
+    """With check_finite_inputs=False a NaN input reaches the model unchanged (the output is
+    the raw module's for that input, not the clean one's); by default it is refused."""
     probe = probes.load(demo_paths[1])
-    s = guard.wrap(
-        demo.demo_factory(),
-        probe,
-        name="nan-ok",
-        metrics=False,
-        policy=guard.Policy(background=False, promote_after=None, check_finite_inputs=False),
-    )
     x = MEL.copy()
     x[0, 0, 0] = np.nan
-    out = s.run({"mel": x})["wav"]
+    policies = [
+        guard.Policy(background=False, promote_after=None, check_finite_inputs=check)
+        for check in (False, True)
+    ]
+    allowed, default = (
+        guard.wrap(demo.demo_factory(), probe, name=f"nan-{k}", metrics=False, policy=p)
+        for k, p in enumerate(policies)
+    )
+    out = allowed.run({"mel": x})["wav"]
+    raw = mnn.adapt(demo.demo_factory()()).run([x])[0]
+    clean = allowed.run({"mel": MEL})["wav"]
+    with pytest.raises(guard.InputMismatch, match="1 NaN/Inf values"):
+        default.run({"mel": x})
+    allowed.close()
+    default.close()
     assert out.shape == (1, 1, 20 * demo.HOP)
-    s.close()
+    assert np.array_equal(out, raw)
+    assert not np.array_equal(out, clean)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
@@ -223,7 +256,7 @@ def test_a_lying_subclass_is_checked_as_the_plain_array(
 finite_or_not = st.sampled_from([0.0, -1.5, 2.0, 1e300, -1e300, np.nan, np.inf])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     values=hnp.arrays(np.float64, (1, 6), elements=finite_or_not),
     mask=hnp.arrays(np.bool_, (1, 6)),

@@ -12,6 +12,7 @@ import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
 import numpy as np
 import pytest
+from conftest import examples
 from hypothesis import example, given, settings
 
 import guard
@@ -168,25 +169,38 @@ floats = hnp.arrays(
 )
 
 
-@settings(max_examples=200, deadline=None)
+def agrees_with_its_limit(check: judges.Check, higher_is_better: bool) -> bool:
+    """A Check passes exactly when its value meets its limit, and has a reason when it fails."""
+    assert check.limit is not None and (check.reason == "") is check.passed
+    if check.value is None or math.isnan(check.value):
+        return not check.passed or check.judge == "lsd_db"
+    meets = check.value >= check.limit if higher_is_better else check.value <= check.limit
+    return meets is check.passed
+
+
+@settings(max_examples=examples(200), deadline=None)
 @given(golden=floats, data=st.data())
 def test_judges_never_raise(golden: Array, data: st.DataObject) -> None:
-    """Random arrays through every judge give a Check or score, never an exception."""
+    """Random arrays through every judge give a Check or score, never an exception; each Check
+    passes exactly when its value meets its limit, and a score passes when all its checks do."""
     golden = np.nan_to_num(golden, nan=0.0, posinf=1.0, neginf=-1.0)
     actual = data.draw(hnp.arrays(np.float32, golden.shape, elements=st.floats(width=32)))
     score = probes.judge_output("y", golden, actual, probes.Thresholds(max_abs=1.0))
-    assert isinstance(score.passed, bool)
-    for judge in (
-        judges.finite(),
-        judges.snr(45),
-        judges.cosine(0.99),
-        judges.lsd(1.0),
-        judges.max_abs(1),
+    assert score.passed is all(score.checks) and bool(score.reasons) is not score.passed
+    assert score.finite is bool(np.isfinite(actual).all())
+    bad = int(np.size(actual) - np.count_nonzero(np.isfinite(actual)))
+    assert judges.finite()(golden, actual).value == bad
+    for judge, higher_is_better in (
+        (judges.finite(), False),
+        (judges.snr(45), True),
+        (judges.cosine(0.99), True),
+        (judges.lsd(1.0), False),
+        (judges.max_abs(1), False),
     ):
-        assert isinstance(judge(golden, actual).passed, bool)
+        assert agrees_with_its_limit(judge(golden, actual), higher_is_better)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(golden=floats)
 @example(golden=np.full(64, 5.5e17, np.float32))  # found by CI: float32 power overflowed
 @example(golden=np.full(64, 1e-30, np.float32))
@@ -213,7 +227,7 @@ def test_log_spectral_distance_does_not_depend_on_loudness(scale: float) -> None
     assert scaled == pytest.approx(unit, rel=1e-3)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     golden=hnp.arrays(
         np.float32,

@@ -196,8 +196,10 @@ def test_close_is_idempotent_and_run_after_close_raises(demo_paths: tuple[Path, 
         demo.demo_factory(threads=1), probe, processes=1, policy=quiet_policy(), name="c"
     )
     pid = p.status()[0].pid
+    assert repr(p) == "<Pool 'c' 1 worker(s)>"
     p.close()
     p.close()
+    assert repr(p) == "<Pool 'c' closed>"
     assert gone(pid)
     assert p.status() == []
     assert all(c.pid != pid for c in multiprocessing.active_children())

@@ -21,6 +21,7 @@ from typing import Any
 import hypothesis.strategies as st
 import numpy as np
 import pytest
+from conftest import examples
 from hypothesis import HealthCheck, given, settings
 
 import probes
@@ -159,7 +160,7 @@ FUZZ = settings(
 )
 
 
-@settings(FUZZ, max_examples=2000)
+@settings(FUZZ, max_examples=examples(2000))
 @given(which=st.sampled_from(["demo", "tiny"]), fix_checksum=st.booleans(), data=st.data())
 def test_damaged_arrays_load_the_original_or_raise_probe_error(
     originals: dict[str, Original],
@@ -187,7 +188,7 @@ def manifest_of(probe: probes.Probe, folder: Path) -> Any:
     return value
 
 
-@settings(FUZZ, max_examples=2000)
+@settings(FUZZ, max_examples=examples(2000))
 @given(which=st.sampled_from(["demo", "tiny"]), data=st.data())
 def test_damaged_manifest_loads_what_it_says_or_raises_probe_error(
     originals: dict[str, Original], workspace: Path, which: str, data: st.DataObject

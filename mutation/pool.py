@@ -1,0 +1,49 @@
+"""`make mutate-pool`: mutation testing of guard/pool.py, on a copy of the tree.
+
+Every pool test spawns worker processes, so a pool mutant costs seconds where others cost
+milliseconds; mutmut reads one configuration (pyproject.toml in its working folder), so this
+copies the sources and tests to build/mutate-pool, mutates only guard/pool.py there, runs
+mutmut and prints the score. Results stay in build/mutate-pool/mutants between runs.
+
+    python mutation/pool.py [--jobs 2] [--fresh]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "build" / "mutate-pool"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--fresh", action="store_true", help="forget earlier results")
+    args = parser.parse_args()
+    if args.fresh:
+        shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("guard", "probes", "tests", "mutation"):
+        shutil.copytree(ROOT / folder, WORK / folder, dirs_exist_ok=True, ignore=skip)
+    config = (ROOT / "pyproject.toml").read_text()
+    config, count = re.subn(r"only_mutate = \[[^\]]*\]", 'only_mutate = ["guard/pool.py"]', config)
+    assert count == 1, "pyproject.toml has no [tool.mutmut] only_mutate list"
+    (WORK / "pyproject.toml").write_text(config)
+    env = {**os.environ, "HYPOTHESIS_PROFILE": "mutation"}
+    mutmut = Path(sys.executable).parent / "mutmut"
+    run = [str(mutmut), "run", "--max-children", str(args.jobs)]
+    subprocess.run(run, check=False, cwd=WORK, env=env)
+    score = [sys.executable, str(ROOT / "mutation" / "score.py"), "--mutants"]
+    return subprocess.run([*score, str(WORK / "mutants")], check=False).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
