@@ -127,6 +127,7 @@ def test_canary_judges_every_run_of_every_case(demo_probe: probes.Probe) -> None
     assert first.verdict.reasons[0].startswith("canary run 2 case 1: output 'wav': snr_db")
     assert "1 of 4 canary runs failed" in first.verdict.reasons
     assert sorted(first.outputs) == [1]  # the failing case's outputs, for a diagnosis
+    assert first.outputs[1]["wav"].shape == demo_probe.cases[1].outputs["wav"].shape
     s.close()
 
 
@@ -1270,11 +1271,15 @@ def test_mnns_own_words_on_a_failed_canary_forward_are_kept(
 def test_float16_inputs_are_checked_value_by_value_when_their_sum_overflows() -> None:
     """A float16 input whose values are finite but whose sum overflows is accepted; one with an
     inf or NaN is refused."""
-    checker = guard.inputs.InputChecker([probes.InputSpec(name="h", dtype="float16", shape=(3,))])
-    loud = np.array([6e4, 6e4, -1.0], np.float16)
+    spec = probes.InputSpec(name="h", dtype="float16", shape=(2, 3))
+    checker = guard.inputs.InputChecker([spec])
+    loud = np.array([[6e4, 6e4, -1.0], [1.0, 2.0, 3.0]], np.float16)
     (out,) = checker({"h": loud})
     assert out is loud
-    for bad in (np.array([np.inf, 1, 2], np.float16), np.array([1, np.nan, 2], np.float16)):
+    for bad in (
+        np.array([[np.inf, 1, 2], [1, 2, 3]], np.float16),
+        np.array([[1, 2, 3], [1, np.nan, 2]], np.float16),
+    ):
         with pytest.raises(guard.InputMismatch, match="input 'h': 1 NaN/Inf values"):
             checker({"h": bad})
 
@@ -1343,6 +1348,7 @@ def test_a_dynamic_rung_mnn_loads_statically_is_flagged(
         r: sample(registry, "mnn_guard_rung_loaded_static", rung=r) for r in ("static", "dynamic")
     }
     assert loaded == {"static": 0.0, "dynamic": 1.0}
+    assert any(mnn.STATIC_LOAD_NOTE in n for n in s.status.history[-1].notes)
     said = s.status.describe()
     assert said.startswith(f"serving on rung 'dynamic' (1) [{guard.ladder.STATIC_LOAD}] after 2 ")
     s.close()
@@ -1648,3 +1654,45 @@ def test_buckets_reach_the_histograms_and_must_be_positive(
         "mnn_guard_run_seconds": [0.001, 0.01, math.inf],
         "mnn_guard_init_seconds": [0.5, 600.0, math.inf],
     }
+
+
+def test_an_init_canary_judges_every_forward_even_after_a_failure(
+    demo_probe: probes.Probe,
+) -> None:
+    """A module degraded from the start fails all four canary judgements, and says so."""
+    s = plan_session(Plan("noisy", "clean"), demo_probe, FakeClock(), reinit_attempts=1)
+    first = s.status.history[0].verdict
+    assert first is not None and "4 of 4 canary runs failed" in first.reasons
+    s.close()
+
+
+def test_what_mnn_said_while_loading_stays_with_a_canary_that_raised(
+    converted: dict[str, Any],
+) -> None:
+    """A module whose canary forward raises: the attempt keeps the error and what MNN printed
+    while loading it (here, that it loaded a dynamic=True model statically)."""
+    import warnings
+
+    from test_real_models import cf_factory, cf_inputs
+
+    class Raising:
+        def __init__(self, module: Any) -> None:
+            self.runner = mnn.adapt(module)
+
+        def run(self, arrays: Sequence[Array]) -> list[Array]:
+            raise RuntimeError("injected forward failure")
+
+    probe = probes.record(cf_factory(converted), cf_inputs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", guard.DynamicIgnoredWarning)
+        s = guard.wrap(
+            lambda **kw: Raising(cf_factory(converted)(**kw)), probe, name="p", metrics=False,
+            raise_exhausted=False,
+            policy=guard.Policy(background=False, reinit_attempts=0, ladder=(guard.DYNAMIC,)),
+        )  # fmt: skip
+    (attempt,) = s.status.history
+    assert isinstance(attempt.error, RuntimeError)
+    assert str(attempt.error) == "injected forward failure"
+    assert any(n.startswith("MNN while loading: ") for n in attempt.error.__notes__)
+    assert any(mnn.STATIC_LOAD_NOTE in n for n in attempt.notes)
+    s.close()
