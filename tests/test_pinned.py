@@ -198,8 +198,7 @@ def test_wrong_shape_of_the_right_size_fails(demo_probe: probes.Probe) -> None:
 
 
 def test_failed_session_is_retried_every_promote_after(demo_probe: probes.Probe) -> None:
-    """Every rung failing after a re-check leaves FAILED; a retry each promote_after seconds
-    (not before) tries the ladder again, and the first that passes serves."""
+    """A session FAILED after a re-check retries every promote_after seconds, not before."""
     factory = Plan("turns", "bad", "bad", "bad", "bad", "clean")
     clock = FakeClock()
     listener = CapturingListener()
@@ -244,8 +243,7 @@ def test_fallback_after_a_failed_recheck_waits_before_promoting(demo_probe: prob
 
 
 def test_recheck_by_calls_wakes_the_background_thread_at_once(demo_probe: probes.Probe) -> None:
-    """The call that completes recheck_every calls wakes the maintenance thread: the re-check
-    runs long before the thread's 1 s idle tick."""
+    """The call completing recheck_every wakes the thread: no wait for its 1 s idle tick."""
     checked = threading.Event()
 
     class OnCheck(guard.Listener):
@@ -297,8 +295,7 @@ def test_module_returning_no_outputs_after_its_canary(
 def test_forward_that_raises_after_its_canary(
     demo_probe: probes.Probe, registry: CollectorRegistry, mel: Array
 ) -> None:
-    """A forward raising after the canary gives ForwardFailed (a GuardError) chained to the
-    module's error, counted as error; the module stays in service for the next call."""
+    """A forward raising after the canary: ForwardFailed chained to it, counted error, serving."""
     s = plan_session(
         lambda **kw: Turning(raising, after=CANARY_FORWARDS, **kw),
         demo_probe,
@@ -414,8 +411,7 @@ def test_timeout_sets_the_snr_gauge_to_minus_infinity(
 def test_an_older_session_of_the_same_name_cannot_touch_the_newer_ones_gauges(
     demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> None:
-    """A healthy older session still publishing does not mark a newer failed one healthy, and
-    closing the older one leaves the newer one's series."""
+    """An older session of the same name, publishing or closing, leaves the newer one's series."""
     clock = FakeClock()
     older = plan_session(Plan("clean"), demo_probe, clock, registry=registry)
     newer = guard.wrap(
@@ -490,8 +486,7 @@ def test_state_and_rung_gauges_follow_the_session(
 
 
 def test_readiness_needs_every_session_healthy(demo_probe: probes.Probe) -> None:
-    """One healthy and one exhausted session: not ready, both listed; ready once the exhausted
-    one is closed; not ready with none."""
+    """One healthy and one exhausted session: not ready until the exhausted one is closed."""
     table = guard.HealthTable()
     assert table.readiness() == (False, [])
     healthy = guard.wrap(
@@ -518,8 +513,7 @@ def test_readiness_needs_every_session_healthy(demo_probe: probes.Probe) -> None
 
 
 def test_nothing_published_after_close_reaches_the_table(demo_probe: probes.Probe) -> None:
-    """A status published after its session's close (the close/publish race) is not recorded,
-    nor a closed status; closing forgets only the entry this listener wrote."""
+    """Nothing published after a close (or in CLOSED) is recorded; a close forgets only its own."""
     table = guard.HealthTable()
     s = guard.wrap(
         demo.demo_factory(threads=1), demo_probe, name="a", metrics=False, health=table,
@@ -576,9 +570,7 @@ def test_default_thresholds() -> None:
 def test_each_default_limit_decides(
     make: Callable[[Array], Array], passes: bool, failing: list[str], demo_probe: probes.Probe
 ) -> None:
-    """The default SNR limit sits between 44 and 46 dB and fails a 2% gain (on the demo output);
-    the LSD limit fails a quiet tone in a silent band of a sine (SNR 50 dB, LSD about 3 dB)
-    that SNR and cosine pass."""
+    """The SNR limit lies between 44 and 46 dB, fails a 2% gain; LSD alone fails a quiet tone."""
     golden = demo_probe.cases[0].outputs["wav"] if passes or failing == ["snr_db"] else tone()
     golden = golden.astype(np.float32)
     score = probes.judge_output("y", golden, make(golden).astype(np.float32), probes.Thresholds())
@@ -587,8 +579,7 @@ def test_each_default_limit_decides(
 
 
 def test_cosine_limit_decides_only_below_the_default_snr_limit() -> None:
-    """At 45 dB SNR cosine is at least 1 - 10**-4.5 / 2 (0.999984), so the default cosine limit
-    (0.99995, about 40 dB) never decides alone; with SNR lowered to 30 dB it fails 35 dB noise."""
+    """Cosine never decides alone at 45 dB SNR; with min_snr_db 30 it alone fails 35 dB noise."""
     golden = tone().astype(np.float32)
     worst = max(  # the lowest cosine of 45 dB noise over a few draws: above the default limit
         1 - probes.cosine_similarity(golden, scaled_noise(golden, 45.0, seed=k)) for k in range(8)
@@ -749,8 +740,7 @@ def test_scores_measure_what_no_judge_checks() -> None:
 def test_verdict_merge_keeps_the_first_failure_and_the_worst_scores(
     demo_probe: probes.Probe,
 ) -> None:
-    """A merged verdict passes only if all pass; reasons are the first failing run's and a
-    count; its scores are those of the worst run; nothing to merge fails."""
+    """A merged verdict: all must pass; first failure's reasons plus a count; the worst scores."""
     golden = demo_probe.cases[0].outputs["wav"]
     good = demo_probe.judge({"wav": golden})
     worse = demo_probe.judge({"wav": scaled_noise(golden, 30.0).astype(np.float32)})
@@ -922,9 +912,7 @@ def dead_pid() -> int:
 
 
 def test_health_files_answer_for_every_live_worker(demo_probe: probes.Probe, tmp_path: Any) -> None:
-    """A table with a directory keeps this process's file current; worker_readiness reads every
-    live process's file, reaps a dead one's, skips one it cannot read, and lists an expected
-    session a worker lacks."""
+    """Health files: this process's kept current, live workers read, dead reaped, junk skipped."""
     import json
     import os
     import subprocess
@@ -1016,8 +1004,7 @@ def test_a_session_still_starting_is_listed_not_ready(demo_probe: probes.Probe) 
 
 
 def test_stuck_lists_sessions_failed_for_longer_than_the_bound() -> None:
-    """stuck() names FAILED entries older than `after` seconds; others, and entries without a
-    time, never."""
+    """stuck() names FAILED entries older than `after` seconds, never others or untimed ones."""
     from guard.health import stuck
 
     now = time.time()
@@ -1035,8 +1022,7 @@ def test_stuck_lists_sessions_failed_for_longer_than_the_bound() -> None:
 
 
 def test_exhaustion_names_the_session_and_numbers_every_attempt(demo_probe: probes.Probe) -> None:
-    """RecoveryExhausted says which session, why, and lists each attempt on its own line, from 1;
-    status and its verdict are those of the last attempt."""
+    """RecoveryExhausted names the session, numbers each attempt; status shows the last one."""
     factory = Plan("turns", "noisy", "noisy", "noisy", "bad")
     s = plan_session(factory, demo_probe, FakeClock(), reinit_attempts=1)
     assert s.maintain(force_recheck=True) == ["recheck"]
@@ -1189,8 +1175,7 @@ def test_the_same_buckets_may_be_passed_again(
 
 
 def test_sessions_report_to_the_global_registry_by_default(demo_probe: probes.Probe) -> None:
-    """Without a registry a session's series go to prometheus_client's global REGISTRY (what
-    guard.serve shows), and leave it when the session closes."""
+    """Without a registry, series go to the global REGISTRY and leave it at close."""
     from prometheus_client import REGISTRY
 
     assert guard.metrics.metrics_for() is guard.metrics.metrics_for(REGISTRY)
@@ -1235,8 +1220,7 @@ def test_lowercase_multiprocess_variable_counts_too(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Any,
 ) -> None:
-    """prometheus_client also reads prometheus_multiproc_dir: closing then keeps series as NaN,
-    session_info included."""
+    """Lowercase prometheus_multiproc_dir counts too: closing leaves NaN gauges, info included."""
     s = plan_session(Plan("clean"), demo_probe, FakeClock(), registry=registry)
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     monkeypatch.setenv("prometheus_multiproc_dir", str(tmp_path))
@@ -1269,8 +1253,7 @@ def test_mnns_own_words_on_a_failed_canary_forward_are_kept(
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_float16_inputs_are_checked_value_by_value_when_their_sum_overflows() -> None:
-    """A float16 input whose values are finite but whose sum overflows is accepted; one with an
-    inf or NaN is refused."""
+    """float16 inputs: finite values whose sum overflows pass; an inf or NaN is refused."""
     spec = probes.InputSpec(name="h", dtype="float16", shape=(2, 3))
     checker = guard.inputs.InputChecker([spec])
     loud = np.array([[6e4, 6e4, -1.0], [1.0, 2.0, 3.0]], np.float16)
@@ -1287,8 +1270,7 @@ def test_float16_inputs_are_checked_value_by_value_when_their_sum_overflows() ->
 def test_every_series_of_a_new_session_and_nothing_else(
     demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> None:
-    """After one clean init: each series of the session with its value, every rung's and
-    state's present, and no series of any other session."""
+    """After one clean init: every series of the session with its value, and no other's."""
     s = plan_session(Plan("clean"), demo_probe, FakeClock(), registry=registry)
     got = {
         (x.name, tuple(sorted((k, v) for k, v in x.labels.items() if k != "session"))): x.value
@@ -1329,8 +1311,7 @@ def test_every_series_of_a_new_session_and_nothing_else(
 def test_a_dynamic_rung_mnn_loads_statically_is_flagged(
     converted: dict[str, Any], registry: CollectorRegistry
 ) -> None:
-    """A model with control flow on its dynamic rung: rung_loaded_static is 1 for that rung
-    only; a rung whose init raised says nothing of how MNN loads it."""
+    """rung_loaded_static is 1 for a control-flow model's dynamic rung only."""
     import warnings
 
     from test_real_models import cf_factory, cf_inputs
@@ -1395,8 +1376,7 @@ class Checks(guard.Listener):
 
 
 def test_a_failing_recheck_stops_at_its_first_failing_judgement(demo_probe: probes.Probe) -> None:
-    """A module that turned: its re-check ends at the first failing forward (no more forwards
-    on a degraded module), and the check event carries rung, index, verdict and duration."""
+    """A failing re-check stops at its first failing forward; its event says what it judged."""
     modules: list[Any] = []
     faulty = FaultyFactory(
         lambda **kw: modules.append(Counting(**kw)) or modules[-1],
@@ -1423,8 +1403,7 @@ def test_a_failing_recheck_stops_at_its_first_failing_judgement(demo_probe: prob
 def test_a_recheck_that_raises_is_an_error_and_the_module_is_replaced(
     demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> None:
-    """A forward raising during a re-check: the check is an error (no verdict, SNR -inf), the
-    module is replaced; a passing re-check's event has no error and its outputs are empty."""
+    """A re-check whose forward raises is an error (no verdict, SNR -inf); it is replaced."""
     calls = [0]
 
     def factory(**kw: Any) -> Turning:
@@ -1450,8 +1429,7 @@ def test_a_recheck_that_raises_is_an_error_and_the_module_is_replaced(
 
 
 def test_a_recheck_interrupted_by_systemexit_leaves_failed(demo_probe: probes.Probe) -> None:
-    """SystemExit inside a re-check's forward: maintain() re-raises it, the session is FAILED,
-    and callers get RecoveryExhausted naming it, chained to it."""
+    """SystemExit in a re-check: maintain() re-raises it, FAILED, callers told why, chained."""
 
     def exiting(outputs: list[Array]) -> list[Array]:
         raise SystemExit(3)
@@ -1470,8 +1448,7 @@ def test_a_recheck_interrupted_by_systemexit_leaves_failed(demo_probe: probes.Pr
 
 
 def test_a_recheck_holds_the_module_one_forward_at_a_time(demo_probe: probes.Probe) -> None:
-    """While a re-check's forward runs, a caller's forward waits for it: the module never runs
-    two forwards at once."""
+    """A caller's forward waits for a re-check's forward: never two forwards at once."""
     caller_waiting = threading.Event()
     modules: list[Counting] = []
 
@@ -1583,8 +1560,7 @@ def test_run_seconds_are_the_calls_own(
 def test_forgetting_a_dead_process_removes_its_files(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """mark_process_dead drops a pid's health file and live gauge files, in the given folder or
-    PROMETHEUS_MULTIPROC_DIR; a pid with no files, or no folder at all, is no error."""
+    """mark_process_dead drops a pid's health and live gauge files; none to drop is no error."""
     from guard import health
 
     gone = dead_pid()
@@ -1669,8 +1645,7 @@ def test_an_init_canary_judges_every_forward_even_after_a_failure(
 def test_what_mnn_said_while_loading_stays_with_a_canary_that_raised(
     converted: dict[str, Any],
 ) -> None:
-    """A module whose canary forward raises: the attempt keeps the error and what MNN printed
-    while loading it (here, that it loaded a dynamic=True model statically)."""
+    """A canary forward that raises keeps its error and what MNN printed while loading."""
     import warnings
 
     from test_real_models import cf_factory, cf_inputs
