@@ -20,7 +20,7 @@ SESSION = (
 PROBES = ("tests/test_probes.py", "tests/test_probe_fuzz.py", "tests/test_judges.py", PINNED)
 
 SELECTION: dict[str, tuple[str, ...]] = {
-    "guard.session": (*SESSION, "tests/test_metrics.py"),
+    "guard.session": (*SESSION, "tests/test_metrics.py", "tests/test_inputs.py"),
     "guard.state": (*SESSION, "tests/test_metrics.py", "tests/test_server.py"),
     "guard.canary": SESSION,
     "guard.inputs": ("tests/test_inputs.py", PINNED, "tests/test_session.py"),

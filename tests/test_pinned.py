@@ -403,6 +403,13 @@ def test_timeout_sets_the_snr_gauge_to_minus_infinity(
     hung = [t for t in threading.enumerate() if t.name == "mnn-guard-init"]
     assert hung and all(t.daemon for t in hung)  # a hung init never blocks the process's exit
     assert gauges.seen[0] == ("attempt", "timeout", None, -math.inf)
+    timed_out = s.status.history[0]
+    assert str(timed_out.error) == (
+        "init + canary of session 'p' on rung 'static' did not finish within 0.3 s "
+        "(Policy.init_timeout)"
+    )
+    assert (timed_out.notes, timed_out.turned_static, timed_out.outputs) == ((), False, {})
+    assert 0.3 <= timed_out.seconds < 30
     assert gauges.seen[1][1] == "pass" and gauges.seen[1][3] == gauges.seen[1][2]
     assert sample(registry, "mnn_guard_canary_checks_total", rung="static", result="timeout") == 1
     s.close()
@@ -1668,6 +1675,65 @@ def test_what_mnn_said_while_loading_stays_with_a_canary_that_raised(
     (attempt,) = s.status.history
     assert isinstance(attempt.error, RuntimeError)
     assert str(attempt.error) == "injected forward failure"
+    assert (attempt.turned_static, attempt.outputs) == (False, {})
     assert any(n.startswith("MNN while loading: ") for n in attempt.error.__notes__)
     assert any(mnn.STATIC_LOAD_NOTE in n for n in attempt.notes)
+    s.close()
+
+
+def test_a_probe_its_goldens_fail_names_every_reason(demo_probe: probes.Probe) -> None:
+    """Thresholds no golden meets: ConfigError before any init, listing each output's reason."""
+    two = probes.Probe(
+        cases=(
+            probes.Case(
+                inputs={"x": np.zeros(2, np.float32)}, outputs={"a": np.ones(2), "b": np.ones(2)}
+            ),
+        ),
+        inputs=(probes.InputSpec(name="x", dtype="float32", shape=(2,)),),
+        outputs=(
+            probes.OutputSpec(name="a", dtype="float64", shape=(2,)),
+            probes.OutputSpec(name="b", dtype="float64", shape=(2,)),
+        ),
+        thresholds=probes.Thresholds(min_cosine=1.5),
+    )
+    with pytest.raises(guard.ConfigError) as info:
+        guard.wrap(lambda **kw: None, two, name="p", metrics=False)
+    assert str(info.value) == (
+        "case 0's golden outputs fail the probe's own thresholds (output 'a': cosine 1 is below "
+        "the limit 1.5; output 'b': cosine 1 is below the limit 1.5); loosen the thresholds or "
+        "re-record the probe"
+    )
+    with pytest.raises(guard.FactoryError, match=r"^factory must be callable, got int$"):
+        guard.wrap(42, demo_probe, name="p", metrics=False)  # type: ignore[arg-type]
+
+
+def test_a_session_made_directly_raises_when_every_rung_fails(demo_probe: probes.Probe) -> None:
+    """GuardedSession itself raises RecoveryExhausted by default, as guard.wrap does."""
+    with pytest.raises(guard.RecoveryExhausted):
+        guard.GuardedSession(
+            Plan("bad"), demo_probe, name="p",
+            policy=guard.Policy(background=False, reinit_attempts=0),
+        )  # fmt: skip
+
+
+def test_status_says_since_when_in_wall_clock_time(demo_probe: probes.Probe) -> None:
+    """status.since is the wall-clock time the session entered its state (what stuck() reads)."""
+    before = time.time()
+    s = plan_session(Plan("clean"), demo_probe, FakeClock())
+    assert before <= s.status.since <= time.time()
+    s.close()
+
+
+def test_a_failed_recheck_on_a_slower_rung_retries_that_rung_first(
+    demo_probe: probes.Probe,
+) -> None:
+    """On the dynamic rung, a failing re-check re-initialises dynamic, not the faster static."""
+    listener = CapturingListener()
+    factory = Plan("bad", "turns", "clean")
+    s = plan_session(factory, demo_probe, FakeClock(), listeners=[listener], promote_after=None)
+    assert s.status.mode == "dynamic"
+    assert s.maintain(force_recheck=True) == ["recheck"]
+    assert (s.status.mode, factory.inits) == ("dynamic", 3)
+    recovered = [(e.action, e.rung, e.to_rung) for e in listener.of("recover")]
+    assert recovered == [("fallback", "static", "dynamic"), ("reinit", "dynamic", "dynamic")]
     s.close()
