@@ -583,6 +583,11 @@ def test_each_default_limit_decides(
     score = probes.judge_output("y", golden, make(golden).astype(np.float32), probes.Thresholds())
     assert score.passed is passes
     assert [c.judge for c in score.checks if not c.passed] == failing
+    if failing == ["lsd_db"]:
+        assert score.lsd_db is not None and 2 < score.lsd_db < 4
+        assert score.reasons == [
+            f"output 'y': lsd_db {score.lsd_db:.6g} dB is above the limit 1 dB"
+        ]
 
 
 def test_cosine_limit_decides_only_below_the_default_snr_limit() -> None:
@@ -695,7 +700,7 @@ def test_lsd_is_only_for_one_dimensional_signals(shape: tuple[int, ...]) -> None
     golden = np.random.default_rng(0).standard_normal(shape)
     assert probes.log_spectral_distance(golden, golden * 2) is None
     check = judges.lsd(1.0)(golden, golden * 2)
-    assert (check.passed, check.value) == (True, None)
+    assert (check.passed, check.value, check.limit, check.reason) == (True, None, 1.0, "")
 
 
 def test_lsd_of_equal_signals_is_zero_and_grows_with_noise() -> None:
@@ -1737,3 +1742,19 @@ def test_a_failed_recheck_on_a_slower_rung_retries_that_rung_first(
     recovered = [(e.action, e.rung, e.to_rung) for e in listener.of("recover")]
     assert recovered == [("fallback", "static", "dynamic"), ("reinit", "dynamic", "dynamic")]
     s.close()
+
+
+def test_judging_extreme_values_warns_nothing() -> None:
+    """Overflowing squares, inf minus inf, empty arrays: judged quietly, with exact reasons."""
+    import warnings
+
+    huge = np.array([1e200, 1.0, -1.7e308, np.inf])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(probes.cosine_similarity(huge[:2], huge[:2] * 2), float)  # squares inf
+        assert not judges.max_abs(1.0)(huge, -huge).passed
+        assert not judges.max_abs(1.0)(huge[3:], huge[3:]).passed  # inf - inf is NaN
+        empty = probes.judge_output("y", np.zeros(0), np.zeros(0), probes.Thresholds(max_abs=1.0))
+        assert empty.passed and empty.max_abs == 0.0
+    check = judges.finite()(np.zeros(4), np.array([1.0, np.nan, np.inf, 2.0]))
+    assert (check.passed, check.value, check.reason) == (False, 2.0, "2 of 4 values are NaN or Inf")
