@@ -1758,3 +1758,47 @@ def test_judging_extreme_values_warns_nothing() -> None:
         assert empty.passed and empty.max_abs == 0.0
     check = judges.finite()(np.zeros(4), np.array([1.0, np.nan, np.inf, 2.0]))
     assert (check.passed, check.value, check.reason) == (False, 2.0, "2 of 4 values are NaN or Inf")
+
+
+def two_outputs() -> probes.Probe:
+    """A one-case probe with outputs a and b (64 samples each)."""
+    rng = np.random.default_rng(3)
+    return probes.Probe(
+        cases=(
+            probes.Case(
+                inputs={"x": np.zeros(2, np.float32)},
+                outputs={"a": rng.standard_normal(64), "b": rng.standard_normal(64)},
+            ),
+        ),
+        inputs=(probes.InputSpec(name="x", dtype="float32", shape=(2,)),),
+        outputs=(
+            probes.OutputSpec(name="a", dtype="float64", shape=(64,)),
+            probes.OutputSpec(name="b", dtype="float64", shape=(64,)),
+        ),
+    )
+
+
+def test_judging_goes_on_past_a_missing_output() -> None:
+    """A missing output is a reason and the next is still judged; a wrong count names both."""
+    probe = two_outputs()
+    golden = probe.cases[0].outputs
+    verdict = probe.judge({"b": golden["b"]})
+    assert verdict.passed is False and verdict.reasons == ("output 'a' is missing",)
+    assert list(verdict.scores) == ["b"] and verdict.scores["b"].passed
+    listed = probe.judge([golden["a"]])
+    assert listed.reasons == ("got 1 outputs, expected 2 ['a', 'b']",)
+
+
+def test_verdict_merge_counts_failures_from_two_runs_and_matches_labels(
+    demo_probe: probes.Probe,
+) -> None:
+    """Two runs, one failing: counted, False itself, reasons joined by '; '; labels match 1:1."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    good = demo_probe.judge({"wav": golden})
+    bad = demo_probe.judge({"wav": scaled_noise(golden, 30.0).astype(np.float32)})
+    merged = probes.Verdict.merge([good, bad], ["a", "b"])
+    assert merged.passed is False
+    assert merged.reasons[-1] == "1 of 2 canary runs failed"
+    assert "; b: output 'wav': cosine" in merged.describe()
+    with pytest.raises(ValueError, match="zip"):
+        probes.Verdict.merge([good, bad], ["a"])
