@@ -1802,3 +1802,72 @@ def test_verdict_merge_counts_failures_from_two_runs_and_matches_labels(
     assert "; b: output 'wav': cosine" in merged.describe()
     with pytest.raises(ValueError, match="zip"):
         probes.Verdict.merge([good, bad], ["a"])
+
+
+def test_scores_say_what_was_measured_on_every_path() -> None:
+    """Each way judge_output ends fills the score's fields as documented (NaN where unmeasured)."""
+    golden = np.ones((1, 4))
+
+    def fields(score: judges.OutputScore) -> tuple[Any, ...]:
+        unmeasured = [math.isnan(x) for x in (score.snr_db, score.cosine, score.max_abs)]
+        checks = [(c.judge, c.passed) for c in score.checks]
+        head = (score.name, score.passed, score.shape_ok, score.finite, unmeasured)
+        return (*head, score.lsd_db, checks, score.checks[0].reason)
+
+    limits = probes.Thresholds()
+    assert fields(judges.judge_output("y", golden, np.ones((4, 1)), limits)) == (
+        "y", False, False, False, [True] * 3, None, [("shape", False)],
+        "shape [4, 1] differs from the golden shape [1, 4]",
+    )  # fmt: skip
+    assert fields(judges.judge_output("y", golden, golden.astype(np.complex64), limits)) == (
+        "y", False, True, False, [True] * 3, None, [("dtype", False)],
+        "dtype complex64 is not a real number type",
+    )  # fmt: skip
+    assert fields(judges.judge_output("y", golden, golden * np.nan, limits)) == (
+        "y", False, True, False, [True] * 3, None, [("finite", False)],
+        "4 of 4 values are NaN or Inf",
+    )  # fmt: skip
+    same = judges.judge_output("y", golden, golden.copy(), limits)
+    assert (same.passed, same.shape_ok, same.finite, same.max_abs, same.cosine) == (
+        True, True, True, 0.0, 1.0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"min_snr_db": math.nan}, "threshold min_snr_db must be a finite number, got nan"),
+        (
+            {"min_cosine": "0.9"},
+            "threshold min_cosine must be a finite number or None, got '0.9'",
+        ),
+        ({"max_abs": True}, "threshold max_abs must be a finite number or None, got True"),
+    ],
+)
+def test_threshold_errors_say_what_is_allowed(limits: dict[str, Any], message: str) -> None:
+    """Only min_snr_db cannot be None: the message says so, and quotes the value given."""
+    with pytest.raises(probes.ProbeError) as info:
+        probes.Thresholds(**limits)
+    assert str(info.value) == message
+
+
+def test_cosine_stays_within_minus_one_and_one() -> None:
+    """Rounding never lifts a cosine above 1; opposite signals that overflow are NaN, not 1."""
+    rng = np.random.default_rng(0)
+    values = [probes.cosine_similarity(g, g * 3.0) for g in rng.standard_normal((50, 16))]
+    assert max(values) == 1.0 and min(values) > 0.999999
+    assert min(probes.cosine_similarity(g, g * -3.0) for g in rng.standard_normal((50, 16))) == -1
+    assert math.isnan(probes.cosine_similarity(np.array([1e200, 1.0]), np.array([-1e200, 1.0])))
+
+
+def test_snr_and_lsd_of_extreme_signals_warn_nothing() -> None:
+    """Squares that overflow, inf against inf, loud or silent signals: judged without warnings."""
+    import warnings
+
+    loud = tone().ravel() * 1e300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert probes.snr_db(np.array([1e200, 1.0]), np.array([-1e200, 1.0])) == -math.inf
+        assert math.isnan(probes.snr_db(np.array([np.inf, 1.0]), np.array([np.inf, 1.0])))
+        for golden, actual in ((loud, loud * 0.5), (np.zeros(512), tone(512).ravel())):
+            assert isinstance(probes.log_spectral_distance(golden, actual), float)
