@@ -1871,3 +1871,81 @@ def test_snr_and_lsd_of_extreme_signals_warn_nothing() -> None:
         assert math.isnan(probes.snr_db(np.array([np.inf, 1.0]), np.array([np.inf, 1.0])))
         for golden, actual in ((loud, loud * 0.5), (np.zeros(512), tone(512).ravel())):
             assert isinstance(probes.log_spectral_distance(golden, actual), float)
+
+
+# ------------------------------------------------------------------ probe files
+
+
+def saved(probe: probes.Probe, folder: Any) -> dict[str, Any]:
+    """Save `probe` into `folder` and return its manifest as JSON."""
+    import json
+
+    probe.save(folder)
+    manifest: dict[str, Any] = json.loads((folder / "manifest.json").read_text())
+    return manifest
+
+
+def test_saved_files_are_canonical(demo_probe: probes.Probe, tmp_path: Any) -> None:
+    """manifest.json is indented, key-sorted JSON; arrays.npz does not depend on array layout."""
+    import json
+
+    manifest = saved(demo_probe, tmp_path / "c")
+    text = (tmp_path / "c" / "manifest.json").read_text()
+    assert text == json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    fortran = dataclasses_replace_cases(demo_probe, np.asfortranarray)
+    saved(fortran, tmp_path / "f")
+    assert (tmp_path / "f" / "arrays.npz").read_bytes() == (
+        tmp_path / "c" / "arrays.npz"
+    ).read_bytes()
+
+
+def dataclasses_replace_cases(probe: probes.Probe, how: Callable[[Array], Array]) -> probes.Probe:
+    """`probe` with every case array passed through `how`."""
+    import dataclasses
+
+    cases = tuple(
+        probes.Case(
+            inputs={k: how(v) for k, v in c.inputs.items()},
+            outputs={k: how(v) for k, v in c.outputs.items()},
+        )
+        for c in probe.cases
+    )
+    return dataclasses.replace(probe, cases=cases)
+
+
+def write_manifest(folder: Any, text: str) -> None:
+    """Replace a saved probe's manifest.json with `text`."""
+    (folder / "manifest.json").write_text(text)
+
+
+def test_manifest_limits_are_inclusive_and_messages_exact(
+    demo_probe: probes.Probe, tmp_path: Any
+) -> None:
+    """A manifest of exactly the size limit is read; each malformed one has its own message."""
+    import json
+
+    from probes import store
+
+    folder = tmp_path / "p"
+    manifest = saved(demo_probe, folder)
+    body = json.dumps({"kind": "other", "pad": ""})
+    pad = "x" * (store.MAX_MANIFEST_BYTES - len(body))
+    write_manifest(folder, json.dumps({"kind": "other", "pad": pad}))
+    assert (folder / "manifest.json").stat().st_size == store.MAX_MANIFEST_BYTES
+    with pytest.raises(probes.ProbeError, match="is not an mnn-guard probe manifest"):
+        probes.load(folder)
+    cases: list[tuple[Any, str]] = [
+        ({**manifest, "recorded": {**manifest["recorded"], "runs": 10**17}},
+         "'recorded.runs' must be an integer in 0..10000, got 100000000000000000"),
+        ("[" * 100_000, "manifest.json is nested too deeply to be a probe manifest"),
+        ([], "manifest.json must hold a JSON object, got list"),
+        ({**manifest, "arrays": "x"}, "'arrays' must be {'file': 'arrays.npz', 'sha256': 64 hex "
+         "digits}, got 'x'"),
+        ({**manifest, "arrays": {**manifest["arrays"], "extra": 1}}, "'arrays' must be"),
+    ]  # fmt: skip
+    for value, message in cases:
+        write_manifest(folder, value if isinstance(value, str) else json.dumps(value))
+        with pytest.raises(probes.ProbeError) as info:
+            probes.load(folder)
+        assert message in str(info.value), str(info.value)
+    assert not store.is_sha256("X" * 64) and store.is_sha256("ab" * 32)
