@@ -1949,3 +1949,63 @@ def test_manifest_limits_are_inclusive_and_messages_exact(
             probes.load(folder)
         assert message in str(info.value), str(info.value)
     assert not store.is_sha256("X" * 64) and store.is_sha256("ab" * 32)
+
+
+def test_a_probe_refuses_what_it_cannot_judge_with_exact_reasons() -> None:
+    """Probe(...) refuses each malformed probe with a message naming what is wrong."""
+    spec = probes.InputSpec(name="x", dtype="float32", shape=(2,))
+    out = probes.OutputSpec(name="y", dtype="float64", shape=(2,))
+    x, y = np.zeros(2, np.float32), np.ones(2)
+
+    def make(**kw: Any) -> Any:
+        args: dict[str, Any] = {
+            "cases": (probes.Case(inputs={"x": x}, outputs={"y": y}),),
+            "inputs": (spec,),
+            "outputs": (out,),
+            **kw,
+        }
+        return probes.Probe(**args)
+
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"cases": ()}, "a probe needs at least one canary case"),
+        ({"per_output": {"z": probes.Thresholds()}},
+         "per-output thresholds for unknown outputs ['z']; outputs are ['y']"),
+        ({"cases": (probes.Case(inputs={"w": x}, outputs={"y": y}),)},
+         "case 0: inputs ['w'] differ from the signature ['x']"),
+        ({"cases": (probes.Case(inputs={"x": x}, outputs={"z": y}),)},
+         "case 0: outputs ['z'] differ from ['y']"),
+        ({"cases": (probes.Case(inputs={"x": np.zeros(3, np.float32)}, outputs={"y": y}),)},
+         "case 0: input 'x' is float32[3], which the signature float32[2] does not accept"),
+        ({"cases": (probes.Case(inputs={"x": x.astype(np.float64)}, outputs={"y": y}),)},
+         "case 0: input 'x' is float64[2], which the signature float32[2] does not accept"),
+        ({"cases": (probes.Case(inputs={"x": x}, outputs={"y": [1.0, 2.0]}),)},
+         "case 0: golden output 'y' is a list of None, not an array of one of"),
+    ]  # fmt: skip
+    assert make().output_names == ["y"]
+    for kw, message in cases:
+        with pytest.raises(probes.ProbeError) as info:
+            make(**kw)
+        assert str(info.value).startswith(message), str(info.value)
+
+
+def test_manifest_fields_at_their_limits(demo_probe: probes.Probe, tmp_path: Any) -> None:
+    """runs 0 and 10,000 and a 1,000-character note load; one more is refused, with its reason."""
+    import dataclasses
+
+    for runs, note, ok in ((0, "n" * 1000, True), (10_000, "", True), (10_001, "", False)):
+        meta = dataclasses.replace(demo_probe.meta, runs=runs, notes=(note,))
+        folder = tmp_path / f"r{runs}"
+        dataclasses.replace(demo_probe, meta=meta).save(folder)
+        if ok:
+            assert probes.load(folder).meta.runs == runs
+        else:
+            with pytest.raises(probes.ProbeError, match=r"'recorded.runs' must be an integer in"):
+                probes.load(folder)
+    long = dataclasses.replace(demo_probe.meta, notes=("n" * 1001,))
+    dataclasses.replace(demo_probe, meta=long).save(tmp_path / "long")
+    with pytest.raises(probes.ProbeError) as info:
+        probes.load(tmp_path / "long")
+    assert "each of 'recorded.notes' must be a string of at most 1000 characters, got" in str(
+        info.value
+    )
+    assert " or null" not in str(info.value)
