@@ -2009,3 +2009,11 @@ def test_manifest_fields_at_their_limits(demo_probe: probes.Probe, tmp_path: Any
         info.value
     )
     assert " or null" not in str(info.value)
+
+
+def test_prepare_inputs_can_let_non_finite_values_through() -> None:
+    """prepare_inputs(check_finite=False) hands a NaN on, as the policy's opt-out does."""
+    specs = [probes.InputSpec(name="x", dtype="float32", shape=(2,))]
+    nan = np.array([np.nan, 1.0], np.float32)
+    (out,) = guard.inputs.prepare_inputs(specs, {"x": nan}, check_finite=False)
+    assert out is nan
