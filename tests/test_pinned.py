@@ -155,8 +155,9 @@ def test_passing_recheck_changes_nothing(demo_probe: probes.Probe) -> None:
     """A re-check that passes keeps the module (no init), publishes CHECKING then SERVING."""
     listener = CapturingListener()
     s = plan_session(Plan("clean"), demo_probe, FakeClock(), listeners=[listener])
-    verdict = s.status.verdict
+    verdict, since = s.status.verdict, s.status.since
     assert s.maintain(force_recheck=True) == ["recheck"]
+    assert s.status.since > since  # it left SERVING and came back
     assert [e.outcome for e in listener.of("check")] == ["pass"]
     assert [e.state for e in listener.of("status")] == [
         "starting",
@@ -1005,6 +1006,7 @@ def test_a_session_still_starting_is_listed_not_ready(demo_probe: probes.Probe) 
     assert repr(s) == "<GuardedSession 'a' serving on rung 'static' (0) after 1 attempt(s); PASSED>"
     (starting,) = table_starting
     assert starting.describe() == "starting on rung 'static' (0) after 0 attempt(s); no verdict"
+    assert 0 < starting.since <= s.status.since
     assert ready is False
     assert (entry["state"], entry["healthy"], entry["reasons"], entry["rung"]) == (
         "starting",
@@ -1095,8 +1097,8 @@ def test_close_stops_the_maintenance_thread_at_once(demo_probe: probes.Probe) ->
         demo.demo_factory(threads=1), demo_probe, name="stop", metrics=False,
         policy=guard.Policy(recheck_every=30.0, promote_after=None),
     )  # fmt: skip
-    names = [t.name for t in threading.enumerate()]
-    assert "mnn-guard-stop" in names
+    (thread,) = [t for t in threading.enumerate() if t.name == "mnn-guard-stop"]
+    assert thread.daemon  # a session never closed cannot keep the process from exiting
     started = time.monotonic()
     s.close()
     assert time.monotonic() - started < 2.0
@@ -2017,3 +2019,37 @@ def test_prepare_inputs_can_let_non_finite_values_through() -> None:
     nan = np.array([np.nan, 1.0], np.float32)
     (out,) = guard.inputs.prepare_inputs(specs, {"x": nan}, check_finite=False)
     assert out is nan
+
+
+def test_a_dropped_session_cleans_up_after_itself(demo_probe: probes.Probe) -> None:
+    """A session dropped without close() is collected; its thread ends; all hear of a close."""
+    import gc
+    import weakref
+
+    table = guard.HealthTable()
+    listener = CapturingListener()
+    s = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, name="dropped", metrics=False, health=table,
+        listeners=[listener], policy=guard.Policy(recheck_every=30.0, promote_after=None),
+    )  # fmt: skip
+    (thread,) = [t for t in threading.enumerate() if t.name == "mnn-guard-dropped"]
+    ref = weakref.ref(s)
+    del s
+    gc.collect()
+    assert ref() is None
+    thread.join(0.5)  # woken at once by the finalizer, not at its next 1 s tick
+    assert not thread.is_alive()
+    assert table.sessions() == {} and [e.kind for e in listener.events][-1] == "close"
+
+
+def test_an_unwritable_health_folder_never_breaks_serving(
+    demo_probe: probes.Probe, tmp_path: Any
+) -> None:
+    """Health files that cannot be written are skipped: the session serves and is listed."""
+    table = guard.HealthTable(tmp_path / "missing")
+    s = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, name="a", metrics=False, health=table,
+        policy=guard.Policy(background=False),
+    )  # fmt: skip
+    assert served_clean(s) and table.readiness()[0] is True
+    s.close()
