@@ -32,8 +32,12 @@ ENTRY = re.compile(r"^- `(?P<name>[^`]+)` `(?P<line>[^`]+)`", re.MULTILINE)
 
 
 def status(code: int | None) -> str:
-    """mutmut's verdict for an exit code; timeouts and crashes count as killed."""
-    return KILLED.get(code, OTHER.get(code, "suspicious")) if code is not None else "not checked"
+    """mutmut's verdict for an exit code; timeouts and crashes (signals) count as killed."""
+    if code is None:
+        return "not checked"
+    if code < 0 and code not in KILLED:
+        return "segfault"  # the test process died of a signal the mutant caused
+    return KILLED.get(code, OTHER.get(code, "suspicious"))
 
 
 def results(mutants: Path) -> dict[str, dict[str, str]]:

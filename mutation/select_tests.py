@@ -10,23 +10,29 @@ import os
 import re
 from typing import Any
 
-CORE = ("tests/test_pinned.py",)
-SESSION = (*CORE, "tests/test_session.py", "tests/test_state_machine.py", "tests/test_promotion.py")
-PROBES = (*CORE, "tests/test_probes.py", "tests/test_judges.py", "tests/test_probe_fuzz.py")
+PINNED = "tests/test_pinned.py"
+SESSION = (
+    PINNED,
+    "tests/test_session.py",
+    "tests/test_state_machine.py",
+    "tests/test_promotion.py",
+)
+PROBES = ("tests/test_probes.py", "tests/test_probe_fuzz.py", "tests/test_judges.py", PINNED)
 
 SELECTION: dict[str, tuple[str, ...]] = {
-    "guard.session": (*SESSION, "tests/test_metrics.py"),
+    "guard.session": (*SESSION, "tests/test_metrics.py", "tests/test_inputs.py"),
     "guard.state": (*SESSION, "tests/test_metrics.py", "tests/test_server.py"),
     "guard.canary": SESSION,
-    "guard.inputs": (*CORE, "tests/test_inputs.py", "tests/test_session.py"),
-    "guard.metrics": (*CORE, "tests/test_metrics.py", "tests/test_promotion.py"),
-    "guard.health": (*CORE, "tests/test_server.py", "tests/test_state_machine.py"),
-    "guard.pool": (*CORE, "tests/test_pool.py"),
-    "probes.judges": (*CORE, "tests/test_judges.py", "tests/test_session.py"),
+    "guard.inputs": ("tests/test_inputs.py", PINNED, "tests/test_session.py"),
+    "guard.metrics": (PINNED, "tests/test_metrics.py", "tests/test_promotion.py"),
+    "guard.health": (PINNED, "tests/test_server.py", "tests/test_state_machine.py"),
+    "guard.pool": (PINNED, "tests/test_pool.py"),
+    "probes.judges": ("tests/test_judges.py", PINNED),
     "probes.probe": PROBES,
     "probes.store": PROBES,
 }
-"""Module of the mutant -> the test files its mutants may run (the rest are deselected)."""
+"""Module of the mutant -> the test files its mutants may run, in the order they run (with -x,
+the file that pins the module most directly goes first); the rest are deselected."""
 
 POOL_TESTS = (
     "tests/test_pool.py::test_status_lists_each_worker",
@@ -61,13 +67,16 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
         return
 
     def wanted(nodeid: str) -> bool:
-        if nodeid.startswith(HEAVY):
+        path = nodeid.split("::", maxsplit=1)[0]
+        if path not in files or nodeid.startswith(HEAVY):
             return False
-        if nodeid.startswith("tests/test_pool.py"):
-            return nodeid.startswith(POOL_TESTS)
-        return nodeid.split("::", maxsplit=1)[0] in files
+        return path != "tests/test_pool.py" or nodeid.startswith(POOL_TESTS)
 
-    keep = [item for item in items if wanted(item.nodeid)]
+    order = {name: rank for rank, name in enumerate(files)}
+    keep = sorted(
+        (item for item in items if wanted(item.nodeid)),
+        key=lambda item: order[item.nodeid.split("::", maxsplit=1)[0]],
+    )
     dropped = [item for item in items if not wanted(item.nodeid)]
     if dropped:
         config.hook.pytest_deselected(items=dropped)

@@ -149,8 +149,7 @@ def test_accepted_inputs_give_the_correct_result(
 
 
 def test_every_hostile_input_is_refused_before_the_module_runs(demo_probe: probes.Probe) -> None:
-    """Each rejected case counts as invalid and each accepted one as ok in runs_total: no
-    hostile input reaches the module (which would count as an error) or goes uncounted."""
+    """Each rejected case counts as invalid, each accepted one as ok: none reaches the module."""
     registry = CollectorRegistry()
     s = guard.wrap(
         demo.demo_factory(),
@@ -184,8 +183,7 @@ def test_mismatch_names_the_input(session: guard.GuardedSession) -> None:
 
 
 def test_nonfinite_inputs_allowed_when_policy_says_so(demo_paths: Any) -> None:
-    """With check_finite_inputs=False a NaN input reaches the model unchanged (the output is
-    the raw module's for that input, not the clean one's); by default it is refused."""
+    """With check_finite_inputs=False a NaN input reaches the model as it is; by default, not."""
     probe = probes.load(demo_paths[1])
     x = MEL.copy()
     x[0, 0, 0] = np.nan

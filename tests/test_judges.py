@@ -181,8 +181,7 @@ def agrees_with_its_limit(check: judges.Check, higher_is_better: bool) -> bool:
 @settings(max_examples=examples(200), deadline=None)
 @given(golden=floats, data=st.data())
 def test_judges_never_raise(golden: Array, data: st.DataObject) -> None:
-    """Random arrays through every judge give a Check or score, never an exception; each Check
-    passes exactly when its value meets its limit, and a score passes when all its checks do."""
+    """Random arrays: no judge raises, each Check passes exactly when it meets its limit."""
     golden = np.nan_to_num(golden, nan=0.0, posinf=1.0, neginf=-1.0)
     actual = data.draw(hnp.arrays(np.float32, golden.shape, elements=st.floats(width=32)))
     score = probes.judge_output("y", golden, actual, probes.Thresholds(max_abs=1.0))

@@ -127,6 +127,7 @@ def test_canary_judges_every_run_of_every_case(demo_probe: probes.Probe) -> None
     assert first.verdict.reasons[0].startswith("canary run 2 case 1: output 'wav': snr_db")
     assert "1 of 4 canary runs failed" in first.verdict.reasons
     assert sorted(first.outputs) == [1]  # the failing case's outputs, for a diagnosis
+    assert first.outputs[1]["wav"].shape == demo_probe.cases[1].outputs["wav"].shape
     s.close()
 
 
@@ -154,8 +155,9 @@ def test_passing_recheck_changes_nothing(demo_probe: probes.Probe) -> None:
     """A re-check that passes keeps the module (no init), publishes CHECKING then SERVING."""
     listener = CapturingListener()
     s = plan_session(Plan("clean"), demo_probe, FakeClock(), listeners=[listener])
-    verdict = s.status.verdict
+    verdict, since = s.status.verdict, s.status.since
     assert s.maintain(force_recheck=True) == ["recheck"]
+    assert s.status.since > since  # it left SERVING and came back
     assert [e.outcome for e in listener.of("check")] == ["pass"]
     assert [e.state for e in listener.of("status")] == [
         "starting",
@@ -197,8 +199,7 @@ def test_wrong_shape_of_the_right_size_fails(demo_probe: probes.Probe) -> None:
 
 
 def test_failed_session_is_retried_every_promote_after(demo_probe: probes.Probe) -> None:
-    """Every rung failing after a re-check leaves FAILED; a retry each promote_after seconds
-    (not before) tries the ladder again, and the first that passes serves."""
+    """A session FAILED after a re-check retries every promote_after seconds, not before."""
     factory = Plan("turns", "bad", "bad", "bad", "bad", "clean")
     clock = FakeClock()
     listener = CapturingListener()
@@ -243,8 +244,7 @@ def test_fallback_after_a_failed_recheck_waits_before_promoting(demo_probe: prob
 
 
 def test_recheck_by_calls_wakes_the_background_thread_at_once(demo_probe: probes.Probe) -> None:
-    """The call that completes recheck_every calls wakes the maintenance thread: the re-check
-    runs long before the thread's 1 s idle tick."""
+    """The call completing recheck_every wakes the thread: no wait for its 1 s idle tick."""
     checked = threading.Event()
 
     class OnCheck(guard.Listener):
@@ -296,8 +296,7 @@ def test_module_returning_no_outputs_after_its_canary(
 def test_forward_that_raises_after_its_canary(
     demo_probe: probes.Probe, registry: CollectorRegistry, mel: Array
 ) -> None:
-    """A forward raising after the canary gives ForwardFailed (a GuardError) chained to the
-    module's error, counted as error; the module stays in service for the next call."""
+    """A forward raising after the canary: ForwardFailed chained to it, counted error, serving."""
     s = plan_session(
         lambda **kw: Turning(raising, after=CANARY_FORWARDS, **kw),
         demo_probe,
@@ -405,6 +404,13 @@ def test_timeout_sets_the_snr_gauge_to_minus_infinity(
     hung = [t for t in threading.enumerate() if t.name == "mnn-guard-init"]
     assert hung and all(t.daemon for t in hung)  # a hung init never blocks the process's exit
     assert gauges.seen[0] == ("attempt", "timeout", None, -math.inf)
+    timed_out = s.status.history[0]
+    assert str(timed_out.error) == (
+        "init + canary of session 'p' on rung 'static' did not finish within 0.3 s "
+        "(Policy.init_timeout)"
+    )
+    assert (timed_out.notes, timed_out.turned_static, timed_out.outputs) == ((), False, {})
+    assert 0.3 <= timed_out.seconds < 30
     assert gauges.seen[1][1] == "pass" and gauges.seen[1][3] == gauges.seen[1][2]
     assert sample(registry, "mnn_guard_canary_checks_total", rung="static", result="timeout") == 1
     s.close()
@@ -413,8 +419,7 @@ def test_timeout_sets_the_snr_gauge_to_minus_infinity(
 def test_an_older_session_of_the_same_name_cannot_touch_the_newer_ones_gauges(
     demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> None:
-    """A healthy older session still publishing does not mark a newer failed one healthy, and
-    closing the older one leaves the newer one's series."""
+    """An older session of the same name, publishing or closing, leaves the newer one's series."""
     clock = FakeClock()
     older = plan_session(Plan("clean"), demo_probe, clock, registry=registry)
     newer = guard.wrap(
@@ -489,8 +494,7 @@ def test_state_and_rung_gauges_follow_the_session(
 
 
 def test_readiness_needs_every_session_healthy(demo_probe: probes.Probe) -> None:
-    """One healthy and one exhausted session: not ready, both listed; ready once the exhausted
-    one is closed; not ready with none."""
+    """One healthy and one exhausted session: not ready until the exhausted one is closed."""
     table = guard.HealthTable()
     assert table.readiness() == (False, [])
     healthy = guard.wrap(
@@ -517,8 +521,7 @@ def test_readiness_needs_every_session_healthy(demo_probe: probes.Probe) -> None
 
 
 def test_nothing_published_after_close_reaches_the_table(demo_probe: probes.Probe) -> None:
-    """A status published after its session's close (the close/publish race) is not recorded,
-    nor a closed status; closing forgets only the entry this listener wrote."""
+    """Nothing published after a close (or in CLOSED) is recorded; a close forgets only its own."""
     table = guard.HealthTable()
     s = guard.wrap(
         demo.demo_factory(threads=1), demo_probe, name="a", metrics=False, health=table,
@@ -575,19 +578,21 @@ def test_default_thresholds() -> None:
 def test_each_default_limit_decides(
     make: Callable[[Array], Array], passes: bool, failing: list[str], demo_probe: probes.Probe
 ) -> None:
-    """The default SNR limit sits between 44 and 46 dB and fails a 2% gain (on the demo output);
-    the LSD limit fails a quiet tone in a silent band of a sine (SNR 50 dB, LSD about 3 dB)
-    that SNR and cosine pass."""
+    """The SNR limit lies between 44 and 46 dB, fails a 2% gain; LSD alone fails a quiet tone."""
     golden = demo_probe.cases[0].outputs["wav"] if passes or failing == ["snr_db"] else tone()
     golden = golden.astype(np.float32)
     score = probes.judge_output("y", golden, make(golden).astype(np.float32), probes.Thresholds())
     assert score.passed is passes
     assert [c.judge for c in score.checks if not c.passed] == failing
+    if failing == ["lsd_db"]:
+        assert score.lsd_db is not None and 2 < score.lsd_db < 4
+        assert score.reasons == [
+            f"output 'y': lsd_db {score.lsd_db:.6g} dB is above the limit 1 dB"
+        ]
 
 
 def test_cosine_limit_decides_only_below_the_default_snr_limit() -> None:
-    """At 45 dB SNR cosine is at least 1 - 10**-4.5 / 2 (0.999984), so the default cosine limit
-    (0.99995, about 40 dB) never decides alone; with SNR lowered to 30 dB it fails 35 dB noise."""
+    """Cosine never decides alone at 45 dB SNR; with min_snr_db 30 it alone fails 35 dB noise."""
     golden = tone().astype(np.float32)
     worst = max(  # the lowest cosine of 45 dB noise over a few draws: above the default limit
         1 - probes.cosine_similarity(golden, scaled_noise(golden, 45.0, seed=k)) for k in range(8)
@@ -696,7 +701,7 @@ def test_lsd_is_only_for_one_dimensional_signals(shape: tuple[int, ...]) -> None
     golden = np.random.default_rng(0).standard_normal(shape)
     assert probes.log_spectral_distance(golden, golden * 2) is None
     check = judges.lsd(1.0)(golden, golden * 2)
-    assert (check.passed, check.value) == (True, None)
+    assert (check.passed, check.value, check.limit, check.reason) == (True, None, 1.0, "")
 
 
 def test_lsd_of_equal_signals_is_zero_and_grows_with_noise() -> None:
@@ -748,8 +753,7 @@ def test_scores_measure_what_no_judge_checks() -> None:
 def test_verdict_merge_keeps_the_first_failure_and_the_worst_scores(
     demo_probe: probes.Probe,
 ) -> None:
-    """A merged verdict passes only if all pass; reasons are the first failing run's and a
-    count; its scores are those of the worst run; nothing to merge fails."""
+    """A merged verdict: all must pass; first failure's reasons plus a count; the worst scores."""
     golden = demo_probe.cases[0].outputs["wav"]
     good = demo_probe.judge({"wav": golden})
     worse = demo_probe.judge({"wav": scaled_noise(golden, 30.0).astype(np.float32)})
@@ -921,9 +925,7 @@ def dead_pid() -> int:
 
 
 def test_health_files_answer_for_every_live_worker(demo_probe: probes.Probe, tmp_path: Any) -> None:
-    """A table with a directory keeps this process's file current; worker_readiness reads every
-    live process's file, reaps a dead one's, skips one it cannot read, and lists an expected
-    session a worker lacks."""
+    """Health files: this process's kept current, live workers read, dead reaped, junk skipped."""
     import json
     import os
     import subprocess
@@ -1004,6 +1006,7 @@ def test_a_session_still_starting_is_listed_not_ready(demo_probe: probes.Probe) 
     assert repr(s) == "<GuardedSession 'a' serving on rung 'static' (0) after 1 attempt(s); PASSED>"
     (starting,) = table_starting
     assert starting.describe() == "starting on rung 'static' (0) after 0 attempt(s); no verdict"
+    assert 0 < starting.since <= s.status.since
     assert ready is False
     assert (entry["state"], entry["healthy"], entry["reasons"], entry["rung"]) == (
         "starting",
@@ -1015,8 +1018,7 @@ def test_a_session_still_starting_is_listed_not_ready(demo_probe: probes.Probe) 
 
 
 def test_stuck_lists_sessions_failed_for_longer_than_the_bound() -> None:
-    """stuck() names FAILED entries older than `after` seconds; others, and entries without a
-    time, never."""
+    """stuck() names FAILED entries older than `after` seconds, never others or untimed ones."""
     from guard.health import stuck
 
     now = time.time()
@@ -1034,8 +1036,7 @@ def test_stuck_lists_sessions_failed_for_longer_than_the_bound() -> None:
 
 
 def test_exhaustion_names_the_session_and_numbers_every_attempt(demo_probe: probes.Probe) -> None:
-    """RecoveryExhausted says which session, why, and lists each attempt on its own line, from 1;
-    status and its verdict are those of the last attempt."""
+    """RecoveryExhausted names the session, numbers each attempt; status shows the last one."""
     factory = Plan("turns", "noisy", "noisy", "noisy", "bad")
     s = plan_session(factory, demo_probe, FakeClock(), reinit_attempts=1)
     assert s.maintain(force_recheck=True) == ["recheck"]
@@ -1096,8 +1097,8 @@ def test_close_stops_the_maintenance_thread_at_once(demo_probe: probes.Probe) ->
         demo.demo_factory(threads=1), demo_probe, name="stop", metrics=False,
         policy=guard.Policy(recheck_every=30.0, promote_after=None),
     )  # fmt: skip
-    names = [t.name for t in threading.enumerate()]
-    assert "mnn-guard-stop" in names
+    (thread,) = [t for t in threading.enumerate() if t.name == "mnn-guard-stop"]
+    assert thread.daemon  # a session never closed cannot keep the process from exiting
     started = time.monotonic()
     s.close()
     assert time.monotonic() - started < 2.0
@@ -1188,8 +1189,7 @@ def test_the_same_buckets_may_be_passed_again(
 
 
 def test_sessions_report_to_the_global_registry_by_default(demo_probe: probes.Probe) -> None:
-    """Without a registry a session's series go to prometheus_client's global REGISTRY (what
-    guard.serve shows), and leave it when the session closes."""
+    """Without a registry, series go to the global REGISTRY and leave it at close."""
     from prometheus_client import REGISTRY
 
     assert guard.metrics.metrics_for() is guard.metrics.metrics_for(REGISTRY)
@@ -1234,8 +1234,7 @@ def test_lowercase_multiprocess_variable_counts_too(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Any,
 ) -> None:
-    """prometheus_client also reads prometheus_multiproc_dir: closing then keeps series as NaN,
-    session_info included."""
+    """Lowercase prometheus_multiproc_dir counts too: closing leaves NaN gauges, info included."""
     s = plan_session(Plan("clean"), demo_probe, FakeClock(), registry=registry)
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     monkeypatch.setenv("prometheus_multiproc_dir", str(tmp_path))
@@ -1268,13 +1267,16 @@ def test_mnns_own_words_on_a_failed_canary_forward_are_kept(
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_float16_inputs_are_checked_value_by_value_when_their_sum_overflows() -> None:
-    """A float16 input whose values are finite but whose sum overflows is accepted; one with an
-    inf or NaN is refused."""
-    checker = guard.inputs.InputChecker([probes.InputSpec(name="h", dtype="float16", shape=(3,))])
-    loud = np.array([6e4, 6e4, -1.0], np.float16)
+    """float16 inputs: finite values whose sum overflows pass; an inf or NaN is refused."""
+    spec = probes.InputSpec(name="h", dtype="float16", shape=(2, 3))
+    checker = guard.inputs.InputChecker([spec])
+    loud = np.array([[6e4, 6e4, -1.0], [1.0, 2.0, 3.0]], np.float16)
     (out,) = checker({"h": loud})
     assert out is loud
-    for bad in (np.array([np.inf, 1, 2], np.float16), np.array([1, np.nan, 2], np.float16)):
+    for bad in (
+        np.array([[np.inf, 1, 2], [1, 2, 3]], np.float16),
+        np.array([[1, 2, 3], [1, np.nan, 2]], np.float16),
+    ):
         with pytest.raises(guard.InputMismatch, match="input 'h': 1 NaN/Inf values"):
             checker({"h": bad})
 
@@ -1282,8 +1284,7 @@ def test_float16_inputs_are_checked_value_by_value_when_their_sum_overflows() ->
 def test_every_series_of_a_new_session_and_nothing_else(
     demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> None:
-    """After one clean init: each series of the session with its value, every rung's and
-    state's present, and no series of any other session."""
+    """After one clean init: every series of the session with its value, and no other's."""
     s = plan_session(Plan("clean"), demo_probe, FakeClock(), registry=registry)
     got = {
         (x.name, tuple(sorted((k, v) for k, v in x.labels.items() if k != "session"))): x.value
@@ -1324,8 +1325,7 @@ def test_every_series_of_a_new_session_and_nothing_else(
 def test_a_dynamic_rung_mnn_loads_statically_is_flagged(
     converted: dict[str, Any], registry: CollectorRegistry
 ) -> None:
-    """A model with control flow on its dynamic rung: rung_loaded_static is 1 for that rung
-    only; a rung whose init raised says nothing of how MNN loads it."""
+    """rung_loaded_static is 1 for a control-flow model's dynamic rung only."""
     import warnings
 
     from test_real_models import cf_factory, cf_inputs
@@ -1343,6 +1343,7 @@ def test_a_dynamic_rung_mnn_loads_statically_is_flagged(
         r: sample(registry, "mnn_guard_rung_loaded_static", rung=r) for r in ("static", "dynamic")
     }
     assert loaded == {"static": 0.0, "dynamic": 1.0}
+    assert any(mnn.STATIC_LOAD_NOTE in n for n in s.status.history[-1].notes)
     said = s.status.describe()
     assert said.startswith(f"serving on rung 'dynamic' (1) [{guard.ladder.STATIC_LOAD}] after 2 ")
     s.close()
@@ -1389,8 +1390,7 @@ class Checks(guard.Listener):
 
 
 def test_a_failing_recheck_stops_at_its_first_failing_judgement(demo_probe: probes.Probe) -> None:
-    """A module that turned: its re-check ends at the first failing forward (no more forwards
-    on a degraded module), and the check event carries rung, index, verdict and duration."""
+    """A failing re-check stops at its first failing forward; its event says what it judged."""
     modules: list[Any] = []
     faulty = FaultyFactory(
         lambda **kw: modules.append(Counting(**kw)) or modules[-1],
@@ -1417,8 +1417,7 @@ def test_a_failing_recheck_stops_at_its_first_failing_judgement(demo_probe: prob
 def test_a_recheck_that_raises_is_an_error_and_the_module_is_replaced(
     demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> None:
-    """A forward raising during a re-check: the check is an error (no verdict, SNR -inf), the
-    module is replaced; a passing re-check's event has no error and its outputs are empty."""
+    """A re-check whose forward raises is an error (no verdict, SNR -inf); it is replaced."""
     calls = [0]
 
     def factory(**kw: Any) -> Turning:
@@ -1444,8 +1443,7 @@ def test_a_recheck_that_raises_is_an_error_and_the_module_is_replaced(
 
 
 def test_a_recheck_interrupted_by_systemexit_leaves_failed(demo_probe: probes.Probe) -> None:
-    """SystemExit inside a re-check's forward: maintain() re-raises it, the session is FAILED,
-    and callers get RecoveryExhausted naming it, chained to it."""
+    """SystemExit in a re-check: maintain() re-raises it, FAILED, callers told why, chained."""
 
     def exiting(outputs: list[Array]) -> list[Array]:
         raise SystemExit(3)
@@ -1464,8 +1462,7 @@ def test_a_recheck_interrupted_by_systemexit_leaves_failed(demo_probe: probes.Pr
 
 
 def test_a_recheck_holds_the_module_one_forward_at_a_time(demo_probe: probes.Probe) -> None:
-    """While a re-check's forward runs, a caller's forward waits for it: the module never runs
-    two forwards at once."""
+    """A caller's forward waits for a re-check's forward: never two forwards at once."""
     caller_waiting = threading.Event()
     modules: list[Counting] = []
 
@@ -1577,8 +1574,7 @@ def test_run_seconds_are_the_calls_own(
 def test_forgetting_a_dead_process_removes_its_files(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """mark_process_dead drops a pid's health file and live gauge files, in the given folder or
-    PROMETHEUS_MULTIPROC_DIR; a pid with no files, or no folder at all, is no error."""
+    """mark_process_dead drops a pid's health and live gauge files; none to drop is no error."""
     from guard import health
 
     gone = dead_pid()
@@ -1648,3 +1644,412 @@ def test_buckets_reach_the_histograms_and_must_be_positive(
         "mnn_guard_run_seconds": [0.001, 0.01, math.inf],
         "mnn_guard_init_seconds": [0.5, 600.0, math.inf],
     }
+
+
+def test_an_init_canary_judges_every_forward_even_after_a_failure(
+    demo_probe: probes.Probe,
+) -> None:
+    """A module degraded from the start fails all four canary judgements, and says so."""
+    s = plan_session(Plan("noisy", "clean"), demo_probe, FakeClock(), reinit_attempts=1)
+    first = s.status.history[0].verdict
+    assert first is not None and "4 of 4 canary runs failed" in first.reasons
+    s.close()
+
+
+def test_what_mnn_said_while_loading_stays_with_a_canary_that_raised(
+    converted: dict[str, Any],
+) -> None:
+    """A canary forward that raises keeps its error and what MNN printed while loading."""
+    import warnings
+
+    from test_real_models import cf_factory, cf_inputs
+
+    class Raising:
+        def __init__(self, module: Any) -> None:
+            self.runner = mnn.adapt(module)
+
+        def run(self, arrays: Sequence[Array]) -> list[Array]:
+            raise RuntimeError("injected forward failure")
+
+    probe = probes.record(cf_factory(converted), cf_inputs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", guard.DynamicIgnoredWarning)
+        s = guard.wrap(
+            lambda **kw: Raising(cf_factory(converted)(**kw)), probe, name="p", metrics=False,
+            raise_exhausted=False,
+            policy=guard.Policy(background=False, reinit_attempts=0, ladder=(guard.DYNAMIC,)),
+        )  # fmt: skip
+    (attempt,) = s.status.history
+    assert isinstance(attempt.error, RuntimeError)
+    assert str(attempt.error) == "injected forward failure"
+    assert (attempt.turned_static, attempt.outputs) == (False, {})
+    assert any(n.startswith("MNN while loading: ") for n in attempt.error.__notes__)
+    assert any(mnn.STATIC_LOAD_NOTE in n for n in attempt.notes)
+    s.close()
+
+
+def test_a_probe_its_goldens_fail_names_every_reason(demo_probe: probes.Probe) -> None:
+    """Thresholds no golden meets: ConfigError before any init, listing each output's reason."""
+    two = probes.Probe(
+        cases=(
+            probes.Case(
+                inputs={"x": np.zeros(2, np.float32)}, outputs={"a": np.ones(2), "b": np.ones(2)}
+            ),
+        ),
+        inputs=(probes.InputSpec(name="x", dtype="float32", shape=(2,)),),
+        outputs=(
+            probes.OutputSpec(name="a", dtype="float64", shape=(2,)),
+            probes.OutputSpec(name="b", dtype="float64", shape=(2,)),
+        ),
+        thresholds=probes.Thresholds(min_cosine=1.5),
+    )
+    with pytest.raises(guard.ConfigError) as info:
+        guard.wrap(lambda **kw: None, two, name="p", metrics=False)
+    assert str(info.value) == (
+        "case 0's golden outputs fail the probe's own thresholds (output 'a': cosine 1 is below "
+        "the limit 1.5; output 'b': cosine 1 is below the limit 1.5); loosen the thresholds or "
+        "re-record the probe"
+    )
+    with pytest.raises(guard.FactoryError, match=r"^factory must be callable, got int$"):
+        guard.wrap(42, demo_probe, name="p", metrics=False)  # type: ignore[arg-type]
+
+
+def test_a_session_made_directly_raises_when_every_rung_fails(demo_probe: probes.Probe) -> None:
+    """GuardedSession itself raises RecoveryExhausted by default, as guard.wrap does."""
+    with pytest.raises(guard.RecoveryExhausted):
+        guard.GuardedSession(
+            Plan("bad"), demo_probe, name="p",
+            policy=guard.Policy(background=False, reinit_attempts=0),
+        )  # fmt: skip
+
+
+def test_status_says_since_when_in_wall_clock_time(demo_probe: probes.Probe) -> None:
+    """status.since is the wall-clock time the session entered its state (what stuck() reads)."""
+    before = time.time()
+    s = plan_session(Plan("clean"), demo_probe, FakeClock())
+    assert before <= s.status.since <= time.time()
+    s.close()
+
+
+def test_a_failed_recheck_on_a_slower_rung_retries_that_rung_first(
+    demo_probe: probes.Probe,
+) -> None:
+    """On the dynamic rung, a failing re-check re-initialises dynamic, not the faster static."""
+    listener = CapturingListener()
+    factory = Plan("bad", "turns", "clean")
+    s = plan_session(factory, demo_probe, FakeClock(), listeners=[listener], promote_after=None)
+    assert s.status.mode == "dynamic"
+    assert s.maintain(force_recheck=True) == ["recheck"]
+    assert (s.status.mode, factory.inits) == ("dynamic", 3)
+    recovered = [(e.action, e.rung, e.to_rung) for e in listener.of("recover")]
+    assert recovered == [("fallback", "static", "dynamic"), ("reinit", "dynamic", "dynamic")]
+    s.close()
+
+
+def test_judging_extreme_values_warns_nothing() -> None:
+    """Overflowing squares, inf minus inf, empty arrays: judged quietly, with exact reasons."""
+    import warnings
+
+    huge = np.array([1e200, 1.0, -1.7e308, np.inf])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(probes.cosine_similarity(huge[:2], huge[:2] * 2), float)  # squares inf
+        assert not judges.max_abs(1.0)(huge, -huge).passed
+        assert not judges.max_abs(1.0)(huge[3:], huge[3:]).passed  # inf - inf is NaN
+        empty = probes.judge_output("y", np.zeros(0), np.zeros(0), probes.Thresholds(max_abs=1.0))
+        assert empty.passed and empty.max_abs == 0.0
+    check = judges.finite()(np.zeros(4), np.array([1.0, np.nan, np.inf, 2.0]))
+    assert (check.passed, check.value, check.reason) == (False, 2.0, "2 of 4 values are NaN or Inf")
+
+
+def two_outputs() -> probes.Probe:
+    """A one-case probe with outputs a and b (64 samples each)."""
+    rng = np.random.default_rng(3)
+    return probes.Probe(
+        cases=(
+            probes.Case(
+                inputs={"x": np.zeros(2, np.float32)},
+                outputs={"a": rng.standard_normal(64), "b": rng.standard_normal(64)},
+            ),
+        ),
+        inputs=(probes.InputSpec(name="x", dtype="float32", shape=(2,)),),
+        outputs=(
+            probes.OutputSpec(name="a", dtype="float64", shape=(64,)),
+            probes.OutputSpec(name="b", dtype="float64", shape=(64,)),
+        ),
+    )
+
+
+def test_judging_goes_on_past_a_missing_output() -> None:
+    """A missing output is a reason and the next is still judged; a wrong count names both."""
+    probe = two_outputs()
+    golden = probe.cases[0].outputs
+    verdict = probe.judge({"b": golden["b"]})
+    assert verdict.passed is False and verdict.reasons == ("output 'a' is missing",)
+    assert list(verdict.scores) == ["b"] and verdict.scores["b"].passed
+    listed = probe.judge([golden["a"]])
+    assert listed.reasons == ("got 1 outputs, expected 2 ['a', 'b']",)
+
+
+def test_verdict_merge_counts_failures_from_two_runs_and_matches_labels(
+    demo_probe: probes.Probe,
+) -> None:
+    """Two runs, one failing: counted, False itself, reasons joined by '; '; labels match 1:1."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    good = demo_probe.judge({"wav": golden})
+    bad = demo_probe.judge({"wav": scaled_noise(golden, 30.0).astype(np.float32)})
+    merged = probes.Verdict.merge([good, bad], ["a", "b"])
+    assert merged.passed is False
+    assert merged.reasons[-1] == "1 of 2 canary runs failed"
+    assert "; b: output 'wav': cosine" in merged.describe()
+    with pytest.raises(ValueError, match="zip"):
+        probes.Verdict.merge([good, bad], ["a"])
+
+
+def test_scores_say_what_was_measured_on_every_path() -> None:
+    """Each way judge_output ends fills the score's fields as documented (NaN where unmeasured)."""
+    golden = np.ones((1, 4))
+
+    def fields(score: judges.OutputScore) -> tuple[Any, ...]:
+        unmeasured = [math.isnan(x) for x in (score.snr_db, score.cosine, score.max_abs)]
+        checks = [(c.judge, c.passed) for c in score.checks]
+        head = (score.name, score.passed, score.shape_ok, score.finite, unmeasured)
+        return (*head, score.lsd_db, checks, score.checks[0].reason)
+
+    limits = probes.Thresholds()
+    assert fields(judges.judge_output("y", golden, np.ones((4, 1)), limits)) == (
+        "y", False, False, False, [True] * 3, None, [("shape", False)],
+        "shape [4, 1] differs from the golden shape [1, 4]",
+    )  # fmt: skip
+    assert fields(judges.judge_output("y", golden, golden.astype(np.complex64), limits)) == (
+        "y", False, True, False, [True] * 3, None, [("dtype", False)],
+        "dtype complex64 is not a real number type",
+    )  # fmt: skip
+    assert fields(judges.judge_output("y", golden, golden * np.nan, limits)) == (
+        "y", False, True, False, [True] * 3, None, [("finite", False)],
+        "4 of 4 values are NaN or Inf",
+    )  # fmt: skip
+    same = judges.judge_output("y", golden, golden.copy(), limits)
+    assert (same.passed, same.shape_ok, same.finite, same.max_abs, same.cosine) == (
+        True, True, True, 0.0, 1.0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"min_snr_db": math.nan}, "threshold min_snr_db must be a finite number, got nan"),
+        (
+            {"min_cosine": "0.9"},
+            "threshold min_cosine must be a finite number or None, got '0.9'",
+        ),
+        ({"max_abs": True}, "threshold max_abs must be a finite number or None, got True"),
+    ],
+)
+def test_threshold_errors_say_what_is_allowed(limits: dict[str, Any], message: str) -> None:
+    """Only min_snr_db cannot be None: the message says so, and quotes the value given."""
+    with pytest.raises(probes.ProbeError) as info:
+        probes.Thresholds(**limits)
+    assert str(info.value) == message
+
+
+def test_cosine_stays_within_minus_one_and_one() -> None:
+    """Rounding never lifts a cosine above 1; opposite signals that overflow are NaN, not 1."""
+    rng = np.random.default_rng(0)
+    values = [probes.cosine_similarity(g, g * 3.0) for g in rng.standard_normal((50, 16))]
+    assert max(values) == 1.0 and min(values) > 0.999999
+    assert min(probes.cosine_similarity(g, g * -3.0) for g in rng.standard_normal((50, 16))) == -1
+    assert math.isnan(probes.cosine_similarity(np.array([1e200, 1.0]), np.array([-1e200, 1.0])))
+
+
+def test_snr_and_lsd_of_extreme_signals_warn_nothing() -> None:
+    """Squares that overflow, inf against inf, loud or silent signals: judged without warnings."""
+    import warnings
+
+    loud = tone().ravel() * 1e300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert probes.snr_db(np.array([1e200, 1.0]), np.array([-1e200, 1.0])) == -math.inf
+        assert math.isnan(probes.snr_db(np.array([np.inf, 1.0]), np.array([np.inf, 1.0])))
+        for golden, actual in ((loud, loud * 0.5), (np.zeros(512), tone(512).ravel())):
+            assert isinstance(probes.log_spectral_distance(golden, actual), float)
+
+
+# ------------------------------------------------------------------ probe files
+
+
+def saved(probe: probes.Probe, folder: Any) -> dict[str, Any]:
+    """Save `probe` into `folder` and return its manifest as JSON."""
+    import json
+
+    probe.save(folder)
+    manifest: dict[str, Any] = json.loads((folder / "manifest.json").read_text())
+    return manifest
+
+
+def test_saved_files_are_canonical(demo_probe: probes.Probe, tmp_path: Any) -> None:
+    """manifest.json is indented, key-sorted JSON; arrays.npz does not depend on array layout."""
+    import json
+
+    manifest = saved(demo_probe, tmp_path / "c")
+    text = (tmp_path / "c" / "manifest.json").read_text()
+    assert text == json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    fortran = dataclasses_replace_cases(demo_probe, np.asfortranarray)
+    saved(fortran, tmp_path / "f")
+    assert (tmp_path / "f" / "arrays.npz").read_bytes() == (
+        tmp_path / "c" / "arrays.npz"
+    ).read_bytes()
+
+
+def dataclasses_replace_cases(probe: probes.Probe, how: Callable[[Array], Array]) -> probes.Probe:
+    """`probe` with every case array passed through `how`."""
+    import dataclasses
+
+    cases = tuple(
+        probes.Case(
+            inputs={k: how(v) for k, v in c.inputs.items()},
+            outputs={k: how(v) for k, v in c.outputs.items()},
+        )
+        for c in probe.cases
+    )
+    return dataclasses.replace(probe, cases=cases)
+
+
+def write_manifest(folder: Any, text: str) -> None:
+    """Replace a saved probe's manifest.json with `text`."""
+    (folder / "manifest.json").write_text(text)
+
+
+def test_manifest_limits_are_inclusive_and_messages_exact(
+    demo_probe: probes.Probe, tmp_path: Any
+) -> None:
+    """A manifest of exactly the size limit is read; each malformed one has its own message."""
+    import json
+
+    from probes import store
+
+    folder = tmp_path / "p"
+    manifest = saved(demo_probe, folder)
+    body = json.dumps({"kind": "other", "pad": ""})
+    pad = "x" * (store.MAX_MANIFEST_BYTES - len(body))
+    write_manifest(folder, json.dumps({"kind": "other", "pad": pad}))
+    assert (folder / "manifest.json").stat().st_size == store.MAX_MANIFEST_BYTES
+    with pytest.raises(probes.ProbeError, match="is not an mnn-guard probe manifest"):
+        probes.load(folder)
+    cases: list[tuple[Any, str]] = [
+        ({**manifest, "recorded": {**manifest["recorded"], "runs": 10**17}},
+         "'recorded.runs' must be an integer in 0..10000, got 100000000000000000"),
+        ("[" * 100_000, "manifest.json is nested too deeply to be a probe manifest"),
+        ([], "manifest.json must hold a JSON object, got list"),
+        ({**manifest, "arrays": "x"}, "'arrays' must be {'file': 'arrays.npz', 'sha256': 64 hex "
+         "digits}, got 'x'"),
+        ({**manifest, "arrays": {**manifest["arrays"], "extra": 1}}, "'arrays' must be"),
+    ]  # fmt: skip
+    for value, message in cases:
+        write_manifest(folder, value if isinstance(value, str) else json.dumps(value))
+        with pytest.raises(probes.ProbeError) as info:
+            probes.load(folder)
+        assert message in str(info.value), str(info.value)
+    assert not store.is_sha256("X" * 64) and store.is_sha256("ab" * 32)
+
+
+def test_a_probe_refuses_what_it_cannot_judge_with_exact_reasons() -> None:
+    """Probe(...) refuses each malformed probe with a message naming what is wrong."""
+    spec = probes.InputSpec(name="x", dtype="float32", shape=(2,))
+    out = probes.OutputSpec(name="y", dtype="float64", shape=(2,))
+    x, y = np.zeros(2, np.float32), np.ones(2)
+
+    def make(**kw: Any) -> Any:
+        args: dict[str, Any] = {
+            "cases": (probes.Case(inputs={"x": x}, outputs={"y": y}),),
+            "inputs": (spec,),
+            "outputs": (out,),
+            **kw,
+        }
+        return probes.Probe(**args)
+
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"cases": ()}, "a probe needs at least one canary case"),
+        ({"per_output": {"z": probes.Thresholds()}},
+         "per-output thresholds for unknown outputs ['z']; outputs are ['y']"),
+        ({"cases": (probes.Case(inputs={"w": x}, outputs={"y": y}),)},
+         "case 0: inputs ['w'] differ from the signature ['x']"),
+        ({"cases": (probes.Case(inputs={"x": x}, outputs={"z": y}),)},
+         "case 0: outputs ['z'] differ from ['y']"),
+        ({"cases": (probes.Case(inputs={"x": np.zeros(3, np.float32)}, outputs={"y": y}),)},
+         "case 0: input 'x' is float32[3], which the signature float32[2] does not accept"),
+        ({"cases": (probes.Case(inputs={"x": x.astype(np.float64)}, outputs={"y": y}),)},
+         "case 0: input 'x' is float64[2], which the signature float32[2] does not accept"),
+        ({"cases": (probes.Case(inputs={"x": x}, outputs={"y": [1.0, 2.0]}),)},
+         "case 0: golden output 'y' is a list of None, not an array of one of"),
+    ]  # fmt: skip
+    assert make().output_names == ["y"]
+    for kw, message in cases:
+        with pytest.raises(probes.ProbeError) as info:
+            make(**kw)
+        assert str(info.value).startswith(message), str(info.value)
+
+
+def test_manifest_fields_at_their_limits(demo_probe: probes.Probe, tmp_path: Any) -> None:
+    """runs 0 and 10,000 and a 1,000-character note load; one more is refused, with its reason."""
+    import dataclasses
+
+    for runs, note, ok in ((0, "n" * 1000, True), (10_000, "", True), (10_001, "", False)):
+        meta = dataclasses.replace(demo_probe.meta, runs=runs, notes=(note,))
+        folder = tmp_path / f"r{runs}"
+        dataclasses.replace(demo_probe, meta=meta).save(folder)
+        if ok:
+            assert probes.load(folder).meta.runs == runs
+        else:
+            with pytest.raises(probes.ProbeError, match=r"'recorded.runs' must be an integer in"):
+                probes.load(folder)
+    long = dataclasses.replace(demo_probe.meta, notes=("n" * 1001,))
+    dataclasses.replace(demo_probe, meta=long).save(tmp_path / "long")
+    with pytest.raises(probes.ProbeError) as info:
+        probes.load(tmp_path / "long")
+    assert "each of 'recorded.notes' must be a string of at most 1000 characters, got" in str(
+        info.value
+    )
+    assert " or null" not in str(info.value)
+
+
+def test_prepare_inputs_can_let_non_finite_values_through() -> None:
+    """prepare_inputs(check_finite=False) hands a NaN on, as the policy's opt-out does."""
+    specs = [probes.InputSpec(name="x", dtype="float32", shape=(2,))]
+    nan = np.array([np.nan, 1.0], np.float32)
+    (out,) = guard.inputs.prepare_inputs(specs, {"x": nan}, check_finite=False)
+    assert out is nan
+
+
+def test_a_dropped_session_cleans_up_after_itself(demo_probe: probes.Probe) -> None:
+    """A session dropped without close() is collected; its thread ends; all hear of a close."""
+    import gc
+    import weakref
+
+    table = guard.HealthTable()
+    listener = CapturingListener()
+    s = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, name="dropped", metrics=False, health=table,
+        listeners=[listener], policy=guard.Policy(recheck_every=30.0, promote_after=None),
+    )  # fmt: skip
+    (thread,) = [t for t in threading.enumerate() if t.name == "mnn-guard-dropped"]
+    ref = weakref.ref(s)
+    del s
+    gc.collect()
+    assert ref() is None
+    thread.join(0.5)  # woken at once by the finalizer, not at its next 1 s tick
+    assert not thread.is_alive()
+    assert table.sessions() == {} and [e.kind for e in listener.events][-1] == "close"
+
+
+def test_an_unwritable_health_folder_never_breaks_serving(
+    demo_probe: probes.Probe, tmp_path: Any
+) -> None:
+    """Health files that cannot be written are skipped: the session serves and is listed."""
+    table = guard.HealthTable(tmp_path / "missing")
+    s = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, name="a", metrics=False, health=table,
+        policy=guard.Policy(background=False),
+    )  # fmt: skip
+    assert served_clean(s) and table.readiness()[0] is True
+    s.close()
