@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
+import time
 import weakref
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import metrics as _client_metrics
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from guard.errors import ConfigError
 from guard.ladder import Action, Attempt, Outcome, Rung
 from guard.listeners import Call, Listener
 from guard.state import SessionStatus, State
 
-__all__ = ["Buckets", "GuardMetrics", "PrometheusListener", "metrics_for"]
+__all__ = ["Buckets", "GuardMetrics", "PrometheusListener", "RunTally", "metrics_for"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+RUNS = (
+    "mnn_guard_runs",
+    "run() calls by result (ok, error, invalid, unavailable, failed, closed).",
+)
+RUN_SECONDS = ("mnn_guard_run_seconds", "run() time.")
 
 
 def _multiprocess() -> bool:
@@ -52,6 +65,73 @@ class Buckets:
                 )
 
 
+class RunTally:
+    """One session name's `run()` calls by rung and result, and durations, as plain numbers."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.created = time.time()
+        self.lock = threading.Lock()
+        self.calls: dict[tuple[str, Call], int] = {}
+        self.buckets: dict[str, list[int]] = {}  # rung -> calls per bucket, +Inf last
+        self.sums: dict[str, float] = {}
+
+    def add_rung(self, rung: str) -> None:
+        """Start the rung's series at 0 (kept if they exist)."""
+        with self.lock:
+            for result in Call:
+                self.calls.setdefault((rung, result), 0)
+            self.buckets.setdefault(rung, [0] * (len(self.bounds) + 1))
+            self.sums.setdefault(rung, 0.0)
+
+    def add(self, rung: str, result: Call, seconds: float) -> None:
+        """Count one call; a served one also adds its duration."""
+        with self.lock:
+            self.calls[rung, result] += 1
+            if result is Call.OK:
+                self.buckets[rung][bisect_left(self.bounds, seconds)] += 1
+                self.sums[rung] += seconds
+
+    def snapshot(
+        self,
+    ) -> tuple[dict[tuple[str, Call], int], dict[str, list[int]], dict[str, float]]:
+        """(calls, buckets, sums), copied together under the lock."""
+        with self.lock:
+            buckets = {rung: list(counts) for rung, counts in self.buckets.items()}
+            return dict(self.calls), buckets, dict(self.sums)
+
+
+class _RunCollector(Collector):
+    """Serves `mnn_guard_runs_total` and `mnn_guard_run_seconds` from the tallies at scrape time."""
+
+    def __init__(self, tallies: dict[str, RunTally], bounds: tuple[float, ...]) -> None:
+        self._tallies = tallies
+        self._le = [*(floatToGoString(b) for b in bounds), "+Inf"]  # type: ignore[no-untyped-call]
+
+    def describe(self) -> list[Metric]:
+        return [
+            CounterMetricFamily(*RUNS, labels=["session", "rung", "result"]),
+            HistogramMetricFamily(*RUN_SECONDS, labels=["session", "rung"]),
+        ]
+
+    def collect(self) -> list[Metric]:
+        runs, seconds = self.describe()
+        assert isinstance(runs, CounterMetricFamily) and isinstance(seconds, HistogramMetricFamily)
+        created = getattr(_client_metrics, "_use_created", True)  # the library's own switch
+        for session, tally in list(self._tallies.items()):
+            calls, buckets, sums = tally.snapshot()
+            since = tally.created if created else None
+            for (rung, result), count in calls.items():
+                runs.add_metric([session, rung, result.value], count, created=since)
+            for rung, counts in buckets.items():
+                cumulative = zip(self._le, itertools.accumulate(counts), strict=True)
+                seconds.add_metric([session, rung], list(cumulative), sums[rung])
+                if since is not None:
+                    labels = {"session": session, "rung": rung}
+                    seconds.samples.append(Sample(f"{RUN_SECONDS[0]}_created", labels, since))
+        return [runs, seconds]
+
+
 class GuardMetrics:
     """Every mnn-guard metric, registered once in one registry."""
 
@@ -79,12 +159,6 @@ class GuardMetrics:
             "mnn_guard_recoveries", "Recovery actions (reinit, fallback, promote).",
             ["session", "action"], registry=r,
         )  # fmt: skip
-        self.runs = Counter(
-            "mnn_guard_runs",
-            "run() calls by result (ok, error, invalid, unavailable, failed, closed).",
-            ["session", "rung", "result"],
-            registry=r,
-        )
         self.healthy = Gauge(
             "mnn_guard_healthy", "1 while the session serves a module whose canary passed.",
             ["session"], registry=r, multiprocess_mode="liveall",
@@ -113,10 +187,20 @@ class GuardMetrics:
             "mnn_guard_init_seconds", "Init + canary time.", ["session", "rung"],
             registry=r, buckets=buckets.init,
         )  # fmt: skip
-        self.run_seconds = Histogram(
-            "mnn_guard_run_seconds", "run() time.", ["session", "rung"],
-            registry=r, buckets=buckets.run,
-        )  # fmt: skip
+        # run() calls, the hot path: in one process, plain per-session tallies that a collector
+        # reads at scrape time; in multiprocess mode, written through to this process's files
+        # (another process serves the scrape, so nothing may wait in memory)
+        self.runs: Counter | None = None
+        self.run_seconds: Histogram | None = None
+        self.tallies: dict[str, RunTally] | None = None
+        if _multiprocess():
+            self.runs = Counter(*RUNS, ["session", "rung", "result"], registry=r)
+            self.run_seconds = Histogram(
+                *RUN_SECONDS, ["session", "rung"], registry=r, buckets=buckets.run
+            )
+        else:
+            self.tallies = {}
+            registry.register(_RunCollector(self.tallies, buckets.run))
         self.gauges = (
             self.info,
             self.healthy,
@@ -125,8 +209,8 @@ class GuardMetrics:
             self.loaded_static,
             self.canary_snr_db,
         )
-        self.counters = (self.inits, self.canary_checks, self.recoveries, self.runs)
-        self.histograms = (self.init_seconds, self.run_seconds)
+        self.counters = (self.inits, self.canary_checks, self.recoveries)
+        self.histograms = (self.init_seconds,)
         self.lock = threading.Lock()
         # session name -> the listener of the session that last published it: a newer session
         # of a name owns its series; closing an older one must not remove them
@@ -185,6 +269,9 @@ class PrometheusListener(Listener):
         self._children: dict[tuple[str, Call], tuple[Any, Any]] = {}
         with m.lock:
             m.owners[session] = self
+            self._tally: RunTally | None = None
+            if m.tallies is not None:  # shared by every session of the name, like series are
+                self._tally = m.tallies.setdefault(session, RunTally(m.buckets.run))
             self._info = info
             m.info.labels(session, *info).set(1)
             for rung in self._rungs:
@@ -192,11 +279,15 @@ class PrometheusListener(Listener):
                 m.rung.labels(session, rung).set(0)
                 m.loaded_static.labels(session, rung).set(0)
                 m.init_seconds.labels(session, rung)
-                m.run_seconds.labels(session, rung)
                 for outcome in _OUTCOMES:
                     m.canary_checks.labels(session, rung, outcome)
-                for result in _RESULTS:
-                    m.runs.labels(session, rung, result)
+                if self._tally is not None:
+                    self._tally.add_rung(rung)
+                else:
+                    assert m.runs is not None and m.run_seconds is not None
+                    m.run_seconds.labels(session, rung)
+                    for result in _RESULTS:
+                        m.runs.labels(session, rung, result)
             for action in _ACTIONS:
                 m.recoveries.labels(session, action)
             for state in State:
@@ -237,11 +328,16 @@ class PrometheusListener(Listener):
                 m.state.labels(session, state.value).set(1 if state is status.state else 0)
 
     def on_run(self, session: str, rung: Rung, seconds: float, result: Call) -> None:
+        if self._tally is not None:
+            self._tally.add(rung.name, result, seconds)
+            return
         children = self._children.get((rung.name, result))
         if children is None:
+            m = self.metrics
+            assert m.runs is not None and m.run_seconds is not None
             children = (
-                self.metrics.runs.labels(session, rung.name, result.value),
-                self.metrics.run_seconds.labels(session, rung.name),
+                m.runs.labels(session, rung.name, result.value),
+                m.run_seconds.labels(session, rung.name),
             )
             self._children[(rung.name, result)] = children
         children[0].inc()
@@ -266,3 +362,5 @@ class PrometheusListener(Listener):
                 return
             for metric in (*m.gauges, *m.counters, *m.histograms):
                 metric.remove_by_labels({"session": session})
+            if m.tallies is not None:
+                m.tallies.pop(session, None)

@@ -424,7 +424,10 @@ class GuardedSession:
         seconds = time.perf_counter() - start
         rung = self.policy.ladder[index]
         for listener in self._run_listeners:
-            listener.on_run(self.name, rung, seconds, result)
+            try:
+                listener.on_run(self.name, rung, seconds, result)
+            except Exception:  # as notify(): a listener never fails the call it observes
+                log.exception("listener %r failed on on_run", listener)
 
     # ----------------------------------------------------------- maintenance
 

@@ -320,3 +320,90 @@ def test_buckets_are_set_once_per_registry(
                 buckets=guard.metrics.Buckets(run=(0.5,)),
             )
     assert edge == 0.0
+
+
+def _scrape(registry: CollectorRegistry, session: str) -> tuple[float, float, float]:
+    """(runs_total ok, run_seconds_count, +Inf bucket) of static, all from one collect()."""
+    found = {
+        (x.name, x.labels.get("le")): x.value
+        for m in registry.collect()
+        for x in m.samples
+        if x.labels.get("session") == session
+        and x.labels.get("rung") == "static"
+        and x.labels.get("result", "ok") == "ok"
+    }
+    return (
+        found[("mnn_guard_runs_total", None)],
+        found[("mnn_guard_run_seconds_count", None)],
+        found[("mnn_guard_run_seconds_bucket", "+Inf")],
+    )
+
+
+def test_run_counts_are_exact_under_threads_and_each_scrape_is_consistent(
+    demo_factory: guard.mnn.MNNFactory,
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+    mel: Any,
+) -> None:
+    """4 threads x 40 calls while a scraper reads: every call counted once, no torn scrape."""
+    import threading
+
+    s = guard.wrap(demo_factory, demo_probe, name="threads", registry=registry, policy=QUIET)
+    done = threading.Event()
+    scrapes: list[tuple[float, float, float]] = []
+
+    def scrape() -> None:
+        while not done.is_set():
+            scrapes.append(_scrape(registry, "threads"))
+
+    def call() -> None:
+        for _ in range(40):
+            s.run({"mel": mel})
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    callers = [threading.Thread(target=call) for _ in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    done.set()
+    scraper.join()
+    assert _scrape(registry, "threads") == (160.0, 160.0, 160.0)
+    assert len(scrapes) > 1
+    assert all(ok == count == inf for ok, count, inf in scrapes), "a scrape saw a torn tally"
+    assert [x[0] for x in scrapes] == sorted(x[0] for x in scrapes), "a counter went down"
+    s.close()
+
+
+def test_run_tally_buckets_match_prometheus_clients_histogram(registry: CollectorRegistry) -> None:
+    """Durations on, between and past the bounds land in the buckets a Histogram puts them in."""
+    from prometheus_client import Histogram
+
+    buckets = guard.metrics.Buckets(run=(0.001, 0.01, 0.1))
+    listener = guard.metrics.PrometheusListener(
+        "tally", (guard.STATIC,), registry=registry, buckets=buckets
+    )
+    other = CollectorRegistry()
+    reference = Histogram("mnn_guard_run_seconds", "run() time.", ["session", "rung"],
+                          registry=other, buckets=buckets.run)  # fmt: skip
+    durations = (0.0, 0.0005, 0.001, 0.0010001, 0.01, 0.05, 0.1, 0.1000001, 7.0)
+    for seconds in durations:
+        listener.on_run("tally", guard.STATIC, seconds, guard.listeners.Call.OK)
+        reference.labels("tally", "static").observe(seconds)
+    listener.on_run("tally", guard.STATIC, 3.0, guard.listeners.Call.ERROR)
+
+    def samples(r: CollectorRegistry) -> dict[tuple[str, str | None], float]:
+        return {
+            (x.name, x.labels.get("le")): x.value
+            for m in r.collect()
+            if m.name == "mnn_guard_run_seconds"
+            for x in m.samples
+            if not x.name.endswith("_created")
+        }
+
+    assert samples(registry) == samples(other)
+    assert sample(registry, "mnn_guard_runs_total", "tally", rung="static", result="error") == 1
+    assert sample(registry, "mnn_guard_run_seconds_sum", "tally", rung="static") == sum(durations)
+    listener.on_close("tally")
+    assert sample(registry, "mnn_guard_runs_total", "tally", rung="static", result="ok") is None

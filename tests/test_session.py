@@ -334,3 +334,31 @@ def test_failed_recheck_under_load_fails_no_call(demo_probe: probes.Probe) -> No
     passed_after = [t for t, ok in timeline.checks if ok and first_bad_ended < t < taken_out]
     assert len(passed_after) <= 1
     assert s.status.history[-1].rung.name == "static"
+
+
+def test_a_listener_that_raises_on_run_fails_no_call(
+    demo_factory: guard.mnn.MNNFactory,
+    demo_probe: probes.Probe,
+    mel: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broken on_run listener is logged; the call still returns its outputs, and others hear."""
+
+    class Broken(guard.Listener):
+        def on_run(self, session: str, rung: guard.Rung, seconds: float, result: Any) -> None:
+            raise RuntimeError("listener bug")
+
+    class Counting(guard.Listener):
+        calls = 0
+
+        def on_run(self, session: str, rung: guard.Rung, seconds: float, result: Any) -> None:
+            Counting.calls += 1
+
+    policy = guard.Policy(background=False)
+    listeners = [Broken(), Counting()]
+    with guard.wrap(
+        demo_factory, demo_probe, metrics=False, policy=policy, listeners=listeners
+    ) as s:
+        out = s.run({"mel": mel})
+    assert set(out) == set(demo_probe.output_names) and Counting.calls == 1
+    assert "failed on on_run" in caplog.text and "listener bug" in caplog.text
