@@ -66,6 +66,12 @@ def _sum_sq(x: Array) -> float:
     return _dot(x, x)
 
 
+def _same_finite(golden: Array, actual: Array) -> bool:
+    """True when both are one finite array (judge_output passes an equal output so): every
+    measure's value is then known without the arithmetic."""
+    return actual is golden and bool(np.isfinite(golden).all())
+
+
 def _difference(golden: Array, actual: Array) -> Array:
     """actual - golden, computed in float64."""
     return np.subtract(actual, golden, dtype=np.float64)
@@ -73,6 +79,8 @@ def _difference(golden: Array, actual: Array) -> Array:
 
 def snr_db(golden: Array, actual: Array) -> float:
     """Signal-to-noise ratio of `actual` against `golden` in dB (inf when identical, NaN if NaN)."""
+    if _same_finite(golden, actual):
+        return math.inf
     with np.errstate(over="ignore", invalid="ignore"):
         err = _sum_sq(_difference(golden, actual))
         sig = _sum_sq(golden)
@@ -87,6 +95,8 @@ def snr_db(golden: Array, actual: Array) -> float:
 
 def cosine_similarity(golden: Array, actual: Array) -> float:
     """Cosine of the angle between the flattened arrays (1.0 when both are all zeros)."""
+    if _same_finite(golden, actual):
+        return 1.0
     with np.errstate(over="ignore", invalid="ignore"):
         sg, sa = _sum_sq(golden), _sum_sq(actual)
         if sg == 0.0 and sa == 0.0:
@@ -157,6 +167,8 @@ def _window(n: int) -> Array:
 
 
 def _max_abs_error(golden: Array, actual: Array) -> float:
+    if _same_finite(golden, actual):
+        return 0.0
     with np.errstate(over="ignore", invalid="ignore"):
         diff = _difference(golden, actual)
         return float(np.abs(diff, out=diff).max(initial=0.0))
@@ -312,6 +324,8 @@ def judge_output(name: str, golden: Array, actual: Array, thresholds: Thresholds
     fin = finite()(golden, actual)
     if not fin:
         return OutputScore(name, False, True, False, nan, nan, nan, None, (fin,))
+    if np.array_equal(golden, actual):  # a healthy module's canary often is, bit for bit
+        actual = golden  # the measures know the values of one finite array against itself
     checks = (fin, *(j(golden, actual) for j in thresholds.judges()))
     measured = {c.judge: c.value for c in checks}
 

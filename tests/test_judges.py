@@ -289,3 +289,48 @@ def test_judging_imports_nothing_heavy() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.splitlines() == ["[]", "[]"], done.stdout
+
+
+def _measures(golden: Array, actual: Array) -> tuple[Any, ...]:
+    """Every measure of actual against golden, NaN made comparable."""
+    values = (
+        judges.snr_db(golden, actual),
+        judges.cosine_similarity(golden, actual),
+        judges._max_abs_error(golden, actual),
+        judges.log_spectral_distance(golden, actual),
+    )
+    return tuple("nan" if isinstance(v, float) and math.isnan(v) else v for v in values)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize(
+    "signal",
+    [
+        np.sin(np.arange(600) / 7.0).astype(np.float32),
+        np.zeros((1, 1, 300), np.float32),
+        np.full(100, 1e200),
+        np.array([1.0, np.nan, 2.0] * 30),
+        np.array([1.0, np.inf, -np.inf] * 30, np.float32),
+        (np.arange(128) - 64).astype(np.int32),
+        np.linspace(-6e4, 6e4, 200).astype(np.float16),
+    ],
+    ids=["sine", "silence", "huge", "nan", "inf", "int32", "float16"],
+)
+def test_an_array_against_itself_measures_as_against_its_copy(signal: Array) -> None:
+    """The same-object shortcut gives each measure's own value, finite or not."""
+    assert _measures(signal, signal) == _measures(signal, signal.copy())
+
+
+def test_an_equal_output_is_judged_as_its_golden_and_a_changed_one_is_not() -> None:
+    """judge_output on a bit-equal output: perfect scores; one sample off: measured."""
+    golden = np.sin(np.arange(4096) / 9.0).astype(np.float32)[None]
+    same = judges.judge_output("wav", golden, golden.copy(), judges.Thresholds(max_abs=0.5))
+    assert (same.snr_db, same.cosine, same.max_abs, same.lsd_db) == (math.inf, 1.0, 0.0, 0.0)
+    assert same.passed and [c.judge for c in same.checks] == [
+        "finite", "snr_db", "cosine", "lsd_db", "max_abs",
+    ]  # fmt: skip
+    off = golden.copy()
+    off[0, 100] += np.float32(0.25)
+    moved = judges.judge_output("wav", golden, off, judges.Thresholds(max_abs=0.5))
+    assert moved.max_abs == pytest.approx(0.25) and math.isfinite(moved.snr_db)
+    assert moved.cosine < 1.0 and moved.lsd_db is not None and moved.lsd_db > 0.0
