@@ -71,6 +71,7 @@ def test_measurements_are_real_numbers(report_json: dict[str, Any]) -> None:
     healthy = report_json["healthy"]
     assert healthy["canary_forwards"] == 4  # 2 canary runs x 2 cases
     assert healthy["wrap_ms"] > 0 and healthy["raw_ms"] > 0 and healthy["judging_ms"] > 0
+    assert 0 < healthy["checks_ms"] < healthy["wrap_ms"]
     assert healthy["met"] is (healthy["added_ms"] <= bench.HEALTHY_ADDED_MS_TARGET)
     startup = report_json["startup"]
     assert 0 < startup["import_s"] < startup["help_s"]  # --help includes interpreter start

@@ -49,7 +49,7 @@ from guard.tools.models import (
     small_inputs,
 )
 from guard.tools.output import quiet_log
-from guard.wrapping import ignored_rungs, wrap
+from guard.wrapping import check_probe, ignored_rungs, wrap
 from probes import Probe
 
 __all__ = ["BenchReport", "bench_json", "format_bench", "run_bench"]
@@ -117,7 +117,8 @@ class TimeToHealthy:
     raw_ms: float  # factory() + the canary's forwards with copies, no judging
     wrap_ms: float
     added_ms: float  # the guard's own work: probe checks, judging, bookkeeping
-    judging_ms: float  # every judgement of this probe's canary (its goldens judged)
+    checks_ms: float  # the probe's checks before any init: model hash, names, self-judging
+    judging_ms: float  # every judgement of the canary, on outputs of this machine
     target: str
     met: bool | None
 
@@ -338,10 +339,13 @@ def quiet_wrap(factory: Factory, probe: Probe, name: str, policy: Policy) -> Gua
 def time_to_healthy(
     factory: Factory, probe: Probe, policy: Policy, *, repeats: int
 ) -> TimeToHealthy:
-    """Fresh `guard.wrap` against a fresh `factory()` plus the canary's forwards, alternating;
-    and the time to judge every run of this probe's canary (its goldens against themselves)."""
+    """Fresh `guard.wrap` (metrics on) against a fresh `factory()` plus the canary's forwards,
+    alternating; and two parts of the difference timed alone: the probe's checks before any
+    init (model hash, names, goldens judged against themselves) and judging the canary's
+    outputs from a module of this machine."""
     arrays = [[case.inputs[n] for n in probe.input_names] for case in probe.cases]
     forwards = policy.canary_runs * len(arrays)
+    registry = CollectorRegistry()  # one per process, as in a server
 
     def raw() -> None:
         module = factory()
@@ -350,21 +354,32 @@ def time_to_healthy(
                 raw_call(module, case)()
 
     def guarded() -> None:
-        quiet_wrap(factory, probe, "bench-healthy", policy).close()
+        wrap(factory, probe, name="bench-healthy", policy=policy, registry=registry).close()
+
+    def checks() -> None:
+        check_probe(factory, probe)
+        for index, case in enumerate(probe.cases):
+            probe.judge(case.outputs, case=index)
+
+    runner = mnn.adapt(factory())
+    outputs = [runner.run(case) for case in arrays]  # as this machine computes them
 
     def judging() -> None:
         for _ in range(policy.canary_runs):
-            for index, case in enumerate(probe.cases):
-                probe.judge(case.outputs, case=index)
+            for index, out in enumerate(outputs):
+                probe.judge(out, case=index)
 
     wrap_rounds, raw_rounds = rounds_of([guarded, raw], rounds=repeats, per_round=1, warmup=1)
-    (judging_s,) = interleaved([judging], rounds=5 if repeats < 10 else 15, per_round=3)
+    checks_s, judging_s = interleaved(
+        [checks, judging], rounds=5 if repeats < 10 else 15, per_round=3
+    )
     added_ms = paired(wrap_rounds, raw_rounds, operator.sub) * 1e3
     return TimeToHealthy(
         canary_forwards=forwards,
         raw_ms=statistics.median(raw_rounds) * 1e3,
         wrap_ms=statistics.median(wrap_rounds) * 1e3,
         added_ms=added_ms,
+        checks_ms=checks_s * 1e3,
         judging_ms=judging_s * 1e3,
         target=f"<= init + forwards + {HEALTHY_ADDED_MS_TARGET:g} ms",
         met=added_ms <= HEALTHY_ADDED_MS_TARGET,
@@ -764,8 +779,9 @@ def _model_rows(r: BenchReport) -> list[Row]:
         (
             "time to healthy: `guard.wrap` vs init + the canary's forwards",
             f"{h.wrap_ms:.1f} ms vs {h.raw_ms:.1f} ms ({h.canary_forwards} forwards): "
-            f"{h.added_ms:+.2f} ms of guard work (median of pairs), of which judging this "
-            f"probe's canary {h.judging_ms:.2f} ms",
+            f"{h.added_ms:+.2f} ms of guard work (median of pairs), of which the probe's "
+            f"checks {h.checks_ms:.2f} ms and judging the canary {h.judging_ms:.2f} ms; "
+            "metrics on",
             h.target,
             h.met,
         ),
