@@ -65,6 +65,22 @@ class Buckets:
                 )
 
 
+_OK = Call.OK  # a module global: reading the enum class's attribute costs a descriptor call
+_REFUSED: tuple[Call, ...] = tuple(c for c in Call if c is not Call.OK)
+
+
+class _RungRuns:
+    """One rung's calls: served ones by duration bucket (+Inf last) with their sum; refused ones
+    by result. The served count is the buckets' total."""
+
+    __slots__ = ("buckets", "refused", "seconds")
+
+    def __init__(self, size: int) -> None:
+        self.buckets = [0] * size
+        self.seconds = 0.0
+        self.refused: dict[Call, int] = dict.fromkeys(_REFUSED, 0)
+
+
 class RunTally:
     """One session name's `run()` calls by rung and result, and durations, as plain numbers."""
 
@@ -72,33 +88,30 @@ class RunTally:
         self.bounds = bounds
         self.created = time.time()
         self.lock = threading.Lock()
-        self.calls: dict[tuple[str, Call], int] = {}
-        self.buckets: dict[str, list[int]] = {}  # rung -> calls per bucket, +Inf last
-        self.sums: dict[str, float] = {}
+        self.rungs: dict[str, _RungRuns] = {}
 
     def add_rung(self, rung: str) -> None:
         """Start the rung's series at 0 (kept if they exist)."""
         with self.lock:
-            for result in Call:
-                self.calls.setdefault((rung, result), 0)
-            self.buckets.setdefault(rung, [0] * (len(self.bounds) + 1))
-            self.sums.setdefault(rung, 0.0)
+            self.rungs.setdefault(rung, _RungRuns(len(self.bounds) + 1))
 
     def add(self, rung: str, result: Call, seconds: float) -> None:
-        """Count one call; a served one also adds its duration."""
+        """Count one call; a served one by its duration."""
+        runs = self.rungs[rung]
         with self.lock:
-            self.calls[rung, result] += 1
-            if result is Call.OK:
-                self.buckets[rung][bisect_left(self.bounds, seconds)] += 1
-                self.sums[rung] += seconds
+            if result is _OK:
+                runs.buckets[bisect_left(self.bounds, seconds)] += 1
+                runs.seconds += seconds
+            else:
+                runs.refused[result] += 1
 
-    def snapshot(
-        self,
-    ) -> tuple[dict[tuple[str, Call], int], dict[str, list[int]], dict[str, float]]:
-        """(calls, buckets, sums), copied together under the lock."""
+    def snapshot(self) -> dict[str, tuple[dict[Call, int], list[int], float]]:
+        """Rung -> (calls by result, served calls per bucket, their seconds), read together."""
         with self.lock:
-            buckets = {rung: list(counts) for rung, counts in self.buckets.items()}
-            return dict(self.calls), buckets, dict(self.sums)
+            return {
+                rung: ({_OK: sum(r.buckets), **r.refused}, list(r.buckets), r.seconds)
+                for rung, r in self.rungs.items()
+            }
 
 
 class _RunCollector(Collector):
@@ -119,13 +132,12 @@ class _RunCollector(Collector):
         assert isinstance(runs, CounterMetricFamily) and isinstance(seconds, HistogramMetricFamily)
         created = getattr(_client_metrics, "_use_created", True)  # the library's own switch
         for session, tally in list(self._tallies.items()):
-            calls, buckets, sums = tally.snapshot()
             since = tally.created if created else None
-            for (rung, result), count in calls.items():
-                runs.add_metric([session, rung, result.value], count, created=since)
-            for rung, counts in buckets.items():
-                cumulative = zip(self._le, itertools.accumulate(counts), strict=True)
-                seconds.add_metric([session, rung], list(cumulative), sums[rung])
+            for rung, (calls, buckets, total) in tally.snapshot().items():
+                for result, count in calls.items():
+                    runs.add_metric([session, rung, result.value], count, created=since)
+                cumulative = zip(self._le, itertools.accumulate(buckets), strict=True)
+                seconds.add_metric([session, rung], list(cumulative), total)
                 if since is not None:
                     labels = {"session": session, "rung": rung}
                     seconds.samples.append(Sample(f"{RUN_SECONDS[0]}_created", labels, since))
