@@ -121,15 +121,18 @@ class _RunCollector(Collector):
         self._tallies = tallies
         self._le = [*(floatToGoString(b) for b in bounds), "+Inf"]  # type: ignore[no-untyped-call]
 
-    def describe(self) -> list[Metric]:
-        return [
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, HistogramMetricFamily]:
+        return (
             CounterMetricFamily(*RUNS, labels=["session", "rung", "result"]),
             HistogramMetricFamily(*RUN_SECONDS, labels=["session", "rung"]),
-        ]
+        )
+
+    def describe(self) -> list[Metric]:
+        return list(self._families())
 
     def collect(self) -> list[Metric]:
-        runs, seconds = self.describe()
-        assert isinstance(runs, CounterMetricFamily) and isinstance(seconds, HistogramMetricFamily)
+        runs, seconds = self._families()
         created = getattr(_client_metrics, "_use_created", True)  # the library's own switch
         for session, tally in list(self._tallies.items()):
             since = tally.created if created else None
@@ -202,13 +205,12 @@ class GuardMetrics:
         # run() calls, the hot path: in one process, plain per-session tallies that a collector
         # reads at scrape time; in multiprocess mode, written through to this process's files
         # (another process serves the scrape, so nothing may wait in memory)
-        self.runs: Counter | None = None
-        self.run_seconds: Histogram | None = None
+        self.written: tuple[Counter, Histogram] | None = None  # multiprocess: (runs, seconds)
         self.tallies: dict[str, RunTally] | None = None
         if _multiprocess():
-            self.runs = Counter(*RUNS, ["session", "rung", "result"], registry=r)
-            self.run_seconds = Histogram(
-                *RUN_SECONDS, ["session", "rung"], registry=r, buckets=buckets.run
+            self.written = (
+                Counter(*RUNS, ["session", "rung", "result"], registry=r),
+                Histogram(*RUN_SECONDS, ["session", "rung"], registry=r, buckets=buckets.run),
             )
         else:
             self.tallies = {}
@@ -295,11 +297,10 @@ class PrometheusListener(Listener):
                     m.canary_checks.labels(session, rung, outcome)
                 if self._tally is not None:
                     self._tally.add_rung(rung)
-                else:
-                    assert m.runs is not None and m.run_seconds is not None
-                    m.run_seconds.labels(session, rung)
+                if m.written is not None:
+                    m.written[1].labels(session, rung)
                     for result in _RESULTS:
-                        m.runs.labels(session, rung, result)
+                        m.written[0].labels(session, rung, result)
             for action in _ACTIONS:
                 m.recoveries.labels(session, action)
             for state in State:
@@ -344,17 +345,17 @@ class PrometheusListener(Listener):
             self._tally.add(rung.name, result, seconds)
             return
         children = self._children.get((rung.name, result))
-        if children is None:
-            m = self.metrics
-            assert m.runs is not None and m.run_seconds is not None
+        if children is None and self.metrics.written is not None:
+            counter, histogram = self.metrics.written
             children = (
-                m.runs.labels(session, rung.name, result.value),
-                m.run_seconds.labels(session, rung.name),
+                counter.labels(session, rung.name, result.value),
+                histogram.labels(session, rung.name),
             )
             self._children[(rung.name, result)] = children
-        children[0].inc()
-        if result is Call.OK:
-            children[1].observe(seconds)
+        if children is not None:
+            children[0].inc()
+            if result is _OK:
+                children[1].observe(seconds)
 
     def on_close(self, session: str) -> None:
         m = self.metrics
@@ -375,4 +376,4 @@ class PrometheusListener(Listener):
             for metric in (*m.gauges, *m.counters, *m.histograms):
                 metric.remove_by_labels({"session": session})
             if m.tallies is not None:
-                m.tallies.pop(session, None)
+                del m.tallies[session]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -407,3 +408,70 @@ def test_run_tally_buckets_match_prometheus_clients_histogram(registry: Collecto
     assert sample(registry, "mnn_guard_run_seconds_sum", "tally", rung="static") == sum(durations)
     listener.on_close("tally")
     assert sample(registry, "mnn_guard_runs_total", "tally", rung="static", result="ok") is None
+
+
+def test_run_series_are_created_at_the_sessions_start_and_follow_the_librarys_switch(
+    registry: CollectorRegistry,
+) -> None:
+    """runs_total and run_seconds carry _created (the tally's start) unless switched off."""
+    import time
+
+    import prometheus_client
+
+    before = time.time()
+    listener = guard.metrics.PrometheusListener("c", (guard.STATIC,), registry=registry)
+    after = time.time()
+    for _ in range(2):
+        listener.on_run("c", guard.STATIC, 0.5, guard.listeners.Call.ERROR)
+
+    def created() -> list[float]:
+        return [
+            x.value
+            for m in registry.collect()
+            for x in m.samples
+            if x.name in ("mnn_guard_runs_created", "mnn_guard_run_seconds_created")
+        ]
+
+    stamps = created()
+    assert len(stamps) == 7 and all(before <= t <= after for t in stamps)  # 6 results + 1
+    assert sample(registry, "mnn_guard_runs_total", "c", rung="static", result="error") == 2
+    assert sample(registry, "mnn_guard_run_seconds_count", "c", rung="static") == 0
+    prometheus_client.disable_created_metrics()
+    try:
+        assert created() == []
+    finally:
+        prometheus_client.enable_created_metrics()
+    listener.on_close("c")
+
+
+def test_multiprocess_mode_writes_every_call_through(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR, calls go straight to prometheus_client's own metrics."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    buckets = guard.metrics.Buckets(run=(0.001, 0.1))
+    listener = guard.metrics.PrometheusListener(
+        "mp", (guard.STATIC, guard.DYNAMIC), registry=registry, buckets=buckets
+    )
+    m = listener.metrics
+    assert m.tallies is None and m.written is not None
+    assert sample(registry, "mnn_guard_runs_total", "mp", rung="dynamic", result="failed") == 0
+    assert sample(registry, "mnn_guard_run_seconds_count", "mp", rung="dynamic") == 0
+    Call = guard.listeners.Call
+    for seconds, result in ((0.0005, Call.OK), (0.05, Call.OK), (0.05, Call.OK), (9.0, Call.ERROR)):
+        listener.on_run("mp", guard.STATIC, seconds, result)
+    listener.on_run("mp", guard.DYNAMIC, 0.5, Call.OK)
+    got = {
+        r: sample(registry, "mnn_guard_runs_total", "mp", rung="static", result=r)
+        for r in ("ok", "error", "invalid")
+    }
+    assert got == {"ok": 3, "error": 1, "invalid": 0}
+    assert sample(registry, "mnn_guard_run_seconds_sum", "mp", rung="static") == 0.1005
+    le = [
+        sample(registry, "mnn_guard_run_seconds_bucket", "mp", rung="static", le=b)
+        for b in ("0.001", "0.1", "+Inf")
+    ]
+    assert le == [1, 3, 3]
+    assert sample(registry, "mnn_guard_run_seconds_bucket", "mp", rung="dynamic", le="+Inf") == 1
+    listener.on_close("mp")
+    assert math.isnan(sample(registry, "mnn_guard_healthy", "mp"))
