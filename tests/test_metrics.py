@@ -425,12 +425,14 @@ def test_run_series_are_created_at_the_sessions_start_and_follow_the_librarys_sw
         listener.on_run("c", guard.STATIC, 0.5, guard.listeners.Call.ERROR)
 
     def created() -> list[float]:
-        return [
-            x.value
+        found = [
+            x
             for m in registry.collect()
             for x in m.samples
             if x.name in ("mnn_guard_runs_created", "mnn_guard_run_seconds_created")
         ]
+        assert all(x.labels["session"] == "c" and x.labels["rung"] == "static" for x in found)
+        return [x.value for x in found]
 
     stamps = created()
     assert len(stamps) == 7 and all(before <= t <= after for t in stamps)  # 6 results + 1
