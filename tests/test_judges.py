@@ -334,3 +334,37 @@ def test_an_equal_output_is_judged_as_its_golden_and_a_changed_one_is_not() -> N
     moved = judges.judge_output("wav", golden, off, judges.Thresholds(max_abs=0.5))
     assert moved.max_abs == pytest.approx(0.25) and math.isfinite(moved.snr_db)
     assert moved.cosine < 1.0 and moved.lsd_db is not None and moved.lsd_db > 0.0
+
+
+def test_measures_sum_in_float64_whatever_the_outputs_dtype() -> None:
+    """float32 squares past 2**24 stay exact, int8 differences do not wrap, longdouble and
+    empty outputs are judged: each as exact float64 arithmetic says."""
+    tall = np.array([4097, 4097], np.float32)  # 4097**2 needs 25 bits: float32 rounds it
+    assert judges._sum_sq(tall) == 2 * 4097.0**2
+    assert judges.snr_db(tall, np.array([4097, 4096], np.float32)) == pytest.approx(
+        10 * math.log10(2 * 4097.0**2), rel=1e-12
+    )
+    loud = np.array([100, -100, 7], np.int8)
+    assert judges._max_abs_error(loud, -loud) == 200.0
+    assert judges.snr_db(loud, -loud) == pytest.approx(10 * math.log10(20049 / 80196), rel=1e-12)
+    wide = np.linspace(-1, 1, 300).astype(np.longdouble)
+    score = judges.judge_output("w", wide, wide * 1.001, judges.Thresholds(max_abs=0.01))
+    assert score.max_abs == pytest.approx(0.001) and score.passed
+    empty = np.zeros((1, 0), np.float32)
+    assert judges.judge_output("e", empty, empty.copy(), judges.Thresholds(max_abs=0.0)).passed
+    assert judges._max_abs_error(empty, empty.copy()) == 0.0
+
+
+@pytest.mark.parametrize(
+    "golden",
+    [np.full(600, 3e38, np.float32), np.array([np.inf, 1.0, -np.inf] * 30), np.full(600, 1e200)],
+    ids=["near float32 max", "infinities", "1e200"],
+)
+def test_cosine_of_extreme_arrays_warns_nothing(golden: Array) -> None:
+    """Overflowing or infinite sums give a value (or NaN), never a floating-point warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = judges.cosine_similarity(golden, golden[::-1].copy())
+    assert math.isnan(value) or -1.0 <= value <= 1.0
