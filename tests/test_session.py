@@ -348,17 +348,21 @@ def test_a_listener_that_raises_on_run_fails_no_call(
         def on_run(self, session: str, rung: guard.Rung, seconds: float, result: Any) -> None:
             raise RuntimeError("listener bug")
 
-    class Counting(guard.Listener):
-        calls = 0
+    heard: list[tuple[str, str, Any]] = []
 
+    class Counting(guard.Listener):
         def on_run(self, session: str, rung: guard.Rung, seconds: float, result: Any) -> None:
-            Counting.calls += 1
+            heard.append((session, rung.name, result))
 
     policy = guard.Policy(background=False)
-    listeners = [Broken(), Counting()]
+    broken = Broken()
     with guard.wrap(
-        demo_factory, demo_probe, metrics=False, policy=policy, listeners=listeners
-    ) as s:
+        demo_factory, demo_probe, name="loud", metrics=False, policy=policy,
+        listeners=[broken, Counting()],
+    ) as s:  # fmt: skip
         out = s.run({"mel": mel})
-    assert set(out) == set(demo_probe.output_names) and Counting.calls == 1
-    assert "failed on on_run" in caplog.text and "listener bug" in caplog.text
+    assert set(out) == set(demo_probe.output_names)
+    assert heard == [("loud", "static", guard.listeners.Call.OK)]
+    (record,) = [r for r in caplog.records if "on_run" in r.getMessage()]
+    assert record.getMessage() == f"listener {broken!r} failed on on_run"
+    assert record.exc_info is not None and str(record.exc_info[1]) == "listener bug"
