@@ -3,9 +3,12 @@
 Every pool test spawns worker processes, so a pool mutant costs seconds where others cost
 milliseconds; mutmut reads one configuration (pyproject.toml in its working folder), so this
 copies the sources and tests to build/mutate-pool, mutates only guard/pool.py there, runs
-mutmut and prints the score. Results stay in build/mutate-pool/mutants between runs.
+mutmut on the pool's own test files (POOL_FILES) and prints the score. Results stay in
+build/mutate-pool/mutants between runs, so the mutants can be run in batches: name them (mutmut
+accepts globs, e.g. "guard.pool.x__serve*") and only those run; mutants never run show as
+"not checked" in the score.
 
-    python mutation/pool.py [--jobs 2] [--fresh]
+    python mutation/pool.py [--jobs 2] [--fresh] [MUTANT ...]
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "mutate-pool"
+POOL_FILES = ["tests/test_pool.py", "tests/test_async_pool.py"]
+"""The tests mutmut maps to pool functions (a first, unmutated run); mutation/select_tests.py
+narrows each mutant's share of them."""
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--fresh", action="store_true", help="forget earlier results")
+    parser.add_argument("mutants", nargs="*", help="run only these mutants (globs allowed)")
     args = parser.parse_args()
     if args.fresh:
         shutil.rmtree(WORK, ignore_errors=True)
@@ -36,10 +43,14 @@ def main() -> int:
     config = (ROOT / "pyproject.toml").read_text()
     config, count = re.subn(r"only_mutate = \[[^\]]*\]", 'only_mutate = ["guard/pool.py"]', config)
     assert count == 1, "pyproject.toml has no [tool.mutmut] only_mutate list"
+    files = ", ".join(f'"{f}"' for f in POOL_FILES)
+    pattern = r"pytest_add_cli_args_test_selection = \[[^\]]*\]"
+    config, count = re.subn(pattern, f"pytest_add_cli_args_test_selection = [{files}]", config)
+    assert count == 1, "pyproject.toml has no [tool.mutmut] pytest_add_cli_args_test_selection"
     (WORK / "pyproject.toml").write_text(config)
     env = {**os.environ, "HYPOTHESIS_PROFILE": "mutation"}
     mutmut = Path(sys.executable).parent / "mutmut"
-    run = [str(mutmut), "run", "--max-children", str(args.jobs)]
+    run = [str(mutmut), "run", "--max-children", str(args.jobs), *args.mutants]
     subprocess.run(run, check=False, cwd=WORK, env=env)
     score = [sys.executable, str(ROOT / "mutation" / "score.py"), "--mutants"]
     return subprocess.run([*score, str(WORK / "mutants")], check=False).returncode

@@ -24,6 +24,7 @@ import pytest
 import guard
 import probes
 from guard import mnn
+from guard import pool as pool_module
 from guard.inputs import prepare_inputs
 from guard.testing import FaultyFactory
 from guard.tools import demo
@@ -489,6 +490,161 @@ def test_unpicklable_attempt_errors_still_reach_the_caller(demo_paths: tuple[Pat
     ]
     assert all(type(e) is guard.GuardError for e in errors)
     assert "UnpicklableError" in "\n".join(getattr(errors[0], "__notes__", []))
+
+
+# --------------------------------------------------------------------------- worker side
+# The functions a spawned worker runs, called here in this process: the end-to-end tests above
+# reach them only in workers, where neither coverage nor mutmut sees them.
+
+
+class NeedsTwo(Exception):
+    """Pickles, but does not unpickle: its __init__ wants two arguments."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a} {b}")
+
+
+def attempt(error: BaseException | None, index: int = 0) -> guard.ladder.Attempt:
+    """A failed attempt on rung `index` of the default ladder that raised `error`."""
+    return guard.ladder.Attempt(
+        rung=guard.Policy().ladder[index],
+        rung_index=index,
+        outcome=guard.ladder.Outcome.ERROR,
+        verdict=None,
+        error=error,
+        seconds=0.5,
+    )
+
+
+def test_worker_errors_cross_the_pipe_as_themselves_or_as_stand_ins() -> None:
+    """An error that pickles is sent as it is; one that does not becomes a GuardError with its
+    message and a note naming its type; RecoveryExhausted keeps its attempts, each portable."""
+    ok = guard.InputMismatch("input 'mel' is wrong")
+    assert pool_module._pickles(ok) and pool_module._portable(ok) is ok
+    for bad, kind in (
+        (UnpicklableError("it broke"), "UnpicklableError"),
+        (NeedsTwo("a", "b"), "NeedsTwo"),
+    ):
+        assert not pool_module._pickles(bad)
+        stand_in = pool_module._portable(bad)
+        assert type(stand_in) is guard.GuardError and str(stand_in) == str(bad)
+        assert stand_in.__notes__ == [f"in the worker this was a {kind}, which does not pickle"]
+    attempts = [attempt(None), attempt(ok), attempt(UnpicklableError("no module"), 1)]
+    exhausted = guard.RecoveryExhausted("every rung failed", attempts)
+    sent = pool_module._portable(exhausted)
+    assert type(sent) is guard.RecoveryExhausted and str(sent) == "every rung failed"
+    assert sent.attempts[:2] == tuple(attempts[:2]) and sent.attempts[1].error is ok
+    third = sent.attempts[2]
+    assert (third.rung_index, third.seconds) == (1, 0.5)
+    assert type(third.error) is guard.GuardError and str(third.error) == "no module"
+    assert pickle.loads(pickle.dumps(sent)).attempts[2].error.args == ("no module",)
+
+
+def serving_session(probe: probes.Probe) -> guard.GuardedSession:
+    """A quiet guarded demo session in this process, in no readiness table but its own."""
+    return guard.wrap(
+        demo.demo_factory(threads=1), probe, name="in-process",
+        metrics=False, policy=quiet_policy(), health=guard.HealthTable(),
+    )  # fmt: skip
+
+
+def reply(conn: Connection) -> Any:
+    """The next message on `conn`, unpickled."""
+    assert conn.poll(30), "no reply within 30 s"
+    return pickle.loads(conn.recv_bytes())
+
+
+def test_a_worker_serves_its_pipe_and_refuses_what_is_no_request(
+    demo_probe: probes.Probe,
+) -> None:
+    """_serve answers a request with outputs, a raising one with the error, undecodable bytes
+    and non-requests with a refusal saying why, each with the session's health; _Stop ends it."""
+    parent, child = multiprocessing.Pipe()
+    session = serving_session(demo_probe)
+    serving = pool_module._Health(guard.State.SERVING, 0)
+    thread = threading.Thread(target=pool_module._serve, args=(child, session), daemon=True)
+    thread.start()
+    mel = demo.demo_mel(40, seed=4)
+    parent.send_bytes(pickle.dumps(pool_module._Run({"mel": mel})))
+    done = reply(parent)
+    assert type(done) is pool_module._Done and done.health == serving
+    assert_outputs([done.outputs], references([mel]))
+    parent.send_bytes(pickle.dumps(pool_module._Run({"spectrogram": mel})))
+    raised = reply(parent)
+    assert type(raised) is pool_module._Raised and type(raised.error) is guard.InputMismatch
+    assert raised.health == serving
+    parent.send_bytes(b"not a pickle")
+    refused = reply(parent)
+    assert type(refused) is pool_module._Refused and refused.health == serving
+    assert refused.reason.startswith("it could not be decoded: UnpicklingError: ")
+    parent.send_bytes(pickle.dumps(5))
+    assert reply(parent) == pool_module._Refused("a int is not a request", serving)
+    parent.send_bytes(pickle.dumps(pool_module._Stop()))
+    thread.join(10)
+    assert not thread.is_alive() and not parent.poll(0.1)
+    session.close()
+
+
+def test_a_worker_stops_serving_when_the_parent_is_gone(demo_probe: probes.Probe) -> None:
+    """_serve returns when its pipe closes, and _send says False once nobody reads."""
+    session = serving_session(demo_probe)
+    parent, child = multiprocessing.Pipe()
+    health = pool_module._health(session)
+    assert health == pool_module._Health(guard.State.SERVING, 0)
+    assert pool_module._send(child, pool_module._Ready(health)) is True
+    assert reply(parent) == pool_module._Ready(health)
+    thread = threading.Thread(target=pool_module._serve, args=(child, session), daemon=True)
+    thread.start()
+    parent.close()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert pool_module._send(child, pool_module._Ready(health)) is False
+    session.close()
+
+
+def run_worker_main(
+    factory: Any, probe_path: str, policy: guard.Policy, *, stop: bool = True
+) -> tuple[list[Any], Any]:
+    """Run _worker_main here (SIGINT restored after); (its replies, the SIGINT handler it set)."""
+    parent, child = multiprocessing.Pipe()
+    if stop:
+        parent.send_bytes(pickle.dumps(pool_module._Stop()))
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        pool_module._worker_main(child, factory, probe_path, policy, "in-worker")
+        ignored = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    replies = []
+    while parent.poll(0.1):
+        replies.append(pickle.loads(parent.recv_bytes()))
+    return replies, ignored
+
+
+def test_a_worker_builds_its_session_says_ready_and_closes_it_on_stop(
+    demo_probe: probes.Probe,
+) -> None:
+    """_worker_main loads the stashed probe, builds the session with the pool's factory and
+    policy (here falling back to rung 1), says ready, serves until _Stop, then closes it."""
+    path = guard.pool.stash_probe(demo_probe)
+    faulty = FaultyFactory(demo.demo_factory(threads=1), fault="noise", rate=1.0)
+    try:
+        policy = guard.Policy(reinit_attempts=0, promote_after=None, recheck_every=60.0)
+        replies, ignored = run_worker_main(faulty, path, policy)
+    finally:
+        guard.pool.remove_stash(path)
+    assert replies == [pool_module._Ready(pool_module._Health(guard.State.SERVING, 1))]
+    assert ignored is signal.SIG_IGN  # Ctrl-C is the parent's to handle
+    assert "mnn-guard-in-worker" not in {t.name for t in threading.enumerate()}
+
+
+def test_a_worker_that_cannot_start_says_why_on_its_pipe(tmp_path: Path) -> None:
+    """A worker whose probe cannot be loaded sends _StartFailed with the error and serves not."""
+    missing = str(tmp_path / "gone.pickle")
+    replies, _ = run_worker_main(demo.demo_factory(threads=1), missing, quiet_policy())
+    (failed,) = replies
+    assert type(failed) is pool_module._StartFailed
+    assert type(failed.error) is FileNotFoundError and failed.error.filename == missing
 
 
 # --------------------------------------------------------------------------- soak
