@@ -41,11 +41,14 @@ def main() -> int:
     for folder in ("guard", "probes", "tests", "mutation"):
         shutil.copytree(ROOT / folder, WORK / folder, dirs_exist_ok=True, ignore=skip)
     config = (ROOT / "pyproject.toml").read_text()
-    config, count = re.subn(r"only_mutate = \[[^\]]*\]", 'only_mutate = ["guard/pool.py"]', config)
+    # settings at the start of a line (a comment may quote one)
+    only = r"^only_mutate = \[[^\]]*\]"
+    config, count = re.subn(only, 'only_mutate = ["guard/pool.py"]', config, flags=re.MULTILINE)
     assert count == 1, "pyproject.toml has no [tool.mutmut] only_mutate list"
     files = ", ".join(f'"{f}"' for f in POOL_FILES)
-    pattern = r"pytest_add_cli_args_test_selection = \[[^\]]*\]"
-    config, count = re.subn(pattern, f"pytest_add_cli_args_test_selection = [{files}]", config)
+    pattern = r"^pytest_add_cli_args_test_selection = \[[^\]]*\]"
+    selection = f"pytest_add_cli_args_test_selection = [{files}]"
+    config, count = re.subn(pattern, selection, config, flags=re.MULTILINE)
     assert count == 1, "pyproject.toml has no [tool.mutmut] pytest_add_cli_args_test_selection"
     (WORK / "pyproject.toml").write_text(config)
     env = {**os.environ, "HYPOTHESIS_PROFILE": "mutation"}

@@ -28,7 +28,8 @@ KILLED |= {255: "timeout", -11: "segfault", -9: "segfault", 37: "type check"}
 OTHER = {0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", None: "not checked"}
 
 # - `guard.session.xǁGuardedSessionǁ_to__mutmut_5` `+ line of the mutant`: why
-ENTRY = re.compile(r"^- `(?P<name>[^`]+)` `(?P<line>[^`]+)`", re.MULTILINE)
+# (a line that holds backticks is quoted as markdown does: `` a line with `code` in it ``)
+ENTRY = re.compile(r"^- `(?P<name>[^`]+)` (?:`` (?P<long>.+?) ``|`(?P<line>[^`]+)`)", re.MULTILINE)
 
 
 def status(code: int | None) -> str:
@@ -78,7 +79,7 @@ def equivalents(known: set[str]) -> tuple[set[str], list[str]]:
     text = EQUIVALENT.read_text().split("\n## Known holes", 1)[0]
     modules = {module_of(n) for n in known}
     for m in ENTRY.finditer(text):
-        name, line = m["name"], m["line"].strip()
+        name, line = m["name"], (m["line"] or m["long"]).strip()
         if module_of(name) not in modules:
             continue  # a module this run did not mutate (`make mutate-pool` mutates one)
         if name not in known:
