@@ -50,6 +50,13 @@ def main() -> int:
     selection = f"pytest_add_cli_args_test_selection = [{files}]"
     config, count = re.subn(pattern, selection, config, flags=re.MULTILINE)
     assert count == 1, "pyproject.toml has no [tool.mutmut] pytest_add_cli_args_test_selection"
+    # mutmut stops a mutant after multiplier x (the time of every test it maps to the function
+    # + constant): for the pool that sum counts every pool test, most of which select_tests.py
+    # leaves out, so a hanging mutant cost 3 x (60 + 5) s; 0.5 x (60 + 30) s is still three
+    # times what the selected tests take, and a function reached by one short test gets 15 s
+    for key, value in (("timeout_multiplier", "0.5"), ("timeout_constant", "30.0")):
+        config, count = re.subn(rf"^{key} = .*$", f"{key} = {value}", config, flags=re.MULTILINE)
+        assert count == 1, f"pyproject.toml has no [tool.mutmut] {key}"
     (WORK / "pyproject.toml").write_text(config)
     env = {**os.environ, "HYPOTHESIS_PROFILE": "mutation"}
     mutmut = Path(sys.executable).parent / "mutmut"

@@ -39,7 +39,7 @@ POOL_TESTS = (
     "tests/test_pool.py::test_worker_errors_cross_the_pipe_as_themselves_or_as_stand_ins",
     "tests/test_pool.py::test_a_worker_serves_its_pipe_and_refuses_what_is_no_request",
     "tests/test_pool.py::test_a_worker_stops_serving_when_the_parent_is_gone",
-    "tests/test_pool.py::test_a_worker_builds_its_session_says_ready_and_closes_it_on_stop",
+    "tests/test_pool.py::test_a_worker_builds_its_session_serves_and_closes_it_on_stop",
     "tests/test_pool.py::test_a_worker_that_cannot_start_says_why_on_its_pipe",
     "tests/test_pool.py::test_status_lists_each_worker",
     "tests/test_pool.py::test_input_mismatch_reaches_caller_unchanged",

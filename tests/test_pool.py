@@ -3,6 +3,7 @@ and hostile requests: undecodable, poison (segfaults in MNN), raising, workers d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -12,7 +13,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -504,6 +505,14 @@ class NeedsTwo(Exception):
         super().__init__(f"{a} {b}")
 
 
+class BufferHolder(Exception):
+    """Pickles with protocol 5 only: it holds a pickle.PickleBuffer."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.buffer = pickle.PickleBuffer(b"data")
+
+
 def attempt(error: BaseException | None, index: int = 0) -> guard.ladder.Attempt:
     """A failed attempt on rung `index` of the default ladder that raised `error`."""
     return guard.ladder.Attempt(
@@ -538,6 +547,16 @@ def test_worker_errors_cross_the_pipe_as_themselves_or_as_stand_ins() -> None:
     assert (third.rung_index, third.seconds) == (1, 0.5)
     assert type(third.error) is guard.GuardError and str(third.error) == "no module"
     assert pickle.loads(pickle.dumps(sent)).attempts[2].error.args == ("no module",)
+    # an error that pickles only with the pipe's protocol (5: out-of-band buffers) is sent as is
+    buffered = BufferHolder("with a buffer")
+    assert pool_module._pickles(buffered) and pool_module._portable(buffered) is buffered
+    # still unpicklable once its attempts' errors are replaced (a lock in a failed output)
+    locked = dataclasses.replace(attempt(None), outputs={0: {"wav": threading.Lock()}})
+    stand_in = pool_module._portable(guard.RecoveryExhausted("locked out", [locked]))
+    assert type(stand_in) is guard.GuardError and str(stand_in) == "locked out"
+    assert stand_in.__notes__ == [
+        "in the worker this was a RecoveryExhausted, which does not pickle"
+    ]
 
 
 def serving_session(probe: probes.Probe) -> guard.GuardedSession:
@@ -550,7 +569,7 @@ def serving_session(probe: probes.Probe) -> guard.GuardedSession:
 
 def reply(conn: Connection) -> Any:
     """The next message on `conn`, unpickled."""
-    assert conn.poll(30), "no reply within 30 s"
+    assert conn.poll(5), "no reply within 5 s"
     return pickle.loads(conn.recv_bytes())
 
 
@@ -580,7 +599,7 @@ def test_a_worker_serves_its_pipe_and_refuses_what_is_no_request(
     parent.send_bytes(pickle.dumps(5))
     assert reply(parent) == pool_module._Refused("a int is not a request", serving)
     parent.send_bytes(pickle.dumps(pool_module._Stop()))
-    thread.join(10)
+    thread.join(5)
     assert not thread.is_alive() and not parent.poll(0.1)
     session.close()
 
@@ -596,55 +615,99 @@ def test_a_worker_stops_serving_when_the_parent_is_gone(demo_probe: probes.Probe
     thread = threading.Thread(target=pool_module._serve, args=(child, session), daemon=True)
     thread.start()
     parent.close()
-    thread.join(10)
+    thread.join(5)
     assert not thread.is_alive()
     assert pool_module._send(child, pool_module._Ready(health)) is False
     session.close()
 
 
 def run_worker_main(
-    factory: Any, probe_path: str, policy: guard.Policy, *, stop: bool = True
-) -> tuple[list[Any], Any]:
-    """Run _worker_main here (SIGINT restored after); (its replies, the SIGINT handler it set)."""
+    factory: Any,
+    probe_path: str,
+    policy: guard.Policy,
+    talk: Callable[[Connection], Any] | None = None,
+) -> tuple[list[Any], Any, Any]:
+    """Run _worker_main here while a thread plays the parent: `talk`, then _Stop. Returns the
+    replies `talk` left unread, the SIGINT handler the worker set (restored after), and what
+    `talk` returned."""
     parent, child = multiprocessing.Pipe()
-    if stop:
-        parent.send_bytes(pickle.dumps(pool_module._Stop()))
+    said: list[Any] = []
+    replies: list[Any] = []
+
+    def parent_side() -> None:  # reads on, as a pool does: a large reply fills the pipe
+        if talk is not None:
+            said.append(talk(parent))
+        with contextlib.suppress(OSError):  # a worker that failed to start has gone already
+            parent.send_bytes(pickle.dumps(pool_module._Stop()))
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                replies.append(pickle.loads(parent.recv_bytes()))
+
+    helper = threading.Thread(target=parent_side, daemon=True)
+    helper.start()
     handler = signal.getsignal(signal.SIGINT)
     try:
         pool_module._worker_main(child, factory, probe_path, policy, "in-worker")
         ignored = signal.getsignal(signal.SIGINT)
     finally:
         signal.signal(signal.SIGINT, handler)
-    replies = []
-    while parent.poll(0.1):
-        replies.append(pickle.loads(parent.recv_bytes()))
-    return replies, ignored
+        child.close()  # as the worker's exit does
+    helper.join(5)
+    assert not helper.is_alive()
+    return replies, ignored, said[0] if said else None
 
 
-def test_a_worker_builds_its_session_says_ready_and_closes_it_on_stop(
+def test_a_worker_builds_its_session_serves_and_closes_it_on_stop(
     demo_probe: probes.Probe,
 ) -> None:
-    """_worker_main loads the stashed probe, builds the session with the pool's factory and
-    policy (here falling back to rung 1), says ready, serves until _Stop, then closes it."""
+    """_worker_main builds the session from the stashed probe with the pool's factory, policy
+    and name, in a table of its own; says ready; serves; closes it on _Stop."""
+    mel = demo.demo_mel(40, seed=4)
+
+    def talk(parent: Connection) -> Any:
+        ready = reply(parent)
+        threads = {t.name for t in threading.enumerate()}
+        listed = set(guard.health.HEALTH.sessions())
+        parent.send_bytes(pickle.dumps(pool_module._Run({"mel": mel})))
+        return ready, threads, listed, reply(parent)
+
     path = guard.pool.stash_probe(demo_probe)
-    faulty = FaultyFactory(demo.demo_factory(threads=1), fault="noise", rate=1.0)
+    faulty = FaultyFactory(demo.demo_factory(threads=1), fault="noise", rate=1.0)  # static only
+    policy = guard.Policy(ladder=(guard.DYNAMIC,), promote_after=None, recheck_every=60.0)
     try:
-        policy = guard.Policy(reinit_attempts=0, promote_after=None, recheck_every=60.0)
-        replies, ignored = run_worker_main(faulty, path, policy)
+        replies, ignored, (ready, threads, listed, done) = run_worker_main(
+            faulty, path, policy, talk
+        )
     finally:
         guard.pool.remove_stash(path)
-    assert replies == [pool_module._Ready(pool_module._Health(guard.State.SERVING, 1))]
+    serving = pool_module._Health(guard.State.SERVING, 0)  # the default ladder: rung 1
+    assert ready == pool_module._Ready(serving) and replies == []
+    assert "mnn-guard-in-worker" in threads and "in-worker" not in listed
+    assert type(done) is pool_module._Done and done.health == serving
+    assert_outputs([done.outputs], references([mel]))
     assert ignored is signal.SIG_IGN  # Ctrl-C is the parent's to handle
     assert "mnn-guard-in-worker" not in {t.name for t in threading.enumerate()}
 
 
-def test_a_worker_that_cannot_start_says_why_on_its_pipe(tmp_path: Path) -> None:
-    """A worker whose probe cannot be loaded sends _StartFailed with the error and serves not."""
+def test_a_worker_that_cannot_start_says_why_on_its_pipe(
+    demo_probe: probes.Probe, tmp_path: Path
+) -> None:
+    """A worker whose probe cannot be loaded, or whose every rung fails, sends _StartFailed
+    with the error (naming the session) and serves not."""
     missing = str(tmp_path / "gone.pickle")
-    replies, _ = run_worker_main(demo.demo_factory(threads=1), missing, quiet_policy())
+    replies, _, _ = run_worker_main(demo.demo_factory(threads=1), missing, quiet_policy())
     (failed,) = replies
     assert type(failed) is pool_module._StartFailed
     assert type(failed.error) is FileNotFoundError and failed.error.filename == missing
+    path = guard.pool.stash_probe(demo_probe)
+    broken = FaultyFactory(demo.demo_factory(threads=1), fault="noise", rate=1.0, affects="all")
+    try:
+        replies, _, _ = run_worker_main(broken, path, quiet_policy(reinit_attempts=0))
+    finally:
+        guard.pool.remove_stash(path)
+    (failed,) = replies
+    assert type(failed.error) is guard.RecoveryExhausted
+    assert str(failed.error).startswith("session 'in-worker': every rung of the ladder failed")
 
 
 # --------------------------------------------------------------------------- soak
