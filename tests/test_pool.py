@@ -111,10 +111,20 @@ def test_killed_worker_is_replaced_and_no_request_is_lost(pool: guard.Pool) -> N
     replaced = pool.replaced
     done: Future[list[dict[str, Array]]] = Future()
     requests = [{"mel": x} for x in inputs]
-    thread = threading.Thread(target=lambda: done.set_result(pool.map(requests)))
+
+    def serve_all() -> None:
+        try:
+            done.set_result(pool.map(requests))
+        except BaseException as exc:  # reaches the assertion below at once, not in 60 s
+            done.set_exception(exc)
+
+    thread = threading.Thread(target=serve_all)
     thread.start()
     deadline = time.monotonic() + 30
     while sum(w.requests for w in pool.status()) < 10 and time.monotonic() < deadline:
+        if done.done():
+            done.result()  # the map's own error, if it raised
+            break
         time.sleep(0.002)
     victim = pool.status()[0].pid
     os.kill(victim, signal.SIGKILL)
