@@ -26,31 +26,13 @@ SELECTION: dict[str, tuple[str, ...]] = {
     "guard.inputs": ("tests/test_inputs.py", PINNED, "tests/test_session.py"),
     "guard.metrics": (PINNED, "tests/test_metrics.py", "tests/test_promotion.py"),
     "guard.health": (PINNED, "tests/test_server.py", "tests/test_state_machine.py"),
-    "guard.pool": (PINNED, "tests/test_pool.py"),
+    "guard.pool": ("tests/test_pool.py", "tests/test_async_pool.py", PINNED),
     "probes.judges": ("tests/test_judges.py", PINNED),
     "probes.probe": PROBES,
     "probes.store": PROBES,
 }
 """Module of the mutant -> the test files its mutants may run, in the order they run (with -x,
 the file that pins the module most directly goes first); the rest are deselected."""
-
-POOL_TESTS = (
-    # the worker side, run in this process (no worker spawned): fast, so first in the file
-    "tests/test_pool.py::test_worker_errors_cross_the_pipe_as_themselves_or_as_stand_ins",
-    "tests/test_pool.py::test_a_worker_serves_its_pipe_and_refuses_what_is_no_request",
-    "tests/test_pool.py::test_a_worker_stops_serving_when_the_parent_is_gone",
-    "tests/test_pool.py::test_a_worker_builds_its_session_serves_and_closes_it_on_stop",
-    "tests/test_pool.py::test_a_worker_that_cannot_start_says_why_on_its_pipe",
-    "tests/test_pool.py::test_status_lists_each_worker",
-    "tests/test_pool.py::test_input_mismatch_reaches_caller_unchanged",
-    "tests/test_pool.py::test_close_is_idempotent_and_run_after_close_raises",
-    "tests/test_pool.py::test_worker_startup_failure_raises_from_constructor",
-    "tests/test_pool.py::test_bad_pool_config_raises_config_error",
-    "tests/test_pool.py::test_fallback_worker_shows_its_rung_in_status",
-    "tests/test_pool.py::test_worker_that_raises_is_replaced_and_its_error_keeps_its_type",
-    "tests/test_pool.py::test_killed_worker_is_replaced_and_no_request_is_lost",
-)
-"""A pool mutant runs only these: every pool test spawns workers, so the set is kept short."""
 
 HEAVY = (
     "tests/test_session.py::test_threads_get_their_own_outputs",
@@ -59,8 +41,13 @@ HEAVY = (
     "tests/test_state_machine.py::test_failing_calls_with_large_inputs_keep_rss_flat",
     "tests/test_state_machine.py::test_status_snapshots_are_never_torn",
     "tests/test_promotion.py::test_calls_during_the_swap_are_all_correct",
+    # the pool's: 200 requests (the killed-worker test maps requests too), 100 async calls
+    # timed against a ticker, and a forward in a thread that is no pool's
+    "tests/test_pool.py::test_map_serves_200_requests_in_order",
+    "tests/test_async_pool.py::test_loop_stays_free_while_100_calls_run",
+    "tests/test_async_pool.py::test_forward_in_a_thread_stalls_the_loop",
 )
-"""Load and race tests (seconds each, thousands of calls): no mutant runs them."""
+"""Load, race and timing tests (seconds each, thousands of calls): no mutant runs them."""
 
 _MODULE = re.compile(r"^(?P<module>[\w.]+?)\.x[_\u01c1]")  # probes.judges.x_snr_db__mutmut_1
 
@@ -74,9 +61,7 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 
     def wanted(nodeid: str) -> bool:
         path = nodeid.split("::", maxsplit=1)[0]
-        if path not in files or nodeid.startswith(HEAVY):
-            return False
-        return path != "tests/test_pool.py" or nodeid.startswith(POOL_TESTS)
+        return path in files and not nodeid.startswith(HEAVY)
 
     order = {name: rank for rank, name in enumerate(files)}
     keep = sorted(
