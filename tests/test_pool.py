@@ -245,6 +245,11 @@ def test_worker_startup_failure_raises_from_constructor(demo_paths: tuple[Path, 
     ("kwargs", "match"),
     [
         ({"processes": 0}, "processes must be a positive int"),
+        ({"processes": True}, "processes must be a positive int, got True"),
+        ({"processes": 2.0}, r"processes must be a positive int, got 2\.0"),
+        ({"max_waiting": -1}, "max_waiting must be an int >= 0, got -1"),
+        ({"max_waiting": True}, "max_waiting must be an int >= 0, got True"),
+        ({"max_waiting": 1.5}, r"max_waiting must be an int >= 0, got 1\.5"),
         ({"start_method": "fork"}, "start_method must be one of"),
         ({"request_timeout": 0}, "request_timeout must be > 0"),
         ({"factory": lambda **kw: None}, "must pickle to reach spawned workers"),
@@ -257,6 +262,18 @@ def test_bad_pool_config_raises_config_error(
     args: dict[str, Any] = {"factory": demo.demo_factory(threads=1), "probe": demo_probe, **kwargs}
     with pytest.raises(guard.ConfigError, match=match):
         guard.Pool(**args)
+
+
+def test_pool_defaults_and_a_pool_that_admits_no_waiting(demo_probe: probes.Probe) -> None:
+    """By default a pool has two workers and a 60 s request timeout; max_waiting=0 is allowed."""
+    factory = demo.demo_factory(threads=1)
+    with guard.Pool(factory, demo_probe, policy=quiet_policy(), name="defaults") as p:
+        assert len(p.status()) == 2 and p.request_timeout == 60.0
+        assert p.max_waiting == guard.pool.MAX_WAITING == 256
+    with guard.Pool(
+        factory, demo_probe, processes=1, max_waiting=0, policy=quiet_policy(), name="no-wait"
+    ) as p:
+        assert p.max_waiting == 0 and p.run({"mel": demo.demo_mel(40)})["wav"].ndim == 3
 
 
 # ------------------------------------------------------------------ hostile requests
