@@ -625,6 +625,8 @@ def test_a_worker_serves_its_pipe_and_refuses_what_is_no_request(
     assert refused.reason.startswith("it could not be decoded: UnpicklingError: ")
     parent.send_bytes(pickle.dumps(5))
     assert reply(parent) == pool_module._Refused("a int is not a request", serving)
+    parent.send_bytes(pickle.dumps(pool_module._Run({"mel": mel})))  # still serving
+    assert type(reply(parent)) is pool_module._Done
     parent.send_bytes(pickle.dumps(pool_module._Stop()))
     thread.join(5)
     assert not thread.is_alive() and not parent.poll(0.1)
@@ -639,6 +641,9 @@ def test_a_worker_stops_serving_when_the_parent_is_gone(demo_probe: probes.Probe
     assert health == pool_module._Health(guard.State.SERVING, 0)
     assert pool_module._send(child, pool_module._Ready(health)) is True
     assert reply(parent) == pool_module._Ready(health)
+    # replies go with the highest protocol, as _portable checks errors with it
+    assert pool_module._send(child, pool_module._Raised(BufferHolder("buffered"), health))
+    assert str(reply(parent).error) == "buffered"
     thread = threading.Thread(target=pool_module._serve, args=(child, session), daemon=True)
     thread.start()
     parent.close()
