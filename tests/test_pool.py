@@ -250,9 +250,17 @@ def test_worker_startup_failure_raises_from_constructor(demo_paths: tuple[Path, 
         ({"max_waiting": -1}, "max_waiting must be an int >= 0, got -1"),
         ({"max_waiting": True}, "max_waiting must be an int >= 0, got True"),
         ({"max_waiting": 1.5}, r"max_waiting must be an int >= 0, got 1\.5"),
-        ({"start_method": "fork"}, "start_method must be one of"),
+        (
+            {"start_method": "fork"},
+            r"start_method must be one of \('spawn', 'forkserver'\), got 'fork' \(a forked "
+            r"worker hangs in MNN once the parent has loaded a module\)",
+        ),
         ({"request_timeout": 0}, "request_timeout must be > 0"),
-        ({"factory": lambda **kw: None}, "must pickle to reach spawned workers"),
+        (
+            {"factory": lambda **kw: None},
+            r"must pickle to reach spawned workers: .* \(guard\.mnn_factory pickles; a lambda "
+            r"or closure does not\)",
+        ),
     ],
 )
 def test_bad_pool_config_raises_config_error(
