@@ -3,9 +3,12 @@
 Every pool test spawns worker processes, so a pool mutant costs seconds where others cost
 milliseconds; mutmut reads one configuration (pyproject.toml in its working folder), so this
 copies the sources and tests to build/mutate-pool, mutates only guard/pool.py there, runs
-mutmut and prints the score. Results stay in build/mutate-pool/mutants between runs.
+mutmut on the pool's own test files (POOL_FILES) and prints the score. Results stay in
+build/mutate-pool/mutants between runs, so the mutants can be run in batches: name them (mutmut
+accepts globs, e.g. "guard.pool.x__serve*") and only those run; mutants never run show as
+"not checked" in the score.
 
-    python mutation/pool.py [--jobs 2] [--fresh]
+    python mutation/pool.py [--jobs 2] [--fresh] [MUTANT ...]
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "mutate-pool"
+POOL_FILES = ["tests/test_pool.py", "tests/test_async_pool.py"]
+"""The tests mutmut maps to pool functions (a first, unmutated run); mutation/select_tests.py
+narrows each mutant's share of them."""
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--fresh", action="store_true", help="forget earlier results")
+    parser.add_argument("mutants", nargs="*", help="run only these mutants (globs allowed)")
     args = parser.parse_args()
     if args.fresh:
         shutil.rmtree(WORK, ignore_errors=True)
@@ -34,12 +41,26 @@ def main() -> int:
     for folder in ("guard", "probes", "tests", "mutation"):
         shutil.copytree(ROOT / folder, WORK / folder, dirs_exist_ok=True, ignore=skip)
     config = (ROOT / "pyproject.toml").read_text()
-    config, count = re.subn(r"only_mutate = \[[^\]]*\]", 'only_mutate = ["guard/pool.py"]', config)
+    # settings at the start of a line (a comment may quote one)
+    only = r"^only_mutate = \[[^\]]*\]"
+    config, count = re.subn(only, 'only_mutate = ["guard/pool.py"]', config, flags=re.MULTILINE)
     assert count == 1, "pyproject.toml has no [tool.mutmut] only_mutate list"
+    files = ", ".join(f'"{f}"' for f in POOL_FILES)
+    pattern = r"^pytest_add_cli_args_test_selection = \[[^\]]*\]"
+    selection = f"pytest_add_cli_args_test_selection = [{files}]"
+    config, count = re.subn(pattern, selection, config, flags=re.MULTILINE)
+    assert count == 1, "pyproject.toml has no [tool.mutmut] pytest_add_cli_args_test_selection"
+    # mutmut stops a mutant after multiplier x (the time of every test it maps to the function
+    # + constant): for the pool that sum counts every pool test, most of which select_tests.py
+    # leaves out, so a hanging mutant cost 3 x (60 + 5) s; 0.5 x (60 + 30) s is still three
+    # times what the selected tests take, and a function reached by one short test gets 15 s
+    for key, value in (("timeout_multiplier", "0.5"), ("timeout_constant", "30.0")):
+        config, count = re.subn(rf"^{key} = .*$", f"{key} = {value}", config, flags=re.MULTILINE)
+        assert count == 1, f"pyproject.toml has no [tool.mutmut] {key}"
     (WORK / "pyproject.toml").write_text(config)
     env = {**os.environ, "HYPOTHESIS_PROFILE": "mutation"}
     mutmut = Path(sys.executable).parent / "mutmut"
-    run = [str(mutmut), "run", "--max-children", str(args.jobs)]
+    run = [str(mutmut), "run", "--max-children", str(args.jobs), *args.mutants]
     subprocess.run(run, check=False, cwd=WORK, env=env)
     score = [sys.executable, str(ROOT / "mutation" / "score.py"), "--mutants"]
     return subprocess.run([*score, str(WORK / "mutants")], check=False).returncode

@@ -2053,3 +2053,31 @@ def test_an_unwritable_health_folder_never_breaks_serving(
     )  # fmt: skip
     assert served_clean(s) and table.readiness()[0] is True
     s.close()
+
+
+def test_check_input_checks_and_casts_one_input_as_run_does() -> None:
+    """check_input (used by probes.record) casts a fitting array, refuses NaN unless told not
+    to, and names the input it refuses."""
+    ids = probes.InputSpec(name="ids", dtype="int32", shape=(2,))
+    cast = guard.inputs.check_input(ids, np.array([1, 2], np.int64))
+    assert cast.dtype == np.int32 and cast.tolist() == [1, 2]
+    spec = probes.InputSpec(name="x", dtype="float32", shape=(2,))
+    nan = np.array([np.nan, 1.0], np.float32)
+    with pytest.raises(guard.InputMismatch, match=r"^input 'x'"):
+        guard.inputs.check_input(spec, nan)
+    assert guard.inputs.check_input(spec, nan, check_finite=False) is nan
+
+
+def test_table_entries_carry_each_sessions_detail(demo_probe: probes.Probe) -> None:
+    """HealthTable.entries() is each session's readiness entry with the detail recorded for it."""
+    with guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, name="e", metrics=False,
+        policy=guard.Policy(background=False), health=guard.HealthTable(),
+    ) as s:  # fmt: skip
+        status = s.status
+    table = guard.HealthTable()
+    table.record(object(), status, {"workers": [{"slot": 0}]})
+    assert table.entries() == [
+        {"name": "e", "state": "serving", "rung": "static", "rung_index": 0, "healthy": True,
+         "since": status.since, "reasons": [], "workers": [{"slot": 0}]},
+    ]  # fmt: skip

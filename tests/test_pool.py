@@ -3,6 +3,7 @@ and hostile requests: undecodable, poison (segfaults in MNN), raising, workers d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -12,7 +13,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -24,6 +25,7 @@ import pytest
 import guard
 import probes
 from guard import mnn
+from guard import pool as pool_module
 from guard.inputs import prepare_inputs
 from guard.testing import FaultyFactory
 from guard.tools import demo
@@ -109,10 +111,20 @@ def test_killed_worker_is_replaced_and_no_request_is_lost(pool: guard.Pool) -> N
     replaced = pool.replaced
     done: Future[list[dict[str, Array]]] = Future()
     requests = [{"mel": x} for x in inputs]
-    thread = threading.Thread(target=lambda: done.set_result(pool.map(requests)))
+
+    def serve_all() -> None:
+        try:
+            done.set_result(pool.map(requests))
+        except BaseException as exc:  # reaches the assertion below at once, not in 60 s
+            done.set_exception(exc)
+
+    thread = threading.Thread(target=serve_all)
     thread.start()
     deadline = time.monotonic() + 30
     while sum(w.requests for w in pool.status()) < 10 and time.monotonic() < deadline:
+        if done.done():
+            done.result()  # the map's own error, if it raised
+            break
         time.sleep(0.002)
     victim = pool.status()[0].pid
     os.kill(victim, signal.SIGKILL)
@@ -233,9 +245,22 @@ def test_worker_startup_failure_raises_from_constructor(demo_paths: tuple[Path, 
     ("kwargs", "match"),
     [
         ({"processes": 0}, "processes must be a positive int"),
-        ({"start_method": "fork"}, "start_method must be one of"),
+        ({"processes": True}, "processes must be a positive int, got True"),
+        ({"processes": 2.0}, r"processes must be a positive int, got 2\.0"),
+        ({"max_waiting": -1}, "max_waiting must be an int >= 0, got -1"),
+        ({"max_waiting": True}, "max_waiting must be an int >= 0, got True"),
+        ({"max_waiting": 1.5}, r"max_waiting must be an int >= 0, got 1\.5"),
+        (
+            {"start_method": "fork"},
+            r"start_method must be one of \('spawn', 'forkserver'\), got 'fork' \(a forked "
+            r"worker hangs in MNN once the parent has loaded a module\)",
+        ),
         ({"request_timeout": 0}, "request_timeout must be > 0"),
-        ({"factory": lambda **kw: None}, "must pickle to reach spawned workers"),
+        (
+            {"factory": lambda **kw: None},
+            r"must pickle to reach spawned workers: .* \(guard\.mnn_factory pickles; a lambda "
+            r"or closure does not\)",
+        ),
     ],
 )
 def test_bad_pool_config_raises_config_error(
@@ -245,6 +270,18 @@ def test_bad_pool_config_raises_config_error(
     args: dict[str, Any] = {"factory": demo.demo_factory(threads=1), "probe": demo_probe, **kwargs}
     with pytest.raises(guard.ConfigError, match=match):
         guard.Pool(**args)
+
+
+def test_pool_defaults_and_a_pool_that_admits_no_waiting(demo_probe: probes.Probe) -> None:
+    """By default a pool has two workers and a 60 s request timeout; max_waiting=0 is allowed."""
+    factory = demo.demo_factory(threads=1)
+    with guard.Pool(factory, demo_probe, policy=quiet_policy(), name="defaults") as p:
+        assert len(p.status()) == 2 and p.request_timeout == 60.0
+        assert p.max_waiting == guard.pool.MAX_WAITING == 256
+    with guard.Pool(
+        factory, demo_probe, processes=1, max_waiting=0, policy=quiet_policy(), name="no-wait"
+    ) as p:
+        assert p.max_waiting == 0 and p.run({"mel": demo.demo_mel(40)})["wav"].ndim == 3
 
 
 # ------------------------------------------------------------------ hostile requests
@@ -489,6 +526,228 @@ def test_unpicklable_attempt_errors_still_reach_the_caller(demo_paths: tuple[Pat
     ]
     assert all(type(e) is guard.GuardError for e in errors)
     assert "UnpicklableError" in "\n".join(getattr(errors[0], "__notes__", []))
+
+
+# --------------------------------------------------------------------------- worker side
+# The functions a spawned worker runs, called here in this process: the end-to-end tests above
+# reach them only in workers, where neither coverage nor mutmut sees them.
+
+
+class NeedsTwo(Exception):
+    """Pickles, but does not unpickle: its __init__ wants two arguments."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a} {b}")
+
+
+class BufferHolder(Exception):
+    """Pickles with protocol 5 only: it holds a pickle.PickleBuffer."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.buffer = pickle.PickleBuffer(b"data")
+
+
+def attempt(error: BaseException | None, index: int = 0) -> guard.ladder.Attempt:
+    """A failed attempt on rung `index` of the default ladder that raised `error`."""
+    return guard.ladder.Attempt(
+        rung=guard.Policy().ladder[index],
+        rung_index=index,
+        outcome=guard.ladder.Outcome.ERROR,
+        verdict=None,
+        error=error,
+        seconds=0.5,
+    )
+
+
+def test_worker_errors_cross_the_pipe_as_themselves_or_as_stand_ins() -> None:
+    """An error that pickles is sent as it is; one that does not becomes a GuardError with its
+    message and a note naming its type; RecoveryExhausted keeps its attempts, each portable."""
+    ok = guard.InputMismatch("input 'mel' is wrong")
+    assert pool_module._pickles(ok) and pool_module._portable(ok) is ok
+    for bad, kind in (
+        (UnpicklableError("it broke"), "UnpicklableError"),
+        (NeedsTwo("a", "b"), "NeedsTwo"),
+    ):
+        assert not pool_module._pickles(bad)
+        stand_in = pool_module._portable(bad)
+        assert type(stand_in) is guard.GuardError and str(stand_in) == str(bad)
+        assert stand_in.__notes__ == [f"in the worker this was a {kind}, which does not pickle"]
+    attempts = [attempt(None), attempt(ok), attempt(UnpicklableError("no module"), 1)]
+    exhausted = guard.RecoveryExhausted("every rung failed", attempts)
+    sent = pool_module._portable(exhausted)
+    assert type(sent) is guard.RecoveryExhausted and str(sent) == "every rung failed"
+    assert sent.attempts[:2] == tuple(attempts[:2]) and sent.attempts[1].error is ok
+    third = sent.attempts[2]
+    assert (third.rung_index, third.seconds) == (1, 0.5)
+    assert type(third.error) is guard.GuardError and str(third.error) == "no module"
+    assert pickle.loads(pickle.dumps(sent)).attempts[2].error.args == ("no module",)
+    # an error that pickles only with the pipe's protocol (5: out-of-band buffers) is sent as is
+    buffered = BufferHolder("with a buffer")
+    assert pool_module._pickles(buffered) and pool_module._portable(buffered) is buffered
+    # still unpicklable once its attempts' errors are replaced (a lock in a failed output)
+    locked = dataclasses.replace(attempt(None), outputs={0: {"wav": threading.Lock()}})
+    stand_in = pool_module._portable(guard.RecoveryExhausted("locked out", [locked]))
+    assert type(stand_in) is guard.GuardError and str(stand_in) == "locked out"
+    assert stand_in.__notes__ == [
+        "in the worker this was a RecoveryExhausted, which does not pickle"
+    ]
+
+
+def serving_session(probe: probes.Probe) -> guard.GuardedSession:
+    """A quiet guarded demo session in this process, in no readiness table but its own."""
+    return guard.wrap(
+        demo.demo_factory(threads=1), probe, name="in-process",
+        metrics=False, policy=quiet_policy(), health=guard.HealthTable(),
+    )  # fmt: skip
+
+
+def reply(conn: Connection) -> Any:
+    """The next message on `conn`, unpickled."""
+    assert conn.poll(5), "no reply within 5 s"
+    return pickle.loads(conn.recv_bytes())
+
+
+def test_a_worker_serves_its_pipe_and_refuses_what_is_no_request(
+    demo_probe: probes.Probe,
+) -> None:
+    """_serve answers a request with outputs, a raising one with the error, undecodable bytes
+    and non-requests with a refusal saying why, each with the session's health; _Stop ends it."""
+    parent, child = multiprocessing.Pipe()
+    session = serving_session(demo_probe)
+    serving = pool_module._Health(guard.State.SERVING, 0)
+    thread = threading.Thread(target=pool_module._serve, args=(child, session), daemon=True)
+    thread.start()
+    mel = demo.demo_mel(40, seed=4)
+    parent.send_bytes(pickle.dumps(pool_module._Run({"mel": mel})))
+    done = reply(parent)
+    assert type(done) is pool_module._Done and done.health == serving
+    assert_outputs([done.outputs], references([mel]))
+    parent.send_bytes(pickle.dumps(pool_module._Run({"spectrogram": mel})))
+    raised = reply(parent)
+    assert type(raised) is pool_module._Raised and type(raised.error) is guard.InputMismatch
+    assert raised.health == serving
+    parent.send_bytes(b"not a pickle")
+    refused = reply(parent)
+    assert type(refused) is pool_module._Refused and refused.health == serving
+    assert refused.reason.startswith("it could not be decoded: UnpicklingError: ")
+    parent.send_bytes(pickle.dumps(5))
+    assert reply(parent) == pool_module._Refused("a int is not a request", serving)
+    parent.send_bytes(pickle.dumps(pool_module._Run({"mel": mel})))  # still serving
+    assert type(reply(parent)) is pool_module._Done
+    parent.send_bytes(pickle.dumps(pool_module._Stop()))
+    thread.join(5)
+    assert not thread.is_alive() and not parent.poll(0.1)
+    session.close()
+
+
+def test_a_worker_stops_serving_when_the_parent_is_gone(demo_probe: probes.Probe) -> None:
+    """_serve returns when its pipe closes, and _send says False once nobody reads."""
+    session = serving_session(demo_probe)
+    parent, child = multiprocessing.Pipe()
+    health = pool_module._health(session)
+    assert health == pool_module._Health(guard.State.SERVING, 0)
+    assert pool_module._send(child, pool_module._Ready(health)) is True
+    assert reply(parent) == pool_module._Ready(health)
+    # replies go with the highest protocol, as _portable checks errors with it
+    assert pool_module._send(child, pool_module._Raised(BufferHolder("buffered"), health))
+    assert str(reply(parent).error) == "buffered"
+    thread = threading.Thread(target=pool_module._serve, args=(child, session), daemon=True)
+    thread.start()
+    parent.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert pool_module._send(child, pool_module._Ready(health)) is False
+    session.close()
+
+
+def run_worker_main(
+    factory: Any,
+    probe_path: str,
+    policy: guard.Policy,
+    talk: Callable[[Connection], Any] | None = None,
+) -> tuple[list[Any], Any, Any]:
+    """Run _worker_main here while a thread plays the parent: `talk`, then _Stop. Returns the
+    replies `talk` left unread, the SIGINT handler the worker set (restored after), and what
+    `talk` returned."""
+    parent, child = multiprocessing.Pipe()
+    said: list[Any] = []
+    replies: list[Any] = []
+
+    def parent_side() -> None:  # reads on, as a pool does: a large reply fills the pipe
+        if talk is not None:
+            said.append(talk(parent))
+        with contextlib.suppress(OSError):  # a worker that failed to start has gone already
+            parent.send_bytes(pickle.dumps(pool_module._Stop()))
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                replies.append(pickle.loads(parent.recv_bytes()))
+
+    helper = threading.Thread(target=parent_side, daemon=True)
+    helper.start()
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        pool_module._worker_main(child, factory, probe_path, policy, "in-worker")
+        ignored = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        child.close()  # as the worker's exit does
+    helper.join(5)
+    assert not helper.is_alive()
+    return replies, ignored, said[0] if said else None
+
+
+def test_a_worker_builds_its_session_serves_and_closes_it_on_stop(
+    demo_probe: probes.Probe,
+) -> None:
+    """_worker_main builds the session from the stashed probe with the pool's factory, policy
+    and name, in a table of its own; says ready; serves; closes it on _Stop."""
+    mel = demo.demo_mel(40, seed=4)
+
+    def talk(parent: Connection) -> Any:
+        ready = reply(parent)
+        threads = {t.name for t in threading.enumerate()}
+        listed = set(guard.health.HEALTH.sessions())
+        parent.send_bytes(pickle.dumps(pool_module._Run({"mel": mel})))
+        return ready, threads, listed, reply(parent)
+
+    path = guard.pool.stash_probe(demo_probe)
+    faulty = FaultyFactory(demo.demo_factory(threads=1), fault="noise", rate=1.0)  # static only
+    policy = guard.Policy(ladder=(guard.DYNAMIC,), promote_after=None, recheck_every=60.0)
+    try:
+        replies, ignored, (ready, threads, listed, done) = run_worker_main(
+            faulty, path, policy, talk
+        )
+    finally:
+        guard.pool.remove_stash(path)
+    serving = pool_module._Health(guard.State.SERVING, 0)  # the default ladder: rung 1
+    assert ready == pool_module._Ready(serving) and replies == []
+    assert "mnn-guard-in-worker" in threads and "in-worker" not in listed
+    assert type(done) is pool_module._Done and done.health == serving
+    assert_outputs([done.outputs], references([mel]))
+    assert ignored is signal.SIG_IGN  # Ctrl-C is the parent's to handle
+    assert "mnn-guard-in-worker" not in {t.name for t in threading.enumerate()}
+
+
+def test_a_worker_that_cannot_start_says_why_on_its_pipe(
+    demo_probe: probes.Probe, tmp_path: Path
+) -> None:
+    """A worker whose probe cannot be loaded, or whose every rung fails, sends _StartFailed
+    with the error (naming the session) and serves not."""
+    missing = str(tmp_path / "gone.pickle")
+    replies, _, _ = run_worker_main(demo.demo_factory(threads=1), missing, quiet_policy())
+    (failed,) = replies
+    assert type(failed) is pool_module._StartFailed
+    assert type(failed.error) is FileNotFoundError and failed.error.filename == missing
+    path = guard.pool.stash_probe(demo_probe)
+    broken = FaultyFactory(demo.demo_factory(threads=1), fault="noise", rate=1.0, affects="all")
+    try:
+        replies, _, _ = run_worker_main(broken, path, quiet_policy(reinit_attempts=0))
+    finally:
+        guard.pool.remove_stash(path)
+    (failed,) = replies
+    assert type(failed.error) is guard.RecoveryExhausted
+    assert str(failed.error).startswith("session 'in-worker': every rung of the ladder failed")
 
 
 # --------------------------------------------------------------------------- soak

@@ -689,7 +689,11 @@ def truncate_after_first_member(folder: Path) -> None:
 
 
 HOSTILE_ARRAYS: list[tuple[str, Callable[[Path], None], str]] = [
-    ("LZMA member", edit_member(MEL, bytes, zipfile.ZIP_LZMA), "uses compression method 14"),
+    (
+        "LZMA member",
+        edit_member(MEL, bytes, zipfile.ZIP_LZMA),
+        "uses compression method 14; only stored (0) and deflated (8) members are read",
+    ),
     ("bzip2 member", edit_member(MEL, bytes, zipfile.ZIP_BZIP2), "uses compression method 12"),
     ("compression method 93", patch_entries(method=93), "uses compression method 93"),
     ("encryption flag", patch_entries(flags=0x1), "is encrypted; probes are never encrypted"),
@@ -697,7 +701,7 @@ HOSTILE_ARRAYS: list[tuple[str, Callable[[Path], None], str]] = [
         "member without NPY magic",
         edit_member(MEL, lambda d: b"\x00" * len(d)),
         f"member {MEL!r}: its .npy header cannot be read (ValueError: the member does not start "
-        "with the .npy magic",
+        f"with the .npy magic (got {bytes(6)!r}))",
     ),
     (
         "npy header declaring 29 TiB",
@@ -984,3 +988,316 @@ def test_probes_modules_import_each_other_without_a_cycle() -> None:
 
     assert graph["probes.probe"] >= {"probes.store"}
     assert [m for m in sorted(modules) if reaches(m, m, set())] == []
+
+
+# ---------------------------------------------------------------- exact refusals and bounds
+
+
+def npy_raw(version: int, length: int, text: bytes, data: bytes) -> bytes:
+    """A .npy member with any header length field, header text and data (all unchecked)."""
+    field = struct.pack("<H" if version == 1 else "<I", length)
+    return b"\x93NUMPY" + bytes((version, 0)) + field + text + data
+
+
+def header_text(header: dict[str, Any], length: int) -> bytes:
+    """`header` as .npy header text padded with spaces to exactly `length` bytes."""
+    text = repr(header).encode("latin1")
+    return text + b" " * (length - len(text) - 1) + b"\n"
+
+
+def set_central(name: str, offset: int, fmt: str, value: int) -> Callable[[Path], None]:
+    """A damage that overwrites one field of `name`'s central directory entry."""
+
+    def apply(folder: Path) -> None:
+        data = bytearray((folder / ARRAYS).read_bytes())
+        with zipfile.ZipFile(folder / ARRAYS) as zf:
+            pos = zf.start_dir  # type: ignore[attr-defined]
+        while data[pos + 46 : pos + 46 + len(name)] != name.encode():
+            n, m, k = struct.unpack("<HHH", data[pos + 28 : pos + 34])
+            pos += 46 + n + m + k
+        struct.pack_into(fmt, data, pos + offset, value)
+        write_npz_bytes(folder, bytes(data))
+
+    return apply
+
+
+def header_refusal(header: dict[str, Any]) -> tuple[Callable[[Path], None], str]:
+    """A MEL member whose .npy header is `header`, and the exact refusal it gets."""
+    reason = f"the .npy header is not one of a numeric array: {probes.errors.brief(header)}"
+    return (
+        edit_member(MEL, lambda d: npy_with_header(header, d[128:])),
+        f"member {MEL!r}: its .npy header cannot be read (ValueError: {reason})",
+    )
+
+
+MEL_HEAD = f"member {MEL!r}: its .npy header cannot be read (ValueError: the .npy header is"
+EXTRA_KEY = {**_header(), "extra": 1}
+EXACT_REFUSALS: list[tuple[str, Callable[[Path], None], str]] = [
+    (
+        "extra member with a .npy name",
+        lambda f: write_members(
+            f, [*members_of(f), ("extra.npy", npy(np.zeros(2, np.float32)), zipfile.ZIP_STORED)]
+        ),
+        "arrays.npz holds arrays the manifest does not name: ['extra']",
+    ),
+    (
+        "member of the data's size alone",
+        edit_member(MEL, lambda d: d[128:]),
+        f"member {MEL!r} declares 32000 bytes, but the manifest's float32[1, 80, 100] takes "
+        "32000 bytes plus a header of at most 4096",
+    ),
+    (
+        "member one byte over data and largest header",
+        edit_member(MEL, lambda d: npy_raw(2, 4097, header_text(_header(), 4097), d[128:])),
+        f"member {MEL!r} declares 36109 bytes, but the manifest's float32[1, 80, 100] takes "
+        "32000 bytes plus a header of at most 4096",
+    ),
+    (
+        "stored member whose sizes differ",
+        set_central(MEL, 20, "<I", 32127),  # compressed size
+        f"member {MEL!r} is stored, but its stored and declared sizes differ",
+    ),
+    (
+        "npy 1.0 header of 4097 bytes",
+        edit_member(MEL, lambda d: npy_raw(1, 4097, header_text(_header(), 4097), d[128:])),
+        f"{MEL_HEAD} 4097 bytes, more than 4096)",
+    ),
+    (
+        "npy 1.0 header length above 32767",
+        edit_member(MEL, lambda d: npy_raw(1, 0x9000, d[10:128], d[128:])),
+        f"{MEL_HEAD} 36864 bytes, more than 4096)",
+    ),
+    (
+        "npy 2.0 header length above 2**31",
+        edit_member(MEL, lambda d: npy_raw(2, 0xFFFFFFF0, d[12:128], d[128:])),
+        f"{MEL_HEAD} 4294967280 bytes, more than 4096)",
+    ),
+    (
+        "npy header that is not a literal",
+        edit_member(MEL, lambda d: npy_raw(1, 118, b"{'descr': '<f4', ".ljust(118), d[128:])),
+        f"{MEL_HEAD} not a Python literal ('{{' was never closed",
+    ),
+    (
+        "npy header with a key too many",
+        edit_member(MEL, lambda d: npy_with_header(EXTRA_KEY, d[128:])),
+        f"{MEL_HEAD} not a descr/fortran_order/shape dict: {probes.errors.brief(EXTRA_KEY)})",
+    ),
+    ("npy descr as a list", *header_refusal(_header(descr=[("", "<f4")]))),
+    ("npy shape as a list", *header_refusal(_header(shape=[1, 80, 100]))),
+    ("npy fortran_order 0", *header_refusal(_header(fortran_order=0))),
+    ("npy dimension 1.0", *header_refusal(_header(shape=(1.0, 80, 100)))),
+    ("npy dimension -1", *header_refusal(_header(shape=(1, 80, -1)))),
+    (
+        "npy dimension 0",
+        edit_member(MEL, lambda d: npy_with_header(_header(shape=(0, 80, 100)), d[128:])),
+        f"member {MEL!r} holds float32[0, 80, 100] but the manifest says float32[1, 80, 100]",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [(d, m) for _, d, m in EXACT_REFUSALS],
+    ids=[n for n, _, _ in EXACT_REFUSALS],
+)
+def test_refusals_of_arrays_say_exactly_what_is_wrong(
+    demo_paths: tuple[Path, Path], tmp_path: Path, damage: Callable[[Path], None], message: str
+) -> None:
+    """Each damaged arrays.npz (sha256 matching) is a ProbeError quoting the exact reason."""
+    folder = copy_probe(demo_paths[1], tmp_path / "p")
+    damage(folder)
+    with pytest.raises(probes.ProbeError) as info:
+        probes.load(folder)
+    assert str(info.value).startswith(f"probe {str(folder)!r}: "), str(info.value)
+    assert message in str(info.value), str(info.value)
+
+
+def test_a_header_of_exactly_the_largest_size_loads(
+    demo_paths: tuple[Path, Path], demo_probe: probes.Probe, tmp_path: Path
+) -> None:
+    """A .npy 2.0 header of exactly 4096 bytes (12 + 4096 before the data) is read."""
+    folder = copy_probe(demo_paths[1], tmp_path / "p")
+    edit_member(MEL, lambda d: npy_raw(2, 4096, header_text(_header(), 4096), d[128:]))(folder)
+    with zipfile.ZipFile(folder / ARRAYS) as zf:
+        assert zf.getinfo(MEL).file_size == 32000 + 12 + 4096
+    assert probes.load(folder) == demo_probe
+
+
+def test_arrays_file_may_be_as_large_as_its_bound_and_no_larger(
+    demo_paths: tuple[Path, Path], demo_probe: probes.Probe, tmp_path: Path
+) -> None:
+    """arrays.npz may take the declared bytes, per array 2 x its key + 5120, and 1 MiB."""
+    folder = copy_probe(demo_paths[1], tmp_path / "p")
+    original = (folder / ARRAYS).read_bytes()
+    keys = [n.removesuffix(".npy") for n, _, _ in members_of(folder)]
+    declared = 2 * 80 * 100 * 4 + 2 * 25600 * 4
+    bound = declared + sum(2 * len(k) + 1024 + 4096 for k in keys) + (1 << 20)
+    # zip readers skip bytes before the first member (as in self-extracting archives)
+    write_npz_bytes(folder, bytes(bound - len(original)) + original)
+    assert probes.load(folder) == demo_probe
+    write_npz_bytes(folder, bytes(bound + 1 - len(original)) + original)
+    with pytest.raises(probes.ProbeError) as info:
+        probes.load(folder)
+    assert (
+        f"arrays.npz is {bound + 1} bytes, more than the {bound} bytes that the manifest's "
+        "arrays, their headers and 1 MiB of slack can take; re-record"
+    ) in str(info.value)
+
+
+def test_a_changed_arrays_file_names_both_checksums(
+    demo_paths: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A sha256 mismatch quotes the first 12 hex digits of the file's and the manifest's."""
+    folder = copy_probe(demo_paths[1], tmp_path / "p")
+    actual = hashlib.sha256((folder / ARRAYS).read_bytes()).hexdigest()
+    rewrite_manifest(
+        folder, lambda m: m["arrays"].__setitem__("sha256", "0123456789ab" * 5 + "cdef")
+    )
+    with pytest.raises(probes.ProbeError) as info:
+        probes.load(folder)
+    assert (
+        f"arrays.npz is corrupt or was changed: sha256 {actual[:12]}... differs from the "
+        "manifest's 0123456789ab...; re-record"
+    ) in str(info.value)
+
+
+def test_arrays_of_exactly_the_declared_limit_are_read_on(
+    demo_paths: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A manifest declaring exactly MAX_ARRAY_BYTES passes that bound and meets the next check."""
+    wav = (store.MAX_ARRAY_BYTES - 2 * 32000) // 8
+    assert 2 * 32000 + 2 * 4 * wav == store.MAX_ARRAY_BYTES
+    folder = copy_probe(demo_paths[1], tmp_path / "p")
+
+    def huge(m: Manifest) -> None:
+        for case in m["cases"]:
+            case["outputs"]["wav"]["shape"] = [1, 1, wav]
+
+    rewrite_manifest(folder, huge)
+    with pytest.raises(probes.ProbeError) as info:
+        probes.load(folder)
+    assert (
+        f"member 'case0/outputs/wav.npy' declares 102528 bytes, but the manifest's "
+        f"float32[1, 1, {wav}] takes {4 * wav} bytes"
+    ) in str(info.value)
+
+
+def one_input_probe(n: int, name: str = "x") -> probes.Probe:
+    """A one-case probe: float32 input `name` of n values, golden output y of two."""
+    x = np.arange(n, dtype=np.float32)
+    return probes.Probe(
+        cases=(probes.Case(inputs={name: x}, outputs={"y": np.ones(2, np.float32)}),),
+        inputs=(probes.InputSpec(name=name, dtype="float32", shape=(n,)),),
+        outputs=(probes.OutputSpec(name="y", dtype="float32", shape=(2,)),),
+    )
+
+
+def test_an_array_larger_than_one_read_step_loads_and_is_refused_when_longer(
+    tmp_path: Path,
+) -> None:
+    """A 1.6 MB array (two 1 MiB read steps) loads equal; two bytes more are refused."""
+    probe = one_input_probe(400_000)
+    probe.save(tmp_path / "p")
+    assert probes.load(tmp_path / "p") == probe
+    edit_member("case0/inputs/x.npy", lambda d: d + b"\x00\x00")(tmp_path / "p")
+    with pytest.raises(probes.ProbeError) as info:
+        probes.load(tmp_path / "p")
+    assert (
+        "member 'case0/inputs/x.npy': its data cannot be read "
+        "(ValueError: the data is longer than 1600000 bytes)"
+    ) in str(info.value)
+
+
+def test_a_header_cut_short_says_how_many_bytes_it_has(tmp_path: Path) -> None:
+    """A member that ends inside its .npy header is refused with the bytes it had and wanted."""
+    probe = one_input_probe(2)
+    probe.save(tmp_path / "p")
+    edit_member("case0/inputs/x.npy", lambda d: npy_raw(1, 100, b" " * 20, b""))(tmp_path / "p")
+    with pytest.raises(probes.ProbeError) as info:
+        probes.load(tmp_path / "p")
+    assert (
+        "member 'case0/inputs/x.npy': its .npy header cannot be read "
+        "(EOFError: the member ends after 20 of 100 header bytes)"
+    ) in str(info.value)
+
+
+def test_a_long_reason_from_zipfile_is_cut_at_200_characters(tmp_path: Path) -> None:
+    """zipfile's own words on a damaged member are quoted, cut to their first 200 characters."""
+    name = "x" * 100
+    member = f"case0/inputs/{name}.npy"
+    one_input_probe(2, name).save(tmp_path / "p")
+    data = bytearray((tmp_path / "p" / ARRAYS).read_bytes())
+    with zipfile.ZipFile(tmp_path / "p" / ARRAYS) as zf:
+        start = zf.getinfo(member).header_offset + 30
+    data[start + len(member) - 5] = ord("y")  # the local header's name differs from the directory's
+    write_npz_bytes(tmp_path / "p", bytes(data))
+    with pytest.raises(probes.ProbeError) as info:
+        probes.load(tmp_path / "p")
+    local = member.replace("x.npy", "y.npy").encode()
+    said = f"File name in directory {member!r} and header {local!r} differ."
+    assert len(said) > 200
+    assert f"its .npy header cannot be read (BadZipFile: {said[:200]})" in str(info.value)
+
+
+def test_stale_model_messages_name_both_hashes_and_the_fix(
+    demo_paths: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """check_model names the recorded and the actual sha256 (12 digits), or the missing file."""
+    probe = probes.load(demo_paths[1])
+    other = tmp_path / "other.mnn"
+    other.write_bytes(b"not the demo model")
+    actual = hashlib.sha256(b"not the demo model").hexdigest()
+    recorded = probe.meta.model_sha256
+    assert recorded is not None
+    with pytest.raises(probes.ProbeError) as info:
+        store.check_model(probe, other)
+    assert str(info.value) == (
+        f"stale probe: it was recorded for a model with sha256 {recorded[:12]}..., but "
+        f"{str(other)!r} has sha256 {actual[:12]}...; re-record the probe for this model"
+    )
+    with pytest.raises(probes.ProbeError) as info:
+        store.check_model(probe, tmp_path / "gone.mnn")
+    assert str(info.value) == (
+        f"cannot check the probe against model {str(tmp_path / 'gone.mnn')!r}: no such file; "
+        "pass the path of the .mnn file the session loads"
+    )
+
+
+def test_another_mnn_version_warns_and_logs_by_default(
+    demo_probe: probes.Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    """check_mnn_version warns and logs the same words unless strict; None on either side is
+    no mismatch."""
+    said = (
+        f"probe recorded with MNN {demo_probe.meta.mnn_version}, running MNN 9.9.9; "
+        "re-record the probe if the canary fails"
+    )
+    with (
+        caplog.at_level("WARNING", logger="mnn_guard.probes"),
+        pytest.warns(probes.ProbeVersionWarning) as record,
+    ):
+        store.check_mnn_version(demo_probe, "9.9.9")
+    assert [str(w.message) for w in record] == [said]
+    assert [r.getMessage() for r in caplog.records] == [said]
+    unrecorded = dataclasses.replace(
+        demo_probe, meta=dataclasses.replace(demo_probe.meta, mnn_version=None)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        store.check_mnn_version(demo_probe, None, strict=True)
+        store.check_mnn_version(unrecorded, "9.9.9", strict=True)
+        store.check_mnn_version(demo_probe, demo_probe.meta.mnn_version, strict=True)
+
+
+# mutmut runs every function of a mutated module through a trampoline, a frame more per call
+UNDER_MUTMUT = Path(store.__file__).resolve().parent.parent.name == "mutants"
+
+
+@pytest.mark.skipif(UNDER_MUTMUT, reason="mutmut's trampolines add frames (equivalent.md)")
+def test_the_version_warning_points_at_the_caller_of_load(
+    demo_paths: tuple[Path, Path],
+) -> None:
+    """The ProbeVersionWarning of probes.load names the line that called load."""
+    with pytest.warns(probes.ProbeVersionWarning) as record:
+        probes.load(demo_paths[1], mnn_version="9.9.9")
+    assert [w.filename for w in record] == [__file__]
