@@ -658,7 +658,7 @@ def _measure_model(
     recheck = recheck_cost(session, repeats=5 if quick else 15, every=1000)
     session.close()
     say(f"{label}: time to healthy, init + canary vs init + the same forwards")
-    healthy = time_to_healthy(factory, probe, policy, repeats=5 if quick else 15)
+    healthy = time_to_healthy(factory, probe, policy, repeats=5 if quick else 31)
     say(f"{label}: guard.Pool throughput with 1 and 2 processes")
     pool = tuple(
         pool_throughput(
