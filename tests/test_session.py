@@ -217,14 +217,18 @@ def test_intermittent_factory_eventually_serves(
 def test_threads_get_their_own_outputs(
     demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe
 ) -> None:
-    """8 threads x 500 calls with distinct inputs: every output equals its own input's reference."""
+    """8 threads x 120 calls with distinct inputs: every output equals its own input's reference.
+
+    (500 calls each took 2.6 s on an idle 2-core machine and 8 minutes with one core kept busy:
+    the session lock and the GIL hand over through a single free core.)
+    """
     s = guard.wrap(demo_factory, demo_probe, policy=quiet_policy(), name="t", metrics=False)
     xs = [demo.demo_mel(2, seed=k) for k in range(40)]
     refs = [s.run({"mel": x})["wav"].copy() for x in xs]
     wrong: list[tuple[int, int]] = []
 
     def worker(t: int) -> None:
-        for i in range(500):
+        for i in range(120):
             k = (t * 7 + i) % len(xs)
             if not np.array_equal(s.run({"mel": xs[k]})["wav"], refs[k]):
                 wrong.append((t, i))
@@ -234,7 +238,7 @@ def test_threads_get_their_own_outputs(
         t.start()
     for t in threads:
         t.join()
-    print(f"8 threads x 500 calls, {len(wrong)} wrong outputs")
+    print(f"8 threads x 120 calls, {len(wrong)} wrong outputs")
     assert wrong == []
 
 
