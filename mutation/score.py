@@ -99,8 +99,9 @@ def main() -> int:
     args = parser.parse_args()
     import os
 
-    os.chdir(args.mutants.resolve().parent)  # mutmut reads its config from pyproject.toml here
-    found = results(args.mutants.resolve())
+    mutants = args.mutants.resolve()  # before the chdir: a relative path names the caller's
+    os.chdir(mutants.parent)  # mutmut reads its config from pyproject.toml here
+    found = results(mutants)
     equivalent, stale = equivalents({n for names in found.values() for n in names})
     rows = []
     totals: Counter[str] = Counter()

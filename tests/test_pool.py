@@ -3,6 +3,7 @@ and hostile requests: undecodable, poison (segfaults in MNN), raising, workers d
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -202,14 +203,17 @@ def test_request_timeout_twice_is_a_poison_request(demo_paths: tuple[Path, Path]
 
 
 def test_close_is_idempotent_and_run_after_close_raises(demo_paths: tuple[Path, Path]) -> None:
-    """close() twice is fine, workers exit and are reaped, run() then raises SessionClosed."""
+    """close() twice is fine, workers exit and are reaped, their pipes closed, run() then
+    raises SessionClosed."""
     probe = probes.load(demo_paths[1], model=demo_paths[0])
     p = guard.Pool(
         demo.demo_factory(threads=1), probe, processes=1, policy=quiet_policy(), name="c"
     )
     pid = p.status()[0].pid
     assert repr(p) == "<Pool 'c' 1 worker(s)>"
+    sockets = socket_inodes()
     p.close()
+    assert len(sockets - socket_inodes()) == 1  # the idle worker's pipe
     p.close()
     assert repr(p) == "<Pool 'c' closed>"
     assert gone(pid)
@@ -287,6 +291,7 @@ def test_pool_defaults_and_a_pool_that_admits_no_waiting(demo_probe: probes.Prob
 # ------------------------------------------------------------------ hostile requests
 
 SEGFAULT, RAISE = 1234.5, 2345.5  # a mel whose first value is one of these crashes or raises
+SLEEP = 3456.5  # ... or sleeps as many seconds as its second value says, then serves
 
 
 class MarkedModule:
@@ -302,6 +307,8 @@ class MarkedModule:
             os.kill(os.getpid(), signal.SIGSEGV)  # as MNN does on some inputs
         if first == RAISE:
             raise RuntimeError("injected forward failure")
+        if first == SLEEP:
+            time.sleep(float(arrays[0].flat[1]))
         return self.runner.run(arrays)
 
 
@@ -812,3 +819,166 @@ def test_soak_serves_no_degraded_output(demo_paths: tuple[Path, Path]) -> None:
     assert injected > 0
     assert caught == injected
     assert bad == 0
+
+
+# ------------------------------------------------------------------ watching and closing
+
+
+def sleeping(seconds: float) -> Array:
+    """A marked mel whose forward sleeps `seconds` before it is served."""
+    mel = marked(SLEEP)
+    mel.flat[1] = seconds
+    return mel
+
+
+def socket_inodes() -> set[str]:
+    """The sockets this process holds open (each worker pipe is one)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:"):
+                found.add(target)
+    return found
+
+
+def until(check: Callable[[], bool], seconds: float, what: str) -> None:
+    """Poll `check` until it holds; fail naming `what` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"{what} not within {seconds} s"
+        time.sleep(0.02)
+
+
+def test_workers_that_die_idle_are_replaced_without_a_request(
+    demo_paths: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pool's watcher notices an idle worker's death on its own and replaces it, a
+    replacement's death too; it is a daemon thread named after the pool, and ends with it."""
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    factory = demo.demo_factory(threads=1)
+    caplog.set_level(logging.WARNING, logger="mnn_guard")
+    p = guard.Pool(factory, probe, processes=2, policy=quiet_policy(), name="watched")
+    try:
+        (watcher,) = [t for t in threading.enumerate() if t.name == "mnn-guard-watched-watch"]
+        assert watcher.daemon and watcher.is_alive()
+        for replaced in (1, 2):  # the second victim is the first one's replacement
+            victim = p.status()[0].pid
+            assert victim is not None
+            os.kill(victim, signal.SIGKILL)
+            until(lambda n=replaced: p.replaced == n, 60, f"replacement {replaced}")
+            after = wait_until_serving(p)
+            assert victim not in {w.pid for w in after} and len(after) == 2
+            warning = f"pool watched: worker 0 (pid {victim}) was killed by SIGKILL while idle"
+            assert f"{warning}; replacing it" in caplog.messages
+        assert sum(w.requests for w in p.status()) == 0  # no request found the dead workers
+    finally:
+        p.close()
+    watcher.join(5.0)
+    assert not watcher.is_alive()
+
+
+def test_close_answers_the_request_in_flight_and_is_bounded_by_a_hung_one(
+    demo_paths: tuple[Path, Path],
+) -> None:
+    """close() while one worker serves a 1 s request and the other hangs in an async call:
+    the first is answered, the hung worker is killed after STOP_SECONDS, its caller gets
+    SessionClosed, and no worker pipe is left open."""
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    sockets = socket_inodes()
+    factory = MarkedFactory(demo.demo_factory(threads=1))
+    p = guard.Pool(factory, probe, processes=2, policy=quiet_policy(), name="closing")
+    answered: Future[dict[str, Array]] = Future()
+    hung: Future[dict[str, Array]] = Future()
+
+    def call(future: Future[dict[str, Array]], run: Callable[[], dict[str, Array]]) -> None:
+        try:
+            future.set_result(run())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    mel = sleeping(1.0)
+    threads = [
+        threading.Thread(target=call, args=(answered, lambda: p.run({"mel": mel}))),
+        threading.Thread(
+            target=call, args=(hung, lambda: asyncio.run(p.arun({"mel": sleeping(600.0)})))
+        ),
+    ]
+    for thread in threads:
+        thread.start()
+    until(lambda: all(w.busy for w in p.status()), 30, "both workers busy")
+    closer = threading.Thread(target=p.close)
+    closer.start()
+    closer.join(pool_module.STOP_SECONDS + 10.0)
+    assert not closer.is_alive(), "close() waited for the hung request"
+    assert_outputs([answered.result(timeout=30)], references([mel]))
+    with pytest.raises(guard.SessionClosed, match="pool 'closing' is closed"):
+        hung.result(timeout=30)
+    for thread in threads:
+        thread.join(30)
+    assert socket_inodes() <= sockets
+
+
+def test_closing_a_pool_keeps_a_newer_pool_of_its_name_ready(
+    demo_paths: tuple[Path, Path],
+) -> None:
+    """Two pools of one name in one health table: closing the older leaves the newer's entry."""
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    table = guard.HealthTable()
+    args = (demo.demo_factory(threads=1), probe)
+    kw: dict[str, Any] = {"processes": 1, "policy": quiet_policy(), "name": "twin", "health": table}
+    older = guard.Pool(*args, **kw)
+    with guard.Pool(*args, **kw) as newer:
+        older.close()
+        ready, entries = table.readiness(expect=["twin"])
+        assert ready and [e["workers"][0]["pid"] for e in entries] == [newer.status()[0].pid]
+    assert table.sessions() == {}
+
+
+def test_map_sends_one_request_per_worker_at_a_time(demo_paths: tuple[Path, Path]) -> None:
+    """map() never queues its own requests for a worker: with one worker and a 0.3 s wait
+    bound, three 0.5 s requests are all served."""
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    factory = MarkedFactory(demo.demo_factory(threads=1))
+    policy = quiet_policy(wait_timeout=0.3)
+    with guard.Pool(factory, probe, processes=1, policy=policy, name="one") as p:
+        inputs = [sleeping(0.5) for _ in range(3)]
+        assert_outputs(p.map([{"mel": x} for x in inputs]), references(inputs))
+        assert p.status()[0].requests == 3
+
+
+def test_a_request_that_raised_then_was_lost_fails_with_both_reasons(
+    demo_paths: tuple[Path, Path],
+) -> None:
+    """The error for a request that raised on one worker and was lost on the next is a
+    WorkerFailed naming both, caused by the first error; once the pool is closed, it is
+    SessionClosed."""
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    p = guard.Pool(
+        demo.demo_factory(threads=1), probe, processes=1, policy=quiet_policy(), name="twice"
+    )
+    first = RuntimeError("forward broke")
+    failures: list[tuple[str, Exception | None]] = [("A raised", first), ("B was lost", None)]
+    with p:
+        error = p._failed(failures)
+    assert type(error) is guard.WorkerFailed and error.__cause__ is first
+    assert (
+        str(error)
+        == "pool 'twice': the request failed on two workers: first A raised; then B was lost"
+    )
+    closed = p._failed(failures)
+    assert type(closed) is guard.SessionClosed
+    assert str(closed) == "pool 'twice' was closed during the request"
+
+
+def test_a_factory_that_does_not_match_the_probe_is_refused_before_spawning(
+    demo_probe: probes.Probe,
+) -> None:
+    """The probe is checked against the factory's declared inputs, as guard.wrap does."""
+    factory = MarkedFactory(demo.demo_factory(threads=1))
+    factory.inputs = ["spec"]
+    with pytest.raises(
+        probes.ProbeError, match=r"the probe's inputs \['mel'\] do not match"
+    ) as info:
+        guard.Pool(factory, demo_probe, processes=1, policy=quiet_policy(), name="stale")
+    assert not hasattr(info.value, "__notes__")  # a worker's refusal would name the worker
