@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from spawning import report_from_spawned
 
 import guard
 import probes
@@ -99,19 +100,7 @@ def fork_helper(how: str, probe_dir: str, load_first: bool, out: Connection) -> 
 
 def in_helper(target: Any, *args: Any) -> Any:
     """Run `target(*args, conn)` in a spawned process; its one report, killed after a deadline."""
-    ctx = multiprocessing.get_context("spawn")
-    reader, writer = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=target, args=(*args, writer))  # may fork children
-    process.start()
-    writer.close()
-    try:
-        assert reader.poll(HELPER_SECONDS), f"{target.__name__}: no report in {HELPER_SECONDS} s"
-        return reader.recv()
-    finally:
-        process.join(5)
-        if process.is_alive():
-            process.kill()
-            process.join()
+    return report_from_spawned(target, *args, seconds=HELPER_SECONDS)
 
 
 @pytest.mark.parametrize("how", ["os.fork", "multiprocessing", "run"])

@@ -557,23 +557,6 @@ HOSTILE_MANIFESTS: list[tuple[str, Callable[[Path], None], str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("damage", "message"),
-    [(d, m) for _, d, m in HOSTILE_MANIFESTS],
-    ids=[n for n, _, _ in HOSTILE_MANIFESTS],
-)
-def test_hostile_manifest(
-    demo_paths: tuple[Path, Path], tmp_path: Path, damage: Callable[[Path], None], message: str
-) -> None:
-    """Each hostile manifest raises a ProbeError that names the problem and the bound."""
-    folder = copy_probe(demo_paths[1], tmp_path / "p")
-    damage(folder)
-    with pytest.raises(probes.ProbeError) as info:
-        probes.load(folder)
-    assert message in str(info.value)
-    assert str(info.value).startswith(f"probe {str(folder)!r}: ")
-
-
 # ---------------------------------------------------------------- hostile arrays.npz
 
 Member = tuple[str, bytes, int]  # name, bytes, zipfile compression method
@@ -782,20 +765,27 @@ HOSTILE_ARRAYS: list[tuple[str, Callable[[Path], None], str]] = [
 ]
 
 
+HOSTILE_FILES = [(f"manifest, {n}", d, m) for n, d, m in HOSTILE_MANIFESTS] + [
+    (f"arrays, {n}", d, m) for n, d, m in HOSTILE_ARRAYS
+]
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
-    [(d, m) for _, d, m in HOSTILE_ARRAYS],
-    ids=[n for n, _, _ in HOSTILE_ARRAYS],
+    [(d, m) for _, d, m in HOSTILE_FILES],
+    ids=[n for n, _, _ in HOSTILE_FILES],
 )
-def test_hostile_arrays(
+def test_hostile_probe_files(
     demo_paths: tuple[Path, Path], tmp_path: Path, damage: Callable[[Path], None], message: str
 ) -> None:
-    """A hostile arrays.npz whose sha256 the manifest matches is refused with a ProbeError."""
+    """A hostile manifest, or a hostile arrays.npz whose sha256 the manifest matches, raises a
+    ProbeError naming the probe folder and the problem (with the bound it broke)."""
     folder = copy_probe(demo_paths[1], tmp_path / "p")
     damage(folder)
     with pytest.raises(probes.ProbeError) as info:
         probes.load(folder)
     assert message in str(info.value)
+    assert str(info.value).startswith(f"probe {str(folder)!r}: ")
 
 
 @pytest.mark.parametrize(

@@ -182,7 +182,7 @@ def test_mnn_factory_refuses_names_the_model_lacks(
 
 def test_any_tensor_of_the_model_is_a_valid_output(converted: dict[str, Path]) -> None:
     """An intermediate tensor (MNN can return any) passes the check and loads."""
-    factory = guard.mnn_factory(converted["control_flow"], CF_NAMES[0], ["cond", "y"])
+    factory = guard.mnn_factory(converted["control_flow"], CF_NAMES[0], ["cond", "y"], threads=1)
     cond, y = mnn.adapt(factory()).run([cf_inputs()["x"], np.array(1, np.int32)])
     assert cond.shape == () and y.shape == (1, 16)
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from conftest import quiet_policy, reference
 from prometheus_client import CollectorRegistry
+from spawning import report_from_spawned
 
 import guard
 import probes
@@ -365,19 +366,7 @@ def fork_a_served_session(conn: Connection) -> None:
 
 def spawned(target: Any, *args: Any) -> Any:
     """Run `target(*args, conn)` in a fresh spawned process; its one report."""
-    ctx = multiprocessing.get_context("spawn")
-    reader, writer = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=target, args=(*args, writer))
-    process.start()
-    writer.close()
-    try:
-        assert reader.poll(60.0), f"{target.__name__}: no report"
-        return reader.recv()
-    finally:
-        process.join(5)
-        if process.is_alive():
-            process.kill()
-            process.join()
+    return report_from_spawned(target, *args)
 
 
 def test_num_thread_is_honoured() -> None:
