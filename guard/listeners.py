@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from guard.ladder import Action, Attempt, Rung
 from guard.state import SessionStatus
 
-__all__ = ["Call", "Listener", "LoggingListener", "notify"]
+__all__ = ["CALL_OK", "Call", "Listener", "LoggingListener", "notify"]
 
 log = logging.getLogger("mnn_guard")
 
@@ -25,6 +25,11 @@ class Call(enum.StrEnum):
     CLOSED = "closed"  # the session was closed (SessionClosed)
 
     __hash__ = str.__hash__  # hashed on every call (metrics): str's C hash, not Enum's Python one
+
+
+CALL_OK = Call.OK
+"""`Call.OK` as a module global for the hot path (the enum class's attribute is a descriptor
+call)."""
 
 
 class Listener:

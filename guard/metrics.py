@@ -22,7 +22,7 @@ from prometheus_client.utils import floatToGoString
 
 from guard.errors import ConfigError
 from guard.ladder import Action, Attempt, Outcome, Rung
-from guard.listeners import Call, Listener
+from guard.listeners import CALL_OK, Call, Listener
 from guard.state import SessionStatus, State
 
 __all__ = ["Buckets", "GuardMetrics", "PrometheusListener", "RunTally", "metrics_for"]
@@ -65,7 +65,6 @@ class Buckets:
                 )
 
 
-_OK = Call.OK  # a module global: reading the enum class's attribute costs a descriptor call
 _REFUSED: tuple[Call, ...] = tuple(c for c in Call if c is not Call.OK)
 
 
@@ -99,7 +98,7 @@ class RunTally:
         """Count one call; a served one by its duration."""
         runs = self.rungs[rung]
         with self.lock:
-            if result is _OK:
+            if result is CALL_OK:
                 runs.buckets[bisect_left(self.bounds, seconds)] += 1
                 runs.seconds += seconds
             else:
@@ -109,9 +108,36 @@ class RunTally:
         """Rung -> (calls by result, served calls per bucket, their seconds), read together."""
         with self.lock:
             return {
-                rung: ({_OK: sum(r.buckets), **r.refused}, list(r.buckets), r.seconds)
+                rung: ({CALL_OK: sum(r.buckets), **r.refused}, list(r.buckets), r.seconds)
                 for rung, r in self.rungs.items()
             }
+
+
+class _WrittenRuns:
+    """One session's `run()` calls written through to prometheus_client (multiprocess mode)."""
+
+    def __init__(self, written: tuple[Counter, Histogram], session: str) -> None:
+        self.counter, self.histogram = written
+        self.session = session
+        self.children: dict[tuple[str, Call], tuple[Any, Any]] = {}
+
+    def add_rung(self, rung: str) -> None:
+        """Start the rung's series at 0."""
+        self.histogram.labels(self.session, rung)
+        for result in Call:
+            self.counter.labels(self.session, rung, result.value)
+
+    def add(self, rung: str, result: Call, seconds: float) -> None:
+        """Count one call; a served one by its duration."""
+        children = self.children.get((rung, result))
+        if children is None:
+            children = self.children[(rung, result)] = (
+                self.counter.labels(self.session, rung, result.value),
+                self.histogram.labels(self.session, rung),
+            )
+        children[0].inc()
+        if result is CALL_OK:
+            children[1].observe(seconds)
 
 
 class _RunCollector(Collector):
@@ -230,6 +256,14 @@ class GuardMetrics:
         # of a name owns its series; closing an older one must not remove them
         self.owners: dict[str, PrometheusListener] = {}
 
+    def runs_for(self, session: str) -> RunTally | _WrittenRuns:
+        """Where a session's `run()` calls go: its name's tally, or straight to the files."""
+        if self.written is not None:
+            return _WrittenRuns(self.written, session)
+        assert self.tallies is not None
+        # a name's tally is shared by every session of the name, like series are
+        return self.tallies.setdefault(session, RunTally(self.buckets.run))
+
 
 _lock = threading.Lock()
 # the metrics objects of each registry: prometheus_client allows one of each name per registry
@@ -255,7 +289,6 @@ def metrics_for(
         return found
 
 
-_RESULTS = tuple(c.value for c in Call)
 _OUTCOMES = tuple(o.value for o in Outcome)
 _ACTIONS = tuple(a.value for a in Action)
 
@@ -280,12 +313,9 @@ class PrometheusListener(Listener):
         self.metrics = m = metrics_for(registry, buckets)
         self.session = session
         self._rungs = tuple(r.name for r in ladder)
-        self._children: dict[tuple[str, Call], tuple[Any, Any]] = {}
         with m.lock:
             m.owners[session] = self
-            self._tally: RunTally | None = None
-            if m.tallies is not None:  # shared by every session of the name, like series are
-                self._tally = m.tallies.setdefault(session, RunTally(m.buckets.run))
+            self._runs = m.runs_for(session)
             self._info = info
             m.info.labels(session, *info).set(1)
             for rung in self._rungs:
@@ -295,12 +325,7 @@ class PrometheusListener(Listener):
                 m.init_seconds.labels(session, rung)
                 for outcome in _OUTCOMES:
                     m.canary_checks.labels(session, rung, outcome)
-                if self._tally is not None:
-                    self._tally.add_rung(rung)
-                if m.written is not None:
-                    m.written[1].labels(session, rung)
-                    for result in _RESULTS:
-                        m.written[0].labels(session, rung, result)
+                self._runs.add_rung(rung)
             for action in _ACTIONS:
                 m.recoveries.labels(session, action)
             for state in State:
@@ -341,21 +366,7 @@ class PrometheusListener(Listener):
                 m.state.labels(session, state.value).set(1 if state is status.state else 0)
 
     def on_run(self, session: str, rung: Rung, seconds: float, result: Call) -> None:
-        if self._tally is not None:
-            self._tally.add(rung.name, result, seconds)
-            return
-        children = self._children.get((rung.name, result))
-        if children is None and self.metrics.written is not None:
-            counter, histogram = self.metrics.written
-            children = (
-                counter.labels(session, rung.name, result.value),
-                histogram.labels(session, rung.name),
-            )
-            self._children[(rung.name, result)] = children
-        if children is not None:
-            children[0].inc()
-            if result is _OK:
-                children[1].observe(seconds)
+        self._runs.add(rung.name, result, seconds)
 
     def on_close(self, session: str) -> None:
         m = self.metrics

@@ -33,7 +33,7 @@ from guard.errors import (
 )
 from guard.inputs import InputChecker
 from guard.ladder import Action, Attempt, Outcome, Policy, Rung
-from guard.listeners import Call, Listener, notify
+from guard.listeners import CALL_OK, Call, Listener, notify
 from guard.state import LIVE, MOVES, SessionStatus, State
 from probes import Probe, Verdict
 
@@ -45,7 +45,6 @@ pair, or any `guard.mnn.Runner`; `guard.mnn.adapt` makes each a numpy-level Runn
 
 Array = NDArray[Any]
 log = logging.getLogger("mnn_guard")
-_OK = Call.OK  # run() reads a module global: the enum class's attribute is a descriptor call
 
 
 def _action(previous: int, index: int) -> Action:
@@ -399,7 +398,7 @@ class GuardedSession:
             self._ran(index, start, refused[0])
             raise refused[1]
         if self._run_listeners:
-            self._ran(index, start, _OK)
+            self._ran(index, start, CALL_OK)
         return dict(zip(self._output_names, outputs, strict=False))  # lengths checked above
 
     def _await_module(self) -> tuple[Call, GuardError] | None:
