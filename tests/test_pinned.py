@@ -2045,13 +2045,16 @@ def test_a_dropped_session_cleans_up_after_itself(demo_probe: probes.Probe) -> N
 def test_an_unwritable_health_folder_never_breaks_serving(
     demo_probe: probes.Probe, tmp_path: Any
 ) -> None:
-    """Health files that cannot be written are skipped: the session serves and is listed."""
+    """Health files that cannot be written are skipped, by the table itself: the session serves
+    and is listed."""
     table = guard.HealthTable(tmp_path / "missing")
     s = guard.wrap(
         demo.demo_factory(threads=1), demo_probe, name="a", metrics=False, health=table,
         policy=guard.Policy(background=False),
     )  # fmt: skip
     assert served_clean(s) and table.readiness()[0] is True
+    table.record(s, s.status)  # directly: a listener's errors would be logged, not raised
+    assert list(table.sessions()) == ["a"]
     s.close()
 
 

@@ -43,7 +43,8 @@ class Scripted:
     """A factory whose n-th init does what `plan[n]` says (the last entry repeats).
 
     "clean": a real module; "turns": a real module that degrades once its canary has run
-    (4 forwards); "bad": degraded at once; "exit": raises SystemExit after `gate` is set.
+    (4 forwards); "bad": degraded at once; "exit": raises SystemExit after `gate` is set;
+    "gated": a real module, built once `gate` is set.
     """
 
     def __init__(self, plan: list[str], gate: threading.Event | None = None) -> None:
@@ -61,12 +62,13 @@ class Scripted:
     def __call__(self, **overrides: Any) -> Any:
         step = self.plan[min(self.inits, len(self.plan) - 1)]
         self.inits += 1
-        if step == "exit":
+        if step in ("exit", "gated"):
             self.entered.set()
             if self.gate is not None:
                 assert self.gate.wait(BOUND)
+        if step == "exit":
             raise SystemExit(3)
-        return self._makers[step](**overrides)
+        return self._makers["clean" if step == "gated" else step](**overrides)
 
 
 def recheck_fails_then(
@@ -312,6 +314,24 @@ def test_every_move_is_one_the_table_allows(demo_probe: probes.Probe) -> None:
     assert listener.of("close") and session.status.state is State.CLOSED
     with pytest.raises(guard.SessionClosed):
         session.run({"mel": demo.demo_mel(10)})
+
+
+def test_a_caller_waiting_for_a_replacement_is_served_by_it(demo_probe: probes.Probe) -> None:
+    """A call that arrives while the module is being replaced waits, then runs on the new one."""
+    gate = threading.Event()
+    session, factory, _, _ = recheck_fails_then(["gated"], demo_probe, gate=gate)
+    worker = threading.Thread(target=session.maintain, kwargs={"force_recheck": True})
+    worker.start()
+    assert factory.entered.wait(BOUND)  # the re-check failed; the replacement is being built
+    assert session.status.state is guard.State.REPLACING
+    opener = threading.Timer(0.2, gate.set)  # long after run() below has begun to wait
+    opener.start()
+    mel = demo.demo_mel(30)
+    out = session.run({"mel": mel})["wav"]
+    worker.join(BOUND)
+    np.testing.assert_allclose(out, reference(mel), rtol=0, atol=1e-5)
+    assert (session.status.state, factory.inits) == (guard.State.SERVING, 2)
+    session.close()
 
 
 def test_wait_for_a_replacement_is_bounded_by_policy(demo_probe: probes.Probe) -> None:
