@@ -4,8 +4,9 @@ Reads mutmut's results in mutants/ and the entries of mutation/equivalent.md. Ea
 a mutant and quotes the line its mutation produces; an entry whose mutant no longer exists, or
 whose quoted line is no longer that mutant's (the code moved and mutmut renumbered), is reported
 as stale and not subtracted. Only entries above the "## Known holes" heading are subtracted:
-known holes count as survivors. Timeouts and crashes count as killed. Exits 1 below the target
-or with stale entries.
+known holes count as survivors. Timeouts and crashes count as killed. A survivor that is in
+neither list is unexplained. Exits 1 below the target, with stale entries, or with unexplained
+survivors.
 
     python mutation/score.py [--target 90] [--list survived]
 """
@@ -72,11 +73,10 @@ def mutant_lines(name: str) -> list[str]:
     return [x[1:].strip() for x in added]
 
 
-def equivalents(known: set[str]) -> tuple[set[str], list[str]]:
-    """(listed mutants still matching their quoted line, stale entries)."""
+def listed(known: set[str], text: str) -> tuple[set[str], list[str]]:
+    """(mutants of `text`'s entries still matching their quoted line, stale entries)."""
     good: set[str] = set()
     stale: list[str] = []
-    text = EQUIVALENT.read_text().split("\n## Known holes", 1)[0]
     modules = {module_of(n) for n in known}
     for m in ENTRY.finditer(text):
         name, line = m["name"], (m["line"] or m["long"]).strip()
@@ -102,7 +102,11 @@ def main() -> int:
     mutants = args.mutants.resolve()  # before the chdir: a relative path names the caller's
     os.chdir(mutants.parent)  # mutmut reads its config from pyproject.toml here
     found = results(mutants)
-    equivalent, stale = equivalents({n for names in found.values() for n in names})
+    names = {n for verdicts in found.values() for n in verdicts}
+    above, _, below = EQUIVALENT.read_text().partition("\n## Known holes")
+    equivalent, stale = listed(names, above)
+    holes, stale_holes = listed(names, below)
+    stale += stale_holes
     rows = []
     totals: Counter[str] = Counter()
     for module, verdicts in sorted(found.items()):
@@ -129,13 +133,25 @@ def main() -> int:
           f"{totals['equivalent']:10}  {judged - killed - totals['survived']:5}")  # fmt: skip
     print(f"verdicts: {dict(sorted(totals.items()))}")
     shown = set(args.list.split(","))
+    unexplained = []
     for _, verdicts in sorted(found.items()):
         for name, verdict in sorted(verdicts.items()):
             if verdict in shown and name not in equivalent:
-                print(f"  {verdict}: {name}")
+                print(f"  {verdict}: {name}" + (" (known hole)" if name in holes else ""))
+            if verdict == "survived" and name not in equivalent | holes:
+                unexplained.append(name)
+    for name in sorted(holes):
+        if status_of(found, name) not in ("survived", "not checked"):
+            stale.append(f"{name}: listed as a known hole, now {status_of(found, name)}")
     for entry in stale:
         print(f"stale equivalent.md entry: {entry}")
-    return 0 if score >= args.target and not stale else 1
+    print(f"survivors neither equivalent nor known holes: {len(unexplained)}")
+    return 0 if score >= args.target and not stale and not unexplained else 1
+
+
+def status_of(found: dict[str, dict[str, str]], name: str) -> str:
+    """A mutant's verdict in this run."""
+    return found[module_of(name)][name]
 
 
 if __name__ == "__main__":
