@@ -261,6 +261,19 @@ def test_bad_input_raises_in_the_caller_and_reaches_no_worker(pool: guard.Pool) 
     assert sum(w.requests for w in pool.status()) - before <= 2  # amap's good ones at most
 
 
+def test_a_failed_amap_leaves_no_task_running(pool: guard.Pool) -> None:
+    """When one request of amap fails, amap raises its error only once every other request's
+    task has ended (cancelled or served): nothing it started is left running."""
+    good = {"mel": demo.demo_mel(50)}
+
+    async def failing() -> set[asyncio.Task[Any]]:
+        with pytest.raises(guard.InputMismatch, match="mel"):
+            await pool.amap([good, good, {"mel": demo.demo_mel(50)[:, :40]}, good, good])
+        return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+
+    assert asyncio.run(failing()) == set()
+
+
 def test_cancelled_call_in_flight_leaves_the_worker_serving(single: guard.Pool) -> None:
     """A call cancelled while its worker computes: the worker is not killed, and the next call
     on that same worker gets its own output, not the cancelled call's late reply."""
