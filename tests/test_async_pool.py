@@ -367,7 +367,7 @@ def test_closed_pool_refuses_async_calls_and_leaves_readiness(
     assert ready and [e["name"] for e in entries] == ["pool"]
     pool.close()
     assert table.readiness() == (False, [])
-    with pytest.raises(guard.SessionClosed):
+    with pytest.raises(guard.SessionClosed, match=r"^pool 'pool' is closed$"):
         asyncio.run(pool.arun({"mel": demo.demo_mel(50)}))
 
 

@@ -277,7 +277,8 @@ def test_bad_pool_config_raises_config_error(
 
 
 def test_pool_defaults_and_a_pool_that_admits_no_waiting(demo_probe: probes.Probe) -> None:
-    """By default a pool has two workers and a 60 s request timeout; max_waiting=0 is allowed."""
+    """By default a pool has two workers and a 60 s request timeout; max_waiting=0 is allowed
+    and admits one async call at a time, however many came before."""
     factory = demo.demo_factory(threads=1)
     with guard.Pool(factory, demo_probe, policy=quiet_policy(), name="defaults") as p:
         assert len(p.status()) == 2 and p.request_timeout == 60.0
@@ -286,6 +287,18 @@ def test_pool_defaults_and_a_pool_that_admits_no_waiting(demo_probe: probes.Prob
         factory, demo_probe, processes=1, max_waiting=0, policy=quiet_policy(), name="no-wait"
     ) as p:
         assert p.max_waiting == 0 and p.run({"mel": demo.demo_mel(40)})["wav"].ndim == 3
+
+        async def after_two_calls() -> list[object]:
+            for _ in range(2):  # each admitted call that ends gives its place back
+                await p.arun({"mel": demo.demo_mel(40)})
+            calls = [asyncio.ensure_future(p.arun({"mel": demo.demo_mel(40)})) for _ in range(2)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        served, refused = asyncio.run(after_two_calls())
+        assert isinstance(served, dict) and isinstance(refused, guard.Unavailable)
+        assert "1 calls are already in flight or waiting (processes + max_waiting = 1)" in str(
+            refused
+        )
 
 
 # ------------------------------------------------------------------ hostile requests
@@ -879,11 +892,11 @@ def test_workers_that_die_idle_are_replaced_without_a_request(
 
 
 def test_close_answers_the_request_in_flight_and_is_bounded_by_a_hung_one(
-    demo_paths: tuple[Path, Path],
+    demo_paths: tuple[Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     """close() while one worker serves a 1 s request and the other hangs in an async call:
-    the first is answered, the hung worker is killed after STOP_SECONDS, its caller gets
-    SessionClosed, and no worker pipe is left open."""
+    the first is answered, the hung worker is killed after STOP_SECONDS (and not replaced),
+    its caller gets SessionClosed, and no worker pipe is left open."""
     probe = probes.load(demo_paths[1], model=demo_paths[0])
     sockets = socket_inodes()
     factory = MarkedFactory(demo.demo_factory(threads=1))
@@ -907,6 +920,7 @@ def test_close_answers_the_request_in_flight_and_is_bounded_by_a_hung_one(
     for thread in threads:
         thread.start()
     until(lambda: all(w.busy for w in p.status()), 30, "both workers busy")
+    caplog.set_level(logging.DEBUG, logger="mnn_guard")
     closer = threading.Thread(target=p.close)
     closer.start()
     closer.join(pool_module.STOP_SECONDS + 10.0)
@@ -917,6 +931,7 @@ def test_close_answers_the_request_in_flight_and_is_bounded_by_a_hung_one(
     for thread in threads:
         thread.join(30)
     assert socket_inodes() <= sockets
+    assert [r.getMessage() for r in caplog.records if r.name == "mnn_guard"] == []
 
 
 def test_closing_a_pool_keeps_a_newer_pool_of_its_name_ready(
