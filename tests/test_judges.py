@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import probes
 from guard import mnn
 from guard.tools import demo
 from probes import judges
+from probes.errors import brief
 
 Array = np.ndarray[Any, Any]
 
@@ -137,21 +139,41 @@ def test_per_output_thresholds(demo_probe: probes.Probe) -> None:
         {"max_lsd_db": False},
         {"max_abs": 10**400},
         {"min_cosine": "0.9"},
+        {"max_lsd_db": None, "max_abs": "2"},
     ],
-    ids=["nan", "snr off", "inf", "true", "false", "huge int", "string"],
+    ids=["nan", "snr off", "inf", "true", "false", "huge int", "string", "after a None"],
 )
 def test_thresholds_validate(limits: dict[str, Any]) -> None:
-    """Non-finite, boolean, out-of-float-range and non-numeric thresholds are refused."""
-    name = next(iter(limits))
+    """Non-finite, boolean, out-of-float-range and non-numeric thresholds are refused (here
+    always the last one given), also after a limit switched off."""
+    name = list(limits)[-1]
     with pytest.raises(probes.ProbeError, match=f"threshold {name} must be a finite number"):
         probes.Thresholds(**limits)
 
 
 def test_thresholds_hold_python_floats() -> None:
-    """Integer and numpy limits are stored as floats, so a probe's manifest holds plain numbers."""
-    limits = probes.Thresholds(min_snr_db=40, min_cosine=np.float32(0.5), max_abs=np.int64(2))
+    """Integer and numpy limits are stored as floats (also after a limit switched off), so a
+    probe's manifest holds plain numbers."""
+    limits = probes.Thresholds(
+        min_snr_db=40, min_cosine=np.float32(0.5), max_lsd_db=None, max_abs=np.int64(2)
+    )
     assert (limits.min_snr_db, limits.min_cosine, limits.max_abs) == (40.0, 0.5, 2.0)
     assert all(type(v) is float for v in limits.to_json().values() if v is not None)
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize(
+    "raw",
+    [[45.0], {"min_snr_db": 45.0}, {**probes.Thresholds().to_json(), "min_lsd_db": 1.0}],
+    ids=["a list", "keys missing", "a key too many"],
+)
+def test_thresholds_from_json_need_exactly_their_keys(raw: Any) -> None:
+    """The manifest form of thresholds is an object with exactly the four keys; anything else
+    is refused, quoting it."""
+    keys = "['max_abs', 'max_lsd_db', 'min_cosine', 'min_snr_db']"
+    with pytest.raises(probes.ProbeError) as info:
+        probes.Thresholds.from_json(raw)
+    assert str(info.value) == f"thresholds need exactly the keys {keys}, got {brief(raw)}"
 
 
 def test_judge_scores_a_one_second_canary_at_22050_hz() -> None:
@@ -240,6 +262,46 @@ def test_cosine_of_equal_arrays_is_exactly_one(golden: Array) -> None:
     if np.any(golden):
         assert probes.cosine_similarity(golden, golden.copy()) == 1.0
     assert probes.judge_output("y", golden, golden.copy(), probes.Thresholds(min_cosine=1.0)).passed
+
+
+def click(at: int | None, height: float = 1.0) -> Array:
+    """1024 float32 samples (three 512-sample frames), silent but for one sample `at`."""
+    signal = np.zeros(1024, np.float32)
+    if at is not None:
+        signal[at] = height
+    return signal
+
+
+# A click at sample 128 (Hann weight 0.5) is a flat spectrum of power 0.25 in the first of the
+# three frames, none in the others; at sample 0 the window's zero hides it.
+EIGHTY_DB = 10 * math.log10(1 + 1e8) / 3  # floored 80 dB below the golden's loudest bin
+FLOOR_1E_38 = 10 * math.log10(0.25 / 1e-38) / 3  # a golden without power: 1e-38 of its peak**2
+SINE = np.sin(np.arange(1024) / 7.0).astype(np.float32)
+LSD_VALUES: list[tuple[str, Array, Array, float | None]] = [
+    ("click against silence", click(128), click(None), EIGHTY_DB),
+    ("click of 1e30 against silence", click(128, 1e30), click(None), EIGHTY_DB),
+    ("subnormal click against silence", click(128, 1e-39), click(None), EIGHTY_DB),
+    ("silence against a click", click(None), click(128), FLOOR_1E_38),
+    ("click under the window's zero against a click", click(0), click(128), FLOOR_1E_38),
+    ("equal signals beyond float32", np.full(600, 1e200), np.full(600, 1e200), 0.0),
+    ("actual whose float32 power overflows", SINE, SINE * np.float32(1e30), math.inf),
+    ("golden not a 1-D signal", np.zeros((2, 100)), np.zeros(200), None),
+    ("actual not a 1-D signal", np.zeros(200), np.zeros((2, 100)), None),
+]
+
+
+@pytest.mark.parametrize(
+    ("golden", "actual", "expected"),
+    [(g, a, e) for _, g, a, e in LSD_VALUES],
+    ids=[n for n, _, _, _ in LSD_VALUES],
+)
+def test_log_spectral_distance_values(golden: Array, actual: Array, expected: float | None) -> None:
+    """Distances of clicks, silence, equal and overflowing signals (float32 power spectra
+    scaled by the golden's peak, floored 80 dB below its loudest bin), with no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = judges.log_spectral_distance(golden, actual)
+    assert value == (None if expected is None else pytest.approx(expected, rel=1e-6))
 
 
 @pytest.mark.parametrize("n", [64, 100, 257, 511, 512])
@@ -357,14 +419,19 @@ def test_measures_sum_in_float64_whatever_the_outputs_dtype() -> None:
 
 @pytest.mark.parametrize(
     "golden",
-    [np.full(600, 3e38, np.float32), np.array([np.inf, 1.0, -np.inf] * 30), np.full(600, 1e200)],
-    ids=["near float32 max", "infinities", "1e200"],
+    [
+        np.full(600, 3e38, np.float32),
+        np.array([np.inf, 1.0, -np.inf] * 30),
+        np.full(600, 1e200),
+        np.array([1e308, -1e308] * 300),
+    ],
+    ids=["near float32 max", "infinities", "1e200", "differences overflow"],
 )
-def test_cosine_of_extreme_arrays_warns_nothing(golden: Array) -> None:
-    """Overflowing or infinite sums give a value (or NaN), never a floating-point warning."""
-    import warnings
-
+def test_measures_of_extreme_arrays_warn_nothing(golden: Array) -> None:
+    """Overflowing or infinite sums and differences give a value (or NaN), never a
+    floating-point warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        value = judges.cosine_similarity(golden, golden[::-1].copy())
-    assert math.isnan(value) or -1.0 <= value <= 1.0
+        values = _measures(golden, golden[::-1].copy())
+    cosine = values[1]
+    assert cosine == "nan" or -1.0 <= cosine <= 1.0

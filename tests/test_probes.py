@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -27,6 +28,7 @@ from guard import mnn
 from guard.testing import Fault, FaultyFactory
 from guard.tools import demo
 from probes import store
+from probes.errors import brief
 from probes.store import ARRAYS, MANIFEST
 
 pytestmark = pytest.mark.hostile
@@ -66,8 +68,11 @@ def loaded_arrays(folder: Path) -> dict[str, Any]:
 
 
 def test_round_trip(demo_probe: probes.Probe, tmp_path: Path) -> None:
-    """save then load gives the same cases, signature, thresholds and metadata."""
-    probe = demo_probe.with_thresholds(wav=probes.Thresholds(min_snr_db=40.0, max_lsd_db=None))
+    """save then load gives the same cases, signature, thresholds (default and per output) and
+    metadata."""
+    probe = demo_probe.with_thresholds(
+        probes.Thresholds(min_snr_db=50.0), wav=probes.Thresholds(min_snr_db=40.0, max_lsd_db=None)
+    )
     probe.save(tmp_path / "p")
     back = probes.load(tmp_path / "p")
     assert back.inputs == probe.inputs and back.outputs == probe.outputs
@@ -93,7 +98,11 @@ MANIFEST_DAMAGE: list[tuple[str, Callable[[Manifest], None], str]] = [
     ("wrong schema version", _set("schema_version", 99), "schema version 99 is not supported"),
     ("missing key", _drop("thresholds"), "missing keys ['thresholds']"),
     ("extra key", _set("colour", "red"), "unknown keys ['colour']"),
-    ("not a probe", _set("kind", "something-else"), "not an mnn-guard probe manifest"),
+    (
+        "not a probe",
+        _set("kind", "something-else"),
+        "manifest.json is not an mnn-guard probe manifest (kind 'something-else')",
+    ),
     (
         "shape contradicts array",
         lambda m: m["cases"][0]["inputs"]["mel"].__setitem__("shape", [1, 80, 7]),
@@ -130,7 +139,11 @@ MANIFEST_DAMAGE: list[tuple[str, Callable[[Manifest], None], str]] = [
         lambda m: m["inputs"][0].__setitem__("name", "spec"),
         "differ from the signature",
     ),
-    ("bad sha", lambda m: m.__setitem__("model_sha256", "abc"), "64 hex digits"),
+    (
+        "bad sha",
+        _set("model_sha256", "abc"),
+        "model_sha256 must be 64 hex digits or null, got 'abc'",
+    ),
     ("no cases", _set("cases", []), "'cases' must be a non-empty list"),
     (
         "checksum changed",
@@ -158,8 +171,9 @@ def test_damaged_manifest(
 
 
 def test_missing_folder(tmp_path: Path) -> None:
-    """A folder that does not exist says so."""
-    with pytest.raises(probes.ProbeError, match="does not exist"):
+    """A folder that does not exist is named, with how to record one."""
+    said = f"probe folder {str(tmp_path / 'nowhere')!r} does not exist (record one with "
+    with pytest.raises(probes.ProbeError, match=re.escape(f"{said}`mnn-guard record`)")):
         probes.load(tmp_path / "nowhere")
 
 
@@ -265,13 +279,18 @@ def test_signature_mismatch_with_model(demo_paths: tuple[Path, Path]) -> None:
 
 
 def test_other_mnn_version_warns_or_refuses(demo_paths: tuple[Path, Path], tmp_path: Path) -> None:
-    """A probe from another MNN version warns by default and is refused with strict_version."""
+    """A probe from another MNN version warns by default and is refused with strict_version;
+    without mnn_version, or with the recorded one, it loads quietly."""
     folder = copy_probe(demo_paths[1], tmp_path / "p")
     rewrite_manifest(folder, _set("mnn_version", "2.9.0"))
     with pytest.warns(probes.ProbeVersionWarning, match=r"recorded with MNN 2\.9\.0"):
         probes.load(folder, mnn_version="3.6.1")
     with pytest.raises(probes.ProbeError, match=r"recorded with MNN 2\.9\.0"):
         probes.load(folder, mnn_version="3.6.1", strict_version=True)
+    with warnings.catch_warnings():  # the installed MNN is asked only for strict_version alone
+        warnings.simplefilter("error")
+        probes.load(folder)
+        probes.load(folder, mnn_version="2.9.0", strict_version=True)
 
 
 # ---------------------------------------------------------------- recording
@@ -458,11 +477,6 @@ HOSTILE_MANIFESTS: list[tuple[str, Callable[[Path], None], str]] = [
     ),
     ("boolean dimension", raw_manifest(_input_dim(True)), "bad dimension True"),
     (
-        "rank 33",
-        raw_manifest(_mel_ref("shape", [1] * 33)),
-        "shape must be a list of at most 32 integers",
-    ),
-    (
         "deeply nested",
         raw_manifest(
             lambda m: m["recorded"].__setitem__("notes", "@RAW@"), "[" * 100_000 + "]" * 100_000
@@ -490,12 +504,13 @@ HOSTILE_MANIFESTS: list[tuple[str, Callable[[Path], None], str]] = [
     (
         "nested reference value",
         raw_manifest(lambda m: m["recorded"]["reference"].__setitem__("dynamic", {"a": [1]})),
-        "'recorded.reference.dynamic' must be null, a bool, a number or a string",
+        "'recorded.reference.dynamic' must be null, a bool, a number or a string of at most "
+        "1000 characters, got {'a': [1]}",
     ),
     (
         "note not a string",
         raw_manifest(lambda m: m["recorded"].__setitem__("notes", [1])),
-        "each of 'recorded.notes' must be a string",
+        "each of 'recorded.notes' must be a string of at most 1000 characters, got 1",
     ),
     (
         "5000-character version",
@@ -924,6 +939,20 @@ def test_strict_version_compares_with_the_installed_mnn(
     assert probes.load(demo_paths[1], strict_version=True) == demo_probe
 
 
+def test_strict_version_without_an_installed_mnn_asks_for_mnn_version(
+    demo_paths: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """strict_version=True alone, where no MNN distribution is installed, is refused and says
+    to pass mnn_version=."""
+    monkeypatch.setattr(store, "installed_mnn_version", lambda: None)
+    with pytest.raises(probes.ProbeError) as info:
+        probes.load(demo_paths[1], strict_version=True)
+    assert str(info.value) == (
+        "strict_version=True, but no installed MNN was found to compare the probe's MNN 3.6.1 "
+        "with; pass mnn_version="
+    )
+
+
 def test_installed_version_is_read_without_importing_mnn() -> None:
     """The version strict_version compares with is MNN.version(), read without importing MNN."""
     assert store.installed_mnn_version() == mnn.mnn_version()
@@ -947,6 +976,15 @@ def test_save_and_load_give_an_equal_probe(demo_probe: probes.Probe, tmp_path: P
     )
     assert other != demo_probe
     assert back.with_thresholds(probes.Thresholds(min_snr_db=40)) != demo_probe
+
+
+def test_cases_compare_nan_equal_to_nan_in_the_same_place() -> None:
+    """A case holding NaN equals its copy, and differs from one with the NaN elsewhere."""
+    x = np.array([1.0, np.nan, 3.0], np.float32)
+    y = {"y": np.ones(2, np.float32)}
+    case = probes.Case(inputs={"x": x}, outputs=y)
+    assert case == probes.Case(inputs={"x": x.copy()}, outputs=dict(y))
+    assert case != probes.Case(inputs={"x": x[::-1].copy()}, outputs=dict(y))
 
 
 def test_probes_modules_import_each_other_without_a_cycle() -> None:
@@ -1016,12 +1054,26 @@ def header_refusal(header: dict[str, Any]) -> tuple[Callable[[Path], None], str]
     reason = f"the .npy header is not one of a numeric array: {probes.errors.brief(header)}"
     return (
         edit_member(MEL, lambda d: npy_with_header(header, d[128:])),
-        f"member {MEL!r}: its .npy header cannot be read (ValueError: {reason})",
+        f"arrays.npz member {MEL!r}: its .npy header cannot be read (ValueError: {reason})",
     )
 
 
-MEL_HEAD = f"member {MEL!r}: its .npy header cannot be read (ValueError: the .npy header is"
+MEL_HEAD = (
+    f"arrays.npz member {MEL!r}: its .npy header cannot be read (ValueError: the .npy header is"
+)
 EXTRA_KEY = {**_header(), "extra": 1}
+SHAPE_RULE = "shape must be a list of at most 32 integers in 0..2147483647"
+DECLARES = f"arrays.npz member {MEL!r} declares 32128 bytes, but the manifest's"
+
+
+def _case(index: int, key: str, value: Any) -> Callable[[Manifest], None]:
+    return lambda m: m["cases"][index].__setitem__(key, value)
+
+
+def _recorded(key: str, value: Any) -> Callable[[Manifest], None]:
+    return lambda m: m["recorded"].__setitem__(key, value)
+
+
 EXACT_REFUSALS: list[tuple[str, Callable[[Path], None], str]] = [
     (
         "extra member with a .npy name",
@@ -1033,19 +1085,19 @@ EXACT_REFUSALS: list[tuple[str, Callable[[Path], None], str]] = [
     (
         "member of the data's size alone",
         edit_member(MEL, lambda d: d[128:]),
-        f"member {MEL!r} declares 32000 bytes, but the manifest's float32[1, 80, 100] takes "
-        "32000 bytes plus a header of at most 4096",
+        f"arrays.npz member {MEL!r} declares 32000 bytes, but the manifest's float32[1, 80, 100] "
+        "takes 32000 bytes plus a header of at most 4096",
     ),
     (
         "member one byte over data and largest header",
         edit_member(MEL, lambda d: npy_raw(2, 4097, header_text(_header(), 4097), d[128:])),
-        f"member {MEL!r} declares 36109 bytes, but the manifest's float32[1, 80, 100] takes "
-        "32000 bytes plus a header of at most 4096",
+        f"arrays.npz member {MEL!r} declares 36109 bytes, but the manifest's float32[1, 80, 100] "
+        "takes 32000 bytes plus a header of at most 4096",
     ),
     (
         "stored member whose sizes differ",
         set_central(MEL, 20, "<I", 32127),  # compressed size
-        f"member {MEL!r} is stored, but its stored and declared sizes differ",
+        f"arrays.npz member {MEL!r} is stored, but its stored and declared sizes differ",
     ),
     (
         "npy 1.0 header of 4097 bytes",
@@ -1065,7 +1117,7 @@ EXACT_REFUSALS: list[tuple[str, Callable[[Path], None], str]] = [
     (
         "npy header that is not a literal",
         edit_member(MEL, lambda d: npy_raw(1, 118, b"{'descr': '<f4', ".ljust(118), d[128:])),
-        f"{MEL_HEAD} not a Python literal ('{{' was never closed",
+        f"{MEL_HEAD} not a Python literal ('{{' was never closed (<unknown>, line 1)))",
     ),
     (
         "npy header with a key too many",
@@ -1080,7 +1132,71 @@ EXACT_REFUSALS: list[tuple[str, Callable[[Path], None], str]] = [
     (
         "npy dimension 0",
         edit_member(MEL, lambda d: npy_with_header(_header(shape=(0, 80, 100)), d[128:])),
-        f"member {MEL!r} holds float32[0, 80, 100] but the manifest says float32[1, 80, 100]",
+        f"arrays.npz member {MEL!r} holds float32[0, 80, 100] but the manifest says "
+        "float32[1, 80, 100]",
+    ),
+    # the manifest's own refusals
+    (
+        "case with a key too many",
+        raw_manifest(_case(0, "extra", {})),
+        "case 0 must have exactly 'inputs' and 'outputs'",
+    ),
+    (
+        "case outputs as a list",
+        raw_manifest(_case(1, "outputs", [])),
+        "case 1 outputs must be an object",
+    ),
+    (
+        "array reference with a key too many",
+        raw_manifest(_mel_ref("extra", 1)),
+        "case 0 inputs 'mel' needs exactly key, dtype, shape",
+    ),
+    (
+        "array dimension -1",
+        raw_manifest(_mel_ref("shape", [1, 80, -1])),
+        f"case 0 inputs 'mel': {SHAPE_RULE}, got [1, 80, -1]",
+    ),
+    (
+        "array shape of rank 33",
+        raw_manifest(_mel_ref("shape", [1] * 33)),
+        f"case 0 inputs 'mel': {SHAPE_RULE}, got {brief([1] * 33)}",
+    ),
+    # shapes at the bounds pass on to the size checks
+    (
+        "array shape of rank 32",
+        raw_manifest(_mel_ref("shape", [1] * 32)),
+        f"{DECLARES} float32{[1] * 32} takes 4 bytes plus a header of at most 4096",
+    ),
+    (
+        "array dimension 0",
+        raw_manifest(_mel_ref("shape", [1, 80, 0])),
+        f"{DECLARES} float32[1, 80, 0] takes 0 bytes plus a header of at most 4096",
+    ),
+    (
+        "array dimension 2**31 - 1",
+        raw_manifest(_mel_ref("shape", [1, 80, 2**31 - 1])),
+        f"the manifest declares {4 * 80 * (2**31 - 1) + 32000 + 2 * 102400} bytes of arrays, "
+        "more than the limit of 1073741824 (probes.store.MAX_ARRAY_BYTES)",
+    ),
+    (
+        "recorded with a key too many",
+        raw_manifest(_recorded("extra", 1)),
+        "'recorded' needs exactly the keys ['created', 'notes', 'reference', 'runs']",
+    ),
+    (
+        "recorded reference as a list",
+        raw_manifest(_recorded("reference", [])),
+        "'recorded.reference' must be an object and 'recorded.notes' a list",
+    ),
+    (
+        "recorded date as a number",
+        raw_manifest(_recorded("created", 5)),
+        "'recorded.created' must be a string of at most 1000 characters, got 5",
+    ),
+    (
+        "per_output as a list",
+        raw_manifest(_set("per_output", [])),
+        "'per_output' must be an object",
     ),
 ]
 
@@ -1090,16 +1206,17 @@ EXACT_REFUSALS: list[tuple[str, Callable[[Path], None], str]] = [
     [(d, m) for _, d, m in EXACT_REFUSALS],
     ids=[n for n, _, _ in EXACT_REFUSALS],
 )
-def test_refusals_of_arrays_say_exactly_what_is_wrong(
+def test_refusals_say_exactly_what_is_wrong(
     demo_paths: tuple[Path, Path], tmp_path: Path, damage: Callable[[Path], None], message: str
 ) -> None:
-    """Each damaged arrays.npz (sha256 matching) is a ProbeError quoting the exact reason."""
+    """Each damaged arrays.npz (sha256 matching) or manifest is a ProbeError whose message is
+    exactly the folder, the reason and the fix."""
     folder = copy_probe(demo_paths[1], tmp_path / "p")
     damage(folder)
     with pytest.raises(probes.ProbeError) as info:
         probes.load(folder)
-    assert str(info.value).startswith(f"probe {str(folder)!r}: "), str(info.value)
-    assert message in str(info.value), str(info.value)
+    fix = "re-record it with `mnn-guard record`"
+    assert str(info.value) == f"probe {str(folder)!r}: {message}; {fix}"
 
 
 def test_a_header_of_exactly_the_largest_size_loads(
@@ -1131,6 +1248,22 @@ def test_arrays_file_may_be_as_large_as_its_bound_and_no_larger(
     assert (
         f"arrays.npz is {bound + 1} bytes, more than the {bound} bytes that the manifest's "
         "arrays, their headers and 1 MiB of slack can take; re-record"
+    ) in str(info.value)
+
+
+def test_a_reference_value_may_be_1000_characters_and_no_more(
+    demo_paths: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A recorded reference value of 1000 characters loads; one of 1001 is refused."""
+    folder = copy_probe(demo_paths[1], tmp_path / "p")
+    rewrite_manifest(folder, lambda m: m["recorded"]["reference"].__setitem__("device", "x" * 1000))
+    assert probes.load(folder).meta.reference == {"dynamic": True, "device": "x" * 1000}
+    rewrite_manifest(folder, lambda m: m["recorded"]["reference"].__setitem__("device", "x" * 1001))
+    with pytest.raises(probes.ProbeError) as info:
+        probes.load(folder)
+    assert (
+        "'recorded.reference.device' must be null, a bool, a number or a string of at most 1000 "
+        f"characters, got {brief('x' * 1001)}; re-record"
     ) in str(info.value)
 
 
