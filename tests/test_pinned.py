@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import MNN
 import numpy as np
 import pytest
 from conftest import FakeClock, reference
@@ -2084,3 +2085,22 @@ def test_table_entries_carry_each_sessions_detail(demo_probe: probes.Probe) -> N
         {"name": "e", "state": "serving", "rung": "static", "rung_index": 0, "healthy": True,
          "since": status.since, "reasons": [], "workers": [{"slot": 0}]},
     ]  # fmt: skip
+
+
+def test_a_bare_session_pair_is_bound_by_the_probes_names(converted: dict[str, Any]) -> None:
+    """The canary binds a factory's bare (Interpreter, Session) pair by the probe's names: the
+    mixed model's inputs and outputs in the model's order, not the session's own (sorted) one."""
+    path = str(converted["mixed"])
+
+    def make(**config: Any) -> tuple[Any, Any]:
+        interpreter = MNN.Interpreter(path)
+        return interpreter, interpreter.createSession({"numThread": 1, **config})
+
+    x = np.random.default_rng(3).standard_normal((1, 4, 20)).astype(np.float32)
+    inputs = {"x": x, "index": np.array([3, 1], np.int32), "bias": np.array([0.5], np.float32)}
+    probe = probes.record(guard.mnn_session_factory(path, {"numThread": 1}), inputs, reference={})
+    policy = guard.Policy(background=False, ladder=(guard.Rung("session"),))
+    with guard.wrap(make, probe, name="bare", metrics=False, policy=policy) as session:
+        out = session.run(inputs)
+    np.testing.assert_allclose(out["picked"], x[:, [3, 1], :] + 0.5, rtol=1e-6)
+    np.testing.assert_allclose(out["energy"], np.mean(x * x, axis=2, keepdims=True), rtol=1e-5)

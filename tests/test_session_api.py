@@ -169,21 +169,6 @@ def test_two_bindings_of_one_session_resize_from_what_mnn_reports(
         np.testing.assert_allclose(out["picked"], mixed_truth(inputs)[0], rtol=1e-6)
 
 
-def test_a_bare_pair_is_bound_by_the_probes_names(converted: dict[str, Path]) -> None:
-    """A factory returning a bare pair of a multi-input model is bound by the probe's names."""
-    path = str(converted["mixed"])
-
-    def make(**config: Any) -> tuple[Any, Any]:
-        interpreter = MNN.Interpreter(path)
-        return interpreter, interpreter.createSession({"numThread": 1, **config})
-
-    probe = record_mixed(session_factory(path))
-    inputs = mixed_inputs(20, seed=3)
-    with wrap(make, probe, SESSION_ONLY, name="bare-mixed") as session:
-        out = session.run(inputs)
-    np.testing.assert_allclose(out["picked"], mixed_truth(inputs)[0], rtol=1e-6)
-
-
 def test_a_failed_run_session_returns_no_stale_outputs(converted: dict[str, Path]) -> None:
     """A shape MNN cannot compute is an OutputMismatch, never the previous call's outputs; the
     next good shape is served again."""
