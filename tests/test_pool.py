@@ -104,8 +104,12 @@ def test_status_lists_each_worker(pool: guard.Pool) -> None:
     assert len({w.pid for w in status}) == 2 and os.getpid() not in {w.pid for w in status}
 
 
-def test_killed_worker_is_replaced_and_no_request_is_lost(pool: guard.Pool) -> None:
-    """SIGKILL on a worker mid-run: its request is retried, none is lost, a new worker joins."""
+def test_killed_worker_is_replaced_and_no_request_is_lost(
+    pool: guard.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGKILL on a worker mid-run: its request is retried, none is lost, a new worker joins;
+    the log says which worker died how."""
+    caplog.set_level(logging.WARNING, logger="mnn_guard")
     inputs = [demo.demo_mel(200, seed=1000 + i) for i in range(60)]
     expected = references(inputs)
     before = {w.pid for w in pool.status()}
@@ -138,6 +142,10 @@ def test_killed_worker_is_replaced_and_no_request_is_lost(pool: guard.Pool) -> N
     assert pool.replaced == replaced + 1
     assert victim not in after and len(after) == 2 and len(after - before) == 1
     assert gone(victim)
+    said = (
+        rf"pool pool: worker 0 \(pid {victim}\) was killed by SIGKILL( while idle)?; replacing it"
+    )
+    assert [m for m in caplog.messages if re.fullmatch(said, m)], caplog.messages
 
 
 def _refuse_to_load(data: bytes) -> None:
@@ -952,7 +960,8 @@ def test_closing_a_pool_keeps_a_newer_pool_of_its_name_ready(
 
 def test_map_sends_one_request_per_worker_at_a_time(demo_paths: tuple[Path, Path]) -> None:
     """map() never queues its own requests for a worker: with one worker and a 0.3 s wait
-    bound, three 0.5 s requests are all served."""
+    bound, three 0.5 s requests are all served. A run() that finds the worker busy for longer
+    than the bound raises Unavailable once the bound has passed, saying why."""
     probe = probes.load(demo_paths[1], model=demo_paths[0])
     factory = MarkedFactory(demo.demo_factory(threads=1))
     policy = quiet_policy(wait_timeout=0.3)
@@ -960,6 +969,18 @@ def test_map_sends_one_request_per_worker_at_a_time(demo_paths: tuple[Path, Path
         inputs = [sleeping(0.5) for _ in range(3)]
         assert_outputs(p.map([{"mel": x} for x in inputs]), references(inputs))
         assert p.status()[0].requests == 3
+        busy = threading.Thread(target=p.run, args=({"mel": sleeping(2.0)},))
+        busy.start()
+        until(lambda: p.status()[0].busy, 30, "a busy worker")
+        started = time.monotonic()
+        with pytest.raises(guard.Unavailable) as info:
+            p.run({"mel": demo.demo_mel(40)})
+        assert time.monotonic() - started >= 0.3
+        assert str(info.value) == (
+            "pool 'one': no worker was free within 0.3 s (Policy.wait_timeout); 0 of 1 "
+            "starting, the rest busy"
+        )
+        busy.join(30)
 
 
 def test_a_request_that_raised_then_was_lost_fails_with_both_reasons(
