@@ -1018,3 +1018,41 @@ def test_a_factory_that_does_not_match_the_probe_is_refused_before_spawning(
     ) as info:
         guard.Pool(factory, demo_probe, processes=1, policy=quiet_policy(), name="stale")
     assert not hasattr(info.value, "__notes__")  # a worker's refusal would name the worker
+
+
+class Interrupted(BaseException):
+    """What a signal handler raises in the main thread, as Ctrl-C's KeyboardInterrupt does."""
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+@pytest.mark.hostile
+def test_an_interrupted_request_retires_its_worker(
+    marked_pool: guard.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request interrupted in the caller's thread retires its worker, whose reply would
+    otherwise reach the next caller late, and a replacement serves the next request."""
+    busy = {w.pid for w in wait_until_serving(marked_pool)}
+    replaced = marked_pool.replaced
+    caplog.set_level(logging.WARNING, logger="mnn_guard")
+
+    def interrupt_when_busy() -> None:
+        until(lambda: any(w.busy for w in marked_pool.status()), 30, "a busy worker")
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled in the main thread, in its wait
+
+    previous = signal.signal(signal.SIGUSR1, _interrupt)
+    try:
+        interrupter = threading.Thread(target=interrupt_when_busy)
+        interrupter.start()
+        with pytest.raises(Interrupted):
+            marked_pool.run({"mel": sleeping(30.0)})
+        interrupter.join(30)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert "pool marked: a request was interrupted; replacing it" in caplog.messages
+    after = wait_until_serving(marked_pool)
+    assert marked_pool.replaced == replaced + 1 and len(busy - {w.pid for w in after}) == 1
+    mel = demo.demo_mel(70, seed=9)
+    assert_outputs([marked_pool.run({"mel": mel})], references([mel]))
