@@ -284,7 +284,9 @@ def test_bad_pool_config_raises_config_error(
         guard.Pool(**args)
 
 
-def test_pool_defaults_and_a_pool_that_admits_no_waiting(demo_probe: probes.Probe) -> None:
+def test_pool_defaults_and_max_waiting_zero_admitting_one_call_at_a_time(
+    demo_probe: probes.Probe,
+) -> None:
     """By default a pool has two workers and a 60 s request timeout; max_waiting=0 is allowed
     and admits one async call at a time, however many came before."""
     factory = demo.demo_factory(threads=1)
@@ -537,6 +539,39 @@ def test_fallback_worker_shows_its_rung_in_status(demo_paths: tuple[Path, Path])
         (worker,) = p.status()
         assert (worker.mode, worker.rung_index, worker.healthy) == ("dynamic", 1, True)
         assert worker.rung == guard.DYNAMIC and worker.state is guard.State.SERVING
+
+
+class TurningFactory:
+    """Picklable: a worker's first static module degrades after its canary and a few calls,
+    every later static module is degraded at once; dynamic modules are clean."""
+
+    def __init__(self, factory: mnn.MNNFactory) -> None:
+        self.path, self.inputs, self.outputs = factory.path, factory.inputs, factory.outputs
+        self.first = FaultyFactory(factory, fault="noise", rate=1.0, degrade_after=10)
+        self.later = FaultyFactory(factory, fault="noise", rate=1.0)
+        self.inits = 0
+
+    def __call__(self, **overrides: Any) -> Any:
+        self.inits += 1
+        return (self.first if self.inits == 1 else self.later)(**overrides)
+
+
+def test_readiness_shows_a_worker_that_fell_back_during_its_requests(
+    demo_paths: tuple[Path, Path],
+) -> None:
+    """A worker whose module degrades while it serves re-checks, falls back to dynamic, and the
+    pool's readiness entry shows the new rung as soon as a reply reports it."""
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    faulty = TurningFactory(demo.demo_factory(threads=1))
+    policy = guard.Policy(promote_after=None, reinit_attempts=0, recheck_every=3)
+    table = guard.HealthTable()
+    with guard.Pool(faulty, probe, processes=1, policy=policy, name="turning", health=table) as p:
+        deadline = time.monotonic() + 60
+        while p.status()[0].rung_index == 0:
+            assert time.monotonic() < deadline, "the worker never fell back"
+            p.run({"mel": demo.demo_mel(40)})
+        (entry,) = table.entries()
+        assert [w["rung"] for w in entry["workers"]] == ["dynamic"]
 
 
 @pytest.mark.hostile
