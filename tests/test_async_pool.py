@@ -90,13 +90,18 @@ class Ticker:
         """The most CPU this process spent within one gap (capped by the gap)."""
         return max(min(wall, cpu) for wall, cpu in self.gaps)
 
+    def stalls_over(self, bound: float) -> int:
+        """How many gaps held more than `bound` of this process's CPU."""
+        return sum(min(wall, cpu) > bound for wall, cpu in self.gaps)
+
     def describe(self) -> str:
         """Numbers for the test log."""
         walls = sorted(w for w, _ in self.gaps)
         return (
             f"{len(walls)} ticks; gap median {statistics.median(walls) * 1e3:.2f} ms, "
             f"largest {walls[-1] * 1e3:.1f} ms; this process's CPU within one gap at most "
-            f"{self.stall * 1e3:.2f} ms"
+            f"{self.stall * 1e3:.2f} ms ({self.stalls_over(STALL_BOUND)} over "
+            f"{STALL_BOUND * 1e3:.0f} ms)"
         )
 
 
@@ -171,8 +176,9 @@ def test_arun_and_amap_return_owned_outputs_in_order(pool: guard.Pool) -> None:
 
 def test_loop_stays_free_while_100_calls_run(pool: guard.Pool) -> None:
     """100 calls of about 30 ms each, all in flight at once: this process spends under 10 ms
-    of CPU within any gap of the loop, the loop ticks freely most of the time, and every output
-    matches its reference.
+    of CPU within the loop's gaps (at most 2 of the thousands may exceed it: on a loaded machine
+    one has taken 31 ms; a forward in the loop's process would make one per call), the loop
+    ticks freely most of the time, and every output matches its reference.
 
     The calls start one per loop iteration, as requests reach a server; 100 calls started in
     one iteration would hold it for 100 times the per-call cost (input checks and pickling,
@@ -214,7 +220,7 @@ def test_loop_stays_free_while_100_calls_run(pool: guard.Pool) -> None:
         np.testing.assert_allclose(out["wav"], long_expected, rtol=0, atol=1e-5)
     for k, out in enumerate(outputs[2:]):
         np.testing.assert_allclose(out["wav"], expected[k % 10], rtol=0, atol=1e-5)
-    assert ticker.stall < STALL_BOUND, ticker.describe()
+    assert ticker.stalls_over(STALL_BOUND) <= 2, ticker.describe()
     assert statistics.median(w for w, _ in ticker.gaps) < 0.005, ticker.describe()
 
 
