@@ -463,6 +463,14 @@ def test_request_that_kills_two_workers_is_a_poison_request(marked_pool: guard.P
     assert marked_pool.replaced == replaced + 2
 
 
+def until(check: Callable[[], bool], seconds: float, what: str) -> None:
+    """Poll `check` until it holds; fail naming `what` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"{what} not within {seconds} s"
+        time.sleep(0.02)
+
+
 def ended(pid: int) -> bool:
     """True once a child has exited with every thread (waitable; left for its owner to reap)."""
     try:
@@ -482,10 +490,7 @@ def test_workers_that_died_while_idle_do_not_fail_the_next_request(
     for pid in dead:
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while not all(ended(pid) for pid in dead if pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert all(ended(pid) for pid in dead if pid), "the killed workers did not end within 30 s"
+    until(lambda: all(ended(pid) for pid in dead if pid), 30, "the killed workers' ends")
     mel = demo.demo_mel(90, seed=8)
     assert_outputs([marked_pool.run({"mel": mel})], references([mel]))
     after = wait_until_serving(marked_pool)
@@ -896,14 +901,6 @@ def socket_inodes() -> set[str]:
             if target.startswith("socket:"):
                 found.add(target)
     return found
-
-
-def until(check: Callable[[], bool], seconds: float, what: str) -> None:
-    """Poll `check` until it holds; fail naming `what` after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"{what} not within {seconds} s"
-        time.sleep(0.02)
 
 
 def test_workers_that_die_idle_are_replaced_without_a_request(
