@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from guard.server import asgi_app, serve, wsgi_app
     from guard.session import GuardedSession
     from guard.state import SessionStatus, State
+    from guard.recording import record
     from guard.wrapping import wrap
 
 from guard.version import __version__
@@ -79,6 +80,7 @@ __all__ = [
     "mnn_factory",
     "mnn_session_factory",
     "readiness",
+    "record",
     "serve",
     "session_factory",
     "session_ladder",
@@ -122,6 +124,7 @@ _HOME = {  # public name -> the runtime module that defines it
     "SessionStatus": "state",
     "State": "state",
     "wrap": "wrapping",
+    "record": "recording",
 }
 _RUNTIME = frozenset(  # submodules that were attributes when this module imported them all
     {

@@ -43,7 +43,8 @@ from guard.errors import BundleError, ConfigError
 from guard.ladder import Attempt
 from guard.listeners import Listener
 from guard.version import __version__
-from probes import OutputScore, Probe, Verdict
+from probes import Probe, Verdict
+from probes.judges import OutputScore
 from probes.store import file_sha256
 
 __all__ = [
@@ -102,10 +103,7 @@ def _score_json(score: OutputScore, probe: Probe) -> dict[str, Any]:
         "passed": score.passed,
         "shape_ok": score.shape_ok,
         "finite": score.finite,
-        "snr_db": _number(score.snr_db),
-        "cosine": _number(score.cosine),
-        "max_abs": _number(score.max_abs),
-        "lsd_db": _number(score.lsd_db),
+        **{judge: _number(value) for judge, value in score.values.items()},
         "checks": [
             {
                 "judge": c.judge,

@@ -10,8 +10,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guard.errors import InputMismatch
-from probes import InputSpec
-from probes.signature import format_shape
+from probes.signature import InputSpec, format_shape
 
 __all__ = ["InputChecker", "check_input", "describe", "prepare_inputs"]
 

@@ -16,7 +16,8 @@ from guard.listeners import Listener, LoggingListener
 from guard.metrics import Buckets, PrometheusListener
 from guard.session import Factory, GuardedSession
 from guard.version import __version__
-from probes import Probe, ProbeError, check_mnn_version, check_model
+from probes import Probe, ProbeError
+from probes.store import check_mnn_version, check_model
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

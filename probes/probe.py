@@ -14,7 +14,8 @@ from numpy.typing import NDArray
 
 from probes import store
 from probes.errors import ProbeError, brief
-from probes.judges import OutputScore, Thresholds, judge_output
+from probes.judges import OutputScore, judge_output
+from probes.limits import DEFAULT_LIMITS, Limits, Thresholds
 from probes.signature import (
     MAX_DIM,
     MAX_RANK,
@@ -26,7 +27,9 @@ from probes.signature import (
 
 __all__ = ["KIND", "MAX_RUNS", "SCHEMA_VERSION", "Case", "Probe", "ProbeMeta", "Verdict", "load"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READ_VERSIONS = (1, 2)
+"""Schema 1 (thresholds by field) is still read; schema 2 (limits by judge name) is written."""
 KIND = "mnn-guard-probe"
 MAX_RUNS = 10_000
 """The most reference inits a manifest may claim (`record` uses 3)."""
@@ -59,7 +62,9 @@ class Case:
 class ProbeMeta:
     """Where a probe came from: model hash, MNN version and how it was recorded."""
 
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = field(
+        default=SCHEMA_VERSION, compare=False
+    )  # of the file it was read from
     model_sha256: str | None = None
     mnn_version: str | None = None
     reference: Mapping[str, Any] = field(default_factory=dict)
@@ -131,11 +136,18 @@ class Probe:
     cases: tuple[Case, ...]
     inputs: tuple[InputSpec, ...]
     outputs: tuple[OutputSpec, ...]
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    per_output: Mapping[str, Thresholds] = field(default_factory=dict)
+    thresholds: Mapping[str, float] = DEFAULT_LIMITS
+    per_output: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     meta: ProbeMeta = field(default_factory=ProbeMeta)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "thresholds", Limits.of(self.thresholds))
+        if not isinstance(self.per_output, Mapping):
+            raise ProbeError(
+                f"per_output must map output names to limits, got {brief(self.per_output)}"
+            )
+        per = {name: Limits.of(limits) for name, limits in self.per_output.items()}
+        object.__setattr__(self, "per_output", per)
         if not self.cases:
             raise ProbeError("a probe needs at least one canary case")
         in_names = [s.name for s in self.inputs]
@@ -183,12 +195,15 @@ class Probe:
         """Output names in the model's order."""
         return [s.name for s in self.outputs]
 
-    def thresholds_for(self, output: str) -> Thresholds:
-        """The limits that apply to one output."""
-        return self.per_output.get(output, self.thresholds)
+    def thresholds_for(self, output: str) -> Limits:
+        """The limits that apply to one output, by judge name."""
+        return Limits.of(self.per_output.get(output, self.thresholds))
 
-    def with_thresholds(self, default: Thresholds | None = None, **per_output: Thresholds) -> Probe:
-        """A copy with a new default and/or per-output thresholds (`wav=Thresholds(...)`)."""
+    def with_thresholds(
+        self, default: Mapping[str, float] | None = None, **per_output: Mapping[str, float]
+    ) -> Probe:
+        """A copy with new default and/or per-output limits (`wav={"snr_db": 30}` or
+        `wav=Thresholds(...)`)."""
         return replace(
             self,
             thresholds=default or self.thresholds,
@@ -248,8 +263,8 @@ class Probe:
             },
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
-            "thresholds": self.thresholds.to_json(),
-            "per_output": {k: v.to_json() for k, v in self.per_output.items()},
+            "limits": Limits.of(self.thresholds).to_json(),
+            "per_output": {k: Limits.of(v).to_json() for k, v in self.per_output.items()},
             "cases": cases,
         }
         store.write(directory, manifest, arrays)
@@ -257,10 +272,12 @@ class Probe:
 
 # ---------------------------------------------------------------- loading
 
-_KEYS = frozenset(
+_COMMON = frozenset(
     {"kind", "schema_version", "model_sha256", "mnn_version", "recorded", "inputs", "outputs"}
-    | {"thresholds", "per_output", "cases", "arrays"}
+    | {"per_output", "cases", "arrays"}
 )
+_KEYS = {1: _COMMON | {"thresholds"}, 2: _COMMON | {"limits"}}
+"""The top-level keys of a manifest, by schema version."""
 _RECORDED_KEYS = frozenset({"reference", "runs", "created", "notes"})
 _MAX_TEXT = 1000  # characters in a version, a date, a note or a reference value
 
@@ -269,22 +286,33 @@ def _key(case: int, side: str, name: str) -> str:
     return f"case{case}/{side}/{name}"
 
 
-def _check_header(manifest: Mapping[str, Any]) -> None:
-    """Kind, schema version and the top-level keys."""
+def _check_header(manifest: Mapping[str, Any]) -> int:
+    """Kind, schema version and the top-level keys; the schema version."""
     if manifest.get("kind") != KIND:
         raise ProbeError(
             f"{store.MANIFEST} is not an mnn-guard probe manifest "
             f"(kind {brief(manifest.get('kind'))})"
         )
     version = manifest.get("schema_version")
-    if type(version) is not int or version != SCHEMA_VERSION:
+    if type(version) is not int or version not in READ_VERSIONS:
         raise ProbeError(
             f"schema version {brief(version)} is not supported "
-            f"(this mnn-guard reads the integer {SCHEMA_VERSION})"
+            f"(this mnn-guard reads the integers {', '.join(map(str, READ_VERSIONS))})"
         )
-    missing, extra = sorted(_KEYS - set(manifest)), sorted(set(manifest) - _KEYS)
+    keys = _KEYS[version]
+    missing, extra = sorted(keys - set(manifest)), sorted(set(manifest) - keys)
     if missing or extra:
         raise ProbeError(f"{store.MANIFEST} has missing keys {missing} and unknown keys {extra}")
+    return version
+
+
+def _limits(raw: Any, version: int, what: str) -> Limits:
+    """Limits from a manifest: by field in schema 1, by judge name in schema 2."""
+    if version == 1:
+        return Thresholds.from_json(raw).limits()
+    if not isinstance(raw, dict):
+        raise ProbeError(f"{what} must be an object of judge name -> limit, got {brief(raw)}")
+    return Limits(raw)
 
 
 def _list(manifest: Mapping[str, Any], key: str) -> list[Any]:
@@ -316,7 +344,7 @@ def _scalar(value: Any, what: str) -> Any:
     )
 
 
-def _meta(manifest: Mapping[str, Any]) -> ProbeMeta:
+def _meta(manifest: Mapping[str, Any], version: int) -> ProbeMeta:
     rec = manifest["recorded"]
     if not isinstance(rec, dict) or set(rec) != _RECORDED_KEYS:
         raise ProbeError(f"'recorded' needs exactly the keys {sorted(_RECORDED_KEYS)}")
@@ -329,6 +357,7 @@ def _meta(manifest: Mapping[str, Any]) -> ProbeMeta:
     if not isinstance(reference, dict) or not isinstance(notes, list):
         raise ProbeError("'recorded.reference' must be an object and 'recorded.notes' a list")
     return ProbeMeta(
+        schema_version=version,
         model_sha256=sha,
         mnn_version=_text(manifest["mnn_version"], "mnn_version", optional=True),
         reference={k: _scalar(v, f"'recorded.reference.{k}'") for k, v in reference.items()},
@@ -400,15 +429,16 @@ def load(
         )
     try:
         manifest = store.read_manifest(folder)
-        _check_header(manifest)
+        schema = _check_header(manifest)
         inputs = tuple(InputSpec.from_json(r) for r in _list(manifest, "inputs"))
         outputs = tuple(OutputSpec.from_json(r) for r in _list(manifest, "outputs"))
-        thresholds = Thresholds.from_json(manifest["thresholds"])
+        limits_key = "thresholds" if schema == 1 else "limits"
+        thresholds = _limits(manifest[limits_key], schema, f"'{limits_key}'")
         per = manifest["per_output"]
         if not isinstance(per, dict):
             raise ProbeError("'per_output' must be an object")
-        per_output = {k: Thresholds.from_json(v) for k, v in per.items()}
-        meta = _meta(manifest)
+        per_output = {k: _limits(v, schema, f"'per_output.{k}'") for k, v in per.items()}
+        meta = _meta(manifest, schema)
         keys, refs = _case_refs(_list(manifest, "cases"))
         arrays = store.read_arrays(folder, manifest["arrays"], refs)
         probe = Probe(

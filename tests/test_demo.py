@@ -13,13 +13,14 @@ import probes
 from guard import mnn
 from guard.tools import demo
 from guard.tools.demo_job import run_demo
+from probes import store
 
 
 def test_rebuild_is_byte_identical(tmp_path: Path) -> None:
     """Building the vocoder again gives exactly the shipped bytes (so the shipped probe applies)."""
     demo.build_vocoder(tmp_path / "v.mnn")
-    assert probes.file_sha256(tmp_path / "v.mnn") == demo.DEMO_SHA256
-    assert probes.file_sha256(demo.DEMO_MODEL) == demo.DEMO_SHA256
+    assert store.file_sha256(tmp_path / "v.mnn") == demo.DEMO_SHA256
+    assert store.file_sha256(demo.DEMO_MODEL) == demo.DEMO_SHA256
 
 
 def test_shipped_probe_matches_the_model(demo_probe: probes.Probe) -> None:

@@ -58,7 +58,7 @@ def test_diagnose_names_the_perturbed_layer(
     """The first divergent tensor is the perturbed layer; the path runs from it to the output."""
     expected = layer(perturbed[index], index)
     found = run_diagnose(perturbed[index], demo_probe, reference_model=demo.DEMO_MODEL)
-    assert found.diverged and found.outputs["wav"] < demo_probe.thresholds.min_snr_db
+    assert found.diverged and found.outputs["wav"] < demo_probe.thresholds["snr_db"]
     assert [t.name for t in found.first] == [expected]
     assert found.first[0].op_type in LAYERS and found.first[0].snr_db < 40
     assert found.path[0].name == expected and found.path[-1].name == "wav"

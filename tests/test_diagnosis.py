@@ -19,6 +19,7 @@ from guard.diagnosis import DiagnosisListener, find_bundles, read_bundle, writer
 from guard.ladder import Attempt, Outcome, Rung
 from guard.testing import Fault, FaultyFactory
 from guard.tools import demo
+from probes import measures
 
 
 def quiet_policy(**kw: object) -> guard.Policy:
@@ -63,13 +64,13 @@ def test_failed_canary_leaves_a_complete_bundle(
     verdict = bundle.verdict
     assert verdict["passed"] is False and verdict["outputs"]["wav"]["snr_db"] < 25
     assert {c["judge"] for c in verdict["outputs"]["wav"]["checks"]} >= {"snr_db", "cosine"}
-    assert verdict["outputs"]["wav"]["thresholds"]["min_snr_db"] == 45.0
+    assert verdict["outputs"]["wav"]["thresholds"]["snr_db"] == 45.0
     assert set(verdict["cases"]) == {"0", "1"}
     inputs, golden, actual = (bundle.arrays[f] for f in ("inputs.npz", "golden.npz", "actual.npz"))
     assert np.array_equal(inputs["case0/mel"], demo_probe.cases[0].inputs["mel"])
     assert np.array_equal(golden["case1/wav"], demo_probe.cases[1].outputs["wav"])
     assert actual["case1/wav"].shape == golden["case1/wav"].shape
-    assert 15 < probes.snr_db(golden["case1/wav"], actual["case1/wav"]) < 25
+    assert 15 < measures.snr_db(golden["case1/wav"], actual["case1/wav"]) < 25
     readme = (path / "README.txt").read_text()
     assert "github.com/alibaba/MNN/issues" in readme and "attach this folder" in readme
 

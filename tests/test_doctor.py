@@ -21,6 +21,7 @@ from guard.diagnosis import find_bundles, read_bundle
 from guard.testing import FaultyFactory
 from guard.tools import demo
 from guard.tools.doctor import DoctorReport, RungReport, doctor_json, format_doctor, run_doctor
+from probes import store
 
 STARTS = 16
 RATE = 0.3
@@ -216,7 +217,7 @@ def test_cli_exits_1_on_a_degraded_model(demo_paths: tuple[Path, Path], tmp_path
     bundles = [read_bundle(b) for b in find_bundles(folder)]
     assert sorted(b.manifest["rung"]["name"] for b in bundles) == ["dynamic"] * 2 + ["static"] * 2
     assert all((b.path / "report.html").is_file() for b in bundles)
-    assert all(b.manifest["model"]["sha256"] == probes.file_sha256(noisy) for b in bundles)
+    assert all(b.manifest["model"]["sha256"] == store.file_sha256(noisy) for b in bundles)
     assert done.stderr.count("diagnosis bundle: ") == 4
 
 

@@ -18,6 +18,7 @@ import probes
 from guard import mnn
 from guard.inputs import InputChecker
 from guard.tools import demo
+from probes import signature
 
 pytestmark = pytest.mark.hostile
 Array = np.ndarray[Any, Any]
@@ -211,7 +212,7 @@ def test_nonfinite_inputs_allowed_when_policy_says_so(demo_paths: Any) -> None:
 def test_huge_finite_values_are_not_mistaken_for_inf() -> None:
     """The fast finiteness check sums; a sum that overflows falls back to checking each value."""
     checker = InputChecker(
-        [probes.InputSpec(name="x", dtype="float32", shape=(1, (1, 8)))], check_finite=True
+        [signature.InputSpec(name="x", dtype="float32", shape=(1, (1, 8)))], check_finite=True
     )
     huge = np.full((1, 4), 3e38, np.float32)
     (out,) = checker({"x": huge})
@@ -246,7 +247,7 @@ def test_a_lying_subclass_is_checked_as_the_plain_array(
     dtype: str, raw: Array, message: str
 ) -> None:
     """Reductions overridden by a subclass are not trusted: checks run on its plain array."""
-    checker = InputChecker([probes.InputSpec(name="x", dtype=dtype, shape=(1, 4))])
+    checker = InputChecker([signature.InputSpec(name="x", dtype=dtype, shape=(1, 4))])
     with pytest.raises(guard.InputMismatch, match=message):
         checker({"x": raw.view(Liar)})
 
@@ -263,7 +264,7 @@ finite_or_not = st.sampled_from([0.0, -1.5, 2.0, 1e300, -1e300, np.nan, np.inf])
 def test_checks_run_on_the_exact_array_handed_on(values: Array, mask: Array, kind: str) -> None:
     """A subclass is accepted or refused exactly as its plain array is; what is handed on is a
     plain ndarray equal to that array cast; a masked array with a masked cell is refused."""
-    checker = InputChecker([probes.InputSpec(name="x", dtype="float32", shape=(1, 6))])
+    checker = InputChecker([signature.InputSpec(name="x", dtype="float32", shape=(1, 6))])
     wrapped = (
         np.ma.masked_array(values, mask=mask)
         if kind == "masked"

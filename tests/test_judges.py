@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import json
 import math
 import subprocess
 import sys
@@ -19,8 +21,9 @@ from hypothesis import example, given, settings
 import guard
 import probes
 from guard import mnn
+from guard.testing import Fault, FaultyFactory
 from guard.tools import demo
-from probes import judges
+from probes import judges, measures
 from probes.errors import brief
 
 Array = np.ndarray[Any, Any]
@@ -56,7 +59,8 @@ def test_default_thresholds_on_rebuilt_models(
     verdict = demo_probe.judge(mnn.adapt(module).run([case.inputs["mel"]]))
     score = verdict.scores["wav"]
     print(
-        f"{name}: SNR {score.snr_db:.1f} dB, cosine {score.cosine:.7f}, LSD {score.lsd_db:.3f} dB"
+        f"{name}: SNR {score.snr_db:.1f} dB, cosine {score.values['cosine']:.7f}, "
+        f"LSD {score.values['lsd_db']:.3f} dB"
     )
     assert verdict.passed is passes, verdict.reasons
 
@@ -66,7 +70,7 @@ def test_gain_fault_fails_on_snr_although_cosine_is_high(demo_probe: probes.Prob
     golden = demo_probe.cases[0].outputs["wav"]
     verdict = demo_probe.judge({"wav": golden * 0.5})
     assert not verdict.passed
-    assert verdict.scores["wav"].cosine > 0.9999
+    assert verdict.scores["wav"].values["cosine"] > 0.9999
     assert any("snr_db" in r for r in verdict.reasons)
 
 
@@ -180,8 +184,8 @@ def test_judge_scores_a_one_second_canary_at_22050_hz() -> None:
     """The judge handles a 1 s 22,050 Hz signal (cost is reported by the benchmark)."""
     t = np.arange(22050) / 22050
     golden = np.sin(2 * np.pi * 220 * t).astype(np.float32)[None, None]
-    score = probes.judge_output("wav", golden, golden * np.float32(1.0001), probes.Thresholds())
-    assert score.passed and score.lsd_db is not None and score.lsd_db < 0.01
+    score = judges.judge_output("wav", golden, golden * np.float32(1.0001), probes.Thresholds())
+    assert score.passed and score.values["lsd_db"] is not None and score.values["lsd_db"] < 0.01
 
 
 floats = hnp.arrays(
@@ -206,7 +210,7 @@ def test_judges_never_raise(golden: Array, data: st.DataObject) -> None:
     """Random arrays: no judge raises, each Check passes exactly when it meets its limit."""
     golden = np.nan_to_num(golden, nan=0.0, posinf=1.0, neginf=-1.0)
     actual = data.draw(hnp.arrays(np.float32, golden.shape, elements=st.floats(width=32)))
-    score = probes.judge_output("y", golden, actual, probes.Thresholds(max_abs=1.0))
+    score = judges.judge_output("y", golden, actual, probes.Thresholds(max_abs=1.0))
     assert score.passed is all(score.checks) and bool(score.reasons) is not score.passed
     assert score.finite is bool(np.isfinite(actual).all())
     bad = int(np.size(actual) - np.count_nonzero(np.isfinite(actual)))
@@ -229,10 +233,10 @@ def test_judges_never_raise(golden: Array, data: st.DataObject) -> None:
 def test_identical_finite_arrays_pass_and_nan_fails(golden: Array) -> None:
     """An array judged against itself passes; the same with a NaN fails."""
     golden = np.nan_to_num(golden, nan=0.0, posinf=1.0, neginf=-1.0)
-    assert probes.judge_output("y", golden, golden.copy(), probes.Thresholds()).passed
+    assert judges.judge_output("y", golden, golden.copy(), probes.Thresholds()).passed
     bad = golden.copy()
     bad.flat[0] = np.nan
-    assert not probes.judge_output("y", golden, bad, probes.Thresholds()).passed
+    assert not judges.judge_output("y", golden, bad, probes.Thresholds()).passed
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-6, 1e6, 1e30])
@@ -242,8 +246,8 @@ def test_log_spectral_distance_does_not_depend_on_loudness(scale: float) -> None
     t = np.arange(4096, dtype=np.float32) / 22050
     golden = np.sin(2 * np.pi * 440 * t).astype(np.float32)
     actual = golden + rng.normal(0, 0.01, golden.shape).astype(np.float32)
-    unit = probes.log_spectral_distance(golden, actual)
-    scaled = probes.log_spectral_distance(golden * scale, actual * scale)
+    unit = measures.log_spectral_distance(golden, actual)
+    scaled = measures.log_spectral_distance(golden * scale, actual * scale)
     assert unit is not None and scaled is not None and unit > 0.1
     assert scaled == pytest.approx(unit, rel=1e-3)
 
@@ -260,8 +264,8 @@ def test_log_spectral_distance_does_not_depend_on_loudness(scale: float) -> None
 def test_cosine_of_equal_arrays_is_exactly_one(golden: Array) -> None:
     """Equal arrays score 1.0 exactly, so `min_cosine=1.0` demands equality and nothing more."""
     if np.any(golden):
-        assert probes.cosine_similarity(golden, golden.copy()) == 1.0
-    assert probes.judge_output("y", golden, golden.copy(), probes.Thresholds(min_cosine=1.0)).passed
+        assert measures.cosine_similarity(golden, golden.copy()) == 1.0
+    assert judges.judge_output("y", golden, golden.copy(), probes.Thresholds(min_cosine=1.0)).passed
 
 
 def click(at: int | None, height: float = 1.0) -> Array:
@@ -300,7 +304,7 @@ def test_log_spectral_distance_values(golden: Array, actual: Array, expected: fl
     scaled by the golden's peak, floored 80 dB below its loudest bin), with no warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        value = judges.log_spectral_distance(golden, actual)
+        value = measures.log_spectral_distance(golden, actual)
     assert value == (None if expected is None else pytest.approx(expected, rel=1e-6))
 
 
@@ -308,7 +312,7 @@ def test_log_spectral_distance_values(golden: Array, actual: Array, expected: fl
 def test_hann_window_is_scipys_periodic_hann(n: int) -> None:
     """The numpy window equals scipy.signal.get_window("hann", n) in float32, bit for bit."""
     signal = pytest.importorskip("scipy.signal")
-    assert np.array_equal(judges._window(n), signal.get_window("hann", n).astype(np.float32))
+    assert np.array_equal(measures._window(n), signal.get_window("hann", n).astype(np.float32))
 
 
 # log_spectral_distance as it was computed with scipy.fft and scipy.signal's window
@@ -333,17 +337,17 @@ def test_log_spectral_distance_matches_the_scipy_numbers(
         draw = golden + rng.normal(0, rms / 10 ** (level / 20), golden.shape)
         if level == snr:
             noisy = draw.astype(np.float32)
-    assert probes.log_spectral_distance(golden, noisy) == pytest.approx(expected, rel=2e-5)
+    assert measures.log_spectral_distance(golden, noisy) == pytest.approx(expected, rel=2e-5)
 
 
 def test_judging_imports_nothing_heavy() -> None:
     """`import probes` loads neither scipy nor MNN, and the first judgement imports no module."""
     script = (
-        "import sys, numpy as np, probes\n"
+        "import sys, numpy as np, probes\nfrom probes import judges\n"
         "before = set(sys.modules)\n"
         "t = np.arange(22050) / 22050\n"
         "g = np.sin(2 * np.pi * 220 * t).astype(np.float32)[None, None]\n"
-        "assert probes.judge_output('wav', g, g * np.float32(1.0001), probes.Thresholds()).passed\n"
+        "assert judges.judge_output('wav', g, g * np.float32(1.0001), probes.Thresholds()).passed\n"
         "print(sorted(set(sys.modules) - before))\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('scipy', 'MNN', 'guard')))\n"
     )
@@ -356,10 +360,10 @@ def test_judging_imports_nothing_heavy() -> None:
 def _measures(golden: Array, actual: Array) -> tuple[Any, ...]:
     """Every measure of actual against golden, NaN made comparable."""
     values = (
-        judges.snr_db(golden, actual),
-        judges.cosine_similarity(golden, actual),
-        judges._max_abs_error(golden, actual),
-        judges.log_spectral_distance(golden, actual),
+        measures.snr_db(golden, actual),
+        measures.cosine_similarity(golden, actual),
+        measures.max_abs_error(golden, actual),
+        measures.log_spectral_distance(golden, actual),
     )
     return tuple("nan" if isinstance(v, float) and math.isnan(v) else v for v in values)
 
@@ -386,35 +390,44 @@ def test_an_array_against_itself_measures_as_against_its_copy(signal: Array) -> 
 def test_an_equal_output_is_judged_as_its_golden_and_a_changed_one_is_not() -> None:
     """judge_output on a bit-equal output: perfect scores; one sample off: measured."""
     golden = np.sin(np.arange(4096) / 9.0).astype(np.float32)[None]
-    same = judges.judge_output("wav", golden, golden.copy(), judges.Thresholds(max_abs=0.5))
-    assert (same.snr_db, same.cosine, same.max_abs, same.lsd_db) == (math.inf, 1.0, 0.0, 0.0)
+    same = judges.judge_output("wav", golden, golden.copy(), probes.Thresholds(max_abs=0.5))
+    assert (same.snr_db, *(same.values[k] for k in ("cosine", "max_abs", "lsd_db"))) == (
+        math.inf,
+        1.0,
+        0.0,
+        0.0,
+    )
     assert same.passed and [c.judge for c in same.checks] == [
         "finite", "snr_db", "cosine", "lsd_db", "max_abs",
     ]  # fmt: skip
     off = golden.copy()
     off[0, 100] += np.float32(0.25)
-    moved = judges.judge_output("wav", golden, off, judges.Thresholds(max_abs=0.5))
-    assert moved.max_abs == pytest.approx(0.25) and math.isfinite(moved.snr_db)
-    assert moved.cosine < 1.0 and moved.lsd_db is not None and moved.lsd_db > 0.0
+    moved = judges.judge_output("wav", golden, off, probes.Thresholds(max_abs=0.5))
+    assert moved.values["max_abs"] == pytest.approx(0.25) and math.isfinite(moved.snr_db)
+    assert (
+        moved.values["cosine"] < 1.0
+        and moved.values["lsd_db"] is not None
+        and moved.values["lsd_db"] > 0.0
+    )
 
 
 def test_measures_sum_in_float64_whatever_the_outputs_dtype() -> None:
     """float32 squares past 2**24 stay exact, int8 differences do not wrap, longdouble and
     empty outputs are judged: each as exact float64 arithmetic says."""
     tall = np.array([4097, 4097], np.float32)  # 4097**2 needs 25 bits: float32 rounds it
-    assert judges._sum_sq(tall) == 2 * 4097.0**2
-    assert judges.snr_db(tall, np.array([4097, 4096], np.float32)) == pytest.approx(
+    assert measures._sum_sq(tall) == 2 * 4097.0**2
+    assert measures.snr_db(tall, np.array([4097, 4096], np.float32)) == pytest.approx(
         10 * math.log10(2 * 4097.0**2), rel=1e-12
     )
     loud = np.array([100, -100, 7], np.int8)
-    assert judges._max_abs_error(loud, -loud) == 200.0
-    assert judges.snr_db(loud, -loud) == pytest.approx(10 * math.log10(20049 / 80196), rel=1e-12)
+    assert measures.max_abs_error(loud, -loud) == 200.0
+    assert measures.snr_db(loud, -loud) == pytest.approx(10 * math.log10(20049 / 80196), rel=1e-12)
     wide = np.linspace(-1, 1, 300).astype(np.longdouble)
-    score = judges.judge_output("w", wide, wide * 1.001, judges.Thresholds(max_abs=0.01))
-    assert score.max_abs == pytest.approx(0.001) and score.passed
+    score = judges.judge_output("w", wide, wide * 1.001, probes.Thresholds(max_abs=0.01))
+    assert score.values["max_abs"] == pytest.approx(0.001) and score.passed
     empty = np.zeros((1, 0), np.float32)
-    assert judges.judge_output("e", empty, empty.copy(), judges.Thresholds(max_abs=0.0)).passed
-    assert judges._max_abs_error(empty, empty.copy()) == 0.0
+    assert judges.judge_output("e", empty, empty.copy(), probes.Thresholds(max_abs=0.0)).passed
+    assert measures.max_abs_error(empty, empty.copy()) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -435,3 +448,169 @@ def test_measures_of_extreme_arrays_warn_nothing(golden: Array) -> None:
         values = _measures(golden, golden[::-1].copy())
     cosine = values[1]
     assert cosine == "nan" or -1.0 <= cosine <= 1.0
+
+
+# ------------------------------------------------------------------ the judge registry
+
+
+def _peak_ratio(actual: Array, golden: Array) -> float:
+    """A user's judge: how far the loudest sample moved, relative to the golden's."""
+    peak = float(np.max(np.abs(golden)))
+    return float(np.max(np.abs(actual - golden))) / peak
+
+
+@pytest.fixture()
+def peak_judge() -> Any:
+    """`peak_err` registered for one test, then removed from the registry."""
+    judge = probes.register_judge("peak_err", _peak_ratio, higher_is_better=False)
+    yield judge
+    judges._registry.pop("peak_err", None)
+
+
+def test_a_registered_judge_decides_a_wrap_the_builtins_pass(
+    peak_judge: Any, demo_probe: probes.Probe, demo_factory: Any
+) -> None:
+    """60 dB noise on every static init passes the built-in loose limits; a user's judge with a
+    tight limit refuses it, so the session serves the dynamic rung."""
+    noisy = FaultyFactory(demo_factory, fault=Fault.NOISE, rate=1.0, snr_db=60.0, seed=3)
+    loose = guard.Policy(background=False, promote_after=None, reinit_attempts=1)
+    with guard.wrap(noisy, demo_probe, policy=loose, metrics=False) as served:
+        assert served.status.mode == "static"  # the built-in limits see nothing wrong
+    strict = demo_probe.with_thresholds(wav={**dict(demo_probe.thresholds), "peak_err": 1e-4})
+    with guard.wrap(noisy, strict, policy=loose, metrics=False) as session:
+        assert session.status.mode == "dynamic"
+        failed = [a for a in session.status.history if not a.passed]
+        assert failed and all("peak_err" in a.describe() for a in failed)
+
+
+def test_a_registered_judge_and_its_limit_survive_save_and_load(
+    peak_judge: Any, demo_probe: probes.Probe, tmp_path: Path
+) -> None:
+    """The saved manifest keeps the judge's name and limit; loading gives the same probe."""
+    probe = demo_probe.with_thresholds(wav={"snr_db": 40.0, "peak_err": 1e-3})
+    probe.save(tmp_path / "p")
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["per_output"] == {"wav": {"snr_db": 40.0, "peak_err": 1e-3}}
+    back = probes.load(tmp_path / "p")
+    assert back == probe and dict(back.thresholds_for("wav")) == {"snr_db": 40.0, "peak_err": 1e-3}
+    golden = probe.cases[0].outputs["wav"]
+    verdict = back.judge({"wav": golden * np.float32(1.01)})
+    assert not verdict.passed and any("peak_err" in r for r in verdict.reasons)
+
+
+def test_a_process_that_does_not_know_the_judge_refuses_the_probe_by_its_name(
+    peak_judge: Any, demo_probe: probes.Probe, tmp_path: Path
+) -> None:
+    """A fresh interpreter without `peak_err` registered refuses the probe, naming the judge."""
+    demo_probe.with_thresholds(wav={"peak_err": 1e-3}).save(tmp_path / "p")
+    code = (
+        "import sys, probes\n"
+        "try:\n"
+        f"    probes.load({str(tmp_path / 'p')!r})\n"
+        "except probes.ProbeError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 3, done.stderr
+    assert "no judge named 'peak_err' is registered" in done.stdout
+    assert "probes.register_judge" in done.stdout
+
+
+def test_registering_a_taken_name_is_refused_unless_replacing(peak_judge: Any) -> None:
+    """The built-ins and users' judges share one namespace; a clash is refused by name."""
+    with pytest.raises(probes.ProbeError, match="'snr_db' is already registered"):
+        probes.register_judge("snr_db", _peak_ratio, higher_is_better=False)
+    again = probes.register_judge("peak_err", _peak_ratio, higher_is_better=True, replace=True)
+    assert judges.get_judge("peak_err") is again and again.higher_is_better
+
+
+@pytest.mark.parametrize(
+    ("name", "measure", "higher", "message"),
+    [
+        ("not a name", _peak_ratio, True, "must be an identifier"),
+        ("ok_name", 3, True, "measure must be callable"),
+        ("ok_name", _peak_ratio, 1, "higher_is_better must be a bool"),
+    ],
+)
+def test_bad_registrations_are_refused(name: str, measure: Any, higher: Any, message: str) -> None:
+    """A judge needs an identifier for a name, a callable measure and a bool direction."""
+    with pytest.raises(probes.ProbeError, match=message):
+        probes.register_judge(name, measure, higher_is_better=higher)
+    assert "ok_name" not in judges.judge_names()
+
+
+def test_limits_refuse_unknown_judges_and_non_numbers() -> None:
+    """Limits name registered judges and hold finite numbers; each refusal says which."""
+    with pytest.raises(probes.ProbeError, match="no judge named 'nope'"):
+        probes.Limits({"nope": 1.0})
+    with pytest.raises(probes.ProbeError, match="judge 'snr_db' must be a finite number"):
+        probes.Limits({"snr_db": math.nan})
+    assert probes.Limits({"snr_db": 30}) == {"snr_db": 30.0} == probes.Limits({"snr_db": 30.0})
+
+
+def test_a_judge_that_raises_or_returns_junk_fails_the_output_without_raising() -> None:
+    """A user's measure that raises, returns NaN or returns a string fails its check only."""
+    golden = np.linspace(-1, 1, 100, dtype=np.float32)[None]
+    for name, measure, word in (
+        ("boom", lambda a, g: 1 / 0, "raised ZeroDivisionError"),
+        ("nanny", lambda a, g: math.nan, "is above the limit"),
+        ("texty", lambda a, g: "1.0", "not a number or None"),
+    ):
+        probes.register_judge(name, measure, higher_is_better=False)
+        try:
+            score = judges.judge_output("y", golden, golden.copy(), probes.Limits({name: 1.0}))
+        finally:
+            judges._registry.pop(name)
+        assert not score.passed and word in score.reasons[0], score.reasons
+
+
+def test_top1_judges_argmax_agreement_per_row() -> None:
+    """top1 is the share of rows whose argmax agrees: a confident flip fails, a nudge passes."""
+    golden = np.array([[0.1, 0.9], [0.7, 0.3]], np.float32)
+    nudged = golden + np.float32(0.05) * np.array([[1, -1], [-1, 1]], np.float32)
+    flipped = golden[:, ::-1].copy()
+    limits = probes.Limits({"top1": 1.0})
+    assert judges.judge_output("p", golden, nudged, limits).passed
+    score = judges.judge_output("p", golden, flipped, limits)
+    assert not score.passed and score.values["top1"] == 0.0
+    half = np.array([[0.1, 0.9], [0.2, 0.8]], np.float32)
+    assert judges.judge_output("p", golden, half, limits).values["top1"] == 0.5
+
+
+def test_scores_hold_every_reported_measure_and_each_judged_one_by_name() -> None:
+    """An output's score holds the reported measures and any judge its limits name."""
+    golden = np.array([[0.1, 0.9]], np.float32)
+    score = judges.judge_output("p", golden, golden.copy(), probes.Limits({"top1": 1.0}))
+    assert set(score.values) == {*judges.REPORTED, "top1"}
+    assert [c.judge for c in score.checks] == ["finite", "top1"]
+
+
+def test_probes_never_imports_guard() -> None:
+    """No module of the probes package imports guard, and using probes loads none of it."""
+    for path in Path(probes.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            assert not any(n.split(".")[0] == "guard" for n in names), (path.name, names)
+    code = (
+        "import sys, numpy as np, probes\n"
+        f"p = probes.load({str(demo.DEMO_PROBE)!r})\n"
+        "assert p.judge(p.cases[0].outputs).passed\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'guard'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_probes_record_is_guard_record() -> None:
+    """probes.record finds mnn-guard's recorder through its entry point."""
+    from probes import recording
+
+    assert recording._recorder() is guard.record

@@ -24,7 +24,7 @@ from guard.health import HealthListener
 from guard.ladder import Action, Attempt
 from guard.testing import CapturingListener, Fault, FaultyFactory
 from guard.tools import demo
-from probes import judges
+from probes import judges, measures, signature
 
 Array = np.ndarray[Any, Any]
 CANARY_FORWARDS = 4  # Policy.canary_runs (2) x the demo probe's cases (2)
@@ -110,7 +110,7 @@ def plan_session(
 def served_clean(session: guard.GuardedSession, seed: int = 5) -> bool:
     """True when run() serves this input's clean reference output."""
     x = demo.demo_mel(8, seed=seed)
-    return bool(probes.snr_db(reference(x), session.run({"mel": x})["wav"]) > 45)
+    return bool(measures.snr_db(reference(x), session.run({"mel": x})["wav"]) > 45)
 
 
 # ------------------------------------------------------------------ canary and re-check
@@ -582,13 +582,13 @@ def test_each_default_limit_decides(
     """The SNR limit lies between 44 and 46 dB, fails a 2% gain; LSD alone fails a quiet tone."""
     golden = demo_probe.cases[0].outputs["wav"] if passes or failing == ["snr_db"] else tone()
     golden = golden.astype(np.float32)
-    score = probes.judge_output("y", golden, make(golden).astype(np.float32), probes.Thresholds())
+    score = judges.judge_output("y", golden, make(golden).astype(np.float32), probes.Thresholds())
     assert score.passed is passes
     assert [c.judge for c in score.checks if not c.passed] == failing
     if failing == ["lsd_db"]:
-        assert score.lsd_db is not None and 2 < score.lsd_db < 4
+        assert score.values["lsd_db"] is not None and 2 < score.values["lsd_db"] < 4
         assert score.reasons == [
-            f"output 'y': lsd_db {score.lsd_db:.6g} dB is above the limit 1 dB"
+            f"output 'y': lsd_db {score.values['lsd_db']:.6g} dB is above the limit 1 dB"
         ]
 
 
@@ -596,14 +596,16 @@ def test_cosine_limit_decides_only_below_the_default_snr_limit() -> None:
     """Cosine never decides alone at 45 dB SNR; with min_snr_db 30 it alone fails 35 dB noise."""
     golden = tone().astype(np.float32)
     worst = max(  # the lowest cosine of 45 dB noise over a few draws: above the default limit
-        1 - probes.cosine_similarity(golden, scaled_noise(golden, 45.0, seed=k)) for k in range(8)
+        1 - measures.cosine_similarity(golden, scaled_noise(golden, 45.0, seed=k)) for k in range(8)
     )
     assert worst <= 10**-4.5 / 2 * 1.01 and 1 - worst > probes.Thresholds().min_cosine
     loose = probes.Thresholds(min_snr_db=30.0, max_lsd_db=None)
     noisy = scaled_noise(golden, 35.0).astype(np.float32)
-    score = probes.judge_output("y", golden, noisy, loose)
+    score = judges.judge_output("y", golden, noisy, loose)
     assert [c.judge for c in score.checks if not c.passed] == ["cosine"]
-    assert score.reasons == [f"output 'y': cosine {score.cosine:.6g} is below the limit 0.99995"]
+    assert score.reasons == [
+        f"output 'y': cosine {score.values['cosine']:.6g} is below the limit 0.99995"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -635,19 +637,19 @@ def test_max_abs_threshold_fails_one_outlier_that_snr_passes(demo_probe: probes.
     assert not verdict.passed
     score = verdict.scores["wav"]
     assert [c.judge for c in score.checks if not c.passed] == ["max_abs"]
-    assert score.snr_db > 45 and score.max_abs == pytest.approx(0.01, rel=1e-3)
+    assert score.snr_db > 45 and score.values["max_abs"] == pytest.approx(0.01, rel=1e-3)
 
 
 def test_silent_golden_passes_only_silence() -> None:
     """Against an all-zero golden, zeros pass (SNR +inf) and any sound fails (SNR -inf)."""
     golden = np.zeros((1, 1, 256), np.float32)
-    same = probes.judge_output("y", golden, golden.copy(), probes.Thresholds())
-    assert same.passed and same.snr_db == math.inf and same.cosine == 1.0
+    same = judges.judge_output("y", golden, golden.copy(), probes.Thresholds())
+    assert same.passed and same.snr_db == math.inf and same.values["cosine"] == 1.0
     sound = golden.copy()
     sound[0, 0, 7] = 1e-6
-    score = probes.judge_output("y", golden, sound, probes.Thresholds())
+    score = judges.judge_output("y", golden, sound, probes.Thresholds())
     assert not score.passed
-    assert (score.snr_db, score.cosine) == (-math.inf, 0.0)
+    assert (score.snr_db, score.values["cosine"]) == (-math.inf, 0.0)
     assert score.reasons[0] == "output 'y': snr_db -inf dB is below the limit 45 dB"
 
 
@@ -663,14 +665,14 @@ def test_silent_golden_passes_only_silence() -> None:
 )
 def test_snr_db_values(golden: list[float], actual: list[float], expected: float) -> None:
     """snr_db is 10 log10(signal / error) in dB; +inf when equal, -inf against silence or inf."""
-    assert probes.snr_db(np.array(golden), np.array(actual)) == pytest.approx(expected)
+    assert measures.snr_db(np.array(golden), np.array(actual)) == pytest.approx(expected)
 
 
 def test_snr_and_cosine_of_nan_are_nan() -> None:
     """A NaN anywhere gives NaN, which fails every limit."""
     nan = np.array([1.0, np.nan])
-    assert math.isnan(probes.snr_db(np.ones(2), nan))
-    assert math.isnan(probes.snr_db(nan, np.ones(2)))
+    assert math.isnan(measures.snr_db(np.ones(2), nan))
+    assert math.isnan(measures.snr_db(nan, np.ones(2)))
     assert not judges.snr(-1000.0)(np.ones(2), nan).passed
 
 
@@ -690,7 +692,7 @@ def test_cosine_similarity_values(
     golden: list[float], actual: list[float], expected: float
 ) -> None:
     """Cosine of the angle between the arrays; 1 for two silences, 0 against one silence."""
-    value = probes.cosine_similarity(np.array(golden), np.array(actual))
+    value = measures.cosine_similarity(np.array(golden), np.array(actual))
     assert value == pytest.approx(expected) and -1.0 <= value <= 1.0
 
 
@@ -700,7 +702,7 @@ def test_cosine_similarity_values(
 def test_lsd_is_only_for_one_dimensional_signals(shape: tuple[int, ...]) -> None:
     """LSD is None (and its judge passes with no value) unless one axis of 64+ samples."""
     golden = np.random.default_rng(0).standard_normal(shape)
-    assert probes.log_spectral_distance(golden, golden * 2) is None
+    assert measures.log_spectral_distance(golden, golden * 2) is None
     check = judges.lsd(1.0)(golden, golden * 2)
     assert (check.passed, check.value, check.limit, check.reason) == (True, None, 1.0, "")
 
@@ -708,12 +710,12 @@ def test_lsd_is_only_for_one_dimensional_signals(shape: tuple[int, ...]) -> None
 def test_lsd_of_equal_signals_is_zero_and_grows_with_noise() -> None:
     """Identical signals: 0 dB. 64 samples already count as a signal; more noise, larger LSD."""
     golden = tone(64).ravel()
-    assert probes.log_spectral_distance(golden, golden.copy()) == 0.0
+    assert measures.log_spectral_distance(golden, golden.copy()) == 0.0
     values = [
-        probes.log_spectral_distance(tone(), scaled_noise(tone(), snr)) for snr in (60, 40, 20)
+        measures.log_spectral_distance(tone(), scaled_noise(tone(), snr)) for snr in (60, 40, 20)
     ]
     assert all(v is not None for v in values) and values == sorted(values)
-    assert probes.log_spectral_distance(tone(), tone(4095)) is None  # sizes differ
+    assert measures.log_spectral_distance(tone(), tone(4095)) is None  # sizes differ
 
 
 @pytest.mark.parametrize(
@@ -729,22 +731,22 @@ def test_lsd_of_equal_signals_is_zero_and_grows_with_noise() -> None:
 )
 def test_outputs_that_are_not_real_finite_numbers_fail_first(actual: Array, judge: str) -> None:
     """Shape, then a real numeric dtype, then finiteness: each failure is the only check."""
-    score = probes.judge_output("y", np.array([1.0, 2.0]), actual, probes.Thresholds())
+    score = judges.judge_output("y", np.array([1.0, 2.0]), actual, probes.Thresholds())
     assert not score.passed and [c.judge for c in score.checks] == [judge]
-    assert math.isnan(score.snr_db) and score.lsd_db is None
+    assert math.isnan(score.snr_db) and score.values["lsd_db"] is None
 
 
 def test_scores_measure_what_no_judge_checks() -> None:
     """With cosine and max_abs off, the score still reports both; a switched-off judge is absent."""
     golden = tone(256).astype(np.float32)
     actual = golden * np.float32(1.001)
-    score = probes.judge_output(
+    score = judges.judge_output(
         "y", golden, actual, probes.Thresholds(min_cosine=None, max_lsd_db=None)
     )
     assert [c.judge for c in score.checks] == ["finite", "snr_db"]
-    assert score.cosine == pytest.approx(1.0) and score.cosine > 0.99
-    assert score.max_abs == pytest.approx(0.001, rel=1e-2)
-    assert score.lsd_db is not None and score.lsd_db < 0.01
+    assert score.values["cosine"] == pytest.approx(1.0) and score.values["cosine"] > 0.99
+    assert score.values["max_abs"] == pytest.approx(0.001, rel=1e-2)
+    assert score.values["lsd_db"] is not None and score.values["lsd_db"] < 0.01
     assert score.snr_db == pytest.approx(60.0, abs=0.01)
 
 
@@ -787,7 +789,7 @@ def test_verdict_describe_names_result_snr_and_reasons(demo_probe: probes.Probe)
 # ------------------------------------------------------------------ inputs
 
 
-INT32 = [probes.InputSpec(name="ids", dtype="int32", shape=((1, 8),))]
+INT32 = [signature.InputSpec(name="ids", dtype="int32", shape=((1, 8),))]
 
 
 @pytest.mark.parametrize(
@@ -829,7 +831,7 @@ def test_integers_outside_the_range_are_refused(values: Array, message: str) -> 
 
 def test_float_inputs_that_overflow_the_target_are_refused() -> None:
     """float32 70,000 does not fit float16 (it would become inf); 60,000 does."""
-    spec = [probes.InputSpec(name="x", dtype="float16", shape=(2,))]
+    spec = [signature.InputSpec(name="x", dtype="float16", shape=(2,))]
     with pytest.raises(guard.InputMismatch, match="float32 values overflow float16"):
         guard.inputs.InputChecker(spec)({"x": np.array([1.0, 7e4], np.float32)})
     (out,) = guard.inputs.InputChecker(spec)({"x": np.array([1.0, 6e4], np.float32)})
@@ -844,7 +846,7 @@ def test_float_inputs_that_overflow_the_target_are_refused() -> None:
 def test_many_shapes_do_not_wear_out_the_shape_check() -> None:
     """After more distinct valid shapes than the checker remembers, a wrong one is refused."""
     checker = guard.inputs.InputChecker(
-        [probes.InputSpec(name="x", dtype="float32", shape=(1, (1, 200)))]
+        [signature.InputSpec(name="x", dtype="float32", shape=(1, (1, 200)))]
     )
     for n in range(1, 101):
         (out,) = checker({"x": np.zeros((1, n), np.float32)})
@@ -859,8 +861,8 @@ def test_many_shapes_do_not_wear_out_the_shape_check() -> None:
 def test_two_inputs_are_checked_and_ordered_by_the_signature() -> None:
     """Inputs come back in signature order whatever the dict's order; each one is checked."""
     specs = [
-        probes.InputSpec(name="a", dtype="float32", shape=(2,)),
-        probes.InputSpec(name="b", dtype="int32", shape=(3,)),
+        signature.InputSpec(name="a", dtype="float32", shape=(2,)),
+        signature.InputSpec(name="b", dtype="int32", shape=(3,)),
     ]
     checker = guard.inputs.InputChecker(specs)
     a, b = np.ones(2, np.float32), np.arange(3, dtype=np.int32)
@@ -884,8 +886,8 @@ def small_probe(golden: Any) -> probes.Probe:
     """A one-case probe whose golden output is `golden`."""
     return probes.Probe(
         cases=(probes.Case(inputs={"x": np.zeros(2, np.float32)}, outputs={"y": golden}),),
-        inputs=(probes.InputSpec(name="x", dtype="float32", shape=(2,)),),
-        outputs=(probes.OutputSpec(name="y", dtype="float32", shape=(2,)),),
+        inputs=(signature.InputSpec(name="x", dtype="float32", shape=(2,)),),
+        outputs=(signature.OutputSpec(name="y", dtype="float32", shape=(2,)),),
     )
 
 
@@ -1140,7 +1142,7 @@ def test_a_failing_background_pass_is_logged_and_maintenance_goes_on(
 
 def test_input_errors_name_the_input_and_only_what_is_wrong() -> None:
     """Input errors name the offending input (its `input` attribute) and only what is wrong."""
-    specs = [probes.InputSpec(name="mel", dtype="float32", shape=(1, 4))]
+    specs = [signature.InputSpec(name="mel", dtype="float32", shape=(1, 4))]
     x = np.zeros((1, 4), np.float32)
     cases: list[tuple[Any, str, str | None]] = [
         (
@@ -1166,7 +1168,9 @@ def test_refusing_an_overflowing_input_warns_nothing() -> None:
     """A float64 input beyond float32 is refused quietly: no RuntimeWarning from the cast."""
     import warnings
 
-    checker = guard.inputs.InputChecker([probes.InputSpec(name="x", dtype="float32", shape=(2,))])
+    checker = guard.inputs.InputChecker(
+        [signature.InputSpec(name="x", dtype="float32", shape=(2,))]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(guard.InputMismatch, match="float64 values overflow float32"):
@@ -1269,7 +1273,7 @@ def test_mnns_own_words_on_a_failed_canary_forward_are_kept(
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_float16_inputs_are_checked_value_by_value_when_their_sum_overflows() -> None:
     """float16 inputs: finite values whose sum overflows pass; an inf or NaN is refused."""
-    spec = probes.InputSpec(name="h", dtype="float16", shape=(2, 3))
+    spec = signature.InputSpec(name="h", dtype="float16", shape=(2, 3))
     checker = guard.inputs.InputChecker([spec])
     loud = np.array([[6e4, 6e4, -1.0], [1.0, 2.0, 3.0]], np.float16)
     (out,) = checker({"h": loud})
@@ -1697,10 +1701,10 @@ def test_a_probe_its_goldens_fail_names_every_reason(demo_probe: probes.Probe) -
                 inputs={"x": np.zeros(2, np.float32)}, outputs={"a": np.ones(2), "b": np.ones(2)}
             ),
         ),
-        inputs=(probes.InputSpec(name="x", dtype="float32", shape=(2,)),),
+        inputs=(signature.InputSpec(name="x", dtype="float32", shape=(2,)),),
         outputs=(
-            probes.OutputSpec(name="a", dtype="float64", shape=(2,)),
-            probes.OutputSpec(name="b", dtype="float64", shape=(2,)),
+            signature.OutputSpec(name="a", dtype="float64", shape=(2,)),
+            signature.OutputSpec(name="b", dtype="float64", shape=(2,)),
         ),
         thresholds=probes.Thresholds(min_cosine=1.5),
     )
@@ -1754,11 +1758,11 @@ def test_judging_extreme_values_warns_nothing() -> None:
     huge = np.array([1e200, 1.0, -1.7e308, np.inf])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert isinstance(probes.cosine_similarity(huge[:2], huge[:2] * 2), float)  # squares inf
+        assert isinstance(measures.cosine_similarity(huge[:2], huge[:2] * 2), float)  # squares inf
         assert not judges.max_abs(1.0)(huge, -huge).passed
         assert not judges.max_abs(1.0)(huge[3:], huge[3:]).passed  # inf - inf is NaN
-        empty = probes.judge_output("y", np.zeros(0), np.zeros(0), probes.Thresholds(max_abs=1.0))
-        assert empty.passed and empty.max_abs == 0.0
+        empty = judges.judge_output("y", np.zeros(0), np.zeros(0), probes.Thresholds(max_abs=1.0))
+        assert empty.passed and empty.values["max_abs"] == 0.0
     check = judges.finite()(np.zeros(4), np.array([1.0, np.nan, np.inf, 2.0]))
     assert (check.passed, check.value, check.reason) == (False, 2.0, "2 of 4 values are NaN or Inf")
 
@@ -1773,10 +1777,10 @@ def two_outputs() -> probes.Probe:
                 outputs={"a": rng.standard_normal(64), "b": rng.standard_normal(64)},
             ),
         ),
-        inputs=(probes.InputSpec(name="x", dtype="float32", shape=(2,)),),
+        inputs=(signature.InputSpec(name="x", dtype="float32", shape=(2,)),),
         outputs=(
-            probes.OutputSpec(name="a", dtype="float64", shape=(64,)),
-            probes.OutputSpec(name="b", dtype="float64", shape=(64,)),
+            signature.OutputSpec(name="a", dtype="float64", shape=(64,)),
+            signature.OutputSpec(name="b", dtype="float64", shape=(64,)),
         ),
     )
 
@@ -1812,10 +1816,12 @@ def test_scores_say_what_was_measured_on_every_path() -> None:
     golden = np.ones((1, 4))
 
     def fields(score: judges.OutputScore) -> tuple[Any, ...]:
-        unmeasured = [math.isnan(x) for x in (score.snr_db, score.cosine, score.max_abs)]
+        unmeasured = [
+            math.isnan(x) for x in (score.snr_db, score.values["cosine"], score.values["max_abs"])
+        ]
         checks = [(c.judge, c.passed) for c in score.checks]
         head = (score.name, score.passed, score.shape_ok, score.finite, unmeasured)
-        return (*head, score.lsd_db, checks, score.checks[0].reason)
+        return (*head, score.values["lsd_db"], checks, score.checks[0].reason)
 
     limits = probes.Thresholds()
     assert fields(judges.judge_output("y", golden, np.ones((4, 1)), limits)) == (
@@ -1831,7 +1837,8 @@ def test_scores_say_what_was_measured_on_every_path() -> None:
         "4 of 4 values are NaN or Inf",
     )  # fmt: skip
     same = judges.judge_output("y", golden, golden.copy(), limits)
-    assert (same.passed, same.shape_ok, same.finite, same.max_abs, same.cosine) == (
+    measured = (same.values["max_abs"], same.values["cosine"])
+    assert (same.passed, same.shape_ok, same.finite, *measured) == (
         True, True, True, 0.0, 1.0,
     )  # fmt: skip
 
@@ -1857,10 +1864,10 @@ def test_threshold_errors_say_what_is_allowed(limits: dict[str, Any], message: s
 def test_cosine_stays_within_minus_one_and_one() -> None:
     """Rounding never lifts a cosine above 1; opposite signals that overflow are NaN, not 1."""
     rng = np.random.default_rng(0)
-    values = [probes.cosine_similarity(g, g * 3.0) for g in rng.standard_normal((50, 16))]
+    values = [measures.cosine_similarity(g, g * 3.0) for g in rng.standard_normal((50, 16))]
     assert max(values) == 1.0 and min(values) > 0.999999
-    assert min(probes.cosine_similarity(g, g * -3.0) for g in rng.standard_normal((50, 16))) == -1
-    assert math.isnan(probes.cosine_similarity(np.array([1e200, 1.0]), np.array([-1e200, 1.0])))
+    assert min(measures.cosine_similarity(g, g * -3.0) for g in rng.standard_normal((50, 16))) == -1
+    assert math.isnan(measures.cosine_similarity(np.array([1e200, 1.0]), np.array([-1e200, 1.0])))
 
 
 def test_snr_and_lsd_of_extreme_signals_warn_nothing() -> None:
@@ -1870,10 +1877,10 @@ def test_snr_and_lsd_of_extreme_signals_warn_nothing() -> None:
     loud = tone().ravel() * 1e300
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert probes.snr_db(np.array([1e200, 1.0]), np.array([-1e200, 1.0])) == -math.inf
-        assert math.isnan(probes.snr_db(np.array([np.inf, 1.0]), np.array([np.inf, 1.0])))
+        assert measures.snr_db(np.array([1e200, 1.0]), np.array([-1e200, 1.0])) == -math.inf
+        assert math.isnan(measures.snr_db(np.array([np.inf, 1.0]), np.array([np.inf, 1.0])))
         for golden, actual in ((loud, loud * 0.5), (np.zeros(512), tone(512).ravel())):
-            assert isinstance(probes.log_spectral_distance(golden, actual), float)
+            assert isinstance(measures.log_spectral_distance(golden, actual), float)
 
 
 # ------------------------------------------------------------------ probe files
@@ -1956,8 +1963,8 @@ def test_manifest_limits_are_inclusive_and_messages_exact(
 
 def test_a_probe_refuses_what_it_cannot_judge_with_exact_reasons() -> None:
     """Probe(...) refuses each malformed probe with a message naming what is wrong."""
-    spec = probes.InputSpec(name="x", dtype="float32", shape=(2,))
-    out = probes.OutputSpec(name="y", dtype="float64", shape=(2,))
+    spec = signature.InputSpec(name="x", dtype="float32", shape=(2,))
+    out = signature.OutputSpec(name="y", dtype="float64", shape=(2,))
     x, y = np.zeros(2, np.float32), np.ones(2)
 
     def make(**kw: Any) -> Any:
@@ -2016,7 +2023,7 @@ def test_manifest_fields_at_their_limits(demo_probe: probes.Probe, tmp_path: Any
 
 def test_prepare_inputs_can_let_non_finite_values_through() -> None:
     """prepare_inputs(check_finite=False) hands a NaN on, as the policy's opt-out does."""
-    specs = [probes.InputSpec(name="x", dtype="float32", shape=(2,))]
+    specs = [signature.InputSpec(name="x", dtype="float32", shape=(2,))]
     nan = np.array([np.nan, 1.0], np.float32)
     (out,) = guard.inputs.prepare_inputs(specs, {"x": nan}, check_finite=False)
     assert out is nan
@@ -2062,10 +2069,10 @@ def test_an_unwritable_health_folder_never_breaks_serving(
 def test_check_input_checks_and_casts_one_input_as_run_does() -> None:
     """check_input (used by probes.record) casts a fitting array, refuses NaN unless told not
     to, and names the input it refuses."""
-    ids = probes.InputSpec(name="ids", dtype="int32", shape=(2,))
+    ids = signature.InputSpec(name="ids", dtype="int32", shape=(2,))
     cast = guard.inputs.check_input(ids, np.array([1, 2], np.int64))
     assert cast.dtype == np.int32 and cast.tolist() == [1, 2]
-    spec = probes.InputSpec(name="x", dtype="float32", shape=(2,))
+    spec = signature.InputSpec(name="x", dtype="float32", shape=(2,))
     nan = np.array([np.nan, 1.0], np.float32)
     with pytest.raises(guard.InputMismatch, match=r"^input 'x'"):
         guard.inputs.check_input(spec, nan)

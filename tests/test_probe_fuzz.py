@@ -25,6 +25,8 @@ from conftest import examples
 from hypothesis import HealthCheck, given, settings
 
 import probes
+from probes import probe as probe_module
+from probes import signature
 from probes.store import ARRAYS, MANIFEST
 
 pytestmark = pytest.mark.hostile
@@ -60,12 +62,12 @@ def tiny_probe() -> probes.Probe:
     return probes.Probe(
         cases=cases,
         inputs=(
-            probes.InputSpec(name="x", dtype="float32", shape=(1, 4, (1, 8))),
-            probes.InputSpec(name="ids", dtype="int32", shape=((1, 8),)),
+            signature.InputSpec(name="x", dtype="float32", shape=(1, 4, (1, 8))),
+            signature.InputSpec(name="ids", dtype="int32", shape=((1, 8),)),
         ),
-        outputs=(probes.OutputSpec(name="y", dtype="float32", shape=(1, 1, 6)),),
+        outputs=(signature.OutputSpec(name="y", dtype="float32", shape=(1, 1, 6)),),
         per_output={"y": probes.Thresholds(min_snr_db=30.0, max_lsd_db=None, max_abs=0.5)},
-        meta=probes.ProbeMeta(
+        meta=probe_module.ProbeMeta(
             model_sha256="ab" * 32,
             mnn_version="3.6.1",
             reference={"dynamic": True, "precision": "high"},

@@ -27,7 +27,8 @@ import probes
 from guard import mnn
 from guard.testing import Fault, FaultyFactory
 from guard.tools import demo
-from probes import store
+from probes import probe as probe_module
+from probes import signature, store
 from probes.errors import brief
 from probes.store import ARRAYS, MANIFEST
 
@@ -77,7 +78,7 @@ def test_round_trip(demo_probe: probes.Probe, tmp_path: Path) -> None:
     back = probes.load(tmp_path / "p")
     assert back.inputs == probe.inputs and back.outputs == probe.outputs
     assert back.thresholds == probe.thresholds and dict(back.per_output) == dict(probe.per_output)
-    assert back.meta == probe.meta
+    assert back.meta == probe.meta and back.meta.schema_version == probe_module.SCHEMA_VERSION
     assert len(back.cases) == len(probe.cases) == 2
     for a, b in zip(back.cases, probe.cases, strict=True):
         for side in ("inputs", "outputs"):
@@ -435,7 +436,7 @@ HOSTILE_MANIFESTS: list[tuple[str, Callable[[Path], None], str]] = [
     (
         "schema_version true",
         raw_manifest(_set("schema_version", True)),
-        "schema version True is not supported (this mnn-guard reads the integer 1)",
+        "schema version True is not supported (this mnn-guard reads the integers 1, 2)",
     ),
     (
         "boolean threshold",
@@ -1310,8 +1311,8 @@ def one_input_probe(n: int, name: str = "x") -> probes.Probe:
     x = np.arange(n, dtype=np.float32)
     return probes.Probe(
         cases=(probes.Case(inputs={name: x}, outputs={"y": np.ones(2, np.float32)}),),
-        inputs=(probes.InputSpec(name=name, dtype="float32", shape=(n,)),),
-        outputs=(probes.OutputSpec(name="y", dtype="float32", shape=(2,)),),
+        inputs=(signature.InputSpec(name=name, dtype="float32", shape=(n,)),),
+        outputs=(signature.OutputSpec(name="y", dtype="float32", shape=(2,)),),
     )
 
 

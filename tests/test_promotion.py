@@ -20,6 +20,7 @@ import guard
 import probes
 from guard.testing import CapturingListener, Fault, FaultyFactory
 from guard.tools import demo
+from probes import measures
 
 Array = np.ndarray[Any, Any]
 STATIC_FAILS = [True] * 4  # the first init and its 3 re-inits on the static rung
@@ -69,7 +70,7 @@ def test_promotion_returns_to_static_after_fallback(demo_probe: probes.Probe) ->
     )
     assert faulty.inits == 6
     x = demo.demo_mel(3, seed=7)
-    assert probes.snr_db(reference(x), session.run({"mel": x})["wav"]) > 45
+    assert measures.snr_db(reference(x), session.run({"mel": x})["wav"]) > 45
 
     def sample(name: str, **labels: str) -> float | None:
         return registry.get_sample_value(name, {"session": "promo", **labels})
@@ -98,7 +99,7 @@ def test_failed_promotion_keeps_serving_and_retries_later(demo_probe: probes.Pro
     last = listener.of("attempt")[-1]
     assert (last.rung, last.outcome) == ("static", "fail")
     x = demo.demo_mel(3, seed=8)
-    assert probes.snr_db(reference(x), session.run({"mel": x})["wav"]) > 45
+    assert measures.snr_db(reference(x), session.run({"mel": x})["wav"]) > 45
 
     clock.advance(200)
     assert session.maintain() == []  # the failed try restarted the period
@@ -143,7 +144,7 @@ def test_calls_during_the_swap_are_all_correct(demo_probe: probes.Probe) -> None
                 errors.append(exc)
                 return
             with lock:
-                results.append((mode, probes.snr_db(refs[k], out) > 45))
+                results.append((mode, measures.snr_db(refs[k], out) > 45))
                 during_build[0] += building.is_set()
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
@@ -209,13 +210,13 @@ def test_recheck_catches_a_module_that_degrades_after_k_calls(demo_probe: probes
     )
     x = demo.demo_mel(3, seed=9)
     ref = reference(x)
-    snrs = [probes.snr_db(ref, session.run({"mel": x})["wav"]) for _ in range(k)]
+    snrs = [measures.snr_db(ref, session.run({"mel": x})["wav"]) for _ in range(k)]
     assert all(s > 45 for s in snrs[:10]) and all(s < 45 for s in snrs[10:])  # it did degrade
     assert session.maintain() == ["recheck"]
     assert [e.outcome for e in listener.of("check")] == ["fail"]
     assert [e.action for e in listener.of("recover")] == ["reinit"]
     assert (session.status.mode, session.status.healthy) == ("static", True)
-    assert probes.snr_db(ref, session.run({"mel": x})["wav"]) > 45
+    assert measures.snr_db(ref, session.run({"mel": x})["wav"]) > 45
     assert factory.inits == 2
     session.close()
 
@@ -318,7 +319,7 @@ def test_passing_recheck_keeps_serving_between_its_forwards(demo_probe: probes.P
 
     def caller() -> None:
         while not stop.is_set():
-            snr = probes.snr_db(ref, session.run({"mel": x})["wav"])
+            snr = measures.snr_db(ref, session.run({"mel": x})["wav"])
             if checking.is_set():
                 during.append(snr)
 

@@ -42,6 +42,7 @@ from guard.ray_serve import GuardedDeployment, application
 from guard.testing import FaultyFactory
 from guard.tools import demo
 from guard.tools.models import build_vocoder
+from probes import store
 
 pytestmark = pytest.mark.slow
 Array = np.ndarray[Any, Any]
@@ -373,7 +374,7 @@ def test_reconfigure_swaps_the_model_on_the_live_replica(
 
 def _info(cluster: Cluster, model: Path) -> set[str] | None:
     """The Ray workers exporting session_info = 1 for `model` (by its sha256), if any."""
-    sha = probes.file_sha256(model)
+    sha = store.file_sha256(model)
     workers = {
         s["WorkerId"]
         for name, s, v in scrape(cluster.metrics_url)

@@ -14,6 +14,7 @@ import guard
 import probes
 from guard.testing import CapturingListener, Fault, FaultyFactory
 from guard.tools import demo
+from probes import measures
 
 Array = np.ndarray[Any, Any]
 
@@ -134,7 +135,7 @@ def test_outputs_are_distinct_owned_and_correct(
     outs = [s.run({"mel": x})["wav"] for x in xs]
     for x, out in zip(xs, outs, strict=True):
         assert out.flags.owndata and out.flags.writeable
-        assert probes.snr_db(reference(x), out) > 60
+        assert measures.snr_db(reference(x), out) > 60
     assert not np.array_equal(outs[0], outs[-1])
 
 
@@ -312,7 +313,7 @@ def test_failed_recheck_under_load_fails_no_call(demo_probe: probes.Probe) -> No
             k = (t + i) % len(xs)
             began = time.perf_counter()
             try:
-                ok = probes.snr_db(refs[k], s.run({"mel": xs[k]})["wav"]) > 45
+                ok = measures.snr_db(refs[k], s.run({"mel": xs[k]})["wav"]) > 45
             except BaseException as exc:  # any failure is a test failure
                 errors.append(exc)
                 return

@@ -25,6 +25,7 @@ import probes
 from guard import health
 from guard.testing import CapturingListener, Fault, FaultyFactory
 from guard.tools import demo
+from probes import measures
 
 Array = np.ndarray[Any, Any]
 BOUND = 30.0  # no test step may take longer than this: a hang fails instead of blocking CI
@@ -137,7 +138,7 @@ def test_a_later_maintenance_pass_recovers_after_systemexit(demo_probe: probes.P
     clock.advance(61)
     assert session.maintain() == ["retry"]
     x = demo.demo_mel(30, seed=8)
-    assert probes.snr_db(reference(x), session.run({"mel": x})["wav"]) > 45
+    assert measures.snr_db(reference(x), session.run({"mel": x})["wav"]) > 45
     states = [e.state for e in listener.of("status")]
     assert states == ["starting", "serving", "checking", "replacing", "failed", "serving"]
     session.close()
@@ -166,7 +167,7 @@ def test_background_thread_survives_systemexit_and_retries(demo_probe: probes.Pr
             served_after = out
             break
     assert served_after is not None, f"no recovery within {BOUND} s; {session.status.describe()}"
-    assert probes.snr_db(reference(x), served_after) > 45
+    assert measures.snr_db(reference(x), served_after) > 45
     session.close()
 
 

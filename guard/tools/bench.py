@@ -51,6 +51,7 @@ from guard.tools.models import (
 from guard.tools.output import quiet_log
 from guard.wrapping import check_probe, ignored_rungs, wrap
 from probes import Probe
+from probes.judges import judge_output
 
 __all__ = ["BenchReport", "bench_json", "format_bench", "run_bench"]
 
@@ -406,9 +407,9 @@ def judge_cost(*, rounds: int) -> float:
     noisy = golden + np.float32(1e-4) * np.random.default_rng(0).standard_normal(
         golden.shape, dtype=np.float32
     )
-    thresholds = probes.Thresholds()
+    limits = probes.Thresholds()
     (median,) = interleaved(
-        [lambda: probes.judge_output("wav", golden, noisy, thresholds)],
+        [lambda: judge_output("wav", golden, noisy, limits)],
         rounds=rounds,
         per_round=20,
     )

@@ -19,7 +19,8 @@ from typing import Any
 from guard.canary import Canary, init_and_check
 from guard.ladder import STATIC_LOAD
 from guard.tools.output import text_table
-from probes import OutputScore, Probe
+from probes import Probe
+from probes.judges import REPORTED, OutputScore
 
 __all__ = ["CheckReport", "InitCheck", "check_json", "format_check", "run_check"]
 
@@ -94,32 +95,36 @@ def run_check(
     )
 
 
+_FORMATS = {"snr_db": ".1f", "cosine": ".7f", "max_abs": ".3g", "lsd_db": ".3f"}  # else .4g
+_HEADINGS = {"snr_db": "SNR dB", "cosine": "cosine", "max_abs": "max abs", "lsd_db": "LSD dB"}
+
+
 def _number(value: float | None, spec: str) -> str:
     if value is None:
         return "-"
     return f"{value:{spec}}" if math.isfinite(value) else str(value)
 
 
-def _row(init: InitCheck, name: str) -> tuple[str, ...]:
+def _measures(report: CheckReport) -> list[str]:
+    """Every measure any score holds: the reported ones first, then other judges by name."""
+    seen = {k for init in report.inits for s in init.scores.values() for k in s.values}
+    return [*REPORTED, *sorted(seen - set(REPORTED))]
+
+
+def _row(init: InitCheck, name: str, measures: list[str]) -> tuple[str, ...]:
     word = "pass" if init.passed else "FAIL"
     score = init.scores.get(name)
     if score is None:
-        return (str(init.init), name, word, "missing", "-", "-", "-")
-    return (
-        str(init.init),
-        name,
-        word,
-        _number(score.snr_db, ".1f"),
-        _number(score.cosine, ".7f"),
-        _number(score.max_abs, ".3g"),
-        _number(score.lsd_db, ".3f"),
-    )
+        return (str(init.init), name, word, "missing", *["-"] * (len(measures) - 1))
+    values = (_number(score.values.get(m), _FORMATS.get(m, ".4g")) for m in measures)
+    return (str(init.init), name, word, *values)
 
 
 def format_check(report: CheckReport) -> str:
     """A table with one row per init and output (every score), then reasons and notes in full."""
-    header = ("init", "output", "verdict", "SNR dB", "cosine", "max abs", "LSD dB")
-    rows = [_row(init, name) for init in report.inits for name in report.outputs]
+    measures = _measures(report)
+    header = ("init", "output", "verdict", *(_HEADINGS.get(m, m) for m in measures))
+    rows = [_row(init, name, measures) for init in report.inits for name in report.outputs]
     lines = [text_table(header, rows)]
     for init in report.inits:
         if init.loaded_static:
@@ -138,15 +143,12 @@ def _finite(value: float | None) -> float | None:
 
 
 def score_dict(score: OutputScore) -> dict[str, Any]:
-    """One output's scores as JSON-ready data."""
+    """One output's scores as JSON-ready data (every measure by judge name)."""
     return {
         "passed": score.passed,
         "shape_ok": score.shape_ok,
         "finite": score.finite,
-        "snr_db": _finite(score.snr_db),
-        "cosine": _finite(score.cosine),
-        "max_abs": _finite(score.max_abs),
-        "lsd_db": _finite(score.lsd_db),
+        **{judge: _finite(value) for judge, value in score.values.items()},
         "reasons": score.reasons,
     }
 

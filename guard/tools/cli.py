@@ -418,7 +418,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     if args.derive:
         derive = dict(args.derive)
 
-    from guard.record import record
+    from guard.recording import record
     from probes.signature import format_shape
 
     probe = record(
@@ -777,7 +777,7 @@ def _diagnosis_commands(sub: Any, hash_help: str) -> None:
     dia.add_argument("--reference-model", help="the reference .mnn file (default: MODEL)")
     dia.add_argument(
         "--threshold-db", type=float, default=None, help="SNR below which a tensor diverges "
-        "(default: the probe's min_snr_db)"
+        "(default: the probe's snr_db limit)"
     )  # fmt: skip
     dia.add_argument("--tries", type=_count, default=1, help="suspect loads until one diverges")
     dia.add_argument("--threads", type=_count, default=1)

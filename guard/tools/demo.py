@@ -58,7 +58,7 @@ def demo_factory(threads: int = 1) -> MNNFactory:
 
 def record_demo_probe() -> Probe:
     """Record the demo probe from the dynamic reference, with T dynamic in 1..4000."""
-    from guard.record import record
+    from guard.recording import record
 
     return record(
         demo_factory(),
@@ -70,7 +70,7 @@ def record_demo_probe() -> Probe:
 
 def ensure_demo(rebuild: bool = False) -> tuple[Path, Path]:
     """(model, probe dir) of the demo vocoder, rebuilt and re-verified when missing or changed."""
-    from probes import file_sha256
+    from probes.store import file_sha256
 
     fresh = not rebuild and DEMO_MODEL.is_file() and file_sha256(DEMO_MODEL) == DEMO_SHA256
     if fresh and (DEMO_PROBE / "manifest.json").is_file():

@@ -29,6 +29,7 @@ from guard.testing import Fault, FaultyFactory
 from guard.tools import demo
 from guard.tools.output import quiet_log, text_table
 from guard.wrapping import wrap
+from probes.judges import judge_output
 
 __all__ = ["DemoReport", "DemoTally", "demo_json", "format_demo", "run_demo"]
 
@@ -161,7 +162,7 @@ def _serve_sessions(
             for x, ref in zip(mels, references, strict=True):
                 wav = session.run({demo.DEMO_INPUT: x})[demo.DEMO_OUTPUT]
                 served += 1
-                verdict = probes.judge_output("wav", ref, wav, probe.thresholds_for("wav"))
+                verdict = judge_output("wav", ref, wav, probe.thresholds_for("wav"))
                 bad += not verdict.passed
         if (k + 1) % every == 0 or k + 1 == sessions:
             say(_status(k + 1, sessions, tally, served, bad))

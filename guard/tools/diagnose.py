@@ -31,7 +31,9 @@ from numpy.typing import NDArray
 from guard import mnn
 from guard.errors import ConfigError
 from guard.tools.output import text_table
-from probes import Probe, snr_db
+from probes import Probe
+from probes.limits import DEFAULT_LIMITS
+from probes.measures import snr_db
 
 __all__ = ["Diagnosis", "TensorScore", "diagnosis_json", "format_diagnosis", "run_diagnose"]
 
@@ -181,7 +183,8 @@ def run_diagnose(
     reference_path = os.fspath(reference_model) if reference_model is not None else suspect_path
     suspect_opts = dict(overrides or {})
     reference_opts = dict(probe.meta.reference if reference is None else reference)
-    limit = probe.thresholds.min_snr_db if threshold_db is None else float(threshold_db)
+    default = probe.thresholds.get("snr_db", DEFAULT_LIMITS["snr_db"])
+    limit = default if threshold_db is None else float(threshold_db)
     graph = execution_order(mnn.tensor_graph(suspect_path))
     in_reference = {n.name for n in mnn.tensor_graph(reference_path)}
     names = [n.name for n in graph if n.op_type not in mnn.GRAPH_SOURCES and n.name in in_reference]

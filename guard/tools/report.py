@@ -28,7 +28,7 @@ from numpy.typing import NDArray
 
 from guard.diagnosis import Bundle, find_bundles, read_bundle
 from guard.errors import BundleError, MissingExtra
-from probes import snr_db
+from probes.measures import snr_db
 
 __all__ = ["REPORT", "figure_png", "render_folder", "render_report"]
 

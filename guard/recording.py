@@ -14,7 +14,8 @@ from guard import mnn
 from guard.errors import ConfigError, InputMismatch
 from guard.inputs import check_input
 from probes.errors import ProbeError
-from probes.judges import Thresholds, snr_db
+from probes.limits import DEFAULT_LIMITS
+from probes.measures import snr_db
 from probes.probe import Case, Probe, ProbeMeta
 from probes.signature import Dim, InputSpec, OutputSpec
 from probes.store import file_sha256
@@ -180,8 +181,8 @@ def record(
     reference: Mapping[str, Any] | None = None,
     *,
     runs: int = 3,
-    thresholds: Thresholds | None = None,
-    per_output: Mapping[str, Thresholds] | None = None,
+    thresholds: Mapping[str, float] | None = None,
+    per_output: Mapping[str, Mapping[str, float]] | None = None,
     dynamic: Mapping[str, Mapping[int, tuple[int, int]]] | None = None,
     output_names: Sequence[str] | None = None,
     model: str | os.PathLike[str] | None = None,
@@ -275,7 +276,7 @@ def record(
             OutputSpec(name=n, dtype=str(a.dtype), shape=tuple(a.shape))
             for n, a in zip(out_names, goldens[0], strict=True)
         ),
-        thresholds=thresholds or Thresholds(),
+        thresholds=DEFAULT_LIMITS if thresholds is None else thresholds,
         per_output=dict(per_output or {}),
         meta=ProbeMeta(
             model_sha256=file_sha256(model_path) if model_path is not None else None,
