@@ -65,7 +65,14 @@ MODES = {  # names in the order of MNN's numbers (BackendConfig's enums)
     "memory": ("normal", "high", "low"),
     "power": ("normal", "high", "low"),
 }
-_MODE_ENUMS = {"precision": F.PrecisionMode, "memory": F.MemoryMode, "power": F.PowerMode}
+_MODULE_MODES = {  # each mode name's member of the Module API's enum
+    key: {n.lower(): getattr(enum, n) for n in dir(enum) if n[0].isupper()}
+    for key, enum in (
+        ("precision", F.PrecisionMode),
+        ("memory", F.MemoryMode),
+        ("power", F.PowerMode),
+    )
+}
 SESSION_BACKENDS = ("CPU", "OPENCL", "OPENGL", "VULKAN", "METAL", "TRT", "CUDA", "HIAI", "AUTO")
 MODULE_BACKENDS = tuple(b for b in SESSION_BACKENDS if hasattr(F.Backend, b))
 _FELL_BACK = re.compile(r"Can't Find type=\d+ backend, use \d+ instead")
@@ -197,8 +204,7 @@ def module_kwargs(checked: Mapping[str, Any]) -> dict[str, Any]:
         if name == "threads":
             out["runtime_manager"] = runtime_manager(value) if isinstance(value, int) else value
         elif name in MODES:
-            member = {n.lower(): n for n in dir(_MODE_ENUMS[name]) if n[0].isupper()}[value]
-            out[f"{name}_mode"] = getattr(_MODE_ENUMS[name], member)
+            out[f"{name}_mode"] = _MODULE_MODES[name][value]
         elif name == "backend":
             out["backend"] = getattr(F.Backend, value)
         elif name != "api":
