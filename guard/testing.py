@@ -131,7 +131,7 @@ class _NoForward:
         self.module = module
 
 
-class FaultyFactory:
+class FaultyFactory(mnn.Loader):
     """Wraps a real factory so that chosen inits come out degraded for their whole life.
 
     Which inits: an explicit `schedule` (True = degraded, by init number; clean after it ends),
@@ -228,27 +228,29 @@ class FaultyFactory:
             self.degraded_inits += bad
             return bad, number
 
-    def __call__(self, **overrides: Any) -> Any:
-        """Build a real module; degrade it when this init is chosen."""
+    def load(self, **overrides: Any) -> tuple[Any, mnn.LoadReport]:
+        """A real module (degraded when this init is chosen) and the wrapped factory's report
+        of what MNN said while loading it (`guard.mnn.load`)."""
         bad, number = self._decide(overrides)
         if not bad:
-            return self.factory(**overrides)
+            return mnn.load(self.factory, overrides)
         if self.fault is Fault.RAISE:
             raise RuntimeError(f"injected factory failure on init {number}")
         if self.fault is Fault.HANG:
             time.sleep(self.hang_seconds)
         if self.fault is Fault.SWAP:
             assert self.replacement is not None
-            return self.replacement(**overrides)
-        module = self.factory(**overrides)
+            return mnn.load(self.replacement, overrides)
+        module, report = mnn.load(self.factory, overrides)
         if self.fault is Fault.NO_FORWARD:
-            return _NoForward(module)
+            return _NoForward(module), report
         if self.fault is Fault.HANG:
-            return module
+            return module, report
         seed = None if self.seed is None else self.seed + number
-        return DegradedModule(
+        degraded = DegradedModule(
             module, self.fault, seed=seed, snr_db=self.snr_db, after=self.degrade_after
         )
+        return degraded, report
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,6 +131,62 @@ def strided(stride: int = 32) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=OPSET)
 
 
+def empty_tensors() -> onnx.ModelProto:
+    """`y = tanh(concat(x, x[:, 2:2], nothing))` for `x` [1, 4]: a computed tensor `empty` and
+    a constant `nothing`, both [1, 0] (MNN's Var.read() raises SystemError on such tensors)."""
+    x = _value("x", TensorProto.FLOAT, [1, 4])
+    nodes = [
+        helper.make_node("Slice", ["x", "start", "end", "axis"], ["empty"]),
+        helper.make_node("Concat", ["x", "empty", "nothing"], ["joined"], axis=1),
+        helper.make_node("Tanh", ["joined"], ["y"]),
+    ]
+    initializers = [
+        _const("start", np.array([2], np.int64)),
+        _const("end", np.array([2], np.int64)),
+        _const("axis", np.array([1], np.int64)),
+        _const("nothing", np.zeros((1, 0), np.float32)),
+    ]
+    graph = helper.make_graph(
+        nodes, "empty_tensors", [x], [_value("y", TensorProto.FLOAT, [1, 4])], initializers
+    )
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def tanh_of(name: str) -> onnx.ModelProto:
+    """`y = tanh(NAME)` for an input [1, 16] called `name`: models that differ only by the
+    input's name (files of one size when the names are of one length)."""
+    graph = helper.make_graph(
+        [helper.make_node("Tanh", [name], ["y"])],
+        "tanh",
+        [_value(name, TensorProto.FLOAT, [1, 16])],
+        [_value("y", TensorProto.FLOAT, [1, 16])],
+    )
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def declare_int64(source: Path, path: Path) -> Path:
+    """Write `source` to `path` with each int32 input declared int64 (DT_INT64), as MNN's
+    converter writes a JSON dump of it back (ONNX conversion declares int64 inputs int32)."""
+    import json
+
+    import _tools
+
+    dump = path.with_suffix(".json")
+    _tools.mnnconvert(
+        ["mnnconvert", "-f", "MNN", "--modelFile", str(source), "--JsonFile", str(dump)]
+    )
+    net = json.loads(dump.read_text())
+    for op in net["oplists"]:
+        if op.get("main_type") == "Input" and op["main"].get("dtype") == "DT_INT32":
+            op["main"]["dtype"] = "DT_INT64"
+    dump.write_text(json.dumps(net))
+    args = ["mnnconvert", "-f", "JSON", "--modelFile", str(dump), "--MNNModel", str(path)]
+    _tools.mnnconvert([*args, "--bizCode", BIZ_CODE])
+    if not path.is_file() or path.stat().st_size == 0:
+        raise RuntimeError(f"MNN's converter wrote no {path} from {dump}")
+    return path
+
+
 def convert(model: onnx.ModelProto, path: Path) -> Path:
     """Check the graph, save it next to `path` as .onnx, convert it to the .mnn at `path`."""
     import _tools
@@ -151,6 +207,7 @@ BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
     "mixed": mixed,
     "stride32": strided,
     "stride64": lambda: strided(64),
+    "empty_tensors": empty_tensors,
 }
 
 

@@ -202,7 +202,7 @@ def test_a_rung_with_objects_in_its_overrides_still_writes(
 ) -> None:
     """Overrides MNN objects (a runtime manager) are written by their repr, in valid JSON."""
     attempt = failed_attempt(demo_factory, demo_probe)
-    manager = mnn._runtime_manager(1)
+    manager = mnn.runtime_manager(1)
     rung = Rung("custom", MappingProxyType({"runtime_manager": manager, "dynamic": False}))
     odd = Attempt(rung, 2, Outcome.FAIL, attempt.verdict, None, 0.1, attempt.outputs)
     listener = DiagnosisListener(tmp_path / "d", demo_probe)

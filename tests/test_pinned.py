@@ -1676,11 +1676,16 @@ def test_what_mnn_said_while_loading_stays_with_a_canary_that_raised(
         def run(self, arrays: Sequence[Array]) -> list[Array]:
             raise RuntimeError("injected forward failure")
 
+    class RaisingFactory(mnn.Loader):  # passes the real factory's report of the load on
+        def load(self, **kw: Any) -> tuple[Any, mnn.LoadReport]:
+            module, report = cf_factory(converted).load(**kw)
+            return Raising(module), report
+
     probe = probes.record(cf_factory(converted), cf_inputs())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", guard.DynamicIgnoredWarning)
         s = guard.wrap(
-            lambda **kw: Raising(cf_factory(converted)(**kw)), probe, name="p", metrics=False,
+            RaisingFactory(), probe, name="p", metrics=False,
             raise_exhausted=False,
             policy=guard.Policy(background=False, reinit_attempts=0, ladder=(guard.DYNAMIC,)),
         )  # fmt: skip

@@ -94,7 +94,9 @@ def ours(stderr: str) -> list[str]:
 def test_inspect_the_demo_vocoder(demo_paths: tuple[Path, Path]) -> None:
     """inspect reads names, shape, dtype and format from the file; no control flow."""
     info = mnn.inspect(demo_paths[0])
-    mel = mnn.TensorInfo(name="mel", shape=(1, 80, 100), dtype="float32", format="NCHW")
+    mel = mnn.TensorInfo(
+        name="mel", shape=(1, 80, 100), dtype="float32", runs_as="float32", format="NCHW"
+    )
     assert (info.inputs, info.outputs, info.control_flow) == ((mel,), ("wav",), False)
     assert info.mnn_version == mnn.mnn_version() and info.biz_code == ""
 
@@ -126,7 +128,8 @@ def test_cli_inspect(converted: dict[str, Path], capsys: pytest.CaptureFixture[s
     """`mnn-guard inspect` prints the inputs and says dynamic=True is not honoured; --json too."""
     assert cli.main(["inspect", str(converted["control_flow"])]) == cli.EXIT_OK
     text = capsys.readouterr().out
-    assert "flag   int32    []" in text and "control flow: yes" in text
+    rows = [line.split() for line in text.splitlines() if line.startswith("flag ")]
+    assert rows == [["flag", "int32", "int32", "[]", "NCHW"]] and "control flow: yes" in text
     assert cli.main(["inspect", str(converted["control_flow"]), "--json"]) == cli.EXIT_OK
     data = json.loads(capsys.readouterr().out)
     assert (data["control_flow"], data["dynamic_honoured"]) == (True, False)
@@ -143,7 +146,7 @@ def test_inspect_starts_no_mnn_thread_and_a_fork_stays_safe(demo_paths: tuple[Pa
         from guard import mnn
         before = len(os.listdir("/proc/self/task"))
         factory = guard.mnn_factory({str(demo_paths[0])!r}, ["mel"], ["wav"], threads=1)
-        print("threads", len(os.listdir("/proc/self/task")) - before, mnn._loaded_pid)
+        print("threads", len(os.listdir("/proc/self/task")) - before, mnn.loaded_pid())
         pid = os.fork()
         if pid == 0:
             from guard.tools import demo

@@ -162,11 +162,11 @@ def _option(text: str) -> tuple[str, Any]:
 def _load_options(flag: str, pairs: Sequence[tuple[str, Any]]) -> dict[str, Any]:
     """Load options checked by the code `guard.mnn_factory` uses; a name left over is refused."""
     from guard.errors import ConfigError
-    from guard.mnn import _load_kwargs
+    from guard.mnn import check_load_options
 
     options = dict(pairs)
     try:
-        loaded = _load_kwargs(options)
+        loaded = check_load_options(options)
     except ConfigError as exc:
         raise UsageError(f"{flag}: {exc}") from None
     for key, value in loaded.items():
