@@ -1,12 +1,9 @@
-"""A pool of guarded worker processes, started with spawn so that MNN never meets a fork.
-
->>> with guard.Pool(guard.mnn_factory("vocoder.mnn", ["mel"], ["wav"]), probe, processes=2) as pool:
-...     wavs = pool.map([{"mel": m} for m in mels])  # doctest: +SKIP
-...     wav = (await pool.arun({"mel": mel}))["wav"]  # in a coroutine  # doctest: +SKIP
+"""The parent of a pool of guarded worker processes: `Pool`, the part its callers hold.
 
 The parent checks every request against the probe and sends workers only the plain arrays MNN
-will read; each worker builds one guarded session and serves requests from its pipe. Messages
-on a pipe are the small dataclasses below, pickled by the sender.
+will read; each worker builds one guarded session and serves requests from its pipe
+(`guard.pool.worker`). What crosses a pipe is in `guard.pool.wire`; each worker has a slot
+with states of its own (`guard.pool.slot`).
 
 The async face (`arun`, `amap`) keeps an event loop free: the loop itself only checks and
 pickles the inputs (tens of microseconds, whatever the forward costs); a thread of the pool
@@ -16,21 +13,17 @@ waits for a worker and its reply, with the GIL released, while the forward runs 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import dataclasses
 import logging
 import multiprocessing
-import os
 import pickle
-import signal
 import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Any
 
 import numpy as np
@@ -38,25 +31,24 @@ from numpy.typing import NDArray
 
 from guard.errors import (
     ConfigError,
-    GuardError,
     InputMismatch,
     PoisonRequest,
-    RecoveryExhausted,
     SessionClosed,
     Unavailable,
     WorkerFailed,
 )
-from guard.health import HEALTH, HealthTable
+from guard.health import HEALTH, Entry, HealthTable
 from guard.inputs import InputChecker
-from guard.ladder import Policy, Rung
-from guard.session import Factory, GuardedSession
-from guard.state import LIVE, SessionStatus, State
-from guard.workers import Child, Event, load_stashed_probe, remove_stash, stash_probe
-from guard.wrapping import check_probe, wrap
+from guard.ladder import Policy
+from guard.pool import wire
+from guard.pool.children import Child, remove_stash, stash_probe
+from guard.pool.slot import Lost, Slot, Slots, SlotState, SlotStatus, Undelivered, stop
+from guard.pool.worker import worker_main
+from guard.session import Factory
+from guard.wrapping import check_probe
 from probes import Probe
 
-# load_stashed_probe, remove_stash and stash_probe moved to guard.workers; importable here for now
-__all__ = ["Pool", "WorkerStatus", "load_stashed_probe", "remove_stash", "stash_probe"]
+__all__ = ["IMPORT_SECONDS", "MAX_WAITING", "START_METHODS", "STOP_SECONDS", "Pool"]
 
 Array = NDArray[Any]
 Inputs = Mapping[str, Any] | Sequence[Any]
@@ -67,265 +59,30 @@ IMPORT_SECONDS = 60.0  # allowance for a spawned worker to import numpy, scipy a
 STOP_SECONDS = 5.0  # how long close() waits for a worker to exit before killing it
 WATCH_SECONDS = 0.25  # how soon a worker that died while idle is noticed, at the latest
 MAX_WAITING = 256  # default bound on async calls waiting for a worker (beyond one per worker)
-# how bad each state of a worker is for the pool's readiness entry, from fine to worst
-_SEVERITY = (State.SERVING, State.CHECKING, State.STARTING, State.REPLACING, State.FAILED)
 
 
-# ------------------------------------------------------------------ pipe messages
-
-
-@dataclass(frozen=True, slots=True)
-class _Health:
-    """A worker session's state and rung index, sent with every reply."""
-
-    state: State
-    rung_index: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Run:
-    """Parent to worker: run one request (checked plain arrays by input name)."""
-
-    arrays: dict[str, Array]
-
-
-@dataclass(frozen=True, slots=True)
-class _Stop:
-    """Parent to worker: exit after the request in hand."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Ready:
-    """Worker to parent: the session passed its canary and serves."""
-
-    health: _Health
-
-
-@dataclass(frozen=True, slots=True)
-class _StartFailed:
-    """Worker to parent: building the session raised `error`; the worker exits."""
-
-    error: Exception
-
-
-@dataclass(frozen=True, slots=True)
-class _Done:
-    """Worker to parent: the request's outputs."""
-
-    outputs: dict[str, Array]
-    health: _Health
-
-
-@dataclass(frozen=True, slots=True)
-class _Raised:
-    """Worker to parent: the session raised `error` for the request."""
-
-    error: Exception
-    health: _Health
-
-
-@dataclass(frozen=True, slots=True)
-class _Refused:
-    """Worker to parent: the message could not be decoded (or was no request); still serving."""
-
-    reason: str
-    health: _Health
-
-
-_Reply = _Ready | _StartFailed | _Done | _Raised | _Refused
-
-
-# ------------------------------------------------------------------ worker side
-
-
-def _pickles(obj: object) -> bool:
-    """True when `obj` survives a pickle round trip."""
-    try:
-        pickle.loads(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-    except Exception:
-        return False
-    return True
-
-
-def _stand_in(exc: BaseException) -> GuardError:
-    """A GuardError with the message of an exception that does not pickle."""
-    error = GuardError(str(exc))
-    error.add_note(f"in the worker this was a {type(exc).__qualname__}, which does not pickle")
-    return error
-
-
-def _portable(exc: Exception) -> Exception:
-    """`exc` if it pickles, else with stand-ins for its attempts' errors, else a stand-in."""
-    if _pickles(exc):
-        return exc
-    if isinstance(exc, RecoveryExhausted):
-        attempts = [
-            a
-            if a.error is None or _pickles(a.error)
-            else dataclasses.replace(a, error=_stand_in(a.error))
-            for a in exc.attempts
-        ]
-        error = RecoveryExhausted(str(exc), attempts)
-        if _pickles(error):
-            return error
-    return _stand_in(exc)
-
-
-def _health(session: GuardedSession) -> _Health:
-    status = session.status
-    return _Health(status.state, status.rung_index)
-
-
-def _send(conn: Connection, reply: _Reply) -> bool:
-    """Send a reply; False when the parent is gone."""
-    try:
-        conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
-    except OSError:
-        return False
-    return True
-
-
-def _serve(conn: Connection, session: GuardedSession) -> None:
-    """Answer requests until the parent says stop or goes away; an undecodable one is refused."""
-    while True:
-        try:
-            data = conn.recv_bytes()
-        except (EOFError, OSError):
-            return  # the parent is gone
-        try:
-            message = pickle.loads(data)
-        except Exception as exc:
-            reason = f"it could not be decoded: {type(exc).__name__}: {exc}"
-            if not _send(conn, _Refused(reason, _health(session))):
-                return
-            continue
-        if isinstance(message, _Stop):
-            return
-        if not isinstance(message, _Run):
-            reason = f"a {type(message).__name__} is not a request"
-            if not _send(conn, _Refused(reason, _health(session))):
-                return
-            continue
-        try:
-            reply: _Reply = _Done(session.run(message.arrays), _health(session))
-        except Exception as exc:
-            reply = _Raised(_portable(exc), _health(session))
-        if not _send(conn, reply):
-            return
-
-
-def _worker_main(
-    conn: Connection, factory: Factory, probe_path: str, policy: Policy, name: str
-) -> None:
-    """A worker process: build one guarded session here, then serve requests from the pipe."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    try:
-        # the parent answers for its workers' readiness (one entry per pool): a private table
-        # keeps this session out of PROMETHEUS_MULTIPROC_DIR's health files
-        probe = load_stashed_probe(probe_path)
-        session = wrap(factory, probe, policy=policy, name=name, health=HealthTable())
-    except Exception as exc:
-        _send(conn, _StartFailed(_portable(exc)))
-        return
-    try:
-        if _send(conn, _Ready(_health(session))):
-            _serve(conn, session)
-    finally:
-        session.close()
-
-
-# ------------------------------------------------------------------ parent side
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WorkerStatus:
-    """One slot of the pool: its process, its session's state and rung, requests served.
-
-    Fields as in `guard.SessionStatus`: `mode` is the rung's name, `healthy` means serving.
-    """
-
-    slot: int
-    pid: int | None  # None while a replacement has no process yet, or after it failed to start
-    state: State
-    rung: Rung
-    rung_index: int
-    requests: int
-    busy: bool = False  # a request is in hand
-
-    @property
-    def mode(self) -> str:
-        """The name of the rung in use ("static", "dynamic", ...)."""
-        return self.rung.name
-
-    @property
-    def healthy(self) -> bool:
-        """True while the worker's session serves with a module whose canary passed."""
-        return self.state in LIVE
-
-
-@dataclass(eq=False)
-class _Worker:
-    """The parent's record of one slot's worker, from spawn until it is stopped.
-
-    Its pipe belongs to one thread at a time: the starting thread until the worker is ready,
-    then the thread that acquired it for a request, or close() while it is idle.
-    """
-
-    slot: int
-    child: Child | None = None  # None until spawned
-    state: State = State.STARTING
-    rung_index: int = 0
-    requests: int = 0
-    error: Exception | None = None  # why it could not start (the slot then shows FAILED)
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def label(self) -> str:
-        pid = self.child.pid if self.child is not None else None
-        return f"worker {self.slot} (pid {pid})"
-
-
-class _Lost(Exception):
-    """A request's worker crashed or timed out; it is replaced and the request retried once."""
-
-
-class _Undelivered(_Lost):
-    """The worker died before the request reached it: replaced, and the request not blamed."""
-
-
-def _mark_dead(pid: int | None) -> None:
-    """Drop a dead worker's live gauges in prometheus_client multiprocess mode."""
-    if pid is None or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        return
-    from prometheus_client.multiprocess import mark_process_dead
-
-    try:
-        mark_process_dead(pid)  # type: ignore[no-untyped-call]
-    except OSError:
-        log.warning("could not drop the metrics files of dead worker pid %d", pid)
-
-
-def _watch(ref: weakref.ref[Pool], stop: threading.Event) -> None:
+def _watch(ref: weakref.ref[Pool], done: threading.Event) -> None:
     """Replace idle workers that die (a kill, the OOM killer) until the pool closes or goes.
 
     Busy workers are their request's to watch; this thread holds the pool only between waits.
     """
-    while not stop.is_set():
+    while not done.is_set():
         pool = ref()
         if pool is None:
             return
-        idle = pool._idle_children()
+        idle = pool._slots.idle()
         del pool
-        sentinels = {w.child.process.sentinel: w for w in idle if w.child is not None}
+        sentinels = {child.process.sentinel: (slot, child) for slot, child in idle}
         if not sentinels:
-            stop.wait(WATCH_SECONDS)
+            done.wait(WATCH_SECONDS)
             continue
         dead = wait(list(sentinels), WATCH_SECONDS)
         pool = ref()
         if pool is None:
             return
         for sentinel in dead:
-            pool._reap_idle(sentinels[sentinel])  # type: ignore[index]
+            slot, child = sentinels[sentinel]  # type: ignore[index]
+            pool._retire(slot, f"{slot.label} {child.exit_text()} while idle", idle=child)
         del pool
 
 
@@ -402,7 +159,6 @@ class Pool:
         self.processes = processes
         self.request_timeout = request_timeout
         self.max_waiting = max_waiting
-        self._ladder = policy.ladder
         self._wait_timeout = policy.wait_timeout
         self._check = InputChecker(probe.inputs, check_finite=policy.check_finite_inputs)
         self._names = probe.input_names
@@ -414,12 +170,10 @@ class Pool:
         self._startup_timeout = (
             None if policy.init_timeout is None else IMPORT_SECONDS + attempts * policy.init_timeout
         )
-        # Everything below is guarded by _cond.
-        self._cond = threading.Condition(threading.Lock())
-        self._slots: dict[int, _Worker] = {}
-        self._idle: collections.deque[_Worker] = collections.deque()
+        self._slots = Slots(name, processes, policy.ladder)
+        # Everything below is guarded by _cond, the slots' Condition.
+        self._cond = self._slots.cond
         self._starters: set[threading.Thread] = set()
-        self._closed = False
         self._replaced = 0
         self._pending = 0  # async calls admitted and not finished
         # one thread per worker waits for its reply, so that arun() never blocks the loop
@@ -427,8 +181,7 @@ class Pool:
         # readiness: one entry named after the pool, published in order by _publish
         self._health = health or HEALTH
         self._publishing = threading.Lock()
-        self._published: tuple[Any, ...] | None = None
-        self._since = time.time()
+        self._published: Entry | None = None
         self._stop_watch = threading.Event()
         self._start()
 
@@ -436,20 +189,17 @@ class Pool:
 
     def _start(self) -> None:
         """Start every worker and wait for all to serve; then watch the idle ones."""
-        workers = [_Worker(slot) for slot in range(self.processes)]
         try:
-            for worker in workers:
-                self._launch(worker)
+            for slot in self._slots.all:
+                slot.spawn(self._ctx, worker_main, self._args)
             self._publish()
-            for worker in workers:
-                self._await_ready(worker)
+            for slot in self._slots.all:
+                self._ready(slot)
         except BaseException:
             self.close()
-            for worker in workers:  # close() killed those still starting; reap them here
-                self._stop(worker)
+            for slot in self._slots.all:  # close() killed those still starting; reap them here
+                stop(slot.child)
             raise
-        with self._cond:
-            self._idle.extend(workers)
         threading.Thread(
             target=_watch,
             args=(weakref.ref(self), self._stop_watch),
@@ -457,105 +207,34 @@ class Pool:
             daemon=True,
         ).start()
 
-    def _launch(self, worker: _Worker) -> None:
-        """Spawn the worker's process and put the worker in its slot (STARTING)."""
+    def _ready(self, slot: Slot) -> bool:
+        """Wait for a spawned worker's session and put its slot in service (False: closed)."""
+        report = slot.await_ready(self._startup_timeout)
         with self._cond:
-            if self._closed:
-                raise SessionClosed(f"pool {self.name!r} is closed")
-            self._slots[worker.slot] = worker
-        child = Child.spawn(
-            self._ctx, _worker_main, self._args, name=f"mnn-guard-{self.name}-{worker.slot}"
-        )
-        with self._cond:
-            worker.child = child
-            closed = self._closed
-        if closed:  # close() ran meanwhile and could not see this process
-            child.kill()
-
-    def _await_ready(self, worker: _Worker) -> None:
-        """Wait for a spawned worker's session; raise the worker's own error if it failed."""
-        child = worker.child
-        assert child is not None
-        prefix = f"pool {self.name!r}: {worker.label} could not start"
-        try:
-            event = child.wait(self._startup_timeout)
-            if event is Event.TIMEOUT:
-                raise WorkerFailed(
-                    f"{prefix}: no session within {self._startup_timeout:g} s; killed"
-                )
-            try:
-                reply = self._receive(worker, child) if event is Event.MESSAGE else None
-            except _Lost as lost:
-                raise WorkerFailed(f"{prefix}: {lost}") from None
-            if reply is None:
-                raise WorkerFailed(f"{prefix}: it {child.exit_text()}")
-            if isinstance(reply, _StartFailed):
-                reply.error.add_note(prefix)
-                raise reply.error
-            if not isinstance(reply, _Ready):
-                raise WorkerFailed(f"{prefix}: it sent a {type(reply).__name__} first")
-        except BaseException:
-            child.stop()
-            _mark_dead(child.pid)
-            raise
-        with self._cond:
-            self._note(worker, reply.health)
+            slot.note(report)
+            serving = slot.to(SlotState.IDLE)
         self._publish()
+        return serving
 
-    @staticmethod
-    def _receive(worker: _Worker, child: Child) -> _Reply | None:
-        """The next reply on a worker's pipe; None when the worker died instead."""
-        try:
-            data = child.conn.recv_bytes()
-        except (EOFError, OSError):
-            return None
-        try:
-            reply = pickle.loads(data)
-        except Exception as exc:
-            raise _Lost(f"{worker.label} sent a reply that could not be decoded: {exc!r}") from exc
-        if not isinstance(reply, _Ready | _StartFailed | _Done | _Raised | _Refused):
-            raise _Lost(f"{worker.label} sent a {type(reply).__name__}, not a reply")
-        return reply
+    def _retire(self, slot: Slot, why: str, *, idle: Child | None = None) -> None:
+        """Stop a slot's failed worker and start its replacement.
 
-    @staticmethod
-    def _note(worker: _Worker, health: _Health) -> bool:
-        """Record a worker's reported health (the caller holds _cond); True if it changed."""
-        changed = (worker.state, worker.rung_index) != (health.state, health.rung_index)
-        worker.state, worker.rung_index = health.state, health.rung_index
-        return changed
-
-    def _stop(self, worker: _Worker, grace: float = 0.0, *, close: bool = True) -> None:
-        """Stop and reap a worker's process; drop its metrics."""
-        if worker.child is not None:
-            worker.child.stop(grace, close=close)
-            _mark_dead(worker.child.pid)
-
-    def _ask_to_stop(self, worker: _Worker) -> None:
-        """Ask a worker to finish its request in hand and exit."""
-        if worker.child is None:
-            return
-        try:
-            with worker.send_lock:
-                worker.child.conn.send_bytes(pickle.dumps(_Stop()))
-        except OSError:
-            pass  # already gone, or its pipe closed; it is reaped by its owner
-
-    def _retire(self, worker: _Worker, why: str) -> None:
-        """Stop a worker that failed (its owner calls this) and start its replacement."""
-        replacement: _Worker | None = None
+        The slot's owner calls this, or the watcher with the `idle` child it saw die: then
+        only if the slot still idles with it (else a request took it and finds it dead).
+        """
         with self._cond:
-            if self._slots.get(worker.slot) is worker and not self._closed:
-                replacement = _Worker(worker.slot)
-                self._slots[worker.slot] = replacement
-            self._cond.notify_all()
-        self._stop(worker)
-        if replacement is None:
+            if idle is not None and (slot.state is not SlotState.IDLE or slot.child is not idle):
+                return
+            child = slot.child
+            replacing = slot.to(SlotState.STARTING)
+        stop(child)
+        if not replacing:
             return
         self._publish()
         log.warning("pool %s: %s; replacing it", self.name, why)
         thread = threading.Thread(
             target=self._replace,
-            args=(replacement,),
+            args=(slot,),
             name=f"mnn-guard-{self.name}-restart",
             daemon=True,
         )
@@ -563,96 +242,46 @@ class Pool:
             self._starters.add(thread)
         thread.start()
 
-    def _replace(self, worker: _Worker) -> None:
-        """Start a replacement worker (a background thread); on failure the slot shows FAILED."""
+    def _replace(self, slot: Slot) -> None:
+        """Start a replacement worker (a background thread); on failure the slot is FAILED."""
         try:
-            self._launch(worker)
-            self._await_ready(worker)
+            slot.spawn(self._ctx, worker_main, self._args)
+            serving = self._ready(slot)
         except Exception as exc:
             with self._cond:
-                closed = self._closed
-                worker.state, worker.error, worker.child = State.FAILED, exc, None
-            if not closed:
+                failed = slot.to(SlotState.FAILED)
+                slot.error = exc
+            if failed:
                 self._publish()
                 log.error(
-                    "pool %s: replacement for worker %d failed: %s", self.name, worker.slot, exc
+                    "pool %s: replacement for worker %d failed: %s", self.name, slot.index, exc
                 )
         else:
             with self._cond:
-                closed = self._closed
-                if not closed:
-                    self._idle.append(worker)
-                    self._replaced += 1
-            if closed:
-                self._ask_to_stop(worker)
-                self._stop(worker, STOP_SECONDS)
+                self._replaced += serving
+            if not serving:  # the pool closed meanwhile
+                slot.ask_to_stop()
+                stop(slot.child, STOP_SECONDS)
         finally:
             with self._cond:
                 self._starters.discard(threading.current_thread())
                 self._cond.notify_all()
 
-    def _acquire(self, deadline: float | None = None) -> _Worker:
-        """An idle worker; waits (until `deadline`, by default Policy.wait_timeout from now)
-        while all are busy or starting."""
-        if deadline is None:
-            deadline = time.monotonic() + self._wait_timeout
+    def _release(self, slot: Slot) -> None:
+        """Put a slot whose worker answered back in service (or stop it if the pool closed)."""
         with self._cond:
-            while True:
-                if self._closed:
-                    raise SessionClosed(f"pool {self.name!r} is closed")
-                if self._idle:
-                    return self._idle.popleft()
-                if all(w.error is not None for w in self._slots.values()):
-                    error = next((w.error for w in self._slots.values() if w.error), None)
-                    raise WorkerFailed(
-                        f"pool {self.name!r}: no worker is left; the last replacement failed: "
-                        f"{error}"
-                    ) from error
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    starting = sum(w.state is State.STARTING for w in self._slots.values())
-                    raise Unavailable(
-                        f"pool {self.name!r}: no worker was free within {self._wait_timeout:g} s "
-                        f"(Policy.wait_timeout); {starting} of {self.processes} starting, the "
-                        "rest busy"
-                    )
-                self._cond.wait(remaining)
+            released = slot.to(SlotState.IDLE)
+        if not released:
+            slot.ask_to_stop()
+            stop(slot.child, STOP_SECONDS)
 
-    def _release(self, worker: _Worker) -> None:
-        """Return a worker that answered to the idle ones (or stop it if the pool closed)."""
-        with self._cond:
-            closed = self._closed
-            if not closed:
-                self._idle.append(worker)
-                self._cond.notify()
-        if closed:
-            self._ask_to_stop(worker)
-            self._stop(worker, STOP_SECONDS)
-
-    def _request(self, worker: _Worker, data: bytes) -> _Reply:
-        """Send one encoded request and wait for its reply; raise _Lost when the worker died."""
-        child = worker.child
-        assert child is not None
-        try:
-            if child.conn.poll():  # an idle worker has nothing to say: it died while idle
-                raise _Undelivered(f"{worker.label} {child.exit_text()} while idle")
-            with worker.send_lock:
-                child.conn.send_bytes(data)
-        except (EOFError, OSError):
-            raise _Undelivered(f"{worker.label} {child.exit_text()} while idle") from None
-        event = child.wait(self.request_timeout)
-        if event is Event.TIMEOUT:
-            child.kill()
-            raise _Lost(
-                f"{worker.label} exceeded request_timeout={self.request_timeout:g} s and was killed"
-            )
-        reply = self._receive(worker, child) if event is Event.MESSAGE else None
-        if reply is None:
-            raise _Lost(f"{worker.label} {child.exit_text()}")
-        if isinstance(reply, _Done | _Raised | _Refused):
+    def _request(self, slot: Slot, data: bytes) -> wire.Reply:
+        """Send one encoded request on a BUSY slot; keep what its worker reports with the reply."""
+        reply = slot.request(data, self.request_timeout)
+        if isinstance(reply, wire.Done | wire.Raised | wire.Refused):
             with self._cond:
-                changed = self._note(worker, reply.health)
-                worker.requests += 1
+                changed = slot.note(reply.report)
+                slot.requests += 1
             if changed:
                 self._publish()
         return reply
@@ -664,9 +293,9 @@ class Pool:
         arrays = self._check(inputs)  # InputMismatch, in the caller's thread
         # np.asarray: a plain ndarray of the same data; a subclass would pickle with its own
         # reduce, which the worker might not be able to undo
-        request = _Run({n: np.asarray(a) for n, a in zip(self._names, arrays, strict=True)})
+        request = wire.Run({n: np.asarray(a) for n, a in zip(self._names, arrays, strict=True)})
         try:
-            return pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+            return wire.encode(request)
         except Exception as exc:
             raise InputMismatch(
                 f"pool {self.name!r}: the request cannot be encoded for a worker: {exc!r}"
@@ -681,41 +310,41 @@ class Pool:
         failures: list[tuple[str, Exception | None]] = []  # why, and the worker's error if any
         unblamed = self.processes  # how many workers found dead before sending may be skipped
         while len(failures) < 2:
-            worker = self._acquire(deadline)
+            slot = self._slots.acquire(deadline, self._wait_timeout)
             deadline = None  # a retry waits its own Policy.wait_timeout
             try:
-                reply = self._request(worker, data)
-            except _Lost as lost:
-                self._retire(worker, str(lost))
-                if isinstance(lost, _Undelivered) and unblamed > 0:
+                reply = self._request(slot, data)
+            except Lost as lost:
+                self._retire(slot, str(lost))
+                if isinstance(lost, Undelivered) and unblamed > 0:
                     unblamed -= 1  # not the request's fault: try another worker, uncounted
                     continue
                 failures.append((str(lost), None))
                 continue
             except BaseException:
-                self._retire(worker, "a request was interrupted")  # its reply would come late
+                self._retire(slot, "a request was interrupted")  # its reply would come late
                 raise
-            if isinstance(reply, _Done):
-                self._release(worker)
+            if isinstance(reply, wire.Done):
+                self._release(slot)
                 return reply.outputs
-            if isinstance(reply, _Refused):
-                self._release(worker)
+            if isinstance(reply, wire.Refused):
+                self._release(slot)
                 raise InputMismatch(
-                    f"pool {self.name!r}: {worker.label} refused the request: {reply.reason}"
+                    f"pool {self.name!r}: {slot.label} refused the request: {reply.reason}"
                 )
-            if not isinstance(reply, _Raised):
-                why = f"{worker.label} answered a request with a {type(reply).__name__}"
+            if not isinstance(reply, wire.Raised):
+                why = f"{slot.label} answered a request with a {type(reply).__name__}"
                 failures.append((why, None))
-                self._retire(worker, why)
+                self._retire(slot, why)
                 continue
             error = reply.error
-            error.add_note(f"raised in pool {self.name!r} by {worker.label}")
+            error.add_note(f"raised in pool {self.name!r} by {slot.label}")
             if isinstance(error, InputMismatch):
-                self._release(worker)
+                self._release(slot)
                 raise error
-            why = f"{worker.label} raised {type(error).__name__}: {error}"
+            why = f"{slot.label} raised {type(error).__name__}: {error}"
             failures.append((why, error))
-            self._retire(worker, why)
+            self._retire(slot, why)
         raise self._failed(failures)
 
     def _failed(self, failures: list[tuple[str, Exception | None]]) -> Exception:
@@ -725,7 +354,7 @@ class Pool:
         error, noting the first failure. The first raised and the second was lost: WorkerFailed.
         """
         (first, first_error), (second, second_error) = failures
-        if self._closed:
+        if self._slots.closed:
             return SessionClosed(f"pool {self.name!r} was closed during the request")
         if second_error is not None:
             second_error.add_note(f"the request was retried after: {first}")
@@ -786,7 +415,7 @@ class Pool:
         """Admit one encoded async call (bounded by max_waiting) and hand it to a thread."""
         limit = self.processes + self.max_waiting
         with self._cond:
-            if self._closed:
+            if self._slots.closed:
                 raise SessionClosed(f"pool {self.name!r} is closed")
             if self._pending >= limit:
                 raise Unavailable(
@@ -831,84 +460,25 @@ class Pool:
     # ------------------------------------------------------------ readiness
 
     def _publish(self) -> None:
-        """Put the pool's state into its health table, if it changed (in order)."""
-        with self._publishing:
-            with self._cond:
-                if self._closed or not self._slots:
-                    return
-                workers = sorted(self._slots.values(), key=lambda w: w.slot)
-                state = max((w.state for w in workers), key=_SEVERITY.index)
-                index = max(w.rung_index for w in workers)
-                listed = [
-                    {
-                        "slot": w.slot,
-                        "pid": w.child.pid if w.child is not None else None,
-                        "state": w.state.value,
-                        "rung": self._ladder[w.rung_index].name,
-                    }
-                    for w in workers
-                ]
-                reasons = [
-                    f"worker {w.slot} (pid {w.child.pid if w.child else None}) is "
-                    f"{w.state.value}" + (f": {w.error}" if w.error is not None else "")
-                    for w in workers
-                    if w.state not in LIVE
-                ]
-            key = (state, index, repr(listed), reasons)
-            if key == self._published:
+        """Put the pool's entry, made from its slots, into its health table if it changed."""
+        with self._publishing:  # in order
+            last = self._published
+            entry = self._slots.entry(last.since if last is not None else 0.0)
+            if entry is None or entry == last:
                 return
-            if self._published is None or self._published[0] is not state:
-                self._since = time.time()
-            self._published = key
-            status = SessionStatus(
-                name=self.name,
-                state=state,
-                rung=self._ladder[index],
-                rung_index=index,
-                verdict=None,
-                history=(),
-                since=self._since,
-            )
-            self._health.record(self, status, {"workers": listed, "reasons": reasons})
+            if last is None or last.state is not entry.state:
+                entry = dataclasses.replace(entry, since=time.time())
+            self._published = entry
+            self._health.record(self, entry)
 
-    def _reap_idle(self, worker: _Worker) -> None:
-        """Retire a worker found dead while idle (the watcher calls this)."""
-        with self._cond:
-            if worker not in self._idle:
-                return  # a request took it meanwhile: that request finds it dead
-            self._idle.remove(worker)
-        child = worker.child
-        assert child is not None
-        self._retire(worker, f"{worker.label} {child.exit_text()} while idle")
-
-    def _idle_children(self) -> list[_Worker]:
-        """The idle workers (the watcher waits for their deaths)."""
-        with self._cond:
-            return [] if self._closed else list(self._idle)
-
-    def status(self) -> list[WorkerStatus]:
+    def status(self) -> list[SlotStatus]:
         """Every slot in order, truthful through replacements; [] once closed.
 
-        A serving worker shows its session's state and rung as of its last reply (they change
-        only with requests); a replacement being started shows STARTING on the first rung, its
+        A slot in service shows its worker's session state and rung as of its last reply
+        (they change only with requests); a replacement being started shows STARTING, its
         pid once it has one; a slot whose replacement failed shows FAILED with pid None.
         """
-        with self._cond:
-            if self._closed:
-                return []
-            idle = set(self._idle)
-            return [
-                WorkerStatus(
-                    slot=w.slot,
-                    pid=w.child.pid if w.child is not None else None,
-                    state=w.state,
-                    rung=self._ladder[w.rung_index],
-                    rung_index=w.rung_index,
-                    requests=w.requests,
-                    busy=w.child is not None and w.state in LIVE and w not in idle,
-                )
-                for w in sorted(self._slots.values(), key=lambda w: w.slot)
-            ]
+        return self._slots.status()
 
     @property
     def replaced(self) -> int:
@@ -923,30 +493,26 @@ class Pool:
         A request in flight is answered if its worker finishes within STOP_SECONDS; workers
         still starting are killed, and nothing is logged about them.
         """
+        before = self._slots.close()
+        if not before:
+            return  # closed already
         with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            workers = list(self._slots.values())
-            idle = set(self._idle)
-            self._idle.clear()
             starters = list(self._starters)
-            self._cond.notify_all()
         self._stop_watch.set()
         self._executor.shutdown(wait=False)  # queued async calls raise SessionClosed
         with self._publishing:  # after any publication in progress
             self._health.forget(self.name, owner=self)
-        for worker in workers:
-            if worker.state is State.STARTING and worker.child is not None:
-                worker.child.kill()  # its starting thread reaps it
+        for slot, state, child in before:
+            if state is SlotState.STARTING and child is not None:
+                child.kill()  # its starting thread reaps it
             else:
-                self._ask_to_stop(worker)
+                slot.ask_to_stop()
         deadline = time.monotonic() + STOP_SECONDS
-        for worker in workers:
-            if worker.state is not State.STARTING:
+        for _, state, child in before:
+            if state is not SlotState.STARTING:
                 # an idle worker's pipe is ours to close; a busy one's belongs to its request
                 grace = max(0.0, deadline - time.monotonic())
-                self._stop(worker, grace, close=worker in idle)
+                stop(child, grace, close=state is SlotState.IDLE)
         for thread in starters:
             thread.join(STOP_SECONDS + 1.0)
         self._unstash()
@@ -958,5 +524,5 @@ class Pool:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{self.processes} worker(s)"
+        state = "closed" if self._slots.closed else f"{self.processes} worker(s)"
         return f"<Pool {self.name!r} {state}>"
