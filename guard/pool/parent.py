@@ -249,17 +249,18 @@ class Pool:
             serving = self._ready(slot)
         except Exception as exc:
             with self._cond:
+                slot.error = exc  # readiness says why while the slot is FAILED
                 failed = slot.to(SlotState.FAILED)
-                slot.error = exc
             if failed:
                 self._publish()
                 log.error(
                     "pool %s: replacement for worker %d failed: %s", self.name, slot.index, exc
                 )
         else:
-            with self._cond:
-                self._replaced += serving
-            if not serving:  # the pool closed meanwhile
+            if serving:
+                with self._cond:
+                    self._replaced += 1
+            else:  # the pool closed meanwhile
                 slot.ask_to_stop()
                 stop(slot.child, STOP_SECONDS)
         finally:
@@ -503,10 +504,10 @@ class Pool:
         with self._publishing:  # after any publication in progress
             self._health.forget(self.name, owner=self)
         for slot, state, child in before:
-            if state is SlotState.STARTING and child is not None:
-                child.kill()  # its starting thread reaps it
-            else:
+            if state is not SlotState.STARTING:
                 slot.ask_to_stop()
+            elif child is not None:
+                child.kill()  # its starting thread reaps it
         deadline = time.monotonic() + STOP_SECONDS
         for _, state, child in before:
             if state is not SlotState.STARTING:

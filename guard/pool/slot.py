@@ -294,7 +294,11 @@ class Slots:
         self.pool = pool
         self.ladder = tuple(ladder)
         self.all = [Slot(pool, index, self.cond) for index in range(processes)]
-        self.closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once the pool closed (its slots close together, in `close`)."""
+        return all(slot.closed for slot in self.all)
 
     def acquire(self, deadline: float | None, wait_timeout: float) -> Slot:
         """The slot idle longest, now BUSY; waits (until `deadline`, by default `wait_timeout`
@@ -377,7 +381,6 @@ class Slots:
         with self.cond:
             if self.closed:
                 return []
-            self.closed = True
             before = [(slot, slot.state, slot.child) for slot in self.all]
             for slot in self.all:
                 slot.to(SlotState.CLOSED)
