@@ -40,7 +40,7 @@ mutate: $(MUTATE_STAMP)
 	HYPOTHESIS_PROFILE=mutation $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS)
 	$(PY) mutation/score.py
 
-# guard/pool.py apart: each of its mutants spawns workers (README, "Mutation testing")
+# guard/pool/ apart: each of its mutants spawns workers (README, "Mutation testing")
 mutate-pool: $(MUTATE_STAMP)
 	$(PY) mutation/pool.py --jobs $(MUTATE_JOBS) $(if $(MUTATE_FRESH),--fresh)
 
