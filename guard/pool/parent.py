@@ -504,9 +504,9 @@ class Pool:
         with self._publishing:  # after any publication in progress
             self._health.forget(self.name, owner=self)
         for slot, state, child in before:
-            if state is not SlotState.STARTING:
-                slot.ask_to_stop()
-            elif child is not None:
+            if state is SlotState.IDLE:
+                slot.ask_to_stop()  # a busy worker's request thread asks it once answered
+            elif state is SlotState.STARTING and child is not None:
                 child.kill()  # its starting thread reaps it
         deadline = time.monotonic() + STOP_SECONDS
         for _, state, child in before:

@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.context import BaseContext
 from typing import Any, ClassVar
 
@@ -120,8 +120,8 @@ class Slot:
     """The parent's record of one slot and its current worker.
 
     Every field is guarded by the pool's Condition (`cond`). The worker's pipe belongs to one
-    thread at a time: the starting thread until the worker is ready, then the thread that
-    took the slot for a request, or close() while it is idle.
+    thread at a time, the only one to use it: the starting thread until the worker is ready,
+    then the thread that took the slot for a request, or close() if it closed the slot idle.
     """
 
     pool: str  # the pool's name, for messages
@@ -134,7 +134,6 @@ class Slot:
     requests: int = 0
     error: Exception | None = None  # why the replacement could not start (FAILED)
     turn: int = 0  # when it last became idle: the pool takes the slot idle longest
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
     _turns: ClassVar[itertools.count[int]] = itertools.count()
 
     def to(self, state: SlotState) -> bool:
@@ -257,8 +256,7 @@ class Slot:
         try:
             if child.conn.poll():  # an idle worker has nothing to say: it died while idle
                 raise Undelivered(f"{self.label} {child.exit_text()} while idle")
-            with self.send_lock:
-                child.conn.send_bytes(data)
+            child.conn.send_bytes(data)
         except (EOFError, OSError):
             raise Undelivered(f"{self.label} {child.exit_text()} while idle") from None
         event = child.wait(timeout)
@@ -271,11 +269,9 @@ class Slot:
         return reply
 
     def ask_to_stop(self) -> None:
-        """Ask the worker to finish its request in hand and exit."""
+        """Ask the worker to exit (its pipe's owner calls this)."""
         child = self.child
-        if child is None:
-            return
-        with self.send_lock:
+        if child is not None:
             wire.send(child.conn, wire.Stop())  # False if gone or its pipe closed: reaped anyway
 
 
