@@ -61,11 +61,7 @@ MOVES: dict[SlotState, frozenset[SlotState]] = {
     SlotState.CLOSED: frozenset(),
 }
 IN_SERVICE = frozenset({SlotState.IDLE, SlotState.BUSY})  # the states with a serving worker
-_SHOWN = {  # what readiness shows for a slot out of service
-    SlotState.STARTING: State.STARTING,
-    SlotState.FAILED: State.FAILED,
-    SlotState.CLOSED: State.CLOSED,
-}
+_SHOWN = {SlotState.STARTING: State.STARTING, SlotState.FAILED: State.FAILED}  # out of service
 # how bad each shown state is for the pool's readiness entry, from fine to worst
 _SEVERITY = (State.SERVING, State.CHECKING, State.STARTING, State.REPLACING, State.FAILED)
 
@@ -179,7 +175,8 @@ class Slot:
         return f"worker {self.index} (pid {self.pid})"
 
     def shown(self) -> State:
-        """The state readiness shows: the worker's session's in service, else the slot's own."""
+        """The state readiness shows of an open slot: its worker's session's in service, else
+        STARTING or FAILED."""
         if self.state in IN_SERVICE:
             assert self.session is not None  # a slot enters IDLE with its worker's first report
             return self.session
