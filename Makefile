@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # editable_mode=strict links each package file from build/: a folder named probes/ or guard/
 # in the working directory (probe.save("probes/vocoder")) cannot shadow the packages, as it
 # does under the default import hook. Files added or removed re-link (the folders' mtimes).
-$(STAMP): pyproject.toml guard guard/mnn guard/tools probes guard/data
+$(STAMP): pyproject.toml $(shell find guard probes -type d -not -name __pycache__)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,serve,diagnose,ray]' --config-settings editable_mode=strict
@@ -40,7 +40,7 @@ mutate: $(MUTATE_STAMP)
 	HYPOTHESIS_PROFILE=mutation $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS)
 	$(PY) mutation/score.py
 
-# guard/pool.py apart: each of its mutants spawns workers (README, "Mutation testing")
+# guard/pool/ apart: each of its mutants spawns workers (README, "Mutation testing")
 mutate-pool: $(MUTATE_STAMP)
 	$(PY) mutation/pool.py --jobs $(MUTATE_JOBS) $(if $(MUTATE_FRESH),--fresh)
 

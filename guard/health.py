@@ -2,7 +2,8 @@
 
 Readiness: a process (or, in multiprocess mode, a set of live worker processes) is ready when
 it has at least one session, every session it has is healthy, and every session named in
-`expect` is there and healthy.
+`expect` is there and healthy. The table keeps one `Entry` per name: a session makes its own
+from its status (`Entry.of`), a `guard.Pool` one from its worker slots.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from guard.listeners import Listener
-from guard.state import SessionStatus
+from guard.state import SessionStatus, State
 
 __all__ = [
     "HEALTH",
+    "Entry",
     "HealthListener",
     "HealthTable",
     "mark_process_dead",
@@ -36,17 +39,44 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _PREFIX = "mnn_guard_health_"
 
 
-def _entry(status: SessionStatus) -> dict[str, Any]:
-    """What readiness says of one session."""
-    return {
-        "name": status.name,
-        "state": status.state.value,
-        "rung": status.mode,
-        "rung_index": status.rung_index,
-        "healthy": status.healthy,
-        "since": status.since,
-        "reasons": list(status.verdict.reasons) if status.verdict is not None else [],
-    }
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Entry:
+    """What readiness says of one session, or of one pool as a whole."""
+
+    name: str
+    state: State
+    rung: str  # the name of the rung in use
+    rung_index: int
+    healthy: bool
+    since: float  # wall-clock time (time.time()) the state was entered
+    reasons: tuple[str, ...] = ()  # why it is not healthy, in words
+    detail: Mapping[str, Any] = field(default_factory=dict)  # more fields (a pool's workers)
+
+    @classmethod
+    def of(cls, status: SessionStatus) -> Entry:
+        """A session's entry, from its status."""
+        return cls(
+            name=status.name,
+            state=status.state,
+            rung=status.mode,
+            rung_index=status.rung_index,
+            healthy=status.healthy,
+            since=status.since,
+            reasons=status.verdict.reasons if status.verdict is not None else (),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The entry as /readyz and the health files show it."""
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "rung": self.rung,
+            "rung_index": self.rung_index,
+            "healthy": self.healthy,
+            "since": self.since,
+            "reasons": list(self.reasons),
+            **self.detail,
+        }
 
 
 def _judge(
@@ -76,7 +106,7 @@ def _alive(pid: int) -> bool:
 
 
 class HealthTable:
-    """The latest status of each session by name, and which listener wrote it.
+    """The latest entry of each session (or pool) by name, and which owner wrote it.
 
     One per process by default (`HEALTH`), as prometheus_client has one `REGISTRY`; pass your
     own to `guard.wrap(health=...)` and `guard.serve(health=...)` to keep sessions apart. With
@@ -88,18 +118,14 @@ class HealthTable:
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
         self.directory = Path(directory) if directory else None
         self._lock = threading.Lock()
-        self._sessions: dict[str, SessionStatus] = {}
-        self._owners: dict[str, object] = {}  # which session's listener wrote each entry
-        self._details: dict[str, dict[str, Any]] = {}  # extra fields of an entry (a pool's workers)
+        self._sessions: dict[str, Entry] = {}
+        self._owners: dict[str, object] = {}  # which session's listener (or pool) wrote each
 
-    def record(
-        self, owner: object, status: SessionStatus, detail: Mapping[str, Any] | None = None
-    ) -> None:
-        """Keep `status` as the latest of its session, written by `owner`; `detail` adds fields."""
+    def record(self, owner: object, entry: Entry) -> None:
+        """Keep `entry` as the latest of its name, written by `owner`."""
         with self._lock:
-            self._sessions[status.name] = status
-            self._owners[status.name] = owner
-            self._details[status.name] = dict(detail or {})
+            self._sessions[entry.name] = entry
+            self._owners[entry.name] = owner
             self._write()
 
     def forget(self, name: str, owner: object | None = None) -> None:
@@ -108,7 +134,6 @@ class HealthTable:
             if owner is None or self._owners.get(name) is owner:
                 self._sessions.pop(name, None)
                 self._owners.pop(name, None)
-                self._details.pop(name, None)
                 self._write()
 
     def clear(self) -> None:
@@ -116,11 +141,10 @@ class HealthTable:
         with self._lock:
             self._sessions.clear()
             self._owners.clear()
-            self._details.clear()
             self._write()
 
-    def sessions(self) -> dict[str, SessionStatus]:
-        """A copy of the latest status of every session by name."""
+    def sessions(self) -> dict[str, Entry]:
+        """A copy of the latest entry of every session (or pool) by name."""
         with self._lock:
             return dict(self._sessions)
 
@@ -130,8 +154,8 @@ class HealthTable:
             return self._entries()
 
     def _entries(self) -> list[dict[str, Any]]:
-        """Each entry with its detail (the caller holds the lock)."""
-        return [{**_entry(s), **self._details.get(n, {})} for n, s in self._sessions.items()]
+        """Each entry as readiness shows it (the caller holds the lock)."""
+        return [entry.as_dict() for entry in self._sessions.values()]
 
     def readiness(self, expect: Sequence[str] = ()) -> tuple[bool, list[dict[str, Any]]]:
         """(ready, details) of this process's sessions, by the readiness rule."""
@@ -243,7 +267,7 @@ class HealthListener(Listener):
 
     def on_status(self, session: str, status: SessionStatus) -> None:
         if not (status.closed or self._closed):
-            self.table.record(self, status)
+            self.table.record(self, Entry.of(status))
 
     def on_close(self, session: str) -> None:
         self._closed = True

@@ -1,12 +1,12 @@
-"""`make mutate-pool`: mutation testing of guard/pool.py, on a copy of the tree.
+"""`make mutate-pool`: mutation testing of the guard/pool/ package, on a copy of the tree.
 
 Every pool test spawns worker processes, so a pool mutant costs seconds where others cost
 milliseconds; mutmut reads one configuration (pyproject.toml in its working folder), so this
-copies the sources and tests to build/mutate-pool, mutates only guard/pool.py there, runs
-mutmut on the pool's own test files (POOL_FILES) and prints the score. Results stay in
-build/mutate-pool/mutants between runs, so the mutants can be run in batches: name them (mutmut
-accepts globs, e.g. "guard.pool.x__serve*") and only those run; mutants never run show as
-"not checked" in the score.
+copies the sources and tests to build/mutate-pool, mutates only the pool's modules there
+(POOL_SOURCES), runs mutmut on the pool's own test files (POOL_FILES) and prints the score.
+Results stay in build/mutate-pool/mutants between runs, so the mutants can be run in batches:
+name them (mutmut accepts globs, e.g. "guard.pool.worker.x_serve*") and only those run;
+mutants never run show as "not checked" in the score.
 
     python mutation/pool.py [--jobs 2] [--fresh] [MUTANT ...]
 """
@@ -23,7 +23,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "mutate-pool"
-POOL_FILES = ["tests/test_pool.py", "tests/test_async_pool.py"]
+POOL_SOURCES = [  # every module of guard/pool/ with logic (__init__.py only re-exports)
+    "guard/pool/parent.py",
+    "guard/pool/slot.py",
+    "guard/pool/wire.py",
+    "guard/pool/worker.py",
+    "guard/pool/children.py",
+]
+POOL_FILES = [
+    "tests/test_slot.py",
+    "tests/test_pool.py",
+    "tests/test_async_pool.py",
+    "tests/test_workers.py",
+]
 """The tests mutmut maps to pool functions (a first, unmutated run); mutation/select_tests.py
 narrows each mutant's share of them."""
 
@@ -43,7 +55,8 @@ def main() -> int:
     config = (ROOT / "pyproject.toml").read_text()
     # settings at the start of a line (a comment may quote one)
     only = r"^only_mutate = \[[^\]]*\]"
-    config, count = re.subn(only, 'only_mutate = ["guard/pool.py"]', config, flags=re.MULTILINE)
+    sources = "only_mutate = [" + ", ".join(f'"{f}"' for f in POOL_SOURCES) + "]"
+    config, count = re.subn(only, sources, config, flags=re.MULTILINE)
     assert count == 1, "pyproject.toml has no [tool.mutmut] only_mutate list"
     files = ", ".join(f'"{f}"' for f in POOL_FILES)
     pattern = r"^pytest_add_cli_args_test_selection = \[[^\]]*\]"

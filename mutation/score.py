@@ -60,7 +60,7 @@ def results(mutants: Path) -> dict[str, dict[str, str]]:
 
 
 def module_of(name: str) -> str:
-    """The module a mutant's name starts with: guard.pool.x__serve__mutmut_3 -> guard.pool."""
+    """The module a mutant's name starts with: probes.judges.x_snr_db__mutmut_1 -> probes.judges."""
     return re.split(r"\.x[_\u01c1]", name, maxsplit=1)[0]
 
 

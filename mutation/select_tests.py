@@ -18,6 +18,7 @@ SESSION = (
     "tests/test_promotion.py",
 )
 PROBES = ("tests/test_probes.py", "tests/test_probe_fuzz.py", "tests/test_judges.py", PINNED)
+POOL = ("tests/test_pool.py", "tests/test_async_pool.py")
 
 SELECTION: dict[str, tuple[str, ...]] = {
     "guard.session": (*SESSION, "tests/test_metrics.py", "tests/test_inputs.py"),
@@ -26,7 +27,11 @@ SELECTION: dict[str, tuple[str, ...]] = {
     "guard.inputs": ("tests/test_inputs.py", PINNED, "tests/test_session.py"),
     "guard.metrics": (PINNED, "tests/test_metrics.py", "tests/test_promotion.py"),
     "guard.health": (PINNED, "tests/test_server.py", "tests/test_state_machine.py"),
-    "guard.pool": ("tests/test_pool.py", "tests/test_async_pool.py", PINNED),
+    "guard.pool.parent": (*POOL, PINNED),
+    "guard.pool.slot": ("tests/test_slot.py", *POOL),
+    "guard.pool.wire": ("tests/test_pool.py",),
+    "guard.pool.worker": ("tests/test_pool.py",),
+    "guard.pool.children": ("tests/test_workers.py", *POOL),
     "probes.judges": ("tests/test_judges.py", PINNED),
     "probes.probe": PROBES,
     "probes.store": PROBES,

@@ -5,6 +5,7 @@ Real demo-vocoder modules throughout; faults wrap them; only time is faked (Fake
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry
 import guard
 import probes
 from guard import mnn
-from guard.health import HealthListener
+from guard.health import Entry, HealthListener
 from guard.ladder import Action, Attempt
 from guard.testing import CapturingListener, Fault, FaultyFactory
 from guard.tools import demo
@@ -2066,7 +2067,7 @@ def test_an_unwritable_health_folder_never_breaks_serving(
         policy=guard.Policy(background=False),
     )  # fmt: skip
     assert served_clean(s) and table.readiness()[0] is True
-    table.record(s, s.status)  # directly: a listener's errors would be logged, not raised
+    table.record(s, Entry.of(s.status))  # directly: a listener's errors would be logged
     assert list(table.sessions()) == ["a"]
     s.close()
 
@@ -2092,7 +2093,8 @@ def test_table_entries_carry_each_sessions_detail(demo_probe: probes.Probe) -> N
     ) as s:  # fmt: skip
         status = s.status
     table = guard.HealthTable()
-    table.record(object(), status, {"workers": [{"slot": 0}]})
+    entry = dataclasses.replace(Entry.of(status), detail={"workers": [{"slot": 0}]})
+    table.record(object(), entry)
     assert table.entries() == [
         {"name": "e", "state": "serving", "rung": "static", "rung_index": 0, "healthy": True,
          "since": status.since, "reasons": [], "workers": [{"slot": 0}]},

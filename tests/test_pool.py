@@ -26,8 +26,8 @@ import pytest
 import guard
 import probes
 from guard import mnn
-from guard import pool as pool_module
 from guard.inputs import prepare_inputs
+from guard.pool import SlotState, wire, worker
 from guard.testing import FaultyFactory
 from guard.tools import demo
 
@@ -89,18 +89,18 @@ def test_map_serves_200_requests_in_order(pool: guard.Pool) -> None:
 
 
 def test_status_lists_each_worker(pool: guard.Pool) -> None:
-    """status() names each worker's pid, state and rung, as SessionStatus does."""
+    """status() names each slot's pid and state, and its worker session's state and rung."""
     pool.run({"mel": demo.demo_mel(50)})
     status = pool.status()
     assert [w.slot for w in status] == [0, 1]
     for w in status:
-        assert (w.state, w.mode, w.rung_index, w.healthy) == (
+        assert (w.state, w.session, w.rung, w.serving, w.busy) == (
+            SlotState.IDLE,
             guard.State.SERVING,
             "static",
-            0,
             True,
+            False,
         )
-        assert w.rung is guard.STATIC or w.rung == guard.STATIC
     assert len({w.pid for w in status}) == 2 and os.getpid() not in {w.pid for w in status}
 
 
@@ -371,12 +371,12 @@ def marked(value: float) -> Array:
     return mel
 
 
-def wait_until_serving(pool: guard.Pool, seconds: float = 60.0) -> list[guard.pool.WorkerStatus]:
+def wait_until_serving(pool: guard.Pool, seconds: float = 60.0) -> list[guard.pool.SlotStatus]:
     """Every slot serving again (replacements started), within a bound."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         status = pool.status()
-        if all(w.healthy for w in status):
+        if all(w.serving for w in status):
             return status
         time.sleep(0.05)
     raise AssertionError(f"pool {pool.name!r} not serving within {seconds} s: {pool.status()}")
@@ -410,31 +410,30 @@ def test_worker_refuses_an_undecodable_message_and_keeps_serving(
     demo_paths: tuple[Path, Path],
 ) -> None:
     """Bytes on a worker's pipe that do not decode get a refusal, not a dead worker."""
-    from guard import pool as pool_module
-    from guard.workers import Child, Event, remove_stash, stash_probe
+    from guard.pool.children import Child, Event, remove_stash, stash_probe
 
     probe = probes.load(demo_paths[1], model=demo_paths[0])
     path = stash_probe(probe)
     ctx = multiprocessing.get_context("spawn")
     args = (demo.demo_factory(threads=1), path, quiet_policy(), "raw")
-    child = Child.spawn(ctx, pool_module._worker_main, args, name="mnn-guard-raw")
+    child = Child.spawn(ctx, worker.worker_main, args, name="mnn-guard-raw")
     try:
 
         def reply() -> Any:
             assert child.wait(60.0) is Event.MESSAGE
             return pickle.loads(child.conn.recv_bytes())
 
-        assert isinstance(reply(), pool_module._Ready)
+        assert isinstance(reply(), wire.Ready)
         child.conn.send_bytes(b"\x80\x05not a pickle")
         refused = reply()
-        assert isinstance(refused, pool_module._Refused)
+        assert isinstance(refused, wire.Refused)
         assert "could not be decoded" in refused.reason
         mel = demo.demo_mel(50)
-        child.conn.send_bytes(pickle.dumps(pool_module._Run({"mel": mel})))
+        child.conn.send_bytes(pickle.dumps(wire.Run({"mel": mel})))
         done = reply()
-        assert isinstance(done, pool_module._Done)
+        assert isinstance(done, wire.Done)
         assert_outputs([done.outputs], references([mel]))
-        child.conn.send_bytes(pickle.dumps(pool_module._Stop()))
+        child.conn.send_bytes(pickle.dumps(wire.Stop()))
         child.process.join(10.0)
         assert child.process.exitcode == 0
     finally:
@@ -454,7 +453,8 @@ def test_request_that_kills_two_workers_is_a_poison_request(marked_pool: guard.P
     assert str(info.value).count("was killed by SIGSEGV") == 2
     status = marked_pool.status()
     assert [w.slot for w in status] == [0, 1]
-    assert all(w.state is guard.State.STARTING and not w.healthy for w in status), status
+    assert all(w.state is SlotState.STARTING and not w.serving for w in status), status
+    assert all((w.session, w.rung, w.requests) == (None, None, 0) for w in status), status
     assert not dead & {w.pid for w in status}
     assert all(gone(pid) for pid in dead if pid is not None)
     mel = demo.demo_mel(70, seed=5)
@@ -525,7 +525,7 @@ def test_close_right_after_worker_deaths_is_clean_and_quiet(
     p = guard.Pool(factory, probe, processes=2, policy=quiet_policy(), name="deaths")
     with pytest.raises(guard.PoisonRequest):
         p.run({"mel": marked(SEGFAULT)})
-    assert [w.state for w in p.status()] == [guard.State.STARTING] * 2
+    assert [w.state for w in p.status()] == [SlotState.STARTING] * 2
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="mnn_guard"):
         p.close()
@@ -541,9 +541,13 @@ def test_fallback_worker_shows_its_rung_in_status(demo_paths: tuple[Path, Path])
     faulty = FaultyFactory(demo.demo_factory(threads=1), fault="noise", rate=1.0)
     policy = quiet_policy(reinit_attempts=0)
     with guard.Pool(faulty, probe, processes=1, policy=policy, name="fallback") as p:
-        (worker,) = p.status()
-        assert (worker.mode, worker.rung_index, worker.healthy) == ("dynamic", 1, True)
-        assert worker.rung == guard.DYNAMIC and worker.state is guard.State.SERVING
+        (slot,) = p.status()
+        assert (slot.rung, slot.session, slot.state, slot.serving) == (
+            "dynamic",
+            guard.State.SERVING,
+            SlotState.IDLE,
+            True,
+        )
 
 
 class TurningFactory:
@@ -572,7 +576,7 @@ def test_readiness_shows_a_worker_that_fell_back_during_its_requests(
     table = guard.HealthTable()
     with guard.Pool(faulty, probe, processes=1, policy=policy, name="turning", health=table) as p:
         deadline = time.monotonic() + 60
-        while p.status()[0].rung_index == 0:
+        while p.status()[0].rung == "static":
             assert time.monotonic() < deadline, "the worker never fell back"
             p.run({"mel": demo.demo_mel(40)})
         (entry,) = table.entries()
@@ -632,18 +636,18 @@ def test_worker_errors_cross_the_pipe_as_themselves_or_as_stand_ins() -> None:
     """An error that pickles is sent as it is; one that does not becomes a GuardError with its
     message and a note naming its type; RecoveryExhausted keeps its attempts, each portable."""
     ok = guard.InputMismatch("input 'mel' is wrong")
-    assert pool_module._pickles(ok) and pool_module._portable(ok) is ok
+    assert wire.pickles(ok) and wire.portable(ok) is ok
     for bad, kind in (
         (UnpicklableError("it broke"), "UnpicklableError"),
         (NeedsTwo("a", "b"), "NeedsTwo"),
     ):
-        assert not pool_module._pickles(bad)
-        stand_in = pool_module._portable(bad)
+        assert not wire.pickles(bad)
+        stand_in = wire.portable(bad)
         assert type(stand_in) is guard.GuardError and str(stand_in) == str(bad)
         assert stand_in.__notes__ == [f"in the worker this was a {kind}, which does not pickle"]
     attempts = [attempt(None), attempt(ok), attempt(UnpicklableError("no module"), 1)]
     exhausted = guard.RecoveryExhausted("every rung failed", attempts)
-    sent = pool_module._portable(exhausted)
+    sent = wire.portable(exhausted)
     assert type(sent) is guard.RecoveryExhausted and str(sent) == "every rung failed"
     assert sent.attempts[:2] == tuple(attempts[:2]) and sent.attempts[1].error is ok
     third = sent.attempts[2]
@@ -652,10 +656,10 @@ def test_worker_errors_cross_the_pipe_as_themselves_or_as_stand_ins() -> None:
     assert pickle.loads(pickle.dumps(sent)).attempts[2].error.args == ("no module",)
     # an error that pickles only with the pipe's protocol (5: out-of-band buffers) is sent as is
     buffered = BufferHolder("with a buffer")
-    assert pool_module._pickles(buffered) and pool_module._portable(buffered) is buffered
+    assert wire.pickles(buffered) and wire.portable(buffered) is buffered
     # still unpicklable once its attempts' errors are replaced (a lock in a failed output)
     locked = dataclasses.replace(attempt(None), outputs={0: {"wav": threading.Lock()}})
-    stand_in = pool_module._portable(guard.RecoveryExhausted("locked out", [locked]))
+    stand_in = wire.portable(guard.RecoveryExhausted("locked out", [locked]))
     assert type(stand_in) is guard.GuardError and str(stand_in) == "locked out"
     assert stand_in.__notes__ == [
         "in the worker this was a RecoveryExhausted, which does not pickle"
@@ -679,53 +683,53 @@ def reply(conn: Connection) -> Any:
 def test_a_worker_serves_its_pipe_and_refuses_what_is_no_request(
     demo_probe: probes.Probe,
 ) -> None:
-    """_serve answers a request with outputs, a raising one with the error, undecodable bytes
-    and non-requests with a refusal saying why, each with the session's health; _Stop ends it."""
+    """serve answers a request with outputs, a raising one with the error, undecodable bytes
+    and non-requests with a refusal saying why, each with the session's report; Stop ends it."""
     parent, child = multiprocessing.Pipe()
     session = serving_session(demo_probe)
-    serving = pool_module._Health(guard.State.SERVING, 0)
-    thread = threading.Thread(target=pool_module._serve, args=(child, session), daemon=True)
+    serving = wire.Report(guard.State.SERVING, 0)
+    thread = threading.Thread(target=worker.serve, args=(child, session), daemon=True)
     thread.start()
     mel = demo.demo_mel(40, seed=4)
-    parent.send_bytes(pickle.dumps(pool_module._Run({"mel": mel})))
+    parent.send_bytes(pickle.dumps(wire.Run({"mel": mel})))
     done = reply(parent)
-    assert type(done) is pool_module._Done and done.health == serving
+    assert type(done) is wire.Done and done.report == serving
     assert_outputs([done.outputs], references([mel]))
-    parent.send_bytes(pickle.dumps(pool_module._Run({"spectrogram": mel})))
+    parent.send_bytes(pickle.dumps(wire.Run({"spectrogram": mel})))
     raised = reply(parent)
-    assert type(raised) is pool_module._Raised and type(raised.error) is guard.InputMismatch
-    assert raised.health == serving
+    assert type(raised) is wire.Raised and type(raised.error) is guard.InputMismatch
+    assert raised.report == serving
     parent.send_bytes(b"not a pickle")
     refused = reply(parent)
-    assert type(refused) is pool_module._Refused and refused.health == serving
+    assert type(refused) is wire.Refused and refused.report == serving
     assert refused.reason.startswith("it could not be decoded: UnpicklingError: ")
     parent.send_bytes(pickle.dumps(5))
-    assert reply(parent) == pool_module._Refused("a int is not a request", serving)
-    parent.send_bytes(pickle.dumps(pool_module._Run({"mel": mel})))  # still serving
-    assert type(reply(parent)) is pool_module._Done
-    parent.send_bytes(pickle.dumps(pool_module._Stop()))
+    assert reply(parent) == wire.Refused("a int is not a request", serving)
+    parent.send_bytes(pickle.dumps(wire.Run({"mel": mel})))  # still serving
+    assert type(reply(parent)) is wire.Done
+    parent.send_bytes(pickle.dumps(wire.Stop()))
     thread.join(5)
     assert not thread.is_alive() and not parent.poll(0.1)
     session.close()
 
 
 def test_a_worker_stops_serving_when_the_parent_is_gone(demo_probe: probes.Probe) -> None:
-    """_serve returns when its pipe closes, and _send says False once nobody reads."""
+    """serve returns when its pipe closes, and wire.send says False once nobody reads."""
     session = serving_session(demo_probe)
     parent, child = multiprocessing.Pipe()
-    health = pool_module._health(session)
-    assert health == pool_module._Health(guard.State.SERVING, 0)
-    assert pool_module._send(child, pool_module._Ready(health)) is True
-    assert reply(parent) == pool_module._Ready(health)
-    # replies go with the highest protocol, as _portable checks errors with it
-    assert pool_module._send(child, pool_module._Raised(BufferHolder("buffered"), health))
+    report = worker.report(session)
+    assert report == wire.Report(guard.State.SERVING, 0)
+    assert wire.send(child, wire.Ready(report)) is True
+    assert reply(parent) == wire.Ready(report)
+    # replies go with the highest protocol, as wire.portable checks errors with it
+    assert wire.send(child, wire.Raised(BufferHolder("buffered"), report))
     assert str(reply(parent).error) == "buffered"
-    thread = threading.Thread(target=pool_module._serve, args=(child, session), daemon=True)
+    thread = threading.Thread(target=worker.serve, args=(child, session), daemon=True)
     thread.start()
     parent.close()
     thread.join(5)
     assert not thread.is_alive()
-    assert pool_module._send(child, pool_module._Ready(health)) is False
+    assert wire.send(child, wire.Ready(report)) is False
     session.close()
 
 
@@ -735,7 +739,7 @@ def run_worker_main(
     policy: guard.Policy,
     talk: Callable[[Connection], Any] | None = None,
 ) -> tuple[list[Any], Any, Any]:
-    """Run _worker_main here while a thread plays the parent: `talk`, then _Stop. Returns the
+    """Run worker_main here while a thread plays the parent: `talk`, then Stop. Returns the
     replies `talk` left unread, the SIGINT handler the worker set (restored after), and what
     `talk` returned."""
     parent, child = multiprocessing.Pipe()
@@ -746,7 +750,7 @@ def run_worker_main(
         if talk is not None:
             said.append(talk(parent))
         with contextlib.suppress(OSError):  # a worker that failed to start has gone already
-            parent.send_bytes(pickle.dumps(pool_module._Stop()))
+            parent.send_bytes(pickle.dumps(wire.Stop()))
         with contextlib.suppress(EOFError, OSError):
             while True:
                 replies.append(pickle.loads(parent.recv_bytes()))
@@ -755,7 +759,7 @@ def run_worker_main(
     helper.start()
     handler = signal.getsignal(signal.SIGINT)
     try:
-        pool_module._worker_main(child, factory, probe_path, policy, "in-worker")
+        worker.worker_main(child, factory, probe_path, policy, "in-worker")
         ignored = signal.getsignal(signal.SIGINT)
     finally:
         signal.signal(signal.SIGINT, handler)
@@ -768,15 +772,15 @@ def run_worker_main(
 def test_a_worker_builds_its_session_serves_and_closes_it_on_stop(
     demo_probe: probes.Probe,
 ) -> None:
-    """_worker_main builds the session from the stashed probe with the pool's factory, policy
-    and name, in a table of its own; says ready; serves; closes it on _Stop."""
+    """worker_main builds the session from the stashed probe with the pool's factory, policy
+    and name, in a table of its own; says ready; serves; closes it on Stop."""
     mel = demo.demo_mel(40, seed=4)
 
     def talk(parent: Connection) -> Any:
         ready = reply(parent)
         threads = {t.name for t in threading.enumerate()}
         listed = set(guard.health.HEALTH.sessions())
-        parent.send_bytes(pickle.dumps(pool_module._Run({"mel": mel})))
+        parent.send_bytes(pickle.dumps(wire.Run({"mel": mel})))
         return ready, threads, listed, reply(parent)
 
     path = guard.pool.stash_probe(demo_probe)
@@ -788,10 +792,10 @@ def test_a_worker_builds_its_session_serves_and_closes_it_on_stop(
         )
     finally:
         guard.pool.remove_stash(path)
-    serving = pool_module._Health(guard.State.SERVING, 0)  # the default ladder: rung 1
-    assert ready == pool_module._Ready(serving) and replies == []
+    serving = wire.Report(guard.State.SERVING, 0)  # the default ladder: rung 1
+    assert ready == wire.Ready(serving) and replies == []
     assert "mnn-guard-in-worker" in threads and "in-worker" not in listed
-    assert type(done) is pool_module._Done and done.health == serving
+    assert type(done) is wire.Done and done.report == serving
     assert_outputs([done.outputs], references([mel]))
     assert ignored is signal.SIG_IGN  # Ctrl-C is the parent's to handle
     assert "mnn-guard-in-worker" not in {t.name for t in threading.enumerate()}
@@ -800,12 +804,12 @@ def test_a_worker_builds_its_session_serves_and_closes_it_on_stop(
 def test_a_worker_that_cannot_start_says_why_on_its_pipe(
     demo_probe: probes.Probe, tmp_path: Path
 ) -> None:
-    """A worker whose probe cannot be loaded, or whose every rung fails, sends _StartFailed
+    """A worker whose probe cannot be loaded, or whose every rung fails, sends StartFailed
     with the error (naming the session) and serves not."""
     missing = str(tmp_path / "gone.pickle")
     replies, _, _ = run_worker_main(demo.demo_factory(threads=1), missing, quiet_policy())
     (failed,) = replies
-    assert type(failed) is pool_module._StartFailed
+    assert type(failed) is wire.StartFailed
     assert type(failed.error) is FileNotFoundError and failed.error.filename == missing
     path = guard.pool.stash_probe(demo_probe)
     broken = FaultyFactory(demo.demo_factory(threads=1), fault="noise", rate=1.0, affects="all")
@@ -963,7 +967,7 @@ def test_close_answers_the_request_in_flight_and_is_bounded_by_a_hung_one(
     caplog.set_level(logging.DEBUG, logger="mnn_guard")
     closer = threading.Thread(target=p.close)
     closer.start()
-    closer.join(pool_module.STOP_SECONDS + 10.0)
+    closer.join(guard.pool.STOP_SECONDS + 10.0)
     assert not closer.is_alive(), "close() waited for the hung request"
     assert_outputs([answered.result(timeout=30)], references([mel]))
     with pytest.raises(guard.SessionClosed, match="pool 'closing' is closed"):

@@ -1,4 +1,4 @@
-"""guard.workers with real spawned processes: messages, exits, timeouts, kill and reap."""
+"""guard.pool.children with real spawned processes: messages, exits, timeouts, kill and reap."""
 
 from __future__ import annotations
 
@@ -10,8 +10,15 @@ from pathlib import Path
 import numpy as np
 
 import probes
-from guard import pool
-from guard.workers import Child, Event, load_stashed_probe, remove_stash, stash_probe, wait_any
+from guard import pool, workers
+from guard.pool.children import (
+    Child,
+    Event,
+    load_stashed_probe,
+    remove_stash,
+    stash_probe,
+    wait_any,
+)
 
 
 def say(conn: Connection, text: str) -> None:
@@ -56,7 +63,7 @@ def test_child_sees_a_message_an_exit_and_a_timeout() -> None:
 
 
 def test_stashed_probe_round_trips_and_pool_still_exports_it(demo_probe: probes.Probe) -> None:
-    """A stashed probe loads back equal; guard.pool keeps the old names for doctor."""
+    """A stashed probe loads back equal; guard.pool and guard.workers keep the old names."""
     path = stash_probe(demo_probe)
     try:
         loaded = load_stashed_probe(path)
@@ -68,8 +75,10 @@ def test_stashed_probe_round_trips_and_pool_still_exports_it(demo_probe: probes.
             np.testing.assert_array_equal(mine.outputs[name], array)
     remove_stash(path)  # missing is fine
     assert not Path(path).exists()
-    assert (pool.stash_probe, pool.load_stashed_probe, pool.remove_stash) == (
-        stash_probe,
-        load_stashed_probe,
-        remove_stash,
-    )
+    for old in (pool, workers):
+        assert (old.stash_probe, old.load_stashed_probe, old.remove_stash) == (
+            stash_probe,
+            load_stashed_probe,
+            remove_stash,
+        )
+    assert (workers.Child, workers.Event, workers.wait_any) == (Child, Event, wait_any)

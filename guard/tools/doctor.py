@@ -29,9 +29,9 @@ from typing import Any
 from guard.diagnosis import DiagnosisListener
 from guard.errors import ConfigError
 from guard.ladder import DEFAULT_LADDER, Attempt, Outcome, Rung
+from guard.pool.children import load_stashed_probe, remove_stash, stash_probe
 from guard.session import Factory
 from guard.tools.output import text_table
-from guard.workers import load_stashed_probe, remove_stash, stash_probe
 from probes import Probe
 
 __all__ = [

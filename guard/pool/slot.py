@@ -1,0 +1,380 @@
+"""One slot of a pool: its states, the moves between them, its worker and a snapshot of one.
+
+A slot holds one worker process at a time; a worker that fails is stopped and the slot
+starts a replacement. The only moves (`MOVES`); `Slot.to` makes every one of them, under the
+pool's Condition:
+
+    from       to         when
+    STARTING   IDLE       the slot's new worker says its session serves
+    STARTING   FAILED     a replacement worker could not start (the slot keeps its error)
+    IDLE       BUSY       a request takes the worker (its pipe is that request's thread's)
+    IDLE       STARTING   the worker died while idle: it is reaped and a replacement starts
+    BUSY       IDLE       the worker answered and waits for the next request
+    BUSY       STARTING   the worker crashed, timed out, raised or was interrupted: replaced
+    any        CLOSED     the pool closed
+
+The worker's session has states of its own (`guard.State`); the slot only keeps what the
+worker last reported of it with each reply. Readiness shows a slot in service by that
+report, and a slot out of service by its own state (`shown`).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.context import BaseContext
+from typing import Any, ClassVar
+
+from guard.errors import SessionClosed, Unavailable, WorkerFailed
+from guard.health import Entry
+from guard.ladder import Rung
+from guard.pool import wire
+from guard.pool.children import Child, Event
+from guard.state import LIVE, State
+
+__all__ = ["IN_SERVICE", "MOVES", "Slot", "SlotState", "SlotStatus", "Slots", "WorkerStatus"]
+
+log = logging.getLogger("mnn_guard")
+
+
+class SlotState(enum.Enum):
+    """Where a pool's slot is: starting a worker, serving with one, or out of service."""
+
+    STARTING = "starting"  # a worker is being spawned or builds its session (pid once spawned)
+    IDLE = "idle"  # its worker serves and waits for a request
+    BUSY = "busy"  # its worker has a request in hand
+    FAILED = "failed"  # a replacement could not start; the slot stays empty
+    CLOSED = "closed"  # the pool closed
+
+
+MOVES: dict[SlotState, frozenset[SlotState]] = {
+    SlotState.STARTING: frozenset({SlotState.IDLE, SlotState.FAILED, SlotState.CLOSED}),
+    SlotState.IDLE: frozenset({SlotState.BUSY, SlotState.STARTING, SlotState.CLOSED}),
+    SlotState.BUSY: frozenset({SlotState.IDLE, SlotState.STARTING, SlotState.CLOSED}),
+    SlotState.FAILED: frozenset({SlotState.CLOSED}),
+    SlotState.CLOSED: frozenset(),
+}
+IN_SERVICE = frozenset({SlotState.IDLE, SlotState.BUSY})  # the states with a serving worker
+_SHOWN = {SlotState.STARTING: State.STARTING, SlotState.FAILED: State.FAILED}  # out of service
+# how bad each shown state is for the pool's readiness entry, from fine to worst
+_SEVERITY = (State.SERVING, State.CHECKING, State.STARTING, State.REPLACING, State.FAILED)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotStatus:
+    """One slot of a pool: its state and process, and what its worker last reported."""
+
+    slot: int
+    pid: int | None  # None while a replacement has no process yet, or after it failed to start
+    state: SlotState
+    session: State | None  # the worker's session state, as of its last reply (None: no reply)
+    rung: str | None  # the name of the rung its session serves on, as of the same reply
+    requests: int  # served by this slot's current worker
+
+    @property
+    def busy(self) -> bool:
+        """True while a request is in hand."""
+        return self.state is SlotState.BUSY
+
+    @property
+    def serving(self) -> bool:
+        """True while the slot's worker serves with a session whose canary passed."""
+        return self.state in IN_SERVICE and self.session in LIVE
+
+
+WorkerStatus = SlotStatus  # the name before slots had states of their own
+
+
+class Lost(Exception):
+    """A request's worker crashed or timed out; it is replaced and the request retried once."""
+
+
+class Undelivered(Lost):
+    """The worker died before the request reached it: replaced, and the request not blamed."""
+
+
+def _mark_dead(pid: int | None) -> None:
+    """Drop a dead worker's live gauges in prometheus_client multiprocess mode."""
+    if pid is None or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    from prometheus_client.multiprocess import mark_process_dead
+
+    try:
+        mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    except OSError:
+        log.warning("could not drop the metrics files of dead worker pid %d", pid)
+
+
+@dataclass(eq=False)
+class Slot:
+    """The parent's record of one slot and its current worker.
+
+    Every field is guarded by the pool's Condition (`cond`). The worker's pipe belongs to one
+    thread at a time, the only one to use it: the starting thread until the worker is ready,
+    then the thread that took the slot for a request, or close() if it closed the slot idle.
+    """
+
+    pool: str  # the pool's name, for messages
+    index: int
+    cond: threading.Condition
+    state: SlotState = SlotState.STARTING
+    child: Child | None = None  # None until spawned, and once a replacement failed
+    session: State | None = None  # the worker's last report, or None before its first
+    rung_index: int | None = None
+    requests: int = 0
+    error: Exception | None = None  # why the replacement could not start (FAILED)
+    turn: int = 0  # when it last became idle: the pool takes the slot idle longest
+    _turns: ClassVar[itertools.count[int]] = itertools.count()
+
+    def to(self, state: SlotState) -> bool:
+        """The one place a slot's state changes (the caller holds `cond`): check, set, wake.
+
+        A closed slot stays closed: a move from CLOSED is refused (returns False), so a worker
+        that starts or answers after close() changes nothing. Any other move not in MOVES
+        raises AssertionError.
+        """
+        if self.state is SlotState.CLOSED:
+            return False
+        if state not in MOVES[self.state]:
+            raise AssertionError(f"worker {self.index}: no move {self.state} -> {state}")
+        self.state = state
+        if state is SlotState.STARTING:  # a new worker: no process yet, nothing heard
+            self.child, self.session, self.rung_index, self.requests = None, None, None, 0
+        elif state is SlotState.IDLE:
+            self.turn = next(self._turns)
+        elif state is SlotState.FAILED:
+            self.child = None
+        self.cond.notify_all()
+        return True
+
+    def note(self, report: wire.Report) -> bool:
+        """Keep what the worker reported of its session (caller holds `cond`); True if new."""
+        changed = (self.session, self.rung_index) != (report.state, report.rung_index)
+        self.session, self.rung_index = report.state, report.rung_index
+        return changed
+
+    @property
+    def closed(self) -> bool:
+        """True once the pool closed."""
+        return self.state is SlotState.CLOSED
+
+    @property
+    def pid(self) -> int | None:
+        """The current worker's process id (None without one)."""
+        return self.child.pid if self.child is not None else None
+
+    @property
+    def label(self) -> str:
+        """`worker 0 (pid 123)`, for messages and logs."""
+        return f"worker {self.index} (pid {self.pid})"
+
+    def shown(self) -> State:
+        """The state readiness shows of an open slot: its worker's session's in service, else
+        STARTING or FAILED."""
+        if self.state in IN_SERVICE:
+            assert self.session is not None  # a slot enters IDLE with its worker's first report
+            return self.session
+        return _SHOWN[self.state]
+
+    def status(self, ladder: Sequence[Rung]) -> SlotStatus:
+        """A snapshot (the caller holds `cond`)."""
+        return SlotStatus(
+            slot=self.index,
+            pid=self.pid,
+            state=self.state,
+            session=self.session,
+            rung=ladder[self.rung_index].name if self.rung_index is not None else None,
+            requests=self.requests,
+        )
+
+    # ------------------------------------------------------------ its worker
+
+    def spawn(self, ctx: BaseContext, target: Callable[..., object], args: Sequence[Any]) -> None:
+        """Start this STARTING slot's worker: `target(conn, *args)` in a new process of `ctx`."""
+        with self.cond:
+            if self.closed:
+                raise SessionClosed(f"pool {self.pool!r} is closed")
+        child = Child.spawn(ctx, target, args, name=f"mnn-guard-{self.pool}-{self.index}")
+        with self.cond:
+            self.child = child
+            closed = self.closed
+        if closed:  # close() ran meanwhile and could not see this process
+            child.kill()
+
+    def await_ready(self, timeout: float | None) -> wire.Report:
+        """Wait for the spawned worker's session; raise the worker's own error if it failed."""
+        child = self.child
+        assert child is not None
+        prefix = f"pool {self.pool!r}: {self.label} could not start"
+        try:
+            event = child.wait(timeout)
+            if event is Event.TIMEOUT:
+                raise WorkerFailed(f"{prefix}: no session within {timeout:g} s; killed")
+            try:
+                reply = self.receive(child) if event is Event.MESSAGE else None
+            except Lost as lost:
+                raise WorkerFailed(f"{prefix}: {lost}") from None
+            if reply is None:
+                raise WorkerFailed(f"{prefix}: it {child.exit_text()}")
+            if isinstance(reply, wire.StartFailed):
+                reply.error.add_note(prefix)
+                raise reply.error
+            if not isinstance(reply, wire.Ready):
+                raise WorkerFailed(f"{prefix}: it sent a {type(reply).__name__} first")
+        except BaseException:
+            stop(child)
+            raise
+        return reply.report
+
+    def receive(self, child: Child) -> wire.Reply | None:
+        """The next reply on the worker's pipe; None when the worker died instead."""
+        try:
+            data = child.conn.recv_bytes()
+        except (EOFError, OSError):
+            return None
+        try:
+            reply = wire.decode(data)
+        except Exception as exc:
+            raise Lost(f"{self.label} sent a reply that could not be decoded: {exc!r}") from exc
+        if not isinstance(reply, wire.REPLIES):
+            raise Lost(f"{self.label} sent a {type(reply).__name__}, not a reply")
+        return reply
+
+    def request(self, data: bytes, timeout: float | None) -> wire.Reply:
+        """Send one encoded request and wait for its reply; raise Lost when the worker died."""
+        child = self.child
+        assert child is not None
+        try:
+            if child.conn.poll():  # an idle worker has nothing to say: it died while idle
+                raise Undelivered(f"{self.label} {child.exit_text()} while idle")
+            child.conn.send_bytes(data)
+        except (EOFError, OSError):
+            raise Undelivered(f"{self.label} {child.exit_text()} while idle") from None
+        event = child.wait(timeout)
+        if event is Event.TIMEOUT:
+            child.kill()
+            raise Lost(f"{self.label} exceeded request_timeout={timeout:g} s and was killed")
+        reply = self.receive(child) if event is Event.MESSAGE else None
+        if reply is None:
+            raise Lost(f"{self.label} {child.exit_text()}")
+        return reply
+
+    def ask_to_stop(self) -> None:
+        """Ask the worker to exit (its pipe's owner calls this)."""
+        child = self.child
+        if child is not None:
+            wire.send(child.conn, wire.Stop())  # False if gone or its pipe closed: reaped anyway
+
+
+def stop(child: Child | None, grace: float = 0.0, *, close: bool = True) -> None:
+    """Stop and reap a worker's process; drop its metrics."""
+    if child is not None:
+        child.stop(grace, close=close)
+        _mark_dead(child.pid)
+
+
+class Slots:
+    """A pool's slots under one Condition (`cond`), which also guards the pool's counters."""
+
+    def __init__(self, pool: str, processes: int, ladder: Sequence[Rung]) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.pool = pool
+        self.ladder = tuple(ladder)
+        self.all = [Slot(pool, index, self.cond) for index in range(processes)]
+
+    @property
+    def closed(self) -> bool:
+        """True once the pool closed (its slots close together, in `close`)."""
+        return all(slot.closed for slot in self.all)
+
+    def acquire(self, deadline: float | None, wait_timeout: float) -> Slot:
+        """The slot idle longest, now BUSY; waits (until `deadline`, by default `wait_timeout`
+        from now) while all are busy or starting. WorkerFailed when every slot failed."""
+        if deadline is None:
+            deadline = time.monotonic() + wait_timeout
+        with self.cond:
+            while True:
+                if self.closed:
+                    raise SessionClosed(f"pool {self.pool!r} is closed")
+                idle = [s for s in self.all if s.state is SlotState.IDLE]
+                if idle:
+                    slot = min(idle, key=lambda s: s.turn)
+                    slot.to(SlotState.BUSY)
+                    return slot
+                errors = [s.error for s in self.all if s.state is SlotState.FAILED]
+                if len(errors) == len(self.all):
+                    raise WorkerFailed(
+                        f"pool {self.pool!r}: no worker is left; the last replacement failed: "
+                        f"{errors[0]}"
+                    ) from errors[0]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    starting = sum(s.state is SlotState.STARTING for s in self.all)
+                    raise Unavailable(
+                        f"pool {self.pool!r}: no worker was free within {wait_timeout:g} s "
+                        f"(Policy.wait_timeout); {starting} of {len(self.all)} starting, the "
+                        "rest busy"
+                    )
+                self.cond.wait(remaining)
+
+    def idle(self) -> list[tuple[Slot, Child]]:
+        """The idle slots and their workers; [] once closed."""
+        with self.cond:
+            if self.closed:
+                return []
+            return [(s, s.child) for s in self.all if s.state is SlotState.IDLE and s.child]
+
+    def status(self) -> list[SlotStatus]:
+        """A snapshot of every slot in order; [] once closed."""
+        with self.cond:
+            if self.closed:
+                return []
+            return [slot.status(self.ladder) for slot in self.all]
+
+    def entry(self, since: float) -> Entry | None:
+        """The pool's readiness entry, made from its slots; None once closed.
+
+        Ready while every worker serves; its state is the worst slot's, its rung the furthest
+        down the ladder; a worker that has not reported yet is listed on the first rung.
+        """
+        with self.cond:
+            if self.closed:
+                return None
+            shown = [(s, s.shown(), s.rung_index or 0) for s in self.all]
+            workers = [
+                {"slot": s.index, "pid": s.pid, "state": each.value, "rung": self.ladder[i].name}
+                for s, each, i in shown
+            ]
+            reasons = tuple(
+                f"{s.label} is {each.value}" + (f": {s.error}" if s.error is not None else "")
+                for s, each, _ in shown
+                if each not in LIVE
+            )
+        state = max((each for _, each, _ in shown), key=_SEVERITY.index)
+        index = max(i for _, _, i in shown)
+        return Entry(
+            name=self.pool,
+            state=state,
+            rung=self.ladder[index].name,
+            rung_index=index,
+            healthy=state in LIVE,
+            since=since,
+            reasons=reasons,
+            detail={"workers": workers},
+        )
+
+    def close(self) -> list[tuple[Slot, SlotState, Child | None]]:
+        """Close every slot: each with the state and worker it had; [] if already closed."""
+        with self.cond:
+            if self.closed:
+                return []
+            before = [(slot, slot.state, slot.child) for slot in self.all]
+            for slot in self.all:
+                slot.to(SlotState.CLOSED)
+            return before
