@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # editable_mode=strict links each package file from build/: a folder named probes/ or guard/
 # in the working directory (probe.save("probes/vocoder")) cannot shadow the packages, as it
 # does under the default import hook. Files added or removed re-link (the folders' mtimes).
-$(STAMP): pyproject.toml guard guard/tools probes guard/data
+$(STAMP): pyproject.toml guard guard/integrations guard/tools probes guard/data
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,serve,diagnose,ray]' --config-settings editable_mode=strict
