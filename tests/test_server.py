@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -467,3 +469,60 @@ def test_healthz_asks_for_a_restart_after_a_long_failure(
             time.sleep(0.02)
         status, _, body = get(running.url + "/healthz")
     assert (status, "X" in body, "restart" in body) == (503, True, True)
+
+
+UPGRADE = (
+    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+@pytest.mark.hostile
+def test_asgi_app_refuses_websockets_without_an_error(tmp_path: Path) -> None:
+    """Real uvicorn serving guard.asgi_app(): a websocket upgrade to any path is refused with
+    403 and uvicorn logs no error; plain HTTP still answers."""
+    from test_recipes import free_port
+    from test_recipes import get as get_or_0
+
+    port = free_port()
+    log = tmp_path / "uvicorn.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [
+                *(str(Path(sys.executable).parent / "uvicorn"), "--factory"),
+                *("guard.integrations.endpoints:asgi_app", "--port", str(port)),
+                *("--host", "127.0.0.1", "--log-level", "info"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while get_or_0(f"http://127.0.0.1:{port}/healthz")[0] != 200:
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        answers = [
+            raw_http11(port, UPGRADE.format(path=path).encode()) for path in ("/metrics", "/x")
+        ]
+        status = get(f"http://127.0.0.1:{port}/readyz")[0]
+    finally:
+        server.terminate()
+        server.wait(30)
+    text = log.read_text()
+    assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 403 Forbidden"] * 2
+    assert status == 503  # no session in that process: served, not ready
+    assert "ERROR" not in text and "Traceback" not in text, text
+
+
+def raw_http11(port: int, request: bytes) -> bytes:
+    """Send one request and read the answer until the server closes or 2 s pass quietly."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        sock.settimeout(2)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
