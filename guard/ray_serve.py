@@ -8,6 +8,7 @@ the Ray sink of the metrics is `guard.integrations.ray_metrics`.
 from __future__ import annotations
 
 from guard.integrations.ray_serve import (
+    CONFIG_KEYS,
     HEALTH_CHECK_SECONDS,
     GuardedDeployment,
     RayListener,
@@ -15,4 +16,11 @@ from guard.integrations.ray_serve import (
     build_app,
 )
 
-__all__ = ["HEALTH_CHECK_SECONDS", "GuardedDeployment", "RayListener", "application", "build_app"]
+__all__ = [
+    "CONFIG_KEYS",
+    "HEALTH_CHECK_SECONDS",
+    "GuardedDeployment",
+    "RayListener",
+    "application",
+    "build_app",
+]

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from guard.errors import ConfigError, MissingExtra, SwapRefused
 from guard.health import HealthTable
 from guard.integrations.ray_metrics import RayListener, ray_sink
-from guard.integrations.replica import Replica, Spec
+from guard.integrations.replica import CONFIG_KEYS, Replica, Spec
 from guard.ladder import Policy
 from probes import Probe
 
@@ -51,7 +51,7 @@ except ImportError as exc:  # pragma: no cover - the extra is installed in CI
         f"guard.ray_serve needs Ray Serve: pip install 'mnn-guard[ray]' ({exc})"
     ) from exc
 
-__all__ = ["GuardedDeployment", "RayListener", "application", "build_app"]
+__all__ = ["CONFIG_KEYS", "GuardedDeployment", "RayListener", "application", "build_app"]
 
 log = logging.getLogger("mnn_guard")
 HEALTH_CHECK_SECONDS = 2.0  # application()'s default health_check_period_s (Ray's is 10 s)

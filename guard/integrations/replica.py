@@ -221,7 +221,7 @@ class Replica:
         self._sink = sink
         self._health = HEALTH if health is None else health
         self._lock = threading.Lock()  # guards _served and _config
-        self._swapping = threading.Lock()  # one build at a time
+        self._swapping = threading.RLock()  # one build at a time (configure holds it too)
         self._served: Served | None = None
         self._config: dict[str, Any] | None = None
         if spec is not None:
@@ -277,18 +277,19 @@ class Replica:
         if not isinstance(config, Mapping):
             raise ConfigError(f"the config is a mapping with 'model' and 'probe', got {config!r}")
         wanted = {"threads": 1, "name": self.name, **config}
-        if wanted == self._config:
-            return False
-        try:
-            spec = Spec.from_config(wanted, name=self.name, policy=self.policy)
-        except (GuardError, ProbeError) as exc:
-            if self._served is None:
-                raise
-            raise SwapRefused(f"config {dict(config)!r} refused: {exc}") from exc
-        self.swap(spec)
-        with self._lock:
-            self._config = wanted
-        return True
+        with self._swapping:
+            if wanted == self._config:
+                return False
+            try:
+                spec = Spec.from_config(wanted, name=self.name, policy=self.policy)
+            except (GuardError, ProbeError) as exc:
+                if self._served is None:
+                    raise
+                raise SwapRefused(f"config {dict(config)!r} refused: {exc}") from exc
+            self.swap(spec)
+            with self._lock:
+                self._config = wanted
+            return True
 
     def check(self) -> None:
         """A health check: raise (RecoveryExhausted, Unavailable) unless a passing module serves."""
