@@ -31,6 +31,8 @@ if TYPE_CHECKING:
         WorkerFailed,
     )
     from guard.health import HealthTable, mark_process_dead, readiness
+    from guard.integrations.endpoints import asgi_app, wsgi_app
+    from guard.integrations.server import serve
     from guard.ladder import DYNAMIC, SESSION_LADDER, STATIC, Policy, Rung, session_ladder
     from guard.listeners import Listener
     from guard.mnn import (
@@ -40,7 +42,6 @@ if TYPE_CHECKING:
         session_factory,
     )
     from guard.pool import Pool
-    from guard.server import asgi_app, serve, wsgi_app
     from guard.session import GuardedSession
     from guard.state import SessionStatus, State
     from guard.recording import record
@@ -117,9 +118,9 @@ _HOME = {  # public name -> the runtime module that defines it
     "session_factory": "mnn",
     "DynamicIgnoredWarning": "mnn",
     "Pool": "pool",
-    "serve": "server",
-    "asgi_app": "server",
-    "wsgi_app": "server",
+    "serve": "integrations.server",
+    "asgi_app": "integrations.endpoints",
+    "wsgi_app": "integrations.endpoints",
     "GuardedSession": "session",
     "SessionStatus": "state",
     "State": "state",

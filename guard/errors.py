@@ -23,6 +23,7 @@ __all__ = [
     "PoisonRequest",
     "RecoveryExhausted",
     "SessionClosed",
+    "SwapRefused",
     "Unavailable",
     "WorkerFailed",
 ]
@@ -74,6 +75,10 @@ class OutputMismatch(GuardError):
 
 class SessionClosed(GuardError):
     """The session or pool was closed; it serves no more calls."""
+
+
+class SwapRefused(GuardError):
+    """A hot swap's new model could not be built or failed its canary; the old one stays."""
 
 
 class Unavailable(GuardError, TimeoutError):

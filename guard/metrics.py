@@ -1,4 +1,4 @@
-"""Prometheus metrics for guarded sessions, emitted by a listener (multiprocess-safe)."""
+"""The Prometheus sink of the `mnn_guard_*` families: one per registry (multiprocess-safe)."""
 
 from __future__ import annotations
 
@@ -21,18 +21,14 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from guard.errors import ConfigError
-from guard.ladder import Action, Attempt, Outcome, Rung
-from guard.listeners import CALL_OK, Call, Listener
-from guard.state import SessionStatus, State
+from guard.families import FAMILIES, RUN_SECONDS, RUNS, Family, Kind
+from guard.ladder import Rung
+from guard.listeners import CALL_OK, Call
+from guard.sinks import MetricsListener
 
 __all__ = ["Buckets", "GuardMetrics", "PrometheusListener", "RunTally", "metrics_for"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-RUNS = (
-    "mnn_guard_runs",
-    "run() calls by result (ok, error, invalid, unavailable, failed, closed).",
-)
-RUN_SECONDS = ("mnn_guard_run_seconds", "run() time.")
 
 
 def _multiprocess() -> bool:
@@ -150,8 +146,8 @@ class _RunCollector(Collector):
     @staticmethod
     def _families() -> tuple[CounterMetricFamily, HistogramMetricFamily]:
         return (
-            CounterMetricFamily(*RUNS, labels=["session", "rung", "result"]),
-            HistogramMetricFamily(*RUN_SECONDS, labels=["session", "rung"]),
+            CounterMetricFamily(RUNS.name, RUNS.help, labels=RUNS.labels),
+            HistogramMetricFamily(RUN_SECONDS.name, RUN_SECONDS.help, labels=RUN_SECONDS.labels),
         )
 
     def describe(self) -> list[Metric]:
@@ -169,65 +165,18 @@ class _RunCollector(Collector):
                 seconds.add_metric([session, rung], list(cumulative), total)
                 if since is not None:
                     labels = {"session": session, "rung": rung}
-                    seconds.samples.append(Sample(f"{RUN_SECONDS[0]}_created", labels, since))
+                    seconds.samples.append(Sample(f"{RUN_SECONDS.name}_created", labels, since))
         return [runs, seconds]
 
 
 class GuardMetrics:
-    """Every mnn-guard metric, registered once in one registry."""
+    """Every mnn-guard metric, registered once in one registry: the Prometheus sink."""
 
     def __init__(self, registry: CollectorRegistry, buckets: Buckets) -> None:
         self.buckets = buckets
-        r = registry
-        self.info = Gauge(
-            "mnn_guard_session_info",
-            "1 per guarded session: versions and the model file's sha256.",
-            ["session", "guard_version", "mnn_version", "model_sha256"],
-            registry=r,
-            multiprocess_mode="liveall",
-        )
-        self.inits = Counter(
-            "mnn_guard_inits", "Module initialisations (factory calls).", ["session", "rung"],
-            registry=r,
-        )  # fmt: skip
-        self.canary_checks = Counter(
-            "mnn_guard_canary_checks",
-            "Canary judgements by result (pass, fail, error, timeout).",
-            ["session", "rung", "result"],
-            registry=r,
-        )
-        self.recoveries = Counter(
-            "mnn_guard_recoveries", "Recovery actions (reinit, fallback, promote).",
-            ["session", "action"], registry=r,
-        )  # fmt: skip
-        self.healthy = Gauge(
-            "mnn_guard_healthy", "1 while the session serves a module whose canary passed.",
-            ["session"], registry=r, multiprocess_mode="liveall",
-        )  # fmt: skip
-        self.rung = Gauge(
-            "mnn_guard_rung", "1 for the rung the session is on, 0 for its other rungs.",
-            ["session", "rung"], registry=r, multiprocess_mode="liveall",
-        )  # fmt: skip
-        self.state = Gauge(
-            "mnn_guard_state", "1 for the session's state, 0 for the others.",
-            ["session", "state"], registry=r, multiprocess_mode="liveall",
-        )  # fmt: skip
-        self.loaded_static = Gauge(
-            "mnn_guard_rung_loaded_static",
-            "1 when the rung asked for dynamic=True and MNN loaded it statically (the model has "
-            "control flow): that rung is no real fallback.",
-            ["session", "rung"],
-            registry=r,
-            multiprocess_mode="liveall",
-        )
-        self.canary_snr_db = Gauge(
-            "mnn_guard_canary_snr_db", "Worst SNR of the last canary judgement, in dB.",
-            ["session"], registry=r, multiprocess_mode="liveall",
-        )  # fmt: skip
-        self.init_seconds = Histogram(
-            "mnn_guard_init_seconds", "Init + canary time.", ["session", "rung"],
-            registry=r, buckets=buckets.init,
-        )  # fmt: skip
+        self.families: dict[str, Counter | Gauge | Histogram] = {
+            f.name: _metric(f, registry, buckets) for f in FAMILIES if f not in (RUNS, RUN_SECONDS)
+        }
         # run() calls, the hot path: in one process, plain per-session tallies that a collector
         # reads at scrape time; in multiprocess mode, written through to this process's files
         # (another process serves the scrape, so nothing may wait in memory)
@@ -235,34 +184,81 @@ class GuardMetrics:
         self.tallies: dict[str, RunTally] | None = None
         if _multiprocess():
             self.written = (
-                Counter(*RUNS, ["session", "rung", "result"], registry=r),
-                Histogram(*RUN_SECONDS, ["session", "rung"], registry=r, buckets=buckets.run),
-            )
+                Counter(RUNS.name, RUNS.help, RUNS.labels, registry=registry),
+                Histogram(
+                    RUN_SECONDS.name, RUN_SECONDS.help, RUN_SECONDS.labels,
+                    registry=registry, buckets=buckets.run,
+                ),
+            )  # fmt: skip
         else:
             self.tallies = {}
             registry.register(_RunCollector(self.tallies, buckets.run))
-        self.gauges = (
-            self.info,
-            self.healthy,
-            self.rung,
-            self.state,
-            self.loaded_static,
-            self.canary_snr_db,
-        )
-        self.counters = (self.inits, self.canary_checks, self.recoveries)
-        self.histograms = (self.init_seconds,)
         self.lock = threading.Lock()
         # session name -> the listener of the session that last published it: a newer session
         # of a name owns its series; closing an older one must not remove them
-        self.owners: dict[str, PrometheusListener] = {}
+        self.owners: dict[str, object] = {}
 
-    def runs_for(self, session: str) -> RunTally | _WrittenRuns:
+    def declare(self, family: Family, labels: tuple[str, ...]) -> None:
+        """Make the series exist (a counter or histogram at 0)."""
+        self.families[family.name].labels(*labels)
+
+    def inc(self, family: Family, labels: tuple[str, ...]) -> None:
+        """Add 1 to a counter series."""
+        counter = self.families[family.name]
+        assert isinstance(counter, Counter)
+        counter.labels(*labels).inc()
+
+    def set(self, family: Family, labels: tuple[str, ...], value: float) -> None:
+        """Set a gauge series."""
+        gauge = self.families[family.name]
+        assert isinstance(gauge, Gauge)
+        gauge.labels(*labels).set(value)
+
+    def observe(self, family: Family, labels: tuple[str, ...], value: float) -> None:
+        """Observe one value on a histogram series."""
+        histogram = self.families[family.name]
+        assert isinstance(histogram, Histogram)
+        histogram.labels(*labels).observe(value)
+
+    def drop(self, family: Family, labels: tuple[str, ...]) -> None:
+        """Remove a gauge series; in multiprocess mode (series stay in this process's files)
+        make it NaN, which says nothing."""
+        if _multiprocess():
+            self.set(family, labels, math.nan)
+        else:
+            self.families[family.name].remove(*labels)
+
+    def forget(self, session: str) -> None:
+        """Remove every series of a closed session (in one process; files keep theirs)."""
+        if _multiprocess() or self.tallies is None:
+            return
+        for metric in self.families.values():
+            metric.remove_by_labels({"session": session})
+        del self.tallies[session]
+
+    def runs(self, session: str) -> RunTally | _WrittenRuns:
         """Where a session's `run()` calls go: its name's tally, or straight to the files."""
         if self.written is not None:
             return _WrittenRuns(self.written, session)
         assert self.tallies is not None
         # a name's tally is shared by every session of the name, like series are
         return self.tallies.setdefault(session, RunTally(self.buckets.run))
+
+
+def _metric(
+    family: Family, registry: CollectorRegistry, buckets: Buckets
+) -> Counter | Gauge | Histogram:
+    """The prometheus_client metric of a family, registered in `registry`."""
+    if family.kind is Kind.COUNTER:
+        return Counter(family.name, family.help, family.labels, registry=registry)
+    if family.kind is Kind.GAUGE:
+        # liveall: in multiprocess mode a dead worker's gauges leave the merged scrape
+        return Gauge(
+            family.name, family.help, family.labels, registry=registry,
+            multiprocess_mode="liveall",
+        )  # fmt: skip
+    bounds = getattr(buckets, family.buckets)
+    return Histogram(family.name, family.help, family.labels, registry=registry, buckets=bounds)
 
 
 _lock = threading.Lock()
@@ -289,17 +285,15 @@ def metrics_for(
         return found
 
 
-_OUTCOMES = tuple(o.value for o in Outcome)
-_ACTIONS = tuple(a.value for a in Action)
-
-
-class PrometheusListener(Listener):
+class PrometheusListener(MetricsListener):
     """Turns one session's events into the `mnn_guard_*` metrics of one registry.
 
     Every series the session can have exists from the start (counters at 0), so the first
     fallback or failure is an increase Prometheus sees; closing the session removes them
     (in multiprocess mode, where series cannot be removed, its gauges become NaN).
     """
+
+    metrics: GuardMetrics
 
     def __init__(
         self,
@@ -309,82 +303,7 @@ class PrometheusListener(Listener):
         registry: CollectorRegistry | None = None,
         buckets: Buckets | None = None,
         info: tuple[str, str, str] = ("", "", ""),
+        standby: bool = False,
     ) -> None:
-        self.metrics = m = metrics_for(registry, buckets)
-        self.session = session
-        self._rungs = tuple(r.name for r in ladder)
-        with m.lock:
-            m.owners[session] = self
-            self._runs = m.runs_for(session)
-            self._info = info
-            m.info.labels(session, *info).set(1)
-            for rung in self._rungs:
-                m.inits.labels(session, rung)
-                m.rung.labels(session, rung).set(0)
-                m.loaded_static.labels(session, rung).set(0)
-                m.init_seconds.labels(session, rung)
-                for outcome in _OUTCOMES:
-                    m.canary_checks.labels(session, rung, outcome)
-                self._runs.add_rung(rung)
-            for action in _ACTIONS:
-                m.recoveries.labels(session, action)
-            for state in State:
-                m.state.labels(session, state.value).set(0)
-            m.healthy.labels(session).set(0)
-
-    def on_init(self, session: str, rung: Rung) -> None:
-        self.metrics.inits.labels(session, rung.name).inc()
-
-    def _judged(self, session: str, attempt: Attempt) -> None:
-        result = attempt.outcome.value
-        self.metrics.canary_checks.labels(session, attempt.rung.name, result).inc()
-        snr = attempt.verdict.worst_snr_db if attempt.verdict is not None else -math.inf
-        self.metrics.canary_snr_db.labels(session).set(snr)
-
-    def on_attempt(self, session: str, attempt: Attempt) -> None:
-        self._judged(session, attempt)
-        self.metrics.init_seconds.labels(session, attempt.rung.name).observe(attempt.seconds)
-        if attempt.verdict is not None:  # the module was loaded: MNN said how
-            static = 1 if attempt.turned_static else 0
-            self.metrics.loaded_static.labels(session, attempt.rung.name).set(static)
-
-    def on_check(self, session: str, attempt: Attempt) -> None:
-        self._judged(session, attempt)
-
-    def on_recover(self, session: str, action: Action, from_rung: Rung, to_rung: Rung) -> None:
-        self.metrics.recoveries.labels(session, action.value).inc()
-
-    def on_status(self, session: str, status: SessionStatus) -> None:
-        m = self.metrics
-        with m.lock:
-            if m.owners.get(session) is not self:
-                return  # a newer session of this name owns the series
-            m.healthy.labels(session).set(1 if status.healthy else 0)
-            for rung in self._rungs:
-                m.rung.labels(session, rung).set(1 if rung == status.mode else 0)
-            for state in State:
-                m.state.labels(session, state.value).set(1 if state is status.state else 0)
-
-    def on_run(self, session: str, rung: Rung, seconds: float, result: Call) -> None:
-        self._runs.add(rung.name, result, seconds)
-
-    def on_close(self, session: str) -> None:
-        m = self.metrics
-        with m.lock:
-            if m.owners.get(session) is not self:
-                return
-            del m.owners[session]
-            if _multiprocess():  # series stay in this process's files: make gauges say nothing
-                for gauge in (m.healthy, m.canary_snr_db):
-                    gauge.labels(session).set(math.nan)
-                for rung in self._rungs:
-                    m.rung.labels(session, rung).set(math.nan)
-                    m.loaded_static.labels(session, rung).set(math.nan)
-                for state in State:
-                    m.state.labels(session, state.value).set(math.nan)
-                m.info.labels(session, *self._info).set(math.nan)
-                return
-            for metric in (*m.gauges, *m.counters, *m.histograms):
-                metric.remove_by_labels({"session": session})
-            if m.tallies is not None:
-                del m.tallies[session]
+        sink = metrics_for(registry, buckets)
+        super().__init__(session, ladder, sink, info=info, standby=standby)

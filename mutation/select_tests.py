@@ -26,6 +26,13 @@ SELECTION: dict[str, tuple[str, ...]] = {
     "guard.canary": SESSION,
     "guard.inputs": ("tests/test_inputs.py", PINNED, "tests/test_session.py"),
     "guard.metrics": (PINNED, "tests/test_metrics.py", "tests/test_promotion.py"),
+    "guard.families": (PINNED, "tests/test_metrics.py", "tests/test_promotion.py"),
+    "guard.sinks": (
+        PINNED,
+        "tests/test_metrics.py",
+        "tests/test_promotion.py",
+        "tests/test_replica.py",
+    ),
     "guard.health": (PINNED, "tests/test_server.py", "tests/test_state_machine.py"),
     "guard.pool.parent": (*POOL, PINNED),
     "guard.pool.slot": ("tests/test_slot.py", *POOL),

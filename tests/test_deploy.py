@@ -89,3 +89,15 @@ def test_gunicorn_config_never_preloads_and_outlasts_init() -> None:
     assert settings["timeout"] > worst_init_seconds(guard.Policy())
     assert timeout > worst_init_seconds(guard.Policy())
     assert callable(settings["when_ready"]) and callable(settings["child_exit"])
+
+
+def test_gunicorn_metrics_port_listens_on_loopback_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The master's unauthenticated metrics port binds 127.0.0.1 by default; the manifest,
+    whose probes and scraper come over the pod network, asks for every address."""
+    monkeypatch.delenv("MNN_GUARD_METRICS_HOST", raising=False)
+    settings = runpy.run_path(str(DEPLOY / "gunicorn.conf.py"))
+    env = {e["name"]: e["value"] for e in container()["env"]}
+    assert settings["metrics_host"] == "127.0.0.1"
+    assert env["MNN_GUARD_METRICS_HOST"] == "0.0.0.0"

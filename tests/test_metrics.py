@@ -477,3 +477,57 @@ def test_multiprocess_mode_writes_every_call_through(
     assert sample(registry, "mnn_guard_run_seconds_bucket", "mp", rung="dynamic", le="+Inf") == 1
     listener.on_close("mp")
     assert math.isnan(sample(registry, "mnn_guard_healthy", "mp"))
+
+
+def _hashes(registry: CollectorRegistry, session: str = "v") -> set[str]:
+    """The model hashes of the session's info series."""
+    return {
+        s.labels["model_sha256"]
+        for m in registry.collect()
+        for s in m.samples
+        if s.name == "mnn_guard_session_info" and s.labels["session"] == session
+    }
+
+
+def _status(state: guard.State) -> guard.SessionStatus:
+    """A status of session v on the first rung."""
+    return guard.SessionStatus(
+        name="v", state=state, rung=guard.STATIC, rung_index=0, verdict=None, history=()
+    )
+
+
+def test_a_newer_session_of_another_model_takes_the_name_over(registry: CollectorRegistry) -> None:
+    """A newer session of a name built from another model owns its gauges: the older one's info
+    series goes at once, and closing the older one later leaves the newer one's series."""
+    ladder = guard.Policy().ladder
+    older = guard.metrics.PrometheusListener("v", ladder, registry=registry, info=("g", "m", "a"))
+    guard.metrics.PrometheusListener("v", ladder, registry=registry, info=("g", "m", "b"))
+    taken = _hashes(registry)
+    older.on_close("v")
+    assert (taken, _hashes(registry), sample(registry, "mnn_guard_healthy", "v")) == (
+        {"b"},
+        {"b"},
+        0.0,
+    )
+
+
+def test_a_standby_listener_publishes_its_gauges_only_once_live(
+    registry: CollectorRegistry,
+) -> None:
+    """A standby listener (a hot swap's new session) counts its events but leaves the name's
+    gauges to the live one until go_live(), which publishes its latest status."""
+    ladder = guard.Policy().ladder
+    live = guard.metrics.PrometheusListener("v", ladder, registry=registry, info=("g", "m", "a"))
+    live.on_status("v", _status(guard.State.SERVING))
+    standby = guard.metrics.PrometheusListener(
+        "v", ladder, registry=registry, info=("g", "m", "b"), standby=True
+    )
+    standby.on_init("v", guard.STATIC)
+    standby.on_status("v", _status(guard.State.STARTING))
+    before = (_hashes(registry), sample(registry, "mnn_guard_healthy", "v"))
+    standby.on_status("v", _status(guard.State.SERVING))
+    standby.go_live()
+    after = (_hashes(registry), sample(registry, "mnn_guard_healthy", "v"))
+    assert (before, after) == (({"a"}, 1.0), ({"b"}, 1.0))
+    assert sample(registry, "mnn_guard_inits_total", "v", rung="static") == 1.0
+    assert sample(registry, "mnn_guard_state", "v", state="serving") == 1.0

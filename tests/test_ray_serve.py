@@ -3,8 +3,12 @@
 Two replicas of the demo vocoder where the replica whose factory claims number 0 degrades
 every init: Serve's first health check fails it, Ray replaces it, and callers (by handle and
 over HTTP) only ever get exact outputs; the `mnn_guard_*` metrics reach Ray's Prometheus
-endpoint. Then a config-file deploy whose `user_config` changes swaps the model on the live
-replica (same Ray worker) through `reconfigure`. Waits poll a condition against a bound.
+endpoint. A config-file deploy whose `user_config` changes swaps the model on the live
+replica (same Ray worker) through `reconfigure`, and one naming a missing model keeps the old
+one serving. Hostile deployments (a missing model, every init degraded) fail with their
+reason; every static init degraded serves on the dynamic rung. A replica deployed first is
+watched for a minute: its health gauge never leaves Ray's export. Waits poll a condition
+against a bound.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +55,7 @@ T = TypeVar("T")
 BOUND = 180.0  # seconds any one condition may take: a Serve application starts in about 25 s
 ROOT = Path(__file__).resolve().parent.parent
 REPLICA = {"num_cpus": 0.5}  # two replicas per application on a 2-CPU cluster, room for more
+SMALL = {"num_cpus": 0.1}  # a replica beside those
 
 
 def until(what: str, check: Callable[[], T | None], bound: float = BOUND) -> T:
@@ -127,6 +133,49 @@ def cluster() -> Iterator[Cluster]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@dataclass
+class Watch:
+    """What a thread saw of the steady application's health gauge, scrape by scrape."""
+
+    seen: list[tuple[float, float | None]]  # (seconds since it was ready, the value or None)
+    stop: threading.Event
+
+
+@pytest.fixture(scope="module", autouse=True)
+def steady(cluster: Cluster, demo_probe: probes.Probe) -> Iterator[Watch]:
+    """An application deployed before the module's tests and scraped every second from then on
+    by a thread, so that the minute it is watched for runs beside the other tests."""
+    app = application(
+        demo.demo_factory(threads=1), demo_probe, name="steady", ray_actor_options=SMALL
+    )
+    serve.run(app, name="steady", route_prefix="/steady")
+    ready = time.monotonic()
+    watch = Watch([], threading.Event())
+
+    def look() -> None:
+        while not watch.stop.wait(1.0):
+            try:
+                samples = scrape(cluster.metrics_url)
+            except OSError:
+                continue
+            value = next(
+                (
+                    v
+                    for name, s, v in samples
+                    if name == "ray_mnn_guard_healthy" and s.get("application") == "steady"
+                ),
+                None,
+            )
+            watch.seen.append((time.monotonic() - ready, value))
+
+    thread = threading.Thread(target=look, daemon=True)
+    thread.start()
+    yield watch
+    watch.stop.set()
+    thread.join(30)
+    serve.delete("steady")
 
 
 def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
@@ -312,55 +361,64 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_reconfigure_swaps_the_model_on_the_live_replica(
-    cluster: Cluster, demo_paths: tuple[Path, Path], tmp_path: Path
-) -> None:
-    """A config-file deploy (import_path guard.ray_serve:build_app); changing only user_config
-    swaps in another model and probe on the same replica and Ray worker: outputs follow it."""
-    other = tmp_path / "other.mnn"
-    build_vocoder(other, seed=1)
-    factory = guard.mnn_factory(other, ["mel"], ["wav"], threads=1)
+def config_deploy(app: str, args: dict[str, str], user: dict[str, str] | None) -> Any:
+    """A Serve config deploying guard.ray_serve:build_app as `app`, one small replica."""
+    deployment: dict[str, Any] = {
+        "name": "vocoder",
+        "num_replicas": 1,
+        "health_check_period_s": 1,
+        "ray_actor_options": REPLICA,
+    }
+    if user is not None:
+        deployment["user_config"] = user
+    return ServeDeploySchema.model_validate(
+        {
+            "applications": [
+                {
+                    "name": app,
+                    "route_prefix": f"/{app}",
+                    "import_path": "guard.ray_serve:build_app",
+                    "args": args,
+                    "deployments": [deployment],
+                }
+            ]
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model, probe dir) of a second vocoder (other weights), with its own recorded probe."""
+    folder = tmp_path_factory.mktemp("other")
+    model = folder / "other.mnn"
+    build_vocoder(model, seed=1)
+    factory = guard.mnn_factory(model, ["mel"], ["wav"], threads=1)
     probes.record(
         factory, {"mel": demo.demo_mel()}, reference={"dynamic": True},
         dynamic={"mel": {2: (1, 4000)}},
-    ).save(tmp_path / "other.probe")  # fmt: skip
+    ).save(folder / "other.probe")  # fmt: skip
+    return model, folder / "other.probe"
+
+
+def test_reconfigure_swaps_the_model_on_the_live_replica(
+    cluster: Cluster, demo_paths: tuple[Path, Path], other: tuple[Path, Path]
+) -> None:
+    """A config-file deploy (import_path guard.ray_serve:build_app); changing only user_config
+    swaps in another model and probe on the same replica and Ray worker: outputs follow it."""
     first = {"model": str(demo_paths[0]), "probe": str(demo_paths[1])}
-    second = {"model": str(other), "probe": str(tmp_path / "other.probe")}
+    second = {"model": str(other[0]), "probe": str(other[1])}
     mel = demo.demo_mel(80, seed=9)
-    before, after = reference(mel), reference(mel, other)
+    before, after = reference(mel), reference(mel, other[0])
     assert not np.allclose(before, after, atol=1e-3)
 
-    def config(user: dict[str, str]) -> ServeDeploySchema:
-        return ServeDeploySchema.model_validate(
-            {
-                "applications": [
-                    {
-                        "name": "swap",
-                        "route_prefix": "/swap",
-                        "import_path": "guard.ray_serve:build_app",
-                        "args": first,
-                        "deployments": [
-                            {
-                                "name": "vocoder",
-                                "num_replicas": 1,
-                                "health_check_period_s": 1,
-                                "user_config": user,
-                                "ray_actor_options": REPLICA,
-                            }
-                        ],
-                    }
-                ]
-            }
-        )
-
     client = serve_start()
-    client.deploy_apps(config(first), _blocking=True)
+    client.deploy_apps(config_deploy("swap", first, first), _blocking=True)
     handle = serve.get_app_handle("swap")
     np.testing.assert_allclose(handle.remote({"mel": mel}).result()["wav"], before, atol=1e-5)
-    workers = until("the replica's info metric", lambda: _info(cluster, demo_paths[0]))
+    workers = until("the replica's info metric", lambda: _info(cluster, "swap", demo_paths[0]))
 
     start = time.monotonic()
-    client.deploy_apps(config(second))
+    client.deploy_apps(config_deploy("swap", first, second))
 
     def swapped() -> bool | None:
         wav = handle.remote({"mel": mel}).result(timeout_s=60)["wav"]
@@ -368,18 +426,151 @@ def test_reconfigure_swaps_the_model_on_the_live_replica(
 
     until("outputs of the new model", swapped)
     print(f"model swapped by reconfigure in {time.monotonic() - start:.1f} s")
-    assert until("the new model's info metric", lambda: _info(cluster, other)) == workers
+    assert until("the new model's info metric", lambda: _info(cluster, "swap", other[0])) == workers
     serve.delete("swap")
 
 
-def _info(cluster: Cluster, model: Path) -> set[str] | None:
-    """The Ray workers exporting session_info = 1 for `model` (by its sha256), if any."""
+@pytest.mark.hostile
+def test_bad_reconfigure_keeps_the_model_serving_and_logs_why(
+    cluster: Cluster, demo_paths: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A user_config naming a model file that is not there: the replica stays healthy on the
+    same worker, its outputs and info metric stay the old model's, and its log says why."""
+    first = {"model": str(demo_paths[0]), "probe": str(demo_paths[1])}
+    missing = {"model": str(tmp_path / "nowhere.mnn"), "probe": str(demo_paths[1])}
+    mel = demo.demo_mel(60, seed=10)
+    client = serve_start()
+    client.deploy_apps(config_deploy("keep", first, first), _blocking=True)
+    handle = serve.get_app_handle("keep")
+    workers = until("the replica's info metric", lambda: _info(cluster, "keep", demo_paths[0]))
+
+    client.deploy_apps(config_deploy("keep", first, missing))
+    line = until("the refusal in the replica's log", lambda: _logged("nowhere.mnn"))
+    assert "reconfigure refused" in line and "no such file" in line, line
+
+    def running() -> bool | None:
+        status = serve.status().applications["keep"]
+        return (status.status, status.deployments["vocoder"].status) == (
+            "RUNNING",
+            "HEALTHY",
+        ) or None
+
+    until("the update to finish with the deployment healthy", running)
+    np.testing.assert_allclose(handle.remote({"mel": mel}).result()["wav"], reference(mel),
+                               atol=1e-5)  # fmt: skip
+    assert _info(cluster, "keep", demo_paths[0]) == workers
+    serve.delete("keep")
+
+
+def _logged(text: str) -> str | None:
+    """The first line of this cluster's logs that contains `text`, if any."""
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    for path in sorted(logs.rglob("*")):
+        if path.is_file() and path.suffix in (".log", ".err", ".out"):
+            for line in path.read_text(errors="replace").splitlines():
+                if text in line:
+                    return line
+    return None
+
+
+def failed_deployment(app: str, deployment: str) -> tuple[str, set[str]]:
+    """Poll Serve until `deployment` of `app` is DEPLOY_FAILED with no replica left: (its
+    message, every replica state seen meanwhile)."""
+    seen: set[str] = set()
+
+    def failed() -> str | None:
+        found = serve.status().applications.get(app)
+        entry = found.deployments.get(deployment) if found is not None else None
+        if entry is None:
+            return None
+        seen.update(str(state) for state in entry.replica_states)
+        done = entry.status == "DEPLOY_FAILED" and not entry.replica_states
+        return entry.message if done else None
+
+    message = until(f"{app} to fail with no replica left", failed)
+    return message, seen
+
+
+@pytest.mark.hostile
+def test_missing_model_fails_the_deployment_with_the_reason(
+    cluster: Cluster, demo_paths: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A config naming a model file that is not there: Serve tries a bounded number of
+    replicas, none runs, and the deployment fails with the file and 'no such file' as its
+    message."""
+    missing = {"model": str(tmp_path / "nowhere.mnn"), "probe": str(demo_paths[1])}
+    serve_start().deploy_apps(config_deploy("missing", missing, None))
+    message, seen = failed_deployment("missing", "vocoder")
+    assert "nowhere.mnn" in message and "no such file" in message, message
+    assert "RUNNING" not in seen
+    serve.delete("missing")
+
+
+@pytest.mark.hostile
+def test_every_init_degraded_fails_the_deployment_with_the_canarys_reason(
+    cluster: Cluster, demo_probe: probes.Probe
+) -> None:
+    """Every init of every replica degraded: no replica ever runs (so no degraded output is
+    served), and the deployment fails with the exhausted session's canary verdict."""
+    app = application(
+        FaultyFactory(demo.demo_factory(threads=1), rate=1.0, affects="all"),
+        demo_probe,
+        name="degraded",
+        policy=guard.Policy(reinit_attempts=0),
+        ray_actor_options=SMALL,
+    )
+    serve._run(app, name="degraded", route_prefix="/degraded", _blocking=False)
+    message, seen = failed_deployment("degraded", "degraded")
+    assert "exhausted" in message and "snr_db" in message, message
+    assert "RUNNING" not in seen
+    serve.delete("degraded")
+
+
+@pytest.mark.hostile
+def test_every_static_init_degraded_serves_on_the_dynamic_rung(
+    cluster: Cluster, demo_probe: probes.Probe
+) -> None:
+    """Every static init degraded: the replica falls back to the dynamic rung and serves
+    exact outputs; Ray's metrics say so (rung dynamic, one fallback)."""
+    app = application(
+        FaultyFactory(demo.demo_factory(threads=1), rate=1.0),
+        demo_probe,
+        name="fallback",
+        policy=guard.Policy(reinit_attempts=0),
+        ray_actor_options=SMALL,
+    )
+    handle = serve.run(app, name="fallback", route_prefix="/fallback")
+    mel = demo.demo_mel(70, seed=11)
+    np.testing.assert_allclose(handle.remote({"mel": mel}).result()["wav"], reference(mel),
+                               atol=1e-5)  # fmt: skip
+
+    def on_dynamic() -> bool | None:
+        samples = scrape(cluster.metrics_url)
+        rung = {
+            s["rung"]
+            for name, s, v in samples
+            if name == "ray_mnn_guard_rung" and s.get("session") == "fallback" and v == 1
+        }
+        fallbacks = sum(
+            v
+            for name, s, v in samples
+            if name == "ray_mnn_guard_recoveries_total"
+            and (s.get("session"), s.get("action")) == ("fallback", "fallback")
+        )
+        return True if rung == {"dynamic"} and fallbacks == 1 else None
+
+    until("metrics of the dynamic rung", on_dynamic, 60)
+    serve.delete("fallback")
+
+
+def _info(cluster: Cluster, app: str, model: Path) -> set[str] | None:
+    """The Ray workers of `app` exporting session_info = 1 for `model` (its sha256), if any."""
     sha = store.file_sha256(model)
     workers = {
         s["WorkerId"]
         for name, s, v in scrape(cluster.metrics_url)
         if name == "ray_mnn_guard_session_info"
-        and (s.get("application"), s.get("model_sha256"), v) == ("swap", sha, 1)
+        and (s.get("application"), s.get("model_sha256"), v) == (app, sha, 1)
     }
     return workers or None
 
@@ -404,3 +595,21 @@ def test_check_health_follows_the_session(demo_probe: probes.Probe, cluster: Clu
         good.check_health()
     with pytest.raises(guard.ConfigError, match="model"):
         GuardedDeployment(config={"model": "x.mnn"})
+
+
+def test_health_gauge_is_exported_for_the_replicas_whole_life(steady: Watch) -> None:
+    """Ray drops a gauge that is not set again (the guard's were gone about 20 s after a
+    replica started): the steady replica's mnn_guard_healthy is 1 in every scrape from its
+    first report until more than 60 s after the replica started."""
+    until(
+        "65 s of the steady replica's life",
+        lambda: (steady.seen[-1:] or [(0, 0)])[0][0] > 65 or None,
+    )
+    first = next(i for i, (_, value) in enumerate(steady.seen) if value is not None)
+    after = [value for _, value in steady.seen[first:]]
+    print(
+        f"health gauge first exported {steady.seen[first][0]:.0f} s after start, then in "
+        f"{after.count(1.0)} of {len(after)} scrapes until {steady.seen[-1][0]:.0f} s"
+    )
+    assert steady.seen[first][0] < 30, steady.seen
+    assert after == [1.0] * len(after), steady.seen

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -344,37 +346,110 @@ def test_openmetrics_and_gzip_are_negotiated(
     assert text.rstrip().endswith("# EOF") and "mnn_guard_healthy" in text
 
 
+def closed_by_server(sock: socket.socket) -> bool:
+    """True once the server closed this client's connection (EOF or reset), without waiting."""
+    try:
+        return sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 @pytest.mark.hostile
 def test_stalled_clients_are_dropped_and_disconnects_are_quiet(
-    server: guard.server.MetricsServer, capfd: pytest.CaptureFixture[str]
+    registry: CollectorRegistry, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """Clients that send half a request and clients that hang up early leave no thread behind
-    after the request timeout and print nothing."""
-    guard.server._Handler.timeout = 0.5  # the test's own bound instead of 10 s
-    try:
+    """Clients that send half a request are closed by the server at their deadline, clients
+    that hang up early are forgotten, and nothing is printed."""
+    limits = guard.server.Limits(request_seconds=0.5)
+    with guard.serve(port=0, registry=registry, limits=limits) as server:
         stalled = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(20)]
         for sock in stalled:
             sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
         for _ in range(20):  # ask and hang up at once
             with socket.create_connection(("127.0.0.1", server.port)) as sock:
                 sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _request_threads() > 0:
-            time.sleep(0.05)
-        left = _request_threads()
         for sock in stalled:
+            sock.settimeout(10)
+            assert sock.recv(1) == b""  # the server hung up on it
             sock.close()
-    finally:
-        guard.server._Handler.timeout = guard.server.REQUEST_SECONDS
-    assert left == 0
-    assert get(server.url + "/healthz")[0] == 200
+        assert get(server.url + "/healthz")[0] == 200
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Exception" not in err
 
 
-def _request_threads() -> int:
-    """Threads handling a request now (socketserver names them "... (process_request_thread)")."""
-    return sum("process_request_thread" in t.name for t in threading.enumerate())
+TRICKLE = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 200 + b"\r\n\r\n"
+
+
+@pytest.mark.hostile
+def test_trickling_clients_hold_no_thread_and_meet_one_deadline(
+    registry: CollectorRegistry,
+) -> None:
+    """40 clients trickling one header byte every 0.2 s: each is cut off at its 1 s deadline
+    (a timeout per read would never fire), no thread is spent on them, and a scrape sent
+    meanwhile is answered at once."""
+    limits = guard.server.Limits(request_seconds=1.0)
+    with guard.serve(port=0, registry=registry, limits=limits) as server:
+        baseline = threading.active_count()
+        start = time.monotonic()
+        clients = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(40)]
+        cut: dict[int, float] = {}
+        threads = [baseline]
+        answered = None
+        for step, byte in enumerate(TRICKLE):
+            for number, sock in enumerate(clients):
+                if number not in cut and closed_by_server(sock):
+                    cut[number] = time.monotonic() - start
+                elif number not in cut:
+                    sock.send(bytes([byte]))
+            threads.append(threading.active_count())
+            if step == 2:
+                begun = time.monotonic()
+                answered = get(server.url + "/healthz")[0], time.monotonic() - begun
+            if len(cut) == len(clients) or time.monotonic() - start > 10:
+                break
+            time.sleep(0.2)  # the trickle's pace
+        for sock in clients:
+            sock.close()
+    assert len(cut) == 40 and max(cut.values()) < 3.0, cut  # the head takes 46 s to send
+    assert answered is not None and answered[0] == 200 and answered[1] < 1.0, answered
+    assert max(threads) <= baseline + limits.threads, threads
+
+
+@pytest.mark.hostile
+def test_idle_connections_open_at_once_and_leave_room(registry: CollectorRegistry) -> None:
+    """200 idle connections all open within 3 s (a real listen backlog), hold no thread, and
+    leave room for a scrape; beyond Limits.connections the longest-waiting ones are closed,
+    and the rest at their deadline."""
+    limits = guard.server.Limits(request_seconds=3.0, connections=64)
+    with guard.serve(port=0, registry=registry, limits=limits) as server:
+        baseline = threading.active_count()
+        start = time.monotonic()
+        idle = [
+            socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(200)
+        ]
+        opened = time.monotonic() - start
+        threads = threading.active_count()
+        status = get(server.url + "/healthz")[0]  # answered after all 200 were accepted
+        evicted = sum(map(closed_by_server, idle))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(map(closed_by_server, idle)):
+            time.sleep(0.05)
+        ended = time.monotonic() - start
+        for sock in idle:
+            sock.close()
+    assert opened < 3.0, opened
+    assert (status, threads <= baseline + limits.threads) == (200, True), threads
+    assert evicted >= 200 - limits.connections, evicted
+    assert ended < 3.0 + 2.0, ended  # each was closed by its deadline at the latest
+
+
+def test_limits_are_checked() -> None:
+    """A deadline of 0 or a count below 1 raises ConfigError naming the field."""
+    for field, bad in (("request_seconds", 0.0), ("connections", 0), ("threads", True)):
+        with pytest.raises(guard.ConfigError, match=field):
+            guard.server.Limits(**{field: bad})
 
 
 def test_healthz_asks_for_a_restart_after_a_long_failure(
@@ -394,3 +469,60 @@ def test_healthz_asks_for_a_restart_after_a_long_failure(
             time.sleep(0.02)
         status, _, body = get(running.url + "/healthz")
     assert (status, "X" in body, "restart" in body) == (503, True, True)
+
+
+UPGRADE = (
+    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+@pytest.mark.hostile
+def test_asgi_app_refuses_websockets_without_an_error(tmp_path: Path) -> None:
+    """Real uvicorn serving guard.asgi_app(): a websocket upgrade to any path is refused with
+    403 and uvicorn logs no error; plain HTTP still answers."""
+    from test_recipes import free_port
+    from test_recipes import get as get_or_0
+
+    port = free_port()
+    log = tmp_path / "uvicorn.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [
+                *(str(Path(sys.executable).parent / "uvicorn"), "--factory"),
+                *("guard.integrations.endpoints:asgi_app", "--port", str(port)),
+                *("--host", "127.0.0.1", "--log-level", "info"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while get_or_0(f"http://127.0.0.1:{port}/healthz")[0] != 200:
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        answers = [
+            raw_http11(port, UPGRADE.format(path=path).encode()) for path in ("/metrics", "/x")
+        ]
+        status = get(f"http://127.0.0.1:{port}/readyz")[0]
+    finally:
+        server.terminate()
+        server.wait(30)
+    text = log.read_text()
+    assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 403 Forbidden"] * 2
+    assert status == 503  # no session in that process: served, not ready
+    assert "ERROR" not in text and "Traceback" not in text, text
+
+
+def raw_http11(port: int, request: bytes) -> bytes:
+    """Send one request and read the answer until the server closes or 2 s pass quietly."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        sock.settimeout(2)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+    return b"".join(chunks)

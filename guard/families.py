@@ -1,0 +1,145 @@
+"""The `mnn_guard_*` metric families, declared once: name, kind, help text and label names.
+
+Every sink (Prometheus, Ray, ...) creates its metrics from these; `guard.sinks.MetricsListener`
+is the one mapping from session events to them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = [
+    "CANARY_CHECKS",
+    "CANARY_SNR_DB",
+    "FAMILIES",
+    "HEALTHY",
+    "INFO",
+    "INITS",
+    "INIT_SECONDS",
+    "LOADED_STATIC",
+    "RECOVERIES",
+    "RUNG",
+    "RUNS",
+    "RUN_SECONDS",
+    "STATE",
+    "Family",
+    "Kind",
+]
+
+
+class Kind(enum.Enum):
+    """What a family counts: a counter only goes up, a gauge is set, a histogram observes."""
+
+    COUNTER = "counter"
+    GAUGE = "gauge"
+    HISTOGRAM = "histogram"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Family:
+    """One metric family: its name (counters without `_total`), kind, help and label names.
+
+    `buckets` names the `guard.metrics.Buckets` field a histogram's bounds come from.
+    """
+
+    name: str
+    kind: Kind
+    help: str
+    labels: tuple[str, ...]
+    buckets: str = ""
+
+
+INFO = Family(
+    name="mnn_guard_session_info",
+    kind=Kind.GAUGE,
+    help="1 per guarded session: versions and the model file's sha256.",
+    labels=("session", "guard_version", "mnn_version", "model_sha256"),
+)
+INITS = Family(
+    name="mnn_guard_inits",
+    kind=Kind.COUNTER,
+    help="Module initialisations (factory calls).",
+    labels=("session", "rung"),
+)
+CANARY_CHECKS = Family(
+    name="mnn_guard_canary_checks",
+    kind=Kind.COUNTER,
+    help="Canary judgements by result (pass, fail, error, timeout).",
+    labels=("session", "rung", "result"),
+)
+RECOVERIES = Family(
+    name="mnn_guard_recoveries",
+    kind=Kind.COUNTER,
+    help="Recovery actions (reinit, fallback, promote).",
+    labels=("session", "action"),
+)
+HEALTHY = Family(
+    name="mnn_guard_healthy",
+    kind=Kind.GAUGE,
+    help="1 while the session serves a module whose canary passed.",
+    labels=("session",),
+)
+RUNG = Family(
+    name="mnn_guard_rung",
+    kind=Kind.GAUGE,
+    help="1 for the rung the session is on, 0 for its other rungs.",
+    labels=("session", "rung"),
+)
+STATE = Family(
+    name="mnn_guard_state",
+    kind=Kind.GAUGE,
+    help="1 for the session's state, 0 for the others.",
+    labels=("session", "state"),
+)
+LOADED_STATIC = Family(
+    name="mnn_guard_rung_loaded_static",
+    kind=Kind.GAUGE,
+    help=(
+        "1 when the rung asked for dynamic=True and MNN loaded it statically (the model has "
+        "control flow): that rung is no real fallback."
+    ),
+    labels=("session", "rung"),
+)
+CANARY_SNR_DB = Family(
+    name="mnn_guard_canary_snr_db",
+    kind=Kind.GAUGE,
+    help="Worst SNR of the last canary judgement, in dB.",
+    labels=("session",),
+)
+INIT_SECONDS = Family(
+    name="mnn_guard_init_seconds",
+    kind=Kind.HISTOGRAM,
+    help="Init + canary time.",
+    labels=("session", "rung"),
+    buckets="init",
+)
+RUNS = Family(
+    name="mnn_guard_runs",
+    kind=Kind.COUNTER,
+    help="run() calls by result (ok, error, invalid, unavailable, failed, closed).",
+    labels=("session", "rung", "result"),
+)
+RUN_SECONDS = Family(
+    name="mnn_guard_run_seconds",
+    kind=Kind.HISTOGRAM,
+    help="run() time.",
+    labels=("session", "rung"),
+    buckets="run",
+)
+
+FAMILIES: tuple[Family, ...] = (
+    INFO,
+    INITS,
+    CANARY_CHECKS,
+    RECOVERIES,
+    HEALTHY,
+    RUNG,
+    STATE,
+    LOADED_STATIC,
+    CANARY_SNR_DB,
+    INIT_SECONDS,
+    RUNS,
+    RUN_SECONDS,
+)
+"""Every family, in the order the issue's table lists them."""
