@@ -18,7 +18,7 @@ import pytest
 
 import guard
 from guard.tools import cli as cli_module
-from guard.tools import demo
+from guard.tools import demo, probe_commands
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -359,7 +359,7 @@ def test_a_bug_keeps_its_traceback(
     def broken(args: object) -> int:
         raise KeyError("a bug in mnn-guard")
 
-    monkeypatch.setattr(cli_module, "cmd_check", broken)
+    monkeypatch.setattr(probe_commands, "cmd_check", broken)
     with pytest.raises(KeyError, match="a bug in mnn-guard"):
         cli_module.main(["check", str(demo_paths[0]), "--probe", str(demo_paths[1])])
 
@@ -381,7 +381,8 @@ def test_help_imports_no_tool_and_no_mnn() -> None:
     )
     result = json.loads(done.stdout)
     heavy = {"MNN", "numpy", "scipy", "probes", "prometheus_client"}
-    ours = {"guard", "guard.version", "guard.tools", "guard.tools.cli"}
+    ours = {"guard", "guard.version", "guard.errors", "guard.tools", "guard.tools.cli"}
+    ours |= {"guard.tools.arguments", "guard.tools.errors"}
     loaded = [m for m in result["modules"] if m.split(".")[0] in heavy or m.startswith("guard")]
     assert set(loaded) == ours
     for command in ("record", "check", "demo", "doctor", "bench"):

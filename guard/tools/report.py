@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from guard.diagnosis import Bundle, find_bundles, read_bundle
-from guard.errors import BundleError, MissingExtra
+from guard.tools.bundles import Bundle, find_bundles, read_bundle
+from guard.tools.errors import BundleError, MissingExtra
 from probes import snr_db
 
 __all__ = ["REPORT", "figure_png", "render_folder", "render_report"]
