@@ -284,6 +284,7 @@ def _diagnosis(found: Mapping[str, Any] | None) -> str:
         f"{_e(found['reference_model'])} with {_e(found['reference'])}, threshold "
         f"{_e(found['threshold_db'])} dB, {_e(found['tries'])} suspect load(s).</p>"
     )
+    head += "".join(f"<p>Note: {_e(note)}</p>" for note in found.get("notes", []))
     if not found["first"]:
         return head + "<p class='pass'>No tensor diverges: the configurations agree.</p>"
     rows = [(t["index"], t["name"], t["op_type"], _g(t["snr_db"], 3), ", ".join(t["inputs"]))
