@@ -42,9 +42,9 @@ if TYPE_CHECKING:
         session_factory,
     )
     from guard.pool import Pool
+    from guard.recording import record
     from guard.session import GuardedSession
     from guard.state import SessionStatus, State
-    from guard.recording import record
     from guard.wrapping import wrap
 
 from guard.version import __version__

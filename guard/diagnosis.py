@@ -1,17 +1,13 @@
 """Diagnosis bundles: what a failed canary leaves behind for a person and for MNN's maintainers.
 
-A bundle is a folder: `bundle.json` (session, rung and overrides, attempt history, model
-sha256, MNN version and build, platform, CPU flags, thread settings, MNN's log lines),
-`verdict.json` (every score against its threshold), `inputs.npz`, `golden.npz`, `actual.npz`
-(the canary inputs, golden and actual outputs, no pickle) and `README.txt` (what to attach to
-an MNN issue). `mnn-guard report BUNDLE` adds `report.html`, with pictures.
-
-Bundles are written by one background thread per folder and process, from a bounded queue: the
-listener only queues a reference to the attempt's owned arrays, so no forward ever waits for a
-disk. Bounds: at most `max_bundles` bundles (default 20) and `max_bytes` bytes (default 200
-MiB) in the folder, oldest removed first (only folders that are mnn-guard bundles); a bundle
-whose arrays alone exceed `max_bytes` is written without them; at most `queue_size` (8) bundles
-wait to be written, and a failure beyond that is counted in `dropped`, not queued.
+What a bundle holds is `guard.bundle`; this module decides when one is written and keeps the
+folder bounded. Bundles are written by one background thread per folder and process, from a
+bounded queue: the listener only queues a reference to the attempt's owned arrays, so no
+forward ever waits for a disk. Bounds: at most `max_bundles` bundles (default 20) and
+`max_bytes` bytes (default 200 MiB) in the folder, oldest removed first (only folders that are
+mnn-guard bundles); a bundle whose arrays alone exceed `max_bytes` is written without them; at
+most `queue_size` (8) bundles wait to be written, and a failure beyond that is counted in
+`dropped`, not queued. `mnn-guard report BUNDLE` adds `report.html`, with pictures.
 
 >>> policy = guard.Policy(diagnose="/var/lib/vocoder/diagnosis")  # doctest: +SKIP
 >>> session = guard.wrap(factory, probe, policy=policy)  # doctest: +SKIP
@@ -20,375 +16,49 @@ wait to be written, and a failure beyond that is counted in `dropped`, not queue
 from __future__ import annotations
 
 import collections
+import errno
+import importlib
 import json
 import logging
-import math
 import os
-import platform
-import re
 import shutil
 import threading
 import time
-import zipfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from numpy.typing import NDArray
-
-from guard.errors import BundleError, ConfigError
+from guard.bundle import (
+    KIND,
+    MANIFEST,
+    Job,
+    bundle_bytes,
+    describe_factory,
+    history_entry,
+    write_bundle,
+)
+from guard.errors import ConfigError
 from guard.ladder import Attempt
 from guard.listeners import Listener
-from guard.version import __version__
-from probes import Probe, Verdict
-from probes.judges import OutputScore
-from probes.store import file_sha256
+from probes import Probe
 
 __all__ = [
     "MAX_BUNDLES",
     "MAX_BYTES",
-    "Bundle",
     "BundleWriter",
     "DiagnosisListener",
     "find_bundles",
-    "read_bundle",
     "writer_for",
 ]
 
 log = logging.getLogger("mnn_guard")
 
-KIND = "mnn-guard-diagnosis"
-SCHEMA_VERSION = 1
-MANIFEST = "bundle.json"
-VERDICT = "verdict.json"
-ARRAY_FILES = ("inputs.npz", "golden.npz", "actual.npz")
 MAX_BUNDLES = 20
 MAX_BYTES = 200 << 20
 QUEUE_SIZE = 8
 HISTORY = 16  # attempts per session kept for the next bundle
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})  # errors that removing bundles may cure
 IDLE_SECONDS = 5.0  # a writer thread with nothing to do for this long ends (a new one starts)
-MAX_JSON_BYTES = 16 << 20  # a bundle's JSON files larger than this are refused unread
-_ENV_THREADS = re.compile(r"^(OMP|OPENBLAS|MKL|MNN|GOTO|BLIS|VECLIB)_")
-
-Array = NDArray[Any]
-
-
-def _number(value: float | None) -> float | str | None:
-    """A JSON-safe number: finite floats as they are, infinities and NaN as strings."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else str(value)
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-safe rendering of a load option or setting (objects by their repr)."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return _number(value)
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return repr(value)
-
-
-def _score_json(score: OutputScore, probe: Probe) -> dict[str, Any]:
-    """One output's measurements, each check against its limit, and the thresholds in force."""
-    return {
-        "passed": score.passed,
-        "shape_ok": score.shape_ok,
-        "finite": score.finite,
-        **{judge: _number(value) for judge, value in score.values.items()},
-        "checks": [
-            {
-                "judge": c.judge,
-                "passed": c.passed,
-                "value": _number(c.value),
-                "limit": _number(c.limit),
-                "reason": c.reason,
-            }
-            for c in score.checks
-        ],
-        "thresholds": probe.thresholds_for(score.name).to_json(),
-    }
-
-
-def _verdict_json(verdict: Verdict | None, probe: Probe) -> dict[str, Any]:
-    if verdict is None:
-        return {"passed": False, "reasons": [], "worst_snr_db": None, "outputs": {}}
-    return {
-        "passed": verdict.passed,
-        "reasons": list(verdict.reasons),
-        "worst_snr_db": _number(verdict.worst_snr_db),
-        "outputs": {name: _score_json(s, probe) for name, s in verdict.scores.items()},
-    }
-
-
-# ------------------------------------------------------------------ the environment
-
-
-def _cpu() -> dict[str, Any]:
-    """The CPU model and feature flags (/proc/cpuinfo on Linux), and how many CPUs we may use."""
-    info: dict[str, Any] = {"logical_cpus": os.cpu_count(), "processor": platform.processor()}
-    if hasattr(os, "sched_getaffinity"):
-        info["usable_cpus"] = len(os.sched_getaffinity(0))
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return info
-    first = text.split("\n\n", 1)[0]
-    for line in first.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key in ("model name", "vendor_id", "cpu family", "model", "stepping", "microcode"):
-            info[key.replace(" ", "_")] = value.strip()
-        elif key in ("flags", "Features"):  # x86, ARM
-            info["flags"] = value.split()
-    return info
-
-
-def _platform() -> dict[str, Any]:
-    libc, libc_version = platform.libc_ver()
-    return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "system": platform.system(),
-        "release": platform.release(),
-        "machine": platform.machine(),
-        "libc": f"{libc} {libc_version}".strip(),
-        "numpy": np.__version__,
-        "guard_version": __version__,
-        "pid": os.getpid(),
-    }
-
-
-def _factory(factory: Any) -> dict[str, Any]:
-    """What a factory says about itself: its kind (wrapped ones too), model path, load options."""
-    kinds: list[str] = []
-    settings: dict[str, Any] = {}
-    seen = factory
-    for _ in range(4):  # FaultyFactory(MNNFactory) and the like
-        if seen is None:
-            break
-        kinds.append(type(seen).__name__)
-        for key in ("path", "inputs", "outputs", "load_kwargs", "config"):
-            value = getattr(seen, key, None)
-            if value is not None and key not in settings:
-                settings[key] = _plain(value)
-        seen = getattr(seen, "factory", None)
-    settings["kind"] = " wrapping ".join(kinds)
-    return settings
-
-
-def _threads(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The thread settings that shape MNN's work: the factory's, the environment's, Python's."""
-    load = settings.get("load_kwargs")
-    config = settings.get("config")  # a Session-API factory's createSession config
-    threads = load.get("threads") if isinstance(load, Mapping) else None
-    if threads is None and isinstance(config, Mapping):
-        threads = config.get("numThread")
-    return {
-        "factory_threads": threads,
-        "environment": {k: v for k, v in sorted(os.environ.items()) if _ENV_THREADS.match(k)},
-        "python_threads": threading.active_count(),
-    }
-
-
-_sha_cache: dict[tuple[str, int, int], str] = {}
-
-
-def _model(path: Any) -> dict[str, Any]:
-    """The model file's path, size and sha256 (cached while the file is unchanged)."""
-    if not isinstance(path, str) or not os.path.isfile(path):
-        return {"path": path, "sha256": None}
-    stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _sha_cache:
-        _sha_cache[key] = file_sha256(path)
-    return {"path": key[0], "bytes": stat.st_size, "sha256": _sha_cache[key]}
-
-
-def _mnn_build() -> dict[str, str]:
-    from guard import mnn
-
-    return mnn.build_info()
-
-
-# ------------------------------------------------------------------ writing one bundle
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Job:
-    """What one bundle is made of, taken when the attempt finished (arrays by reference)."""
-
-    session: str
-    event: str  # init or recheck
-    attempt: Attempt
-    history: tuple[dict[str, Any], ...]
-    probe: Probe
-    factory: dict[str, Any]
-    when: float
-    mnn_log: tuple[str, ...] = ()
-
-
-def _bundle_name(job: _Job, seq: int) -> str:
-    stamp = datetime.fromtimestamp(job.when, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    words = f"{job.session}-{job.attempt.rung.name}-{job.attempt.outcome.value}"
-    return f"{stamp}-{os.getpid()}-{seq:04d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', words)[:80]}"
-
-
-def _arrays(job: _Job) -> dict[str, dict[str, Array]]:
-    """The arrays of a bundle by file: every canary input, and the failing cases' outputs."""
-    probe = job.probe
-    inputs = {
-        f"case{i}/{name}": array
-        for i, case in enumerate(probe.cases)
-        for name, array in case.inputs.items()
-    }
-    golden: dict[str, Array] = {}
-    actual: dict[str, Array] = {}
-    for i, outputs in sorted(job.attempt.outputs.items()):
-        for name in probe.output_names:
-            golden[f"case{i}/{name}"] = probe.cases[i].outputs[name]
-            if name in outputs:
-                actual[f"case{i}/{name}"] = np.asarray(outputs[name])
-    return {"inputs.npz": inputs, "golden.npz": golden, "actual.npz": actual}
-
-
-def _case_verdicts(job: _Job) -> dict[str, Any]:
-    """Each failing case judged on its own (the attempt's verdict merges every run)."""
-    cases: dict[str, Any] = {}
-    for i, outputs in sorted(job.attempt.outputs.items()):
-        verdict = job.probe.judge(dict(outputs), case=i)
-        cases[str(i)] = _verdict_json(verdict, job.probe)
-    return cases
-
-
-def _manifest(job: _Job, arrays: Mapping[str, Any], omitted: str | None) -> dict[str, Any]:
-    attempt, probe = job.attempt, job.probe
-    error = attempt.error
-    log_lines = list(job.mnn_log)
-    cause = error
-    while cause is not None and len(log_lines) < 200:  # what MNN said may be in the error chain
-        log_lines.extend(f"{type(cause).__name__}: {line}" for line in str(cause).splitlines())
-        cause = cause.__cause__
-    return {
-        "kind": KIND,
-        "schema_version": SCHEMA_VERSION,
-        "created": datetime.fromtimestamp(job.when, UTC).isoformat(),
-        "session": job.session,
-        "event": job.event,
-        "outcome": attempt.outcome.value,
-        "seconds": attempt.seconds,
-        "summary": attempt.describe(),
-        "error": None if error is None else f"{type(error).__name__}: {error}",
-        "rung": {
-            "name": attempt.rung.name,
-            "index": attempt.rung_index,
-            "overrides": _plain(dict(attempt.rung.overrides)),
-        },
-        "history": list(job.history),
-        "factory": job.factory,
-        "model": _model(job.factory.get("path")),
-        "probe": {
-            "model_sha256": probe.meta.model_sha256,
-            "mnn_version": probe.meta.mnn_version,
-            "reference": _plain(dict(probe.meta.reference)),
-            "created": probe.meta.created,
-            "inputs": [s.to_json() for s in probe.inputs],
-            "outputs": [s.to_json() for s in probe.outputs],
-            "cases": len(probe.cases),
-            "failing_cases": sorted(attempt.outputs),
-        },
-        "mnn": _mnn_build(),
-        "platform": _platform(),
-        "cpu": _cpu(),
-        "threads": _threads(job.factory),
-        "mnn_log": log_lines[:200],
-        "arrays": {file: sorted(content) for file, content in arrays.items()},
-        "arrays_omitted": omitted,
-    }
-
-
-def _readme(manifest: Mapping[str, Any], verdict: Mapping[str, Any]) -> str:
-    """README.txt: what the bundle is and how to hand it to MNN's maintainers."""
-    model = manifest["model"]
-    rung = manifest["rung"]
-    mnn = manifest["mnn"]
-    reasons = "; ".join(verdict.get("reasons", [])) or manifest["summary"]
-    return f"""mnn-guard diagnosis bundle
-==========================
-
-Session {manifest["session"]!r}, {manifest["event"]} canary on rung {rung["name"]!r}
-(overrides {json.dumps(rung["overrides"])}): {manifest["outcome"].upper()} at {manifest["created"]}.
-{reasons}
-
-Model {model.get("path")} (sha256 {model.get("sha256")}); MNN {mnn.get("version")}
-({mnn.get("wheel_tags", "build unknown")}); {manifest["platform"]["platform"]}.
-
-What is here
-  bundle.json    the attempt, its history, rung and overrides, model sha256, MNN version and
-                 build, platform, CPU flags, thread settings, MNN's log lines
-  verdict.json   every score of every output against its threshold, per failing case too
-  inputs.npz     the canary inputs, keys case<i>/<input>
-  golden.npz     the golden outputs of the failing cases, keys case<i>/<output>
-  actual.npz     what the module returned for them (np.load(path, allow_pickle=False))
-  report.html    pictures (waveforms, spectrograms, the difference): written by
-                 `mnn-guard report THIS_FOLDER` (needs pip install 'mnn-guard[diagnose]')
-  diagnosis.json where in the network the outputs first diverge, when `mnn-guard diagnose
-                 ... --bundle THIS_FOLDER` was run
-
-How to hand it to MNN's maintainers (https://github.com/alibaba/MNN/issues)
-  1. Look at report.html (`mnn-guard report THIS_FOLDER`): is the actual audio really worse?
-  2. Find where it goes wrong: `mnn-guard diagnose MODEL --probe PROBE_DIR --override KEY=VALUE
-     --tries 20 --bundle THIS_FOLDER` runs the canary with every named tensor as an output and
-     names the first tensors that diverge, with their operators and SNR.
-  3. Say how often it happens: `mnn-guard doctor MODEL --probe PROBE_DIR` gives the rate of
-     degraded starts with a confidence interval.
-  4. Open an issue titled like "Degraded outputs after load_module_from_file on <CPU>, MNN
-     {mnn.get("version")}". Paste the MNN version and build, the CPU model and flags, the
-     thread settings and the first divergent tensor from bundle.json / diagnosis.json, and
-     attach this folder as a .zip (every file above) and, if you may share it, the model file
-     (or a model that shows the same, rebuilt small). The .npz files open with numpy alone.
-
-Nothing in this folder was sent anywhere. It holds your canary inputs and outputs: make sure
-you may share them before you attach them.
-"""
-
-
-def write_bundle(folder: Path, job: _Job, *, seq: int, max_bytes: int) -> Path:
-    """Write one bundle atomically (a hidden temporary folder renamed into place)."""
-    name = _bundle_name(job, seq)
-    folder.mkdir(exist_ok=True)  # its parent was checked when the listener was made
-    tmp = folder / f".tmp-{name}"
-    tmp.mkdir()
-    try:
-        arrays = _arrays(job)
-        size = sum(a.nbytes for content in arrays.values() for a in content.values())
-        omitted = None
-        if size > max_bytes:
-            omitted = f"{size} bytes of arrays exceed the folder's bound of {max_bytes} bytes"
-            arrays = {}
-        for file, content in arrays.items():
-            np.savez(tmp / file, allow_pickle=False, **content)
-        verdict = _verdict_json(job.attempt.verdict, job.probe)
-        verdict["cases"] = _case_verdicts(job)
-        manifest = _manifest(job, arrays, omitted)
-        (tmp / VERDICT).write_text(json.dumps(verdict, indent=2, allow_nan=False))
-        (tmp / "README.txt").write_text(_readme(manifest, verdict))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False))
-        final = folder / name
-        tmp.rename(final)
-        return final
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _size(path: Path) -> int:
@@ -444,15 +114,17 @@ class BundleWriter:
         self.written: collections.deque[Path] = collections.deque(maxlen=100)
         self.total = 0  # bundles written so far
         self.dropped = 0  # failures not written: the queue was full
-        self.failed = 0  # bundles whose writing raised (logged)
-        self._jobs: collections.deque[_Job] = collections.deque()
+        self.failed = 0  # bundles whose writing raised (said once until one is written again)
+        self._jobs: collections.deque[Job] = collections.deque()
         self._busy = False
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._seq = 0
+        self._failing = False  # the last bundle could not be written (and that was said)
+        self._rotating = False  # a full disk made room by removing old bundles (said once)
 
-    def submit(self, job: _Job) -> bool:
+    def submit(self, job: Job) -> bool:
         """Queue a bundle (never blocks); False when the queue is full and it was dropped."""
         with self._cond:
             if self._pid != os.getpid():  # a forked child has no writer thread: start afresh
@@ -488,7 +160,7 @@ class BundleWriter:
                 self._seq += 1
                 seq = self._seq
             try:
-                path = write_bundle(self.folder, job, seq=seq, max_bytes=self.max_bytes)
+                path = self._write(job, seq)
                 prune(
                     self.folder, max_bundles=self.max_bundles, max_bytes=self.max_bytes, keep=path
                 )
@@ -496,13 +168,56 @@ class BundleWriter:
                 with self._cond:
                     self.written.append(path)
                     self.total += 1
-            except Exception:
-                self.failed += 1
-                log.exception("diagnosis: a bundle could not be written to %s", self.folder)
+            except Exception as exc:
+                self._fail(exc)
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+    def _write(self, job: Job, seq: int) -> Path:
+        """Write the bundle; on a full disk, remove the oldest bundles to make room for it."""
+        while True:
+            try:
+                path = write_bundle(self.folder, job, seq=seq, max_bytes=self.max_bytes)
+            except OSError as exc:
+                if exc.errno not in NO_ROOM or not self._make_room(job):
+                    raise
+                continue
+            if self._failing:
+                log.warning("diagnosis: bundles are written to %s again", self.folder)
+                self._failing = False
+            return path
+
+    def _make_room(self, job: Job) -> bool:
+        """Remove the oldest bundle, if removing older bundles could make room for `job`'s."""
+        bundles = find_bundles(self.folder)
+        if not bundles:
+            return False
+        room = shutil.disk_usage(self.folder).free + sum(_size(b) for b in bundles)
+        if room < bundle_bytes(job, max_bytes=self.max_bytes):
+            return False
+        shutil.rmtree(bundles[0], ignore_errors=True)
+        said = "diagnosis: the disk of %s is full: the oldest bundles are removed to make room (%s)"
+        log.log(logging.INFO if self._rotating else logging.WARNING, said, self.folder, bundles[0])
+        self._rotating = True
+        return not bundles[0].exists()
+
+    def _fail(self, exc: Exception) -> None:
+        """Count a bundle that could not be written; say so once, until one is written again."""
+        self.failed += 1
+        if self._failing:
+            return
+        self._failing = True
+        message = "diagnosis: cannot write bundles to %s (%s); they are dropped until one can be"
+        message += " written again (counted in writer.failed)"
+        if not isinstance(exc, OSError):  # a bug in mnn-guard: its traceback, once
+            log.exception(message, self.folder, f"{type(exc).__name__}: {exc}")
+        elif exc.errno in NO_ROOM:
+            why = "the disk is full, and removing older bundles would not make room"
+            log.warning(message, self.folder, why)
+        else:
+            log.warning(message, self.folder, exc.strerror or exc)
 
     def flush(self, timeout: float | None = 60.0) -> bool:
         """Wait until every queued bundle is written; False if `timeout` s passed first."""
@@ -582,7 +297,7 @@ class DiagnosisListener(Listener):
             folder, max_bundles=max_bundles, max_bytes=max_bytes, queue_size=queue_size
         )
         self.probe = probe
-        self._factory = _factory(factory)
+        self._factory = describe_factory(factory)
         self._lock = threading.Lock()
         self._history: dict[str, collections.deque[dict[str, Any]]] = {}
 
@@ -593,16 +308,7 @@ class DiagnosisListener(Listener):
 
     def _remember(self, session: str, attempt: Attempt, event: str, now: float) -> tuple[Any, ...]:
         """Add the attempt to the session's history (the last HISTORY); the history so far."""
-        verdict = attempt.verdict
-        entry = {
-            "at": datetime.fromtimestamp(now, UTC).isoformat(),
-            "event": event,
-            "rung": attempt.rung.name,
-            "outcome": attempt.outcome.value,
-            "seconds": attempt.seconds,
-            "worst_snr_db": _number(verdict.worst_snr_db if verdict is not None else None),
-            "summary": attempt.describe(),
-        }
+        entry = history_entry(attempt, event, now)
         with self._lock:
             history = self._history.setdefault(session, collections.deque(maxlen=HISTORY))
             history.append(entry)
@@ -613,7 +319,7 @@ class DiagnosisListener(Listener):
     ) -> bool:
         """Note the attempt in the session's history and queue a bundle for it (any outcome)."""
         now = time.time()
-        job = _Job(
+        job = Job(
             session=session,
             event=event,
             attempt=attempt,
@@ -647,50 +353,11 @@ class DiagnosisListener(Listener):
         return self.writer.flush(timeout)
 
 
-# ------------------------------------------------------------------ reading a bundle
+_MOVED = frozenset({"Bundle", "read_bundle"})  # reading bundles back: guard.tools.bundles
 
 
-@dataclass(frozen=True, slots=True)
-class Bundle:
-    """A bundle read back: its manifest, verdict, arrays by file and key, and any diagnosis."""
-
-    path: Path
-    manifest: dict[str, Any]
-    verdict: dict[str, Any]
-    arrays: dict[str, dict[str, Array]] = field(default_factory=dict)
-    diagnosis: dict[str, Any] | None = None
-
-
-def _json(path: Path) -> Any:
-    try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise BundleError(f"{str(path)!r} is larger than {MAX_JSON_BYTES} bytes")
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"{str(path)!r} cannot be read as JSON: {exc}") from None
-
-
-def read_bundle(folder: str | os.PathLike[str]) -> Bundle:
-    """Read a bundle folder (arrays without pickle); BundleError says what is wrong."""
-    path = Path(folder)
-    if not (path / MANIFEST).is_file():
-        raise BundleError(f"{str(path)!r} is not a diagnosis bundle (no {MANIFEST})")
-    manifest = _json(path / MANIFEST)
-    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
-        raise BundleError(f"{str(path / MANIFEST)!r} is not an mnn-guard diagnosis manifest")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(f"bundle schema {manifest.get('schema_version')!r} is not supported")
-    verdict = _json(path / VERDICT)
-    if not isinstance(verdict, dict):
-        raise BundleError(f"{str(path / VERDICT)!r} is not a JSON object")
-    arrays: dict[str, dict[str, Array]] = {}
-    for file in ARRAY_FILES:
-        if not (path / file).is_file():
-            continue
-        try:
-            with np.load(path / file, allow_pickle=False) as npz:
-                arrays[file] = {key: npz[key] for key in npz.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise BundleError(f"{str(path / file)!r} cannot be read: {exc}") from None
-    diagnosis = _json(path / "diagnosis.json") if (path / "diagnosis.json").is_file() else None
-    return Bundle(path, manifest, verdict, arrays, diagnosis)
+def __getattr__(name: str) -> Any:
+    """The tools' bundle reader under its old path, imported only when asked for."""
+    if name not in _MOVED:
+        raise AttributeError(f"module 'guard.diagnosis' has no attribute {name!r}")
+    return getattr(importlib.import_module("guard.tools.bundles"), name)

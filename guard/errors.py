@@ -1,7 +1,8 @@
-"""Every error the guard raises; `GuardError` is the root."""
+"""Every error the runtime raises; `GuardError` is the root (the tools' own: guard.tools.errors)."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -10,7 +11,6 @@ if TYPE_CHECKING:
     from probes import Verdict
 
 __all__ = [
-    "BundleError",
     "ConfigError",
     "FactoryError",
     "ForkAfterLoad",
@@ -18,7 +18,6 @@ __all__ = [
     "GuardError",
     "InitTimeout",
     "InputMismatch",
-    "MissingExtra",
     "OutputMismatch",
     "PoisonRequest",
     "RecoveryExhausted",
@@ -115,9 +114,12 @@ class RecoveryExhausted(GuardError):
         return self.attempts[-1].verdict if self.attempts else None
 
 
-class BundleError(GuardError, ValueError):
-    """A diagnosis bundle folder cannot be read: missing, not a bundle, or damaged."""
+_MOVED = frozenset({"BundleError", "MissingExtra"})  # errors of the tools: guard.tools.errors
 
 
-class MissingExtra(GuardError, ImportError):
-    """A tool needs an optional dependency that is not installed (an extra of mnn-guard)."""
+def __getattr__(name: str) -> type[GuardError]:
+    """The tools' errors under their old path, imported only when asked for."""
+    if name not in _MOVED:
+        raise AttributeError(f"module 'guard.errors' has no attribute {name!r}")
+    moved: type[GuardError] = getattr(importlib.import_module("guard.tools.errors"), name)
+    return moved

@@ -29,11 +29,12 @@ def _const(name: str, value: NDArray[Any]) -> onnx.TensorProto:
     return numpy_helper.from_array(value, name)
 
 
-def control_flow() -> onnx.ModelProto:
-    """`y = x * 2 if flag > 0 else x + 2`: an ONNX `If` subgraph and an int64 scalar input."""
+def control_flow(two: float = 2.0) -> onnx.ModelProto:
+    """`y = x * 2 if flag > 0 else x + 2`: an ONNX `If` subgraph and an int64 scalar input
+    (`two`: another constant inside both branches)."""
     x = _value("x", TensorProto.FLOAT, [1, 16])
     flag = _value("flag", TensorProto.INT64, [])
-    two = _const("two", np.array(2.0, np.float32))
+    two = _const("two", np.array(two, np.float32))
     then = helper.make_graph(
         [helper.make_node("Mul", ["x", "two"], ["t_out"])],
         "then",
@@ -185,6 +186,28 @@ def declare_int64(source: Path, path: Path) -> Path:
     if not path.is_file() or path.stat().st_size == 0:
         raise RuntimeError(f"MNN's converter wrote no {path} from {dump}")
     return path
+
+
+def conv(seed: int = 0, channels: int = 3) -> onnx.ModelProto:
+    """`y = relu(conv3x3(x))` on `x` [1, 2, 8, 8] with weights drawn from `seed`: once
+    converted, the weights sit inside MNN's Convolution operator, not in a constant tensor."""
+    weights = np.random.default_rng(seed).standard_normal((channels, 2, 3, 3))
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["y"]),
+    ]
+    initializers = [
+        _const("w", weights.astype(np.float32)),
+        _const("b", np.zeros(channels, np.float32)),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [_value("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+        [_value("y", TensorProto.FLOAT, [1, channels, 8, 8])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=OPSET)
 
 
 def convert(model: onnx.ModelProto, path: Path) -> Path:

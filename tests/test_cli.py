@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import pytest
 
 import guard
 from guard.tools import cli as cli_module
-from guard.tools import demo
+from guard.tools import demo, probe_commands
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -281,6 +283,10 @@ USER_ERRORS: dict[str, tuple[Case, str]] = {
         lambda t, m, p: ["doctor", str(m), "--probe", str(p), "--processes", "0"],
         "argument --processes: expected a whole number >= 1",
     ),
+    "doctor --config without KEY=VALUE": (
+        lambda t, m, p: ["doctor", str(m), "--probe", str(p), "--api", "session", "--config", "x"],
+        "argument --config: 'x': expected KEY=VALUE",
+    ),
     "doctor a missing model": (
         lambda t, m, p: ["doctor", str(t / "nope.mnn"), "--probe", str(p)],
         "does not exist",
@@ -359,12 +365,43 @@ def test_a_bug_keeps_its_traceback(
     def broken(args: object) -> int:
         raise KeyError("a bug in mnn-guard")
 
-    monkeypatch.setattr(cli_module, "cmd_check", broken)
+    monkeypatch.setattr(probe_commands, "cmd_check", broken)
     with pytest.raises(KeyError, match="a bug in mnn-guard"):
         cli_module.main(["check", str(demo_paths[0]), "--probe", str(demo_paths[1])])
 
 
 # ---------------------------------------------------------------------- layout
+
+
+COMMANDS = ("inspect", "record", "check", "demo", "doctor", "bench", "diagnose", "report")
+SHORT = {"--out": "-o"}  # flags the README shows by their short form
+
+
+def readme_usage() -> dict[str, str]:
+    """Each command's usage in the README's "Command line" section, continuation lines joined."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text[text.index("## Command line") : text.index("Every command exits 0")]
+    usage: dict[str, str] = {}
+    for line in block.splitlines():
+        found = re.match(r" {4}mnn-guard (\w+) ", line)
+        if found:
+            command = found.group(1)
+            usage[command] = ""
+        if line.startswith("    "):
+            usage[command] += line
+    return usage
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_usage_shows_every_flag(command: str) -> None:
+    """Every flag `mnn-guard COMMAND --help` lists is in the README's usage of COMMAND."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli_module.main([command, "--help"])
+    flags = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", out.getvalue())) - {"--help"}
+    usage = readme_usage()[command]
+    missing = [f for f in sorted(flags) if not re.search(rf"{SHORT.get(f, f)}(?![\w-])", usage)]
+    assert flags and not missing
 
 
 def test_help_imports_no_tool_and_no_mnn() -> None:
@@ -381,7 +418,8 @@ def test_help_imports_no_tool_and_no_mnn() -> None:
     )
     result = json.loads(done.stdout)
     heavy = {"MNN", "numpy", "scipy", "probes", "prometheus_client"}
-    ours = {"guard", "guard.version", "guard.tools", "guard.tools.cli"}
+    ours = {"guard", "guard.version", "guard.errors", "guard.tools", "guard.tools.cli"}
+    ours |= {"guard.tools.arguments", "guard.tools.errors"}
     loaded = [m for m in result["modules"] if m.split(".")[0] in heavy or m.startswith("guard")]
     assert set(loaded) == ours
     for command in ("record", "check", "demo", "doctor", "bench"):
@@ -409,6 +447,27 @@ def test_every_public_name_resolves() -> None:
         assert getattr(guard, name) is getattr(importlib.import_module(f"guard.{module}"), name)
     assert "UsageError" not in guard.__all__ and not hasattr(guard, "UsageError")
     assert not issubclass(cli_module.UsageError, guard.GuardError)
+
+
+def test_tool_errors_live_with_the_tools() -> None:
+    """BundleError and MissingExtra are GuardErrors in guard.tools.errors; the old path gives
+    the same classes without the runtime importing them first."""
+    code = (
+        "import sys, guard.errors, guard.diagnosis\n"
+        "before = sorted(m for m in sys.modules if m.startswith('guard.tools'))\n"
+        "from guard.errors import BundleError, MissingExtra\n"
+        "from guard.diagnosis import read_bundle\n"
+        "from guard.tools import bundles, errors\n"
+        "same = [BundleError is errors.BundleError, MissingExtra is errors.MissingExtra,\n"
+        "        read_bundle is bundles.read_bundle]\n"
+        "print(before, all(same), issubclass(BundleError, guard.errors.GuardError))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.split() == ["[]", "True", "True"]
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        importlib.import_module("guard.errors").Nope  # noqa: B018
 
 
 def test_wrap_is_the_function_after_its_module_is_imported() -> None:

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_models
 import pytest
 
+import guard
 import probes
 from guard import mnn
 from guard.tools import demo
@@ -102,6 +104,49 @@ def test_execution_order_puts_inputs_first() -> None:
     assert execution_order(graph) == graph  # the file's order already is one
 
 
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Converted ONNX models in pairs that differ where diagnose cannot look: inside an `If`
+    subgraph, and inside a Convolution operator (its weights)."""
+    folder = tmp_path_factory.mktemp("pairs")
+    built = {
+        "control_flow": onnx_models.control_flow(),
+        "control_flow_3": onnx_models.control_flow(two=3.0),
+        "conv": onnx_models.conv(seed=0),
+        "conv_1": onnx_models.conv(seed=1),
+    }
+    return {
+        name: onnx_models.convert(model, folder / f"{name}.mnn") for name, model in built.items()
+    }
+
+
+def test_control_flow_says_subgraph_internals_are_invisible(pairs: dict[str, Path]) -> None:
+    """A divergence inside an `If` shows at the `If`; the report says what it cannot see."""
+    factory = guard.mnn_factory(pairs["control_flow"], ["x", "flag"], ["y"], threads=1)
+    x = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
+    probe = probes.record(factory, {"x": x, "flag": np.array(1, np.int64)})
+    found = run_diagnose(pairs["control_flow_3"], probe, reference_model=pairs["control_flow"])
+    assert [(t.name, t.op_type) for t in found.first] == [("y", "If")]
+    (note,) = found.notes
+    assert "y [If]" in note and "invisible" in note
+    assert f"note: {note}" in format_diagnosis(found)
+
+
+def test_weights_inside_convolutions_are_said_not_compared(pairs: dict[str, Path]) -> None:
+    """Two ONNX-converted models with other conv weights: no weight is compared, and why."""
+    factory = guard.mnn_factory(pairs["conv"], ["x"], ["y"], threads=1)
+    x = np.random.default_rng(2).standard_normal((1, 2, 8, 8)).astype(np.float32)
+    probe = probes.record(factory, {"x": x})
+    found = run_diagnose(pairs["conv_1"], probe, reference_model=pairs["conv"])
+    assert found.diverged and found.first[0].op_type == "Convolution"
+    assert found.weights == ()
+    (note,) = found.notes
+    assert "weights sit inside the operators" in note and found.first[0].name in note
+    assert f"note: {note}" in format_diagnosis(found)
+    same = run_diagnose(pairs["conv"], probe)  # one file: no weights to compare, nothing to say
+    assert same.notes == () and not same.diverged
+
+
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     """Run `mnn-guard ARGS` in a fresh interpreter."""
     return subprocess.run(
@@ -134,6 +179,19 @@ def test_check_leaves_a_bundle_and_diagnose_adds_to_it(
     assert found["first"][0]["name"] == expected and found["diverged"] is True
     assert json.loads((bundle / "diagnosis.json").read_text())["first"][0]["name"] == expected
     assert f"<td>{expected}</td>" in (bundle / "report.html").read_text()
+
+
+@pytest.mark.hostile
+def test_a_probe_of_another_model_points_to_ignore_model_hash(
+    perturbed: dict[int, Path], demo_paths: tuple[Path, Path]
+) -> None:
+    """Diagnosing a rebuilt model against the clean model's probe: the one-line stale-probe
+    error names --ignore-model-hash."""
+    run = cli("diagnose", str(perturbed[0]), "--probe", str(demo_paths[1]))
+    ours = [line for line in run.stderr.splitlines() if line.startswith("mnn-guard")]
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert len(ours) == 1 and "stale probe" in ours[0], run.stderr
+    assert "or pass --ignore-model-hash to judge another build" in ours[0]
 
 
 @pytest.mark.hostile

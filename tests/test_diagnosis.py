@@ -10,15 +10,17 @@ from types import MappingProxyType
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
+from small_disk import ROTATE, run_on_small_disk
 
 import guard
 import probes
 from guard import mnn
 from guard.canary import init_and_check
-from guard.diagnosis import DiagnosisListener, find_bundles, read_bundle, writer_for
+from guard.diagnosis import DiagnosisListener, find_bundles, writer_for
 from guard.ladder import Attempt, Outcome, Rung
 from guard.testing import Fault, FaultyFactory
 from guard.tools import demo
+from guard.tools.bundles import read_bundle
 from probes import measures
 
 
@@ -125,6 +127,48 @@ def test_bounds_remove_the_oldest_bundles_only(
     assert kept == list(listener.writer.written)[-3:]
     assert (folder / "mine" / "notes.txt").read_text() == "keep me"
     assert [h["outcome"] for h in read_bundle(kept[-1]).manifest["history"]] == ["fail"] * 5
+
+
+def test_the_default_bound_keeps_the_newest_20_bundles(
+    tmp_path: Path, demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe
+) -> None:
+    """With default settings, 22 failures leave exactly 20 bundles: the newest."""
+    listener = DiagnosisListener(tmp_path / "d", demo_probe, factory=demo_factory)
+    attempt = failed_attempt(demo_factory, demo_probe)
+    for _ in range(22):
+        assert listener.record("s", attempt)
+        assert listener.flush(30)
+    assert listener.writer.total == 22
+    kept = find_bundles(tmp_path / "d")
+    assert len(kept) == 20 and kept == list(listener.writer.written)[-20:]
+
+
+def test_a_full_disk_makes_room_by_removing_the_oldest_bundles(tmp_path: Path) -> None:
+    """On a 5 MB tmpfs (about 9 bundles), 14 failures are all written; the newest stay, and
+    the full disk is said once, with no traceback."""
+    report, logged = run_on_small_disk("rotate", 5, tmp_path / "disk")
+    assert report["total"] == ROTATE and report["failed"] == 0
+    kept = report["kept"]
+    assert 5 <= len(kept) < ROTATE
+    assert kept == report["written"][-len(kept) :]
+    assert report["leftovers"] == []  # no temporary folder left by a failed attempt
+    assert "Traceback" not in logged
+    assert sum("the oldest bundles are removed to make room" in line
+               for line in logged.splitlines()) == 1  # fmt: skip
+
+
+def test_a_disk_full_of_other_files_drops_bundles_and_says_so_once(tmp_path: Path) -> None:
+    """With no bundle of ours to remove, failures are dropped, counted and said in one line;
+    once there is room, bundles are written again and that is said too."""
+    report, logged = run_on_small_disk("full", 5, tmp_path / "disk")
+    assert report["failed_while_full"] == 3 and report["failed"] == 3
+    assert report["total"] == 1 and len(report["kept"]) == 1
+    assert report["leftovers"] == []
+    ours = [line for line in logged.splitlines() if line.startswith("LOG diagnosis:")]
+    assert "Traceback" not in logged
+    assert len(ours) == 2, logged
+    assert "cannot write bundles" in ours[0] and "the disk is full" in ours[0]
+    assert "written to" in ours[1] and "again" in ours[1]
 
 
 def test_byte_bound_removes_old_bundles_and_omits_oversized_arrays(

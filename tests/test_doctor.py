@@ -17,9 +17,9 @@ import pytest
 
 import guard
 import probes
-from guard.diagnosis import find_bundles, read_bundle
 from guard.testing import FaultyFactory
 from guard.tools import demo
+from guard.tools.bundles import find_bundles, read_bundle
 from guard.tools.doctor import DoctorReport, RungReport, doctor_json, format_doctor, run_doctor
 from probes import store
 

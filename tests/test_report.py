@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from guard.canary import run_canary
 from guard.diagnosis import DiagnosisListener, find_bundles
 from guard.ladder import Attempt, Outcome
 from guard.testing import Fault, FaultyFactory
-from guard.tools.report import figure_png, render_folder, render_report
+from guard.tools.report import figure, figure_png, render_folder, render_report
 
 
 def images(page: str) -> list[np.ndarray]:
@@ -70,15 +71,78 @@ def test_pages_show_the_difference_between_clean_and_degraded(
         assert 200_000 < len(page) < 1_500_000
 
 
-def test_a_nan_output_and_a_2d_output_still_render() -> None:
-    """NaN outputs are drawn as 0 with a note; other shapes get an error histogram."""
+def test_a_nan_output_and_a_4d_output_still_render() -> None:
+    """NaN outputs are drawn as 0 with a note; a 4-D output gets an error histogram alone."""
     rng = np.random.default_rng(0)
     golden = np.sin(np.arange(4096) / 7.0).astype(np.float32)[None, None]
     nan = figure_png(golden, np.full_like(golden, np.nan), "x")
     signal = np.asarray(Image.open(io.BytesIO(nan)))
-    grid = rng.standard_normal((8, 40)).astype(np.float32)
-    hist = np.asarray(Image.open(io.BytesIO(figure_png(grid, grid + 0.1, "y"))))
+    block = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    hist = np.asarray(Image.open(io.BytesIO(figure_png(block, block + 0.1, "y"))))
     assert signal.shape[0] > 2 * hist.shape[0]  # four rows of plots against one histogram
+    assert "NaN/Inf values drawn as 0" in figure(golden, golden * np.nan, "x").axes[0].get_title()
+
+
+def titled(fig: Any, start: str) -> Any:
+    """The one axes of `fig` whose title starts with `start`."""
+    (ax,) = [ax for ax in fig.axes if ax.get_title().startswith(start)]
+    return ax
+
+
+def test_the_difference_is_drawn_on_its_own_scale() -> None:
+    """A small error fills its row: the y-axis spans the difference, not the golden's peak."""
+    golden = np.sin(np.arange(4096) / 7.0).astype(np.float32)[None, None]
+    error = 0.01 * np.random.default_rng(1).standard_normal(golden.shape).astype(np.float32)
+    row = titled(figure(golden, golden + error, "x"), "difference")
+    low, high = row.get_ylim()
+    largest = float(np.abs(error).max())
+    assert largest <= high < 1.2 * largest and low == -high
+    assert f"at most {largest:.3g}" in row.get_title()
+
+
+@pytest.mark.parametrize(
+    ("shape", "channel"), [((1, 1, 24, 40), None), ((1, 3, 24, 40), 2), ((24, 40, 1), None)]
+)
+def test_2d_and_3d_outputs_get_images_of_golden_actual_and_error(
+    shape: tuple[int, ...], channel: int | None
+) -> None:
+    """A probability map gets golden, actual and error as images (a stack: its worst channel),
+    above the error histogram."""
+    golden = np.random.default_rng(2).random(shape).astype(np.float32)
+    actual = golden.copy()
+    actual.reshape(-1)[-7] += 0.5  # in the last channel of a stack
+    fig = figure(golden, actual, "map")
+    images = {ax.get_title(): ax.images[0].get_array() for ax in fig.axes if ax.images}
+    assert set(images) == {"golden", "actual", "error (actual - golden)"}
+    plane = (lambda x: np.squeeze(x)[channel]) if channel is not None else np.squeeze
+    assert np.allclose(images["golden"], plane(golden))
+    assert np.allclose(images["error (actual - golden)"], plane(actual) - plane(golden))
+    assert titled(fig, "error histogram")
+    if channel is not None:
+        assert f"channel {channel} of 3 (the largest error)" in fig.subfigs[0].get_suptitle()
+
+
+def test_the_worst_elements_of_a_map_are_indexed_by_plain_integers(
+    tmp_path: Path, converted: dict[str, Path]
+) -> None:
+    """The page of a converted model's [1, 1, H, W] output: its image, and worst elements
+    listed as [0, 0, 3, 17], never as numpy reprs."""
+    factory = guard.mnn_factory(converted["stride32"], ["image"], ["mask"], threads=1)
+    image = np.random.default_rng(3).random((1, 1, 32, 64)).astype(np.float32)
+    probe = probes.record(factory, {"image": image}, derive=False)
+    module = FaultyFactory(factory, fault=Fault.NOISE, schedule=[True], snr_db=15.0)()
+    canary = run_canary(module, probe, 1)
+    attempt = Attempt(
+        guard.STATIC, 0, Outcome.FAIL, canary.verdict, None, 0.1, canary.failed_outputs
+    )
+    listener = DiagnosisListener(tmp_path / "d", probe, factory=factory)
+    listener.record("map", attempt)
+    assert listener.flush(30)
+    (path,) = find_bundles(tmp_path / "d")
+    page = render_report(path).read_text()
+    indices = re.findall(r"<td>(\[[^<]*\])</td>", page)
+    assert len(indices) == 10 and all(re.fullmatch(r"\[0, 0, \d+, \d+\]", i) for i in indices)
+    assert "np.int64" not in page and len(images(page)) == 1
 
 
 def test_render_folder_renders_every_bundle(

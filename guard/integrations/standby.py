@@ -8,12 +8,10 @@ model that is refused is closed without ever touching them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from guard.health import HealthTable
+from guard.health import Entry, HealthTable
 from guard.sinks import MetricsListener, Sink
-from guard.state import SessionStatus
 
 if TYPE_CHECKING:
     from guard.integrations.replica import Spec
@@ -33,14 +31,12 @@ class HeldHealth(HealthTable):
         self._live = live
         self._relay = threading.Lock()
 
-    def record(
-        self, owner: object, status: SessionStatus, detail: Mapping[str, Any] | None = None
-    ) -> None:
+    def record(self, owner: object, entry: Entry) -> None:
         """Keep the entry; pass it on once live."""
         with self._relay:
-            super().record(owner, status, detail)
+            super().record(owner, entry)
             if self._live:
-                self.target.record(owner, status, detail)
+                self.target.record(owner, entry)
 
     def forget(self, name: str, owner: object | None = None) -> None:
         """Drop the entry here; there too once live (only if `owner` wrote it, when given)."""
@@ -56,11 +52,9 @@ class HeldHealth(HealthTable):
                 return
             self._live = True
             with self._lock:
-                held = [
-                    (self._owners[n], s, self._details.get(n)) for n, s in self._sessions.items()
-                ]
-            for owner, status, detail in held:
-                self.target.record(owner, status, detail)
+                held = [(self._owners[n], entry) for n, entry in self._sessions.items()]
+            for owner, entry in held:
+                self.target.record(owner, entry)
 
 
 class Standby:

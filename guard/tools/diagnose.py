@@ -39,6 +39,10 @@ __all__ = ["Diagnosis", "TensorScore", "diagnosis_json", "format_diagnosis", "ru
 
 Array = NDArray[Any]
 MAX_FIRST = 5  # first divergent tensors reported
+CONTROL_FLOW = frozenset({"If", "While"})  # MNN operators that run subgraphs
+CONVOLUTIONS = frozenset(
+    {"Convolution", "ConvolutionDepthwise", "Deconvolution", "DeconvolutionDepthwise"}
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,6 +84,7 @@ class Diagnosis:
     path: tuple[TensorScore, ...]  # from first[0] to an output
     weights: tuple[WeightDiff, ...]
     seconds: float
+    notes: tuple[str, ...] = ()  # what this diagnosis cannot see, and why
 
     @property
     def diverged(self) -> bool:
@@ -126,8 +131,6 @@ def _weights(
     model: str, reference_model: str, readers: Mapping[str, list[str]]
 ) -> list[WeightDiff]:
     """The constants whose values differ between two model files, with the tensors reading them."""
-    if os.path.samefile(model, reference_model):
-        return []
     mine, theirs = mnn.constant_arrays(model), mnn.constant_arrays(reference_model)
     found = []
     for name, value in mine.items():
@@ -136,6 +139,28 @@ def _weights(
             snr = -math.inf if other is None else _compare(other, value)[0]
             found.append(WeightDiff(name=name, snr_db=snr, read_by=tuple(readers.get(name, ()))))
     return found
+
+
+def _notes(graph: Sequence[mnn.TensorNode], other_file: bool) -> list[str]:
+    """What the comparison cannot see in this graph: subgraphs, and weights held by operators."""
+    notes = []
+    flow = [n for n in graph if n.op_type in CONTROL_FLOW]
+    if flow:
+        named = ", ".join(f"{n.name} [{n.op_type}]" for n in flow[:MAX_FIRST])
+        notes.append(
+            f"control flow: the tensors inside the subgraphs of {named} are invisible here (MNN "
+            "names only the main graph's tensors): a divergence inside shows at the operator's "
+            "output, and the constants inside are not compared"
+        )
+    constants = {n.name for n in graph if n.op_type == "Const"}
+    held = [n.name for n in graph if n.op_type in CONVOLUTIONS and constants.isdisjoint(n.inputs)]
+    if other_file and held:
+        notes.append(
+            f"no weight comparison for {len(held)} convolution(s) ({', '.join(held[:MAX_FIRST])})"
+            ": their weights sit inside the operators, as in models converted from ONNX, where "
+            "MNN's Python API cannot read them; only constant tensors are compared"
+        )
+    return notes
 
 
 def _path(start: str, outputs: Sequence[str], readers: Mapping[str, list[str]]) -> list[str]:
@@ -240,6 +265,7 @@ def run_diagnose(
             first.append(score)
             downstream.add(score.name)
     chain = _path(first[0].name, probe.output_names, readers) if first else []
+    other_file = not os.path.samefile(suspect_path, reference_path)
     return Diagnosis(
         model=suspect_path,
         reference_model=reference_path,
@@ -252,8 +278,9 @@ def run_diagnose(
         tensors=tuple(scores.values()),
         first=tuple(first[:MAX_FIRST]),
         path=tuple(scores[n] for n in chain),
-        weights=tuple(_weights(suspect_path, reference_path, readers)),
+        weights=tuple(_weights(suspect_path, reference_path, readers) if other_file else ()),
         seconds=time.perf_counter() - began,
+        notes=tuple(_notes(graph, other_file)),
     )
 
 
@@ -309,7 +336,7 @@ def format_diagnosis(diagnosis: Diagnosis) -> str:
     lines.append(f"outputs: {outputs}")
     if not d.first:
         lines.append(f"no tensor diverges beyond {d.threshold_db:g} dB: the configurations agree")
-        return "\n".join(lines)
+        return "\n".join([*lines, *(f"note: {n}" for n in d.notes)])
     by_name = {t.name: t for t in d.tensors}
     weights = {w.name: w for w in d.weights}
 
@@ -338,4 +365,4 @@ def format_diagnosis(diagnosis: Diagnosis) -> str:
             for w in d.weights[:MAX_FIRST]
         )
         lines.append(f"weights that differ between the files: {shown}")
-    return "\n".join(lines)
+    return "\n".join([*lines, *(f"note: {n}" for n in d.notes)])

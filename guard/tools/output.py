@@ -1,4 +1,4 @@
-"""What the tools print: aligned text tables, and the guard's log quieted for a run."""
+"""What the tools print: progress on stderr, aligned text tables, the guard's log quieted."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-__all__ = ["native_stdout_to_stderr", "quiet_log", "text_table"]
+__all__ = ["native_stdout_to_stderr", "quiet_log", "say", "text_table"]
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -22,6 +22,11 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def say(text: str) -> None:
+    """Progress goes to stderr, so that stdout holds only the result (--json)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,9 @@
 
 For each failing canary case and output: golden and actual waveforms overlaid (whole, and
 zoomed where they differ most), their difference, and the spectrograms of golden, actual and
-error; for outputs that are not 1-D signals, an error histogram and the worst elements. Then
+error; for 2-D and 3-D outputs (a probability map), images of golden, actual and error above an
+error histogram; for other shapes the histogram; and the worst elements of any output that is
+not a 1-D signal. Then
 every score against its threshold, the diagnosis (when `mnn-guard diagnose --bundle` ran), the
 environment, and how to hand the bundle to MNN's maintainers. Images are inline PNG data URIs:
 the page needs no network and no other file.
@@ -26,11 +28,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from guard.diagnosis import Bundle, find_bundles, read_bundle
-from guard.errors import BundleError, MissingExtra
+from guard.tools.bundles import Bundle, find_bundles, read_bundle
+from guard.tools.errors import BundleError, MissingExtra
 from probes.measures import snr_db
 
-__all__ = ["REPORT", "figure_png", "render_folder", "render_report"]
+__all__ = ["REPORT", "figure", "figure_png", "render_folder", "render_report"]
 
 Array = NDArray[Any]
 REPORT = "report.html"
@@ -100,30 +102,81 @@ def _png(fig: Any) -> bytes:
     return small.getvalue()
 
 
-def figure_png(golden: Array, actual: Array, title: str) -> bytes:
-    """One PNG for one output of one case: waveforms, difference and spectrograms of a 1-D
-    signal, or an error histogram for other shapes."""
-    figure = _matplotlib()
+def _plane(x: Array) -> Array | None:
+    """The array as an image (H x W) or a stack of them (C x H x W), size-1 axes dropped."""
+    squeezed = np.squeeze(x)
+    return squeezed if squeezed.ndim in (2, 3) and min(squeezed.shape) > 1 else None
+
+
+def figure(golden: Array, actual: Array, title: str) -> Any:
+    """The matplotlib Figure for one output of one case: waveforms, difference and spectrograms
+    of a 1-D signal; images of golden, actual and error and an error histogram of a 2-D or 3-D
+    output; the histogram alone for other shapes."""
+    make = _matplotlib()
     bad = int(actual.size - np.count_nonzero(np.isfinite(actual)))
     shown = np.nan_to_num(np.asarray(actual, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     note = f" ({bad} NaN/Inf values drawn as 0)" if bad else ""
     g, a = _signal(golden), _signal(shown)
-    if g is None or a is None or g.size != a.size:
-        fig = figure(figsize=(10, 3.5), layout="constrained")
+    if g is not None and a is not None and g.size == a.size:
+        fig = make(figsize=(11, 9.5))  # a fixed layout: a constrained one draws all twice
+        grid = fig.add_gridspec(
+            4, 3, height_ratios=(1, 1, 0.8, 1.3), hspace=0.45, wspace=0.18,
+            left=0.06, right=0.9, top=0.96, bottom=0.06,
+        )  # fmt: skip
+        _waveforms(fig, grid, g, a, f"{title}: waveform, golden and actual{note}")
+        _spectrograms(fig, grid, g, a)
+        return fig
+    planes = _plane(np.asarray(golden, np.float64)), _plane(shown)
+    if golden.shape != actual.shape:
+        fig = make(figsize=(10, 3.5), layout="constrained")
         ax = fig.add_subplot()
-        ax.hist((shown - np.asarray(golden, np.float64)).reshape(-1), bins=80, color="C3", log=True)
-        ax.set_title(f"{title}: error histogram (actual - golden){note}")
-        ax.set_xlabel("error")
-        ax.set_ylabel("elements")
-        return _png(fig)
-    fig = figure(figsize=(11, 9.5))  # a fixed layout: a constrained one draws everything twice
-    grid = fig.add_gridspec(
-        4, 3, height_ratios=(1, 1, 0.8, 1.3), hspace=0.45, wspace=0.18,
-        left=0.06, right=0.9, top=0.96, bottom=0.06,
-    )  # fmt: skip
-    _waveforms(fig, grid, g, a, f"{title}: waveform, golden and actual{note}")
-    _spectrograms(fig, grid, g, a)
-    return _png(fig)
+        ax.hist(shown.reshape(-1), bins=80, color="C1", log=True)
+        ax.set_title(f"{title}: actual {list(actual.shape)} is not golden's {list(golden.shape)}")
+        return fig
+    if planes[0] is None or planes[1] is None:
+        fig = make(figsize=(10, 3.5), layout="constrained")
+        _histogram(fig.add_subplot(), shown - golden, f"{title}: error histogram{note}")
+        return fig
+    fig = make(figsize=(11, 7.5), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=(1.3, 1))
+    _images(top, planes[0], planes[1], f"{title}{note}")
+    _histogram(bottom.add_subplot(), shown - golden, "error histogram")
+    return fig
+
+
+def figure_png(golden: Array, actual: Array, title: str) -> bytes:
+    """`figure` as a PNG."""
+    return _png(figure(golden, actual, title))
+
+
+def _histogram(ax: Any, error: Array, title: str) -> None:
+    ax.hist(error.reshape(-1), bins=80, color="C3", log=True)
+    ax.set_title(f"{title} (actual - golden)")
+    ax.set_xlabel("error")
+    ax.set_ylabel("elements")
+
+
+def _images(fig: Any, g: Array, a: Array, title: str) -> None:
+    """Golden, actual (on one colour scale) and their error, of the worst channel of a stack."""
+    channel = ""
+    if g.ndim == 3:
+        worst = int(np.argmax(np.abs(a - g).reshape(len(g), -1).max(axis=1)))
+        channel = f", channel {worst} of {len(g)} (the largest error)"
+        g, a = g[worst], a[worst]
+    low, high = float(min(g.min(), a.min())), float(max(g.max(), a.max()))
+    error = a - g
+    limit = float(np.abs(error).max()) or 1.0
+    shown = (
+        ("golden", g, "viridis", low, high),
+        ("actual", a, "viridis", low, high),
+        ("error (actual - golden)", error, "RdBu_r", -limit, limit),
+    )
+    for ax, (name, image, cmap, vmin, vmax) in zip(fig.subplots(1, 3), shown, strict=True):
+        drawn = ax.imshow(image, aspect="auto", interpolation="nearest", cmap=cmap)
+        drawn.set_clim(vmin, vmax)
+        fig.colorbar(drawn, ax=ax)
+        ax.set_title(name)
+    fig.suptitle(f"{title}: golden, actual and error{channel}")
 
 
 def _waveforms(fig: Any, grid: Any, g: Array, a: Array, title: str) -> None:
@@ -147,9 +200,13 @@ def _waveforms(fig: Any, grid: Any, g: Array, a: Array, title: str) -> None:
     zoom.set_xlim(lo, hi)
     err = fig.add_subplot(grid[2, :])
     err.plot(*_envelope(diff), color="C3", lw=0.6)
-    limit = float(np.max(np.abs(g))) or 1.0
-    err.set_ylim(-limit, limit)  # on the signal's own scale: a small error looks small
-    err.set_title(f"difference (actual - golden) on the golden's scale: SNR {snr_db(g, a):.1f} dB")
+    limit = float(np.max(np.abs(diff))) or 1.0
+    err.set_ylim(-1.05 * limit, 1.05 * limit)  # scaled to the difference: its shape shows
+    peak = float(np.max(np.abs(g)))
+    err.set_title(
+        f"difference (actual - golden), at most {limit:.3g} (the golden's peak: {peak:.3g}): "
+        f"SNR {snr_db(g, a):.1f} dB"
+    )
     err.set_xlim(0, g.size)
     err.set_xlabel("sample")
 
@@ -235,7 +292,7 @@ def _worst(golden: Array, actual: Array) -> str:
     order = np.argsort(np.nan_to_num(diff, nan=np.inf))[::-1][:WORST]
     rows = [
         (
-            list(np.unravel_index(int(i), golden.shape)),
+            [int(k) for k in np.unravel_index(int(i), golden.shape)],
             golden.reshape(-1)[i],
             actual.reshape(-1)[i],
             diff[i],
@@ -284,6 +341,7 @@ def _diagnosis(found: Mapping[str, Any] | None) -> str:
         f"{_e(found['reference_model'])} with {_e(found['reference'])}, threshold "
         f"{_e(found['threshold_db'])} dB, {_e(found['tries'])} suspect load(s).</p>"
     )
+    head += "".join(f"<p>Note: {_e(note)}</p>" for note in found.get("notes", []))
     if not found["first"]:
         return head + "<p class='pass'>No tensor diverges: the configurations agree.</p>"
     rows = [(t["index"], t["name"], t["op_type"], _g(t["snr_db"], 3), ", ".join(t["inputs"]))
