@@ -22,6 +22,7 @@ from guard.metrics import metrics_for
 from guard.testing import FaultyFactory
 from guard.tools import demo
 from guard.tools.models import build_vocoder
+from probes import store
 
 Array = np.ndarray[Any, Any]
 QUIET = quiet_policy(reinit_attempts=0)
@@ -90,7 +91,7 @@ def test_swap_serves_the_new_model_and_its_metrics(
     assert replica.configure({"model": str(other[0]), "probe": str(other[1])}) is True
     np.testing.assert_allclose(replica.run({"mel": x})["wav"], clean(other[0], x), atol=1e-5)
     assert old is not None and old.status.closed  # type: ignore[attr-defined]
-    assert info_hashes(registry) == {probes.file_sha256(other[0])}
+    assert info_hashes(registry) == {store.file_sha256(other[0])}
     assert healthy(registry) == 1.0
 
 

@@ -176,7 +176,7 @@ def not_serving(served: Served) -> GuardError | None:
             return Unavailable(f"session {status.name!r} is not serving: {status.describe()}")
         return None
     workers: list[Any] = served.status()  # type: ignore[attr-defined]
-    if any(w.healthy for w in workers):
+    if any(w.serving for w in workers):
         return None
     down = ", ".join(f"worker {w.slot} (pid {w.pid}) is {w.state.value}" for w in workers)
     return Unavailable(f"pool {served.name!r} is not serving: {down or 'closed'}")

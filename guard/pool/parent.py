@@ -82,7 +82,7 @@ def _watch(ref: weakref.ref[Pool], done: threading.Event) -> None:
             return
         for sentinel in dead:
             slot, child = sentinels[sentinel]  # type: ignore[index]
-            pool._retire(slot, f"{slot.label} {child.exit_text()} while idle", idle=child)
+            pool._retire(slot, "", idle=child)  # the message is read once the slot is checked
         del pool
 
 
@@ -220,13 +220,16 @@ class Pool:
         """Stop a slot's failed worker and start its replacement.
 
         The slot's owner calls this, or the watcher with the `idle` child it saw die: then
-        only if the slot still idles with it (else a request took it and finds it dead).
+        only if the slot still idles with it (else a request took it and finds it dead, and
+        only that request may reap it: two threads reaping one child race for its exit code).
         """
         with self._cond:
             if idle is not None and (slot.state is not SlotState.IDLE or slot.child is not idle):
                 return
-            child = slot.child
+            child, label = slot.child, slot.label
             replacing = slot.to(SlotState.STARTING)
+        if idle is not None:
+            why = f"{label} {idle.exit_text()} while idle"
         stop(child)
         if not replacing:
             return
