@@ -40,10 +40,10 @@ if TYPE_CHECKING:
         session_factory,
     )
     from guard.pool import Pool
+    from guard.recording import record
     from guard.server import asgi_app, serve, wsgi_app
     from guard.session import GuardedSession
     from guard.state import SessionStatus, State
-    from guard.recording import record
     from guard.wrapping import wrap
 
 from guard.version import __version__
