@@ -33,4 +33,4 @@ def when_ready(server):  # type: ignore[no-untyped-def]
 
 def child_exit(server, worker):  # type: ignore[no-untyped-def]
     """Forget a dead worker at once: its readiness entry and its live gauges."""
-    guard.mark_process_dead(worker.pid)
+    guard.health.mark_process_dead(worker.pid)

@@ -5,157 +5,69 @@
 >>> session = guard.wrap(factory, probes.load("probes/vocoder"), name="vocoder")  # doctest: +SKIP
 >>> session.run({"mel": mel})["wav"]  # doctest: +SKIP
 
-Names are imported on first use, so that `import guard` (and `mnn-guard --help`, which imports
-`guard.tools.cli`) does not load MNN, scipy or prometheus_client until they are needed.
+The public names are listed once, in `__init__.pyi` (which type checkers read too); each is
+imported on first use, so that `import guard` (and `mnn-guard --help`) does not load MNN,
+scipy or prometheus_client until they are needed. Everything else lives in its submodule
+(`guard.errors.SessionClosed`, `guard.health.HealthTable`, ...).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
-from typing import TYPE_CHECKING, Any
+import warnings
+from pathlib import Path
+from typing import Any
 
-if TYPE_CHECKING:
-    from guard.errors import (
-        ConfigError,
-        FactoryError,
-        ForkAfterLoad,
-        ForwardFailed,
-        GuardError,
-        InitTimeout,
-        InputMismatch,
-        OutputMismatch,
-        PoisonRequest,
-        RecoveryExhausted,
-        SessionClosed,
-        Unavailable,
-        WorkerFailed,
-    )
-    from guard.health import HealthTable, mark_process_dead, readiness
-    from guard.integrations.endpoints import asgi_app, wsgi_app
-    from guard.integrations.server import serve
-    from guard.ladder import DYNAMIC, SESSION_LADDER, STATIC, Policy, Rung, session_ladder
-    from guard.listeners import Listener
-    from guard.mnn import (
-        DynamicIgnoredWarning,
-        mnn_factory,
-        mnn_session_factory,
-        session_factory,
-    )
-    from guard.pool import Pool
-    from guard.recording import record
-    from guard.session import GuardedSession
-    from guard.state import SessionStatus, State
-    from guard.wrapping import wrap
+from guard.version import __version__ as __version__
 
-from guard.version import __version__
 
-__all__ = [
-    "DYNAMIC",
-    "SESSION_LADDER",
-    "STATIC",
-    "ConfigError",
-    "DynamicIgnoredWarning",
-    "FactoryError",
-    "ForkAfterLoad",
-    "ForwardFailed",
-    "GuardError",
-    "GuardedSession",
-    "HealthTable",
-    "InitTimeout",
-    "InputMismatch",
-    "Listener",
-    "OutputMismatch",
-    "PoisonRequest",
-    "Policy",
-    "Pool",
-    "RecoveryExhausted",
-    "Rung",
-    "SessionClosed",
-    "SessionStatus",
-    "State",
-    "Unavailable",
-    "WorkerFailed",
-    "__version__",
-    "asgi_app",
-    "mark_process_dead",
-    "mnn_factory",
-    "mnn_session_factory",
-    "readiness",
-    "record",
-    "serve",
-    "session_factory",
-    "session_ladder",
-    "wrap",
-    "wsgi_app",
-]
-
-_HOME = {  # public name -> the runtime module that defines it
-    "ConfigError": "errors",
-    "FactoryError": "errors",
-    "ForkAfterLoad": "errors",
-    "ForwardFailed": "errors",
-    "GuardError": "errors",
-    "InitTimeout": "errors",
-    "InputMismatch": "errors",
-    "OutputMismatch": "errors",
-    "PoisonRequest": "errors",
-    "RecoveryExhausted": "errors",
-    "SessionClosed": "errors",
-    "Unavailable": "errors",
-    "WorkerFailed": "errors",
-    "HealthTable": "health",
-    "readiness": "health",
-    "mark_process_dead": "health",
-    "DYNAMIC": "ladder",
-    "SESSION_LADDER": "ladder",
-    "STATIC": "ladder",
-    "Policy": "ladder",
-    "Rung": "ladder",
-    "session_ladder": "ladder",
-    "Listener": "listeners",
-    "mnn_factory": "mnn",
-    "mnn_session_factory": "mnn",
-    "session_factory": "mnn",
-    "DynamicIgnoredWarning": "mnn",
-    "Pool": "pool",
-    "serve": "integrations.server",
-    "asgi_app": "integrations.endpoints",
-    "wsgi_app": "integrations.endpoints",
-    "GuardedSession": "session",
-    "SessionStatus": "state",
-    "State": "state",
-    "wrap": "wrapping",
-    "record": "recording",
-}
-_RUNTIME = frozenset(  # submodules that were attributes when this module imported them all
-    {
-        "canary",
-        "diagnosis",
-        "errors",
-        "health",
-        "inputs",
-        "ladder",
-        "listeners",
-        "metrics",
-        "mnn",
-        "pool",
-        "server",
-        "session",
-        "state",
-        "version",
-        "wrapping",
+def _public() -> dict[str, str]:
+    """Public name -> the module that defines it, read from `__init__.pyi`."""
+    stub = ast.parse(Path(__file__).with_suffix(".pyi").read_text(encoding="utf-8"))
+    return {
+        alias.name: node.module
+        for node in stub.body
+        if isinstance(node, ast.ImportFrom) and node.module is not None
+        for alias in node.names
     }
-)
+
+
+_HOME = _public()
+__all__ = list(_HOME)  # `guard.__version__` is there too, as dunders are, outside __all__
+
+_MOVED = {  # names that were public here before 0.2: where they live now
+    **dict.fromkeys(
+        [
+            *("FactoryError", "ForkAfterLoad", "ForwardFailed", "InitTimeout"),
+            *("OutputMismatch", "PoisonRequest", "SessionClosed", "WorkerFailed"),
+        ],
+        "guard.errors",
+    ),
+    "HealthTable": "guard.health",
+    "mark_process_dead": "guard.health",
+    "DynamicIgnoredWarning": "guard.mnn",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name (or a runtime submodule, `guard.ladder`) on first use."""
+    """Import a public name, a moved one (with a DeprecationWarning) or a submodule on first use."""
     if name in _HOME:
-        value = getattr(importlib.import_module(f"guard.{_HOME[name]}"), name)
-    elif name in _RUNTIME:
-        value = importlib.import_module(f"guard.{name}")
+        value = getattr(importlib.import_module(_HOME[name]), name)
+    elif name in _MOVED:
+        warnings.warn(
+            f"guard.{name} is {_MOVED[name]}.{name} now (guard keeps few top-level names)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
     else:
-        raise AttributeError(f"module 'guard' has no attribute {name!r}")
+        try:
+            value = importlib.import_module(f"guard.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"guard.{name}":
+                raise
+            raise AttributeError(f"module 'guard' has no attribute {name!r}") from None
     globals()[name] = value
     return value
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from numpy.typing import NDArray
 
+from guard.judgement import Basis, Judgement
 from guard.mnn import Runner, adapt, load
 from probes import Probe, Verdict
 
@@ -27,10 +28,17 @@ class Canary:
     failed_outputs: dict[int, Outputs] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     turned_static: bool = False  # MNN loaded the module statically although dynamic=True
+    basis: Basis = Basis.GOLDEN  # what the canary was judged against (the furthest of its runs)
 
 
 def init_and_check(
-    factory: Callable[..., Any], overrides: Mapping[str, Any], probe: Probe, runs: int
+    factory: Callable[..., Any],
+    overrides: Mapping[str, Any],
+    probe: Probe,
+    runs: int,
+    *,
+    judgement: Judgement | None = None,
+    retry_margin_db: float = 0.0,
 ) -> tuple[Runner, Canary]:
     """Call the factory with `overrides` and run the canary on what it built.
 
@@ -40,7 +48,9 @@ def init_and_check(
     module, report = load(factory, overrides)
     runner = adapt(module, probe.input_names, probe.output_names)
     try:
-        canary = run_canary(runner, probe, runs)
+        canary = run_canary(
+            runner, probe, runs, judgement=judgement, retry_margin_db=retry_margin_db
+        )
     except Exception as exc:
         for note in report.notes:
             exc.add_note(f"MNN while loading: {note}")
@@ -55,6 +65,8 @@ def run_canary(
     probe: Probe,
     runs: int,
     *,
+    judgement: Judgement | None = None,
+    retry_margin_db: float = 0.0,
     gate: AbstractContextManager[Any] | None = None,
     stop_at_failure: bool = False,
 ) -> Canary:
@@ -63,8 +75,12 @@ def run_canary(
     Interleaving cases catches a module that hands back the previous call's output; repeating
     them catches MNN's first-run/second-run differences. With `gate` (entered around each
     forward: a live module's lock), judging happens outside it, so callers wait one forward at
-    most; `stop_at_failure` ends at the first failing judgement.
+    most; `stop_at_failure` ends at the first failing judgement. `judgement` (the session's)
+    judges against a local reference where the stored goldens do not decide; `retry_margin_db`
+    raises the SNR limits for a re-init after a failed one.
     """
+    judge = judgement if judgement is not None else Judgement(probe, None)
+    basis = Basis.GOLDEN
     verdicts: list[Verdict] = []
     labels: list[str] = []
     failed: dict[int, Outputs] = {}
@@ -77,13 +93,15 @@ def run_canary(
                 outputs = runner.run(arrays)
                 if len(outputs) < len(probe.outputs) and not notes and gate is None:
                     notes = _diagnose(runner, arrays)
-            verdicts.append(probe.judge(outputs, case=index))
+            verdict, judged = judge.judge(outputs, index, retry_margin_db=retry_margin_db)
+            verdicts.append(verdict)
+            basis = max(basis, judged, key=lambda b: b.rank)
             labels.append(f"canary run {run + 1} case {index}")
-            if not verdicts[-1].passed and index not in failed:
+            if not verdict.passed and index not in failed:
                 failed[index] = dict(zip(probe.output_names, outputs, strict=False))
                 if stop_at_failure:
-                    return Canary(Verdict.merge(verdicts, labels), failed, notes)
-    return Canary(Verdict.merge(verdicts, labels), failed, notes)
+                    return Canary(Verdict.merge(verdicts, labels), failed, notes, basis=basis)
+    return Canary(Verdict.merge(verdicts, labels), failed, notes, basis=basis)
 
 
 def _diagnose(runner: Runner, arrays: list[NDArray[Any]]) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ __all__ = [
     "STATIC",
     "Action",
     "Attempt",
+    "Basis",
     "Outcome",
     "Policy",
     "Rung",
@@ -96,6 +97,19 @@ class Outcome(enum.StrEnum):
     TIMEOUT = "timeout"
 
 
+class Basis(enum.StrEnum):
+    """What a canary was judged against (guard.judgement)."""
+
+    GOLDEN = "golden"  # the probe's stored goldens, tight limits
+    LOCAL = "local"  # a reference module built here (the goldens agree with it loosely)
+    DISPUTED = "disputed"  # a reference built here that disagrees with the stored goldens
+
+    @property
+    def rank(self) -> int:
+        """How far from the stored goldens the judgement had to go (higher: further)."""
+        return (Basis.GOLDEN, Basis.LOCAL, Basis.DISPUTED).index(self)
+
+
 class Action(enum.StrEnum):
     """What the guard did about a degraded or slow module."""
 
@@ -114,7 +128,9 @@ class Policy:
     rungs are tried again off the request path. `wait_timeout` bounds how long a `run()` call
     waits for a replacement module before it raises `Unavailable`. `diagnose` names a folder
     where every failed canary leaves a diagnosis bundle (`guard.diagnosis`), written off the
-    request path and bounded in count and size.
+    request path and bounded in count and size. `retry_margin_db` raises every SNR limit for
+    a re-init of a rung that already failed in the same recovery: a fault near a limit does
+    not get through by being drawn again.
     """
 
     ladder: tuple[Rung, ...] = DEFAULT_LADDER
@@ -127,6 +143,7 @@ class Policy:
     check_finite_inputs: bool = True
     background: bool = True
     diagnose: str | os.PathLike[str] | None = None
+    retry_margin_db: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.ladder:
@@ -138,6 +155,9 @@ class Policy:
             raise ConfigError(f"reinit_attempts must be >= 0, got {self.reinit_attempts}")
         if self.canary_runs < 1:
             raise ConfigError(f"canary_runs must be >= 1, got {self.canary_runs}")
+        margin = self.retry_margin_db
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1e3:
+            raise ConfigError(f"retry_margin_db must be a number in 0..1000 dB, got {margin!r}")
         folder = self.diagnose
         if folder is not None and (not isinstance(folder, str | os.PathLike) or not str(folder)):
             raise ConfigError(f"diagnose must be a folder path or None, got {folder!r}")
@@ -190,6 +210,7 @@ class Attempt:
     )
     notes: tuple[str, ...] = ()  # what MNN printed while loading, or on a failed canary forward
     turned_static: bool = False  # the rung asked for dynamic=True; MNN loaded it statically
+    basis: Basis = Basis.GOLDEN  # what the canary was judged against
 
     @property
     def passed(self) -> bool:
@@ -203,6 +224,16 @@ class Attempt:
         else:
             detail = f"{type(self.error).__name__}: {self.error}"
         static = f" [{STATIC_LOAD}]" if self.turned_static else ""
+        basis = "" if self.basis is Basis.GOLDEN else f" [judged against {_BASES[self.basis]}]"
         new = [n for n in self.notes if n.split(": ", 1)[-1] not in detail]  # not said already
         said = f"; {' | '.join(new)}" if new else ""
-        return f"rung {self.rung.name!r}{static}: {self.outcome.value} ({detail}){said}"
+        return f"rung {self.rung.name!r}{static}{basis}: {self.outcome.value} ({detail}){said}"
+
+
+_BASES = {
+    Basis.LOCAL: "a local reference (this machine computes the goldens slightly differently)",
+    Basis.DISPUTED: (
+        "a local reference that disagrees with the probe's goldens: the guard cannot tell "
+        "whether the probe is stale for this machine or the reference is degraded"
+    ),
+}

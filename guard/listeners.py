@@ -6,7 +6,7 @@ import enum
 import logging
 from collections.abc import Iterable
 
-from guard.ladder import Action, Attempt, Rung
+from guard.ladder import Action, Attempt, Basis, Rung
 from guard.state import SessionStatus
 
 __all__ = ["CALL_OK", "Call", "Listener", "LoggingListener", "notify"]
@@ -73,7 +73,8 @@ class LoggingListener(Listener):
         log.debug("session %s: init on rung %s", session, rung.name)
 
     def on_attempt(self, session: str, attempt: Attempt) -> None:
-        level = logging.INFO if attempt.passed else logging.WARNING
+        disputed = attempt.basis is Basis.DISPUTED
+        level = logging.INFO if attempt.passed and not disputed else logging.WARNING
         log.log(
             level, "session %s: init %s in %.3f s", session, attempt.describe(), attempt.seconds
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -11,21 +12,21 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guard import mnn
+from guard.calibrating import calibrate
+from guard.canaries import Derive, degenerate, derive_axes, derived_cases
 from guard.errors import ConfigError, InputMismatch
 from guard.inputs import check_input
-from probes.errors import ProbeError
-from probes.limits import DEFAULT_LIMITS
+from probes.calibration import MARGIN_DB, Calibration
+from probes.errors import CanaryWarning, ProbeError
+from probes.limits import DEFAULT_LIMITS, Limits
 from probes.measures import snr_db
 from probes.probe import Case, Probe, ProbeMeta
-from probes.signature import Dim, InputSpec, OutputSpec
+from probes.signature import Dim, InputSpec, OutputSpec, check_dim, format_shape
 from probes.store import file_sha256
 
 __all__ = ["Derive", "as_input_array", "record"]
 
 Array = NDArray[Any]
-Derive = bool | Mapping[str, int | None]
-"""Which inputs a derived canary rolls: True (those with a declared dynamic axis, along it),
-False (no derived canary), or {name: axis} (None: the input's last dynamic axis, else its last)."""
 
 
 def as_input_array(name: str, value: Any) -> Array:
@@ -55,64 +56,22 @@ def _signature(
         for axis, bounds in dynamic.get(name, {}).items():
             if not -arr.ndim <= axis < arr.ndim:
                 raise ProbeError(f"input {name!r}: axis {axis} is out of range for rank {arr.ndim}")
-            lo, hi = (int(b) for b in bounds)
-            if not 0 <= lo <= arr.shape[axis] <= hi:
+            if not isinstance(bounds, (tuple, list)) or len(bounds) not in (2, 3):
+                raise ProbeError(
+                    f"input {name!r}: axis {axis} needs (min, max) or (min, max, step), "
+                    f"got {bounds!r}"
+                )
+            step = bounds[2] if len(bounds) == 3 else 1
+            dim = check_dim(bounds[0], bounds[1], step, f"input {name!r} axis {axis}")
+            assert isinstance(dim, tuple)
+            if InputSpec(name=name, dtype="float32", shape=(dim,)).misfit((arr.shape[axis],)):
                 raise ProbeError(
                     f"input {name!r}: the canary's size {arr.shape[axis]} on axis {axis} is "
-                    f"outside the declared range {lo}..{hi}"
+                    f"outside the declared range {format_shape([dim])[1:-1]}"
                 )
-            dims[axis] = (lo, hi)
+            dims[axis] = dim
         specs.append(InputSpec(name=name, dtype=str(arr.dtype), shape=tuple(dims)))
     return tuple(specs)
-
-
-def _derive_axes(
-    derive: Derive, case: Mapping[str, Array], dynamic: Mapping[str, Mapping[int, Any]]
-) -> dict[str, int]:
-    """Input name -> the (non-negative) axis a derived canary rolls it along."""
-    if derive is True:
-        chosen: Mapping[str, int | None] = {n: None for n, axes in dynamic.items() if axes}
-    elif derive is False:
-        return {}
-    elif isinstance(derive, Mapping):
-        chosen = derive
-    else:
-        raise ProbeError(
-            f"derive must be True, False or a dict of input name -> axis, got {derive!r}"
-        )
-    unknown = sorted(set(chosen) - set(case))
-    if unknown:
-        raise ProbeError(f"derive names unknown inputs {unknown}; inputs are {list(case)}")
-    axes: dict[str, int] = {}
-    for name, given in chosen.items():
-        arr = case[name]
-        if arr.ndim == 0:
-            raise ProbeError(f"derive: input {name!r} is a scalar (0-d); it has no axis to roll")
-        declared = [a % arr.ndim for a in dynamic.get(name, {})]
-        axis = given if given is not None else max(declared, default=arr.ndim - 1)
-        if isinstance(axis, bool) or not isinstance(axis, int) or not -arr.ndim <= axis < arr.ndim:
-            raise ProbeError(
-                f"derive: axis {axis!r} of input {name!r} is out of range for rank {arr.ndim}"
-            )
-        axes[name] = axis % arr.ndim
-    return axes
-
-
-def _derived_case(
-    case: Mapping[str, Array], axes: Mapping[str, int]
-) -> tuple[dict[str, Array], str] | None:
-    """A second canary: the chosen inputs rolled by half along their axis, the others as they
-    are; None when that changes nothing. With a note saying what was rolled."""
-    rolled = {
-        n: np.roll(a, a.shape[axes[n]] // 2, axis=axes[n]) if n in axes else a
-        for n, a in case.items()
-    }
-    if all(np.array_equal(rolled[n], case[n]) for n in case):
-        return None
-    moved = ", ".join(f"{n} by {case[n].shape[a] // 2} along axis {a}" for n, a in axes.items())
-    fixed = [n for n in case if n not in axes]
-    held = f"; {', '.join(fixed)} held fixed" if fixed else ""
-    return rolled, f"case 1 is case 0 with {moved}{held}"
 
 
 def _run_reference(
@@ -175,36 +134,40 @@ def _run_reference(
     return first, static, reported
 
 
-def record(
+def _choose_derived(
     factory: Callable[..., Any],
-    inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]],
-    reference: Mapping[str, Any] | None = None,
-    *,
-    runs: int = 3,
-    thresholds: Mapping[str, float] | None = None,
-    per_output: Mapping[str, Mapping[str, float]] | None = None,
-    dynamic: Mapping[str, Mapping[int, tuple[int, int]]] | None = None,
-    output_names: Sequence[str] | None = None,
-    model: str | os.PathLike[str] | None = None,
-    derive: Derive = True,
-    agreement_db: float = 90.0,
-) -> Probe:
-    """Record a probe by running the canary on `factory(**reference)` in `runs` fresh inits.
+    reference: Mapping[str, Any],
+    case: dict[str, Array],
+    axes: Mapping[str, int],
+    names: Sequence[str],
+    outputs: Sequence[str] | None,
+) -> tuple[dict[str, Array] | None, str]:
+    """The first derived canary whose reference outputs differ from case 0's, and a note."""
+    if not axes:
+        return None, "no input to move (derive= chooses inputs)"
+    candidates = list(derived_cases(case, axes))
+    if not candidates:
+        return None, "moving the chosen inputs changes none of them"
+    try:
+        loaded, _ = mnn.load(factory, reference)
+        runner = mnn.adapt(loaded, names, outputs)
+        first = runner.run([case[n] for n in names])
+        for moved, note in candidates:
+            outs = runner.run([moved[n] for n in names])
+            if len(outs) != len(first) or not all(
+                a.shape == b.shape and np.array_equal(a, b)
+                for a, b in zip(first, outs, strict=True)
+            ):
+                return moved, note
+    except Exception as exc:
+        raise ProbeError(f"the reference configuration {dict(reference)} failed: {exc!r}") from exc
+    return None, "every derived case gave case 0's outputs and was dropped"
 
-    `inputs` is one dict of canary inputs by name, or a list of such dicts. A single canary
-    gets a derived second one, so that a module that returns a previous call's output is
-    caught: by default the inputs with a declared dynamic axis are rolled by half along it and
-    the others (control inputs, recurrent state) held fixed; `derive={"mel": 2}` chooses the
-    inputs and axes, `derive=False` records none. `dynamic={"mel": {2: (1, 4000)}}` declares
-    axis 2 of `mel` dynamic within 1..4000; other dimensions are fixed to the canary's.
 
-    >>> probe = record(factory, {"mel": mel}, reference={"dynamic": True})  # doctest: +SKIP
-    """
-    reference = {"dynamic": True} if reference is None else dict(reference)
-    if runs < 2:
-        raise ProbeError(
-            f"runs must be at least 2 to check that the reference agrees with itself, got {runs}"
-        )
+def _canary_cases(
+    factory: Callable[..., Any], inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+) -> tuple[list[str], list[dict[str, Array]]]:
+    """The model's input names and the canary cases as checked arrays."""
     raw_cases = [inputs] if isinstance(inputs, Mapping) else list(inputs)
     if not raw_cases or not all(isinstance(c, Mapping) for c in raw_cases):
         raise ProbeError(
@@ -216,21 +179,117 @@ def record(
         if sorted(raw) != sorted(names):
             raise ProbeError(f"canary {i} has inputs {sorted(raw)}, the model takes {names}")
         cases.append({n: as_input_array(n, raw[n]) for n in names})
-    signature = _signature(names, cases[0], dynamic or {})
-    axes = _derive_axes(derive, cases[0], dynamic or {})
-    derived_note: str | None = None
-    if len(cases) == 1 and axes:
-        extra = _derived_case(cases[0], axes)
+    return names, cases
+
+
+def _with_derived(
+    factory: Callable[..., Any],
+    reference: Mapping[str, Any],
+    cases: list[dict[str, Array]],
+    derive: Derive,
+    dynamic: Mapping[str, Mapping[int, Any]],
+    names: Sequence[str],
+    declared: Sequence[str],
+) -> list[str]:
+    """Append a derived second canary to a single one (in place); the notes to record."""
+    if len(cases) > 1:
+        return []
+    note = "derive=False"
+    if derive is not False:
+        axes = derive_axes(derive, cases[0], dynamic)
+        extra, note = _choose_derived(factory, reference, cases[0], axes, names, declared or None)
         if extra is not None:
-            cases.append(extra[0])
-            derived_note = extra[1]
+            cases.append(extra)
+            return [note]
+    return [
+        f"one canary case ({note}): a module that returns a previous call's output is not caught"
+    ]
+
+
+def _explicit(
+    out_names: Sequence[str],
+    thresholds: Mapping[str, float] | None,
+    per_output: Mapping[str, Mapping[str, float]],
+) -> frozenset[str]:
+    """The outputs whose limits the user set (they are not calibrated: the user's limits win)."""
+    return frozenset(n for n in out_names if thresholds is not None or n in per_output)
+
+
+def _loosened(
+    calibration: Calibration, loose: Mapping[str, float], per_output: dict[str, Mapping[str, float]]
+) -> list[str]:
+    """Lower the loose SNR limit of every output whose clean inits differ more than it allows
+    (a guard that fails clean inits is worse than none); what was lowered, in words."""
+    said = []
+    for name, found in calibration.outputs.items():
+        limit = loose.get("snr_db")
+        if limit is not None and found.limit_db < limit:
+            per_output[name] = Limits({**loose, "snr_db": found.limit_db})
+            said.append(
+                f"clean inits of output {name!r} differ by up to {found.spread_db:.1f} dB "
+                f"(rounding moves it {found.floor_db:.1f} dB): its loose SNR limit is lowered "
+                f"from {limit:g} to {found.limit_db:.1f} dB"
+            )
+    return said
+
+
+def record(
+    factory: Callable[..., Any],
+    inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    reference: Mapping[str, Any] | None = None,
+    *,
+    runs: int = 3,
+    thresholds: Mapping[str, float] | None = None,
+    per_output: Mapping[str, Mapping[str, float]] | None = None,
+    dynamic: Mapping[str, Mapping[int, tuple[int, ...]]] | None = None,
+    output_names: Sequence[str] | None = None,
+    model: str | os.PathLike[str] | None = None,
+    derive: Derive = True,
+    agreement_db: float = 90.0,
+    calibrate_inits: int = 3,
+    processes: int = 2,
+    configurations: Sequence[Mapping[str, Any]] = ({},),
+    margin_db: float = MARGIN_DB,
+) -> Probe:
+    """Record a probe: goldens from `factory(**reference)` in `runs` fresh inits that agree,
+    then a calibration of how much clean inits differ.
+
+    `inputs` is one dict of canary inputs by name, or a list of such dicts. A single canary
+    gets a derived second one, so that a module that returns a previous call's output is
+    caught (see `guard.canaries`); `derive={"mel": 2}` chooses the inputs and axes,
+    `derive=False` records none. `dynamic={"mel": {2: (1, 4000)}}` declares axis 2 of `mel`
+    dynamic within 1..4000 (`(32, 1024, 32)`: in steps of 32); other dimensions are fixed.
+
+    Calibration runs `calibrate_inits` inits of each of `configurations` (the factory's own by
+    default) and of the reference, in this process and in `processes` fresh ones (when the
+    factory pickles), and the reference on inputs nudged by one ulp; each output's SNR limit
+    is then what they give less `margin_db` (`probes.Calibration`). Outputs whose limits you
+    set (`thresholds`, `per_output`) keep yours. `calibrate_inits=0` records no calibration
+    (the probe then judges by its set or default limits only).
+
+    >>> probe = record(factory, {"mel": mel}, reference={"dynamic": True})  # doctest: +SKIP
+    """
+    reference = {"dynamic": True} if reference is None else dict(reference)
+    if runs < 2:
+        raise ProbeError(
+            f"runs must be at least 2 to check that the reference agrees with itself, got {runs}"
+        )
+    if (
+        isinstance(calibrate_inits, bool)
+        or not isinstance(calibrate_inits, int)
+        or calibrate_inits < 0
+    ):
+        raise ProbeError(f"calibrate_inits must be an int >= 0, got {calibrate_inits!r}")
+    names, cases = _canary_cases(factory, inputs)
+    signature = _signature(names, cases[0], dynamic or {})
+    declared = list(output_names or getattr(factory, "outputs", None) or [])
+    notes = _with_derived(factory, reference, cases, derive, dynamic or {}, names, declared)
     for i, case in enumerate(cases):
         for spec in signature:
             if not spec.accepts(case[spec.name].shape) or str(case[spec.name].dtype) != spec.dtype:
                 raise ProbeError(
                     f"canary {i}: input {spec.name!r} does not fit the signature of canary 0"
                 )
-    declared = list(output_names or getattr(factory, "outputs", None) or [])
     goldens, static, reported = _run_reference(
         factory, reference, cases, names, runs, agreement_db, declared or None
     )
@@ -239,45 +298,58 @@ def record(
         out_names = [f"output{k}" for k in range(len(goldens[0]))]
     if any(len(g) != len(out_names) for g in goldens):
         raise ProbeError(f"the reference returned {len(goldens[0])} outputs, expected {out_names}")
-    if (
-        derived_note is not None
-        and len(goldens) > 1
-        and all(np.array_equal(a, b) for a, b in zip(goldens[0], goldens[1], strict=True))
-    ):
-        cases.pop()
-        goldens.pop()
-        derived_note = None
-    notes = [derived_note] if derived_note else []
-    if len(cases) == 1:
-        why = (
-            "derive=False"
-            if derive is False
-            else "no input has a declared dynamic axis to roll (derive= chooses inputs)"
-            if not axes
-            else "the derived case changed no output and was dropped"
-        )
-        notes.append(
-            f"one canary case ({why}): a module that returns a previous call's output is not caught"
-        )
+    named = [dict(zip(out_names, g, strict=True)) for g in goldens]
+    for warning in degenerate(cases, named):
+        notes.append(f"degenerate canary: {warning}")
+        warnings.warn(CanaryWarning(warning), stacklevel=2)
     if static:
         notes.append(
             f"the reference {reference} was a static load: MNN ignores dynamic=True for this "
             "model (it has control flow)"
         )
+    loose = Limits.of(DEFAULT_LIMITS if thresholds is None else thresholds)
+    limits_by_output: dict[str, Mapping[str, float]] = dict(per_output or {})
+    calibration = None
+    if calibrate_inits:
+        measured = calibrate(
+            factory,
+            reference,
+            cases,
+            goldens,
+            names,
+            out_names,
+            configurations=configurations,
+            inits=calibrate_inits,
+            processes=processes,
+            margin_db=margin_db,
+            skip=_explicit(out_names, thresholds, limits_by_output),
+        )
+        notes.extend(measured.notes)
+        for outlier in measured.outliers:
+            text = (
+                f"calibration left out a degraded init ({outlier}): the others agree far "
+                "better, so this one is the fault the guard exists for"
+            )
+            notes.append(text)
+            warnings.warn(CanaryWarning(text), stacklevel=2)
+        for text in _loosened(measured.calibration, loose, limits_by_output):
+            notes.append(text)
+            warnings.warn(CanaryWarning(text), stacklevel=2)
+        if measured.calibration.outputs:
+            calibration = measured.calibration
+            notes.append(calibration.describe())
     model_path = model if model is not None else getattr(factory, "path", None)
 
     return Probe(
-        cases=tuple(
-            Case(inputs=c, outputs=dict(zip(out_names, g, strict=True)))
-            for c, g in zip(cases, goldens, strict=True)
-        ),
+        cases=tuple(Case(inputs=c, outputs=n) for c, n in zip(cases, named, strict=True)),
         inputs=signature,
         outputs=tuple(
             OutputSpec(name=n, dtype=str(a.dtype), shape=tuple(a.shape))
             for n, a in zip(out_names, goldens[0], strict=True)
         ),
-        thresholds=DEFAULT_LIMITS if thresholds is None else thresholds,
-        per_output=dict(per_output or {}),
+        thresholds=loose,
+        per_output=limits_by_output,
+        calibration=calibration,
         meta=ProbeMeta(
             model_sha256=file_sha256(model_path) if model_path is not None else None,
             mnn_version=mnn.mnn_version(),

@@ -32,7 +32,8 @@ from guard.errors import (
     Unavailable,
 )
 from guard.inputs import InputChecker
-from guard.ladder import Action, Attempt, Outcome, Policy, Rung
+from guard.judgement import Judgement
+from guard.ladder import Action, Attempt, Basis, Outcome, Policy, Rung
 from guard.listeners import CALL_OK, Call, Listener, notify
 from guard.state import LIVE, MOVES, SessionStatus, State
 from probes import Probe, Verdict
@@ -177,6 +178,7 @@ class GuardedSession:
         self._clock = clock
         self._output_names = probe.output_names
         self._check_inputs = InputChecker(probe.inputs, check_finite=policy.check_finite_inputs)
+        self._judgement = Judgement(probe, factory)  # a local reference, built when needed
         self._recheck_calls = policy.recheck_calls
         # Everything below is guarded by _cond; its lock also serialises forwards on _live.
         self._lock = threading.Lock()
@@ -256,8 +258,12 @@ class GuardedSession:
 
     # -------------------------------------------------------------- building
 
-    def _attempt(self, index: int) -> tuple[mnn.Runner | None, Attempt]:
-        """One init + canary on rung `index`: the module (None unless it passed) and the record."""
+    def _attempt(self, index: int, *, retry: bool = False) -> tuple[mnn.Runner | None, Attempt]:
+        """One init + canary on rung `index`: the module (None unless it passed) and the record.
+
+        `retry` (the rung already failed in this recovery) raises the SNR limits by
+        `Policy.retry_margin_db`.
+        """
         rung: Rung = self.policy.ladder[index]
         notify(self._listeners, "on_init", self.name, rung)
         start = time.perf_counter()
@@ -267,6 +273,8 @@ class GuardedSession:
         failed: dict[int, Any] = {}
         notes: tuple[str, ...] = ()
         turned_static = False
+        basis = Basis.GOLDEN
+        margin = self.policy.retry_margin_db if retry else 0.0
         try:
             mnn.check_not_forked()
 
@@ -278,12 +286,14 @@ class GuardedSession:
                     rung.overrides,
                     self.probe,
                     self.policy.canary_runs,
+                    judgement=self._judgement,
+                    retry_margin_db=margin,
                 ),
                 self.policy.init_timeout,
                 what,
             )
             verdict, failed = canary.verdict, canary.failed_outputs
-            notes, turned_static = canary.notes, canary.turned_static
+            notes, turned_static, basis = canary.notes, canary.turned_static, canary.basis
             outcome = Outcome.PASS if verdict.passed else Outcome.FAIL
         except InitTimeout as exc:
             outcome, error = Outcome.TIMEOUT, exc
@@ -293,7 +303,7 @@ class GuardedSession:
             outcome, error, notes = Outcome.ERROR, exc, mnn.notes_of(exc)
         seconds = time.perf_counter() - start
         attempt = Attempt(
-            rung, index, outcome, verdict, error, seconds, failed, notes, turned_static
+            rung, index, outcome, verdict, error, seconds, failed, notes, turned_static, basis
         )
         notify(self._listeners, "on_attempt", self.name, attempt)
         return (runner if attempt.passed else None), attempt
@@ -312,7 +322,8 @@ class GuardedSession:
                     if attempts or announce_first:
                         self._announce(_action(previous, index), previous, index)
                     previous = index
-                    runner, attempt = self._attempt(index)
+                    retry = any(a.rung_index == index for a in attempts)
+                    runner, attempt = self._attempt(index, retry=retry)
                     attempts.append(attempt)
                     if runner is not None:
                         self._install(runner, index, tuple(attempts))
@@ -497,11 +508,17 @@ class GuardedSession:
         verdict: Verdict | None = None
         error: BaseException | None = None
         failed: dict[int, Any] = {}
+        basis = Basis.GOLDEN
         try:
             canary = run_canary(
-                live, self.probe, self.policy.canary_runs, gate=self._lock, stop_at_failure=True
+                live,
+                self.probe,
+                self.policy.canary_runs,
+                judgement=self._judgement,
+                gate=self._lock,
+                stop_at_failure=True,
             )
-            verdict, failed = canary.verdict, canary.failed_outputs
+            verdict, failed, basis = canary.verdict, canary.failed_outputs, canary.basis
             outcome = Outcome.PASS if verdict.passed else Outcome.FAIL
         except Exception as exc:
             outcome, error = Outcome.ERROR, exc
@@ -510,7 +527,8 @@ class GuardedSession:
                 self._to(State.REPLACING)
             self._fail((), f"a re-check was interrupted by {type(exc).__name__}: {exc}", exc)
             raise
-        attempt = Attempt(rung, index, outcome, verdict, error, time.perf_counter() - start, failed)
+        seconds = time.perf_counter() - start
+        attempt = Attempt(rung, index, outcome, verdict, error, seconds, failed, basis=basis)
         notify(self._listeners, "on_check", self.name, attempt)
         with self._cond:
             if not self._to(State.SERVING if attempt.passed else State.REPLACING):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from guard.ladder import STATIC_LOAD, Attempt, Rung
+from guard.ladder import STATIC_LOAD, Attempt, Basis, Rung
 from probes import Verdict
 
 __all__ = ["LIVE", "MOVES", "SessionStatus", "State"]
@@ -93,11 +93,23 @@ class SessionStatus:
         last = self.history[-1] if self.history else None
         return last is not None and last.rung_index == self.rung_index and last.turned_static
 
+    @property
+    def basis(self) -> Basis:
+        """What the module in use was judged against: the probe's goldens, a local reference
+        (this machine computes slightly differently), or a disputed one (the guard cannot tell
+        whether the probe is stale here or the reference is degraded)."""
+        last = self.history[-1] if self.history else None
+        if last is None or last.rung_index != self.rung_index:
+            return Basis.GOLDEN
+        return last.basis
+
     def describe(self) -> str:
         """One line for logs and tables."""
         verdict = self.verdict.describe() if self.verdict is not None else "no verdict"
         tries = f"after {self.attempts} attempt(s)"
         static = f" [{STATIC_LOAD}]" if self.turned_static else ""
+        if self.basis is not Basis.GOLDEN:
+            static += f" [judged against a {self.basis.value} reference]"
         return (
             f"{self.state.value} on rung {self.mode!r} ({self.rung_index}){static} {tries}; "
             f"{verdict}"

@@ -6,7 +6,8 @@
 >>> probes.load("probes/vocoder").judge({"wav": wav}).passed  # doctest: +SKIP
 """
 
-from probes.errors import ProbeError
+from probes.calibration import Calibration
+from probes.errors import CanaryWarning, ProbeError
 from probes.judges import register_judge
 from probes.limits import Limits, Thresholds
 from probes.probe import Case, Probe, Verdict, load
@@ -14,6 +15,8 @@ from probes.recording import record
 from probes.store import ProbeVersionWarning
 
 __all__ = [
+    "Calibration",
+    "CanaryWarning",
     "Case",
     "Limits",
     "Probe",

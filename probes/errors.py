@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["ProbeError", "brief"]
+__all__ = ["CanaryWarning", "ProbeError", "brief"]
 
 
 class ProbeError(ValueError):
     """A probe is missing, corrupt, stale or cannot be recorded; the message says how to fix it."""
+
+
+class CanaryWarning(UserWarning):
+    """A recorded canary judges little of the model (constant, silent or saturated outputs,
+    lengths near zero) or saw something the guard exists for (a degraded init)."""
 
 
 def brief(value: object, limit: int = 80) -> str:

@@ -15,11 +15,13 @@ __all__ = [
     "Dim",
     "InputSpec",
     "OutputSpec",
+    "check_dim",
     "format_shape",
 ]
 
-Dim = int | tuple[int, int]
-"""A fixed size, or an inclusive (min, max) range for a dynamic dimension."""
+Dim = int | tuple[int, int] | tuple[int, int, int]
+"""A fixed size, an inclusive (min, max) range for a dynamic dimension, or (min, max, step):
+sizes min, min + step, ... up to max (a detector that takes multiples of 32)."""
 
 NUMERIC_DTYPES = frozenset(
     ["float16", "float32", "float64"]
@@ -30,11 +32,28 @@ MAX_DIM = 2**31 - 1  # MNN keeps dimensions in int32
 MAX_RANK = 32
 
 
+def _dim_text(dim: Dim) -> str:
+    if not isinstance(dim, tuple):
+        return str(dim)
+    step = f" step {dim[2]}" if len(dim) == 3 else ""
+    return f"{dim[0]}..{dim[1]}{step}"
+
+
 def format_shape(dims: Sequence[Dim]) -> str:
-    """`[1, 80, 1..4000]` style text for messages."""
-    return (
-        "[" + ", ".join(f"{d[0]}..{d[1]}" if isinstance(d, tuple) else str(d) for d in dims) + "]"
-    )
+    """`[1, 80, 1..4000]` (or `32..1024 step 32`) style text for messages."""
+    return "[" + ", ".join(_dim_text(d) for d in dims) + "]"
+
+
+def check_dim(lo: Any, hi: Any, step: Any, what: str) -> Dim:
+    """A dynamic dimension from its bounds and step (1: every size), or ProbeError."""
+    if not (_size(lo) and _size(hi) and lo <= hi):
+        raise ProbeError(
+            f"{what}: bad range {brief(lo)}..{brief(hi)} "
+            f"(expected ints in 0..{MAX_DIM} with min <= max)"
+        )
+    if not (_size(step) and step >= 1):
+        raise ProbeError(f"{what}: bad step {brief(step)} (expected an int >= 1)")
+    return (lo, hi) if step == 1 else (lo, hi, step)
 
 
 def _size(value: Any) -> bool:
@@ -51,12 +70,12 @@ def _dims_from_json(raw: Any, what: str) -> tuple[Dim, ...]:
     for d in raw:
         if _size(d):
             dims.append(d)
-        elif isinstance(d, list) and len(d) == 2 and _size(d[0]) and _size(d[1]) and d[0] <= d[1]:
-            dims.append((d[0], d[1]))
+        elif isinstance(d, list) and len(d) in (2, 3):
+            dims.append(check_dim(d[0], d[1], d[2] if len(d) == 3 else 1, what))
         else:
             raise ProbeError(
-                f"{what}: bad dimension {brief(d)} (expected an int in 0..{MAX_DIM} or [min, max] "
-                "with min <= max)"
+                f"{what}: bad dimension {brief(d)} (expected an int in 0..{MAX_DIM}, [min, max] "
+                "with min <= max, or [min, max, step])"
             )
     return tuple(dims)
 
@@ -75,8 +94,9 @@ class InputSpec:
             return f"rank {len(shape)} (shape {list(shape)}), expected rank {len(self.shape)}"
         for axis, (size, dim) in enumerate(zip(shape, self.shape, strict=True)):
             if isinstance(dim, tuple):
-                if not dim[0] <= size <= dim[1]:
-                    allowed = f"the dynamic range {dim[0]}..{dim[1]}"
+                step = dim[2] if len(dim) == 3 else 1
+                if not dim[0] <= size <= dim[1] or (size - dim[0]) % step:
+                    allowed = f"the dynamic range {_dim_text(dim)}"
                     return f"dimension {axis} is {size}, expected {allowed} (shape {list(shape)})"
             elif size != dim:
                 return f"dimension {axis} is {size}, expected {dim} (shape {list(shape)})"

@@ -130,13 +130,13 @@ def probe(demo_paths: tuple[Path, Path]) -> probes.Probe:
 
 
 @pytest.fixture(scope="module")
-def table() -> guard.HealthTable:
+def table() -> guard.health.HealthTable:
     """A readiness table of the two-worker pool's own (conftest clears the process's one)."""
-    return guard.HealthTable()
+    return guard.health.HealthTable()
 
 
 @pytest.fixture(scope="module")
-def pool(probe: probes.Probe, table: guard.HealthTable) -> Iterator[guard.Pool]:
+def pool(probe: probes.Probe, table: guard.health.HealthTable) -> Iterator[guard.Pool]:
     """Two workers serving the clean demo vocoder."""
     with guard.Pool(
         demo.demo_factory(threads=1),
@@ -159,7 +159,7 @@ def single(probe: probes.Probe) -> Iterator[guard.Pool]:
         policy=quiet_policy(wait_timeout=1.0),
         name="single",
         max_waiting=30,
-        health=guard.HealthTable(),
+        health=guard.health.HealthTable(),
     ) as p:
         yield p
 
@@ -233,7 +233,7 @@ def test_forward_in_a_thread_stalls_the_loop(probe: probes.Probe) -> None:
         name="in-process",
         policy=quiet_policy(),
         registry=CollectorRegistry(),
-        health=guard.HealthTable(),
+        health=guard.health.HealthTable(),
     )
     x = {"mel": demo.demo_mel(FRAMES)}
     costs = []
@@ -365,7 +365,7 @@ def test_closed_pool_refuses_async_calls_and_leaves_readiness(
     probe: probes.Probe,
 ) -> None:
     """After close(), arun raises SessionClosed and the pool's readiness entry is gone."""
-    table = guard.HealthTable()
+    table = guard.health.HealthTable()
     pool = guard.Pool(
         demo.demo_factory(threads=1), probe, processes=1, policy=quiet_policy(), health=table
     )
@@ -373,12 +373,12 @@ def test_closed_pool_refuses_async_calls_and_leaves_readiness(
     assert ready and [e["name"] for e in entries] == ["pool"]
     pool.close()
     assert table.readiness() == (False, [])
-    with pytest.raises(guard.SessionClosed, match=r"^pool 'pool' is closed$"):
+    with pytest.raises(guard.errors.SessionClosed, match=r"^pool 'pool' is closed$"):
         asyncio.run(pool.arun({"mel": demo.demo_mel(50)}))
 
 
 def test_readiness_lists_the_pool_and_its_workers(
-    pool: guard.Pool, table: guard.HealthTable
+    pool: guard.Pool, table: guard.health.HealthTable
 ) -> None:
     """The pool is one ready entry, named after it, serving, listing each worker's pid."""
     ready, entries = table.readiness(expect=["vocoder"])
@@ -389,7 +389,7 @@ def test_readiness_lists_the_pool_and_its_workers(
 
 
 async def watch_readiness(
-    table: guard.HealthTable, victim: int, seen: list[dict[str, Any]]
+    table: guard.health.HealthTable, victim: int, seen: list[dict[str, Any]]
 ) -> list[int]:
     """Record every not-ready entry until the pool is ready without `victim`: the new pids."""
     deadline = time.monotonic() + BOUND
@@ -406,7 +406,7 @@ async def watch_readiness(
 
 
 def test_worker_killed_mid_call_costs_no_request(
-    pool: guard.Pool, table: guard.HealthTable
+    pool: guard.Pool, table: guard.health.HealthTable
 ) -> None:
     """SIGKILL on a worker while 20 async calls run: every call gets its own correct output;
     readiness says not ready (starting) while the replacement starts, then ready again."""
@@ -438,7 +438,7 @@ def test_worker_killed_mid_call_costs_no_request(
 
 
 def test_idle_worker_killed_is_replaced_without_a_request(
-    pool: guard.Pool, table: guard.HealthTable
+    pool: guard.Pool, table: guard.health.HealthTable
 ) -> None:
     """A worker killed while idle is noticed and replaced with no request sent: readiness goes
     not ready (starting), then ready with a new pid."""

@@ -54,7 +54,7 @@ def test_mnn_factory_rejects_unknown_options() -> None:
 def test_mnn_factory_missing_model(tmp_path: Path) -> None:
     """A missing model file is a FactoryError naming the path."""
     factory = guard.mnn_factory(tmp_path / "nope.mnn", ["mel"], ["wav"])
-    with pytest.raises(guard.FactoryError, match="does not exist"):
+    with pytest.raises(guard.errors.FactoryError, match="does not exist"):
         factory()
 
 

@@ -169,7 +169,7 @@ def test_hanging_init_without_retries_raises_init_timeout(demo_paths: Any) -> No
 def test_call_with_timeout_raises_init_timeout() -> None:
     """call_with_timeout raises InitTimeout naming the step once the deadline passes."""
     start = time.monotonic()
-    with pytest.raises(guard.InitTimeout, match=r"slow step did not finish within 0\.2 s"):
+    with pytest.raises(guard.errors.InitTimeout, match=r"slow step did not finish within 0\.2 s"):
         call_with_timeout(lambda: time.sleep(5), 0.2, "slow step")
     assert time.monotonic() - start < 2.0
 

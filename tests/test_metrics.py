@@ -245,7 +245,7 @@ def test_every_call_is_counted_by_result(
         for c in ("ok", "invalid")
     }
     s.close()
-    with pytest.raises(guard.SessionClosed):
+    with pytest.raises(guard.errors.SessionClosed):
         s.run({"mel": mel})
     assert counts == {"ok": 1.0, "invalid": 2.0}
 

@@ -284,7 +284,7 @@ def test_module_returning_no_outputs_after_its_canary(
         degrade_after=CANARY_FORWARDS,
     )
     s = plan_session(faulty, demo_probe, FakeClock(), registry=registry)
-    with pytest.raises(guard.OutputMismatch, match=r"returned 0 outputs, expected \['wav'\]"):
+    with pytest.raises(guard.errors.OutputMismatch, match=r"returned 0 outputs, expected \['wav'\]"):
         s.run({"mel": mel})
     runs = {
         r: sample(registry, "mnn_guard_runs_total", rung="static", result=r)
@@ -306,7 +306,7 @@ def test_forward_that_raises_after_its_canary(
         registry=registry,
     )
     for _ in range(2):
-        with pytest.raises(guard.ForwardFailed, match="session 'p': forward failed") as info:
+        with pytest.raises(guard.errors.ForwardFailed, match="session 'p': forward failed") as info:
             s.run({"mel": mel})
         assert isinstance(info.value, guard.GuardError)
         assert isinstance(info.value.__cause__, RuntimeError)
@@ -324,12 +324,12 @@ def test_guard_errors_from_a_forward_pass_through_unwrapped(demo_probe: probes.P
     """A GuardError raised inside the forward reaches the caller as it is, not re-wrapped."""
 
     def closed(outputs: list[Array]) -> list[Array]:
-        raise guard.SessionClosed("inner session closed")
+        raise guard.errors.SessionClosed("inner session closed")
 
     s = plan_session(
         lambda **kw: Turning(closed, after=CANARY_FORWARDS, **kw), demo_probe, FakeClock()
     )
-    with pytest.raises(guard.SessionClosed, match=r"^inner session closed$"):
+    with pytest.raises(guard.errors.SessionClosed, match=r"^inner session closed$"):
         s.run({"mel": demo.demo_mel(8)})
     s.close()
 
@@ -497,7 +497,7 @@ def test_state_and_rung_gauges_follow_the_session(
 
 def test_readiness_needs_every_session_healthy(demo_probe: probes.Probe) -> None:
     """One healthy and one exhausted session: not ready until the exhausted one is closed."""
-    table = guard.HealthTable()
+    table = guard.health.HealthTable()
     assert table.readiness() == (False, [])
     healthy = guard.wrap(
         demo.demo_factory(threads=1), demo_probe, name="a", metrics=False, health=table,
@@ -524,7 +524,7 @@ def test_readiness_needs_every_session_healthy(demo_probe: probes.Probe) -> None
 
 def test_nothing_published_after_close_reaches_the_table(demo_probe: probes.Probe) -> None:
     """Nothing published after a close (or in CLOSED) is recorded; a close forgets only its own."""
-    table = guard.HealthTable()
+    table = guard.health.HealthTable()
     s = guard.wrap(
         demo.demo_factory(threads=1), demo_probe, name="a", metrics=False, health=table,
         policy=guard.Policy(background=False),
@@ -936,7 +936,7 @@ def test_health_files_answer_for_every_live_worker(demo_probe: probes.Probe, tmp
 
     from guard import health
 
-    table = guard.HealthTable(tmp_path)
+    table = guard.health.HealthTable(tmp_path)
     s = guard.wrap(
         demo.demo_factory(threads=1), demo_probe, name="a", metrics=False, health=table,
         policy=guard.Policy(background=False),
@@ -989,7 +989,7 @@ def test_health_files_answer_for_every_live_worker(demo_probe: probes.Probe, tmp
 
 def test_a_session_still_starting_is_listed_not_ready(demo_probe: probes.Probe) -> None:
     """While the first init runs the session is listed as starting, unhealthy, with no reasons."""
-    table = guard.HealthTable()
+    table = guard.health.HealthTable()
     seen: list[tuple[bool, list[dict[str, Any]]]] = []
 
     table_starting: list[guard.SessionStatus] = []
@@ -1339,7 +1339,7 @@ def test_a_dynamic_rung_mnn_loads_statically_is_flagged(
     probe = probes.record(cf_factory(converted), cf_inputs())
     faulty = FaultyFactory(cf_factory(converted), fault=Fault.RAISE, schedule=[True])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", guard.DynamicIgnoredWarning)
+        warnings.simplefilter("ignore", guard.mnn.DynamicIgnoredWarning)
         s = guard.wrap(
             faulty, probe, name="p", registry=registry,
             policy=guard.Policy(background=False, reinit_attempts=0),
@@ -1560,7 +1560,7 @@ def test_work_finishing_after_close_changes_nothing(demo_probe: probes.Probe) ->
     clock.advance(301)
     assert s.maintain() == []
     assert s.status.state is guard.State.CLOSED and plan.inits == 3
-    with pytest.raises(guard.SessionClosed):
+    with pytest.raises(guard.errors.SessionClosed):
         s.run({"mel": demo.demo_mel(8)})
 
 
@@ -1602,7 +1602,7 @@ def test_forgetting_a_dead_process_removes_its_files(
 
 def test_forgetting_an_unknown_session_is_no_error() -> None:
     """HealthTable.forget of a name it never had, with or without an owner, changes nothing."""
-    table = guard.HealthTable()
+    table = guard.health.HealthTable()
     table.forget("nobody")
     table.forget("nobody", owner=object())
     assert table.sessions() == {} and table.readiness() == (False, [])
@@ -1684,7 +1684,7 @@ def test_what_mnn_said_while_loading_stays_with_a_canary_that_raised(
 
     probe = probes.record(cf_factory(converted), cf_inputs())
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", guard.DynamicIgnoredWarning)
+        warnings.simplefilter("ignore", guard.mnn.DynamicIgnoredWarning)
         s = guard.wrap(
             RaisingFactory(), probe, name="p", metrics=False,
             raise_exhausted=False,
@@ -1721,7 +1721,7 @@ def test_a_probe_its_goldens_fail_names_every_reason(demo_probe: probes.Probe) -
         "the limit 1.5; output 'b': cosine 1 is below the limit 1.5); loosen the thresholds or "
         "re-record the probe"
     )
-    with pytest.raises(guard.FactoryError, match=r"^factory must be callable, got int$"):
+    with pytest.raises(guard.errors.FactoryError, match=r"^factory must be callable, got int$"):
         guard.wrap(42, demo_probe, name="p", metrics=False)  # type: ignore[arg-type]
 
 
@@ -2040,7 +2040,7 @@ def test_a_dropped_session_cleans_up_after_itself(demo_probe: probes.Probe) -> N
     import gc
     import weakref
 
-    table = guard.HealthTable()
+    table = guard.health.HealthTable()
     listener = CapturingListener()
     s = guard.wrap(
         demo.demo_factory(threads=1), demo_probe, name="dropped", metrics=False, health=table,
@@ -2061,7 +2061,7 @@ def test_an_unwritable_health_folder_never_breaks_serving(
 ) -> None:
     """Health files that cannot be written are skipped, by the table itself: the session serves
     and is listed."""
-    table = guard.HealthTable(tmp_path / "missing")
+    table = guard.health.HealthTable(tmp_path / "missing")
     s = guard.wrap(
         demo.demo_factory(threads=1), demo_probe, name="a", metrics=False, health=table,
         policy=guard.Policy(background=False),
@@ -2089,10 +2089,10 @@ def test_table_entries_carry_each_sessions_detail(demo_probe: probes.Probe) -> N
     """HealthTable.entries() is each session's readiness entry with the detail recorded for it."""
     with guard.wrap(
         demo.demo_factory(threads=1), demo_probe, name="e", metrics=False,
-        policy=guard.Policy(background=False), health=guard.HealthTable(),
+        policy=guard.Policy(background=False), health=guard.health.HealthTable(),
     ) as s:  # fmt: skip
         status = s.status
-    table = guard.HealthTable()
+    table = guard.health.HealthTable()
     entry = dataclasses.replace(Entry.of(status), detail={"workers": [{"slot": 0}]})
     table.record(object(), entry)
     assert table.entries() == [

@@ -204,7 +204,7 @@ def test_request_timeout_twice_is_a_poison_request(demo_paths: tuple[Path, Path]
         request_timeout=0.01,
     ) as p:
         first = p.status()[0].pid
-        with pytest.raises(guard.PoisonRequest, match=r"it cost two workers") as info:
+        with pytest.raises(guard.errors.PoisonRequest, match=r"it cost two workers") as info:
             p.run({"mel": demo.demo_mel(4000)})
         assert str(info.value).count("exceeded request_timeout=0.01 s and was killed") == 2
         assert gone(first)
@@ -227,7 +227,7 @@ def test_close_is_idempotent_and_run_after_close_raises(demo_paths: tuple[Path, 
     assert gone(pid)
     assert p.status() == []
     assert all(c.pid != pid for c in multiprocessing.active_children())
-    with pytest.raises(guard.SessionClosed, match="pool 'c' is closed"):
+    with pytest.raises(guard.errors.SessionClosed, match="pool 'c' is closed"):
         p.run({"mel": demo.demo_mel(50)})
 
 
@@ -447,9 +447,9 @@ def test_request_that_kills_two_workers_is_a_poison_request(marked_pool: guard.P
     PoisonRequest, not retried again; status() lists both slots starting, then serving."""
     dead = {w.pid for w in wait_until_serving(marked_pool)}
     replaced = marked_pool.replaced
-    with pytest.raises(guard.PoisonRequest) as info:
+    with pytest.raises(guard.errors.PoisonRequest) as info:
         marked_pool.run({"mel": marked(SEGFAULT)})
-    assert isinstance(info.value, guard.WorkerFailed)
+    assert isinstance(info.value, guard.errors.WorkerFailed)
     assert str(info.value).count("was killed by SIGSEGV") == 2
     status = marked_pool.status()
     assert [w.slot for w in status] == [0, 1]
@@ -505,7 +505,7 @@ def test_worker_that_raises_is_replaced_and_its_error_keeps_its_type(
     gets the worker's ForwardFailed itself, with notes naming the workers."""
     before = {w.pid for w in wait_until_serving(marked_pool)}
     replaced = marked_pool.replaced
-    with pytest.raises(guard.ForwardFailed, match="injected forward failure") as info:
+    with pytest.raises(guard.errors.ForwardFailed, match="injected forward failure") as info:
         marked_pool.run({"mel": marked(RAISE)})
     notes = "\n".join(info.value.__notes__)
     assert "raised in pool 'marked' by worker" in notes
@@ -523,7 +523,7 @@ def test_close_right_after_worker_deaths_is_clean_and_quiet(
     probe = probes.load(demo_paths[1], model=demo_paths[0])
     factory = MarkedFactory(demo.demo_factory(threads=1))
     p = guard.Pool(factory, probe, processes=2, policy=quiet_policy(), name="deaths")
-    with pytest.raises(guard.PoisonRequest):
+    with pytest.raises(guard.errors.PoisonRequest):
         p.run({"mel": marked(SEGFAULT)})
     assert [w.state for w in p.status()] == [SlotState.STARTING] * 2
     caplog.clear()
@@ -573,7 +573,7 @@ def test_readiness_shows_a_worker_that_fell_back_during_its_requests(
     probe = probes.load(demo_paths[1], model=demo_paths[0])
     faulty = TurningFactory(demo.demo_factory(threads=1))
     policy = guard.Policy(promote_after=None, reinit_attempts=0, recheck_every=3)
-    table = guard.HealthTable()
+    table = guard.health.HealthTable()
     with guard.Pool(faulty, probe, processes=1, policy=policy, name="turning", health=table) as p:
         deadline = time.monotonic() + 60
         while p.status()[0].rung == "static":
@@ -670,7 +670,7 @@ def serving_session(probe: probes.Probe) -> guard.GuardedSession:
     """A quiet guarded demo session in this process, in no readiness table but its own."""
     return guard.wrap(
         demo.demo_factory(threads=1), probe, name="in-process",
-        metrics=False, policy=quiet_policy(), health=guard.HealthTable(),
+        metrics=False, policy=quiet_policy(), health=guard.health.HealthTable(),
     )  # fmt: skip
 
 
@@ -970,7 +970,7 @@ def test_close_answers_the_request_in_flight_and_is_bounded_by_a_hung_one(
     closer.join(guard.pool.STOP_SECONDS + 10.0)
     assert not closer.is_alive(), "close() waited for the hung request"
     assert_outputs([answered.result(timeout=30)], references([mel]))
-    with pytest.raises(guard.SessionClosed, match="pool 'closing' is closed"):
+    with pytest.raises(guard.errors.SessionClosed, match="pool 'closing' is closed"):
         hung.result(timeout=30)
     for thread in threads:
         thread.join(30)
@@ -983,7 +983,7 @@ def test_closing_a_pool_keeps_a_newer_pool_of_its_name_ready(
 ) -> None:
     """Two pools of one name in one health table: closing the older leaves the newer's entry."""
     probe = probes.load(demo_paths[1], model=demo_paths[0])
-    table = guard.HealthTable()
+    table = guard.health.HealthTable()
     args = (demo.demo_factory(threads=1), probe)
     kw: dict[str, Any] = {"processes": 1, "policy": quiet_policy(), "name": "twin", "health": table}
     older = guard.Pool(*args, **kw)
@@ -1033,13 +1033,13 @@ def test_a_request_that_raised_then_was_lost_fails_with_both_reasons(
     failures: list[tuple[str, Exception | None]] = [("A raised", first), ("B was lost", None)]
     with p:
         error = p._failed(failures)
-    assert type(error) is guard.WorkerFailed and error.__cause__ is first
+    assert type(error) is guard.errors.WorkerFailed and error.__cause__ is first
     assert (
         str(error)
         == "pool 'twice': the request failed on two workers: first A raised; then B was lost"
     )
     closed = p._failed(failures)
-    assert type(closed) is guard.SessionClosed
+    assert type(closed) is guard.errors.SessionClosed
     assert str(closed) == "pool 'twice' was closed during the request"
 
 

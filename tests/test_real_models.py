@@ -297,7 +297,7 @@ def test_the_dynamic_rung_is_reported_as_what_it_is(
     assert said is static
     logged = [r.getMessage() for r in caplog.records if "loaded static" in r.getMessage()]
     assert bool(logged) is static
-    warned_ignored = [w for w in warned if issubclass(w.category, guard.DynamicIgnoredWarning)]
+    warned_ignored = [w for w in warned if issubclass(w.category, guard.mnn.DynamicIgnoredWarning)]
     assert len(warned_ignored) == int(static)
     if static:
         assert "no real dynamic fallback" in str(warned_ignored[0].message)
@@ -351,7 +351,7 @@ def test_scalar_inputs_round_trip(model: str, converted: dict[str, Path], tmp_pa
     spec = next(s for s in probe.inputs if s.name == scalar)
     assert spec.shape == () and probe.cases[0].inputs[scalar].shape == ()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", guard.DynamicIgnoredWarning)
+        warnings.simplefilter("ignore", guard.mnn.DynamicIgnoredWarning)
         session = guard.wrap(factory, probe, policy=quiet_policy(), metrics=False)
     with session:
         if model == "control_flow":
@@ -546,7 +546,7 @@ def test_a_file_mnn_refuses_names_mnns_reason(tmp_path: Path) -> None:
     bad = tmp_path / "bad.mnn"
     bad.write_bytes(b"not a model at all" * 10)
     with pytest.raises(
-        guard.FactoryError, match="MNN says: Invalidate buffer to create MNN Module"
+        guard.errors.FactoryError, match="MNN says: Invalidate buffer to create MNN Module"
     ):
         mnn.MNNFactory(str(bad), ("x",), ("y",))()
 

@@ -50,14 +50,14 @@ def clean(model: Path, x: Array) -> Array:
 
 
 @pytest.fixture()
-def table() -> guard.HealthTable:
+def table() -> guard.health.HealthTable:
     """A fresh health table."""
-    return guard.HealthTable()
+    return guard.health.HealthTable()
 
 
 @pytest.fixture()
 def replica(
-    demo_paths: tuple[Path, Path], registry: CollectorRegistry, table: guard.HealthTable
+    demo_paths: tuple[Path, Path], registry: CollectorRegistry, table: guard.health.HealthTable
 ) -> Iterator[Replica]:
     """A replica serving the demo vocoder as session "vocoder"."""
     made = Replica(name="vocoder", policy=QUIET, sink=metrics_for(registry), health=table)
@@ -107,7 +107,7 @@ def test_a_degraded_new_model_is_refused_and_the_old_one_serves_on(
     replica: Replica,
     demo_probe: probes.Probe,
     registry: CollectorRegistry,
-    table: guard.HealthTable,
+    table: guard.health.HealthTable,
 ) -> None:
     """A new model whose every init is degraded is refused with the canary's reason; the old
     session serves exact outputs, and its health and gauges never showed the candidate."""
@@ -149,13 +149,13 @@ def test_a_missing_model_is_refused_while_one_serves(replica: Replica, tmp_path:
 def test_a_missing_model_with_nothing_serving_raises_its_own_error(tmp_path: Path) -> None:
     """With no model yet, a config naming a missing file raises the probe's own error."""
     with pytest.raises(probes.ProbeError, match="no such file"):
-        Replica(health=guard.HealthTable()).configure(
+        Replica(health=guard.health.HealthTable()).configure(
             {"model": str(tmp_path / "nowhere.mnn"), "probe": str(demo.DEMO_PROBE)}
         )
 
 
 def test_check_says_why_nothing_serves(
-    demo_probe: probes.Probe, registry: CollectorRegistry, table: guard.HealthTable
+    demo_probe: probes.Probe, registry: CollectorRegistry, table: guard.health.HealthTable
 ) -> None:
     """check(): Unavailable with no model, RecoveryExhausted (with the canary's reason) for a
     first model whose every init failed, Unavailable once closed."""
@@ -181,10 +181,10 @@ ERRORS = [
     (guard.InputMismatch("input 'mel' has 3 dims", input="mel"), 422, "input 'mel' has 3 dims"),
     (guard.Unavailable("no module within 30 s"), 503, "Unavailable: no module within 30 s"),
     (guard.RecoveryExhausted("every rung failed", []), 503, "RecoveryExhausted: every rung"),
-    (guard.SessionClosed("closed"), 503, "SessionClosed: closed"),
-    (guard.WorkerFailed("two workers"), 503, "WorkerFailed: two workers"),
-    (guard.PoisonRequest("killed two"), 503, "PoisonRequest: killed two"),
-    (guard.ForwardFailed("boom"), 503, "ForwardFailed: boom"),
+    (guard.errors.SessionClosed("closed"), 503, "SessionClosed: closed"),
+    (guard.errors.WorkerFailed("two workers"), 503, "WorkerFailed: two workers"),
+    (guard.errors.PoisonRequest("killed two"), 503, "PoisonRequest: killed two"),
+    (guard.errors.ForwardFailed("boom"), 503, "ForwardFailed: boom"),
 ]
 
 
@@ -213,7 +213,7 @@ def test_answer_json(replica: Replica) -> None:
 
 @pytest.mark.slow
 def test_a_pool_replica_serves_and_swaps(
-    demo_paths: tuple[Path, Path], other: tuple[Path, Path], table: guard.HealthTable
+    demo_paths: tuple[Path, Path], other: tuple[Path, Path], table: guard.health.HealthTable
 ) -> None:
     """With PoolBuild the same core runs worker processes: check, arun, a swap to another
     model (ready after it), and a refused config keeping the pool."""

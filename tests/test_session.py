@@ -251,7 +251,7 @@ def test_close_is_idempotent_and_run_after_close_raises(
     s.close()
     s.close()
     assert s.status.closed and not s.status.healthy
-    with pytest.raises(guard.SessionClosed, match="closed"):
+    with pytest.raises(guard.errors.SessionClosed, match="closed"):
         s.run({"mel": mel})
 
 

@@ -179,7 +179,7 @@ def test_a_failed_run_session_returns_no_stale_outputs(converted: dict[str, Path
     )
     with wrap(factory, probe, SESSION_ONLY, name="strided") as session:
         good = session.run({"image": image})["mask"]
-        with pytest.raises(guard.OutputMismatch, match="returned 0 outputs"):
+        with pytest.raises(guard.errors.OutputMismatch, match="returned 0 outputs"):
             session.run({"image": image[..., :50, :50]})
         np.testing.assert_array_equal(session.run({"image": image})["mask"], good)
     runner = factory()
@@ -305,7 +305,7 @@ def test_wrong_names_never_crash_at_any_layer(converted: dict[str, Path]) -> Non
         guard.session_factory(make_demo_session)(dynamic=True)
     with pytest.raises(guard.ConfigError, match="control flow"):
         guard.mnn_session_factory(converted["control_flow"])
-    with pytest.raises(guard.FactoryError, match=r"\(interpreter, session\)"):
+    with pytest.raises(guard.errors.FactoryError, match=r"\(interpreter, session\)"):
         guard.session_factory(lambda: (session, interpreter))()
 
 

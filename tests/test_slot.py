@@ -208,11 +208,11 @@ def test_acquire_says_why_no_slot_was_free() -> None:
     failed = slots_in(SlotState.FAILED, SlotState.FAILED)
     first = RuntimeError("no module")
     failed.all[0].error, failed.all[1].error = first, RuntimeError("none either")
-    with pytest.raises(guard.WorkerFailed, match="the last replacement failed: no module") as lost:
+    with pytest.raises(guard.errors.WorkerFailed, match="the last replacement failed: no module") as lost:
         failed.acquire(None, 60.0)
     assert lost.value.__cause__ is first
     assert failed.close() != [] and failed.close() == []
-    with pytest.raises(guard.SessionClosed, match=r"^pool 'p' is closed$"):
+    with pytest.raises(guard.errors.SessionClosed, match=r"^pool 'p' is closed$"):
         failed.acquire(None, 60.0)
 
 

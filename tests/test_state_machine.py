@@ -313,7 +313,7 @@ def test_every_move_is_one_the_table_allows(demo_probe: probes.Probe) -> None:
     for old, new in itertools.pairwise(states):
         assert new in MOVES[old], f"{old} -> {new}"
     assert listener.of("close") and session.status.state is State.CLOSED
-    with pytest.raises(guard.SessionClosed):
+    with pytest.raises(guard.errors.SessionClosed):
         session.run({"mel": demo.demo_mel(10)})
 
 
