@@ -89,7 +89,7 @@ def nudged(case: Mapping[str, Array], seed: int) -> dict[str, Array]:
     for name, arr in case.items():
         if np.issubdtype(arr.dtype, np.floating):
             signs = rng.choice(np.array([-1.0, 1.0]), size=arr.shape)
-            out[name] = (arr * (1.0 + signs * 2.0**-23)).astype(arr.dtype)
+            out[name] = np.asarray(arr * (1.0 + signs * 2.0**-23), dtype=arr.dtype)
         else:
             out[name] = arr
     return out

@@ -27,6 +27,7 @@ Derive = bool | Mapping[str, int | None]
 with none declared, every input of two or more values), False (no derived canary), or
 {name: axis} (None: the input's last dynamic axis, else its last axis)."""
 SATURATED = 0.99  # a softmax row this confident, or this share of a bounded output at its bounds
+_LENGTH_WORDS = ("len", "count", "num", "size")  # an integer input so named is a length
 
 
 def derive_axes(
@@ -79,17 +80,25 @@ def derived_cases(
     """Candidate second canaries, best first, each with a note saying how it was made."""
     fixed = [n for n in case if n not in axes]
     held = f"; {', '.join(fixed)} held fixed" if fixed else ""
+    shift = {n: case[n].shape[a] // 2 for n, a in axes.items()}
     transforms: list[tuple[str, Callable[[str, Array], Array]]] = [
-        ("rolled by half", lambda n, a: np.roll(a, a.shape[axes[n]] // 2, axis=axes[n])),
-        ("reversed", lambda n, a: np.flip(a, axis=axes[n]).copy()),
-        ("with noise of 10% of its spread", lambda n, a: _noise(a, 1)),
+        (
+            ", ".join(f"{n} by {shift[n]} along axis {a}" for n, a in axes.items()),
+            lambda n, a: np.roll(a, shift[n], axis=axes[n]),
+        ),
+        (
+            ", ".join(f"{n} reversed along axis {a}" for n, a in axes.items()),
+            lambda n, a: np.flip(a, axis=axes[n]).copy(),
+        ),
+        (
+            ", ".join(f"{n} with seeded noise of 10% of its spread" for n in axes),
+            lambda n, a: _noise(a, 1),
+        ),
     ]
     for how, transform in transforms:
         moved = {n: transform(n, a) if n in axes else a for n, a in case.items()}
-        if all(np.array_equal(moved[n], case[n]) for n in case):
-            continue
-        what = ", ".join(f"{n} along axis {a}" for n, a in axes.items())
-        yield moved, f"case 1 is case 0 with {what} {how}{held}"
+        if not all(np.array_equal(moved[n], case[n]) for n in case):
+            yield moved, f"case 1 is case 0 with {how}{held}"
 
 
 def _saturated(name: str, out: Array) -> str | None:
@@ -126,7 +135,8 @@ def degenerate(
     lengths near zero (one sentence each; empty when it looks sound)."""
     found: list[str] = []
     for name, arr in inputs[0].items():
-        if np.issubdtype(arr.dtype, np.integer) and 0 < arr.size <= 4 and int(arr.max()) <= 1:
+        counts = any(word in name.lower() for word in _LENGTH_WORDS)
+        if counts and np.issubdtype(arr.dtype, np.integer) and 0 < arr.size <= 4 and arr.max() <= 1:
             found.append(
                 f"input {name!r} is {arr.tolist()}: a length or count near zero gives a "
                 "degenerate canary; record with realistic values"
@@ -135,7 +145,7 @@ def degenerate(
         for name, out in outs.items():
             if out.size == 0:
                 found.append(f"output {name!r} of case {case} is empty")
-            elif np.ptp(out) == 0:
+            elif out.size > 1 and np.ptp(out) == 0:
                 value = out.reshape(-1)[0].item()
                 word = "silent" if value == 0 else f"constant ({value!r})"
                 found.append(

@@ -2,16 +2,17 @@
 
 A calibrated probe holds a module to what clean inits computed where the probe was recorded
 (the "tight" limits). On another machine a clean module may compute slightly differently
-(other SIMD kernels, thread counts, an MNN upgrade). So an output that fails the tight limits
+(other SIMD kernels, thread counts, an MNN upgrade): an output that fails the tight limits
 against the stored golden but passes the loose ones is judged again, tightly, against a
 reference module built here from the probe's reference configuration (for example
-`dynamic=True`), whose outputs are computed once per session and kept:
+`dynamic=True`), whose outputs are computed once per session and kept. It must then pass the
+tight limits against the reference and the loose ones against the golden (basis LOCAL).
 
-- the reference agrees with the stored golden within the loose limits: the module must pass
-  the tight limits against the reference and the loose ones against the golden (basis LOCAL);
-- it does not: the guard cannot tell whether the probe is stale for this machine or the
-  reference is degraded. It says so (basis DISPUTED, in status, logs and metrics) and judges
-  against a reference that two fresh inits agree on, rather than failing every rung.
+When every rung fails and every init of every rung computed the same outputs, outputs that
+are no silence or noise (above 0 dB against the goldens) yet beyond the loose limits, the
+guard cannot tell whether the probe is stale for this machine or every init is degraded the
+same way. It says so (basis DISPUTED, in status, logs and metrics) and judges against what
+they agree on, rather than taking a fleet down on a new machine.
 
 Where the stored golden passes, nothing else runs (basis GOLDEN).
 """
@@ -24,16 +25,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from numpy.typing import NDArray
 
 from guard import mnn
 from guard.ladder import Basis
 from probes import Probe, Verdict
+from probes.measures import snr_db
 
 __all__ = ["Agreement", "Basis", "Judgement", "Reference"]
 
 Array = NDArray[Any]
 Outputs = Mapping[str, Array]
+
+
+MAX_BUILDS = 3  # reference inits tried per session before judging by the goldens alone
 
 
 class Agreement(enum.StrEnum):
@@ -68,7 +74,14 @@ class Judgement:
         self._overrides = dict(probe.meta.reference if reference is None else reference)
         self._lock = threading.Lock()
         self._reference: Reference | None = None
+        self._builds = 0  # reference inits tried (a degraded one is dropped, up to MAX_BUILDS)
         self._unavailable: str | None = None  # why no reference can be built (then: goldens only)
+        self._disputed: tuple[dict[str, Array], ...] | None = None
+
+    @property
+    def disputed(self) -> bool:
+        """True once the session judges against outputs its every init agreed on."""
+        return self._disputed is not None
 
     def judge(
         self, outputs: Sequence[Array], case: int, *, retry_margin_db: float = 0.0
@@ -78,26 +91,42 @@ class Judgement:
         verdict = probe.judge(outputs, case, retry_margin_db=retry_margin_db)
         if verdict.passed or probe.calibration is None or len(outputs) != len(probe.outputs):
             return verdict, Basis.GOLDEN
+        named = dict(zip(probe.output_names, outputs, strict=True))
+        if self._disputed is not None:
+            local = probe.judge(
+                named, case, goldens=self._disputed[case], retry_margin_db=retry_margin_db
+            )
+            return _relabel(local, "against what every init here agreed on"), Basis.DISPUTED
+        if not probe.judge(named, case, tier="loose").passed:
+            return verdict, Basis.GOLDEN  # a gross fault: no machine computes that differently
         reference = self.reference()
         if reference is None or reference.agreement[case] is Agreement.TIGHT:
             return verdict, Basis.GOLDEN  # this machine computes the goldens: a real fault
-        named = dict(zip(probe.output_names, outputs, strict=True))
         local = probe.judge(
             named, case, goldens=reference.outputs[case], retry_margin_db=retry_margin_db
         )
-        if reference.agreement[case] is Agreement.NONE:
-            return _relabel(local, "against the local reference"), Basis.DISPUTED
         return _both(local, probe.judge(named, case, tier="loose")), Basis.LOCAL
 
     def reference(self) -> Reference | None:
-        """The reference's outputs for every case, built once (None when it cannot be built)."""
+        """The reference's outputs for every case, built when first needed (None when no
+        usable one can be built: an init beyond the loose limits is dropped and built again)."""
         with self._lock:
-            if self._reference is not None or self._unavailable is not None:
-                return self._reference
-            try:
-                self._reference = self._build()
-            except Exception as exc:  # the reference config fails here: judge by the goldens
-                self._unavailable = f"the reference {self._overrides} could not be built: {exc!r}"
+            while self._reference is None and self._unavailable is None:
+                self._builds += 1
+                try:
+                    first = self._run_once()
+                except Exception as exc:  # the reference config fails here: goldens only
+                    self._unavailable = f"the reference {self._overrides} failed: {exc!r}"
+                    break
+                agreement = tuple(self._agreement(out, k) for k, out in enumerate(first))
+                if Agreement.NONE not in agreement:
+                    note = f"reference {self._overrides}, init {self._builds}"
+                    self._reference = Reference(first, agreement, note)
+                elif self._builds >= MAX_BUILDS:
+                    self._unavailable = (
+                        f"{MAX_BUILDS} inits of the reference {self._overrides} were all beyond "
+                        "the loose limits of the goldens"
+                    )
             return self._reference
 
     @property
@@ -105,31 +134,48 @@ class Judgement:
         """Why no local reference could be built, if one was tried and failed."""
         return self._unavailable
 
+    def dispute(self, failed: Sequence[Mapping[int, Mapping[str, Array]]]) -> str | None:
+        """After every rung failed: when the failed inits (two or more) all computed the same
+        outputs for every case, outputs above 0 dB against the goldens and not constant, judge
+        against those from now on (DISPUTED) and say why; else None (the ladder is exhausted)."""
+        probe = self.probe
+        cases = range(len(probe.cases))
+        complete = [f for f in failed if all(k in f for k in cases)]
+        if probe.calibration is None or self._disputed is not None or len(complete) < 2:
+            return None
+        if len(complete) != len(failed):
+            return None  # an init that raised or returned nothing is no agreement
+        first = complete[0]
+        for other in complete[1:]:
+            if not all(probe.judge(other[k], k, goldens=first[k]).passed for k in cases):
+                return None  # inits that differ: degraded ones, as the guard exists to catch
+        for k in cases:
+            for name in probe.output_names:
+                out, golden = first[k][name], probe.cases[k].outputs[name]
+                if out.shape != golden.shape or np.ptp(out) == 0 or not snr_db(golden, out) > 0:
+                    return None  # silence, a constant or noise: broken, not another machine
+        self._disputed = tuple(dict(first[k]) for k in cases)
+        worst = min(
+            snr_db(probe.cases[k].outputs[n], first[k][n])
+            for k in cases
+            for n in probe.output_names
+        )
+        return (
+            f"all {len(complete)} inits computed the same outputs, {worst:.1f} dB from the "
+            "probe's goldens (beyond their loose limits): the probe may be stale for this "
+            "machine or MNN, or every init is degraded the same way; the guard cannot tell, "
+            "and judges against what the inits agree on (basis disputed)"
+        )
+
     def _agreement(self, outputs: Outputs, case: int) -> Agreement:
         if self.probe.judge(outputs, case).passed:
             return Agreement.TIGHT
         return Agreement.LOOSE if self.probe.judge(outputs, case, tier="loose") else Agreement.NONE
 
-    def _build(self) -> Reference:
-        if self._factory is None:
-            raise RuntimeError("no factory to build a reference with")
-        first = self._run_once()
-        agreement = tuple(self._agreement(out, k) for k, out in enumerate(first))
-        if Agreement.NONE not in agreement:
-            return Reference(first, agreement, f"reference {self._overrides}, one init")
-        # the goldens are in dispute: trust a reference only when a second fresh init agrees
-        second = self._run_once()
-        for k, (a, b) in enumerate(zip(first, second, strict=True)):
-            if not self.probe.judge(b, k, goldens=a).passed:
-                raise RuntimeError(
-                    f"two inits of the reference {self._overrides} disagree on case {k}; "
-                    "nothing here computes a stable answer"
-                )
-        return Reference(first, agreement, f"reference {self._overrides}, two inits that agree")
-
     def _run_once(self) -> tuple[dict[str, Array], ...]:
         """One fresh reference init and one forward per case."""
-        assert self._factory is not None
+        if self._factory is None:
+            raise RuntimeError("no factory to build a reference with")
         probe = self.probe
         loaded, _ = mnn.load(self._factory, self._overrides)
         runner = mnn.adapt(loaded, probe.input_names, probe.output_names)

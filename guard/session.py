@@ -317,17 +317,23 @@ class GuardedSession:
         attempts: list[Attempt] = []
         previous = self._rung_index
         try:
-            for index in range(start, len(self.policy.ladder)):
-                for _ in range(1 + self.policy.reinit_attempts):
-                    if attempts or announce_first:
-                        self._announce(_action(previous, index), previous, index)
-                    previous = index
-                    retry = any(a.rung_index == index for a in attempts)
-                    runner, attempt = self._attempt(index, retry=retry)
-                    attempts.append(attempt)
-                    if runner is not None:
-                        self._install(runner, index, tuple(attempts))
-                        return True
+            for walk in range(2):  # a second walk only when the goldens are in dispute
+                for index in range(start, len(self.policy.ladder)):
+                    for _ in range(1 + self.policy.reinit_attempts):
+                        if attempts or announce_first:
+                            self._announce(_action(previous, index), previous, index)
+                        previous = index
+                        retry = any(a.rung_index == index for a in attempts)
+                        runner, attempt = self._attempt(index, retry=retry)
+                        attempts.append(attempt)
+                        if runner is not None:
+                            self._install(runner, index, tuple(attempts))
+                            return True
+                why = None if walk else self._judgement.dispute([a.outputs for a in attempts])
+                if why is None:
+                    break
+                log.warning("session %s: %s", self.name, why)
+                previous = start  # the walk starts over: a re-init, not a promotion
         except BaseException as exc:
             why = f"recovery was interrupted by {type(exc).__name__}: {exc}"
             self._fail(tuple(attempts), why, cause=exc)

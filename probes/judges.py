@@ -176,6 +176,7 @@ _builtin("top1", argmax_agreement, True, "")  # the share of rows whose argmax a
 
 REPORTED = ("snr_db", "cosine", "max_abs", "lsd_db")
 """The measures every output's score holds, judged or not (the rest only when limited)."""
+_ORDER = {name: rank for rank, name in enumerate(REPORTED)}
 
 
 def _factory(name: str) -> Callable[[float], Callable[[Array, Array], Check]]:
@@ -252,7 +253,8 @@ def judge_output(
         actual = golden  # the measures know the values of one finite array against itself
     checks = [fin]
     values: dict[str, float | None] = {}
-    for judge_name, limit in limits.items():
+    ordered = sorted(limits.items(), key=lambda kv: _ORDER.get(kv[0], len(_ORDER)))
+    for judge_name, limit in ordered:  # the reported measures first, SNR leading
         check = get_judge(judge_name).check(golden, actual, limit)
         checks.append(check)
         values[judge_name] = check.value

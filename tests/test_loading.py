@@ -84,5 +84,6 @@ def test_a_load_method_that_returns_something_else_is_a_factory_error() -> None:
         def load(self, **overrides: Any) -> Any:
             return "module"
 
-    with pytest.raises(guard.errors.FactoryError, match=r"Odd.load\(\*\*overrides\) returned a str"):
+    returned = r"Odd.load\(\*\*overrides\) returned a str"
+    with pytest.raises(guard.errors.FactoryError, match=returned):
         mnn.load(Odd(), {})

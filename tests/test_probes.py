@@ -97,7 +97,7 @@ def _set(key: str, value: Any) -> Callable[[Manifest], None]:
 
 MANIFEST_DAMAGE: list[tuple[str, Callable[[Manifest], None], str]] = [
     ("wrong schema version", _set("schema_version", 99), "schema version 99 is not supported"),
-    ("missing key", _drop("thresholds"), "missing keys ['thresholds']"),
+    ("missing key", _drop("limits"), "missing keys ['limits']"),
     ("extra key", _set("colour", "red"), "unknown keys ['colour']"),
     (
         "not a probe",
@@ -122,18 +122,18 @@ MANIFEST_DAMAGE: list[tuple[str, Callable[[Manifest], None], str]] = [
     ),
     (
         "bad threshold",
-        lambda m: m["thresholds"].__setitem__("min_snr_db", "high"),
-        "must be a finite number",
+        lambda m: m["limits"].__setitem__("snr_db", "high"),
+        "the limit of judge 'snr_db' must be a finite number, got 'high'",
     ),
     (
-        "threshold key missing",
-        lambda m: m["thresholds"].pop("min_cosine"),
-        "thresholds need exactly",
+        "unknown judge",
+        lambda m: m["limits"].__setitem__("top5", 1.0),
+        "no judge named 'top5' is registered in this process",
     ),
     (
         "bad dimension",
         lambda m: m["inputs"][0].__setitem__("shape", [1, 80, [9, 2]]),
-        "bad dimension",
+        "bad range 9..2",
     ),
     (
         "input name mismatch",
@@ -412,7 +412,7 @@ def raw_manifest(change: Callable[[Manifest], None], raw: str = "") -> Callable[
 
 
 def _threshold(value: Any) -> Callable[[Manifest], None]:
-    return lambda m: m["thresholds"].__setitem__("min_snr_db", value)
+    return lambda m: m["limits"].__setitem__("snr_db", value)
 
 
 def _runs(value: Any) -> Callable[[Manifest], None]:
@@ -441,7 +441,7 @@ HOSTILE_MANIFESTS: list[tuple[str, Callable[[Path], None], str]] = [
     (
         "boolean threshold",
         raw_manifest(_threshold(True)),
-        "threshold min_snr_db must be a finite number, got True",
+        "the limit of judge 'snr_db' must be a finite number, got True",
     ),
     (
         "threshold 1e400 written as an integer",
@@ -474,7 +474,7 @@ HOSTILE_MANIFESTS: list[tuple[str, Callable[[Path], None], str]] = [
     (
         "dynamic range to 2**40",
         raw_manifest(_input_dim([1, 2**40])),
-        "bad dimension [1, 1099511627776] (expected an int in 0..2147483647",
+        "bad range 1..1099511627776 (expected ints in 0..2147483647",
     ),
     ("boolean dimension", raw_manifest(_input_dim(True)), "bad dimension True"),
     (
@@ -528,17 +528,10 @@ HOSTILE_MANIFESTS: list[tuple[str, Callable[[Path], None], str]] = [
         raw_manifest(
             _set(
                 "per_output",
-                {
-                    "wav": {
-                        "min_snr_db": 40.0,
-                        "min_cosine": False,
-                        "max_lsd_db": None,
-                        "max_abs": None,
-                    }
-                },
+                {"wav": {"snr_db": 40.0, "cosine": False}},
             )
         ),
-        "threshold min_cosine must be a finite number or None, got False",
+        "the limit of judge 'cosine' must be a finite number, got False",
     ),
     (
         "1.2 GB declared",

@@ -395,9 +395,16 @@ def test_derive_chooses_inputs_and_axes(converted: dict[str, Path]) -> None:
     )
     none = probes.record(roles_factory(converted), inputs, derive=False)
     assert len(none.cases) == 1 and "derive=False" in none.meta.notes[0]
-    undeclared = probes.record(roles_factory(converted), inputs)
-    assert len(undeclared.cases) == 1
-    assert "no input has a declared dynamic axis" in undeclared.meta.notes[0]
+    fixed = probes.record(roles_factory(converted), inputs)  # no dynamic axis declared
+    assert len(fixed.cases) == 2, fixed.meta.notes
+    moved = fixed.cases[1].inputs
+    for name in ("x", "scales", "state"):  # every input of 2+ values, along its last axis > 1
+        axis = max(a for a, size in enumerate(inputs[name].shape) if size > 1)
+        assert np.array_equal(
+            moved[name], np.roll(inputs[name], inputs[name].shape[axis] // 2, axis)
+        )
+    assert np.array_equal(moved["gain"], inputs["gain"])
+    assert fixed.meta.notes[0].endswith("; gain held fixed")
 
 
 @pytest.mark.hostile

@@ -208,7 +208,8 @@ def test_acquire_says_why_no_slot_was_free() -> None:
     failed = slots_in(SlotState.FAILED, SlotState.FAILED)
     first = RuntimeError("no module")
     failed.all[0].error, failed.all[1].error = first, RuntimeError("none either")
-    with pytest.raises(guard.errors.WorkerFailed, match="the last replacement failed: no module") as lost:
+    said = "the last replacement failed: no module"
+    with pytest.raises(guard.errors.WorkerFailed, match=said) as lost:
         failed.acquire(None, 60.0)
     assert lost.value.__cause__ is first
     assert failed.close() != [] and failed.close() == []
