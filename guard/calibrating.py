@@ -267,7 +267,8 @@ def _without_outliers(
 
 
 def _text(config: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in config.items()) or "the factory's own configuration"
+    shown = {k: v for k, v in config.items() if k != "outputs"}  # sentinels: not a config
+    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "the factory's own configuration"
 
 
 def _provenance(factory: Callable[..., Any]) -> dict[str, str]:

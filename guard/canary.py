@@ -12,6 +12,7 @@ from numpy.typing import NDArray
 
 from guard.judgement import Basis, Judgement
 from guard.mnn import Runner, adapt, load
+from guard.sentinels import loading
 from probes import Probe, Verdict
 
 __all__ = ["Canary", "init_and_check", "run_canary"]
@@ -45,7 +46,7 @@ def init_and_check(
     What MNN printed while loading is in the canary's notes; if the canary raises, the same
     lines are attached to the exception (`add_note`).
     """
-    module, report = load(factory, overrides)
+    module, report = load(factory, loading(probe, overrides))
     runner = adapt(module, probe.input_names, probe.output_names)
     try:
         canary = run_canary(
@@ -55,8 +56,8 @@ def init_and_check(
         for note in report.notes:
             exc.add_note(f"MNN while loading: {note}")
         raise
-    loading = (f"MNN while loading: {note}" for note in report.notes)
-    notes = tuple(dict.fromkeys((*loading, *canary.notes)))
+    said = (f"MNN while loading: {note}" for note in report.notes)
+    notes = tuple(dict.fromkeys((*said, *canary.notes)))
     return runner, replace(canary, notes=notes, turned_static=report.turned_static)
 
 

@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 
 from guard import mnn
 from guard.ladder import Basis
+from guard.sentinels import loading
 from probes import Probe, Verdict
 from probes.measures import snr_db
 
@@ -177,7 +178,7 @@ class Judgement:
         if self._factory is None:
             raise RuntimeError("no factory to build a reference with")
         probe = self.probe
-        loaded, _ = mnn.load(self._factory, self._overrides)
+        loaded, _ = mnn.load(self._factory, loading(probe, self._overrides))
         runner = mnn.adapt(loaded, probe.input_names, probe.output_names)
         results = []
         for case in probe.cases:

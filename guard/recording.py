@@ -16,6 +16,7 @@ from guard.calibrating import calibrate
 from guard.canaries import Derive, degenerate, derive_axes, derived_cases
 from guard.errors import ConfigError, InputMismatch
 from guard.inputs import check_input
+from guard.sentinels import auto_sentinels
 from probes.calibration import MARGIN_DB, Calibration
 from probes.errors import CanaryWarning, ProbeError
 from probes.limits import DEFAULT_LIMITS, Limits
@@ -206,6 +207,31 @@ def _with_derived(
     ]
 
 
+def _sentinels(
+    factory: Callable[..., Any], chosen: str | Sequence[str] | None, outputs: Sequence[str]
+) -> list[str]:
+    """The sentinel tensors to record: none, the ones named, or those `auto` finds."""
+    if chosen is None or (not isinstance(chosen, str) and not chosen):
+        return []
+    path = getattr(factory, "path", None)
+    if getattr(factory, "outputs", None) is None or not outputs:
+        raise ProbeError(
+            "sentinels need a factory that names its outputs and can load more "
+            "(guard.mnn_factory or guard.mnn_session_factory)"
+        )
+    if chosen == "auto":
+        if not isinstance(path, (str, os.PathLike)):
+            raise ProbeError("sentinels='auto' needs a factory with a model path to read")
+        return auto_sentinels(path, outputs)
+    if isinstance(chosen, str):
+        raise ProbeError(f"sentinels must be 'auto' or a list of tensor names, got {chosen!r}")
+    names = list(dict.fromkeys(chosen))
+    clash = sorted(set(names) & set(outputs))
+    if clash or not all(isinstance(n, str) and n for n in names):
+        raise ProbeError(f"sentinels must be tensor names other than the outputs, got {names}")
+    return names
+
+
 def _explicit(
     out_names: Sequence[str],
     thresholds: Mapping[str, float] | None,
@@ -250,6 +276,7 @@ def record(
     processes: int = 2,
     configurations: Sequence[Mapping[str, Any]] = ({},),
     margin_db: float = MARGIN_DB,
+    sentinels: str | Sequence[str] | None = None,
 ) -> Probe:
     """Record a probe: goldens from `factory(**reference)` in `runs` fresh inits that agree,
     then a calibration of how much clean inits differ.
@@ -267,6 +294,11 @@ def record(
     set (`thresholds`, `per_output`) keep yours. `calibrate_inits=0` records no calibration
     (the probe then judges by its set or default limits only).
 
+    `sentinels` ("auto", or tensor names) adds intermediate tensors to what every canary
+    judges, on the very module that serves, without handing them out: "auto" picks the tensor
+    each squashing op (softmax, sigmoid, tanh) reads before an output (`guard.sentinels`). A
+    saturated output hides weight faults; the tensor before it does not.
+
     >>> probe = record(factory, {"mel": mel}, reference={"dynamic": True})  # doctest: +SKIP
     """
     reference = {"dynamic": True} if reference is None else dict(reference)
@@ -283,7 +315,12 @@ def record(
     names, cases = _canary_cases(factory, inputs)
     signature = _signature(names, cases[0], dynamic or {})
     declared = list(output_names or getattr(factory, "outputs", None) or [])
-    notes = _with_derived(factory, reference, cases, derive, dynamic or {}, names, declared)
+    watched = _sentinels(factory, sentinels, declared)
+    load = {"outputs": tuple(declared + watched)} if watched else {}  # sentinels after outputs
+    loading = {**reference, **load}
+    notes = _with_derived(factory, loading, cases, derive, dynamic or {}, names, declared)
+    if watched:
+        notes.append(f"sentinels {watched} are judged with the outputs, never served")
     for i, case in enumerate(cases):
         for spec in signature:
             if not spec.accepts(case[spec.name].shape) or str(case[spec.name].dtype) != spec.dtype:
@@ -291,9 +328,9 @@ def record(
                     f"canary {i}: input {spec.name!r} does not fit the signature of canary 0"
                 )
     goldens, static, reported = _run_reference(
-        factory, reference, cases, names, runs, agreement_db, declared or None
+        factory, loading, cases, names, runs, agreement_db, (declared + watched) or None
     )
-    out_names = declared or list(reported)
+    out_names = (declared + watched) or list(reported)
     if not out_names:
         out_names = [f"output{k}" for k in range(len(goldens[0]))]
     if any(len(g) != len(out_names) for g in goldens):
@@ -313,12 +350,12 @@ def record(
     if calibrate_inits:
         measured = calibrate(
             factory,
-            reference,
+            loading,
             cases,
             goldens,
             names,
             out_names,
-            configurations=configurations,
+            configurations=[{**c, **load} for c in configurations],
             inits=calibrate_inits,
             processes=processes,
             margin_db=margin_db,
@@ -344,7 +381,7 @@ def record(
         cases=tuple(Case(inputs=c, outputs=n) for c, n in zip(cases, named, strict=True)),
         inputs=signature,
         outputs=tuple(
-            OutputSpec(name=n, dtype=str(a.dtype), shape=tuple(a.shape))
+            OutputSpec(name=n, dtype=str(a.dtype), shape=tuple(a.shape), sentinel=n in watched)
             for n, a in zip(out_names, goldens[0], strict=True)
         ),
         thresholds=loose,

@@ -109,6 +109,16 @@ def _forward_failed(name: str, exc: Exception) -> GuardError:
     return error
 
 
+def _served(runner: mnn.Runner, arrays: list[Array], count: int) -> list[Array]:
+    """The first `count` outputs (the served ones: a probe's sentinels come after them),
+    copied out of MNN alone when the runner can (`serve`)."""
+    serve = getattr(runner, "serve", None)
+    if callable(serve):
+        served: list[Array] = serve(arrays, count)
+        return served
+    return runner.run(arrays)[:count]
+
+
 def _fresh(recorded: RecoveryExhausted) -> RecoveryExhausted:
     """A new error equal to the recorded one: raising it never grows the recorded traceback."""
     error = RecoveryExhausted(str(recorded), recorded.attempts)
@@ -176,7 +186,8 @@ class GuardedSession:
             x for x in self._listeners if type(x).on_run is not Listener.on_run
         )
         self._clock = clock
-        self._output_names = probe.output_names
+        self._output_names = probe.served_names
+        self._sentinels = bool(probe.sentinel_names)  # loaded after the served outputs
         self._check_inputs = InputChecker(probe.inputs, check_finite=policy.check_finite_inputs)
         self._judgement = Judgement(probe, factory)  # a local reference, built when needed
         self._recheck_calls = policy.recheck_calls
@@ -398,7 +409,10 @@ class GuardedSession:
             if refused is None:
                 assert live is not None
                 try:
-                    outputs = live.run(arrays)
+                    if self._sentinels:
+                        outputs = _served(live, arrays, len(self._output_names))
+                    else:
+                        outputs = live.run(arrays)
                 except Exception as exc:
                     refused = (Call.ERROR, _forward_failed(self.name, exc))
                 else:

@@ -14,6 +14,7 @@ from guard.health import HealthListener, HealthTable
 from guard.ladder import Policy, Rung
 from guard.listeners import Listener, LoggingListener
 from guard.metrics import Buckets, PrometheusListener
+from guard.sentinels import check_factory
 from guard.session import Factory, GuardedSession
 from guard.version import __version__
 from probes import Probe, ProbeError
@@ -33,14 +34,17 @@ def check_probe(factory: Factory, probe: Probe, *, model_hash: bool = True) -> N
         )
     if model_hash:
         check_model(probe, getattr(factory, "path", None))
-    for kind, names in (("inputs", probe.input_names), ("outputs", probe.output_names)):
+    for kind, names in (("inputs", probe.input_names), ("outputs", probe.served_names)):
         declared = getattr(factory, kind, None)
+        if kind == "outputs" and declared is not None and list(declared) == probe.output_names:
+            continue  # a factory that loads the sentinels itself
         if declared is not None and sorted(declared) != sorted(names):
             raise ProbeError(
                 f"the probe's {kind} {names} do not match the model's {list(declared)}; "
                 "re-record the probe for this model"
             )
     check_mnn_version(probe, mnn.mnn_version())
+    check_factory(factory, probe)
 
 
 def ignored_rungs(factory: Factory, ladder: Sequence[Rung]) -> list[Rung]:

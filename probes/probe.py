@@ -154,6 +154,12 @@ class Probe:
             raise ProbeError("a probe needs at least one canary case")
         in_names = [s.name for s in self.inputs]
         out_names = [s.name for s in self.outputs]
+        flags = [s.sentinel for s in self.outputs]
+        if not flags or flags[0] or flags != sorted(flags):
+            raise ProbeError(
+                f"outputs {out_names}: the served outputs come first, then the sentinels, and "
+                "at least one output is served"
+            )
         unknown = sorted(set(self.per_output) - set(out_names))
         if unknown:
             raise ProbeError(
@@ -200,8 +206,18 @@ class Probe:
 
     @property
     def output_names(self) -> list[str]:
-        """Output names in the model's order."""
+        """Every output the probe judges, in load order: the served ones, then the sentinels."""
         return [s.name for s in self.outputs]
+
+    @property
+    def served_names(self) -> list[str]:
+        """The outputs a session hands to callers (every one but the sentinels)."""
+        return [s.name for s in self.outputs if not s.sentinel]
+
+    @property
+    def sentinel_names(self) -> list[str]:
+        """The intermediate tensors judged on the serving module but never handed out."""
+        return [s.name for s in self.outputs if s.sentinel]
 
     def thresholds_for(self, output: str) -> Limits:
         """The limits that apply to one output, by judge name."""

@@ -123,24 +123,35 @@ class InputSpec:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutputSpec:
-    """One model output: name, dtype and the shape recorded for the first canary case."""
+    """One output the probe judges: name, dtype, the shape recorded for the first canary case,
+    and whether it is a sentinel (an intermediate tensor judged on the serving module, never
+    handed to callers)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
+    sentinel: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        """Manifest form."""
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        """Manifest form (the sentinel key only when it is one, as schema 1 had none)."""
+        raw: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.sentinel:
+            raw["sentinel"] = True
+        return raw
 
     @classmethod
     def from_json(cls, raw: Any) -> OutputSpec:
         """Parse and validate the manifest form."""
-        name, dtype = _name_dtype(raw, "output")
+        sentinel = raw.get("sentinel", False) if isinstance(raw, Mapping) else False
+        if sentinel is not True and sentinel is not False:
+            raise ProbeError(f"an output's 'sentinel' must be true or false, got {brief(sentinel)}")
+        plain = {k: v for k, v in raw.items() if k != "sentinel"} if sentinel else raw
+        name, dtype = _name_dtype(plain, "output")
         dims = _dims_from_json(raw["shape"], f"output {name!r}")
         if any(isinstance(d, tuple) for d in dims):
             raise ProbeError(f"output {name!r}: shape must be fixed integers, got {list(dims)}")
-        return cls(name=name, dtype=dtype, shape=tuple(int(d) for d in dims if isinstance(d, int)))
+        shape = tuple(int(d) for d in dims if isinstance(d, int))
+        return cls(name=name, dtype=dtype, shape=shape, sentinel=sentinel)
 
 
 def check_dtype(dtype: Any, what: str) -> str:

@@ -132,6 +132,43 @@ def strided(stride: int = 32) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=OPSET)
 
 
+def classifier(confidence: float = 6.0, seed: int = 0) -> onnx.ModelProto:
+    """A small image classifier: `image` [1, 3, 16, 16] -> three 3x3 convolutions (ReLU), global
+    average pooling, a linear layer to `logits` [1, 2], and `prob` = softmax(logits).
+    `confidence` scales the linear layer: at 6 the canary's softmax is saturated (one class
+    above 0.99), so its output barely moves when a weight does."""
+    rng = np.random.default_rng(seed)
+    image = _value("image", TensorProto.FLOAT, [1, 3, 16, 16])
+    nodes, initializers, last, channels = [], [], "image", 3
+    for k, out in enumerate((8, 8, 8)):
+        w = rng.standard_normal((out, channels, 3, 3)) / np.sqrt(channels * 9)
+        initializers += [
+            _const(f"w{k}", w.astype(np.float32)),
+            _const(f"b{k}", 0.1 * rng.standard_normal(out).astype(np.float32)),
+        ]
+        nodes += [
+            helper.make_node("Conv", [last, f"w{k}", f"b{k}"], [f"conv{k}"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", [f"conv{k}"], [f"act{k}"]),
+        ]
+        last, channels = f"act{k}", out
+    fc = rng.standard_normal((channels, 2)) * confidence
+    initializers += [
+        _const("fc", fc.astype(np.float32)),
+        _const("fc_b", np.array([1.0, -1.0], np.float32)),
+    ]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [last], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "fc"], ["mm"]),
+        helper.make_node("Add", ["mm", "fc_b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["prob"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "classifier", [image], [_value("prob", TensorProto.FLOAT, [1, 2])], initializers
+    )
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
 def empty_tensors() -> onnx.ModelProto:
     """`y = tanh(concat(x, x[:, 2:2], nothing))` for `x` [1, 4]: a computed tensor `empty` and
     a constant `nothing`, both [1, 0] (MNN's Var.read() raises SystemError on such tensors)."""
@@ -231,6 +268,7 @@ BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
     "stride32": strided,
     "stride64": lambda: strided(64),
     "empty_tensors": empty_tensors,
+    "classifier": classifier,
 }
 
 

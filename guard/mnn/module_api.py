@@ -22,7 +22,14 @@ from guard.mnn.native import (
     nn,
     note_load,
 )
-from guard.mnn.options import canonical, check_module, merge, module_kwargs, refuse_fallback
+from guard.mnn.options import (
+    canonical,
+    check_module,
+    loaded_outputs,
+    merge,
+    module_kwargs,
+    refuse_fallback,
+)
 
 __all__ = ["MNNFactory", "VarModule", "mnn_factory", "to_numpy", "to_var"]
 
@@ -46,15 +53,16 @@ class MNNFactory(Loader):
         backend MNN does not have (it would quietly run on the CPU) is a ConfigError.
         """
         check_not_forked()
+        rest, outputs = loaded_outputs(overrides, self.outputs)
         if not os.path.isfile(self.path):
             raise FactoryError(f"model file {self.path!r} does not exist")
-        check_names(self.path, self.inputs, self.outputs)
-        options = merge(canonical(self.load_kwargs, _WHAT), canonical(overrides, _WHAT))
+        check_names(self.path, self.inputs, outputs)
+        options = merge(canonical(self.load_kwargs, _WHAT), canonical(rest, _WHAT))
         kwargs = module_kwargs(options)
         with captured_output() as lines:
             try:
                 module = nn.load_module_from_file(
-                    self.path, list(self.inputs), list(self.outputs), **kwargs
+                    self.path, list(self.inputs), list(outputs), **kwargs
                 )
             except SystemError:  # MNN's answer to a file or name it cannot load
                 module = None
@@ -63,7 +71,7 @@ class MNNFactory(Loader):
             said = f"; MNN says: {' | '.join(lines)}" if lines else ""
             error = FactoryError(
                 f"MNN could not load {self.path!r} with inputs {list(self.inputs)} and outputs "
-                f"{list(self.outputs)} (corrupt or not an .mnn file?){said}"
+                f"{list(outputs)} (corrupt or not an .mnn file?){said}"
             )
             for line in lines:
                 error.add_note(f"MNN while loading: {line}")
@@ -142,6 +150,17 @@ class VarModule:
         if not isinstance(result, (list, tuple)):
             result = [result]
         return [to_numpy(v) for v in result]
+
+    def serve(self, arrays: Sequence[NDArray[Any]], count: int) -> list[NDArray[Any]]:
+        """Forward and copy out only the first `count` outputs (a probe's sentinels, loaded
+        after the served outputs, are left in MNN); all of them when fewer came back."""
+        check_not_forked()
+        result = self.module.forward([to_var(a) for a in arrays])
+        if result is None:
+            return []
+        if not isinstance(result, (list, tuple)):
+            result = [result]
+        return [to_numpy(v) for v in (result[:count] if len(result) > count else result)]
 
     def diagnose(self, arrays: Sequence[NDArray[Any]]) -> tuple[str, ...]:
         """Run one forward again and return what MNN prints (why it returned no outputs)."""

@@ -11,7 +11,7 @@ keys and values it does not know; here each is a ConfigError.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from guard.errors import ConfigError
@@ -285,3 +285,17 @@ def refuse_fallback(lines: list[str], backend: str | None, path: str) -> None:
             f"{said!r}) and would quietly run on the CPU; use backend='CPU' or an MNN built "
             "with that backend"
         )
+
+
+def loaded_outputs(
+    overrides: Mapping[str, Any], own: Sequence[str]
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The overrides without `outputs`, and the outputs to load: the factory's own, or those
+    `outputs` names (the guard loads a probe's sentinels, intermediate tensors, after them)."""
+    rest = dict(overrides)
+    outputs = rest.pop("outputs", None)
+    if outputs is None:
+        return rest, tuple(own)
+    if isinstance(outputs, str) or not all(isinstance(n, str) and n for n in outputs):
+        raise ConfigError(f"outputs must be a list of tensor names, got {outputs!r}")
+    return rest, tuple(outputs)

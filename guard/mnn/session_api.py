@@ -32,6 +32,7 @@ from guard.mnn.native import (
 )
 from guard.mnn.options import (
     canonical,
+    loaded_outputs,
     merge,
     refuse_fallback,
     session_config,
@@ -171,6 +172,11 @@ class SessionModule:
 
     def run(self, arrays: Sequence[NDArray[Any]]) -> list[NDArray[Any]]:
         """Resize if a shape changed, copy in, run, copy every output out ([] if MNN failed)."""
+        return self.serve(arrays, len(self._outputs))
+
+    def serve(self, arrays: Sequence[NDArray[Any]], count: int) -> list[NDArray[Any]]:
+        """As `run`, copying out only the first `count` outputs (a probe's sentinels stay in
+        the session)."""
         check_not_forked()
         if len(arrays) != len(self._inputs):
             raise ConfigError(
@@ -192,7 +198,7 @@ class SessionModule:
             if self.last_error:  # the next call resizes again (and MNN says again why it fails)
                 self._stale = True
                 return []
-            return [self._copy_out(i, t) for i, t in enumerate(self._outputs)]
+            return [self._copy_out(i, t) for i, t in enumerate(self._outputs[:count])]
 
     def _resize(self, arrays: Sequence[NDArray[Any]]) -> None:
         """`resizeTensor` every input whose shape differs from its tensor's (as MNN reports
@@ -267,19 +273,20 @@ class MNNSessionFactory(Loader):
     def load(self, **overrides: Any) -> tuple[Any, LoadReport]:
         """A fresh SessionModule (or module) and what MNN printed while creating it."""
         check_not_forked()
-        api, rest = split_api(overrides)
+        given, wanted = loaded_outputs(overrides, self.outputs)
+        api, rest = split_api(given)
         own = canonical(self.config, _WHAT)
         if api == "module":  # the config's thread count, unless the rung sets its own
             threads = {"threads": own["threads"]} if "threads" in own else {}
-            module = MNNFactory(self.path, self.inputs, self.outputs)
+            module = MNNFactory(self.path, self.inputs, wanted)
             return module.load(**merge(threads, canonical(rest, "MNN load option")))
         if not os.path.isfile(self.path):
             raise FactoryError(f"model file {self.path!r} does not exist")
-        info = check_names(self.path, self.inputs, self.outputs)
+        info = check_names(self.path, self.inputs, wanted)
         _no_control_flow(self.path, info)
         config = session_config(merge(own, canonical(rest, _WHAT)))
         inputs = self.inputs or tuple(info.input_names)
-        outputs = self.outputs or info.outputs
+        outputs = wanted or info.outputs
         extra = [n for n in outputs if n not in info.outputs]  # intermediate tensors
         if extra:
             config["saveTensors"] = tuple(dict.fromkeys([*config.get("saveTensors", ()), *extra]))
@@ -346,14 +353,15 @@ class SessionFactory(Loader):
     def load(self, **overrides: Any) -> tuple[Any, LoadReport]:
         """The adapted result of your factory (or a module) and what MNN printed meanwhile."""
         check_not_forked()
-        api, rest = split_api(overrides)
+        given, wanted = loaded_outputs(overrides, self.outputs or ())
+        api, rest = split_api(given)
         if api == "module":
             if self.path is None:
                 raise ConfigError(
                     f"overrides {dict(overrides)} ask for the Module API; give "
                     "guard.session_factory(..., path=MODEL) so it can load the file"
                 )
-            return MNNFactory(self.path, self.inputs or (), self.outputs or ()).load(**rest)
+            return MNNFactory(self.path, self.inputs or (), wanted).load(**rest)
         kwargs = session_kwargs(rest)
         with captured_output() as lines:
             made = self.make(**kwargs)
@@ -365,7 +373,7 @@ class SessionFactory(Loader):
                 "(MNN.Interpreter, MNN.Session) pair or an object with .interpreter and .session"
             )
         refuse_fallback(lines, kwargs.get("backend"), self.path or "your session factory")
-        module = SessionModule(*pair, inputs=self.inputs, outputs=self.outputs)
+        module = SessionModule(*pair, inputs=self.inputs, outputs=wanted or self.outputs)
         return module, LoadReport.of(lines)
 
 

@@ -108,16 +108,18 @@ def _bad_derive(text: str) -> NoReturn:
     raise argparse.ArgumentTypeError(f"{text!r}: expected NAME or NAME:AXIS, e.g. mel:2")
 
 
-def _dynamic(text: str) -> tuple[str, int, tuple[int, int]]:
-    """`mel:2=1..4000` -> ("mel", 2, (1, 4000))."""
+def _dynamic(text: str) -> tuple[str, int, tuple[int, ...]]:
+    """`mel:2=1..4000` -> ("mel", 2, (1, 4000)); `img:3=32..1024/32` -> (.., (32, 1024, 32))."""
     head, _, bounds = text.partition("=")
     name, _, axis = head.partition(":")
-    low, _, high = bounds.partition("..")
+    span, slash, step = bounds.partition("/")
+    low, _, high = span.partition("..")
     try:
-        return name, int(axis), (int(low), int(high))
+        dim = (int(low), int(high), int(step)) if slash else (int(low), int(high))
+        return name, int(axis), dim
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected NAME:AXIS=MIN..MAX, e.g. mel:2=1..4000"
+            f"{text!r}: expected NAME:AXIS=MIN..MAX[/STEP], e.g. mel:2=1..4000 or img:3=32..1024/32"
         ) from None
 
 
@@ -150,7 +152,7 @@ def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="mnn-guard", description=DESCRIPTION)
     top.add_argument("-v", "--verbose", action="store_true", help="log every init and verdict")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_inspect, _record, _check, _demo, _doctor, _bench, _diagnose, _report):
+    for add in (_inspect, _record, _check, _assess, _demo, _doctor, _bench, _diagnose, _report):
         add(sub)
     return top
 
@@ -180,7 +182,11 @@ def _record(sub: Any) -> None:
         help="NAME=[DTYPE:]D1,D2,... random canary (dtype: the model's; NAME=DTYPE: a scalar)",
     )
     rec.add_argument(
-        "--dynamic", action="append", default=[], type=_dynamic, help="NAME:AXIS=MIN..MAX"
+        "--dynamic",
+        action="append",
+        default=[],
+        type=_dynamic,
+        help="NAME:AXIS=MIN..MAX[/STEP] a dynamic axis (STEP: sizes MIN, MIN+STEP, ...)",
     )
     der = rec.add_mutually_exclusive_group()
     der.add_argument(
@@ -204,9 +210,48 @@ def _record(sub: Any) -> None:
         default=3,
         help="fresh reference inits that must agree",
     )
+    rec.add_argument(
+        "--sentinels",
+        action="append",
+        default=[],
+        metavar="auto|TENSOR",
+        help="judge intermediate tensors too, never served (auto: the tensor before each "
+        "softmax, sigmoid or tanh output; or name tensors, repeat)",
+    )
+    rec.add_argument(
+        "--calibrate-inits",
+        type=_int_in(0, 1000, "a whole number in 0..1000"),
+        default=3,
+        help="clean inits per configuration that calibrate the limits (0: none, fixed limits)",
+    )
+    rec.add_argument(
+        "--processes",
+        type=_int_in(0, 16, "a whole number in 0..16"),
+        default=2,
+        help="fresh processes that calibrate too",
+    )
     rec.add_argument("--seed", type=_seed, default=0)
     rec.add_argument("--threads", type=_count, default=1)
     rec.add_argument("-o", "--out", required=True, help="probe folder to write")
+
+
+def _assess(sub: Any) -> None:
+    """The `assess` subcommand's arguments."""
+    ass = sub.add_parser(
+        "assess", help="how many weight tensors' faults the probe's canary catches (coverage)"
+    )
+    ass.add_argument("model", help="the .mnn model file")
+    ass.add_argument("--probe", required=True, help="probe folder recorded for this model")
+    ass.add_argument(
+        "--relative",
+        type=_fraction,
+        default=0.01,
+        help="Gaussian noise added to each tensor, as a share of its standard deviation",
+    )
+    ass.add_argument("--seed", type=_seed, default=0)
+    ass.add_argument("--threads", type=_count, default=1)
+    ass.add_argument("--ignore-model-hash", action="store_true", help=HASH_HELP)
+    ass.add_argument("--json", action="store_true", help="print only JSON on stdout")
 
 
 def _check(sub: Any) -> None:

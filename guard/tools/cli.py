@@ -1,4 +1,5 @@
-"""The `mnn-guard` command line: inspect, record, check, demo, doctor, bench, diagnose, report.
+"""The `mnn-guard` command line: inspect, record, check, assess, demo, doctor, bench, diagnose,
+report.
 
 `guard.tools.arguments` parses; each command runs from the module of its concept, imported
 (with its tool and MNN) only when it runs, so that `mnn-guard --help` stays fast. A user error
@@ -24,6 +25,7 @@ COMMANDS = {  # subcommand -> the module holding its `cmd_<subcommand>`
     "inspect": "guard.tools.probe_commands",
     "record": "guard.tools.probe_commands",
     "check": "guard.tools.probe_commands",
+    "assess": "guard.tools.probe_commands",
     "demo": "guard.tools.measure_commands",
     "doctor": "guard.tools.measure_commands",
     "bench": "guard.tools.measure_commands",

@@ -18,6 +18,7 @@ from guard.tools.output import say
 from guard.tools.preflight import (
     checked_model,
     load_options,
+    load_probe,
     model_factory,
     model_file,
     overrides,
@@ -62,7 +63,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     factory = model_factory(args.model, args.input, args.output, args.threads)
     inputs = canary_inputs(args)
     reference = load_options("--reference", args.reference) or {"dynamic": True}
-    dynamic: dict[str, dict[int, tuple[int, int]]] = {}
+    dynamic: dict[str, dict[int, tuple[int, ...]]] = {}
     for name, axis, bounds in args.dynamic:
         dynamic.setdefault(name, {})[axis] = bounds
     derive: bool | dict[str, int | None] = not args.no_derive
@@ -72,15 +73,29 @@ def cmd_record(args: argparse.Namespace) -> int:
     from guard.recording import record
     from probes.signature import format_shape
 
+    sentinels: str | list[str] | None = args.sentinels or None
+    if args.sentinels and "auto" in args.sentinels:
+        if args.sentinels != ["auto"]:
+            raise UsageError("--sentinels auto names no tensors beside it")
+        sentinels = "auto"
     probe = record(
-        factory, inputs, reference=reference, runs=args.runs, dynamic=dynamic, derive=derive
+        factory,
+        inputs,
+        reference=reference,
+        runs=args.runs,
+        dynamic=dynamic,
+        derive=derive,
+        sentinels=sentinels,
+        calibrate_inits=args.calibrate_inits,
+        processes=args.processes,
     )
     probe.save(out)
     print(f"recorded {len(probe.cases)} canary case(s) for {args.model} into {args.out}")
     for spec in probe.inputs:
         print(f"  input  {spec.name}: {spec.dtype}{format_shape(spec.shape)}")
     for output in probe.outputs:
-        print(f"  output {output.name}: {output.dtype}{list(output.shape)}")
+        kind = "sentinel" if output.sentinel else "output  "
+        print(f"  {kind} {output.name}: {output.dtype}{list(output.shape)}")
     for note in probe.meta.notes:
         print(f"  note: {note}")
     return EXIT_OK
@@ -166,3 +181,22 @@ def _bundler(listener: DiagnosisListener, overrides: Mapping[str, Any]) -> Calla
         listener.flush()  # a tool waits for its bundles; the queue never drops one
 
     return bundle
+
+
+def cmd_assess(args: argparse.Namespace) -> int:
+    """Perturb each weight tensor in turn; print how many the probe's canary catches."""
+    model = model_file(args.model)
+    probe = load_probe(args.probe, None if args.ignore_model_hash else model, ignorable=True)
+
+    from guard.tools.assess import assess_json, format_assess, run_assess
+
+    def progress(done: int, total: int) -> None:
+        if not args.json and (done == total or done % 10 == 0):
+            say(f"assess: {done} of {total} weight tensors")
+
+    report = run_assess(
+        model, probe, relative=args.relative, seed=args.seed, threads=args.threads,
+        progress=progress,
+    )  # fmt: skip
+    print(assess_json(report) if args.json else format_assess(report))
+    return EXIT_OK  # a low coverage is a finding, said in the output (and `coverage` in JSON)
