@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass
 
 __all__ = [
+    "BASIS",
     "CANARY_CHECKS",
     "CANARY_SNR_DB",
     "FAMILIES",
@@ -101,6 +102,16 @@ LOADED_STATIC = Family(
     ),
     labels=("session", "rung"),
 )
+BASIS = Family(
+    name="mnn_guard_basis",
+    kind=Kind.GAUGE,
+    help=(
+        "1 for what the serving module's canary was judged against: golden (the probe's), "
+        "local (a reference built here: this machine computes slightly differently) or "
+        "disputed (every init here disagrees with the probe alike: the guard cannot tell)."
+    ),
+    labels=("session", "basis"),
+)
 CANARY_SNR_DB = Family(
     name="mnn_guard_canary_snr_db",
     kind=Kind.GAUGE,
@@ -137,6 +148,7 @@ FAMILIES: tuple[Family, ...] = (
     RUNG,
     STATE,
     LOADED_STATIC,
+    BASIS,
     CANARY_SNR_DB,
     INIT_SECONDS,
     RUNS,

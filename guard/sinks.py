@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from guard.families import (
+    BASIS,
     CANARY_CHECKS,
     CANARY_SNR_DB,
     HEALTHY,
@@ -27,7 +28,7 @@ from guard.families import (
     STATE,
     Family,
 )
-from guard.ladder import Action, Attempt, Outcome, Rung
+from guard.ladder import Action, Attempt, Basis, Outcome, Rung
 from guard.listeners import CALL_OK, Call, Listener
 from guard.state import SessionStatus, State
 
@@ -135,6 +136,7 @@ class MetricsListener(Listener):
             *((RUNG, (session, rung)) for rung in self._rungs),
             *((LOADED_STATIC, (session, rung)) for rung in self._rungs),
             *((STATE, (session, state.value)) for state in State),
+            *((BASIS, (session, basis.value)) for basis in Basis),
         )
         with sink.lock:
             self._runs = sink.runs(session)
@@ -216,6 +218,8 @@ class MetricsListener(Listener):
                 m.set(RUNG, (session, rung), 1 if rung == status.mode else 0)
             for state in State:
                 m.set(STATE, (session, state.value), 1 if state is status.state else 0)
+            for basis in Basis:
+                m.set(BASIS, (session, basis.value), 1 if basis is status.basis else 0)
 
     def on_run(self, session: str, rung: Rung, seconds: float, result: Call) -> None:
         self._runs.add(rung.name, result, seconds)

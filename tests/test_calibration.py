@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 import guard
 import probes
@@ -242,11 +243,19 @@ def test_goldens_no_init_here_computes_are_disputed_not_exhausted(
     probe is stale here or every init is degraded alike; it says so and serves what they agree
     on (basis disputed) rather than failing every rung."""
     far = shifted(demo_probe, 40.0)
+    registry = CollectorRegistry()
     with caplog.at_level(logging.WARNING, logger="mnn_guard"):
-        session = guard.wrap(demo.demo_factory(threads=1), far, policy=quiet(), metrics=False)
+        session = guard.wrap(
+            demo.demo_factory(threads=1), far, policy=quiet(), registry=registry, name="far"
+        )
     with session:
         assert session.status.healthy and session.status.basis is Basis.DISPUTED
         assert "judged against a disputed reference" in session.status.describe()
+        basis = {
+            b.value: registry.get_sample_value("mnn_guard_basis", {"session": "far", "basis": b})
+            for b in Basis
+        }
+        assert basis == {"golden": 0.0, "local": 0.0, "disputed": 1.0}
     assert any("the guard cannot tell" in r.getMessage() for r in caplog.records)
 
 

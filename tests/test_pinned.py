@@ -1224,6 +1224,11 @@ FAMILIES = {
         "1 when the rung asked for dynamic=True and MNN loaded it statically (the model has "
         "control flow): that rung is no real fallback."
     ),
+    "mnn_guard_basis": (
+        "1 for what the serving module's canary was judged against: golden (the probe's), "
+        "local (a reference built here: this machine computes slightly differently) or "
+        "disputed (every init here disagrees with the probe alike: the guard cannot tell)."
+    ),
     "mnn_guard_canary_snr_db": "Worst SNR of the last canary judgement, in dB.",
     "mnn_guard_init_seconds": "Init + canary time.",
     "mnn_guard_run_seconds": "run() time.",
