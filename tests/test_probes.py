@@ -380,8 +380,9 @@ def test_record_derives_a_second_case(demo_factory: guard.mnn.MNNFactory, tmp_pa
 def test_a_probes_folder_in_the_working_directory_does_not_shadow_the_package(
     demo_probe: probes.Probe, tmp_path: Path
 ) -> None:
-    """DESIGN.md's `probe.save("probes/vocoder")`, then Python started in that directory:
-    `import probes` is still this package (the make install links files, not an import hook)."""
+    """docs/architecture.md's `probe.save("probes/vocoder")`, then Python started in that
+    directory: `import probes` is still this package (the make install links files, not an
+    import hook)."""
     demo_probe.save(tmp_path / "probes" / "vocoder")
     script = "import guard, probes; p = probes.load('probes/vocoder'); print(len(p.cases))"
     done = subprocess.run(
