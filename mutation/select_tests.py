@@ -10,36 +10,37 @@ import os
 import re
 from typing import Any
 
-PINNED = "tests/test_pinned.py"
 SESSION = (
-    PINNED,
     "tests/test_session.py",
+    "tests/test_canary.py",
     "tests/test_state_machine.py",
     "tests/test_promotion.py",
+    "tests/test_health.py",
 )
-PROBES = ("tests/test_probes.py", "tests/test_probe_fuzz.py", "tests/test_judges.py", PINNED)
+PROBES = ("tests/test_probes.py", "tests/test_probe_fuzz.py", "tests/test_judges.py")
 POOL = ("tests/test_pool.py", "tests/test_async_pool.py")
+METRICS = ("tests/test_metrics.py", "tests/test_session.py", "tests/test_promotion.py")
 
 SELECTION: dict[str, tuple[str, ...]] = {
     "guard.session": (*SESSION, "tests/test_metrics.py", "tests/test_inputs.py"),
     "guard.state": (*SESSION, "tests/test_metrics.py", "tests/test_server.py"),
-    "guard.canary": SESSION,
-    "guard.inputs": ("tests/test_inputs.py", PINNED, "tests/test_session.py"),
-    "guard.metrics": (PINNED, "tests/test_metrics.py", "tests/test_promotion.py"),
-    "guard.families": (PINNED, "tests/test_metrics.py", "tests/test_promotion.py"),
-    "guard.sinks": (
-        PINNED,
-        "tests/test_metrics.py",
+    "guard.canary": (
+        "tests/test_canary.py",
+        "tests/test_session.py",
+        "tests/test_state_machine.py",
         "tests/test_promotion.py",
-        "tests/test_replica.py",
     ),
-    "guard.health": (PINNED, "tests/test_server.py", "tests/test_state_machine.py"),
-    "guard.pool.parent": (*POOL, PINNED),
+    "guard.inputs": ("tests/test_inputs.py", "tests/test_session.py"),
+    "guard.metrics": METRICS,
+    "guard.families": METRICS,
+    "guard.sinks": (*METRICS, "tests/test_replica.py"),
+    "guard.health": ("tests/test_health.py", "tests/test_server.py", "tests/test_state_machine.py"),
+    "guard.pool.parent": POOL,
     "guard.pool.slot": ("tests/test_slot.py", *POOL),
     "guard.pool.wire": ("tests/test_pool.py",),
     "guard.pool.worker": ("tests/test_pool.py",),
     "guard.pool.children": ("tests/test_workers.py", *POOL),
-    "probes.judges": ("tests/test_judges.py", PINNED),
+    "probes.judges": ("tests/test_judges.py",),
     "probes.probe": PROBES,
     "probes.store": PROBES,
 }

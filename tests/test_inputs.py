@@ -1,7 +1,9 @@
-"""Hostile inputs to run(): each raises InputMismatch naming the input, or runs correctly."""
+"""Hostile inputs to run(): each raises InputMismatch naming the input, or runs correctly; the
+input checker's rules one at a time (casts, ranges, overflow, shapes, order, finiteness)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -287,3 +289,170 @@ def test_checks_run_on_the_exact_array_handed_on(values: Array, mask: Array, kin
     else:
         assert type(got) is np.ndarray and got.dtype == np.float32
         assert np.array_equal(got, expected)
+
+
+# ------------------------------------------------------------------ one rule at a time
+
+
+INT32 = [signature.InputSpec(name="ids", dtype="int32", shape=((1, 8),))]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array([0, 2**31 - 1, -(2**31)], np.int64),
+        np.array([1, 2], np.uint8),
+        np.array([True, False]),
+        np.array([7], np.int16),
+    ],
+    ids=["int64 at the limits", "uint8", "bool", "int16"],
+)
+def test_integers_within_range_are_cast(values: Array) -> None:
+    """Integers (and bools) that fit the input's int32 are cast without changing a value."""
+    (out,) = guard.inputs.prepare_inputs(INT32, {"ids": values})
+    assert out.dtype == np.int32 and np.array_equal(out, values.astype(np.int64))
+    (fast,) = guard.inputs.InputChecker(INT32)({"ids": values})
+    assert fast.dtype == np.int32 and np.array_equal(fast, out)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (np.array([1, 2**40], np.int64), "int64 values outside the int32 range"),
+        (np.array([2**31], np.int64), "int64 values outside the int32 range"),
+        (np.array([-(2**31) - 1], np.int64), "int64 values outside the int32 range"),
+        (np.array([2**63], np.uint64), "uint64 values outside the int32 range"),
+        (np.array([1.0]), "dtype float64 cannot be cast safely to int32"),
+    ],
+    ids=["2**40", "2**31", "-2**31-1", "uint64", "float"],
+)
+def test_integers_outside_the_range_are_refused(values: Array, message: str) -> None:
+    """An integer the input's int32 cannot hold is refused, never wrapped around."""
+    with pytest.raises(guard.InputMismatch, match=message) as info:
+        guard.inputs.InputChecker(INT32)({"ids": values})
+    assert info.value.input == "ids"
+    assert "-2147483648..2147483647" in str(info.value) or "float64" in str(info.value)
+
+
+def test_float_inputs_that_overflow_the_target_are_refused() -> None:
+    """float32 70,000 does not fit float16 (it would become inf); 60,000 does."""
+    spec = [signature.InputSpec(name="x", dtype="float16", shape=(2,))]
+    with pytest.raises(guard.InputMismatch, match="float32 values overflow float16"):
+        guard.inputs.InputChecker(spec)({"x": np.array([1.0, 7e4], np.float32)})
+    (out,) = guard.inputs.InputChecker(spec)({"x": np.array([1.0, 6e4], np.float32)})
+    assert out.dtype == np.float16 and out.tolist() == [1.0, 6e4]
+    nan = np.array([np.nan, 1.0], np.float32)  # non-finite in, non-finite out: not an overflow
+    with pytest.raises(guard.InputMismatch, match="1 NaN/Inf values"):
+        guard.inputs.InputChecker(spec)({"x": nan})
+    (kept,) = guard.inputs.InputChecker(spec, check_finite=False)({"x": nan})
+    assert kept.dtype == np.float16 and math.isnan(kept[0])
+
+
+def test_refusing_an_overflowing_input_warns_nothing() -> None:
+    """A float64 input beyond float32 is refused quietly: no RuntimeWarning from the cast."""
+    import warnings
+
+    checker = guard.inputs.InputChecker(
+        [signature.InputSpec(name="x", dtype="float32", shape=(2,))]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(guard.InputMismatch, match="float64 values overflow float32"):
+            checker({"x": np.array([1.0, 1e300])})
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_float16_inputs_are_checked_value_by_value_when_their_sum_overflows() -> None:
+    """float16 inputs: finite values whose sum overflows pass; an inf or NaN is refused."""
+    spec = signature.InputSpec(name="h", dtype="float16", shape=(2, 3))
+    checker = guard.inputs.InputChecker([spec])
+    loud = np.array([[6e4, 6e4, -1.0], [1.0, 2.0, 3.0]], np.float16)
+    (out,) = checker({"h": loud})
+    assert out is loud
+    for bad in (
+        np.array([[np.inf, 1, 2], [1, 2, 3]], np.float16),
+        np.array([[1, 2, 3], [1, np.nan, 2]], np.float16),
+    ):
+        with pytest.raises(guard.InputMismatch, match="input 'h': 1 NaN/Inf values"):
+            checker({"h": bad})
+
+
+def test_many_shapes_do_not_wear_out_the_shape_check() -> None:
+    """After more distinct valid shapes than the checker remembers, a wrong one is refused."""
+    checker = guard.inputs.InputChecker(
+        [signature.InputSpec(name="x", dtype="float32", shape=(1, (1, 200)))]
+    )
+    for n in range(1, 101):
+        (out,) = checker({"x": np.zeros((1, n), np.float32)})
+        assert out.shape == (1, n)
+    for bad in (np.zeros((1, 201), np.float32), np.zeros((2, 5), np.float32)):
+        with pytest.raises(guard.InputMismatch, match="dimension"):
+            checker({"x": bad})
+    with pytest.raises(guard.InputMismatch, match="the array is empty"):
+        checker({"x": np.zeros((1, 0), np.float32)})
+
+
+def test_two_inputs_are_checked_and_ordered_by_the_signature() -> None:
+    """Inputs come back in signature order whatever the dict's order; each one is checked."""
+    specs = [
+        signature.InputSpec(name="a", dtype="float32", shape=(2,)),
+        signature.InputSpec(name="b", dtype="int32", shape=(3,)),
+    ]
+    checker = guard.inputs.InputChecker(specs)
+    a, b = np.ones(2, np.float32), np.arange(3, dtype=np.int32)
+    out = checker({"b": b, "a": a})
+    assert [o.dtype for o in out] == [np.float32, np.int32] and out[0] is a and out[1] is b
+    assert checker([a, b])[1] is b
+    with pytest.raises(guard.InputMismatch, match="input 'b'"):
+        checker({"a": a, "b": np.arange(4, dtype=np.int32)})
+    with pytest.raises(guard.InputMismatch, match=r"missing input\(s\) \['b'\]"):
+        checker({"a": a, "c": b})
+    inf = np.array([1.0, np.inf], np.float32)
+    with pytest.raises(guard.InputMismatch, match="input 'a': 1 NaN/Inf values"):
+        checker({"a": inf, "b": b})
+    assert guard.inputs.InputChecker(specs, check_finite=False)({"a": inf, "b": b})[0] is inf
+
+
+def test_input_errors_name_the_input_and_only_what_is_wrong() -> None:
+    """Input errors name the offending input (its `input` attribute) and only what is wrong."""
+    specs = [signature.InputSpec(name="mel", dtype="float32", shape=(1, 4))]
+    x = np.zeros((1, 4), np.float32)
+    cases: list[tuple[Any, str, str | None]] = [
+        (
+            {"mel": x, "pitch": x},
+            "unknown input(s) ['pitch']; the model takes ['mel']",
+            "pitch",
+        ),
+        ({}, "missing input(s) ['mel']; the model takes ['mel']", "mel"),
+        (x, "inputs must be a dict by input name or a list in input order ['mel'], got ndarray",
+         None),
+        ("mel", "inputs must be a dict by input name or a list in input order ['mel'], got str",
+         None),
+    ]  # fmt: skip
+    for inputs, message, name in cases:
+        with pytest.raises(guard.InputMismatch) as info:
+            guard.inputs.InputChecker(specs)(inputs)
+        assert (str(info.value), info.value.input) == (message, name)
+    with pytest.raises(guard.InputMismatch, match="4 NaN/Inf values"):
+        guard.inputs.prepare_inputs(specs, {"mel": np.full((1, 4), np.nan, np.float32)})
+
+
+def test_prepare_inputs_can_let_non_finite_values_through() -> None:
+    """prepare_inputs(check_finite=False) hands a NaN on, as the policy's opt-out does."""
+    specs = [signature.InputSpec(name="x", dtype="float32", shape=(2,))]
+    nan = np.array([np.nan, 1.0], np.float32)
+    (out,) = guard.inputs.prepare_inputs(specs, {"x": nan}, check_finite=False)
+    assert out is nan
+
+
+def test_check_input_checks_and_casts_one_input_as_run_does() -> None:
+    """check_input (used by probes.record) casts a fitting array, refuses NaN unless told not
+    to, and names the input it refuses."""
+    ids = signature.InputSpec(name="ids", dtype="int32", shape=(2,))
+    cast = guard.inputs.check_input(ids, np.array([1, 2], np.int64))
+    assert cast.dtype == np.int32 and cast.tolist() == [1, 2]
+    spec = signature.InputSpec(name="x", dtype="float32", shape=(2,))
+    nan = np.array([np.nan, 1.0], np.float32)
+    with pytest.raises(guard.InputMismatch, match=r"^input 'x'"):
+        guard.inputs.check_input(spec, nan)
+    assert guard.inputs.check_input(spec, nan, check_finite=False) is nan

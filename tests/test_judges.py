@@ -1,4 +1,5 @@
-"""Judges and default thresholds: benign noise passes, real faults fail, nothing ever raises."""
+"""Measures, judges, thresholds and verdicts: benign noise passes, real faults fail, each limit
+decides where it should, nothing ever raises or warns."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +19,14 @@ import numpy as np
 import pytest
 from conftest import examples
 from hypothesis import example, given, settings
+from signals import scaled_noise, tone
 
 import guard
 import probes
 from guard import mnn
 from guard.testing import Fault, FaultyFactory
 from guard.tools import demo
-from probes import judges, measures
+from probes import judges, measures, signature
 from probes.errors import brief
 
 Array = np.ndarray[Any, Any]
@@ -622,3 +625,373 @@ def test_probes_record_is_guard_record() -> None:
     from probes import recording
 
     assert recording._recorder() is guard.record
+
+
+# ------------------------------------------------------------------ measures
+
+
+@pytest.mark.parametrize(
+    ("golden", "actual", "expected"),
+    [
+        ([1.0, 2.0], [1.0, 2.0], math.inf),
+        ([1.0, 1.0], [0.5, 0.5], 20 * math.log10(2)),
+        ([3.0, 4.0], [3.0, 4.5], 10 * math.log10(25 / 0.25)),
+        ([0.0, 0.0], [0.0, 1.0], -math.inf),
+        ([1.0, 1.0], [np.inf, 1.0], -math.inf),
+    ],
+)
+def test_snr_db_values(golden: list[float], actual: list[float], expected: float) -> None:
+    """snr_db is 10 log10(signal / error) in dB; +inf when equal, -inf against silence or inf."""
+    assert measures.snr_db(np.array(golden), np.array(actual)) == pytest.approx(expected)
+
+
+def test_snr_and_cosine_of_nan_are_nan() -> None:
+    """A NaN anywhere gives NaN, which fails every limit."""
+    nan = np.array([1.0, np.nan])
+    assert math.isnan(measures.snr_db(np.ones(2), nan))
+    assert math.isnan(measures.snr_db(nan, np.ones(2)))
+    assert not judges.snr(-1000.0)(np.ones(2), nan).passed
+
+
+@pytest.mark.parametrize(
+    ("golden", "actual", "expected"),
+    [
+        ([1.0, 0.0], [0.0, 1.0], 0.0),
+        ([1.0, 2.0], [-1.0, -2.0], -1.0),
+        ([1.0, 2.0], [2.0, 4.0], 1.0),
+        ([0.0, 0.0], [0.0, 0.0], 1.0),
+        ([0.0, 0.0], [1.0, 0.0], 0.0),
+        ([1.0, 0.0], [0.0, 0.0], 0.0),
+        ([1.0, 1.0], [1.0, 0.0], math.sqrt(0.5)),
+    ],
+)
+def test_cosine_similarity_values(
+    golden: list[float], actual: list[float], expected: float
+) -> None:
+    """Cosine of the angle between the arrays; 1 for two silences, 0 against one silence."""
+    value = measures.cosine_similarity(np.array(golden), np.array(actual))
+    assert value == pytest.approx(expected) and -1.0 <= value <= 1.0
+
+
+def test_cosine_stays_within_minus_one_and_one() -> None:
+    """Rounding never lifts a cosine above 1; opposite signals that overflow are NaN, not 1."""
+    rng = np.random.default_rng(0)
+    values = [measures.cosine_similarity(g, g * 3.0) for g in rng.standard_normal((50, 16))]
+    assert max(values) == 1.0 and min(values) > 0.999999
+    assert min(measures.cosine_similarity(g, g * -3.0) for g in rng.standard_normal((50, 16))) == -1
+    assert math.isnan(measures.cosine_similarity(np.array([1e200, 1.0]), np.array([-1e200, 1.0])))
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 63), (2, 64), (64, 1, 2), (8, 8)], ids=["short", "2-d", "3-d", "square"]
+)
+def test_lsd_is_only_for_one_dimensional_signals(shape: tuple[int, ...]) -> None:
+    """LSD is None (and its judge passes with no value) unless one axis of 64+ samples."""
+    golden = np.random.default_rng(0).standard_normal(shape)
+    assert measures.log_spectral_distance(golden, golden * 2) is None
+    check = judges.lsd(1.0)(golden, golden * 2)
+    assert (check.passed, check.value, check.limit, check.reason) == (True, None, 1.0, "")
+
+
+def test_lsd_of_equal_signals_is_zero_and_grows_with_noise() -> None:
+    """Identical signals: 0 dB. 64 samples already count as a signal; more noise, larger LSD."""
+    golden = tone(64).ravel()
+    assert measures.log_spectral_distance(golden, golden.copy()) == 0.0
+    values = [
+        measures.log_spectral_distance(tone(), scaled_noise(tone(), snr)) for snr in (60, 40, 20)
+    ]
+    assert all(v is not None for v in values) and values == sorted(values)
+    assert measures.log_spectral_distance(tone(), tone(4095)) is None  # sizes differ
+
+
+def test_snr_and_lsd_of_extreme_signals_warn_nothing() -> None:
+    """Squares that overflow, inf against inf, loud or silent signals: judged without warnings."""
+    import warnings
+
+    loud = tone().ravel() * 1e300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert measures.snr_db(np.array([1e200, 1.0]), np.array([-1e200, 1.0])) == -math.inf
+        assert math.isnan(measures.snr_db(np.array([np.inf, 1.0]), np.array([np.inf, 1.0])))
+        for golden, actual in ((loud, loud * 0.5), (np.zeros(512), tone(512).ravel())):
+            assert isinstance(measures.log_spectral_distance(golden, actual), float)
+
+
+# ------------------------------------------------------------------ default limits, each deciding
+
+
+def test_default_thresholds() -> None:
+    """SNR 45 dB, cosine 0.99995, LSD 1 dB, no max_abs: the limits every probe starts from."""
+    assert probes.Thresholds() == probes.Thresholds(
+        min_snr_db=45.0, min_cosine=0.99995, max_lsd_db=1.0, max_abs=None
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "passes", "failing"),
+    [
+        (lambda g: g * 0.98, False, ["snr_db"]),  # a 2% gain fault: 34 dB
+        (lambda g: scaled_noise(g, 44.0), False, ["snr_db"]),
+        (lambda g: scaled_noise(g, 46.0), True, []),
+        (lambda g: g + 10 ** (-50 / 20) * tone(g.size, 9000), False, ["lsd_db"]),
+    ],
+    ids=["gain 0.98", "noise 44 dB", "noise 46 dB", "tone in a silent band"],
+)
+def test_each_default_limit_decides(
+    make: Callable[[Array], Array], passes: bool, failing: list[str], demo_probe: probes.Probe
+) -> None:
+    """The SNR limit lies between 44 and 46 dB, fails a 2% gain; LSD alone fails a quiet tone."""
+    golden = demo_probe.cases[0].outputs["wav"] if passes or failing == ["snr_db"] else tone()
+    golden = golden.astype(np.float32)
+    score = judges.judge_output("y", golden, make(golden).astype(np.float32), probes.Thresholds())
+    assert score.passed is passes
+    assert [c.judge for c in score.checks if not c.passed] == failing
+    if failing == ["lsd_db"]:
+        assert score.values["lsd_db"] is not None and 2 < score.values["lsd_db"] < 4
+        assert score.reasons == [
+            f"output 'y': lsd_db {score.values['lsd_db']:.6g} dB is above the limit 1 dB"
+        ]
+
+
+def test_cosine_limit_decides_only_below_the_default_snr_limit() -> None:
+    """Cosine never decides alone at 45 dB SNR; with min_snr_db 30 it alone fails 35 dB noise."""
+    golden = tone().astype(np.float32)
+    worst = max(  # the lowest cosine of 45 dB noise over a few draws: above the default limit
+        1 - measures.cosine_similarity(golden, scaled_noise(golden, 45.0, seed=k)) for k in range(8)
+    )
+    assert worst <= 10**-4.5 / 2 * 1.01 and 1 - worst > probes.Thresholds().min_cosine
+    loose = probes.Thresholds(min_snr_db=30.0, max_lsd_db=None)
+    noisy = scaled_noise(golden, 35.0).astype(np.float32)
+    score = judges.judge_output("y", golden, noisy, loose)
+    assert [c.judge for c in score.checks if not c.passed] == ["cosine"]
+    assert score.reasons == [
+        f"output 'y': cosine {score.values['cosine']:.6g} is below the limit 0.99995"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("delta", "passes"), [(0.0, True), (0.25, True), (0.5, True), (0.5000001, False), (-0.6, False)]
+)
+def test_max_abs_judge_allows_up_to_its_limit(delta: float, passes: bool) -> None:
+    """max_abs(0.5) passes a difference of exactly 0.5 and fails anything larger, either sign."""
+    golden = np.zeros((1, 8))
+    actual = golden.copy()
+    actual[0, 3] = delta
+    check = judges.max_abs(0.5)(golden, actual)
+    assert (check.judge, check.passed, check.value, check.limit) == (
+        "max_abs",
+        passes,
+        abs(delta),
+        0.5,
+    )
+    assert check.reason == ("" if passes else f"max_abs {abs(delta):.6g} is above the limit 0.5")
+
+
+def test_max_abs_threshold_fails_one_outlier_that_snr_passes(demo_probe: probes.Probe) -> None:
+    """Thresholds(max_abs=...) adds the judge: one sample off by 0.01 fails it, SNR still passes
+    (the loose limits: the calibrated ones catch the spike by SNR too)."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    spiked = golden.copy()
+    spiked.flat[1000] += 0.01
+    assert demo_probe.judge({"wav": spiked}, tier="loose").passed
+    assert not demo_probe.judge({"wav": spiked}).passed
+    strict = demo_probe.with_thresholds(wav=probes.Thresholds(max_abs=0.005))
+    verdict = strict.judge({"wav": spiked})
+    assert not verdict.passed
+    score = verdict.scores["wav"]
+    assert [c.judge for c in score.checks if not c.passed] == ["max_abs"]
+    assert score.snr_db > 45 and score.values["max_abs"] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_silent_golden_passes_only_silence() -> None:
+    """Against an all-zero golden, zeros pass (SNR +inf) and any sound fails (SNR -inf)."""
+    golden = np.zeros((1, 1, 256), np.float32)
+    same = judges.judge_output("y", golden, golden.copy(), probes.Thresholds())
+    assert same.passed and same.snr_db == math.inf and same.values["cosine"] == 1.0
+    sound = golden.copy()
+    sound[0, 0, 7] = 1e-6
+    score = judges.judge_output("y", golden, sound, probes.Thresholds())
+    assert not score.passed
+    assert (score.snr_db, score.values["cosine"]) == (-math.inf, 0.0)
+    assert score.reasons[0] == "output 'y': snr_db -inf dB is below the limit 45 dB"
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"min_snr_db": math.nan}, "threshold min_snr_db must be a finite number, got nan"),
+        (
+            {"min_cosine": "0.9"},
+            "threshold min_cosine must be a finite number or None, got '0.9'",
+        ),
+        ({"max_abs": True}, "threshold max_abs must be a finite number or None, got True"),
+    ],
+)
+def test_threshold_errors_say_what_is_allowed(limits: dict[str, Any], message: str) -> None:
+    """Only min_snr_db cannot be None: the message says so, and quotes the value given."""
+    with pytest.raises(probes.ProbeError) as info:
+        probes.Thresholds(**limits)
+    assert str(info.value) == message
+
+
+# ------------------------------------------------------------------ scores
+
+
+@pytest.mark.parametrize(
+    ("actual", "judge"),
+    [
+        (np.array(["a", "b"]), "dtype"),
+        (np.array([True, False]), "dtype"),
+        (np.array([1 + 1j, 2]), "dtype"),
+        (np.array([1.0, np.nan]), "finite"),
+        (np.array([1.0, 2.0, 3.0]), "shape"),
+    ],
+    ids=["strings", "bools", "complex", "nan", "longer"],
+)
+def test_outputs_that_are_not_real_finite_numbers_fail_first(actual: Array, judge: str) -> None:
+    """Shape, then a real numeric dtype, then finiteness: each failure is the only check."""
+    score = judges.judge_output("y", np.array([1.0, 2.0]), actual, probes.Thresholds())
+    assert not score.passed and [c.judge for c in score.checks] == [judge]
+    assert math.isnan(score.snr_db) and score.values["lsd_db"] is None
+
+
+def test_scores_measure_what_no_judge_checks() -> None:
+    """With cosine and max_abs off, the score still reports both; a switched-off judge is absent."""
+    golden = tone(256).astype(np.float32)
+    actual = golden * np.float32(1.001)
+    score = judges.judge_output(
+        "y", golden, actual, probes.Thresholds(min_cosine=None, max_lsd_db=None)
+    )
+    assert [c.judge for c in score.checks] == ["finite", "snr_db"]
+    assert score.values["cosine"] == pytest.approx(1.0) and score.values["cosine"] > 0.99
+    assert score.values["max_abs"] == pytest.approx(0.001, rel=1e-2)
+    assert score.values["lsd_db"] is not None and score.values["lsd_db"] < 0.01
+    assert score.snr_db == pytest.approx(60.0, abs=0.01)
+
+
+def test_scores_say_what_was_measured_on_every_path() -> None:
+    """Each way judge_output ends fills the score's fields as documented (NaN where unmeasured)."""
+    golden = np.ones((1, 4))
+
+    def fields(score: judges.OutputScore) -> tuple[Any, ...]:
+        unmeasured = [
+            math.isnan(x) for x in (score.snr_db, score.values["cosine"], score.values["max_abs"])
+        ]
+        checks = [(c.judge, c.passed) for c in score.checks]
+        head = (score.name, score.passed, score.shape_ok, score.finite, unmeasured)
+        return (*head, score.values["lsd_db"], checks, score.checks[0].reason)
+
+    limits = probes.Thresholds()
+    assert fields(judges.judge_output("y", golden, np.ones((4, 1)), limits)) == (
+        "y", False, False, False, [True] * 3, None, [("shape", False)],
+        "shape [4, 1] differs from the golden shape [1, 4]",
+    )  # fmt: skip
+    assert fields(judges.judge_output("y", golden, golden.astype(np.complex64), limits)) == (
+        "y", False, True, False, [True] * 3, None, [("dtype", False)],
+        "dtype complex64 is not a real number type",
+    )  # fmt: skip
+    assert fields(judges.judge_output("y", golden, golden * np.nan, limits)) == (
+        "y", False, True, False, [True] * 3, None, [("finite", False)],
+        "4 of 4 values are NaN or Inf",
+    )  # fmt: skip
+    same = judges.judge_output("y", golden, golden.copy(), limits)
+    measured = (same.values["max_abs"], same.values["cosine"])
+    assert (same.passed, same.shape_ok, same.finite, *measured) == (
+        True, True, True, 0.0, 1.0,
+    )  # fmt: skip
+
+
+def test_judging_extreme_values_warns_nothing() -> None:
+    """Overflowing squares, inf minus inf, empty arrays: judged quietly, with exact reasons."""
+    import warnings
+
+    huge = np.array([1e200, 1.0, -1.7e308, np.inf])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(measures.cosine_similarity(huge[:2], huge[:2] * 2), float)  # squares inf
+        assert not judges.max_abs(1.0)(huge, -huge).passed
+        assert not judges.max_abs(1.0)(huge[3:], huge[3:]).passed  # inf - inf is NaN
+        empty = judges.judge_output("y", np.zeros(0), np.zeros(0), probes.Thresholds(max_abs=1.0))
+        assert empty.passed and empty.values["max_abs"] == 0.0
+    check = judges.finite()(np.zeros(4), np.array([1.0, np.nan, np.inf, 2.0]))
+    assert (check.passed, check.value, check.reason) == (False, 2.0, "2 of 4 values are NaN or Inf")
+
+
+def two_outputs() -> probes.Probe:
+    """A one-case probe with outputs a and b (64 samples each)."""
+    rng = np.random.default_rng(3)
+    return probes.Probe(
+        cases=(
+            probes.Case(
+                inputs={"x": np.zeros(2, np.float32)},
+                outputs={"a": rng.standard_normal(64), "b": rng.standard_normal(64)},
+            ),
+        ),
+        inputs=(signature.InputSpec(name="x", dtype="float32", shape=(2,)),),
+        outputs=(
+            signature.OutputSpec(name="a", dtype="float64", shape=(64,)),
+            signature.OutputSpec(name="b", dtype="float64", shape=(64,)),
+        ),
+    )
+
+
+def test_judging_goes_on_past_a_missing_output() -> None:
+    """A missing output is a reason and the next is still judged; a wrong count names both."""
+    probe = two_outputs()
+    golden = probe.cases[0].outputs
+    verdict = probe.judge({"b": golden["b"]})
+    assert verdict.passed is False and verdict.reasons == ("output 'a' is missing",)
+    assert list(verdict.scores) == ["b"] and verdict.scores["b"].passed
+    listed = probe.judge([golden["a"]])
+    assert listed.reasons == ("got 1 outputs, expected 2 ['a', 'b']",)
+
+
+# ------------------------------------------------------------------ verdicts
+
+
+def test_verdict_merge_keeps_the_first_failure_and_the_worst_scores(
+    demo_probe: probes.Probe,
+) -> None:
+    """A merged verdict: all must pass; first failure's reasons plus a count; the worst scores."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    good = demo_probe.judge({"wav": golden})
+    worse = demo_probe.judge({"wav": scaled_noise(golden, 30.0).astype(np.float32)})
+    worst = demo_probe.judge({"wav": scaled_noise(golden, 20.0).astype(np.float32)})
+    merged = probes.Verdict.merge([good, worse, worst], ["a", "b", "c"])
+    assert not merged.passed and merged.scores == worst.scores
+    assert merged.reasons == (*(f"b: {r}" for r in worse.reasons), "2 of 3 canary runs failed")
+    assert probes.Verdict.merge([good, good]).passed
+    assert probes.Verdict.merge([good, good]).reasons == ()
+    assert probes.Verdict.merge([worse]).reasons == tuple(f"run 1: {r}" for r in worse.reasons)
+    empty = probes.Verdict.merge([])
+    assert (empty.passed, empty.reasons, empty.worst_snr_db) == (
+        False,
+        ("no canary run was judged",),
+        -math.inf,
+    )
+    assert worst.worst_snr_db == pytest.approx(20.0, abs=0.01)
+
+
+def test_verdict_merge_counts_failures_from_two_runs_and_matches_labels(
+    demo_probe: probes.Probe,
+) -> None:
+    """Two runs, one failing: counted, False itself, reasons joined by '; '; labels match 1:1."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    good = demo_probe.judge({"wav": golden})
+    bad = demo_probe.judge({"wav": scaled_noise(golden, 30.0).astype(np.float32)})
+    merged = probes.Verdict.merge([good, bad], ["a", "b"])
+    assert merged.passed is False
+    assert merged.reasons[-1] == "1 of 2 canary runs failed"
+    assert "; b: output 'wav': cosine" in merged.describe()
+    with pytest.raises(ValueError, match="zip"):
+        probes.Verdict.merge([good, bad], ["a"])
+
+
+def test_verdict_describe_names_result_snr_and_reasons(demo_probe: probes.Probe) -> None:
+    """One line: PASSED or FAILED, the worst SNR when finite, and the reasons of a failure."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    noisy = demo_probe.judge({"wav": scaled_noise(golden, 30.0).astype(np.float32)})
+    assert noisy.describe().startswith("FAILED worst SNR 30.0 dB: output 'wav': snr_db 30 dB")
+    assert demo_probe.judge({"wav": golden}).describe() == "PASSED"  # SNR +inf: not shown
+    assert demo_probe.judge({}).describe() == "FAILED: output 'wav' is missing"
+    assert demo_probe.judge({}).worst_snr_db == -math.inf

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import FakeClock
+from plans import CANARY_FORWARDS, GaugeAtEvent, Plan, plan_session
 from prometheus_client import CollectorRegistry
 
 import guard
 import probes
-from guard.testing import FaultyFactory
+from guard import mnn
+from guard.ladder import Action
+from guard.testing import Fault, FaultyFactory
+from guard.tools import demo
 
 QUIET = guard.Policy(background=False)
 ONE_REINIT = guard.Policy(reinit_attempts=1, background=False)
+Array = np.ndarray[Any, Any]
 
 
 def sample(registry: CollectorRegistry, name: str, session: str = "vocoder", **labels: str) -> Any:
@@ -194,38 +201,6 @@ def test_close_removes_the_sessions_series(
         if s.labels.get("session") == "vocoder"
     ]
     assert left == []
-
-
-def test_closing_an_older_session_keeps_the_newer_ones_series(
-    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
-) -> None:
-    """Two sessions of one name: closing the older one leaves the newer one's series."""
-    older = guard.wrap(demo_factory, demo_probe, name="vocoder", registry=registry, policy=QUIET)
-    with guard.wrap(demo_factory, demo_probe, name="vocoder", registry=registry, policy=QUIET):
-        older.close()
-        assert sample(registry, "mnn_guard_healthy") == 1.0
-
-
-def test_every_series_starts_at_zero(
-    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
-) -> None:
-    """Each rung x result, each action and each call result exists from the start, at 0."""
-    with guard.wrap(demo_factory, demo_probe, name="vocoder", registry=registry, policy=QUIET):
-        zeros = [
-            canary(registry, rung, result)
-            for rung in ("dynamic",)
-            for result in ("pass", "fail", "error", "timeout")
-        ]
-        zeros += [
-            sample(registry, "mnn_guard_recoveries_total", action=a)
-            for a in ("reinit", "fallback", "promote")
-        ]
-        zeros += [
-            sample(registry, "mnn_guard_runs_total", rung=r, result=c)
-            for r in ("static", "dynamic")
-            for c in ("ok", "error", "invalid", "unavailable", "failed", "closed")
-        ]
-    assert zeros == [0.0] * len(zeros)
 
 
 def test_every_call_is_counted_by_result(
@@ -531,3 +506,363 @@ def test_a_standby_listener_publishes_its_gauges_only_once_live(
     assert (before, after) == (({"a"}, 1.0), ({"b"}, 1.0))
     assert sample(registry, "mnn_guard_inits_total", "v", rung="static") == 1.0
     assert sample(registry, "mnn_guard_state", "v", state="serving") == 1.0
+
+
+# ------------------------------------------------------------------ every series and family
+
+
+def test_every_series_of_a_new_session_and_nothing_else(
+    demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """After one clean init: every series of the session with its value, and no other's."""
+    s = plan_session(Plan("clean"), demo_probe, FakeClock(), registry=registry)
+    got = {
+        (x.name, tuple(sorted((k, v) for k, v in x.labels.items() if k != "session"))): x.value
+        for m in registry.collect()
+        for x in m.samples
+        if not x.name.endswith(("_created", "_bucket", "_sum"))
+        and x.name != "mnn_guard_session_info"
+    }
+    assert {x.labels["session"] for m in registry.collect() for x in m.samples} == {"p"}
+    want: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for rung in ("static", "dynamic"):
+        up = float(rung == "static")
+        want[("mnn_guard_inits_total", (("rung", rung),))] = up
+        want[("mnn_guard_rung", (("rung", rung),))] = up
+        want[("mnn_guard_rung_loaded_static", (("rung", rung),))] = 0.0
+        want[("mnn_guard_init_seconds_count", (("rung", rung),))] = up
+        want[("mnn_guard_run_seconds_count", (("rung", rung),))] = 0.0
+        for result in ("pass", "fail", "error", "timeout"):
+            key = ("mnn_guard_canary_checks_total", (("result", result), ("rung", rung)))
+            want[key] = float(up and result == "pass")
+        for call in ("ok", "error", "invalid", "unavailable", "failed", "closed"):
+            want[("mnn_guard_runs_total", (("result", call), ("rung", rung)))] = 0.0
+    for action in ("reinit", "fallback", "promote"):
+        want[("mnn_guard_recoveries_total", (("action", action),))] = 0.0
+    for state in guard.State:
+        want[("mnn_guard_state", (("state", state.value),))] = float(state is guard.State.SERVING)
+    for basis in ("golden", "local", "disputed"):
+        want[("mnn_guard_basis", (("basis", basis),))] = float(basis == "golden")
+    want[("mnn_guard_healthy", ())] = 1.0
+    snr = s.status.verdict.worst_snr_db if s.status.verdict is not None else None
+    want[("mnn_guard_canary_snr_db", ())] = snr  # type: ignore[assignment]
+    assert got == want
+    (info,) = [
+        x for m in registry.collect() for x in m.samples if x.name == "mnn_guard_session_info"
+    ]
+    assert info.value == 1.0
+    s.close()
+
+
+FAMILIES = {
+    "mnn_guard_session_info": "1 per guarded session: versions and the model file's sha256.",
+    "mnn_guard_inits": "Module initialisations (factory calls).",
+    "mnn_guard_canary_checks": "Canary judgements by result (pass, fail, error, timeout).",
+    "mnn_guard_recoveries": "Recovery actions (reinit, fallback, promote).",
+    "mnn_guard_runs": "run() calls by result (ok, error, invalid, unavailable, failed, closed).",
+    "mnn_guard_healthy": "1 while the session serves a module whose canary passed.",
+    "mnn_guard_rung": "1 for the rung the session is on, 0 for its other rungs.",
+    "mnn_guard_state": "1 for the session's state, 0 for the others.",
+    "mnn_guard_rung_loaded_static": (
+        "1 when the rung asked for dynamic=True and MNN loaded it statically (the model has "
+        "control flow): that rung is no real fallback."
+    ),
+    "mnn_guard_basis": (
+        "1 for what the serving module's canary was judged against: golden (the probe's), "
+        "local (a reference built here: this machine computes slightly differently) or "
+        "disputed (every init here disagrees with the probe alike: the guard cannot tell)."
+    ),
+    "mnn_guard_canary_snr_db": "Worst SNR of the last canary judgement, in dB.",
+    "mnn_guard_init_seconds": "Init + canary time.",
+    "mnn_guard_run_seconds": "run() time.",
+}
+
+
+def test_every_family_says_what_it_counts(registry: CollectorRegistry) -> None:
+    """The HELP line of each mnn_guard family, as dashboards and docs/ops.md quote it."""
+    guard.metrics.metrics_for(registry)
+    helps = {m.name: m.documentation for m in registry.collect()}
+    assert helps == FAMILIES
+
+
+def test_a_listener_made_alone_starts_every_gauge_at_zero(registry: CollectorRegistry) -> None:
+    """A PrometheusListener made by hand, before any event: healthy, rung and state read 0."""
+    listener = guard.metrics.PrometheusListener("solo", guard.Policy().ladder, registry=registry)
+    assert listener.session == "solo"
+    gauges = [
+        sample(registry, "mnn_guard_healthy", session="solo"),
+        *(
+            sample(registry, "mnn_guard_rung", session="solo", rung=r)
+            for r in ("static", "dynamic")
+        ),
+        *(sample(registry, "mnn_guard_state", session="solo", state=x.value) for x in guard.State),
+    ]
+    assert gauges == [0.0] * 9
+
+
+def test_sessions_report_to_the_global_registry_by_default(demo_probe: probes.Probe) -> None:
+    """Without a registry, series go to the global REGISTRY and leave it at close."""
+    from prometheus_client import REGISTRY
+
+    assert guard.metrics.metrics_for() is guard.metrics.metrics_for(REGISTRY)
+    s = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, name="global-16",
+        policy=guard.Policy(background=False),
+    )  # fmt: skip
+    assert REGISTRY.get_sample_value("mnn_guard_healthy", {"session": "global-16"}) == 1.0
+    s.close()
+    assert REGISTRY.get_sample_value("mnn_guard_healthy", {"session": "global-16"}) is None
+
+
+# ------------------------------------------------------------------ gauges as the session moves
+
+
+def test_state_and_rung_gauges_follow_the_session(
+    demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """mnn_guard_state has exactly one state at 1 and mnn_guard_rung one rung, as they change."""
+
+    def ones(name: str, label: str) -> list[str]:
+        return [
+            s.labels[label]
+            for m in registry.collect()
+            for s in m.samples
+            if s.name == name and s.labels["session"] == "p" and s.value == 1
+        ]
+
+    clock = FakeClock()
+    s = plan_session(Plan("bad", "clean"), demo_probe, clock, registry=registry)
+    assert (ones("mnn_guard_state", "state"), ones("mnn_guard_rung", "rung")) == (
+        ["serving"],
+        ["dynamic"],
+    )
+    clock.advance(301)
+    assert s.maintain() == [Action.PROMOTE]
+    assert (ones("mnn_guard_state", "state"), ones("mnn_guard_rung", "rung")) == (
+        ["serving"],
+        ["static"],
+    )
+    assert sample(registry, "mnn_guard_healthy", "p") == 1.0
+    s.close()
+
+
+def test_failing_recheck_is_counted_and_sets_the_snr_gauge(
+    demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """A failing re-check counts canary_checks{result=fail} and sets the SNR gauge to its SNR."""
+    faulty = FaultyFactory(
+        demo.demo_factory(threads=1),
+        fault=Fault.NOISE,
+        schedule=[True],
+        degrade_after=CANARY_FORWARDS,
+    )
+    gauges = GaugeAtEvent(registry)
+    s = plan_session(faulty, demo_probe, FakeClock(), registry=registry, listeners=[gauges])
+    assert s.maintain(force_recheck=True) == ["recheck"]
+    (check,) = [g for g in gauges.seen if g[0] == "check"]
+    assert check[1] == "fail" and check[2] is not None and 20 < check[2] < 45
+    assert check[3] == check[2]
+    counts = {
+        r: sample(registry, "mnn_guard_canary_checks_total", "p", rung="static", result=r)
+        for r in ("pass", "fail")
+    }
+    assert counts == {"pass": 2.0, "fail": 1.0}  # the first init, the re-check, the replacement
+    assert sample(registry, "mnn_guard_recoveries_total", "p", action="reinit") == 1.0
+    assert sample(registry, "mnn_guard_inits_total", "p", rung="static") == 2.0
+    s.close()
+
+
+def test_timeout_sets_the_snr_gauge_to_minus_infinity(
+    demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """An init that times out counts canary_checks{result=timeout} and reads -inf dB."""
+    faulty = FaultyFactory(
+        demo.demo_factory(threads=1),
+        fault=Fault.HANG,
+        schedule=[True],
+        affects="all",
+        hang_seconds=2.0,
+    )
+    gauges = GaugeAtEvent(registry)
+    s = plan_session(
+        faulty,
+        demo_probe,
+        FakeClock(),
+        registry=registry,
+        listeners=[gauges],
+        init_timeout=0.3,
+        reinit_attempts=1,
+    )
+    hung = [t for t in threading.enumerate() if t.name == "mnn-guard-init"]
+    assert hung and all(t.daemon for t in hung)  # a hung init never blocks the process's exit
+    assert gauges.seen[0] == ("attempt", "timeout", None, -math.inf)
+    timed_out = s.status.history[0]
+    assert str(timed_out.error) == (
+        "init + canary of session 'p' on rung 'static' did not finish within 0.3 s "
+        "(Policy.init_timeout)"
+    )
+    assert (timed_out.notes, timed_out.turned_static, timed_out.outputs) == ((), False, {})
+    assert 0.3 <= timed_out.seconds < 30
+    assert gauges.seen[1][1] == "pass" and gauges.seen[1][3] == gauges.seen[1][2]
+    assert (
+        sample(registry, "mnn_guard_canary_checks_total", "p", rung="static", result="timeout") == 1
+    )
+    s.close()
+
+
+def test_a_dynamic_rung_mnn_loads_statically_is_flagged(
+    converted: dict[str, Any], registry: CollectorRegistry
+) -> None:
+    """rung_loaded_static is 1 for a control-flow model's dynamic rung only."""
+    import warnings
+
+    from test_real_models import cf_factory, cf_inputs
+
+    probe = probes.record(cf_factory(converted), cf_inputs())
+    faulty = FaultyFactory(cf_factory(converted), fault=Fault.RAISE, schedule=[True])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", guard.mnn.DynamicIgnoredWarning)
+        s = guard.wrap(
+            faulty, probe, name="p", registry=registry,
+            policy=guard.Policy(background=False, reinit_attempts=0),
+        )  # fmt: skip
+    assert [a.outcome.value for a in s.status.history] == ["error", "pass"]
+    loaded = {
+        r: sample(registry, "mnn_guard_rung_loaded_static", "p", rung=r)
+        for r in ("static", "dynamic")
+    }
+    assert loaded == {"static": 0.0, "dynamic": 1.0}
+    assert any(mnn.STATIC_LOAD_NOTE in n for n in s.status.history[-1].notes)
+    said = s.status.describe()
+    assert said.startswith(f"serving on rung 'dynamic' (1) [{guard.ladder.STATIC_LOAD}] after 2 ")
+    s.close()
+
+
+def test_an_older_session_of_the_same_name_cannot_touch_the_newer_ones_gauges(
+    demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """An older session of the same name, publishing or closing, leaves the newer one's series."""
+    clock = FakeClock()
+    older = plan_session(Plan("clean"), demo_probe, clock, registry=registry)
+    newer = guard.wrap(
+        Plan("bad"),
+        demo_probe,
+        name="p",
+        registry=registry,
+        raise_exhausted=False,
+        policy=guard.Policy(background=False, reinit_attempts=0),
+    )
+    assert sample(registry, "mnn_guard_healthy", "p") == 0.0
+    assert older.maintain(force_recheck=True) == ["recheck"]  # publishes CHECKING, SERVING
+    assert sample(registry, "mnn_guard_healthy", "p") == 0.0
+    assert sample(registry, "mnn_guard_state", "p", state="failed") == 1.0
+    older.close()
+    assert sample(registry, "mnn_guard_state", "p", state="failed") == 1.0
+    assert sample(registry, "mnn_guard_healthy", "p") == 0.0
+    newer.close()
+    assert sample(registry, "mnn_guard_state", "p", state="failed") is None
+
+
+def test_closing_in_multiprocess_mode_turns_gauges_to_nan(
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+) -> None:
+    """Where series cannot be removed (multiprocess files), closing makes every gauge NaN."""
+    s = plan_session(Plan("clean"), demo_probe, FakeClock(), registry=registry)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    s.close()
+    gauges = [
+        sample(registry, "mnn_guard_healthy", "p"),
+        sample(registry, "mnn_guard_canary_snr_db", "p"),
+        *(sample(registry, "mnn_guard_rung", "p", rung=r) for r in ("static", "dynamic")),
+        *(
+            sample(registry, "mnn_guard_rung_loaded_static", "p", rung=r)
+            for r in ("static", "dynamic")
+        ),
+        *(sample(registry, "mnn_guard_state", "p", state=x.value) for x in guard.State),
+    ]
+    assert len(gauges) == 12 and all(math.isnan(g) for g in gauges), gauges
+    assert sample(registry, "mnn_guard_inits_total", "p", rung="static") == 1.0  # counters stay
+
+
+def test_lowercase_multiprocess_variable_counts_too(
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+) -> None:
+    """Lowercase prometheus_multiproc_dir counts too: closing leaves NaN gauges, info included."""
+    s = plan_session(Plan("clean"), demo_probe, FakeClock(), registry=registry)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.setenv("prometheus_multiproc_dir", str(tmp_path))
+    s.close()
+    (info,) = [
+        x.value
+        for m in registry.collect()
+        for x in m.samples
+        if x.name == "mnn_guard_session_info" and x.labels["session"] == "p"
+    ]
+    assert math.isnan(info) and math.isnan(sample(registry, "mnn_guard_healthy", "p"))
+
+
+# ------------------------------------------------------------------ histograms and buckets
+
+
+def test_run_seconds_are_the_calls_own(
+    demo_probe: probes.Probe, registry: CollectorRegistry, mel: Array
+) -> None:
+    """run_seconds observes each call's own duration (milliseconds here, not the clock's time)."""
+    s = plan_session(Plan("clean"), demo_probe, FakeClock(), registry=registry)
+    for _ in range(3):
+        s.run({"mel": mel})
+    total = sample(registry, "mnn_guard_run_seconds_sum", "p", rung="static")
+    assert 0 < total < 5
+    assert sample(registry, "mnn_guard_run_seconds_bucket", "p", rung="static", le="5.0") == 3
+    s.close()
+
+
+def test_buckets_reach_the_histograms_and_must_be_positive(
+    demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """Custom bounds are the histograms' le labels (run and init); a bound of 0 is refused."""
+    with pytest.raises(guard.ConfigError, match=r"Buckets\.init"):
+        guard.metrics.Buckets(init=(0.0, 1.0))
+    buckets = guard.metrics.Buckets(run=(0.001, 0.01), init=(0.5, 600.0))
+    guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, name="b", registry=registry, buckets=buckets,
+        policy=guard.Policy(background=False),
+    ).close()  # fmt: skip
+    guard.metrics.PrometheusListener("h", guard.Policy().ladder, registry=registry)
+    bounds = {
+        name: sorted(
+            float(x.labels["le"])
+            for m in registry.collect()
+            for x in m.samples
+            if x.name == f"{name}_bucket"
+            and x.labels["session"] == "h"
+            and x.labels["rung"] == "static"
+        )
+        for name in ("mnn_guard_run_seconds", "mnn_guard_init_seconds")
+    }
+    assert bounds == {
+        "mnn_guard_run_seconds": [0.001, 0.01, math.inf],
+        "mnn_guard_init_seconds": [0.5, 600.0, math.inf],
+    }
+
+
+def test_the_same_buckets_may_be_passed_again(
+    demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """A second session passing the registry's own buckets again is accepted."""
+    buckets = guard.metrics.Buckets(run=(0.001, 0.01))
+    for name in ("a", "b"):
+        guard.wrap(
+            demo.demo_factory(threads=1), demo_probe, name=name, registry=registry,
+            buckets=buckets, policy=guard.Policy(background=False),
+        ).close()  # fmt: skip
+    assert guard.metrics.metrics_for(registry).buckets == buckets
+    with pytest.raises(guard.ConfigError) as info:
+        guard.metrics.metrics_for(registry, guard.metrics.Buckets(run=(0.5,)))
+    assert str(info.value).endswith("; buckets are set once per registry, by its first session")

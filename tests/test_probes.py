@@ -33,6 +33,7 @@ from probes.errors import brief
 from probes.store import ARRAYS, MANIFEST
 
 pytestmark = pytest.mark.hostile
+Array = np.ndarray[Any, Any]
 Manifest = dict[str, Any]
 
 
@@ -379,8 +380,9 @@ def test_record_derives_a_second_case(demo_factory: guard.mnn.MNNFactory, tmp_pa
 def test_a_probes_folder_in_the_working_directory_does_not_shadow_the_package(
     demo_probe: probes.Probe, tmp_path: Path
 ) -> None:
-    """DESIGN.md's `probe.save("probes/vocoder")`, then Python started in that directory:
-    `import probes` is still this package (the make install links files, not an import hook)."""
+    """docs/architecture.md's `probe.save("probes/vocoder")`, then Python started in that
+    directory: `import probes` is still this package (the make install links files, not an
+    import hook)."""
     demo_probe.save(tmp_path / "probes" / "vocoder")
     script = "import guard, probes; p = probes.load('probes/vocoder'); print(len(p.cases))"
     done = subprocess.run(
@@ -1418,3 +1420,177 @@ def test_the_version_warning_points_at_the_caller_of_load(
     with pytest.warns(probes.ProbeVersionWarning) as record:
         probes.load(demo_paths[1], mnn_version="9.9.9")
     assert [w.filename for w in record] == [__file__]
+
+
+# ------------------------------------------------------------------ what a probe refuses to hold
+
+
+def small_probe(golden: Any) -> probes.Probe:
+    """A one-case probe whose golden output is `golden`."""
+    return probes.Probe(
+        cases=(probes.Case(inputs={"x": np.zeros(2, np.float32)}, outputs={"y": golden}),),
+        inputs=(signature.InputSpec(name="x", dtype="float32", shape=(2,)),),
+        outputs=(signature.OutputSpec(name="y", dtype="float32", shape=(2,)),),
+    )
+
+
+@pytest.mark.parametrize(
+    "golden",
+    [np.array(["a", "b"]), np.array([1 + 1j, 2]), np.array([True, False]), np.array([1.0, np.inf])],
+    ids=["strings", "complex", "bools", "inf"],
+)
+def test_a_golden_that_is_not_finite_real_numbers_is_a_probe_error(golden: Array) -> None:
+    """Goldens of strings, complex numbers, bools or non-finite values raise ProbeError."""
+    with pytest.raises(probes.ProbeError, match="golden output 'y'"):
+        small_probe(golden)
+
+
+def test_a_probe_refuses_what_it_cannot_judge_with_exact_reasons() -> None:
+    """Probe(...) refuses each malformed probe with a message naming what is wrong."""
+    spec = signature.InputSpec(name="x", dtype="float32", shape=(2,))
+    out = signature.OutputSpec(name="y", dtype="float64", shape=(2,))
+    x, y = np.zeros(2, np.float32), np.ones(2)
+
+    def make(**kw: Any) -> Any:
+        args: dict[str, Any] = {
+            "cases": (probes.Case(inputs={"x": x}, outputs={"y": y}),),
+            "inputs": (spec,),
+            "outputs": (out,),
+            **kw,
+        }
+        return probes.Probe(**args)
+
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"cases": ()}, "a probe needs at least one canary case"),
+        ({"per_output": {"z": probes.Thresholds()}},
+         "per-output thresholds for unknown outputs ['z']; outputs are ['y']"),
+        ({"cases": (probes.Case(inputs={"w": x}, outputs={"y": y}),)},
+         "case 0: inputs ['w'] differ from the signature ['x']"),
+        ({"cases": (probes.Case(inputs={"x": x}, outputs={"z": y}),)},
+         "case 0: outputs ['z'] differ from ['y']"),
+        ({"cases": (probes.Case(inputs={"x": np.zeros(3, np.float32)}, outputs={"y": y}),)},
+         "case 0: input 'x' is float32[3], which the signature float32[2] does not accept"),
+        ({"cases": (probes.Case(inputs={"x": x.astype(np.float64)}, outputs={"y": y}),)},
+         "case 0: input 'x' is float64[2], which the signature float32[2] does not accept"),
+        ({"cases": (probes.Case(inputs={"x": x}, outputs={"y": [1.0, 2.0]}),)},
+         "case 0: golden output 'y' is a list of None, not an array of one of"),
+    ]  # fmt: skip
+    assert make().output_names == ["y"]
+    for kw, message in cases:
+        with pytest.raises(probes.ProbeError) as info:
+            make(**kw)
+        assert str(info.value).startswith(message), str(info.value)
+
+
+# ------------------------------------------------------------------ probe files, exactly
+
+
+def saved(probe: probes.Probe, folder: Any) -> dict[str, Any]:
+    """Save `probe` into `folder` and return its manifest as JSON."""
+    import json
+
+    probe.save(folder)
+    manifest: dict[str, Any] = json.loads((folder / "manifest.json").read_text())
+    return manifest
+
+
+def dataclasses_replace_cases(probe: probes.Probe, how: Callable[[Array], Array]) -> probes.Probe:
+    """`probe` with every case array passed through `how`."""
+    import dataclasses
+
+    cases = tuple(
+        probes.Case(
+            inputs={k: how(v) for k, v in c.inputs.items()},
+            outputs={k: how(v) for k, v in c.outputs.items()},
+        )
+        for c in probe.cases
+    )
+    return dataclasses.replace(probe, cases=cases)
+
+
+def write_manifest(folder: Any, text: str) -> None:
+    """Replace a saved probe's manifest.json with `text`."""
+    (folder / "manifest.json").write_text(text)
+
+
+def test_saved_files_are_canonical(demo_probe: probes.Probe, tmp_path: Any) -> None:
+    """manifest.json is indented, key-sorted JSON; arrays.npz does not depend on array layout."""
+    import json
+
+    manifest = saved(demo_probe, tmp_path / "c")
+    text = (tmp_path / "c" / "manifest.json").read_text()
+    assert text == json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    fortran = dataclasses_replace_cases(demo_probe, np.asfortranarray)
+    saved(fortran, tmp_path / "f")
+    assert (tmp_path / "f" / "arrays.npz").read_bytes() == (
+        tmp_path / "c" / "arrays.npz"
+    ).read_bytes()
+
+
+def test_manifest_must_name_arrays_npz(demo_paths: tuple[Any, Any], tmp_path: Any) -> None:
+    """A manifest naming another arrays file is refused, even with a matching checksum."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(demo_paths[1], tmp_path / "p")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["arrays"]["file"] = "other.npz"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(probes.ProbeError, match="'arrays' must be"):
+        probes.load(folder)
+
+
+def test_manifest_limits_are_inclusive_and_messages_exact(
+    demo_probe: probes.Probe, tmp_path: Any
+) -> None:
+    """A manifest of exactly the size limit is read; each malformed one has its own message."""
+    import json
+
+    from probes import store
+
+    folder = tmp_path / "p"
+    manifest = saved(demo_probe, folder)
+    body = json.dumps({"kind": "other", "pad": ""})
+    pad = "x" * (store.MAX_MANIFEST_BYTES - len(body))
+    write_manifest(folder, json.dumps({"kind": "other", "pad": pad}))
+    assert (folder / "manifest.json").stat().st_size == store.MAX_MANIFEST_BYTES
+    with pytest.raises(probes.ProbeError, match="is not an mnn-guard probe manifest"):
+        probes.load(folder)
+    cases: list[tuple[Any, str]] = [
+        ({**manifest, "recorded": {**manifest["recorded"], "runs": 10**17}},
+         "'recorded.runs' must be an integer in 0..10000, got 100000000000000000"),
+        ("[" * 100_000, "manifest.json is nested too deeply to be a probe manifest"),
+        ([], "manifest.json must hold a JSON object, got list"),
+        ({**manifest, "arrays": "x"}, "'arrays' must be {'file': 'arrays.npz', 'sha256': 64 hex "
+         "digits}, got 'x'"),
+        ({**manifest, "arrays": {**manifest["arrays"], "extra": 1}}, "'arrays' must be"),
+    ]  # fmt: skip
+    for value, message in cases:
+        write_manifest(folder, value if isinstance(value, str) else json.dumps(value))
+        with pytest.raises(probes.ProbeError) as info:
+            probes.load(folder)
+        assert message in str(info.value), str(info.value)
+    assert not store.is_sha256("X" * 64) and store.is_sha256("ab" * 32)
+
+
+def test_manifest_fields_at_their_limits(demo_probe: probes.Probe, tmp_path: Any) -> None:
+    """runs 0 and 10,000 and a 1,000-character note load; one more is refused, with its reason."""
+    import dataclasses
+
+    for runs, note, ok in ((0, "n" * 1000, True), (10_000, "", True), (10_001, "", False)):
+        meta = dataclasses.replace(demo_probe.meta, runs=runs, notes=(note,))
+        folder = tmp_path / f"r{runs}"
+        dataclasses.replace(demo_probe, meta=meta).save(folder)
+        if ok:
+            assert probes.load(folder).meta.runs == runs
+        else:
+            with pytest.raises(probes.ProbeError, match=r"'recorded.runs' must be an integer in"):
+                probes.load(folder)
+    long = dataclasses.replace(demo_probe.meta, notes=("n" * 1001,))
+    dataclasses.replace(demo_probe, meta=long).save(tmp_path / "long")
+    with pytest.raises(probes.ProbeError) as info:
+        probes.load(tmp_path / "long")
+    assert "each of 'recorded.notes' must be a string of at most 1000 characters, got" in str(
+        info.value
+    )
+    assert " or null" not in str(info.value)

@@ -1,4 +1,5 @@
-"""Promotion back to the fast rung and periodic re-checks, on the real demo vocoder.
+"""Maintenance on the real demo vocoder: promotion back to the fast rung, periodic re-checks,
+retries of a failed session, one pass at a time.
 
 Time is the only thing faked: a FakeClock drives `maintain()`; modules, canaries and threads
 are real.
@@ -6,6 +7,7 @@ are real.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from datetime import timedelta
@@ -14,10 +16,23 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import FakeClock, reference
+from plans import (
+    CANARY_FORWARDS,
+    Checks,
+    Counting,
+    GaugeAtEvent,
+    Plan,
+    Turning,
+    plan_session,
+    raising,
+    sample,
+    served_clean,
+)
 from prometheus_client import CollectorRegistry
 
 import guard
 import probes
+from guard.ladder import Action, Attempt
 from guard.testing import CapturingListener, Fault, FaultyFactory
 from guard.tools import demo
 from probes import measures
@@ -334,3 +349,215 @@ def test_passing_recheck_keeps_serving_between_its_forwards(demo_probe: probes.P
     session.close()
     assert done == ["recheck"]
     assert len(during) >= 1 and all(s > 45 for s in during)
+
+
+# ------------------------------------------------------------------ maintenance, in detail
+
+
+def test_passing_recheck_changes_nothing(demo_probe: probes.Probe) -> None:
+    """A re-check that passes keeps the module (no init), publishes CHECKING then SERVING."""
+    listener = CapturingListener()
+    s = plan_session(Plan("clean"), demo_probe, FakeClock(), listeners=[listener])
+    verdict, since = s.status.verdict, s.status.since
+    assert s.maintain(force_recheck=True) == ["recheck"]
+    assert s.status.since > since  # it left SERVING and came back
+    assert [e.outcome for e in listener.of("check")] == ["pass"]
+    assert [e.state for e in listener.of("status")] == [
+        "starting",
+        "serving",
+        "checking",
+        "serving",
+    ]
+    assert listener.of("recover") == [] and len(listener.of("init")) == 1
+    assert s.status.verdict is not None and s.status.verdict is not verdict
+    assert s.status.verdict.passed and s.status.history[-1].passed
+    s.close()
+
+
+def test_recheck_by_calls_wakes_the_background_thread_at_once(demo_probe: probes.Probe) -> None:
+    """The call completing recheck_every wakes the thread: no wait for its 1 s idle tick."""
+    checked = threading.Event()
+
+    class OnCheck(guard.Listener):
+        def on_check(self, session: str, attempt: Attempt) -> None:
+            checked.set()
+
+    s = guard.wrap(
+        demo.demo_factory(threads=1),
+        demo_probe,
+        name="wake",
+        metrics=False,
+        listeners=[OnCheck()],
+        policy=guard.Policy(recheck_every=1, promote_after=None),
+    )
+    built = time.monotonic()  # the thread started inside wrap: its first idle tick is 1 s on
+    s.run({"mel": demo.demo_mel(4)})
+    assert checked.wait(10)
+    elapsed = time.monotonic() - built
+    s.close()
+    assert elapsed < 0.9, f"the re-check came {elapsed:.2f} s after the session was built"
+
+
+def test_a_recheck_that_raises_is_an_error_and_the_module_is_replaced(
+    demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """A re-check whose forward raises is an error (no verdict, SNR -inf); it is replaced."""
+    calls = [0]
+
+    def factory(**kw: Any) -> Turning:
+        calls[0] += 1
+        return Turning(raising, after=CANARY_FORWARDS if calls[0] == 1 else 10**9, **kw)
+
+    checks = Checks()
+    gauges = GaugeAtEvent(registry)
+    s = plan_session(
+        factory, demo_probe, FakeClock(), registry=registry, listeners=[checks, gauges]
+    )
+    assert s.maintain(force_recheck=True) == ["recheck"]
+    assert gauges.seen[-2] == ("check", "error", None, -math.inf)
+    (check,) = checks.attempts
+    assert (check.outcome, check.verdict, check.rung_index) == (guard.ladder.Outcome.ERROR, None, 0)
+    assert isinstance(check.error, RuntimeError) and check.outputs == {}
+    assert sample(registry, "mnn_guard_canary_checks_total", rung="static", result="error") == 1
+    assert (s.status.state, calls[0]) == (guard.State.SERVING, 2)
+    assert s.maintain(force_recheck=True) == ["recheck"]
+    assert checks.attempts[-1].passed and checks.attempts[-1].error is None
+    assert checks.attempts[-1].outputs == {}
+    s.close()
+
+
+def test_a_recheck_holds_the_module_one_forward_at_a_time(demo_probe: probes.Probe) -> None:
+    """A caller's forward waits for a re-check's forward: never two forwards at once."""
+    caller_waiting = threading.Event()
+    modules: list[Counting] = []
+
+    def hold(number: int) -> None:
+        if number == CANARY_FORWARDS + 1:  # the re-check's first forward
+            caller_waiting.wait(0.5)  # a caller that could enter would do so now
+
+    s = plan_session(
+        lambda **kw: modules.append(Counting(hold, **kw)) or modules[-1],
+        demo_probe, FakeClock(),
+    )  # fmt: skip
+    x = demo.demo_mel(4)
+
+    def caller() -> None:
+        while modules[0].forwards < CANARY_FORWARDS + 1:
+            time.sleep(0.001)
+        caller_waiting.set()
+        s.run({"mel": x})
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    assert s.maintain(force_recheck=True) == ["recheck"]
+    thread.join(30)
+    assert modules[0].most_at_once == 1
+    assert modules[0].forwards == 2 * CANARY_FORWARDS + 1
+    s.close()
+
+
+def test_a_failed_recheck_on_a_slower_rung_retries_that_rung_first(
+    demo_probe: probes.Probe,
+) -> None:
+    """On the dynamic rung, a failing re-check re-initialises dynamic, not the faster static."""
+    listener = CapturingListener()
+    factory = Plan("bad", "turns", "clean")
+    s = plan_session(factory, demo_probe, FakeClock(), listeners=[listener], promote_after=None)
+    assert s.status.mode == "dynamic"
+    assert s.maintain(force_recheck=True) == ["recheck"]
+    assert (s.status.mode, factory.inits) == ("dynamic", 3)
+    recovered = [(e.action, e.rung, e.to_rung) for e in listener.of("recover")]
+    assert recovered == [("fallback", "static", "dynamic"), ("reinit", "dynamic", "dynamic")]
+    s.close()
+
+
+def test_failed_session_is_retried_every_promote_after(demo_probe: probes.Probe) -> None:
+    """A session FAILED after a re-check retries every promote_after seconds, not before."""
+    factory = Plan("turns", "bad", "bad", "bad", "bad", "clean")
+    clock = FakeClock()
+    listener = CapturingListener()
+    s = plan_session(factory, demo_probe, clock, listeners=[listener], promote_after=60.0)
+    assert s.maintain(force_recheck=True) == ["recheck"]
+    assert (s.status.state, factory.inits) == (guard.State.FAILED, 3)
+    with pytest.raises(guard.RecoveryExhausted, match="every rung of the ladder failed"):
+        s.run({"mel": demo.demo_mel(8)})
+    clock.advance(59)
+    assert s.maintain() == [] and factory.inits == 3
+    clock.advance(2)
+    assert s.maintain() == ["retry"]
+    assert (s.status.state, factory.inits) == (guard.State.FAILED, 5)  # both rungs again
+    clock.advance(59)
+    assert s.maintain() == [] and factory.inits == 5  # the failed retry restarted the period
+    clock.advance(2)
+    assert s.maintain() == ["retry"]
+    assert (s.status.state, s.status.rung_index, factory.inits) == (guard.State.SERVING, 0, 6)
+    assert s.status.attempts == 1 and s.status.history[0].passed
+    assert served_clean(s)
+    # the re-check's recovery: reinit, fallback; the first retry's dynamic try: fallback
+    assert [e.action for e in listener.of("recover")] == ["reinit", "fallback", "fallback"]
+    s.close()
+
+
+def test_fallback_after_a_failed_recheck_waits_before_promoting(demo_probe: probes.Probe) -> None:
+    """A fallback caused by a failed re-check restarts the promotion period: no init churn."""
+    factory = Plan("turns", "bad", "clean")
+    clock = FakeClock()
+    s = plan_session(factory, demo_probe, clock, promote_after=300.0)
+    clock.advance(10_000)  # long past the first period: only a fresh one may hold promotion
+    assert s.maintain(force_recheck=True) == ["recheck"]
+    assert (s.status.mode, factory.inits) == ("dynamic", 3)
+    assert s.maintain() == []
+    clock.advance(299)
+    assert s.maintain() == [] and factory.inits == 3
+    clock.advance(2)
+    assert s.maintain() == [Action.PROMOTE]
+    assert (s.status.mode, s.status.rung_index, factory.inits) == ("static", 0, 4)
+    assert served_clean(s)
+    s.close()
+
+
+def test_promotion_is_due_at_exactly_promote_after(demo_probe: probes.Probe) -> None:
+    """promote_after seconds to the tick after a fallback, the promotion runs."""
+    clock = FakeClock()
+    s = plan_session(Plan("bad", "clean"), demo_probe, clock)
+    clock.advance(299.5)
+    assert s.maintain() == []
+    clock.advance(0.5)
+    assert s.maintain() == [Action.PROMOTE]
+    s.close()
+
+
+def test_a_pass_rechecks_and_then_promotes(demo_probe: probes.Probe) -> None:
+    """A re-check and a promotion both due: one pass does both, the passing re-check first."""
+    clock = FakeClock()
+    s = plan_session(Plan("bad", "clean"), demo_probe, clock, recheck_every=60.0)
+    clock.advance(301)
+    assert s.maintain() == ["recheck", Action.PROMOTE]
+    assert s.status.mode == "static"
+    s.close()
+
+
+def test_a_second_maintenance_pass_during_one_does_nothing(demo_probe: probes.Probe) -> None:
+    """maintain() while another pass builds a promotion returns [] at once (no second pass)."""
+    building = threading.Event()
+    release = threading.Event()
+    plan = Plan("bad", "clean")
+
+    def factory(**kw: Any) -> Any:
+        if plan.inits == 2:  # the promotion's init
+            building.set()
+            assert release.wait(30)
+        return plan(**kw)
+
+    clock = FakeClock()
+    s = plan_session(factory, demo_probe, clock)
+    clock.advance(301)
+    done: list[Any] = []
+    first = threading.Thread(target=lambda: done.append(s.maintain()))
+    first.start()
+    assert building.wait(30)
+    assert s.maintain(force_recheck=True) == []
+    release.set()
+    first.join(30)
+    assert done == [[Action.PROMOTE]]
+    s.close()

@@ -1,4 +1,5 @@
-"""The guarded session on the real demo vocoder: canary, re-init, fallback, exhaustion, serving."""
+"""The guarded session on the real demo vocoder: canary, re-init, fallback, exhaustion, serving,
+run()'s error paths and what callers are told."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import quiet_policy, reference
+from conftest import FakeClock, quiet_policy, reference
+from plans import CANARY_FORWARDS, Plan, Turning, plan_session, raising, sample
+from prometheus_client import CollectorRegistry
 
 import guard
 import probes
 from guard.testing import CapturingListener, Fault, FaultyFactory
 from guard.tools import demo
-from probes import measures
+from probes import measures, signature
 
 Array = np.ndarray[Any, Any]
 
@@ -371,3 +374,132 @@ def test_a_listener_that_raises_on_run_fails_no_call(
     (record,) = [r for r in caplog.records if "on_run" in r.getMessage()]
     assert record.getMessage() == f"listener {broken!r} failed on on_run"
     assert record.exc_info is not None and str(record.exc_info[1]) == "listener bug"
+
+
+# ------------------------------------------------------------------ run() error paths
+
+
+def test_module_returning_no_outputs_after_its_canary(
+    demo_probe: probes.Probe, registry: CollectorRegistry, mel: Array
+) -> None:
+    """A forward returning [] (MNN's internal shape error) raises OutputMismatch, counted error."""
+    faulty = FaultyFactory(
+        demo.demo_factory(threads=1),
+        fault=Fault.MISSING,
+        schedule=[True],
+        affects="all",
+        degrade_after=CANARY_FORWARDS,
+    )
+    s = plan_session(faulty, demo_probe, FakeClock(), registry=registry)
+    expected = r"returned 0 outputs, expected \['wav'\]"
+    with pytest.raises(guard.errors.OutputMismatch, match=expected):
+        s.run({"mel": mel})
+    runs = {
+        r: sample(registry, "mnn_guard_runs_total", rung="static", result=r)
+        for r in ("ok", "error")
+    }
+    assert runs == {"ok": 0.0, "error": 1.0}
+    assert sample(registry, "mnn_guard_run_seconds_count", rung="static") == 0.0
+    s.close()
+
+
+def test_forward_that_raises_after_its_canary(
+    demo_probe: probes.Probe, registry: CollectorRegistry, mel: Array
+) -> None:
+    """A forward raising after the canary: ForwardFailed chained to it, counted error, serving."""
+    s = plan_session(
+        lambda **kw: Turning(raising, after=CANARY_FORWARDS, **kw),
+        demo_probe,
+        FakeClock(),
+        registry=registry,
+    )
+    for _ in range(2):
+        with pytest.raises(guard.errors.ForwardFailed, match="session 'p': forward failed") as info:
+            s.run({"mel": mel})
+        assert isinstance(info.value, guard.GuardError)
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert str(info.value.__cause__) == "injected forward failure"
+    runs = {
+        r: sample(registry, "mnn_guard_runs_total", rung="static", result=r)
+        for r in ("ok", "error", "invalid")
+    }
+    assert runs == {"ok": 0.0, "error": 2.0, "invalid": 0.0}
+    assert s.status.state is guard.State.SERVING
+    s.close()
+
+
+def test_guard_errors_from_a_forward_pass_through_unwrapped(demo_probe: probes.Probe) -> None:
+    """A GuardError raised inside the forward reaches the caller as it is, not re-wrapped."""
+
+    def closed(outputs: list[Array]) -> list[Array]:
+        raise guard.errors.SessionClosed("inner session closed")
+
+    s = plan_session(
+        lambda **kw: Turning(closed, after=CANARY_FORWARDS, **kw), demo_probe, FakeClock()
+    )
+    with pytest.raises(guard.errors.SessionClosed, match=r"^inner session closed$"):
+        s.run({"mel": demo.demo_mel(8)})
+    s.close()
+
+
+# ------------------------------------------------------------------ what callers are told
+
+
+def test_exhaustion_names_the_session_and_numbers_every_attempt(demo_probe: probes.Probe) -> None:
+    """RecoveryExhausted names the session, numbers each attempt; status shows the last one."""
+    factory = Plan("turns", "noisy", "noisy", "noisy", "bad")
+    s = plan_session(factory, demo_probe, FakeClock(), reinit_attempts=1)
+    assert s.maintain(force_recheck=True) == ["recheck"]
+    status = s.status
+    assert [(a.rung.name, a.outcome.value) for a in status.history] == [
+        ("static", "fail"),
+        ("static", "fail"),
+        ("dynamic", "fail"),
+        ("dynamic", "fail"),
+    ]
+    last = status.history[-1].verdict
+    assert last is not None and status.verdict is not None
+    assert status.verdict.worst_snr_db == last.worst_snr_db < 1  # all zeros: 0 dB, not 29 dB
+    assert (status.rung_index, status.mode) == (1, "dynamic")
+    with pytest.raises(guard.RecoveryExhausted) as info:
+        s.run({"mel": demo.demo_mel(8)})
+    text = str(info.value)
+    assert text.startswith("session 'p': every rung of the ladder failed its canary:\n  1. rung")
+    assert "\n  2. rung 'static': fail" in text and "\n  4. rung 'dynamic': fail" in text
+    assert "\n  5." not in text and len(info.value.attempts) == 4
+    s.close()
+
+
+def test_a_session_made_directly_raises_when_every_rung_fails(demo_probe: probes.Probe) -> None:
+    """GuardedSession itself raises RecoveryExhausted by default, as guard.wrap does."""
+    with pytest.raises(guard.RecoveryExhausted):
+        guard.GuardedSession(
+            Plan("bad"), demo_probe, name="p",
+            policy=guard.Policy(background=False, reinit_attempts=0),
+        )  # fmt: skip
+
+
+def test_a_probe_its_goldens_fail_names_every_reason(demo_probe: probes.Probe) -> None:
+    """Thresholds no golden meets: ConfigError before any init, listing each output's reason."""
+    two = probes.Probe(
+        cases=(
+            probes.Case(
+                inputs={"x": np.zeros(2, np.float32)}, outputs={"a": np.ones(2), "b": np.ones(2)}
+            ),
+        ),
+        inputs=(signature.InputSpec(name="x", dtype="float32", shape=(2,)),),
+        outputs=(
+            signature.OutputSpec(name="a", dtype="float64", shape=(2,)),
+            signature.OutputSpec(name="b", dtype="float64", shape=(2,)),
+        ),
+        thresholds=probes.Thresholds(min_cosine=1.5),
+    )
+    with pytest.raises(guard.ConfigError) as info:
+        guard.wrap(lambda **kw: None, two, name="p", metrics=False)
+    assert str(info.value) == (
+        "case 0's golden outputs fail the probe's own thresholds (output 'a': cosine 1 is below "
+        "the limit 1.5; output 'b': cosine 1 is below the limit 1.5); loosen the thresholds or "
+        "re-record the probe"
+    )
+    with pytest.raises(guard.errors.FactoryError, match=r"^factory must be callable, got int$"):
+        guard.wrap(42, demo_probe, name="p", metrics=False)  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import FakeClock, reference
+from plans import CANARY_FORWARDS, Plan, Turning, plan_session
 
 import guard
 import probes
@@ -336,7 +337,8 @@ def test_a_caller_waiting_for_a_replacement_is_served_by_it(demo_probe: probes.P
 
 
 def test_wait_for_a_replacement_is_bounded_by_policy(demo_probe: probes.Probe) -> None:
-    """A caller waiting for a replacement that takes longer than wait_timeout gets Unavailable."""
+    """A caller waiting for a replacement that takes longer than wait_timeout gets Unavailable,
+    which names the setting that bounded the wait."""
     gate = threading.Event()
     factory = Scripted(["turns", "exit"], gate=gate)
     session = guard.wrap(
@@ -360,11 +362,132 @@ def test_wait_for_a_replacement_is_bounded_by_policy(demo_probe: probes.Probe) -
     worker.start()
     assert factory.entered.wait(BOUND)
     started = time.monotonic()
-    with pytest.raises(guard.Unavailable, match="wait_timeout"):
+    with pytest.raises(guard.Unavailable, match="wait_timeout") as info:
         session.run({"mel": demo.demo_mel(10)})
     waited = time.monotonic() - started
     gate.set()
     worker.join(BOUND)
     assert 0.3 <= waited < BOUND
+    assert str(info.value) == (
+        "session 'bounded': no healthy module within 0.3 s while it was replacing "
+        "(Policy.wait_timeout); try again later"
+    )
     assert [type(e) for e in errors] == [SystemExit]
     session.close()
+
+
+# ------------------------------------------------------------------ close and the background thread
+
+
+def test_a_recheck_interrupted_by_systemexit_leaves_failed(demo_probe: probes.Probe) -> None:
+    """SystemExit in a re-check: maintain() re-raises it, FAILED, callers told why, chained."""
+
+    def exiting(outputs: list[Array]) -> list[Array]:
+        raise SystemExit(3)
+
+    s = plan_session(
+        lambda **kw: Turning(exiting, after=CANARY_FORWARDS, **kw), demo_probe, FakeClock()
+    )
+    with pytest.raises(SystemExit):
+        s.maintain(force_recheck=True)
+    assert (s.status.state, s.status.attempts) == (guard.State.FAILED, 0)
+    with pytest.raises(guard.RecoveryExhausted) as info:
+        s.run({"mel": demo.demo_mel(8)})
+    assert str(info.value) == "session 'p': a re-check was interrupted by SystemExit: 3:\n  "
+    assert isinstance(info.value.__cause__, SystemExit)
+    s.close()
+
+
+def test_work_finishing_after_close_changes_nothing(demo_probe: probes.Probe) -> None:
+    """A promotion whose init finishes after close() installs nothing and reports nothing."""
+    plan = Plan("bad", "clean")
+    holder: list[guard.GuardedSession] = []
+
+    def factory(**kw: Any) -> Any:
+        if plan.inits == 2:
+            holder[0].close()
+        return plan(**kw)
+
+    clock = FakeClock()
+    s = plan_session(factory, demo_probe, clock)
+    holder.append(s)
+    clock.advance(301)
+    assert s.maintain() == []
+    assert s.status.state is guard.State.CLOSED and plan.inits == 3
+    with pytest.raises(guard.errors.SessionClosed):
+        s.run({"mel": demo.demo_mel(8)})
+
+
+def test_status_says_since_when_in_wall_clock_time(demo_probe: probes.Probe) -> None:
+    """status.since is the wall-clock time the session entered its state (what stuck() reads)."""
+    before = time.time()
+    s = plan_session(Plan("clean"), demo_probe, FakeClock())
+    assert before <= s.status.since <= time.time()
+    s.close()
+
+
+def test_close_stops_the_maintenance_thread_at_once(demo_probe: probes.Probe) -> None:
+    """close() wakes and ends the background thread: it returns well within its 5 s join."""
+    s = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, name="stop", metrics=False,
+        policy=guard.Policy(recheck_every=30.0, promote_after=None),
+    )  # fmt: skip
+    (thread,) = [t for t in threading.enumerate() if t.name == "mnn-guard-stop"]
+    assert thread.daemon  # a session never closed cannot keep the process from exiting
+    started = time.monotonic()
+    s.close()
+    assert time.monotonic() - started < 2.0
+    assert "mnn-guard-stop" not in [t.name for t in threading.enumerate()]
+
+
+def test_a_dropped_session_cleans_up_after_itself(demo_probe: probes.Probe) -> None:
+    """A session dropped without close() is collected; its thread ends; all hear of a close."""
+    import gc
+    import weakref
+
+    table = guard.health.HealthTable()
+    listener = CapturingListener()
+    s = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, name="dropped", metrics=False, health=table,
+        listeners=[listener], policy=guard.Policy(recheck_every=30.0, promote_after=None),
+    )  # fmt: skip
+    (thread,) = [t for t in threading.enumerate() if t.name == "mnn-guard-dropped"]
+    ref = weakref.ref(s)
+    del s
+    gc.collect()
+    assert ref() is None
+    thread.join(0.5)  # woken at once by the finalizer, not at its next 1 s tick
+    assert not thread.is_alive()
+    assert table.sessions() == {} and [e.kind for e in listener.events][-1] == "close"
+
+
+def test_a_failing_background_pass_is_logged_and_maintenance_goes_on(
+    demo_probe: probes.Probe,
+) -> None:
+    """SystemExit from the factory in the maintenance thread is logged with the session's name."""
+    import logging
+
+    logged = threading.Event()
+    messages: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.exc_info is not None:
+                messages.append(record.getMessage())
+                logged.set()
+
+    handler = Catch()
+    logging.getLogger("mnn_guard").addHandler(handler)
+    try:
+        s = guard.wrap(
+            Plan("turns", "exit", "clean"), demo_probe, name="bg", metrics=False,
+            policy=guard.Policy(recheck_every=2, promote_after=None, reinit_attempts=0),
+        )  # fmt: skip
+        x = demo.demo_mel(4)
+        for _ in range(2):
+            s.run({"mel": x})
+        assert logged.wait(10)
+        s.close()
+    finally:
+        logging.getLogger("mnn_guard").removeHandler(handler)
+    assert messages == ["session bg: maintenance failed"]

@@ -64,7 +64,7 @@ def run_tensors(
     check_not_forked()
     known = {node.name for node in tensor_graph(path)}
     unknown = sorted(set(inputs) - known) + sorted(set(names) - known)
-    if unknown:  # an unknown name crashes the dynamic load (DESIGN.md)
+    if unknown:  # an unknown name crashes the dynamic load (docs/architecture.md)
         raise ConfigError(f"model {os.fspath(path)!r} has no tensor(s) named {unknown}")
     kwargs = check_load_options(load_kwargs)
     module = nn.load_module_from_file(os.fspath(path), list(inputs), list(names), **kwargs)

@@ -1,0 +1,260 @@
+"""Shadow checks: every N-th live call is judged, off the request path, against a reference.
+
+The canary judges only the recorded inputs; a module degraded only for inputs unlike them (another
+shape, loud audio) passes it. A session with `Policy.shadow_every=N` copies every N-th call's
+inputs and served outputs into a small queue (a full queue drops the sample and counts it,
+never waits). One background thread per session runs each sample's inputs on a reference
+module (the probe's reference configuration, `dynamic=True` by default, built when the session
+first serves and kept) and judges the served outputs against the reference's with the probe's
+limits (the calibrated ones where the probe has them). The session acts on a divergence
+(`GuardedSession._diverged`): the module leaves service, and the live inputs join its canary.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from guard import mnn
+from guard.sentinels import loading
+from probes import Probe, Verdict
+from probes.judges import OutputScore, judge_output
+
+__all__ = ["CAPACITY", "Reference", "Sample", "Shadow", "ShadowCheck", "ShadowResult", "ShadowStatus"]
+
+Array = NDArray[Any]
+CAPACITY = 4  # sampled calls waiting for the shadow thread at most
+log = logging.getLogger("mnn_guard")
+
+
+class ShadowResult(enum.StrEnum):
+    """How one sampled call ended (the `result` label of mnn_guard_shadow_checks_total)."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    DROPPED = "dropped"  # the queue was full: not checked
+
+
+class Reference(enum.StrEnum):
+    """What the shadow compares against."""
+
+    NONE = "none"  # not built yet, or it could not be built (see `ShadowStatus.error`)
+    DYNAMIC = "dynamic"  # the probe's reference configuration, as asked
+    STATIC = "static"  # MNN loaded the reference statically (control flow): a second instance
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One sampled call: owned copies of its inputs (model order) and served outputs."""
+
+    inputs: tuple[Array, ...]
+    served: tuple[Array, ...]
+    generation: int  # which installed module served it (the session counts installs)
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowCheck:
+    """A sampled call's judgement (or its drop), for listeners."""
+
+    result: ShadowResult
+    verdict: Verdict | None = None
+    sample: Sample | None = None
+    reference: Mapping[str, Array] = field(default_factory=dict)  # every probe output
+    seconds: float = 0.0
+
+    @property
+    def worst_snr_db(self) -> float:
+        """The lowest SNR of the served outputs against the reference's (NaN when unjudged)."""
+        return self.verdict.worst_snr_db if self.verdict is not None else math.nan
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowStatus:
+    """A session's shadow checks so far."""
+
+    every: int
+    reference: Reference
+    checks: int
+    failed: int
+    dropped: int
+    worst_snr_db: float  # since the module in use was installed (inf: nothing checked yet)
+    error: str | None = None  # why no reference could be built
+
+
+class Shadow:
+    """A session's shadow checker: a bounded queue, one thread, one reference module."""
+
+    def __init__(
+        self,
+        name: str,
+        probe: Probe,
+        factory: Callable[..., Any],
+        *,
+        every: int,
+        on_check: Callable[[ShadowCheck], None],
+        capacity: int = CAPACITY,
+    ) -> None:
+        self.name = name
+        self.probe = probe  # replaced by the session when diverging inputs join its canary
+        self.every = every
+        self._factory = factory
+        self._overrides = dict(probe.meta.reference)
+        self._on_check = on_check
+        self._queue: queue.Queue[Sample | None] = queue.Queue(capacity)
+        self._lock = threading.Lock()
+        self._runner: mnn.Runner | None = None
+        self._reference = Reference.NONE
+        self._error: str | None = None
+        self._checks = self._failed = self._dropped = 0
+        self._worst = math.inf
+        self._thread = threading.Thread(target=self._loop, name=f"mnn-guard-shadow-{name}", daemon=True)
+        self._started = False
+        self._closed = False
+
+    # ------------------------------------------------------------ request path
+
+    def start(self) -> None:
+        """Start the thread (it builds the reference first, off the request path)."""
+        with self._lock:
+            if self._started or self._closed:
+                return
+            self._started = True
+        self._thread.start()
+
+    def offer(self, arrays: Sequence[Array], served: Sequence[Array], generation: int) -> bool:
+        """Queue a copy of one call for checking; False (and counted) when the queue is full."""
+        sample = Sample(
+            tuple(np.array(a, copy=True) for a in arrays),
+            tuple(np.array(o, copy=True) for o in served),
+            generation,
+        )
+        try:
+            self._queue.put_nowait(sample)
+        except queue.Full:
+            with self._lock:
+                self._dropped += 1
+            self._notify(ShadowCheck(ShadowResult.DROPPED))
+            return False
+        return True
+
+    # ------------------------------------------------------------ the thread
+
+    def _loop(self) -> None:
+        self._build()
+        while True:
+            sample = self._queue.get()
+            if sample is None:
+                return
+            try:
+                check = self._check(sample)
+            except Exception as exc:  # a reference forward that raised: no judgement
+                log.warning("session %s: shadow check failed to run: %r", self.name, exc)
+                continue
+            if check is not None:
+                self._notify(check)
+
+    def _build(self) -> None:
+        """Build the reference module (kept for the session's life)."""
+        probe = self.probe
+        try:
+            loaded, report = mnn.load(self._factory, loading(probe, self._overrides))
+            runner = mnn.adapt(loaded, probe.input_names, probe.output_names)
+        except Exception as exc:
+            with self._lock:
+                self._error = f"the reference {self._overrides} could not be built: {exc!r}"
+            log.error("session %s: no shadow checks: %s", self.name, self._error)
+            return
+        kind = Reference.STATIC if report.turned_static else Reference.DYNAMIC
+        with self._lock:
+            self._runner, self._reference = runner, kind
+
+    def _check(self, sample: Sample) -> ShadowCheck | None:
+        """Run the sample on the reference and judge the served outputs against it."""
+        runner = self._runner
+        if runner is None:
+            return None
+        probe = self.probe
+        start = time.perf_counter()
+        outputs = runner.run(list(sample.inputs))
+        if len(outputs) != len(probe.outputs):
+            log.warning(
+                "session %s: the shadow reference returned %d outputs for a live call, "
+                "expected %d; not judged", self.name, len(outputs), len(probe.outputs),
+            )  # fmt: skip
+            return None
+        reference = dict(zip(probe.output_names, outputs, strict=True))
+        verdict = _judge(probe, sample.served, reference)
+        seconds = time.perf_counter() - start
+        with self._lock:
+            self._checks += 1
+            self._failed += not verdict.passed
+            self._worst = min(self._worst, verdict.worst_snr_db)
+        result = ShadowResult.PASS if verdict.passed else ShadowResult.FAIL
+        return ShadowCheck(result, verdict, sample, reference, seconds)
+
+    def _notify(self, check: ShadowCheck) -> None:
+        try:
+            self._on_check(check)
+        except Exception:  # the session's handler: never fatal to the thread
+            log.exception("session %s: the shadow check's handler failed", self.name)
+
+    # ------------------------------------------------------------ state
+
+    def installed(self) -> None:
+        """A new module serves: the worst SNR starts over."""
+        with self._lock:
+            self._worst = math.inf
+
+    @property
+    def status(self) -> ShadowStatus:
+        """The checks so far, and what the shadow compares against."""
+        with self._lock:
+            return ShadowStatus(
+                every=self.every,
+                reference=self._reference,
+                checks=self._checks,
+                failed=self._failed,
+                dropped=self._dropped,
+                worst_snr_db=self._worst,
+                error=self._error,
+            )
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread (after the sample in hand) and drop the reference module."""
+        with self._lock:
+            self._closed = True
+            started = self._started
+        if started:
+            while True:  # make room for the stop sign: pending samples are not checked
+                try:
+                    self._queue.put_nowait(None)
+                    break
+                except queue.Full:
+                    try:
+                        self._queue.get_nowait()
+                    except queue.Empty:
+                        pass
+            if self._thread is not threading.current_thread():
+                self._thread.join(timeout)
+        self._runner = None
+
+
+def _judge(probe: Probe, served: Sequence[Array], reference: Mapping[str, Array]) -> Verdict:
+    """The served outputs against the reference's, with the probe's (tight) limits."""
+    scores: dict[str, OutputScore] = {}
+    reasons: list[str] = []
+    for name, actual in zip(probe.served_names, served, strict=True):
+        score = judge_output(name, reference[name], actual, probe.limits_for(name))
+        scores[name] = score
+        reasons.extend(score.reasons)
+    return Verdict(not reasons, scores, tuple(reasons))
