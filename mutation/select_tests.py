@@ -22,6 +22,7 @@ POOL = ("tests/test_pool.py", "tests/test_async_pool.py")
 
 SELECTION: dict[str, tuple[str, ...]] = {
     "guard.session": (*SESSION, "tests/test_metrics.py", "tests/test_inputs.py"),
+    "guard.maintenance": (*SESSION, "tests/test_metrics.py"),
     "guard.state": (*SESSION, "tests/test_metrics.py", "tests/test_server.py"),
     "guard.canary": SESSION,
     "guard.inputs": ("tests/test_inputs.py", PINNED, "tests/test_session.py"),
