@@ -145,16 +145,33 @@ class Maintenance:
         module is taken out of service and callers wait for its replacement.
         """
         with self._cond:
-            live, index = self._live, self._rung_index
+            live, index, last_check = self._live, self._rung_index, self._last_check
             if live is None or not self._to(State.CHECKING):
                 return False
             self._calls = 0
             self._last_check = self._clock()
         self._publish()
-        rung = self.policy.ladder[index]
+        attempt: Attempt | None = None
+        try:
+            attempt = self._check(live, index)
+            notify(self._listeners, "on_check", self.name, attempt)
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: leave CHECKING, then raise
+            self._interrupted(exc, attempt, last_check)
+            raise
+        with self._cond:
+            if not self._to(State.SERVING if attempt.passed else State.REPLACING):
+                return False  # closed meanwhile
+            self._verdict = attempt.verdict
+        self._publish()
+        if attempt.passed:
+            return True
+        return self._recover(index, announce_first=True)
+
+    def _check(self, live: mnn.Runner, index: int) -> Attempt:
+        """The canary on the live module, as an attempt (a forward that raised is an error)."""
         start = time.perf_counter()
         verdict: Verdict | None = None
-        error: BaseException | None = None
+        error: Exception | None = None
         failed: dict[int, Any] = {}
         basis = Basis.GOLDEN
         try:
@@ -170,22 +187,28 @@ class Maintenance:
             outcome = Outcome.PASS if verdict.passed else Outcome.FAIL
         except Exception as exc:
             outcome, error = Outcome.ERROR, exc
-        except BaseException as exc:  # leave CHECKING whatever happens: out of service
+        seconds = time.perf_counter() - start
+        rung = self.policy.ladder[index]
+        return Attempt(rung, index, outcome, verdict, error, seconds, failed, basis=basis)
+
+    def _interrupted(self, exc: BaseException, attempt: Attempt | None, last_check: float) -> None:
+        """Leave CHECKING after an interrupted re-check.
+
+        A module the re-check found bad is out of service (FAILED, saying why); one it did not
+        find bad serves on, and the re-check stays due.
+        """
+        why = f"a re-check was interrupted by {type(exc).__name__}: {exc}"
+        if attempt is not None and not attempt.passed:
             with self._cond:
                 self._to(State.REPLACING)
-            self._fail((), f"a re-check was interrupted by {type(exc).__name__}: {exc}", exc)
-            raise
-        seconds = time.perf_counter() - start
-        attempt = Attempt(rung, index, outcome, verdict, error, seconds, failed, basis=basis)
-        notify(self._listeners, "on_check", self.name, attempt)
+            self._fail((attempt,), why, exc)
+            return
         with self._cond:
-            if not self._to(State.SERVING if attempt.passed else State.REPLACING):
-                return False  # closed meanwhile
-            self._verdict = verdict
-        self._publish()
-        if attempt.passed:
-            return True
-        return self._recover(index, announce_first=True)
+            self._last_check = last_check
+            moved = self._to(State.SERVING)
+        if moved:
+            self._publish()
+        log.warning("session %s: %s; the module serves on (nothing found it bad)", self.name, why)
 
     def _promote(self, current: int) -> bool:
         """Build each faster rung off the request path; swap in the first whose canary passes."""

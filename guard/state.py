@@ -1,16 +1,17 @@
 """The states of a guarded session, the moves between them, and a snapshot of one.
 
-The only moves (`MOVES`); `GuardedSession._to` makes every one of them:
+The only moves (`MOVES`); `GuardedSession._to` makes every one of them (`guard.maintenance`
+through it too):
 
     from       to         when
     STARTING   SERVING    a rung's module passes its canary (inside guard.wrap)
     STARTING   FAILED     every rung fails (guard.wrap raises RecoveryExhausted)
     SERVING    CHECKING   a re-check starts on the live module
     SERVING    SERVING    a promotion swaps in a faster rung's module that passed
-    CHECKING   SERVING    the re-check passes
-    CHECKING   REPLACING  the re-check fails: the module is out of service at once
+    CHECKING   SERVING    the re-check passes, or is interrupted before it finds the module bad
+    CHECKING   REPLACING  the re-check fails (or is interrupted after): out of service at once
     REPLACING  SERVING    a replacement passes its canary
-    REPLACING  FAILED     every rung fails, or the recovery raised (even SystemExit)
+    REPLACING  FAILED     every rung fails, or the recovery (or re-check) was interrupted
     FAILED     SERVING    a retry (every Policy.promote_after seconds) passes
     FAILED     FAILED     the retry fails
     any        CLOSED     close(), or the session was dropped and garbage-collected
