@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from guard.ladder import STATIC_LOAD, Attempt, Basis, Rung
 from probes import Verdict
 
-__all__ = ["LIVE", "MOVES", "SessionStatus", "State"]
+__all__ = ["LIVE", "MOVES", "SEVERITY", "SessionStatus", "State"]
 
 
 class State(enum.Enum):
@@ -51,6 +51,12 @@ MOVES: dict[State, frozenset[State]] = {
     State.CLOSED: frozenset(),
 }
 LIVE = frozenset({State.SERVING, State.CHECKING})  # the states with a module to serve
+_BEST_FIRST = (
+    State.SERVING, State.CHECKING, State.STARTING, State.REPLACING, State.FAILED, State.CLOSED
+)  # fmt: skip
+SEVERITY: dict[State, int] = {state: rank for rank, state in enumerate(_BEST_FIRST)}
+"""How bad each state is: where live sessions share a name, readiness and metrics show the
+worst of them."""
 
 
 @dataclass(frozen=True, slots=True)
