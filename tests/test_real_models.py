@@ -273,7 +273,7 @@ def test_the_dynamic_rung_is_reported_as_what_it_is(
         factory, probe = demo.demo_factory(), demo_probe
     else:
         factory, probe = cf_factory(converted), probes.record(cf_factory(converted), cf_inputs())
-    faulty = FaultyFactory(factory, schedule=[True] * 4)  # spares dynamic inits
+    faulty = FaultyFactory(factory, schedule=[True] * 4)  # the static rung's 4 inits
     caplog.set_level(logging.INFO, logger="mnn_guard")
     registry, events = CollectorRegistry(), CapturingListener()
     with warnings.catch_warnings(record=True) as warned:
@@ -301,6 +301,30 @@ def test_the_dynamic_rung_is_reported_as_what_it_is(
     assert len(warned_ignored) == int(static)
     if static:
         assert "no real dynamic fallback" in str(warned_ignored[0].message)
+
+
+@pytest.mark.parametrize(("model", "spared"), [("control_flow", False), ("vocoder", True)])
+def test_fault_injection_degrades_a_dynamic_rung_that_mnn_loads_statically(
+    model: str, spared: bool, converted: dict[str, Path], demo_probe: probes.Probe
+) -> None:
+    """FaultyFactory's default spares dynamic=True inits only where MNN honours them: on the
+    control-flow model (loaded statically all the same) every init is degraded and the
+    session FAILS; on the vocoder the dynamic rung is spared and serves."""
+    if model == "vocoder":
+        factory, probe = demo.demo_factory(threads=1), demo_probe
+    else:
+        factory, probe = cf_factory(converted), probes.record(cf_factory(converted), cf_inputs())
+    faulty = FaultyFactory(factory, rate=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", guard.mnn.DynamicIgnoredWarning)
+        session = guard.wrap(
+            faulty, probe, policy=quiet_policy(), metrics=False, raise_exhausted=False
+        )
+    with session:
+        status = session.status
+    assert (status.healthy, status.mode) == (spared, "dynamic")
+    assert faulty.degraded_inits == faulty.inits - int(spared)
+    assert {a.turned_static for a in status.history if a.rung.name == "dynamic"} == {not spared}
 
 
 @pytest.mark.slow
