@@ -385,16 +385,25 @@ class GuardedSession(Maintenance):
                         if self._calls == self._recheck_calls:
                             self._wake.set()
         if refused is None and len(outputs) != len(self._output_names):
-            refused = (Call.ERROR, OutputMismatch(
-                f"session {self.name!r}: the module returned {len(outputs)} outputs, expected "
-                f"{self._output_names} (MNN returns [] on an internal shape error)"
-            ))  # fmt: skip
+            assert live is not None
+            refused = (Call.ERROR, self._mismatch(live, arrays, len(outputs)))
         if refused is not None:
             self._ran(index, start, refused[0])
             raise refused[1]
         if self._run_listeners:
             self._ran(index, start, CALL_OK)
         return dict(zip(self._output_names, outputs, strict=False))  # lengths checked above
+
+    def _mismatch(self, live: mnn.Runner, arrays: list[Array], got: int) -> OutputMismatch:
+        """The error of a forward that returned `got` outputs, with what MNN says on one more
+        forward (under the module's lock; only on this error path, never on a served call)."""
+        with self._lock:
+            said = mnn.why_no_outputs(live, arrays)
+        return OutputMismatch(
+            f"session {self.name!r}: the module returned {got} outputs, expected "
+            f"{self._output_names} (MNN returns [] on an internal shape error)"
+            + (f"; MNN said: {'; '.join(said)}" if said else "")
+        )
 
     def _await_module(self) -> tuple[Call, GuardError] | None:
         """Wait (holding `_cond`) until a module serves: None, or why the call is refused."""

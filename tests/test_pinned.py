@@ -1843,6 +1843,27 @@ def test_judging_goes_on_past_a_missing_output() -> None:
     assert listed.reasons == ("got 1 outputs, expected 2 ['a', 'b']",)
 
 
+def test_verdict_merge_gives_the_first_failure_of_every_case(demo_probe: probes.Probe) -> None:
+    """With `cases`, the reasons are each case's first failing run's, in order, then a count;
+    a case whose runs all pass gives none."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    good = demo_probe.judge({"wav": golden})
+    worse = demo_probe.judge({"wav": scaled_noise(golden, 30.0).astype(np.float32)})
+    worst = demo_probe.judge({"wav": scaled_noise(golden, 20.0).astype(np.float32)})
+    merged = probes.Verdict.merge(
+        [good, worse, good, worst, worse, worst],
+        ["r1 c0", "r1 c1", "r1 c2", "r2 c0", "r2 c1", "r2 c2"],
+        cases=[0, 1, 2, 0, 1, 2],
+    )
+    assert merged.reasons == (
+        *(f"r1 c1: {r}" for r in worse.reasons),
+        *(f"r2 c0: {r}" for r in worst.reasons),
+        *(f"r2 c2: {r}" for r in worst.reasons),
+        "4 of 6 canary runs failed",
+    )
+    assert merged.scores == worst.scores
+
+
 def test_verdict_merge_counts_failures_from_two_runs_and_matches_labels(
     demo_probe: probes.Probe,
 ) -> None:

@@ -486,7 +486,7 @@ def test_check_shows_every_score_of_a_failing_init(
     demo_paths: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A degraded build: cosine, LSD and SNR are numbers in the table and the JSON; the
-    reasons are given in full."""
+    reasons are given in full, for every canary case (the table shows the worst one)."""
     noisy = tmp_path / "noisy.mnn"
     rng = np.random.default_rng(3)
     demo.build_vocoder(
@@ -500,6 +500,8 @@ def test_check_shows_every_score_of_a_failing_init(
         wav = init["scores"]["wav"]
         assert all(isinstance(wav[k], float) for k in ("snr_db", "cosine", "max_abs", "lsd_db"))
         assert init["reasons"] and init["missing"] == []
+        cases = {r.split(":")[0] for r in init["reasons"] if r.startswith("canary run")}
+        assert cases == {"canary run 1 case 0", "canary run 1 case 1"}
     assert cli.main(args) == cli.EXIT_DEGRADED
     table = capsys.readouterr().out
     row = next(line for line in table.splitlines() if line.startswith("1 "))

@@ -371,3 +371,19 @@ def test_a_listener_that_raises_on_run_fails_no_call(
     (record,) = [r for r in caplog.records if "on_run" in r.getMessage()]
     assert record.getMessage() == f"listener {broken!r} failed on on_run"
     assert record.exc_info is not None and str(record.exc_info[1]) == "listener bug"
+
+
+def test_a_forward_with_no_outputs_says_what_mnn_said(converted: dict[str, Any]) -> None:
+    """A shape MNN cannot compute at run time (50 px where cells are 32 px): OutputMismatch
+    carries MNN's own reason, which MNN prints only on stderr; the next good call is served."""
+    factory = guard.mnn_factory(converted["stride32"], ["image"], ["mask"], threads=1)
+    image = np.random.default_rng(2).standard_normal((1, 1, 64, 96)).astype(np.float32)
+    probe = probes.record(factory, {"image": image}, dynamic={"image": {2: (1, 512), 3: (1, 512)}})
+    with guard.wrap(factory, probe, name="cells", metrics=False, policy=quiet_policy()) as s:
+        with pytest.raises(guard.errors.OutputMismatch) as info:
+            s.run({"image": image[..., :50, :50]})
+        served = s.run({"image": image})["mask"]
+    message = str(info.value)
+    assert message.startswith("session 'cells': the module returned 0 outputs, expected ['mask']")
+    assert "; MNN said: " in message and "Broad cast error" in message
+    assert served.shape == image.shape
