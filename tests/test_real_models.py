@@ -327,6 +327,37 @@ def test_fault_injection_degrades_a_dynamic_rung_that_mnn_loads_statically(
     assert {a.turned_static for a in status.history if a.rung.name == "dynamic"} == {not spared}
 
 
+class ZeroOneOutput:
+    """A real module of the roles model whose output `index` comes back all zeros."""
+
+    def __init__(self, module: Any, index: int) -> None:
+        self.runner = mnn.adapt(module, *ROLES_NAMES)
+        self.index = index
+
+    def run(self, arrays: Any) -> list[Array]:
+        outputs = self.runner.run(arrays)
+        outputs[self.index] = np.zeros_like(outputs[self.index])
+        return outputs
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_one_failing_output_of_two_fails_the_canary(index: int, converted: dict[str, Path]) -> None:
+    """Both outputs present, one of them right: the other one's fault fails every canary and
+    the session's status names that output alone."""
+    factory = roles_factory(converted)
+    probe = probes.record(factory, roles_inputs())
+    session = guard.wrap(
+        lambda **kw: ZeroOneOutput(factory(**kw), index), probe, metrics=False,
+        raise_exhausted=False, policy=quiet_policy(reinit_attempts=0, ladder=(guard.STATIC,)),
+    )  # fmt: skip
+    with session:
+        status = session.status
+    bad = ROLES_NAMES[1][index]
+    assert status.state is guard.State.FAILED and status.verdict is not None
+    named = {r.split(": ")[1] for r in status.verdict.reasons if r.startswith("canary run")}
+    assert named == {f"output {bad!r}"}
+
+
 @pytest.mark.slow
 def test_doctor_reports_the_dynamic_rung_static(converted: dict[str, Path]) -> None:
     """doctor counts the starts whose dynamic rung MNN loaded statically and prices none."""
