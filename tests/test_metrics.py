@@ -645,3 +645,43 @@ def test_a_session_name_is_a_str_of_at_most_128_characters(
     longest = "v" * 128
     with guard.wrap(demo_factory, demo_probe, name=longest, registry=registry, policy=QUIET):
         assert sample(registry, "mnn_guard_healthy", longest) == 1.0
+
+
+class SnrAtCheck(guard.Listener):
+    """Reads the SNR gauge right after the Prometheus listener took a re-check's result."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.seen: list[float] = []
+
+    def on_check(self, session: str, attempt: Any) -> None:
+        self.seen.append(sample(self.registry, "mnn_guard_canary_snr_db"))
+
+
+def test_a_non_finite_canary_output_is_the_worst_snr(
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """A canary whose output is NaN, at init and at a re-check (a module that turns NaN after
+    its 4 canary forwards): the SNR gauge reads -Inf, the worst value, never a finite score."""
+    policy = guard.Policy(
+        background=False, promote_after=None, reinit_attempts=0, ladder=(guard.STATIC,)
+    )
+    nan = FaultyFactory(demo_factory, fault="nan", rate=1.0, affects="all")
+    with guard.wrap(
+        nan, demo_probe, name="vocoder", registry=registry, policy=policy, raise_exhausted=False
+    ) as s:
+        at_init = (s.status.state, sample(registry, "mnn_guard_canary_snr_db"))
+    turning = FaultyFactory(
+        demo_factory, fault="nan", schedule=[True], affects="all", degrade_after=4
+    )
+    checks = SnrAtCheck(registry)
+    with guard.wrap(
+        turning, demo_probe, name="vocoder", registry=registry, policy=policy,
+        listeners=[checks],
+    ) as s:  # fmt: skip
+        passed = sample(registry, "mnn_guard_canary_snr_db")
+        assert s.maintain(force_recheck=True) == ["recheck"]
+        replaced = (s.status.state, sample(registry, "mnn_guard_canary_snr_db"))
+    assert at_init == (guard.State.FAILED, -math.inf)
+    assert passed > 45.0 and checks.seen == [-math.inf]
+    assert replaced[0] is guard.State.SERVING and replaced[1] > 45.0
