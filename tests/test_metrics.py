@@ -685,3 +685,40 @@ def test_a_non_finite_canary_output_is_the_worst_snr(
     assert at_init == (guard.State.FAILED, -math.inf)
     assert passed > 45.0 and checks.seen == [-math.inf]
     assert replaced[0] is guard.State.SERVING and replaced[1] > 45.0
+
+
+class AtStatus(guard.Listener):
+    """At each status (after the health and Prometheus listeners took it): the state, the
+    healthy gauge, the state gauge of that state, and readiness."""
+
+    def __init__(self, registry: CollectorRegistry, table: guard.health.HealthTable) -> None:
+        self.registry = registry
+        self.table = table
+        self.seen: list[tuple[str, Any, Any, bool]] = []
+
+    def on_status(self, session: str, status: guard.SessionStatus) -> None:
+        state = status.state.value
+        self.seen.append(
+            (
+                state,
+                sample(self.registry, "mnn_guard_healthy"),
+                sample(self.registry, "mnn_guard_state", state=state),
+                self.table.readiness()[0],
+            )
+        )
+
+
+def test_a_passing_recheck_keeps_the_session_healthy_while_it_runs(
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """The module serves while CHECKING: healthy 1, state checking 1 and ready throughout a
+    passing re-check, as before and after it."""
+    table = guard.health.HealthTable()
+    seen = AtStatus(registry, table)
+    with guard.wrap(
+        demo_factory, demo_probe, name="vocoder", registry=registry, health=table,
+        policy=QUIET, listeners=[seen],
+    ) as s:  # fmt: skip
+        seen.seen.clear()
+        assert s.maintain(force_recheck=True) == ["recheck"]
+    assert seen.seen == [("checking", 1.0, 1.0, True), ("serving", 1.0, 1.0, True)]

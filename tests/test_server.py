@@ -552,12 +552,10 @@ def test_readiness_forgets_the_sessions_of_a_worker_that_died(
     """Two real workers in multiprocess mode, one FAILED: /readyz is 503 naming its pid; once
     it is killed (SIGKILL, no goodbye) /readyz is 200 with the live worker alone."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    command = [sys.executable, "-c", WORKER, str(demo_paths[1])]
+    pipes: dict[str, Any] = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
     workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(demo_paths[1]), kind],
-            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for kind in ("serving", "failed")
+        subprocess.Popen([*command, kind], env=env, **pipes) for kind in ("serving", "failed")
     ]
     try:
         assert [w.stdout.readline().strip() for w in workers if w.stdout] == ["serving", "failed"]
