@@ -11,7 +11,7 @@ from typing import Any
 from numpy.typing import NDArray
 
 from guard.judgement import Basis, Judgement
-from guard.mnn import Runner, adapt, load
+from guard.mnn import Runner, adapt, load, why_no_outputs
 from guard.sentinels import loading
 from probes import Probe, Verdict
 
@@ -84,6 +84,7 @@ def run_canary(
     basis = Basis.GOLDEN
     verdicts: list[Verdict] = []
     labels: list[str] = []
+    cases: list[int] = []  # the case of each judgement
     failed: dict[int, Outputs] = {}
     notes: tuple[str, ...] = ()
     held = gate if gate is not None else contextlib.nullcontext()
@@ -93,22 +94,16 @@ def run_canary(
             with held:
                 outputs = runner.run(arrays)
                 if len(outputs) < len(probe.outputs) and not notes and gate is None:
-                    notes = _diagnose(runner, arrays)
+                    said = why_no_outputs(runner, arrays)
+                    notes = tuple(f"MNN on a canary forward: {line}" for line in said)
             verdict, judged = judge.judge(outputs, index, retry_margin_db=retry_margin_db)
             verdicts.append(verdict)
             basis = max(basis, judged, key=lambda b: b.rank)
             labels.append(f"canary run {run + 1} case {index}")
+            cases.append(index)
             if not verdict.passed and index not in failed:
                 failed[index] = dict(zip(probe.output_names, outputs, strict=False))
                 if stop_at_failure:
-                    return Canary(Verdict.merge(verdicts, labels), failed, notes, basis=basis)
-    return Canary(Verdict.merge(verdicts, labels), failed, notes, basis=basis)
-
-
-def _diagnose(runner: Runner, arrays: list[NDArray[Any]]) -> tuple[str, ...]:
-    """What MNN prints on a forward that returned too few outputs (an MNN module or session)."""
-    diagnose: Callable[[list[NDArray[Any]]], tuple[str, ...]] | None
-    diagnose = getattr(runner, "diagnose", None)
-    if diagnose is None:
-        return ()
-    return tuple(f"MNN on a canary forward: {line}" for line in diagnose(arrays))
+                    merged = Verdict.merge(verdicts, labels, cases=cases)
+                    return Canary(merged, failed, notes, basis=basis)
+    return Canary(Verdict.merge(verdicts, labels, cases=cases), failed, notes, basis=basis)

@@ -2,8 +2,9 @@
 
 Readiness: a process (or, in multiprocess mode, a set of live worker processes) is ready when
 it has at least one session, every session it has is healthy, and every session named in
-`expect` is there and healthy. The table keeps one `Entry` per name: a session makes its own
-from its status (`Entry.of`), a `guard.Pool` one from its worker slots.
+`expect` is there and healthy. The table keeps one `Entry` per session object: a session makes
+its own from its status (`Entry.of`), a `guard.Pool` one from its worker slots. Where live
+sessions share a name, readiness shows the name once, as the worst of them (`SEVERITY`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from guard.listeners import Listener
-from guard.state import SessionStatus, State
+from guard.state import SEVERITY, SessionStatus, State
 
 __all__ = [
     "HEALTH",
@@ -37,6 +38,7 @@ __all__ = [
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _PREFIX = "mnn_guard_health_"
+_ABANDONED = object()  # the owner of an entry whose session guard.wrap raised about
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,8 +107,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _worst(owned: Mapping[object, Entry]) -> Entry:
+    """What readiness says of a name: the worst entry of its live sessions (or pools), with
+    how many there are when several share the name."""
+    worst = max(owned.values(), key=lambda e: (not e.healthy, SEVERITY[e.state]))
+    if len(owned) == 1:
+        return worst
+    return replace(worst, detail={**worst.detail, "sessions": len(owned)})
+
+
 class HealthTable:
-    """The latest entry of each session (or pool) by name, and which owner wrote it.
+    """The latest entry of each session (or pool), by name and by the owner that wrote it.
 
     One per process by default (`HEALTH`), as prometheus_client has one `REGISTRY`; pass your
     own to `guard.wrap(health=...)` and `guard.serve(health=...)` to keep sessions apart. With
@@ -118,44 +129,68 @@ class HealthTable:
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
         self.directory = Path(directory) if directory else None
         self._lock = threading.Lock()
-        self._sessions: dict[str, Entry] = {}
-        self._owners: dict[str, object] = {}  # which session's listener (or pool) wrote each
+        # name -> owner (a session's listener, a pool) -> its latest entry
+        self._sessions: dict[str, dict[object, Entry]] = {}
 
     def record(self, owner: object, entry: Entry) -> None:
-        """Keep `entry` as the latest of its name, written by `owner`."""
+        """Keep `entry` as the latest that `owner` wrote of its name (it replaces an abandoned
+        entry of the name)."""
         with self._lock:
-            self._sessions[entry.name] = entry
-            self._owners[entry.name] = owner
+            owned = self._sessions.setdefault(entry.name, {})
+            owned.pop(_ABANDONED, None)
+            owned[owner] = entry
+            self._write()
+
+    def abandon(self, name: str, owner: object) -> None:
+        """Keep the entry `owner` wrote of a session never handed out (`guard.wrap` raised) as
+        the name's, until another session (or pool) of the name records one."""
+        with self._lock:
+            owned = self._sessions.get(name, {})
+            entry = owned.pop(owner, None)
+            if entry is not None:
+                owned[_ABANDONED] = entry
             self._write()
 
     def forget(self, name: str, owner: object | None = None) -> None:
-        """Drop a session's entry (only if `owner` wrote it, when given)."""
+        """Drop the entry `owner` wrote of a name (every entry of the name, without `owner`)."""
         with self._lock:
-            if owner is None or self._owners.get(name) is owner:
+            owned = self._sessions.get(name, {})
+            if owner is None:
+                owned.clear()
+            owned.pop(owner, None)
+            if not owned:
                 self._sessions.pop(name, None)
-                self._owners.pop(name, None)
-                self._write()
+            self._write()
 
     def clear(self) -> None:
         """Drop every entry."""
         with self._lock:
             self._sessions.clear()
-            self._owners.clear()
             self._write()
 
     def sessions(self) -> dict[str, Entry]:
-        """A copy of the latest entry of every session (or pool) by name."""
+        """What readiness says of every name: the worst entry of its sessions (or pools)."""
         with self._lock:
-            return dict(self._sessions)
+            return {name: _worst(owned) for name, owned in self._sessions.items()}
+
+    def live(self, name: str) -> int:
+        """How many live sessions (or pools) have written an entry of this name."""
+        with self._lock:
+            return sum(owner is not _ABANDONED for owner in self._sessions.get(name, ()))
+
+    def records(self) -> list[tuple[object, Entry]]:
+        """Every entry with the owner that wrote it."""
+        with self._lock:
+            return [(o, e) for owned in self._sessions.values() for o, e in owned.items()]
 
     def entries(self) -> list[dict[str, Any]]:
-        """What readiness says of each session of this table."""
+        """What readiness says of each name of this table."""
         with self._lock:
             return self._entries()
 
     def _entries(self) -> list[dict[str, Any]]:
-        """Each entry as readiness shows it (the caller holds the lock)."""
-        return [entry.as_dict() for entry in self._sessions.values()]
+        """Each name's entry as readiness shows it (the caller holds the lock)."""
+        return [_worst(owned).as_dict() for owned in self._sessions.values()]
 
     def readiness(self, expect: Sequence[str] = ()) -> tuple[bool, list[dict[str, Any]]]:
         """(ready, details) of this process's sessions, by the readiness rule."""
@@ -272,3 +307,9 @@ class HealthListener(Listener):
     def on_close(self, session: str) -> None:
         self._closed = True
         self.table.forget(session, owner=self)
+
+    def abandon(self, session: str) -> None:
+        """The session was never handed out (`guard.wrap` raised): its last entry stays the
+        name's until another session of the name records one."""
+        self._closed = True
+        self.table.abandon(session, owner=self)

@@ -194,9 +194,9 @@ class GuardMetrics:
             self.tallies = {}
             registry.register(_RunCollector(self.tallies, buckets.run))
         self.lock = threading.Lock()
-        # session name -> the listener of the session that last published it: a newer session
-        # of a name owns its series; closing an older one must not remove them
-        self.owners: dict[str, object] = {}
+        # session name -> the listeners of its live sessions: the name's gauges show them all,
+        # and closing one must not remove what the others publish
+        self.owners: dict[str, list[MetricsListener]] = {}
 
     def declare(self, family: Family, labels: tuple[str, ...]) -> None:
         """Make the series exist (a counter or histogram at 0)."""

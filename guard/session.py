@@ -17,7 +17,7 @@ from typing import Any
 from numpy.typing import NDArray
 
 from guard import mnn
-from guard.canary import init_and_check, run_canary
+from guard.canary import init_and_check
 from guard.errors import (
     ConfigError,
     FactoryError,
@@ -35,6 +35,7 @@ from guard.inputs import InputChecker
 from guard.judgement import Judgement
 from guard.ladder import Action, Attempt, Basis, Outcome, Policy, Rung
 from guard.listeners import CALL_OK, Call, Listener, notify
+from guard.maintenance import Maintenance, maintenance_loop
 from guard.state import LIVE, MOVES, SessionStatus, State
 from probes import Probe, Verdict
 
@@ -126,36 +127,13 @@ def _fresh(recorded: RecoveryExhausted) -> RecoveryExhausted:
     return error
 
 
-def _maintenance_loop(
-    ref: weakref.ref[GuardedSession], wake: threading.Event, every: float
-) -> None:
-    """Run `maintain()` when woken or every `every` s, until the session is closed or collected.
-
-    It holds the session only during `maintain()`, so a session dropped without `close()` is
-    collected and this thread ends.
-    """
-    while True:
-        wake.wait(every)
-        wake.clear()
-        session = ref()
-        if session is None or session.status.closed:
-            return
-        try:
-            session.maintain()
-        except GuardError:
-            pass  # recorded in status and metrics; run() raises it to callers
-        except BaseException:  # even SystemExit from a factory: record it, keep maintaining
-            log.exception("session %s: maintenance failed", session.name)
-        del session
-
-
 def _released(name: str, wake: threading.Event, listeners: tuple[Listener, ...]) -> None:
     """What a collected, never-closed session owes: stop its thread, leave readiness and metrics."""
     wake.set()
     notify(listeners, "on_close", name)
 
 
-class GuardedSession:
+class GuardedSession(Maintenance):
     """A module that passed its canary, with recovery, promotion and re-checks.
 
     >>> session = guard.wrap(factory, probe, name="vocoder")  # doctest: +SKIP
@@ -218,7 +196,7 @@ class GuardedSession:
         if policy.background and self._needs_maintenance():
             periods = [v for v in (policy.promote_after, policy.recheck_seconds) if v is not None]
             self._thread = threading.Thread(
-                target=_maintenance_loop,
+                target=maintenance_loop,
                 args=(weakref.ref(self), self._wake, min([*periods, 1.0])),
                 name=f"mnn-guard-{name}",
                 daemon=True,
@@ -421,16 +399,25 @@ class GuardedSession:
                         if self._calls == self._recheck_calls:
                             self._wake.set()
         if refused is None and len(outputs) != len(self._output_names):
-            refused = (Call.ERROR, OutputMismatch(
-                f"session {self.name!r}: the module returned {len(outputs)} outputs, expected "
-                f"{self._output_names} (MNN returns [] on an internal shape error)"
-            ))  # fmt: skip
+            assert live is not None
+            refused = (Call.ERROR, self._mismatch(live, arrays, len(outputs)))
         if refused is not None:
             self._ran(index, start, refused[0])
             raise refused[1]
         if self._run_listeners:
             self._ran(index, start, CALL_OK)
         return dict(zip(self._output_names, outputs, strict=False))  # lengths checked above
+
+    def _mismatch(self, live: mnn.Runner, arrays: list[Array], got: int) -> OutputMismatch:
+        """The error of a forward that returned `got` outputs, with what MNN says on one more
+        forward (under the module's lock; only on this error path, never on a served call)."""
+        with self._lock:
+            said = mnn.why_no_outputs(live, arrays)
+        return OutputMismatch(
+            f"session {self.name!r}: the module returned {got} outputs, expected "
+            f"{self._output_names} (MNN returns [] on an internal shape error)"
+            + (f"; MNN said: {'; '.join(said)}" if said else "")
+        )
 
     def _await_module(self) -> tuple[Call, GuardError] | None:
         """Wait (holding `_cond`) until a module serves: None, or why the call is refused."""
@@ -459,116 +446,6 @@ class GuardedSession:
                 listener.on_run(self.name, rung, seconds, result)
             except Exception:  # as notify(): a listener never fails the call it observes
                 log.exception("listener %r failed on on_run", listener)
-
-    # ----------------------------------------------------------- maintenance
-
-    def _needs_maintenance(self) -> bool:
-        p = self.policy
-        return p.promote_after is not None or p.recheck_every is not None
-
-    def maintain(self, *, force_recheck: bool = False) -> list[Action | str]:
-        """Do whatever is due now: a re-check of the live module, a promotion, a retry.
-
-        Runs in the background thread when `Policy.background` is set; call it yourself with a
-        fake clock in tests. Returns what it did. One pass at a time: a call made while another
-        runs returns [] at once.
-        """
-        with self._cond:
-            if self._maintaining or self._state is State.CLOSED:
-                return []
-            self._maintaining = True
-        try:
-            return self._maintain(force_recheck)
-        finally:
-            with self._cond:
-                self._maintaining = False
-
-    def _maintain(self, force_recheck: bool) -> list[Action | str]:
-        p = self.policy
-        now = self._clock()
-        with self._lock:
-            state, since, last_check = self._state, self._since, self._last_check
-            calls, index = self._calls, self._rung_index
-        promote_due = p.promote_after is not None and now - since >= p.promote_after
-        if state is State.FAILED:
-            if not promote_due:
-                return []
-            self._recover(0, announce_first=False)
-            return ["retry"]
-        if state is not State.SERVING:
-            return []
-        done: list[Action | str] = []
-        every_calls, every_seconds = p.recheck_calls, p.recheck_seconds
-        calls_due = every_calls is not None and calls >= every_calls
-        time_due = every_seconds is not None and now - last_check >= every_seconds
-        if force_recheck or calls_due or time_due:
-            done.append("recheck")
-            if not self._recheck():
-                return done
-        if index > 0 and promote_due and self._promote(index):
-            done.append(Action.PROMOTE)
-        return done
-
-    def _recheck(self) -> bool:
-        """Re-run the canary on the live module (CHECKING); on failure replace it (REPLACING).
-
-        Callers keep being served between the canary's forwards (each holds the module's lock
-        for one forward); judging happens outside the lock. At the first failing judgement the
-        module is taken out of service and callers wait for its replacement.
-        """
-        with self._cond:
-            live, index = self._live, self._rung_index
-            if live is None or not self._to(State.CHECKING):
-                return False
-            self._calls = 0
-            self._last_check = self._clock()
-        self._publish()
-        rung = self.policy.ladder[index]
-        start = time.perf_counter()
-        verdict: Verdict | None = None
-        error: BaseException | None = None
-        failed: dict[int, Any] = {}
-        basis = Basis.GOLDEN
-        try:
-            canary = run_canary(
-                live,
-                self.probe,
-                self.policy.canary_runs,
-                judgement=self._judgement,
-                gate=self._lock,
-                stop_at_failure=True,
-            )
-            verdict, failed, basis = canary.verdict, canary.failed_outputs, canary.basis
-            outcome = Outcome.PASS if verdict.passed else Outcome.FAIL
-        except Exception as exc:
-            outcome, error = Outcome.ERROR, exc
-        except BaseException as exc:  # leave CHECKING whatever happens: out of service
-            with self._cond:
-                self._to(State.REPLACING)
-            self._fail((), f"a re-check was interrupted by {type(exc).__name__}: {exc}", exc)
-            raise
-        seconds = time.perf_counter() - start
-        attempt = Attempt(rung, index, outcome, verdict, error, seconds, failed, basis=basis)
-        notify(self._listeners, "on_check", self.name, attempt)
-        with self._cond:
-            if not self._to(State.SERVING if attempt.passed else State.REPLACING):
-                return False  # closed meanwhile
-            self._verdict = verdict
-        self._publish()
-        if attempt.passed:
-            return True
-        return self._recover(index, announce_first=True)
-
-    def _promote(self, current: int) -> bool:
-        """Build each faster rung off the request path; swap in the first whose canary passes."""
-        with self._lock:
-            self._since = self._clock()
-        for index in range(current):
-            runner, attempt = self._attempt(index)
-            if runner is not None:
-                self._announce(Action.PROMOTE, current, index)
-                return self._install(runner, index, (attempt,))
-        return False
 
     # -------------------------------------------------------------- lifecycle
 

@@ -12,6 +12,7 @@ limits (the calibrated ones where the probe has them). The session acts on a div
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
@@ -30,7 +31,15 @@ from guard.sentinels import loading
 from probes import Probe, Verdict
 from probes.judges import OutputScore, judge_output
 
-__all__ = ["CAPACITY", "Reference", "Sample", "Shadow", "ShadowCheck", "ShadowResult", "ShadowStatus"]
+__all__ = [
+    "CAPACITY",
+    "Reference",
+    "Sample",
+    "Shadow",
+    "ShadowCheck",
+    "ShadowResult",
+    "ShadowStatus",
+]
 
 Array = NDArray[Any]
 CAPACITY = 4  # sampled calls waiting for the shadow thread at most
@@ -117,7 +126,9 @@ class Shadow:
         self._error: str | None = None
         self._checks = self._failed = self._dropped = 0
         self._worst = math.inf
-        self._thread = threading.Thread(target=self._loop, name=f"mnn-guard-shadow-{name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name=f"mnn-guard-shadow-{name}", daemon=True
+        )
         self._started = False
         self._closed = False
 
@@ -240,10 +251,8 @@ class Shadow:
                     self._queue.put_nowait(None)
                     break
                 except queue.Full:
-                    try:
+                    with contextlib.suppress(queue.Empty):
                         self._queue.get_nowait()
-                    except queue.Empty:
-                        pass
             if self._thread is not threading.current_thread():
                 self._thread.join(timeout)
         self._runner = None

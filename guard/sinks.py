@@ -30,7 +30,7 @@ from guard.families import (
 )
 from guard.ladder import Action, Attempt, Basis, Outcome, Rung
 from guard.listeners import CALL_OK, Call, Listener
-from guard.state import SessionStatus, State
+from guard.state import SEVERITY, SessionStatus, State
 
 __all__ = ["FamilyRuns", "MetricsListener", "RunSink", "Series", "Sink"]
 
@@ -52,15 +52,15 @@ class RunSink(Protocol):
 
 
 class Sink(Protocol):
-    """A backend's series of the families, with the owner of each session name's gauges.
+    """A backend's series of the families, with the live sessions of each session name.
 
-    `owners` (guarded by `lock`) maps a session name to the listener whose gauges are
-    published: a newer session of a name takes its series over, and closing an older one
-    must not remove them.
+    `owners` (guarded by `lock`) maps a session name to the listeners of its live sessions,
+    in the order they went live: the name's gauges show all of them, and closing one must
+    not remove what the others publish.
     """
 
     lock: threading.Lock
-    owners: dict[str, object]
+    owners: dict[str, list[MetricsListener]]
 
     def declare(self, family: Family, labels: tuple[str, ...]) -> None:
         """Make a counter or histogram series exist at 0, where the backend can."""
@@ -108,10 +108,13 @@ class MetricsListener(Listener):
     """Turns one session's events into the `mnn_guard_*` series of one sink.
 
     Every series the session can have exists from the start where the sink allows it
-    (counters at 0), so the first fallback or failure is an increase a scraper sees. The
-    listener owns its name's gauges from its creation; with `standby=True` only from
-    `go_live()` (a hot swap's new session, built while the old one still serves and
-    publishes). Closing the owner stops its gauges (`Sink.drop`) and forgets the name.
+    (counters at 0), so the first fallback or failure is an increase a scraper sees. A name's
+    gauges show every live session of the name (`Sink.owners`): healthy only while all of
+    them are, the worst one's state and rung, the lowest canary SNR, one info series per
+    model. A listener joins them at its creation; with `standby=True` only at `go_live()` (a
+    hot swap's new session, built while the old one still serves and publishes). Closing
+    one leaves the others' gauges; closing the last stops the name's gauges (`Sink.drop`)
+    and forgets the name.
     """
 
     def __init__(
@@ -128,7 +131,12 @@ class MetricsListener(Listener):
         self._rungs = tuple(r.name for r in ladder)
         self._info = info
         self._standby = standby
-        self._held: SessionStatus | None = None  # the latest status while on standby
+        self._joined = False  # among the name's live sessions (Sink.owners)
+        self._abandoned = False  # never handed out: shown until another session of it joins
+        # what this session shows, kept while on standby too
+        self._status: SessionStatus | None = None
+        self._snr: float | None = None  # worst SNR of the last canary judgement
+        self._static: dict[str, int] = {}  # rung -> 1 when MNN loaded it statically
         self._gauges: tuple[Series, ...] = (
             (INFO, (session, *info)),
             (HEALTHY, (session,)),
@@ -149,88 +157,118 @@ class MetricsListener(Listener):
             for action in _ACTIONS:
                 sink.declare(RECOVERIES, (session, action))
             if not standby:
-                self._claim()
+                self._join()
 
-    def _claim(self) -> None:
-        """Own the name's gauges and start them at 0 (the caller holds the sink's lock)."""
+    def _join(self) -> None:
+        """Join the name's live sessions and show them (the caller holds the sink's lock); an
+        abandoned session of the name leaves them."""
+        live = self.metrics.owners.setdefault(self.session, [])
+        live.append(self)
+        self._joined = True
+        for other in [x for x in live if x._abandoned]:
+            other._leave()
+        self.metrics.set(INFO, (self.session, *self._info), 1)
+        self._show()
+
+    def abandon(self) -> None:
+        """The session was never handed out (`guard.wrap` raised): it stays among the name's
+        live sessions, with its last state, until another session of the name joins them."""
+        with self.metrics.lock:
+            if self._status is None:  # it never said anything: nothing to keep
+                self._leave()
+            self._abandoned = True
+
+    def _leave(self) -> None:
+        """Leave the name's live sessions (the caller holds the sink's lock): the others keep
+        the name's gauges; the last one stops them and forgets the name."""
+        if not self._joined:
+            return
+        self._joined = False
         sink = self.metrics
-        previous = sink.owners.get(self.session)
-        sink.owners[self.session] = self
-        if isinstance(previous, MetricsListener) and previous is not self:
-            mine = set(self._gauges)  # e.g. the old model's info series: it serves no more
-            for family, labels in previous._gauges:
-                if (family, labels) not in mine:
-                    sink.drop(family, labels)
-        sink.set(INFO, (self.session, *self._info), 1)
-        for rung in self._rungs:
-            sink.set(RUNG, (self.session, rung), 0)
-            sink.set(LOADED_STATIC, (self.session, rung), 0)
+        live = sink.owners[self.session]
+        live.remove(self)
+        kept = {series for other in live for series in other._gauges}
+        for family, labels in self._gauges:
+            if (family, labels) not in kept:
+                sink.drop(family, labels)
+        if not live:
+            del sink.owners[self.session]
+            sink.forget(self.session)
+            return
+        if self._snr is not None and all(other._snr is None for other in live):
+            sink.drop(CANARY_SNR_DB, (self.session,))
+        live[0]._show()
+
+    def _badness(self) -> tuple[bool, int, int]:
+        """How bad this session is (unhealthy, then its state, then a slower rung)."""
+        status = self._status
+        if status is None:  # no status yet: starting
+            return True, SEVERITY[State.STARTING], 0
+        return not status.healthy, SEVERITY[status.state], status.rung_index
+
+    def _show(self) -> None:
+        """Set the name's gauges from every live session of it (the caller holds the lock)."""
+        sink, name = self.metrics, self.session
+        live = sink.owners[name]
+        status = max(live, key=MetricsListener._badness)._status
+        healthy = all(other._status is not None and other._status.healthy for other in live)
+        sink.set(HEALTHY, (name,), 1 if healthy else 0)
+        worst = status.state if status is not None else None  # none yet: every state 0
         for state in State:
-            sink.set(STATE, (self.session, state.value), 0)
-        sink.set(HEALTHY, (self.session,), 0)
+            sink.set(STATE, (name, state.value), 1 if state is worst else 0)
+        basis = status.basis if status is not None else None
+        for kind in Basis:
+            sink.set(BASIS, (name, kind.value), 1 if kind is basis else 0)
+        for rung in dict.fromkeys(r for other in live for r in other._rungs):
+            on = status is not None and rung == status.mode
+            sink.set(RUNG, (name, rung), 1 if on else 0)
+            static = max(other._static.get(rung, 0) for other in live)
+            sink.set(LOADED_STATIC, (name, rung), static)
+        snrs = [other._snr for other in live if other._snr is not None]
+        if snrs:
+            sink.set(CANARY_SNR_DB, (name,), min(snrs))
 
     def go_live(self) -> None:
-        """Take the name's gauges over now (a standby listener) and publish the latest status."""
+        """Join the name's live sessions now (a standby listener), with the latest status."""
         with self.metrics.lock:
             if not self._standby:
                 return
             self._standby = False
-            self._claim()
-            held, self._held = self._held, None
-        if held is not None:
-            self.on_status(self.session, held)
+            self._join()
 
     def on_init(self, session: str, rung: Rung) -> None:
         self.metrics.inc(INITS, (session, rung.name))
 
-    def _judged(self, session: str, attempt: Attempt) -> None:
+    def _judged(self, session: str, attempt: Attempt, *, init: bool) -> None:
         self.metrics.inc(CANARY_CHECKS, (session, attempt.rung.name, attempt.outcome.value))
         snr = attempt.verdict.worst_snr_db if attempt.verdict is not None else -math.inf
         with self.metrics.lock:
-            if self.metrics.owners.get(session) is self:
-                self.metrics.set(CANARY_SNR_DB, (session,), snr)
+            self._snr = snr
+            if init and attempt.verdict is not None:  # the module was loaded: MNN said how
+                self._static[attempt.rung.name] = 1 if attempt.turned_static else 0
+            if self._joined:
+                self._show()
 
     def on_attempt(self, session: str, attempt: Attempt) -> None:
-        self._judged(session, attempt)
+        self._judged(session, attempt, init=True)
         self.metrics.observe(INIT_SECONDS, (session, attempt.rung.name), attempt.seconds)
-        if attempt.verdict is not None:  # the module was loaded: MNN said how
-            static = 1 if attempt.turned_static else 0
-            with self.metrics.lock:
-                if self.metrics.owners.get(session) is self:
-                    self.metrics.set(LOADED_STATIC, (session, attempt.rung.name), static)
 
     def on_check(self, session: str, attempt: Attempt) -> None:
-        self._judged(session, attempt)
+        self._judged(session, attempt, init=False)
 
     def on_recover(self, session: str, action: Action, from_rung: Rung, to_rung: Rung) -> None:
         self.metrics.inc(RECOVERIES, (session, action.value))
 
     def on_status(self, session: str, status: SessionStatus) -> None:
-        m = self.metrics
-        with m.lock:
-            if self._standby:
-                self._held = status
-                return
-            if m.owners.get(session) is not self:
-                return  # a newer session of this name owns the series
-            m.set(HEALTHY, (session,), 1 if status.healthy else 0)
-            for rung in self._rungs:
-                m.set(RUNG, (session, rung), 1 if rung == status.mode else 0)
-            for state in State:
-                m.set(STATE, (session, state.value), 1 if state is status.state else 0)
-            for basis in Basis:
-                m.set(BASIS, (session, basis.value), 1 if basis is status.basis else 0)
+        with self.metrics.lock:
+            self._status = status
+            if self._joined:
+                self._show()
 
     def on_run(self, session: str, rung: Rung, seconds: float, result: Call) -> None:
         self._runs.add(rung.name, result, seconds)
 
     def on_close(self, session: str) -> None:
-        m = self.metrics
-        with m.lock:
+        with self.metrics.lock:
             self._standby = False  # a closed session never goes live
-            if m.owners.get(session) is not self:
-                return
-            del m.owners[session]
-            for family, labels in self._gauges:
-                m.drop(family, labels)
-            m.forget(session)
+            self._leave()

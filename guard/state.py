@@ -1,16 +1,17 @@
 """The states of a guarded session, the moves between them, and a snapshot of one.
 
-The only moves (`MOVES`); `GuardedSession._to` makes every one of them:
+The only moves (`MOVES`); `GuardedSession._to` makes every one of them (`guard.maintenance`
+through it too):
 
     from       to         when
     STARTING   SERVING    a rung's module passes its canary (inside guard.wrap)
     STARTING   FAILED     every rung fails (guard.wrap raises RecoveryExhausted)
     SERVING    CHECKING   a re-check starts on the live module
     SERVING    SERVING    a promotion swaps in a faster rung's module that passed
-    CHECKING   SERVING    the re-check passes
-    CHECKING   REPLACING  the re-check fails: the module is out of service at once
+    CHECKING   SERVING    the re-check passes, or is interrupted before it finds the module bad
+    CHECKING   REPLACING  the re-check fails (or is interrupted after): out of service at once
     REPLACING  SERVING    a replacement passes its canary
-    REPLACING  FAILED     every rung fails, or the recovery raised (even SystemExit)
+    REPLACING  FAILED     every rung fails, or the recovery (or re-check) was interrupted
     FAILED     SERVING    a retry (every Policy.promote_after seconds) passes
     FAILED     FAILED     the retry fails
     any        CLOSED     close(), or the session was dropped and garbage-collected
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from guard.ladder import STATIC_LOAD, Attempt, Basis, Rung
 from probes import Verdict
 
-__all__ = ["LIVE", "MOVES", "SessionStatus", "State"]
+__all__ = ["LIVE", "MOVES", "SEVERITY", "SessionStatus", "State"]
 
 
 class State(enum.Enum):
@@ -50,6 +51,12 @@ MOVES: dict[State, frozenset[State]] = {
     State.CLOSED: frozenset(),
 }
 LIVE = frozenset({State.SERVING, State.CHECKING})  # the states with a module to serve
+_BEST_FIRST = (
+    State.SERVING, State.CHECKING, State.STARTING, State.REPLACING, State.FAILED, State.CLOSED
+)  # fmt: skip
+SEVERITY: dict[State, int] = {state: rank for rank, state in enumerate(_BEST_FIRST)}
+"""How bad each state is: where live sessions share a name, readiness and metrics show the
+worst of them."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,7 +136,9 @@ class FaultyFactory(mnn.Loader):
 
     Which inits: an explicit `schedule` (True = degraded, by init number; clean after it ends),
     or each init independently with probability `rate`. `affects` limits faults to inits whose
-    overrides it accepts; the default spares `dynamic=True` inits, as in the field reports.
+    overrides it accepts; the default spares `dynamic=True` inits, as in the field reports,
+    except those MNN loads statically all the same (a model with control flow: the load
+    report's `turned_static`), which degrade as static ones do.
     With `degrade_after=K` a degraded module serves K clean forwards (canary runs included)
     before it turns: corruption that appears after init, for testing re-checks.
     Picklable (for guard.Pool and doctor) when the wrapped factory is; with
@@ -204,12 +206,13 @@ class FaultyFactory(mnn.Loader):
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def _applies(self, overrides: Mapping[str, Any]) -> bool:
+    def _applies(self, overrides: Mapping[str, Any], turned_static: bool) -> bool:
         if callable(self.affects):
             return bool(self.affects(overrides))
-        return self.affects is Affects.ALL or not overrides.get("dynamic", False)
+        static = turned_static or not overrides.get("dynamic", False)
+        return self.affects is Affects.ALL or static
 
-    def _decide(self, overrides: Mapping[str, Any]) -> tuple[bool, int]:
+    def _decide(self, overrides: Mapping[str, Any], turned_static: bool) -> tuple[bool, int]:
         with self._lock:
             number = self.inits
             self.inits += 1
@@ -219,7 +222,7 @@ class FaultyFactory(mnn.Loader):
                     seed = hash((seed, os.getpid())) & 0xFFFFFFFF
                 self._rng = np.random.default_rng(seed)
             draw = float(self._rng.random())
-            if not self._applies(overrides):
+            if not self._applies(overrides, turned_static):
                 return False, number
             if self.schedule is not None:
                 bad = number < len(self.schedule) and self.schedule[number]
@@ -230,22 +233,24 @@ class FaultyFactory(mnn.Loader):
 
     def load(self, **overrides: Any) -> tuple[Any, mnn.LoadReport]:
         """A real module (degraded when this init is chosen) and the wrapped factory's report
-        of what MNN said while loading it (`guard.mnn.load`)."""
-        bad, number = self._decide(overrides)
+        of what MNN said while loading it (`guard.mnn.load`).
+
+        The real module is loaded first: its report says whether MNN honoured dynamic=True.
+        """
+        module, report = mnn.load(self.factory, overrides)
+        bad, number = self._decide(overrides, report.turned_static)
         if not bad:
-            return mnn.load(self.factory, overrides)
+            return module, report
         if self.fault is Fault.RAISE:
             raise RuntimeError(f"injected factory failure on init {number}")
         if self.fault is Fault.HANG:
             time.sleep(self.hang_seconds)
+            return module, report
         if self.fault is Fault.SWAP:
             assert self.replacement is not None
             return mnn.load(self.replacement, overrides)
-        module, report = mnn.load(self.factory, overrides)
         if self.fault is Fault.NO_FORWARD:
             return _NoForward(module), report
-        if self.fault is Fault.HANG:
-            return module, report
         seed = None if self.seed is None else self.seed + number
         degraded = DegradedModule(
             module, self.fault, seed=seed, snr_db=self.snr_db, after=self.degrade_after

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 
 from guard import mnn
 from guard.errors import GuardError
-from guard.health import HealthListener, HealthTable
+from guard.health import HEALTH, HealthListener, HealthTable
 from guard.ladder import Policy, Rung
 from guard.listeners import Listener, LoggingListener
 from guard.metrics import Buckets, PrometheusListener
+from guard.names import check_name
 from guard.sentinels import check_factory
 from guard.session import Factory, GuardedSession
 from guard.version import __version__
@@ -80,17 +81,21 @@ def wrap(
     (a model with control flow). Raises RecoveryExhausted (a GuardError) when every rung fails
     its canary; with `raise_exhausted=False` it returns the session in FAILED instead (not
     ready, `run()` raises, retried every `Policy.promote_after` seconds), so a server can stay
-    up. The
-    session's health goes to `health` (default: the process's table, which `guard.serve`
-    answers for); its metrics to `registry` (default: the global one), with `buckets`.
+    up; a session that raised stays FAILED in readiness and metrics until another session of
+    its name starts. The session's health goes to `health` (default: the process's table,
+    which `guard.serve` answers for); its metrics to `registry` (default: the global one),
+    with `buckets`. `name` has at most `guard.names.MAX_NAME` characters (ConfigError); a
+    name a live session already has is logged as a warning (both show, the worst first).
 
     >>> factory = guard.mnn_factory("vocoder.mnn", ["mel"], ["wav"], threads=1)  # doctest: +SKIP
     >>> probe = probes.load("probes/vocoder")  # doctest: +SKIP
     >>> session = guard.wrap(factory, probe, name="vocoder")  # doctest: +SKIP
     >>> session.run({"mel": mel})["wav"]  # doctest: +SKIP
     """
+    check_name(name, HEALTH if health is None else health)
     check_probe(factory, probe)
-    chain: list[Listener] = [LoggingListener(), HealthListener(health)]
+    health_listener = HealthListener(health)
+    chain: list[Listener] = [LoggingListener(), health_listener]
     policy = policy or Policy()
     ignored = ignored_rungs(factory, policy.ladder)
     if ignored:
@@ -103,22 +108,30 @@ def wrap(
             ),
             stacklevel=2,
         )
+    metrics_listener = None
     if metrics:
         info = (__version__, mnn.mnn_version(), probe.meta.model_sha256 or "")
-        chain.append(
-            PrometheusListener(name, policy.ladder, registry=registry, buckets=buckets, info=info)
+        metrics_listener = PrometheusListener(
+            name, policy.ladder, registry=registry, buckets=buckets, info=info
         )
+        chain.append(metrics_listener)
     if policy.diagnose is not None:  # bundles for failed canaries, written off the request path
         from guard.diagnosis import DiagnosisListener
 
         chain.append(DiagnosisListener(policy.diagnose, probe, factory=factory))
     chain.extend(listeners)
-    return GuardedSession(
-        factory,
-        probe,
-        policy=policy,
-        name=name,
-        listeners=chain,
-        clock=clock,
-        raise_exhausted=raise_exhausted,
-    )
+    try:
+        return GuardedSession(
+            factory,
+            probe,
+            policy=policy,
+            name=name,
+            listeners=chain,
+            clock=clock,
+            raise_exhausted=raise_exhausted,
+        )
+    except BaseException:  # no session to close: its last word stands until a newer one's
+        health_listener.abandon(name)
+        if metrics_listener is not None:
+            metrics_listener.abandon()
+        raise

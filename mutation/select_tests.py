@@ -23,6 +23,7 @@ METRICS = ("tests/test_metrics.py", "tests/test_session.py", "tests/test_promoti
 
 SELECTION: dict[str, tuple[str, ...]] = {
     "guard.session": (*SESSION, "tests/test_metrics.py", "tests/test_inputs.py"),
+    "guard.maintenance": (*SESSION, "tests/test_metrics.py"),
     "guard.state": (*SESSION, "tests/test_metrics.py", "tests/test_server.py"),
     "guard.canary": (
         "tests/test_canary.py",

@@ -170,6 +170,8 @@ def _decibels(value: Any, what: str) -> float:
         return math.inf
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ProbeError(f"{what} must be a finite number or null, got {brief(value)}")
+    if float(value) != value:  # an integer a float cannot hold exactly would not read back
+        raise ProbeError(f"{what} must be a number a float holds exactly, got {brief(value)}")
     return float(value)
 
 

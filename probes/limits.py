@@ -25,7 +25,7 @@ def _finite(value: Any) -> float | None:
         number = float(value)
     except OverflowError:  # an int beyond float range
         return None
-    return number if math.isfinite(number) else None
+    return number if math.isfinite(number) and number == value else None  # held exactly
 
 
 class Limits(Mapping[str, float]):

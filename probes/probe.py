@@ -99,21 +99,34 @@ class Verdict:
         return cls(False, {}, (reason,))
 
     @classmethod
-    def merge(cls, verdicts: Iterable[Verdict], labels: Iterable[str] | None = None) -> Verdict:
+    def merge(
+        cls,
+        verdicts: Iterable[Verdict],
+        labels: Iterable[str] | None = None,
+        *,
+        cases: Iterable[int] | None = None,
+    ) -> Verdict:
         """One verdict over several canary runs: passes only when all pass; keeps the worst scores.
 
-        The reasons are those of the first failing run, then a count of the failing runs.
+        The reasons are those of the first failing run of each case (`cases`: the case of each
+        run; without it, of the first failing run), then a count of the failing runs.
         """
         items = list(verdicts)
         if not items:
             return cls.failed("no canary run was judged")
         names = list(labels) if labels is not None else [f"run {i + 1}" for i in range(len(items))]
-        failing = [(n, v) for n, v in zip(names, items, strict=True) if not v.passed]
+        keys = list(cases) if cases is not None else [0] * len(items)
+        runs = zip(names, items, keys, strict=True)
+        failing = [(name, v, key) for name, v, key in runs if not v.passed]
         worst = min(items, key=lambda v: (v.passed, v.worst_snr_db))
         if not failing:
             return cls(True, worst.scores, ())
-        first_name, first = failing[0]
-        reasons = [f"{first_name}: {r}" for r in first.reasons]
+        reasons: list[str] = []
+        told: set[int] = set()
+        for name, verdict, key in failing:
+            if key not in told:
+                told.add(key)
+                reasons += [f"{name}: {r}" for r in verdict.reasons]
         if len(items) > 1:
             reasons.append(f"{len(failing)} of {len(items)} canary runs failed")
         return cls(False, worst.scores, tuple(reasons))

@@ -9,6 +9,7 @@ from types import MappingProxyType
 
 import numpy as np
 import pytest
+from conftest import FakeClock
 from prometheus_client import CollectorRegistry
 from small_disk import ROTATE, run_on_small_disk
 
@@ -132,15 +133,29 @@ def test_bounds_remove_the_oldest_bundles_only(
 def test_the_default_bound_keeps_the_newest_20_bundles(
     tmp_path: Path, demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe
 ) -> None:
-    """With default settings, 22 failures leave exactly 20 bundles: the newest."""
-    listener = DiagnosisListener(tmp_path / "d", demo_probe, factory=demo_factory)
-    attempt = failed_attempt(demo_factory, demo_probe)
-    for _ in range(22):
-        assert listener.record("s", attempt)
-        assert listener.flush(30)
-    assert listener.writer.total == 22
-    kept = find_bundles(tmp_path / "d")
-    assert len(kept) == 20 and kept == list(listener.writer.written)[-20:]
+    """A session wrapped with Policy(diagnose=folder) and nothing else: 22 failed inits (one in
+    wrap, 21 retries) write 22 bundles and leave exactly the newest 20."""
+    folder = tmp_path / "d"
+    clock = FakeClock()
+    faulty = FaultyFactory(demo_factory, fault=Fault.NOISE, rate=1.0, affects="all", snr_db=20.0)
+    policy = guard.Policy(
+        background=False, diagnose=folder, ladder=(guard.STATIC,), reinit_attempts=0,
+        promote_after=1.0,
+    )  # fmt: skip
+    session = guard.wrap(
+        faulty, demo_probe, name="voc", policy=policy, metrics=False, raise_exhausted=False,
+        clock=clock,
+    )  # fmt: skip
+    writer = writer_for(folder)  # the default bounds': the session's own writer
+    assert writer.flush(30)
+    for _ in range(21):
+        clock.advance(1.0)
+        assert session.maintain() == ["retry"]
+        assert writer.flush(30)  # one at a time: the queue never drops one here
+    session.close()
+    kept = find_bundles(folder)
+    assert (faulty.inits, writer.total, writer.dropped) == (22, 22, 0)
+    assert len(kept) == 20 and kept == list(writer.written)[-20:]
 
 
 def test_a_full_disk_makes_room_by_removing_the_oldest_bundles(tmp_path: Path) -> None:

@@ -81,10 +81,10 @@ def test_a_session_still_starting_is_listed_not_ready(demo_probe: probes.Probe) 
 
 def test_nothing_published_after_close_reaches_the_table(demo_probe: probes.Probe) -> None:
     """Nothing published after a close (or in CLOSED) is recorded; a close forgets only its own."""
-    table = guard.health.HealthTable()
+    table = guard.health.HealthTable()  # only the listeners below write here
     s = guard.wrap(
-        demo.demo_factory(threads=1), demo_probe, name="a", metrics=False, health=table,
-        policy=guard.Policy(background=False),
+        demo.demo_factory(threads=1), demo_probe, name="a", metrics=False,
+        health=guard.health.HealthTable(), policy=guard.Policy(background=False),
     )  # fmt: skip
     serving = s.status
     late, newer = HealthListener(table), HealthListener(table)

@@ -116,6 +116,48 @@ def test_missing_and_extra_outputs(demo_probe: probes.Probe) -> None:
     assert not demo_probe.judge([golden, golden]).passed
 
 
+def three_output_probe() -> probes.Probe:
+    """A one-case probe with three signal outputs a, b, c (different tones) and input x."""
+    t = np.linspace(0.0, 1.0, 2000, dtype=np.float32)
+    tones = zip("abc", (3, 7, 11), strict=True)
+    goldens = {n: np.sin(2 * np.pi * f * t).astype(np.float32) for n, f in tones}
+    return probes.Probe(
+        cases=(probes.Case(inputs={"x": t}, outputs=goldens),),
+        inputs=(probes.signature.InputSpec(name="x", dtype="float32", shape=(2000,)),),
+        outputs=tuple(
+            probes.signature.OutputSpec(name=n, dtype="float32", shape=(2000,)) for n in "abc"
+        ),
+    )
+
+
+@pytest.mark.parametrize("bad", ["a", "b", "c"])
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (np.zeros_like, "snr_db"),
+        (lambda g: np.full_like(g, np.nan), "NaN or Inf"),
+        (lambda g: g[:1000], "shape"),
+        (lambda g: g + 0.1 * np.random.default_rng(0).standard_normal(g.shape), "snr_db"),
+    ],
+    ids=["zeros", "nan", "shape", "noise"],
+)
+def test_one_failing_output_fails_the_verdict_whichever_it_is(
+    bad: str, fault: Any, reason: str
+) -> None:
+    """Three outputs, all present, two of them exact: the third's fault fails the verdict,
+    whether the outputs come by name or in order, and only its reasons are given."""
+    probe = three_output_probe()
+    golden = probe.cases[0].outputs
+    outputs = {n: (fault(g).astype(np.float32) if n == bad else g) for n, g in golden.items()}
+    assert probe.judge(golden).passed
+    for given_as in (outputs, [outputs[n] for n in "abc"]):
+        verdict = probe.judge(given_as)
+        assert (verdict.passed, bool(verdict)) == (False, False)
+        assert verdict.reasons and all(r.startswith(f"output {bad!r}") for r in verdict.reasons)
+        assert any(reason in r for r in verdict.reasons), verdict.reasons
+        assert [verdict.scores[n].passed for n in "abc"] == [n != bad for n in "abc"]
+
+
 def test_synthetic_fp16_level_noise_passes_loosely_and_29db_fails(
     demo_probe: probes.Probe,
 ) -> None:
@@ -970,6 +1012,27 @@ def test_verdict_merge_keeps_the_first_failure_and_the_worst_scores(
         -math.inf,
     )
     assert worst.worst_snr_db == pytest.approx(20.0, abs=0.01)
+
+
+def test_verdict_merge_gives_the_first_failure_of_every_case(demo_probe: probes.Probe) -> None:
+    """With `cases`, the reasons are each case's first failing run's, in order, then a count;
+    a case whose runs all pass gives none."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    good = demo_probe.judge({"wav": golden})
+    worse = demo_probe.judge({"wav": scaled_noise(golden, 30.0).astype(np.float32)})
+    worst = demo_probe.judge({"wav": scaled_noise(golden, 20.0).astype(np.float32)})
+    merged = probes.Verdict.merge(
+        [good, worse, good, worst, worse, worst],
+        ["r1 c0", "r1 c1", "r1 c2", "r2 c0", "r2 c1", "r2 c2"],
+        cases=[0, 1, 2, 0, 1, 2],
+    )
+    assert merged.reasons == (
+        *(f"r1 c1: {r}" for r in worse.reasons),
+        *(f"r2 c0: {r}" for r in worst.reasons),
+        *(f"r2 c2: {r}" for r in worst.reasons),
+        "4 of 6 canary runs failed",
+    )
+    assert merged.scores == worst.scores
 
 
 def test_verdict_merge_counts_failures_from_two_runs_and_matches_labels(

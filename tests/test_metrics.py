@@ -471,16 +471,18 @@ def _status(state: guard.State) -> guard.SessionStatus:
     )
 
 
-def test_a_newer_session_of_another_model_takes_the_name_over(registry: CollectorRegistry) -> None:
-    """A newer session of a name built from another model owns its gauges: the older one's info
-    series goes at once, and closing the older one later leaves the newer one's series."""
+def test_two_live_sessions_of_a_name_from_two_models_show_both_info_series(
+    registry: CollectorRegistry,
+) -> None:
+    """Two live sessions of a name built from two models: an info series each; closing the
+    older one removes its info series and leaves the newer one's series."""
     ladder = guard.Policy().ladder
     older = guard.metrics.PrometheusListener("v", ladder, registry=registry, info=("g", "m", "a"))
     guard.metrics.PrometheusListener("v", ladder, registry=registry, info=("g", "m", "b"))
-    taken = _hashes(registry)
+    both = _hashes(registry)
     older.on_close("v")
-    assert (taken, _hashes(registry), sample(registry, "mnn_guard_healthy", "v")) == (
-        {"b"},
+    assert (both, _hashes(registry), sample(registry, "mnn_guard_healthy", "v")) == (
+        {"a", "b"},
         {"b"},
         0.0,
     )
@@ -490,7 +492,8 @@ def test_a_standby_listener_publishes_its_gauges_only_once_live(
     registry: CollectorRegistry,
 ) -> None:
     """A standby listener (a hot swap's new session) counts its events but leaves the name's
-    gauges to the live one until go_live(), which publishes its latest status."""
+    gauges to the live one until go_live(), which publishes its latest status; the old one's
+    info series goes when it is closed."""
     ladder = guard.Policy().ladder
     live = guard.metrics.PrometheusListener("v", ladder, registry=registry, info=("g", "m", "a"))
     live.on_status("v", _status(guard.State.SERVING))
@@ -502,6 +505,7 @@ def test_a_standby_listener_publishes_its_gauges_only_once_live(
     before = (_hashes(registry), sample(registry, "mnn_guard_healthy", "v"))
     standby.on_status("v", _status(guard.State.SERVING))
     standby.go_live()
+    live.on_close("v")
     after = (_hashes(registry), sample(registry, "mnn_guard_healthy", "v"))
     assert (before, after) == (({"a"}, 1.0), ({"b"}, 1.0))
     assert sample(registry, "mnn_guard_inits_total", "v", rung="static") == 1.0
@@ -866,3 +870,190 @@ def test_the_same_buckets_may_be_passed_again(
     with pytest.raises(guard.ConfigError) as info:
         guard.metrics.metrics_for(registry, guard.metrics.Buckets(run=(0.5,)))
     assert str(info.value).endswith("; buckets are set once per registry, by its first session")
+
+
+def _seen(table: guard.health.HealthTable, registry: CollectorRegistry) -> tuple[Any, ...]:
+    """What readiness and the gauges say of name "v": (ready, state, sessions, healthy gauge,
+    failed gauge, serving gauge)."""
+    ready, details = table.readiness()
+    (entry,) = details if details else ({"state": None},)
+    return (
+        ready,
+        entry["state"],
+        entry.get("sessions", 1),
+        sample(registry, "mnn_guard_healthy", "v"),
+        sample(registry, "mnn_guard_state", "v", state="failed"),
+        sample(registry, "mnn_guard_state", "v", state="serving"),
+    )
+
+
+@pytest.mark.parametrize("failed_first", [True, False], ids=["failed-first", "healthy-first"])
+def test_two_live_sessions_of_a_name_show_the_worst_until_each_is_closed(
+    demo_factory: guard.mnn.MNNFactory,
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+    failed_first: bool,
+) -> None:
+    """A FAILED v and a healthy v, built in either order: readiness and the gauges show FAILED
+    (not ready, healthy 0) while both live and while the FAILED one lives alone; the second
+    wrap warns of the duplicate; the name goes only when both are closed."""
+    table = guard.health.HealthTable()
+    kw: dict[str, Any] = {"name": "v", "registry": registry, "health": table, "policy": QUIET}
+    faulty = FaultyFactory(demo_factory, fault="noise", rate=1.0, affects="all")
+
+    def build_failed() -> guard.GuardedSession:
+        return guard.wrap(faulty, demo_probe, raise_exhausted=False, **kw)
+
+    def build_healthy() -> guard.GuardedSession:
+        return guard.wrap(demo_factory, demo_probe, **kw)
+
+    builders = (build_failed, build_healthy) if failed_first else (build_healthy, build_failed)
+    first = builders[0]()
+    caplog.clear()
+    second = builders[1]()
+    failed, healthy = (first, second) if failed_first else (second, first)
+    assert failed.status.state is guard.State.FAILED and healthy.status.healthy
+    assert any("a live session or pool of this name exists" in m for m in caplog.messages)
+    both = _seen(table, registry)
+    healthy.close()
+    alone = _seen(table, registry)
+    with pytest.raises(guard.RecoveryExhausted):
+        failed.run({"mel": np.zeros((1, 80, 8), np.float32)})
+    failed.close()
+    assert (both, alone, _seen(table, registry)) == (
+        (False, "failed", 2, 0.0, 1.0, 0.0),
+        (False, "failed", 1, 0.0, 1.0, 0.0),
+        (False, None, 1, None, None, None),
+    )
+
+
+def test_two_healthy_sessions_of_a_name_are_ready_until_one_fails(
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """Two healthy sessions of a name: ready, healthy 1; one turning FAILED makes the name
+    unhealthy whichever of them it is (listeners driven by hand)."""
+    ladder = guard.Policy().ladder
+    table = guard.health.HealthTable()
+    older, newer = (guard.metrics.PrometheusListener("v", ladder, registry=registry) for _ in "ab")
+    health = [guard.health.HealthListener(table) for _ in "ab"]
+    for metrics, listener in zip((older, newer), health, strict=True):
+        for target in (metrics, listener):
+            target.on_status("v", _status(guard.State.SERVING))
+    served = _seen(table, registry)
+    for target in (older, health[0]):
+        target.on_status("v", _status(guard.State.FAILED))
+    assert (served, _seen(table, registry)) == (
+        (True, "serving", 2, 1.0, 0.0, 1.0),
+        (False, "failed", 2, 0.0, 1.0, 0.0),
+    )
+
+
+def test_a_session_whose_wrap_raised_shows_until_another_of_its_name_starts(
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """wrap() raised RecoveryExhausted: no session to close, so the name stays FAILED in the
+    gauges and readiness until a new session of the name starts, which then shows alone."""
+    table = guard.health.HealthTable()
+    kw: dict[str, Any] = {"name": "v", "registry": registry, "health": table, "policy": QUIET}
+    faulty = FaultyFactory(demo_factory, fault="noise", rate=1.0, affects="all")
+    with pytest.raises(guard.RecoveryExhausted):
+        guard.wrap(faulty, demo_probe, **kw)
+    abandoned = _seen(table, registry)
+    with guard.wrap(demo_factory, demo_probe, **kw):
+        replaced = _seen(table, registry)
+    assert (abandoned, replaced) == (
+        (False, "failed", 1, 0.0, 1.0, 0.0),
+        (True, "serving", 1, 1.0, 0.0, 1.0),
+    )
+
+
+def test_a_session_name_is_a_str_of_at_most_128_characters(
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """A 10,000-character name (a 1.6 MB exposition) or a non-str one is refused before any
+    init, saying the limit; 128 characters label every series."""
+    for name, match in (("v" * 10_000, "at most 128 characters .* of 10000"), (None, "a str")):
+        with pytest.raises(guard.ConfigError, match=match):
+            guard.wrap(demo_factory, demo_probe, name=name, registry=registry)  # type: ignore[arg-type]
+    assert registry.get_sample_value("mnn_guard_inits_total", {"session": "v" * 10_000}) is None
+    longest = "v" * 128
+    with guard.wrap(demo_factory, demo_probe, name=longest, registry=registry, policy=QUIET):
+        assert sample(registry, "mnn_guard_healthy", longest) == 1.0
+
+
+class SnrAtCheck(guard.Listener):
+    """Reads the SNR gauge right after the Prometheus listener took a re-check's result."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.seen: list[float] = []
+
+    def on_check(self, session: str, attempt: Any) -> None:
+        self.seen.append(sample(self.registry, "mnn_guard_canary_snr_db"))
+
+
+def test_a_non_finite_canary_output_is_the_worst_snr(
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """A canary whose output is NaN, at init and at a re-check (a module that turns NaN after
+    its 4 canary forwards): the SNR gauge reads -Inf, the worst value, never a finite score."""
+    policy = guard.Policy(
+        background=False, promote_after=None, reinit_attempts=0, ladder=(guard.STATIC,)
+    )
+    nan = FaultyFactory(demo_factory, fault="nan", rate=1.0, affects="all")
+    with guard.wrap(
+        nan, demo_probe, name="vocoder", registry=registry, policy=policy, raise_exhausted=False
+    ) as s:
+        at_init = (s.status.state, sample(registry, "mnn_guard_canary_snr_db"))
+    turning = FaultyFactory(
+        demo_factory, fault="nan", schedule=[True], affects="all", degrade_after=4
+    )
+    checks = SnrAtCheck(registry)
+    with guard.wrap(
+        turning, demo_probe, name="vocoder", registry=registry, policy=policy,
+        listeners=[checks],
+    ) as s:  # fmt: skip
+        passed = sample(registry, "mnn_guard_canary_snr_db")
+        assert s.maintain(force_recheck=True) == ["recheck"]
+        replaced = (s.status.state, sample(registry, "mnn_guard_canary_snr_db"))
+    assert at_init == (guard.State.FAILED, -math.inf)
+    assert passed > 45.0 and checks.seen == [-math.inf]
+    assert replaced[0] is guard.State.SERVING and replaced[1] > 45.0
+
+
+class AtStatus(guard.Listener):
+    """At each status (after the health and Prometheus listeners took it): the state, the
+    healthy gauge, the state gauge of that state, and readiness."""
+
+    def __init__(self, registry: CollectorRegistry, table: guard.health.HealthTable) -> None:
+        self.registry = registry
+        self.table = table
+        self.seen: list[tuple[str, Any, Any, bool]] = []
+
+    def on_status(self, session: str, status: guard.SessionStatus) -> None:
+        state = status.state.value
+        self.seen.append(
+            (
+                state,
+                sample(self.registry, "mnn_guard_healthy"),
+                sample(self.registry, "mnn_guard_state", state=state),
+                self.table.readiness()[0],
+            )
+        )
+
+
+def test_a_passing_recheck_keeps_the_session_healthy_while_it_runs(
+    demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
+) -> None:
+    """The module serves while CHECKING: healthy 1, state checking 1 and ready throughout a
+    passing re-check, as before and after it."""
+    table = guard.health.HealthTable()
+    seen = AtStatus(registry, table)
+    with guard.wrap(
+        demo_factory, demo_probe, name="vocoder", registry=registry, health=table,
+        policy=QUIET, listeners=[seen],
+    ) as s:  # fmt: skip
+        seen.seen.clear()
+        assert s.maintain(force_recheck=True) == ["recheck"]
+    assert seen.seen == [("checking", 1.0, 1.0, True), ("serving", 1.0, 1.0, True)]

@@ -273,6 +273,8 @@ def test_worker_startup_failure_raises_from_constructor(demo_paths: tuple[Path, 
             r"must pickle to reach spawned workers: .* \(guard\.mnn_factory pickles; a lambda "
             r"or closure does not\)",
         ),
+        ({"name": "p" * 10_000}, "a session name has at most 128 characters .* of 10000"),
+        ({"name": 7}, "a session name is a str, got int"),
     ],
 )
 def test_bad_pool_config_raises_config_error(

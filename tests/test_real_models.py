@@ -273,7 +273,7 @@ def test_the_dynamic_rung_is_reported_as_what_it_is(
         factory, probe = demo.demo_factory(), demo_probe
     else:
         factory, probe = cf_factory(converted), probes.record(cf_factory(converted), cf_inputs())
-    faulty = FaultyFactory(factory, schedule=[True] * 4)  # spares dynamic inits
+    faulty = FaultyFactory(factory, schedule=[True] * 4)  # the static rung's 4 inits
     caplog.set_level(logging.INFO, logger="mnn_guard")
     registry, events = CollectorRegistry(), CapturingListener()
     with warnings.catch_warnings(record=True) as warned:
@@ -301,6 +301,61 @@ def test_the_dynamic_rung_is_reported_as_what_it_is(
     assert len(warned_ignored) == int(static)
     if static:
         assert "no real dynamic fallback" in str(warned_ignored[0].message)
+
+
+@pytest.mark.parametrize(("model", "spared"), [("control_flow", False), ("vocoder", True)])
+def test_fault_injection_degrades_a_dynamic_rung_that_mnn_loads_statically(
+    model: str, spared: bool, converted: dict[str, Path], demo_probe: probes.Probe
+) -> None:
+    """FaultyFactory's default spares dynamic=True inits only where MNN honours them: on the
+    control-flow model (loaded statically all the same) every init is degraded and the
+    session FAILS; on the vocoder the dynamic rung is spared and serves."""
+    if model == "vocoder":
+        factory, probe = demo.demo_factory(threads=1), demo_probe
+    else:
+        factory, probe = cf_factory(converted), probes.record(cf_factory(converted), cf_inputs())
+    faulty = FaultyFactory(factory, rate=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", guard.mnn.DynamicIgnoredWarning)
+        session = guard.wrap(
+            faulty, probe, policy=quiet_policy(), metrics=False, raise_exhausted=False
+        )
+    with session:
+        status = session.status
+    assert (status.healthy, status.mode) == (spared, "dynamic")
+    assert faulty.degraded_inits == faulty.inits - int(spared)
+    assert {a.turned_static for a in status.history if a.rung.name == "dynamic"} == {not spared}
+
+
+class ZeroOneOutput:
+    """A real module of the roles model whose output `index` comes back all zeros."""
+
+    def __init__(self, module: Any, index: int) -> None:
+        self.runner = mnn.adapt(module, *ROLES_NAMES)
+        self.index = index
+
+    def run(self, arrays: Any) -> list[Array]:
+        outputs = self.runner.run(arrays)
+        outputs[self.index] = np.zeros_like(outputs[self.index])
+        return outputs
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_one_failing_output_of_two_fails_the_canary(index: int, converted: dict[str, Path]) -> None:
+    """Both outputs present, one of them right: the other one's fault fails every canary and
+    the session's status names that output alone."""
+    factory = roles_factory(converted)
+    probe = probes.record(factory, roles_inputs())
+    session = guard.wrap(
+        lambda **kw: ZeroOneOutput(factory(**kw), index), probe, metrics=False,
+        raise_exhausted=False, policy=quiet_policy(reinit_attempts=0, ladder=(guard.STATIC,)),
+    )  # fmt: skip
+    with session:
+        status = session.status
+    bad = ROLES_NAMES[1][index]
+    assert status.state is guard.State.FAILED and status.verdict is not None
+    named = {r.split(": ")[1] for r in status.verdict.reasons if r.startswith("canary run")}
+    assert named == {f"output {bad!r}"}
 
 
 @pytest.mark.slow
@@ -462,7 +517,7 @@ def test_check_shows_every_score_of_a_failing_init(
     demo_paths: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A degraded build: cosine, LSD and SNR are numbers in the table and the JSON; the
-    reasons are given in full."""
+    reasons are given in full, for every canary case (the table shows the worst one)."""
     noisy = tmp_path / "noisy.mnn"
     rng = np.random.default_rng(3)
     demo.build_vocoder(
@@ -476,6 +531,8 @@ def test_check_shows_every_score_of_a_failing_init(
         wav = init["scores"]["wav"]
         assert all(isinstance(wav[k], float) for k in ("snr_db", "cosine", "max_abs", "lsd_db"))
         assert init["reasons"] and init["missing"] == []
+        cases = {r.split(":")[0] for r in init["reasons"] if r.startswith("canary run")}
+        assert cases == {"canary run 1 case 0", "canary run 1 case 1"}
     assert cli.main(args) == cli.EXIT_DEGRADED
     table = capsys.readouterr().out
     row = next(line for line in table.splitlines() if line.startswith("1 "))

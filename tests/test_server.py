@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -526,3 +527,49 @@ def raw_http11(port: int, request: bytes) -> bytes:
         except TimeoutError:
             pass
     return b"".join(chunks)
+
+
+WORKER = """
+import sys, guard, probes
+from guard.testing import FaultyFactory
+from guard.tools import demo
+
+factory = demo.demo_factory(threads=1)
+if sys.argv[2] == "failed":
+    factory = FaultyFactory(factory, fault="zeros", rate=1.0, affects="all")
+session = guard.wrap(
+    factory, probes.load(sys.argv[1]), name="vocoder", raise_exhausted=False,
+    policy=guard.Policy(background=False, reinit_attempts=0),
+)
+print(session.status.state.value, flush=True)
+sys.stdin.read()  # until the test kills it
+"""
+
+
+def test_readiness_forgets_the_sessions_of_a_worker_that_died(
+    demo_paths: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Two real workers in multiprocess mode, one FAILED: /readyz is 503 naming its pid; once
+    it is killed (SIGKILL, no goodbye) /readyz is 200 with the live worker alone."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    command = [sys.executable, "-c", WORKER, str(demo_paths[1])]
+    pipes: dict[str, Any] = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+    workers = [
+        subprocess.Popen([*command, kind], env=env, **pipes) for kind in ("serving", "failed")
+    ]
+    try:
+        assert [w.stdout.readline().strip() for w in workers if w.stdout] == ["serving", "failed"]
+        serving, failed = workers
+        with guard.serve(port=0, multiprocess_dir=tmp_path) as running:
+            status, _, body = get(running.url + "/readyz")
+            before = (status, sorted((e["pid"], e["state"]) for e in json.loads(body)["sessions"]))
+            failed.kill()
+            failed.wait(30)
+            status, _, body = get(running.url + "/readyz")
+            after = (status, [(e["pid"], e["state"]) for e in json.loads(body)["sessions"]])
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait(30)
+    assert before == (503, sorted([(serving.pid, "serving"), (failed.pid, "failed")]))
+    assert after == (200, [(serving.pid, "serving")])

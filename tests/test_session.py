@@ -503,3 +503,61 @@ def test_a_probe_its_goldens_fail_names_every_reason(demo_probe: probes.Probe) -
     )
     with pytest.raises(guard.errors.FactoryError, match=r"^factory must be callable, got int$"):
         guard.wrap(42, demo_probe, name="p", metrics=False)  # type: ignore[arg-type]
+
+
+def test_a_forward_with_no_outputs_says_what_mnn_said(converted: dict[str, Any]) -> None:
+    """A shape MNN cannot compute at run time (50 px where cells are 32 px): OutputMismatch
+    carries MNN's own reason, which MNN prints only on stderr; the next good call is served."""
+    factory = guard.mnn_factory(converted["stride32"], ["image"], ["mask"], threads=1)
+    image = np.random.default_rng(2).standard_normal((1, 1, 64, 96)).astype(np.float32)
+    probe = probes.record(factory, {"image": image}, dynamic={"image": {2: (1, 512), 3: (1, 512)}})
+    with guard.wrap(factory, probe, name="cells", metrics=False, policy=quiet_policy()) as s:
+        with pytest.raises(guard.errors.OutputMismatch) as info:
+            s.run({"image": image[..., :50, :50]})
+        served = s.run({"image": image})["mask"]
+    message = str(info.value)
+    assert message.startswith("session 'cells': the module returned 0 outputs, expected ['mask']")
+    assert "; MNN said: " in message and "Broad cast error" in message
+    assert served.shape == image.shape
+
+
+class DropLast:
+    """A real module of the roles model that, once `drop` is set, returns all outputs but the
+    last (a result shorter than the probe's names, not an empty one)."""
+
+    def __init__(self, module: Any) -> None:
+        from test_real_models import ROLES_NAMES
+
+        self.runner = guard.mnn.adapt(module, *ROLES_NAMES)
+        self.drop = False
+
+    def run(self, arrays: Any) -> list[Array]:
+        outputs = self.runner.run(arrays)
+        return outputs[:-1] if self.drop else outputs
+
+
+def test_a_result_with_fewer_outputs_than_the_probe_names_is_refused(
+    converted: dict[str, Any], registry: Any
+) -> None:
+    """One output of two, after a clean canary: OutputMismatch naming both, counted as an
+    error; never a dict with one output missing."""
+    from test_real_models import roles_factory, roles_inputs
+
+    factory = roles_factory(converted)
+    probe = probes.record(factory, roles_inputs())
+    modules: list[DropLast] = []
+    s = guard.wrap(
+        lambda **kw: modules.append(DropLast(factory(**kw))) or modules[-1], probe,
+        name="roles", registry=registry, policy=quiet_policy(),
+    )  # fmt: skip
+    modules[-1].drop = True
+    with pytest.raises(guard.errors.OutputMismatch) as info:
+        s.run(roles_inputs())
+    counted = registry.get_sample_value(
+        "mnn_guard_runs_total", {"session": "roles", "rung": "static", "result": "error"}
+    )
+    s.close()
+    assert str(info.value).startswith(
+        "session 'roles': the module returned 1 outputs, expected ['y', 'new_state']"
+    )
+    assert counted == 1.0

@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import FakeClock, reference
-from plans import CANARY_FORWARDS, Plan, Turning, plan_session
+from plans import CANARY_FORWARDS, Plan, Turning, plan_session, served_clean
 
 import guard
 import probes
 from guard import health
+from guard.ladder import Attempt
 from guard.testing import CapturingListener, Fault, FaultyFactory
 from guard.tools import demo
 from probes import measures
@@ -379,22 +380,60 @@ def test_wait_for_a_replacement_is_bounded_by_policy(demo_probe: probes.Probe) -
 # ------------------------------------------------------------------ close and the background thread
 
 
-def test_a_recheck_interrupted_by_systemexit_leaves_failed(demo_probe: probes.Probe) -> None:
-    """SystemExit in a re-check: maintain() re-raises it, FAILED, callers told why, chained."""
+class InterruptOnce:
+    """A forward fault that raises `signal` the first time (as Ctrl-C landing in a re-check's
+    forward), then lets the module's own outputs through."""
 
-    def exiting(outputs: list[Array]) -> list[Array]:
-        raise SystemExit(3)
+    def __init__(self, signal: type[BaseException]) -> None:
+        self.signal = signal
+        self.raised = 0
 
+    def __call__(self, outputs: list[Array]) -> list[Array]:
+        if not self.raised:
+            self.raised += 1
+            raise self.signal()
+        return outputs
+
+
+@pytest.mark.parametrize("signal", [KeyboardInterrupt, SystemExit])
+def test_an_interrupted_recheck_of_a_clean_module_serves_on(
+    demo_probe: probes.Probe, signal: type[BaseException]
+) -> None:
+    """An interrupt in a re-check that found nothing bad reaches maintain()'s caller; the module
+    serves on (healthy, never FAILED, even with promote_after=None) and the re-check stays due."""
+    clock = FakeClock()
+    interrupt = InterruptOnce(signal)
     s = plan_session(
-        lambda **kw: Turning(exiting, after=CANARY_FORWARDS, **kw), demo_probe, FakeClock()
-    )
-    with pytest.raises(SystemExit):
+        lambda **kw: Turning(interrupt, after=CANARY_FORWARDS, **kw),
+        demo_probe, clock, promote_after=None, recheck_every=60.0,
+    )  # fmt: skip
+    clock.advance(60)
+    with pytest.raises(signal):
+        s.maintain()
+    assert (interrupt.raised, s.status.state, s.status.healthy) == (1, guard.State.SERVING, True)
+    assert served_clean(s)
+    assert s.maintain() == ["recheck"]  # still due: the interrupted one did not count
+    assert (s.status.state, s.maintain()) == (guard.State.SERVING, [])
+    s.close()
+
+
+def test_a_recheck_interrupted_after_finding_the_module_bad_leaves_failed(
+    demo_probe: probes.Probe,
+) -> None:
+    """An interrupt after a re-check found the module bad: maintain() re-raises it, the module
+    is out of service (FAILED, saying why, the failing check in its history)."""
+
+    class Interrupting(guard.Listener):
+        def on_check(self, session: str, attempt: Attempt) -> None:
+            raise KeyboardInterrupt
+
+    s = plan_session(Plan("turns"), demo_probe, FakeClock(), listeners=[Interrupting()])
+    with pytest.raises(KeyboardInterrupt):
         s.maintain(force_recheck=True)
-    assert (s.status.state, s.status.attempts) == (guard.State.FAILED, 0)
-    with pytest.raises(guard.RecoveryExhausted) as info:
+    assert s.status.state is guard.State.FAILED
+    assert [a.outcome for a in s.status.history] == [guard.ladder.Outcome.FAIL]
+    with pytest.raises(guard.RecoveryExhausted, match="a re-check was interrupted by Keyboard"):
         s.run({"mel": demo.demo_mel(8)})
-    assert str(info.value) == "session 'p': a re-check was interrupted by SystemExit: 3:\n  "
-    assert isinstance(info.value.__cause__, SystemExit)
     s.close()
 
 

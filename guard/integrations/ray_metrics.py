@@ -62,7 +62,7 @@ class RaySink:
 
     def __init__(self, buckets: Buckets, *, every: float) -> None:
         self.lock = threading.Lock()
-        self.owners: dict[str, object] = {}
+        self.owners: dict[str, list[MetricsListener]] = {}
         self._metrics = {f.name: _metric(f, buckets) for f in FAMILIES}
         self._live: dict[tuple[Family, tuple[str, ...]], float] = {}  # gauges to set again
         self._live_lock = threading.Lock()

@@ -45,15 +45,20 @@ class HeldHealth(HealthTable):
             if self._live:
                 self.target.forget(name, owner)
 
+    def abandon(self, name: str, owner: object) -> None:
+        """Keep the entry as the name's here; there too once live."""
+        with self._relay:
+            super().abandon(name, owner)
+            if self._live:
+                self.target.abandon(name, owner)
+
     def go_live(self) -> None:
         """Pass every held entry to the target; later changes go straight through."""
         with self._relay:
             if self._live:
                 return
             self._live = True
-            with self._lock:
-                held = [(self._owners[n], entry) for n, entry in self._sessions.items()]
-            for owner, entry in held:
+            for owner, entry in self.records():
                 self.target.record(owner, entry)
 
 

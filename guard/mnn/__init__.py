@@ -45,7 +45,7 @@ from guard.mnn.options import (
     session_config,
     split_api,
 )
-from guard.mnn.runner import Runner, adapt, load
+from guard.mnn.runner import Runner, adapt, load, why_no_outputs
 from guard.mnn.session_api import (
     MNNSessionFactory,
     SessionFactory,
@@ -105,4 +105,5 @@ __all__ = [
     "tensor_graph",
     "to_numpy",
     "to_var",
+    "why_no_outputs",
 ]

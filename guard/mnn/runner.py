@@ -12,7 +12,7 @@ from guard.mnn.module_api import VarModule
 from guard.mnn.native import LoadReport, note_load
 from guard.mnn.session_api import SessionModule, session_pair
 
-__all__ = ["LoadReport", "Runner", "adapt", "load"]
+__all__ = ["LoadReport", "Runner", "adapt", "load", "why_no_outputs"]
 
 
 class Runner(Protocol):
@@ -40,6 +40,13 @@ def load(factory: Callable[..., Any], overrides: Mapping[str, Any]) -> tuple[Any
             "expected (module, guard.mnn.LoadReport)"
         )
     return made
+
+
+def why_no_outputs(runner: Runner, arrays: Sequence[NDArray[Any]]) -> tuple[str, ...]:
+    """What MNN prints on one more forward of `runner` on `arrays` (after a forward returned
+    too few outputs: MNN says why only on stderr); () for a runner without `diagnose`."""
+    diagnose = getattr(runner, "diagnose", None)
+    return tuple(diagnose(arrays)) if callable(diagnose) else ()
 
 
 def adapt(

@@ -40,6 +40,7 @@ from guard.errors import (
 from guard.health import HEALTH, Entry, HealthTable
 from guard.inputs import InputChecker
 from guard.ladder import Policy
+from guard.names import check_name
 from guard.pool import wire
 from guard.pool.children import Child, remove_stash, stash_probe
 from guard.pool.slot import Lost, Slot, Slots, SlotState, SlotStatus, Undelivered, stop
@@ -146,6 +147,7 @@ class Pool:
                 f"start_method must be one of {START_METHODS}, got {start_method!r} "
                 "(a forked worker hangs in MNN once the parent has loaded a module)"
             )
+        check_name(name, HEALTH if health is None else health)
         policy = policy or Policy()
         check_probe(factory, probe)
         try:
