@@ -79,6 +79,22 @@ class Judgement:
         self._unavailable: str | None = None  # why no reference can be built (then: goldens only)
         self._disputed: tuple[dict[str, Array], ...] | None = None
 
+    def with_probe(self, probe: Probe, reference: Mapping[str, Array]) -> Judgement:
+        """This judgement for `probe`, which has one more case (a live one: its goldens are
+        `reference`, computed here), keeping what was built or agreed for the others."""
+        new = Judgement(probe, self._factory, reference=self._overrides)
+        with self._lock:
+            new._builds, new._unavailable = self._builds, self._unavailable
+            if self._reference is not None:
+                new._reference = Reference(
+                    (*self._reference.outputs, dict(reference)),
+                    (*self._reference.agreement, Agreement.TIGHT),
+                    self._reference.note,
+                )
+            if self._disputed is not None:
+                new._disputed = (*self._disputed, dict(reference))
+        return new
+
     @property
     def disputed(self) -> bool:
         """True once the session judges against outputs its every init agreed on."""

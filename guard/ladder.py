@@ -130,7 +130,8 @@ class Policy:
     where every failed canary leaves a diagnosis bundle (`guard.diagnosis`), written off the
     request path and bounded in count and size. `retry_margin_db` raises every SNR limit for
     a re-init of a rung that already failed in the same recovery: a fault near a limit does
-    not get through by being drawn again.
+    not get through by being drawn again. `shadow_every=N` judges every N-th live call,
+    off the request path, against a reference module (`guard.shadow`).
     """
 
     ladder: tuple[Rung, ...] = DEFAULT_LADDER
@@ -139,6 +140,7 @@ class Policy:
     init_timeout: float | None = 60.0
     wait_timeout: float = 30.0
     recheck_every: int | float | timedelta | None = None
+    shadow_every: int | None = None
     promote_after: float | None = 300.0
     check_finite_inputs: bool = True
     background: bool = True
@@ -155,6 +157,11 @@ class Policy:
             raise ConfigError(f"reinit_attempts must be >= 0, got {self.reinit_attempts}")
         if self.canary_runs < 1:
             raise ConfigError(f"canary_runs must be >= 1, got {self.canary_runs}")
+        shadow = self.shadow_every
+        if shadow is not None and (type(shadow) is not int or shadow < 1):
+            raise ConfigError(
+                f"shadow_every must be a whole number of calls >= 1 or None, got {shadow!r}"
+            )
         margin = self.retry_margin_db
         if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1e3:
             raise ConfigError(f"retry_margin_db must be a number in 0..1000 dB, got {margin!r}")

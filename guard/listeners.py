@@ -5,9 +5,14 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from guard.ladder import Action, Attempt, Basis, Rung
 from guard.state import SessionStatus
+
+if TYPE_CHECKING:
+    from guard.shadow import ShadowCheck
+    from probes import Probe
 
 __all__ = ["CALL_OK", "Call", "Listener", "LoggingListener", "notify"]
 
@@ -53,6 +58,12 @@ class Listener:
     def on_run(self, session: str, rung: Rung, seconds: float, result: Call) -> None:
         """One `run()` call finished, served or refused; `rung` is the one in use."""
 
+    def on_shadow(self, session: str, check: ShadowCheck) -> None:
+        """A sampled live call was judged against the reference (or dropped: queue full)."""
+
+    def on_canary(self, session: str, probe: Probe) -> None:
+        """The session's canary grew: a diverging live call joined it (`probe` is the new one)."""
+
     def on_close(self, session: str) -> None:
         """The session was closed (or dropped and collected)."""
 
@@ -94,6 +105,21 @@ class LoggingListener(Listener):
 
     def on_status(self, session: str, status: SessionStatus) -> None:
         log.info("session %s: %s", session, status.describe())
+
+    def on_shadow(self, session: str, check: ShadowCheck) -> None:
+        if check.result.value == "fail":
+            reasons = "; ".join(check.verdict.reasons) if check.verdict is not None else ""
+            log.warning(
+                "session %s: shadow check failed: a live call diverged from the reference, "
+                "worst SNR %.1f dB (%s); the module leaves service and the call joins the canary",
+                session,
+                check.worst_snr_db,
+                reasons,
+            )
+        elif check.result.value == "pass":
+            log.debug(
+                "session %s: shadow check passed (worst SNR %.1f dB)", session, check.worst_snr_db
+            )
 
     def on_close(self, session: str) -> None:
         log.info("session %s: closed", session)

@@ -7,6 +7,7 @@ session's own `_attempt` and `_recover`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -19,8 +20,10 @@ from guard.errors import GuardError
 from guard.judgement import Judgement
 from guard.ladder import Action, Attempt, Basis, Outcome, Policy
 from guard.listeners import Listener, notify
+from guard.shadow import MAX_CASES, Sample, Shadow, ShadowCheck, ShadowResult
 from guard.state import SessionStatus, State
-from probes import Probe, Verdict
+from probes import Probe, ProbeError, Verdict
+from probes.probe import Case
 
 if TYPE_CHECKING:
     from guard import mnn
@@ -71,6 +74,9 @@ class Maintenance:
     _clock: Callable[[], float]
     _judgement: Judgement
     _listeners: tuple[Listener, ...]
+    _shadow: Shadow | None
+    _generation: int
+    _recorded: int  # canary cases the probe was recorded with (live ones follow)
 
     if TYPE_CHECKING:  # the session's own methods, which the mixin uses
 
@@ -209,6 +215,60 @@ class Maintenance:
         if moved:
             self._publish()
         log.warning("session %s: %s; the module serves on (nothing found it bad)", self.name, why)
+
+    def _shadowed(self, check: ShadowCheck) -> None:
+        """A shadow check ended (in the shadow's thread): listeners hear it; a divergence acts."""
+        notify(self._listeners, "on_shadow", self.name, check)
+        if check.result is ShadowResult.FAIL and check.sample is not None:
+            self._diverged(check, check.sample)
+
+    def _diverged(self, check: ShadowCheck, sample: Sample) -> None:
+        """A live call diverged from the reference: its inputs join the canary, and the module
+        that served it leaves service at once (as after a failed re-check); a module installed
+        since is re-checked with the new case."""
+        with self._cond:
+            while self._maintaining and self._state is not State.CLOSED:
+                self._cond.wait(0.05)  # one maintenance pass at a time (maintain() polls too)
+            if self._state is State.CLOSED:
+                return
+            self._maintaining = True
+        try:
+            self._adopt(check, sample)
+            with self._cond:
+                serving = self._state is State.SERVING
+                current = serving and sample.generation == self._generation
+                index = self._rung_index
+                if current and not self._to(State.REPLACING):
+                    return
+            if current:
+                self._publish()
+                self._recover(index, announce_first=True)
+            elif serving:
+                self._recheck()
+        finally:
+            with self._cond:
+                self._maintaining = False
+
+    def _adopt(self, check: ShadowCheck, sample: Sample) -> None:
+        """Add the diverging call to the session's canary (at most MAX_CASES live cases)."""
+        probe = self.probe
+        if len(probe.cases) - self._recorded >= MAX_CASES:
+            return
+        case = Case(
+            inputs=dict(zip(probe.input_names, sample.inputs, strict=True)),
+            outputs=dict(check.reference),
+        )
+        try:
+            extended = dataclasses.replace(probe, cases=(*probe.cases, case))
+        except ProbeError as exc:  # e.g. a reference output with NaN: no golden to keep
+            log.warning("session %s: the diverging call cannot join the canary: %s", self.name, exc)
+            return
+        judgement = self._judgement.with_probe(extended, check.reference)
+        with self._cond:
+            self.probe, self._judgement = extended, judgement
+        if self._shadow is not None:
+            self._shadow.probe = extended
+        notify(self._listeners, "on_canary", self.name, extended)
 
     def _promote(self, current: int) -> bool:
         """Build each faster rung off the request path; swap in the first whose canary passes."""

@@ -36,6 +36,7 @@ from guard.judgement import Judgement
 from guard.ladder import Action, Attempt, Basis, Outcome, Policy, Rung
 from guard.listeners import CALL_OK, Call, Listener, notify
 from guard.maintenance import Maintenance, maintenance_loop
+from guard.shadow import Shadow
 from guard.state import LIVE, MOVES, SessionStatus, State
 from probes import Probe, Verdict
 
@@ -168,6 +169,14 @@ class GuardedSession(Maintenance):
         self._sentinels = bool(probe.sentinel_names)  # loaded after the served outputs
         self._check_inputs = InputChecker(probe.inputs, check_finite=policy.check_finite_inputs)
         self._judgement = Judgement(probe, factory)  # a local reference, built when needed
+        self._shadow: Shadow | None = None  # every N-th call judged against a reference
+        if policy.shadow_every is not None:
+            self._shadow = Shadow(
+                name, probe, factory, every=policy.shadow_every, on_check=self._shadowed
+            )
+        self._recorded = len(probe.cases)  # canary cases recorded (live ones may follow)
+        self._served = 0  # calls served, counted for the shadow's sampling
+        self._generation = 0  # modules installed so far (a shadow sample names its module)
         self._recheck_calls = policy.recheck_calls
         # Everything below is guarded by _cond; its lock also serialises forwards on _live.
         self._lock = threading.Lock()
@@ -232,6 +241,7 @@ class GuardedSession(Maintenance):
             verdict=self._verdict,
             history=self._history,
             since=self._entered,
+            shadow=None if self._shadow is None else self._shadow.status,
         )
 
     @property
@@ -346,7 +356,11 @@ class GuardedSession(Maintenance):
             self._failure = None
             self._since = self._last_check = self._clock()
             self._calls = 0
+            self._generation += 1
         self._publish()
+        if self._shadow is not None:
+            self._shadow.installed()
+            self._shadow.start()
         return True
 
     def _fail(
@@ -377,6 +391,7 @@ class GuardedSession(Maintenance):
         except InputMismatch:
             self._ran(self._rung_index, start, Call.INVALID)
             raise
+        sampled = 0  # the module generation of a call the shadow samples (0: not sampled)
         with self._lock:  # the condition's own lock (Condition.__enter__ costs a Python call)
             live = self._live  # set exactly in the live states (`_to`)
             refused = None
@@ -398,12 +413,19 @@ class GuardedSession(Maintenance):
                         self._calls += 1
                         if self._calls == self._recheck_calls:
                             self._wake.set()
+                    if self._shadow is not None:
+                        self._served += 1
+                        if self._served % self._shadow.every == 0:
+                            sampled = self._generation
         if refused is None and len(outputs) != len(self._output_names):
             assert live is not None
             refused = (Call.ERROR, self._mismatch(live, arrays, len(outputs)))
         if refused is not None:
             self._ran(index, start, refused[0])
             raise refused[1]
+        if sampled:  # copied before the caller owns the outputs; never waits (a full queue drops)
+            assert self._shadow is not None
+            self._shadow.offer(arrays, outputs, sampled)
         if self._run_listeners:
             self._ran(index, start, CALL_OK)
         return dict(zip(self._output_names, outputs, strict=False))  # lengths checked above
@@ -455,6 +477,8 @@ class GuardedSession(Maintenance):
             if not self._to(State.CLOSED):
                 return
         self._wake.set()
+        if self._shadow is not None:
+            self._shadow.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         with self._publishing:

@@ -33,6 +33,7 @@ from probes.judges import OutputScore, judge_output
 
 __all__ = [
     "CAPACITY",
+    "MAX_CASES",
     "Reference",
     "Sample",
     "Shadow",
@@ -43,6 +44,7 @@ __all__ = [
 
 Array = NDArray[Any]
 CAPACITY = 4  # sampled calls waiting for the shadow thread at most
+MAX_CASES = 8  # diverging live calls a session adds to its canary, at most
 log = logging.getLogger("mnn_guard")
 
 

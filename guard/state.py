@@ -8,6 +8,7 @@ through it too):
     STARTING   FAILED     every rung fails (guard.wrap raises RecoveryExhausted)
     SERVING    CHECKING   a re-check starts on the live module
     SERVING    SERVING    a promotion swaps in a faster rung's module that passed
+    SERVING    REPLACING  a shadow check found the module diverging on live inputs
     CHECKING   SERVING    the re-check passes, or is interrupted before it finds the module bad
     CHECKING   REPLACING  the re-check fails (or is interrupted after): out of service at once
     REPLACING  SERVING    a replacement passes its canary
@@ -24,9 +25,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from guard.ladder import STATIC_LOAD, Attempt, Basis, Rung
 from probes import Verdict
+
+if TYPE_CHECKING:
+    from guard.shadow import ShadowStatus
 
 __all__ = ["LIVE", "MOVES", "SEVERITY", "SessionStatus", "State"]
 
@@ -44,7 +49,9 @@ class State(enum.Enum):
 
 MOVES: dict[State, frozenset[State]] = {
     State.STARTING: frozenset({State.SERVING, State.FAILED, State.CLOSED}),
-    State.SERVING: frozenset({State.SERVING, State.CHECKING, State.CLOSED}),  # SERVING: promoted
+    State.SERVING: frozenset(  # SERVING: promoted; REPLACING: a shadow check diverged
+        {State.SERVING, State.CHECKING, State.REPLACING, State.CLOSED}
+    ),
     State.CHECKING: frozenset({State.SERVING, State.REPLACING, State.CLOSED}),
     State.REPLACING: frozenset({State.SERVING, State.FAILED, State.CLOSED}),
     State.FAILED: frozenset({State.SERVING, State.FAILED, State.CLOSED}),
@@ -70,6 +77,7 @@ class SessionStatus:
     verdict: Verdict | None
     history: tuple[Attempt, ...]
     since: float = 0.0  # wall-clock time (time.time()) the session entered its state
+    shadow: ShadowStatus | None = None  # the shadow checks so far (Policy.shadow_every)
 
     @property
     def mode(self) -> str:

@@ -22,6 +22,7 @@ from guard import mnn
 from guard.errors import ConfigError
 from guard.ladder import Action, Attempt, Rung
 from guard.listeners import Call, Listener
+from guard.shadow import ShadowCheck
 from guard.state import SessionStatus
 
 __all__ = [
@@ -270,7 +271,8 @@ class Captured:
     to_rung: str | None = None  # recover
     state: str | None = None  # status: the session's State value
     healthy: bool | None = None  # status
-    result: str | None = None  # run: ok, error, invalid, unavailable, failed, closed
+    result: str | None = None  # run: ok, error, ...; shadow: pass, fail, dropped
+    check: Any = None  # shadow: the guard.shadow.ShadowCheck
 
 
 class CapturingListener(Listener):
@@ -306,6 +308,9 @@ class CapturingListener(Listener):
 
     def on_run(self, session: str, rung: Rung, seconds: float, result: Call) -> None:
         self.events.append(Captured("run", session, rung.name, result=result.value))
+
+    def on_shadow(self, session: str, check: ShadowCheck) -> None:
+        self.events.append(Captured("shadow", session, result=check.result.value, check=check))
 
     def on_close(self, session: str) -> None:
         self.events.append(Captured("close", session))
