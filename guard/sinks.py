@@ -23,6 +23,7 @@ from guard.families import (
     RECOVERIES,
     RUN_SECONDS,
     RUNG,
+    RUNG_INDEX,
     RUNS,
     STATE,
     Family,
@@ -132,6 +133,7 @@ class MetricsListener(Listener):
             (INFO, (session, *info)),
             (HEALTHY, (session,)),
             (CANARY_SNR_DB, (session,)),
+            (RUNG_INDEX, (session,)),
             *((RUNG, (session, rung)) for rung in self._rungs),
             *((LOADED_STATIC, (session, rung)) for rung in self._rungs),
             *((STATE, (session, state.value)) for state in State),
@@ -166,6 +168,7 @@ class MetricsListener(Listener):
         for state in State:
             sink.set(STATE, (self.session, state.value), 0)
         sink.set(HEALTHY, (self.session,), 0)
+        sink.set(RUNG_INDEX, (self.session,), 0)
 
     def go_live(self) -> None:
         """Take the name's gauges over now (a standby listener) and publish the latest status."""
@@ -212,6 +215,7 @@ class MetricsListener(Listener):
             if m.owners.get(session) is not self:
                 return  # a newer session of this name owns the series
             m.set(HEALTHY, (session,), 1 if status.healthy else 0)
+            m.set(RUNG_INDEX, (session,), status.rung_index)
             for rung in self._rungs:
                 m.set(RUNG, (session, rung), 1 if rung == status.mode else 0)
             for state in State:

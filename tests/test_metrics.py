@@ -82,7 +82,8 @@ def test_last_canary_snr_is_exported(
 def test_fallback_is_counted(
     demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> None:
-    """Every static init degraded: the session ends on rung 1 'dynamic' with one fallback."""
+    """Every static init degraded: the session ends on rung 1 'dynamic' (rung index 1) with one
+    fallback."""
     faulty = FaultyFactory(demo_factory, fault="noise", rate=1.0)
     with guard.wrap(faulty, demo_probe, name="vocoder", registry=registry, policy=ONE_REINIT) as s:
         observed = {
@@ -95,6 +96,7 @@ def test_fallback_is_counted(
             "fallback": sample(registry, "mnn_guard_recoveries_total", action="fallback"),
             "healthy": sample(registry, "mnn_guard_healthy"),
             "rung": on_rung(registry),
+            "rung_index": sample(registry, "mnn_guard_rung_index"),
         }
     assert observed == {
         "mode": "dynamic",
@@ -106,6 +108,7 @@ def test_fallback_is_counted(
         "fallback": 1.0,
         "healthy": 1.0,
         "rung": "dynamic",
+        "rung_index": 1.0,
     }
 
 

@@ -1219,6 +1219,10 @@ FAMILIES = {
     "mnn_guard_runs": "run() calls by result (ok, error, invalid, unavailable, failed, closed).",
     "mnn_guard_healthy": "1 while the session serves a module whose canary passed.",
     "mnn_guard_rung": "1 for the rung the session is on, 0 for its other rungs.",
+    "mnn_guard_rung_index": (
+        "Position on the ladder of the rung the session is on: 0 is the first (fastest); "
+        "above 0 after a fallback, even one before the first scrape."
+    ),
     "mnn_guard_state": "1 for the session's state, 0 for the others.",
     "mnn_guard_rung_loaded_static": (
         "1 when the rung asked for dynamic=True and MNN loaded it statically (the model has "
@@ -1321,6 +1325,7 @@ def test_every_series_of_a_new_session_and_nothing_else(
     for state in guard.State:
         want[("mnn_guard_state", (("state", state.value),))] = float(state is guard.State.SERVING)
     want[("mnn_guard_healthy", ())] = 1.0
+    want[("mnn_guard_rung_index", ())] = 0.0
     snr = s.status.verdict.worst_snr_db if s.status.verdict is not None else None
     want[("mnn_guard_canary_snr_db", ())] = snr  # type: ignore[assignment]
     assert got == want
