@@ -1,9 +1,10 @@
 """A guarded vocoder as a WSGI app, built the way docs/ops.md says (the demo model).
 
 VOCODER_FAULT=all degrades every init, so every worker ends in FAILED and stays up.
-VOCODER_FAULT=fail-first degrades every init of the first worker only, hang-first hangs the
-first worker's first init in a native call that holds the GIL (as a hang inside MNN does);
-the first worker is the one that creates the file VOCODER_FIRST names.
+VOCODER_FAULT=fail-first degrades every init of the first worker only, fallback-first its
+static inits (it serves on the dynamic rung), hang-first hangs its first init in a native call
+that holds the GIL (as a hang inside MNN does); the first worker is the one that creates the
+file VOCODER_FIRST names.
 """
 
 import json
@@ -30,6 +31,8 @@ factory = demo.demo_factory(threads=1)
 fault = os.environ.get("VOCODER_FAULT", "")
 if fault == "all" or (fault == "fail-first" and first_worker()):
     factory = FaultyFactory(factory, fault=Fault.NOISE, rate=1.0, affects="all")
+elif fault == "fallback-first" and first_worker():
+    factory = FaultyFactory(factory, fault=Fault.NOISE, rate=1.0)  # static inits only
 elif fault == "hang-first" and first_worker():
     factory = FaultyFactory(factory, fault=Fault.HANG_NATIVE, schedule=[True])
 session = guard.wrap(
