@@ -198,6 +198,28 @@ def test_gunicorn_readiness_and_metrics_follow_a_killed_worker(
     assert all(len(listed) == 2 for listed in poll.ready_with), poll.ready_with
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident set size in MiB (/proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    line = next(x for x in status.splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_gunicorn_master_stays_small_beside_its_workers(
+    gunicorn: tuple[subprocess.Popen[bytes], str, str],
+) -> None:
+    """The master never loads a model: serving /metrics and watching the workers, it stays
+    under 64 MiB, below each demo worker (docs/ops.md, "Sizing")."""
+    server, app, metrics = gunicorn
+    workers = two_ready_workers(Readiness(metrics), server)
+    for _ in range(5):
+        assert get(app + "/?frames=100")[0] == 200
+    assert get(metrics + "/metrics")[0] == 200
+    master, each = rss_mb(server.pid), [rss_mb(pid) for pid in workers]
+    print(f"gunicorn master {master:.0f} MiB, demo workers {[round(v) for v in each]} MiB")
+    assert master < 64 and all(master < rss for rss in each)
+
+
 def test_gunicorn_with_every_worker_exhausted_stays_up_not_ready(
     multiproc_env: dict[str, str],
 ) -> None:
