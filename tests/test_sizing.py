@@ -23,10 +23,10 @@ WORKER = Path(__file__).resolve().parent / "apps" / "worker_rss.py"
 MODES = ("serve", "fallback", "promote")
 
 
-def measure(model: str, probe: str, name: str, mode: str) -> dict[str, float]:
+def measure(model: str, probe: str, mode: str) -> dict[str, float]:
     """One worker process's memory in MiB: base, rss, peak (and the rung it ended on)."""
     done = subprocess.run(
-        [sys.executable, str(WORKER), model, probe, name, mode],
+        [sys.executable, str(WORKER), model, probe, mode],
         capture_output=True,
         text=True,
         timeout=300,
@@ -48,15 +48,15 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from guard.tools import demo
 
     models = {
-        "demo": ("demo", "-", "mel", demo.DEMO_MODEL),
-        "wide": (str(wide), str(folder / "wide.probe"), "x", wide),
+        "demo": ("demo", "-", demo.DEMO_MODEL),
+        "wide": (str(wide), str(folder / "wide.probe"), wide),
     }
     return {
         which: {
             "file": Path(path).stat().st_size / 2**20,
-            **{mode: measure(model, probe, name, mode) for mode in MODES},
+            **{mode: measure(model, probe, mode) for mode in MODES},
         }
-        for which, (model, probe, name, path) in models.items()
+        for which, (model, probe, path) in models.items()
     }
 
 

@@ -2,13 +2,13 @@
 RSS before the model (`base`: Python, numpy, MNN, guard), after five calls (`rss`) and at its
 peak (`peak`), from /proc/self/status.
 
-    worker_rss.py MODEL PROBE INPUT serve     # on the first rung: one clean init, then calls
-    worker_rss.py MODEL PROBE INPUT fallback  # every first-rung init degraded: on the fallback
-    worker_rss.py MODEL PROBE INPUT promote   # the first init degraded: a fallback, then the
-                                              # first rung again (two modules at once)
+    worker_rss.py MODEL PROBE serve     # on the first rung: one clean init, then calls
+    worker_rss.py MODEL PROBE fallback  # every first-rung init degraded: on the fallback rung
+    worker_rss.py MODEL PROBE promote   # the first init degraded: a fallback, then the first
+                                        # rung again (two modules at once)
 
-INPUT names the model's one input (its output is `y`); the probe's first canary is the call.
-MODEL `demo` is the demo vocoder.
+The call is the probe's first canary; the model's inputs and outputs are the probe's. MODEL
+`demo` (any PROBE) is the demo vocoder.
 """
 
 import json
@@ -29,14 +29,15 @@ def status_mb(key: str) -> float:
 
 
 base = status_mb("VmRSS")
-model, probe_dir, name, mode = sys.argv[1:5]
+model, probe_dir, mode = sys.argv[1:4]
 if model == "demo":
     model, probe_dir = str(demo.DEMO_MODEL), str(demo.DEMO_PROBE)
-    factory = demo.demo_factory(threads=1)
-else:
-    factory = guard.mnn_factory(model, [name], ["y"], threads=1)
 probe = probes.load(probe_dir, model=model)
 inputs = dict(probe.cases[0].inputs)
+if model == str(demo.DEMO_MODEL):
+    factory = demo.demo_factory(threads=1)
+else:
+    factory = guard.mnn_factory(model, list(inputs), list(probe.output_names), threads=1)
 policy = guard.Policy(reinit_attempts=0, background=mode == "promote", promote_after=0.5)
 if mode == "fallback":
     factory = FaultyFactory(factory, rate=1.0)  # first-rung (static) inits only
