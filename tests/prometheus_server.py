@@ -74,16 +74,22 @@ def shortened_rules(folder: Path, hold: str) -> Path:
 
 @contextmanager
 def prometheus(
-    folder: Path, targets: Sequence[str], *, job: str = "mnn-guard", rules: Path | None = None
+    folder: Path,
+    targets: Sequence[str],
+    *,
+    job: str = "mnn-guard",
+    rules: Path | None = None,
+    job_extra: str = "",
 ) -> Iterator[str]:
-    """A Prometheus server scraping `targets` every second (rules evaluated every second);
-    yields its base URL."""
+    """A Prometheus server scraping `targets` every second (rules evaluated every second;
+    `job_extra`: more YAML lines of the scrape job); yields its base URL."""
     config = folder / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         + (f"rule_files: ['{rules}']\n" if rules is not None else "")
         + f"scrape_configs:\n  - job_name: {job}\n    static_configs:\n"
         + f"      - targets: {json.dumps(list(targets))}\n"
+        + job_extra
     )
     address = f"127.0.0.1:{free_port()}"
     process = subprocess.Popen(

@@ -270,13 +270,13 @@ def gone(pid: int) -> bool:
 
 
 def first_worker_replaced(
-    env: dict[str, str], marker: Path, state: str, **extra: str
+    started: tuple[subprocess.Popen[bytes], str, str], marker: Path, state: str
 ) -> tuple[float, int, set[int], set[int]]:
-    """gunicorn whose first worker's session stays in `state` (the app's VOCODER_FAULT); wait
-    until that worker is killed by the master's watchdog and two workers are ready. Returns
-    the seconds it had been in `state` when it was gone, its pid, the other pids listed with it
-    and the pids then ready; the master's /healthz must have said 200 after the kill."""
-    server, app, metrics = start_gunicorn(env, VOCODER_FIRST=str(marker), **extra)
+    """A server (process, app url, metrics url) whose first worker's session stays in `state`
+    (the app's VOCODER_FAULT): wait until that worker is killed and two workers are ready.
+    Returns the seconds it had been in `state` when it was gone, its pid, the other pids
+    listed with it and the pids then ready; /healthz must say 200 after the kill."""
+    server, app, metrics = started
     try:
         victim = first_worker(marker, server)
         entry = until(f"the first worker {state}", lambda: listed(metrics, victim, state), server)
@@ -300,13 +300,14 @@ def test_gunicorn_kills_and_replaces_a_worker_hung_at_start(
     has no heartbeat to miss yet) is killed by the master's watchdog once its session has been
     STARTING for MNN_GUARD_START_TIMEOUT, not before, and gunicorn replaces it: the pod then
     serves with two workers."""
-    seconds, victim, _, ready = first_worker_replaced(
+    marker = tmp_path / "first"
+    started = start_gunicorn(
         multiproc_env,
-        tmp_path / "first",
-        "starting",
         VOCODER_FAULT="hang-first",
+        VOCODER_FIRST=str(marker),
         MNN_GUARD_START_TIMEOUT="4",
     )
+    seconds, victim, _, ready = first_worker_replaced(started, marker, "starting")
     print(f"hung worker gone {seconds:.1f} s after its session started (limit 4 s)")
     assert seconds >= 4
     assert victim not in ready
@@ -318,16 +319,35 @@ def test_gunicorn_replaces_one_worker_failed_too_long_and_keeps_the_others(
     """The first worker's every init is degraded: once its session has been FAILED for
     MNN_GUARD_RESTART_AFTER, the master kills that worker alone and gunicorn starts a fresh
     one; the healthy worker keeps its pid and the master's /healthz stays 200 (no pod restart)."""
-    seconds, victim, others, ready = first_worker_replaced(
+    marker = tmp_path / "first"
+    started = start_gunicorn(
         multiproc_env,
-        tmp_path / "first",
-        "failed",
         VOCODER_FAULT="fail-first",
+        VOCODER_FIRST=str(marker),
         MNN_GUARD_RESTART_AFTER="3",
     )
+    seconds, victim, others, ready = first_worker_replaced(started, marker, "failed")
     print(f"failed worker gone {seconds:.1f} s after it failed (limit 3 s)")
     assert seconds >= 3
     assert victim not in ready and others <= ready
+
+
+def start_uvicorn(env: dict[str, str], **extra: str) -> tuple[subprocess.Popen[bytes], str, str]:
+    """uvicorn with 2 workers (UVICORN_WORKERS=2) serving the ASGI vocoder and guard's routes:
+    (process, url, url)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            *(str(BIN / "uvicorn"), "--port", str(port), "--host", "127.0.0.1"),
+            *("--app-dir", str(APPS), "--log-level", "warning", "vocoder_asgi:app"),
+        ],
+        env={**env, "UVICORN_WORKERS": "2", **extra},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    return server, url, url
 
 
 def test_uvicorn_two_workers_share_readiness_and_metrics(multiproc_env: dict[str, str]) -> None:
@@ -335,18 +355,7 @@ def test_uvicorn_two_workers_share_readiness_and_metrics(multiproc_env: dict[str
     lists both workers from either, and is never ready with one (the app reads
     UVICORN_WORKERS); after kill -9 of one, uvicorn's replacement shows up and the dead pid's
     series go."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [
-            *(str(BIN / "uvicorn"), "--port", str(port), "--host", "127.0.0.1"),
-            *("--app-dir", str(APPS), "--log-level", "warning", "vocoder_asgi:app"),
-        ],
-        env={**multiproc_env, "UVICORN_WORKERS": "2"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    server, url, _ = start_uvicorn(multiproc_env)
     try:
         poll = Readiness(url)
         first = two_ready_workers(poll, server)
@@ -357,3 +366,16 @@ def test_uvicorn_two_workers_share_readiness_and_metrics(multiproc_env: dict[str
         assert all(len(listed) == 2 for listed in poll.ready_with), poll.ready_with
     finally:
         stop(server)
+
+
+def test_uvicorn_replaces_a_worker_hung_at_start(
+    multiproc_env: dict[str, str], tmp_path: Path
+) -> None:
+    """uvicorn's supervisor pings its workers from a thread that starts before the app is
+    imported: a worker whose first init hangs in a native call holding the GIL stops answering
+    and is killed (--timeout-worker-healthcheck, 5 s) and replaced, without a watchdog."""
+    marker = tmp_path / "first"
+    started = start_uvicorn(multiproc_env, VOCODER_FAULT="hang-first", VOCODER_FIRST=str(marker))
+    seconds, victim, _, ready = first_worker_replaced(started, marker, "starting")
+    print(f"uvicorn: hung worker gone {seconds:.1f} s after its session started")
+    assert victim not in ready

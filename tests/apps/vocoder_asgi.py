@@ -2,13 +2,15 @@
 
 /metrics, /healthz and /readyz answer for every worker (PROMETHEUS_MULTIPROC_DIR), and /readyz
 waits for as many workers as uvicorn runs (UVICORN_WORKERS, which uvicorn reads as --workers);
-any other path synthesises. `forward` holds the GIL, so it runs in a thread to keep the loop
-serving.
+any other path synthesises. VOCODER_FAULT chooses a fault (tests/apps/faults.py). `forward`
+holds the GIL, so it runs in a thread to keep the loop serving.
 """
 
 import asyncio
 import json
 import os
+
+from faults import vocoder_factory
 
 import guard
 import probes
@@ -16,7 +18,7 @@ from guard.integrations.endpoints import Endpoints
 from guard.tools import demo
 
 session = guard.wrap(
-    demo.demo_factory(threads=1),
+    vocoder_factory(),
     probes.load(demo.DEMO_PROBE, model=demo.DEMO_MODEL),
     name="vocoder",
     raise_exhausted=False,

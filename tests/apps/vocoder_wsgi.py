@@ -1,42 +1,20 @@
 """A guarded vocoder as a WSGI app, built the way docs/ops.md says (the demo model).
 
-VOCODER_FAULT=all degrades every init, so every worker ends in FAILED and stays up.
-VOCODER_FAULT=fail-first degrades every init of the first worker only, fallback-first its
-static inits (it serves on the dynamic rung), hang-first hangs its first init in a native call
-that holds the GIL (as a hang inside MNN does); the first worker is the one that creates the
-file VOCODER_FIRST names.
+VOCODER_FAULT chooses a fault (tests/apps/faults.py): with `all` every worker ends in FAILED
+and stays up.
 """
 
 import json
 import os
 
+from faults import vocoder_factory
+
 import guard
 import probes
-from guard.testing import Fault, FaultyFactory
 from guard.tools import demo
 
-
-def first_worker() -> bool:
-    """True in the one process that creates the file VOCODER_FIRST first (it writes its pid)."""
-    try:
-        fd = os.open(os.environ["VOCODER_FIRST"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except (KeyError, FileExistsError):
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    return True
-
-
-factory = demo.demo_factory(threads=1)
-fault = os.environ.get("VOCODER_FAULT", "")
-if fault == "all" or (fault == "fail-first" and first_worker()):
-    factory = FaultyFactory(factory, fault=Fault.NOISE, rate=1.0, affects="all")
-elif fault == "fallback-first" and first_worker():
-    factory = FaultyFactory(factory, fault=Fault.NOISE, rate=1.0)  # static inits only
-elif fault == "hang-first" and first_worker():
-    factory = FaultyFactory(factory, fault=Fault.HANG_NATIVE, schedule=[True])
 session = guard.wrap(
-    factory,
+    vocoder_factory(),
     probes.load(demo.DEMO_PROBE, model=demo.DEMO_MODEL),
     name="vocoder",
     policy=guard.Policy(reinit_attempts=0),
