@@ -33,7 +33,12 @@ SELECTION: dict[str, tuple[str, ...]] = {
         "tests/test_promotion.py",
         "tests/test_replica.py",
     ),
-    "guard.health": (PINNED, "tests/test_server.py", "tests/test_state_machine.py"),
+    "guard.health": (
+        PINNED,
+        "tests/test_server.py",
+        "tests/test_state_machine.py",
+        "tests/test_watchdog.py",
+    ),
     "guard.pool.parent": (*POOL, PINNED),
     "guard.pool.slot": ("tests/test_slot.py", *POOL),
     "guard.pool.wire": ("tests/test_pool.py",),
