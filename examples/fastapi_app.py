@@ -13,7 +13,12 @@ replica core (docs/integrations.md), started in the background at startup, so `/
 every integration: 422 for inputs that do not fit the probe, 503 while no healthy worker
 answers. VOCODER_MODEL and VOCODER_PROBE choose another model (input `mel`, output `wav`;
 default: the demo vocoder shipped in the `guard` package's data); VOCODER_PROCESSES the number
-of workers (default 2).
+of pool workers.
+
+Each uvicorn worker runs a pool of its own: `uvicorn --workers W` (as UVICORN_WORKERS=W, which
+this app reads) with pools of P processes runs W x P MNN processes. The pool's default size
+shares the cores among the uvicorn workers, and more MNN processes than cores are logged as a
+warning (docs/ops.md, "Sizing").
 """
 
 from __future__ import annotations
@@ -35,9 +40,17 @@ from guard.integrations import Endpoints, PoolBuild, Replica, http_error
 DATA = resources.files("guard") / "data"  # the demo vocoder and its probe ship there
 MODEL = os.environ.get("VOCODER_MODEL", str(DATA / "demo_vocoder.mnn"))
 PROBE = os.environ.get("VOCODER_PROBE", str(DATA / "demo_vocoder.probe"))
-PROCESSES = int(os.environ.get("VOCODER_PROCESSES", "2"))
 RETRY_SECONDS = 30.0  # how long to wait before starting a pool that failed to start again
 log = logging.getLogger("vocoder")
+CORES = len(os.sched_getaffinity(0))
+SERVERS = int(os.environ.get("UVICORN_WORKERS", "1"))  # uvicorn's --workers, one pool each
+PROCESSES = int(os.environ.get("VOCODER_PROCESSES") or max(1, CORES // SERVERS))
+if SERVERS * PROCESSES > CORES:
+    log.warning(
+        "%d uvicorn workers x %d pool processes = %d MNN processes on %d cores: they take "
+        "turns on the cores (set VOCODER_PROCESSES or fewer --workers)",
+        SERVERS, PROCESSES, SERVERS * PROCESSES, CORES,
+    )  # fmt: skip
 
 
 async def start_pool(replica: Replica) -> None:
@@ -81,4 +94,4 @@ async def synthesize(request: Request) -> Response:
 
 
 # last, so that the routes above come first: /metrics, /healthz, /readyz (404 for the rest)
-app.mount("/", guard.asgi_app(Endpoints(expect=["vocoder"])))
+app.mount("/", guard.asgi_app(Endpoints(expect=["vocoder"], workers=SERVERS)))

@@ -21,6 +21,7 @@ __all__ = [
     "LOADED_STATIC",
     "RECOVERIES",
     "RUNG",
+    "RUNG_INDEX",
     "RUNS",
     "RUN_SECONDS",
     "STATE",
@@ -87,6 +88,15 @@ RUNG = Family(
     help="1 for the rung the session is on, 0 for its other rungs.",
     labels=("session", "rung"),
 )
+RUNG_INDEX = Family(
+    name="mnn_guard_rung_index",
+    kind=Kind.GAUGE,
+    help=(
+        "Position on the ladder of the rung the session is on: 0 is the first (fastest); "
+        "above 0 after a fallback, even one before the first scrape."
+    ),
+    labels=("session",),
+)
 STATE = Family(
     name="mnn_guard_state",
     kind=Kind.GAUGE,
@@ -146,6 +156,7 @@ FAMILIES: tuple[Family, ...] = (
     RECOVERIES,
     HEALTHY,
     RUNG,
+    RUNG_INDEX,
     STATE,
     LOADED_STATIC,
     BASIS,

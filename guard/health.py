@@ -34,6 +34,7 @@ __all__ = [
     "stuck",
     "worker_entries",
     "worker_readiness",
+    "worker_sessions",
 ]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -226,6 +227,11 @@ def worker_entries(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return entries
 
 
+def worker_sessions(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every live process's sessions in `directory`, each with its process's `pid`."""
+    return [{**e, "pid": w["pid"]} for w in worker_entries(directory) for e in w["sessions"]]
+
+
 def worker_readiness(
     directory: str | os.PathLike[str], expect: Sequence[str] = ()
 ) -> tuple[bool, list[dict[str, Any]]]:
@@ -250,10 +256,13 @@ def worker_readiness(
     return _judge(entries, expect)
 
 
-def stuck(entries: Iterable[dict[str, Any]], after: float) -> list[dict[str, Any]]:
-    """The sessions that have been FAILED for longer than `after` seconds (wall clock)."""
+def stuck(
+    entries: Iterable[dict[str, Any]], after: float, state: State = State.FAILED
+) -> list[dict[str, Any]]:
+    """The sessions that have been in `state` (FAILED) for longer than `after` seconds (wall
+    clock)."""
     now = time.time()
-    return [e for e in entries if e["state"] == "failed" and now - e.get("since", now) > after]
+    return [e for e in entries if e["state"] == state.value and now - e.get("since", now) > after]
 
 
 _PID_FILE = re.compile(r"_(\d+)\.(?:db|json)$")

@@ -24,6 +24,7 @@ from guard.families import (
     RECOVERIES,
     RUN_SECONDS,
     RUNG,
+    RUNG_INDEX,
     RUNS,
     STATE,
     Family,
@@ -141,6 +142,7 @@ class MetricsListener(Listener):
             (INFO, (session, *info)),
             (HEALTHY, (session,)),
             (CANARY_SNR_DB, (session,)),
+            (RUNG_INDEX, (session,)),
             *((RUNG, (session, rung)) for rung in self._rungs),
             *((LOADED_STATIC, (session, rung)) for rung in self._rungs),
             *((STATE, (session, state.value)) for state in State),
@@ -213,6 +215,7 @@ class MetricsListener(Listener):
         status = max(live, key=MetricsListener._badness)._status
         healthy = all(other._status is not None and other._status.healthy for other in live)
         sink.set(HEALTHY, (name,), 1 if healthy else 0)
+        sink.set(RUNG_INDEX, (name,), status.rung_index if status is not None else 0)
         worst = status.state if status is not None else None  # none yet: every state 0
         for state in State:
             sink.set(STATE, (name, state.value), 1 if state is worst else 0)

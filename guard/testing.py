@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import enum
+import math
 import os
 import threading
 import time
@@ -57,6 +59,9 @@ class Fault(enum.StrEnum):
     SWAP = "swap"  # the init loads `replacement(**overrides)` instead (e.g. a rebuilt noisy model)
     RAISE = "raise"  # the factory raises
     HANG = "hang"  # the factory blocks for `hang_seconds`
+    # the factory blocks for `hang_seconds` in a native call that holds the GIL, as a hang
+    # inside MNN does: no thread of the process runs, so only another process can end it
+    HANG_NATIVE = "hang_native"
     NO_FORWARD = "no_forward"  # the factory returns an object without forward()
 
 
@@ -246,6 +251,9 @@ class FaultyFactory(mnn.Loader):
             raise RuntimeError(f"injected factory failure on init {number}")
         if self.fault is Fault.HANG:
             time.sleep(self.hang_seconds)
+            return module, report
+        if self.fault is Fault.HANG_NATIVE:
+            ctypes.PyDLL(None).sleep(math.ceil(self.hang_seconds))  # libc's sleep, GIL held
             return module, report
         if self.fault is Fault.SWAP:
             assert self.replacement is not None

@@ -35,7 +35,12 @@ SELECTION: dict[str, tuple[str, ...]] = {
     "guard.metrics": METRICS,
     "guard.families": METRICS,
     "guard.sinks": (*METRICS, "tests/test_replica.py"),
-    "guard.health": ("tests/test_health.py", "tests/test_server.py", "tests/test_state_machine.py"),
+    "guard.health": (
+        "tests/test_health.py",
+        "tests/test_server.py",
+        "tests/test_state_machine.py",
+        "tests/test_watchdog.py",
+    ),
     "guard.pool.parent": POOL,
     "guard.pool.slot": ("tests/test_slot.py", *POOL),
     "guard.pool.wire": ("tests/test_pool.py",),

@@ -247,6 +247,30 @@ def conv(seed: int = 0, channels: int = 3) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=OPSET)
 
 
+def wide(width: int = 2048, layers: int = 4, seed: int = 0) -> onnx.ModelProto:
+    """`y = relu(... relu(x @ w1) ... @ wN)` on `x` [1, width]: `layers` float32 weight matrices
+    of width x width (64 MiB at the defaults), a model large beside the demo vocoder (0.4 MB),
+    for measuring what a worker's memory grows with."""
+    rng = np.random.default_rng(seed)
+    nodes, initializers, previous = [], [], "x"
+    for k in range(layers):
+        weights = rng.standard_normal((width, width)) / np.sqrt(width)
+        initializers.append(_const(f"w{k}", weights.astype(np.float32)))
+        nodes += [
+            helper.make_node("MatMul", [previous, f"w{k}"], [f"m{k}"]),
+            helper.make_node("Relu", [f"m{k}"], [out := "y" if k == layers - 1 else f"h{k}"]),
+        ]
+        previous = out
+    graph = helper.make_graph(
+        nodes,
+        "wide",
+        [_value("x", TensorProto.FLOAT, [1, width])],
+        [_value("y", TensorProto.FLOAT, [1, width])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
 def convert(model: onnx.ModelProto, path: Path) -> Path:
     """Check the graph, save it next to `path` as .onnx, convert it to the .mnn at `path`."""
     import _tools

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import socket
-import subprocess
 import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_server import RULES, get_json, poll, prometheus, query, shortened_rules
 
 import guard
 import probes
@@ -27,8 +25,14 @@ from guard.tools import demo
 
 DASHBOARD = Path(__file__).parent.parent / "deploy" / "grafana" / "mnn-guard.json"
 # what Grafana puts in for its variables: windows that hold several 1 s scrapes
-GRAFANA = {"$__rate_interval": "10s", "$__range": "5m", "$session": ".*"}
-WAIT = 60.0  # seconds for Prometheus to start, scrape and have rates (a slow CI machine)
+GRAFANA = {
+    "$__rate_interval": "10s",
+    "$__range": "5m",
+    "$session": ".*",
+    "$job": ".*",
+    "$instance": ".*",
+}
+FILTER = 'job=~"$job",instance=~"$instance",session=~"$session"'
 
 
 def panels() -> list[dict[str, Any]]:
@@ -39,16 +43,16 @@ def panels() -> list[dict[str, Any]]:
     return [p for p in found if p.get("targets")]
 
 
+def filled(expr: str) -> str:
+    """A query with Grafana's variables filled in."""
+    for name, value in GRAFANA.items():
+        expr = expr.replace(name, value)
+    return expr
+
+
 def queries() -> list[tuple[str, str]]:
     """(panel title, PromQL with Grafana's variables filled in) of every target."""
-    out = []
-    for panel in panels():
-        for target in panel["targets"]:
-            expr = target["expr"]
-            for name, value in GRAFANA.items():
-                expr = expr.replace(name, value)
-            out.append((panel["title"], expr))
-    return out
+    return [(p["title"], filled(t["expr"])) for p in panels() for t in p["targets"]]
 
 
 def grouped_by(expr: str) -> set[str]:
@@ -62,28 +66,50 @@ def grouped_by(expr: str) -> set[str]:
 
 
 def test_dashboard_is_well_formed() -> None:
-    """Unique panel ids, a grid position each, the datasource variable, a session filter."""
+    """Unique panel ids, a grid position each, the datasource, job, instance and session
+    variables, and every query filtered by the job and instance (and session, where it has one)."""
     board = json.loads(DASHBOARD.read_text())
     everything = [p for top in board["panels"] for p in [top, *top.get("panels", [])]]
     ids = [p["id"] for p in everything]
     assert len(ids) == len(set(ids))
     assert all({"h", "w", "x", "y"} <= set(p["gridPos"]) for p in everything)
-    assert {v["name"] for v in board["templating"]["list"]} == {"datasource", "session"}
+    names = [v["name"] for v in board["templating"]["list"]]
+    assert names == ["datasource", "job", "instance", "session"]
     for panel in panels():
         assert panel["datasource"]["uid"] == "${datasource}"
         for target in panel["targets"]:
-            assert 'session=~"$session"' in target["expr"], target["expr"]
+            expr = target["expr"]
+            assert re.search(r'job=~"\$job\|?"', expr), expr
+            assert re.search(r'instance=~"\$instance\|?"', expr), expr
+            if "mnn_guard_" in expr and "mnn_guard_ready" not in expr:
+                assert FILTER in expr, expr
+
+
+def test_error_rate_panel_is_the_alerts_ratio() -> None:
+    """The Error rate panel is MnnGuardErrorBudgetBurn's ratio (errors, unavailable and
+    failed calls over all but invalid ones), over the panel's interval and filtered."""
+    rules = yaml.safe_load(RULES.read_text())["groups"]
+    (rule,) = [r for g in rules for r in g["rules"] if r.get("record", "").endswith("rate5m")]
+    (panel,) = [p for p in panels() if p["title"] == "Error rate"]
+    (target,) = panel["targets"]
+    shown = target["expr"].replace(FILTER + ",", "").replace("$__rate_interval", "5m")
+    assert " ".join(shown.split()) == " ".join(rule["expr"].split())
 
 
 def test_every_metric_in_the_dashboard_exists(
     demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> None:
-    """Each mnn_guard_* name the dashboard queries is exposed by a guarded session."""
+    """Each mnn_guard_* name the dashboard queries is exposed by a guarded session and its
+    routes (mnn_guard_ready)."""
     session = guard.wrap(demo_factory, demo_probe, name="v", registry=registry)
-    exposed = generate_latest(registry).decode()
+    with (
+        guard.serve(port=0, registry=registry) as server,
+        urllib.request.urlopen(server.url + "/metrics", timeout=5) as response,
+    ):
+        exposed = response.read().decode()
     session.close()
     names = {n for _, expr in queries() for n in re.findall(r"mnn_guard_\w+", expr)}
-    assert len(names) >= 10
+    assert len(names) >= 11
     for name in names:
         assert re.search(rf"^{name}[{{ ]", exposed, re.M), f"{name} is not exposed"
 
@@ -91,54 +117,14 @@ def test_every_metric_in_the_dashboard_exists(
 # ------------------------------------------------------------- a real Prometheus
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def get_json(url: str) -> Any:
-    """GET a URL on 127.0.0.1 and parse its JSON body."""
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.load(response)
-
-
-def poll(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
-    """Call `check` until it returns something truthy (errors count as not yet), within a bound."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except OSError as exc:  # not listening yet
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout:g} s (last: {last!r})")
-
-
-@pytest.fixture()
-def prometheus_bin() -> str:
-    """The Prometheus server from Debian's `prometheus` package; in CI its absence fails."""
-    found = shutil.which("prometheus")
-    if found is None:
-        why = "the `prometheus` binary is not installed (apt-get install prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{why}: .ci/run installs it; the dashboard queries cannot be checked")
-        pytest.skip(f"DASHBOARD QUERIES NOT RUN: {why}")
-    return found
-
-
 @pytest.fixture()
 def guarded(
     demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> Iterator[str]:
-    """A process serving metrics of a healthy session and of one whose every init is degraded.
+    """A process serving metrics of a healthy session, of one whose every init is degraded,
+    and of one that fell back while it started (before Prometheus's first scrape).
 
-    The degraded one is FAILED and retries every second; both get calls all along, so rates,
+    The degraded one is FAILED and retries every second; all get calls all along, so rates,
     canary failures, fallbacks and init times keep coming.
     """
     healthy = guard.wrap(demo_factory, demo_probe, name="healthy", registry=registry)
@@ -151,12 +137,20 @@ def guarded(
         raise_exhausted=False,
         policy=guard.Policy(reinit_attempts=0, promote_after=1.0, wait_timeout=0.1),
     )
+    fellback = guard.wrap(
+        FaultyFactory(demo_factory, fault=Fault.NOISE, rate=1.0),  # static inits only
+        demo_probe,
+        name="fellback",
+        registry=registry,
+        policy=guard.Policy(reinit_attempts=0, promote_after=None),
+    )
     stop = threading.Event()
     mel = demo.demo_mel(20)
 
     def traffic() -> None:
         while not stop.wait(0.02):
             healthy.run({"mel": mel})
+            fellback.run({"mel": mel})
             with pytest.raises(guard.GuardError):
                 broken.run({"mel": mel})
 
@@ -169,50 +163,17 @@ def guarded(
         stop.set()
         thread.join(10)
         server.close()
-        healthy.close()
-        broken.close()
+        for session in (healthy, broken, fellback):
+            session.close()
 
 
 @pytest.fixture()
-def prometheus(prometheus_bin: str, guarded: str, tmp_path: Path) -> Iterator[str]:
-    """A Prometheus server on 127.0.0.1 scraping the guarded process every second."""
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"scrape_configs:\n  - job_name: mnn-guard\n    static_configs:\n"
-        f"      - targets: ['{guarded}']\n"
-    )
-    address = f"127.0.0.1:{free_port()}"
-    process = subprocess.Popen(
-        [
-            prometheus_bin,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address={address}",
-            "--log.level=warn",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "prometheus.log").open("w"),
-    )
-    try:
-        poll("Prometheus ready", lambda: urllib.request.urlopen(f"http://{address}/-/ready"))
-        yield f"http://{address}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def query(base: str, promql: str) -> list[dict[str, Any]]:
-    """An instant query through Prometheus's HTTP API; the vector's samples."""
-    data = get_json(f"{base}/api/v1/query?{urllib.parse.urlencode({'query': promql})}")
-    assert data["status"] == "success", data
-    assert data["data"]["resultType"] == "vector", (promql, data["data"]["resultType"])
-    result: list[dict[str, Any]] = data["data"]["result"]
-    return result
+def scraped(guarded: str, tmp_path: Path) -> Iterator[tuple[str, float]]:
+    """A Prometheus server scraping the guarded process every second, with the repository's
+    rules (`for:` 1 s, so that alerts fire); (its URL, when it started)."""
+    started = time.time()
+    with prometheus(tmp_path, [guarded], rules=shortened_rules(tmp_path, "1s")) as base:
+        yield base, started
 
 
 def by_session(series: list[dict[str, Any]]) -> dict[str, float]:
@@ -220,20 +181,44 @@ def by_session(series: list[dict[str, Any]]) -> dict[str, float]:
     return {s["metric"].get("session", ""): float(s["value"][1]) for s in series}
 
 
-def test_every_panel_query_returns_data(prometheus: str) -> None:
-    """Every panel's PromQL, run by a real Prometheus scraping a real guard, returns series of
-    the shape the panel draws: the labels it groups by, and the values it is about."""
+def peak(base: str, promql: str, since: float, **labels: str) -> float:
+    """The highest value the query's series with these labels took from `since` until now
+    (1 s steps): what a panel drew over that time; 0 when it drew none."""
+    params = {"query": promql, "start": f"{since:.3f}", "end": f"{time.time():.3f}", "step": "1"}
+    data = get_json(f"{base}/api/v1/query_range?{urllib.parse.urlencode(params)}")
+    assert data["status"] == "success", data
+    values = [
+        float(v)
+        for series in data["data"]["result"]
+        if labels.items() <= series["metric"].items()
+        for _, v in series["values"]
+    ]
+    return max(values, default=0.0)
+
+
+def test_every_panel_query_returns_data(scraped: tuple[str, float]) -> None:
+    """Every panel's PromQL, run by a real Prometheus scraping a real guard (with the rules),
+    returns series of the shape the panel draws: the labels it groups by, and the values it is
+    about; the start of a session that fell back before the first scrape is drawn too."""
+    prometheus_url, started = scraped
     exprs = dict(queries())  # one query per panel title, but for latency panels' extra targets
     rate_query = exprs["Requests by result"]
-    poll("rates of both sessions", lambda: len(by_session(query(prometheus, rate_query))) == 2)
+    poll("rates of all sessions", lambda: len(by_session(query(prometheus_url, rate_query))) == 3)
     poll(  # the broken session's retries: at least one canary failure inside the window
         "a canary failure in the window",
-        lambda: by_session(query(prometheus, exprs["Canary checks by result"] + " > 0")).get(
+        lambda: by_session(query(prometheus_url, exprs["Canary checks by result"] + " > 0")).get(
             "broken"
         ),
     )
+    failing = {"MnnGuardSessionExhausted", "MnnGuardNotReady"}  # the broken session's
+
+    def alerted() -> bool:
+        fired = {s["metric"]["alertname"] for s in query(prometheus_url, exprs["Firing alerts"])}
+        return failing <= fired
+
+    poll("the broken session's alerts firing", alerted)
     for title, promql in queries():
-        series = query(prometheus, promql)
+        series = query(prometheus_url, promql)
         assert series, f"panel {title!r} got no data from {promql}"
         for sample in series:
             assert grouped_by(promql) <= set(sample["metric"]), (title, sample["metric"])
@@ -242,17 +227,18 @@ def test_every_panel_query_returns_data(prometheus: str) -> None:
             )
     results: dict[str, list[dict[str, Any]]] = {}
     for title, promql in queries():
-        results.setdefault(title, []).extend(query(prometheus, promql))
-    assert by_session(results["Health per session and pid"]) == {"healthy": 1.0, "broken": 0.0}
+        results.setdefault(title, []).extend(query(prometheus_url, promql))
+    health = by_session(results["Health per session and pid"])
+    assert health == {"healthy": 1.0, "broken": 0.0, "fellback": 1.0}
     rung_series = results["Rung per session and pid"]
     rungs = {s["metric"]["session"]: s["metric"]["rung"] for s in rung_series}
-    assert rungs["healthy"] == "static"
+    assert (rungs["healthy"], rungs["fellback"]) == ("static", "dynamic")
     states = {
         s["metric"]["session"]: s["metric"]["state"] for s in results["State per session and pid"]
     }
-    assert states == {"healthy": "serving", "broken": "failed"}
+    assert states == {"healthy": "serving", "broken": "failed", "fellback": "serving"}
     errors = by_session(results["Error rate"])
-    assert errors == {"healthy": 0.0, "broken": 1.0}
+    assert errors == {"healthy": 0.0, "broken": 1.0, "fellback": 0.0}
     recoveries = {
         s["metric"]["action"]: float(s["value"][1])
         for s in results["Recoveries by action"]
@@ -268,3 +254,17 @@ def test_every_panel_query_returns_data(prometheus: str) -> None:
     ]
     assert len(latency) == 3 and all(0 < x < 10 for x in latency)  # p50, p95, p99
     assert float(results["Unhealthy sessions"][0]["value"][1]) == 1.0
+    assert [float(s["value"][1]) for s in results["Targets up"]] == [1.0]
+    assert [float(s["value"][1]) for s in results["Ready per instance (/readyz)"]] == [0.0]
+    assert failing <= {s["metric"]["alertname"] for s in results["Firing alerts"]}
+    # the fellback session's start, before the first scrape: drawn, not lost
+    fell = {"session": "fellback"}
+    assert peak(prometheus_url, exprs["Recoveries by action"], started, **fell, action="fallback")
+    assert peak(prometheus_url, exprs["Canary checks by result"], started, **fell, result="fail")
+    assert peak(prometheus_url, exprs["Inits by rung"], started, **fell, rung="static")
+    init_p95 = [
+        float(s["value"][1])
+        for s in query(prometheus_url, [q for t, q in queries() if t == "Init + canary time"][1])
+        if s["metric"]["session"] == "fellback"
+    ]
+    assert init_p95 and all(0 < x < 600 for x in init_p95), init_p95

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -96,7 +97,7 @@ def service(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
             *(str(BIN / "uvicorn"), "--app-dir", str(ROOT / "examples"), "fastapi_app:app"),
             *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
         ],
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)},
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder), "VOCODER_PROCESSES": "2"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -169,3 +170,33 @@ def test_fastapi_app_serves_and_tells_the_truth_through_a_killed_worker(
     while any(map(alive, after)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(map(alive, after)), "pool workers outlived the server"
+
+
+def pool_size_and_warning(folder: Path, **environ: str) -> tuple[int, str]:
+    """(the example's pool size, what it logged) when imported with these variables, in
+    multiprocess mode on `folder`."""
+    script = "import logging, fastapi_app; print(fastapi_app.PROCESSES)"
+    env = {k: v for k, v in os.environ.items() if k not in ("UVICORN_WORKERS", "VOCODER_PROCESSES")}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT / "examples",
+        env={**env, "PROMETHEUS_MULTIPROC_DIR": str(folder), **environ},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return int(done.stdout.split()[-1]), done.stderr
+
+
+def test_pools_share_the_cores_among_uvicorn_workers_or_say_they_do_not(tmp_path: Path) -> None:
+    """Each uvicorn worker runs its own pool: by default the pools share the cores
+    (cores // UVICORN_WORKERS processes each, no warning); told more, the app warns that
+    workers x processes MNN processes outnumber the cores."""
+    cores = len(os.sched_getaffinity(0))
+    size, said = pool_size_and_warning(tmp_path, UVICORN_WORKERS="2")
+    assert size == max(1, cores // 2)
+    assert ("MNN processes on" in said) == (2 * size > cores)
+    size, said = pool_size_and_warning(tmp_path, UVICORN_WORKERS="2", VOCODER_PROCESSES=str(cores))
+    assert size == cores
+    assert f"2 uvicorn workers x {cores} pool processes = {2 * cores} MNN processes" in said

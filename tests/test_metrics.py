@@ -89,7 +89,8 @@ def test_last_canary_snr_is_exported(
 def test_fallback_is_counted(
     demo_factory: guard.mnn.MNNFactory, demo_probe: probes.Probe, registry: CollectorRegistry
 ) -> None:
-    """Every static init degraded: the session ends on rung 1 'dynamic' with one fallback."""
+    """Every static init degraded: the session ends on rung 1 'dynamic' (rung index 1) with one
+    fallback."""
     faulty = FaultyFactory(demo_factory, fault="noise", rate=1.0)
     with guard.wrap(faulty, demo_probe, name="vocoder", registry=registry, policy=ONE_REINIT) as s:
         observed = {
@@ -102,6 +103,7 @@ def test_fallback_is_counted(
             "fallback": sample(registry, "mnn_guard_recoveries_total", action="fallback"),
             "healthy": sample(registry, "mnn_guard_healthy"),
             "rung": on_rung(registry),
+            "rung_index": sample(registry, "mnn_guard_rung_index"),
         }
     assert observed == {
         "mode": "dynamic",
@@ -113,6 +115,7 @@ def test_fallback_is_counted(
         "fallback": 1.0,
         "healthy": 1.0,
         "rung": "dynamic",
+        "rung_index": 1.0,
     }
 
 
@@ -548,6 +551,7 @@ def test_every_series_of_a_new_session_and_nothing_else(
     for basis in ("golden", "local", "disputed"):
         want[("mnn_guard_basis", (("basis", basis),))] = float(basis == "golden")
     want[("mnn_guard_healthy", ())] = 1.0
+    want[("mnn_guard_rung_index", ())] = 0.0
     snr = s.status.verdict.worst_snr_db if s.status.verdict is not None else None
     want[("mnn_guard_canary_snr_db", ())] = snr  # type: ignore[assignment]
     assert got == want
@@ -566,6 +570,10 @@ FAMILIES = {
     "mnn_guard_runs": "run() calls by result (ok, error, invalid, unavailable, failed, closed).",
     "mnn_guard_healthy": "1 while the session serves a module whose canary passed.",
     "mnn_guard_rung": "1 for the rung the session is on, 0 for its other rungs.",
+    "mnn_guard_rung_index": (
+        "Position on the ladder of the rung the session is on: 0 is the first (fastest); "
+        "above 0 after a fallback, even one before the first scrape."
+    ),
     "mnn_guard_state": "1 for the session's state, 0 for the others.",
     "mnn_guard_rung_loaded_static": (
         "1 when the rung asked for dynamic=True and MNN loaded it statically (the model has "

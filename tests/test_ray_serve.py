@@ -18,7 +18,6 @@ import itertools
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -289,8 +288,7 @@ def test_degraded_replica_is_replaced_and_serves_nothing(
     serve.delete("vocoder")
 
 
-RELABEL = """
-    metric_relabel_configs:
+RELABEL = """    metric_relabel_configs:
       - {source_labels: [__name__], regex: "ray_(mnn_guard_.*)", target_label: __name__}
 """  # as the README says
 
@@ -298,35 +296,14 @@ RELABEL = """
 def check_relabelled(cluster: Cluster, replicas: set[str], folder: Path) -> None:
     """A real Prometheus scraping Ray's endpoint with the README's relabelling and the alert
     rules: the guard's own names carry both replicas' health, and every rule evaluates."""
-    from test_dashboard import free_port, get_json, poll, query
+    from prometheus_server import RULES, get_json, poll, prometheus, query
 
-    binary = shutil.which("prometheus")
-    if binary is None:
+    if shutil.which("prometheus") is None:
         assert os.environ.get("CI") != "true", "the prometheus binary is missing (.ci/run)"
         print("RELABELLING NOT CHECKED: the `prometheus` binary is not installed")
         return
     target = cluster.metrics_url.removeprefix("http://").removesuffix("/metrics")
-    config = folder / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        f"rule_files: ['{ROOT / 'deploy' / 'prometheus' / 'alerts.yml'}']\n"
-        "scrape_configs:\n  - job_name: mnn-guard\n"
-        f"    static_configs: [{{targets: ['{target}']}}]\n{RELABEL}"
-    )
-    address = f"127.0.0.1:{free_port()}"
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={folder / 'tsdb'}",
-            f"--web.listen-address={address}",
-            "--log.level=warn",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://{address}"
-    try:
+    with prometheus(folder, [target], rules=RULES, job_extra=RELABEL) as base:
         healthy = 'mnn_guard_healthy{session="vocoder"} == 1'
 
         def both() -> bool:
@@ -340,9 +317,6 @@ def check_relabelled(cluster: Cluster, replicas: set[str], folder: Path) -> None
             return len(rules) >= 8 and all(r["health"] == "ok" for r in rules)
 
         poll("every alert and recording rule evaluated", evaluated)
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def _handle(app: str) -> Any:

@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from health_files import Workers
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 import guard
 import probes
+from guard.integrations.endpoints import Endpoints
+from guard.state import State
 from guard.testing import FaultyFactory
 
 QUIET = guard.Policy(background=False)
@@ -34,6 +37,7 @@ TABLE = [
     ("mnn_guard_recoveries", "counter", {"session", "action"}),
     ("mnn_guard_healthy", "gauge", {"session"}),
     ("mnn_guard_rung", "gauge", {"session", "rung"}),
+    ("mnn_guard_rung_index", "gauge", {"session"}),
     ("mnn_guard_state", "gauge", {"session", "state"}),
     (
         "mnn_guard_session_info",
@@ -470,6 +474,74 @@ def test_healthz_asks_for_a_restart_after_a_long_failure(
             time.sleep(0.02)
         status, _, body = get(running.url + "/healthz")
     assert (status, "X" in body, "restart" in body) == (503, True, True)
+
+
+def ready_gauge(url: str) -> float:
+    """The value of mnn_guard_ready in one scrape of `url`."""
+    body = get(url + "/metrics")[2]
+    (value,) = [
+        s.value
+        for f in text_string_to_metric_families(body)
+        for s in f.samples
+        if s.name == "mnn_guard_ready"
+    ]
+    return value
+
+
+def test_metrics_say_whether_the_process_is_ready(
+    server: guard.server.MetricsServer,
+    demo_factory: guard.mnn.MNNFactory,
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+) -> None:
+    """/metrics carries mnn_guard_ready, what /readyz says as 1 or 0: 0 with no session, 1
+    while one serves, 0 again once its only session is closed (a process serving nothing, which
+    has no other mnn_guard series left)."""
+    before = ready_gauge(server.url)
+    session = guard.wrap(demo_factory, demo_probe, name="X", registry=registry, policy=QUIET)
+    serving = ready_gauge(server.url)
+    session.close()
+    body = get(server.url + "/metrics")[2]
+    assert (before, serving, ready_gauge(server.url)) == (0.0, 1.0, 0.0)
+    assert "\nmnn_guard_healthy{" not in body  # no series left, only its HELP and TYPE
+
+
+def test_readyz_waits_for_every_expected_worker(tmp_path: Path) -> None:
+    """With workers=2 in multiprocess mode, one serving worker is not enough: /readyz lists the
+    missing worker with both counts and mnn_guard_ready is 0; with the second it is ready."""
+    workers = Workers(tmp_path)
+    try:
+        workers.start(State.SERVING)
+        with guard.serve(port=0, multiprocess_dir=tmp_path, workers=2) as running:
+            status, _, body = get(running.url + "/readyz")
+            waiting = (status, ready_gauge(running.url))
+            workers.start(State.SERVING)
+            ready = (get(running.url + "/readyz")[0], ready_gauge(running.url))
+    finally:
+        workers.close()
+    (missing,) = [e for e in json.loads(body)["sessions"] if e["state"] == "missing"]
+    assert waiting == (503, 0.0)
+    assert (missing["name"], missing["expected"], missing["live"]) == ("workers", 2, 1)
+    assert "1 of 2 worker processes" in missing["reasons"][0]
+    assert ready == (200, 1.0)
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
+def test_bad_worker_counts_are_refused(workers: Any) -> None:
+    """The expected worker count is an int >= 1."""
+    with pytest.raises(guard.ConfigError, match="workers must be an int"):
+        Endpoints(workers=workers)
+
+
+def test_several_workers_need_multiprocess_mode(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Expecting 2 workers without a multiprocess directory is refused, naming the variable:
+    each worker would answer for itself alone."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    with pytest.raises(guard.ConfigError, match="PROMETHEUS_MULTIPROC_DIR"):
+        Endpoints(workers=2)
+    assert Endpoints(registry, workers=1).workers == 1
 
 
 UPGRADE = (

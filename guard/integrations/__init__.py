@@ -4,6 +4,8 @@
   which every adapter uses;
 - `endpoints` and `server`: `/metrics`, `/healthz`, `/readyz` as WSGI/ASGI apps, and
   `guard.serve`'s small bounded server;
+- `watchdog`: kills a worker stuck starting or FAILED too long, from outside it (gunicorn's
+  master), so that its server starts a fresh one;
 - `ray_serve` and `ray_metrics` (extra `ray`): `GuardedDeployment` on the core, and the Ray
   sink of the `mnn_guard_*` families.
 
@@ -20,14 +22,17 @@ if TYPE_CHECKING:
     from guard.integrations.endpoints import Endpoints, asgi_app, wsgi_app
     from guard.integrations.replica import PoolBuild, Replica, Spec, build_session, http_error
     from guard.integrations.server import Limits, MetricsServer, serve
+    from guard.integrations.watchdog import Deadlines, Watchdog
 
 __all__ = [
+    "Deadlines",
     "Endpoints",
     "Limits",
     "MetricsServer",
     "PoolBuild",
     "Replica",
     "Spec",
+    "Watchdog",
     "asgi_app",
     "build_session",
     "http_error",
@@ -47,6 +52,8 @@ _HOME = {
     "Limits": "server",
     "MetricsServer": "server",
     "serve": "server",
+    "Deadlines": "watchdog",
+    "Watchdog": "watchdog",
 }
 
 

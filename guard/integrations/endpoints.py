@@ -2,8 +2,9 @@
 for every worker of a multiprocess server.
 
 `/metrics` is prometheus_client's own exposition (text or OpenMetrics by the Accept header,
-gzip); the health routes are added beside it, on exact paths only. `guard.serve` runs the WSGI
-app on a small server of its own (`guard.integrations.server`).
+gzip) with one gauge added, `mnn_guard_ready` (what `/readyz` says, as 1 or 0); the health
+routes are added beside it, on exact paths only. `guard.serve` runs the WSGI app on a small
+server of its own (`guard.integrations.server`).
 
 >>> app.mount("/", guard.asgi_app(Endpoints(expect=["vocoder"])))  # FastAPI  # doctest: +SKIP
 """
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app, make_wsgi_app
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from guard.errors import ConfigError
 from guard.health import (
@@ -26,15 +29,16 @@ from guard.health import (
     HealthTable,
     reap_dead,
     stuck,
-    worker_entries,
     worker_readiness,
+    worker_sessions,
 )
 
-__all__ = ["RESTART_AFTER", "Endpoints", "asgi_app", "wsgi_app"]
+__all__ = ["READY", "RESTART_AFTER", "Endpoints", "asgi_app", "wsgi_app"]
 
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
 RESTART_AFTER = 900.0  # seconds a session may stay FAILED before /healthz asks for a restart
+READY = "mnn_guard_ready"  # the gauge of /readyz's answer on /metrics
 Response = tuple[int, list[tuple[str, str]], bytes]
 
 
@@ -50,7 +54,11 @@ class Endpoints:
     With `multiprocess_dir` (or `PROMETHEUS_MULTIPROC_DIR` set and no `registry`), `/metrics`
     aggregates every worker's files and `/readyz` every live worker's sessions; otherwise
     both answer for this process (`registry`, default the global one, and `health`).
-    `expect` names sessions that must exist and be healthy for `/readyz` to say ready.
+    `expect` names sessions that must exist and be healthy for `/readyz` to say ready;
+    `workers`, how many worker processes must each have reported its sessions (the server's
+    worker count: gunicorn's `workers`, uvicorn's `--workers`), more than 1 only in
+    multiprocess mode. `/metrics` adds `mnn_guard_ready`, 1 while `/readyz` says ready, so
+    that a process serving nothing (no session, a missing worker) is seen by its scraper.
     `/healthz` fails once a session has been FAILED (every rung failing, retries included)
     for `restart_after` seconds: MNN's degraded state comes with a process start, so a
     restart is a fresh draw. None keeps `/healthz` at 200 while the process is up.
@@ -64,6 +72,7 @@ class Endpoints:
         health: HealthTable | None = None,
         expect: Sequence[str] = (),
         restart_after: float | None = RESTART_AFTER,
+        workers: int = 1,
     ) -> None:
         if registry is not None and multiprocess_dir is not None:
             raise ConfigError("pass either registry or multiprocess_dir, not both")
@@ -77,6 +86,17 @@ class Endpoints:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.directory)  # type: ignore[no-untyped-call]
         self.registry = registry if registry is not None else REGISTRY
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ConfigError(f"workers must be an int >= 1, got {workers!r}")
+        if workers > 1 and self.directory is None:
+            raise ConfigError(
+                f"{workers} worker processes share readiness and metrics only in multiprocess "
+                f"mode: set {MULTIPROC_ENV} (or pass multiprocess_dir)"
+            )
+        self.workers = workers
+        # what /metrics shows: the registry's metrics, and the readiness gauge
+        self.exposed = CollectorRegistry(auto_describe=False)
+        self.exposed.register(_Exposition(self))
         self.health = health or HEALTH
         self.expect = tuple(expect)
         if restart_after is not None and not restart_after > 0:
@@ -84,21 +104,33 @@ class Endpoints:
         self.restart_after = restart_after
 
     def readiness(self) -> tuple[bool, list[dict[str, Any]]]:
-        """(ready, details) for this process, or for every live worker in multiprocess mode."""
-        if self.directory is not None:
-            return worker_readiness(self.directory, self.expect)
-        return self.health.readiness(self.expect)
+        """(ready, details) for this process, or for every live worker in multiprocess mode
+        (not ready while fewer than `workers` processes have reported)."""
+        if self.directory is None:
+            return self.health.readiness(self.expect)
+        ready, details = worker_readiness(self.directory, self.expect)
+        live = len({e["pid"] for e in details if "pid" in e})
+        if live < self.workers:
+            reason = f"{live} of {self.workers} worker processes have reported their sessions"
+            details.append(
+                {
+                    "name": "workers",
+                    "state": "missing",
+                    "healthy": False,
+                    "reasons": [reason],
+                    "expected": self.workers,
+                    "live": live,
+                }
+            )
+            ready = False
+        return ready, details
 
     def stuck(self) -> list[dict[str, Any]]:
         """Sessions FAILED for longer than `restart_after`: a new process start would help."""
         if self.restart_after is None:
             return []
         if self.directory is not None:
-            entries = [
-                {**e, "pid": w["pid"]}
-                for w in worker_entries(self.directory)
-                for e in w["sessions"]
-            ]
+            entries = worker_sessions(self.directory)
         else:
             entries = self.health.entries()
         return stuck(entries, self.restart_after)
@@ -126,6 +158,22 @@ class Endpoints:
         return 404, [("Content-Type", TEXT)], b"not found; try /metrics /healthz /readyz\n"
 
 
+class _Exposition(Collector):
+    """The endpoints' registry, and `mnn_guard_ready` computed at each scrape."""
+
+    def __init__(self, endpoints: Endpoints) -> None:
+        self._endpoints = endpoints
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._endpoints.registry.collect()
+        ready, _ = self._endpoints.readiness()
+        yield GaugeMetricFamily(
+            READY,
+            "1 while /readyz says ready (every expected worker serves every session), else 0.",
+            value=1.0 if ready else 0.0,
+        )
+
+
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -133,7 +181,7 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 def wsgi_app(endpoints: Endpoints | None = None) -> WSGIApp:
     """A WSGI app serving the three routes (mount it in your own server, or use `serve`)."""
     ends = endpoints or Endpoints()
-    metrics = make_wsgi_app(ends.registry)
+    metrics = make_wsgi_app(ends.exposed)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -163,7 +211,7 @@ ASGIApp = Callable[
 def asgi_app(endpoints: Endpoints | None = None) -> ASGIApp:
     """An ASGI app serving the three routes, to mount in uvicorn, Starlette or FastAPI."""
     ends = endpoints or Endpoints()
-    metrics = make_asgi_app(ends.registry)
+    metrics = make_asgi_app(ends.exposed)
 
     async def app(
         scope: Message,

@@ -329,13 +329,15 @@ def serve(
     expect: Sequence[str] = (),
     restart_after: float | None = RESTART_AFTER,
     limits: Limits | None = None,
+    workers: int = 1,
 ) -> MetricsServer:
     """Serve `/metrics`, `/healthz` and `/readyz` on `host:port` (0 picks a free port).
 
     What they answer for is `Endpoints`'s rule: `registry`, or every worker's files with
     `multiprocess_dir` or `PROMETHEUS_MULTIPROC_DIR`; `/readyz` needs a session, every
-    session healthy and each name in `expect` present; `/healthz` fails after a session has
-    been FAILED for `restart_after` seconds. `limits` bounds slow and idle clients.
+    session healthy, each name in `expect` present and `workers` worker processes reported;
+    `/healthz` fails after a session has been FAILED for `restart_after` seconds. `limits`
+    bounds slow and idle clients.
 
     >>> with guard.serve(port=0) as server:  # doctest: +SKIP
     ...     urllib.request.urlopen(server.url + "/readyz")
@@ -348,5 +350,6 @@ def serve(
         health=health,
         expect=expect,
         restart_after=restart_after,
+        workers=workers,
     )
     return MetricsServer(host, port, endpoints, limits=limits)

@@ -1,24 +1,29 @@
 """A guarded vocoder as an ASGI app for uvicorn, with guard's routes mounted (the demo model).
 
-/metrics, /healthz and /readyz answer for every worker (PROMETHEUS_MULTIPROC_DIR); any other
-path synthesises. `forward` holds the GIL, so it runs in a thread to keep the loop serving.
+/metrics, /healthz and /readyz answer for every worker (PROMETHEUS_MULTIPROC_DIR), and /readyz
+waits for as many workers as uvicorn runs (UVICORN_WORKERS, which uvicorn reads as --workers);
+any other path synthesises. VOCODER_FAULT chooses a fault (tests/apps/faults.py). `forward`
+holds the GIL, so it runs in a thread to keep the loop serving.
 """
 
 import asyncio
 import json
 import os
 
+from faults import vocoder_factory
+
 import guard
 import probes
+from guard.integrations.endpoints import Endpoints
 from guard.tools import demo
 
 session = guard.wrap(
-    demo.demo_factory(threads=1),
+    vocoder_factory(),
     probes.load(demo.DEMO_PROBE, model=demo.DEMO_MODEL),
     name="vocoder",
     raise_exhausted=False,
 )
-routes = guard.asgi_app()
+routes = guard.asgi_app(Endpoints(workers=int(os.environ.get("UVICORN_WORKERS", "1"))))
 
 
 async def app(scope, receive, send):  # type: ignore[no-untyped-def]

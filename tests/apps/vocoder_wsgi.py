@@ -1,21 +1,20 @@
 """A guarded vocoder as a WSGI app, built the way docs/ops.md says (the demo model).
 
-VOCODER_FAULT=all degrades every init, so every worker ends in FAILED and stays up.
+VOCODER_FAULT chooses a fault (tests/apps/faults.py): with `all` every worker ends in FAILED
+and stays up.
 """
 
 import json
 import os
 
+from faults import vocoder_factory
+
 import guard
 import probes
-from guard.testing import Fault, FaultyFactory
 from guard.tools import demo
 
-factory = demo.demo_factory(threads=1)
-if os.environ.get("VOCODER_FAULT") == "all":
-    factory = FaultyFactory(factory, fault=Fault.NOISE, rate=1.0, affects="all")
 session = guard.wrap(
-    factory,
+    vocoder_factory(),
     probes.load(demo.DEMO_PROBE, model=demo.DEMO_MODEL),
     name="vocoder",
     policy=guard.Policy(reinit_attempts=0),
