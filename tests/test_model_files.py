@@ -122,7 +122,7 @@ def test_run_tensors_reads_a_tensor_with_a_zero_dimension(converted: dict[str, P
     got = mnn.run_tensors(converted["empty_tensors"], ["x"], [X], ["empty", "joined", "y"])
     assert got["empty"].shape == (1, 0) and got["empty"].dtype == np.float32
     np.testing.assert_array_equal(got["joined"], X)
-    np.testing.assert_allclose(got["y"], np.tanh(X), rtol=1e-6)
+    np.testing.assert_allclose(got["y"], np.tanh(X), rtol=1e-3)  # MNN 3.0 approximates tanh
 
 
 def test_constant_arrays_keep_an_empty_constant(converted: dict[str, Path]) -> None:
