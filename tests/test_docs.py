@@ -34,8 +34,9 @@ def test_the_readme_is_a_front_page() -> None:
 
 
 def test_no_page_installs_a_package_the_registry_lacks() -> None:
-    """mnn-guard is not on PyPI: no page tells anyone to `pip install mnn-guard`."""
+    """mnn-guard is not on PyPI: no page and no message tells anyone to `pip install mnn-guard`."""
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    pages += sorted((ROOT / "guard").rglob("*.py"))
     for page in pages:
         assert not re.search(r"pip install\s+['\"]?mnn-guard", page.read_text()), page.name
 
