@@ -76,7 +76,14 @@ def render(results: list[dict[str, Any]]) -> str:
         "environment (nox with uv, `noxfile.py`), runs the core suite and the real-model tests, "
         "measures the MNN facts below (`compat/facts.py`) and runs `mnn-guard demo`, then "
         "writes this page (`compat/report.py`). CI runs the oldest and the newest release on "
-        "every push (`make compat-edges`).",
+        "every push: the oldest release's session, and the newest release's facts and demo "
+        "(`make compat-edges`), while `make test` runs the whole suite on the newest release "
+        "(the range resolves to it); `make dist` installs the wheel with both and runs "
+        "`mnn-guard demo` and `mnn-guard inspect` outside the source tree.",
+        "",
+        "No release in the range is left out: PyPI serves no 3.3 release for CPython 3.11. "
+        "How to check a new release against your own probes before rolling it out: "
+        "[Upgrading MNN](upgrading.md).",
         "",
         "## Latest run",
         "",

@@ -1,6 +1,7 @@
 """Guarded Ray Serve deployments: a `Replica` per Serve replica, its health check, Ray metrics.
 
-Only this module and `guard.integrations.ray_metrics` import ray (the `ray` extra: `pip install 'ray[serve]>=2.40'`).
+Only this module and `guard.integrations.ray_metrics` import ray (the `ray` extra:
+`pip install 'ray[serve]>=2.40'`).
 
 >>> from ray import serve  # doctest: +SKIP
 >>> from guard.ray_serve import application  # doctest: +SKIP
