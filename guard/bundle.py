@@ -331,7 +331,7 @@ What is here
   golden.npz     the golden outputs of the failing cases, keys case<i>/<output>
   actual.npz     what the module returned for them (np.load(path, allow_pickle=False))
   report.html    pictures (waveforms, spectrograms, the difference): written by
-                 `mnn-guard report THIS_FOLDER` (needs pip install 'mnn-guard[diagnose]')
+                 `mnn-guard report THIS_FOLDER` (needs matplotlib: pip install matplotlib)
   diagnosis.json where in the network the outputs first diverge, when `mnn-guard diagnose
                  ... --bundle THIS_FOLDER` was run
 

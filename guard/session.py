@@ -60,7 +60,7 @@ def _action(previous: int, index: int) -> Action:
 def call_with_timeout(fn: Callable[[], Any], timeout: float | None, what: str) -> Any:
     """Run `fn` in a daemon thread and raise InitTimeout if it has not returned in `timeout` s.
 
-    A hang inside MNN that holds the GIL cannot be interrupted this way (see the README); such
+    A hang inside MNN that holds the GIL cannot be interrupted this way (docs/ops.md); such
     hangs are prevented up front (ForkAfterLoad) and, in a pool, ended by the parent.
     """
     if timeout is None:

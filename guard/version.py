@@ -1,3 +1,3 @@
-"""The mnn-guard version, in one place."""
+"""The mnn-guard version, in one place (pyproject.toml reads it; CHANGELOG.md describes it)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

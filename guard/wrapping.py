@@ -44,6 +44,12 @@ def check_probe(factory: Factory, probe: Probe, *, model_hash: bool = True) -> N
                 f"the probe's {kind} {names} do not match the model's {list(declared)}; "
                 "re-record the probe for this model"
             )
+        if isinstance(factory, mnn.MNNFactory) and list(declared or ()) != list(names):
+            raise ProbeError(  # its modules take and give arrays by position, not by name
+                f"the factory lists its {kind} as {list(declared or ())}, the probe as {names}; "
+                f"build the factory with the probe's order "
+                "(guard.mnn_factory(path, probe.input_names, probe.output_names))"
+            )
     check_mnn_version(probe, mnn.mnn_version())
     check_factory(factory, probe)
 

@@ -64,7 +64,8 @@ def pytest_configure(config: pytest.Config) -> None:
 # CI runs the same examples every time (HYPOTHESIS_PROFILE=ci in .ci/run), so a run is
 # reproducible; local runs draw new ones, and a failure found there is pinned with @example.
 settings.register_profile("ci", derandomize=True, print_blob=True)
-# `make mutate` runs each mutant against few, fixed examples (README, "Mutation testing")
+# `make mutate` runs each mutant against few, fixed examples (docs/development.md, "Mutation
+# testing")
 settings.register_profile("mutation", derandomize=True, max_examples=25, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 MUTATION = os.environ.get("HYPOTHESIS_PROFILE") == "mutation"

@@ -202,6 +202,24 @@ def tanh_of(name: str) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=OPSET)
 
 
+def chain(middle: str, gain: float = 2.0) -> onnx.ModelProto:
+    """`y = sigmoid(tanh(x * gain))`, x [1, 16], with `tanh`'s tensor called `middle`: models that
+    name a tensor differently (as files saved by two MNN releases may)."""
+    nodes = [
+        helper.make_node("Mul", ["x", "gain"], ["scaled"]),
+        helper.make_node("Tanh", ["scaled"], [middle]),
+        helper.make_node("Sigmoid", [middle], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [_value("x", TensorProto.FLOAT, [1, 16])],
+        [_value("y", TensorProto.FLOAT, [1, 16])],
+        [_const("gain", np.array(gain, np.float32))],
+    )
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
 def declare_int64(source: Path, path: Path) -> Path:
     """Write `source` to `path` with each int32 input declared int64 (DT_INT64), as MNN's
     converter writes a JSON dump of it back (ONNX conversion declares int64 inputs int32)."""

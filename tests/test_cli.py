@@ -99,7 +99,7 @@ def test_check_degraded_model_exits_1(demo_paths: tuple[Path, Path], tmp_path: P
 
 
 def test_check_with_a_named_override_passes(demo_paths: tuple[Path, Path]) -> None:
-    """An enum override given by name (as the README's fp16 rung does) is accepted and judged."""
+    """An enum override given by name (as the docs' fp16 rung does) is accepted and judged."""
     model, probe_dir = map(str, demo_paths)
     overrides = ["--override", "precision_mode=low", "--override", "dynamic=true"]
     chk = cli("check", model, "--probe", probe_dir, *overrides)
@@ -374,12 +374,13 @@ def test_a_bug_keeps_its_traceback(
 
 
 COMMANDS = ("inspect", "record", "check", "demo", "doctor", "bench", "diagnose", "report")
-SHORT = {"--out": "-o"}  # flags the README shows by their short form
+SHORT = {"--out": "-o"}  # flags the docs show by their short form
 
 
 def readme_usage() -> dict[str, str]:
-    """Each command's usage in the README's "Command line" section, continuation lines joined."""
-    text = (Path(__file__).parents[1] / "README.md").read_text()
+    """Each command's usage in the "Command line" section of docs/getting-started.md,
+    continuation lines joined."""
+    text = (Path(__file__).parents[1] / "docs" / "getting-started.md").read_text()
     block = text[text.index("## Command line") : text.index("Every command exits 0")]
     usage: dict[str, str] = {}
     for line in block.splitlines():
@@ -394,7 +395,7 @@ def readme_usage() -> dict[str, str]:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_readme_usage_shows_every_flag(command: str) -> None:
-    """Every flag `mnn-guard COMMAND --help` lists is in the README's usage of COMMAND."""
+    """Every flag `mnn-guard COMMAND --help` lists is in the documented usage of COMMAND."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         cli_module.main([command, "--help"])

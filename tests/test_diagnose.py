@@ -42,11 +42,17 @@ def layer(model: Path, index: int) -> str:
     return [n.name for n in graph if n.op_type in LAYERS][index]
 
 
+CLEAN = -1  # the key of the clean rebuild in `perturbed`
+
+
 @pytest.fixture(scope="module")
 def perturbed(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    """The demo vocoder rebuilt with one layer's weights perturbed: early, middle, last."""
+    """The demo vocoder rebuilt with one layer's weights perturbed: early, middle, last; and
+    rebuilt clean (key CLEAN), the reference built by the same MNN release: the shipped file's
+    tensor names are those of the release that wrote it."""
     folder = tmp_path_factory.mktemp("perturbed")
-    models = {}
+    models = {CLEAN: folder / "clean.mnn"}
+    demo.build_vocoder(models[CLEAN])
     for index in (0, 7, 18):
         models[index] = folder / f"layer{index}.mnn"
         demo.build_vocoder(models[index], weight_transform=perturb_one(index))
@@ -59,7 +65,7 @@ def test_diagnose_names_the_perturbed_layer(
 ) -> None:
     """The first divergent tensor is the perturbed layer; the path runs from it to the output."""
     expected = layer(perturbed[index], index)
-    found = run_diagnose(perturbed[index], demo_probe, reference_model=demo.DEMO_MODEL)
+    found = run_diagnose(perturbed[index], demo_probe, reference_model=perturbed[CLEAN])
     assert found.diverged and found.outputs["wav"] < demo_probe.thresholds["snr_db"]
     assert [t.name for t in found.first] == [expected]
     assert found.first[0].op_type in LAYERS and found.first[0].snr_db < 40
@@ -85,7 +91,7 @@ def test_identical_configurations_agree(demo_probe: probes.Probe) -> None:
 def test_the_threshold_is_honoured(demo_probe: probes.Probe, perturbed: dict[int, Path]) -> None:
     """A threshold below every tensor's SNR finds no divergence in a perturbed model."""
     loose = run_diagnose(
-        perturbed[7], demo_probe, reference_model=demo.DEMO_MODEL, threshold_db=5.0
+        perturbed[7], demo_probe, reference_model=perturbed[CLEAN], threshold_db=5.0
     )
     assert not loose.diverged and loose.threshold_db == 5.0
 
@@ -114,6 +120,9 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "control_flow_3": onnx_models.control_flow(two=3.0),
         "conv": onnx_models.conv(seed=0),
         "conv_1": onnx_models.conv(seed=1),
+        "chain_a": onnx_models.chain("middle_a"),
+        "chain_b": onnx_models.chain("middle_b"),
+        "chain_b3": onnx_models.chain("middle_b", gain=3.0),
     }
     return {
         name: onnx_models.convert(model, folder / f"{name}.mnn") for name, model in built.items()
@@ -147,6 +156,23 @@ def test_weights_inside_convolutions_are_said_not_compared(pairs: dict[str, Path
     assert same.notes == () and not same.diverged
 
 
+def test_tensors_the_reference_does_not_name_are_said_not_compared(
+    pairs: dict[str, Path],
+) -> None:
+    """A reference that names a tensor differently: the tensors both name are compared, the
+    path to the outputs skips the other, and a note says how many were left out."""
+    factory = guard.mnn_factory(pairs["chain_b3"], ["x"], ["y"], threads=1)
+    x = np.random.default_rng(4).standard_normal((1, 16)).astype(np.float32)
+    probe = probes.record(factory, {"x": x}, derive=False)
+    same = run_diagnose(pairs["chain_a"], probe, reference_model=pairs["chain_b"])
+    assert not same.diverged and "middle_a" not in [t.name for t in same.tensors]
+    found = run_diagnose(pairs["chain_a"], probe, reference_model=pairs["chain_b3"])
+    assert [t.name for t in found.first] == ["scaled"]
+    assert [t.name for t in found.path] == ["scaled", "y"]
+    (note,) = found.notes
+    assert note.startswith("1 computed tensor(s) of the model have no namesake")
+
+
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     """Run `mnn-guard ARGS` in a fresh interpreter."""
     return subprocess.run(
@@ -171,7 +197,7 @@ def test_check_leaves_a_bundle_and_diagnose_adds_to_it(
     assert (bundle / "report.html").is_file()
     dia = cli(
         "diagnose", model, "--probe", probe, "--ignore-model-hash", "--json",
-        "--reference-model", str(demo_paths[0]), "--bundle", str(bundle),
+        "--reference-model", str(perturbed[CLEAN]), "--bundle", str(bundle),
     )  # fmt: skip
     assert dia.returncode == 1, dia.stderr
     found = json.loads(dia.stdout)

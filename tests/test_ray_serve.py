@@ -290,12 +290,13 @@ def test_degraded_replica_is_replaced_and_serves_nothing(
 
 RELABEL = """    metric_relabel_configs:
       - {source_labels: [__name__], regex: "ray_(mnn_guard_.*)", target_label: __name__}
-"""  # as the README says
+"""  # as docs/deployment.md says
 
 
 def check_relabelled(cluster: Cluster, replicas: set[str], folder: Path) -> None:
-    """A real Prometheus scraping Ray's endpoint with the README's relabelling and the alert
-    rules: the guard's own names carry both replicas' health, and every rule evaluates."""
+    """A real Prometheus scraping Ray's endpoint with the relabelling of docs/deployment.md and
+    the alert rules: the guard's own names carry both replicas' health, and every rule
+    evaluates."""
     from prometheus_server import RULES, get_json, poll, prometheus, query
 
     if shutil.which("prometheus") is None:

@@ -136,11 +136,14 @@ def test_several_inputs_and_outputs_an_int_input_and_a_resize(
     """The mixed model through a session: names bound in the probe's order (not the session's
     sorted one), an int32 input that picks channels, and new lengths resized per call."""
     factory = session_factory(converted["mixed"])
-    assert [list(factory.inputs), list(factory.outputs)] == [*MIXED_NAMES]
+    info = mnn.inspect(converted["mixed"])  # the model's order, as the converter wrote it
+    model_order = [info.input_names, list(info.outputs)]
+    assert [sorted(n) for n in model_order] == [sorted(n) for n in MIXED_NAMES]
+    assert [list(factory.inputs), list(factory.outputs)] == model_order
     runner = mnn.adapt(factory())  # adapted again without names: the model's order stays
-    assert [list(runner.input_names), list(runner.output_names)] == [*MIXED_NAMES]
+    assert [list(runner.input_names), list(runner.output_names)] == model_order
     probe = record_mixed(factory)
-    assert probe.input_names == MIXED_NAMES[0] and probe.output_names == MIXED_NAMES[1]
+    assert [probe.input_names, probe.output_names] == model_order
     assert dict(probe.cases[0].inputs)["index"].dtype == np.int32
     with wrap(factory, probe, SESSION_ONLY, name="mixed") as session:
         for frames in (12, 30, 1, 12):
@@ -241,8 +244,8 @@ def test_probes_recorded_through_either_api_judge_the_other(
 ) -> None:
     """A probe recorded through one API passes (and serves) a factory of the other."""
     path = converted["mixed"]
-    modules = guard.mnn_factory(path, *MIXED_NAMES, threads=1)
-    sessions = session_factory(path)
+    sessions = session_factory(path)  # names in the order the converter wrote them
+    modules = guard.mnn_factory(path, sessions.inputs, sessions.outputs, threads=1)
     recorder, served = (modules, sessions) if api == "module" else (sessions, modules)
     probe = record_mixed(recorder, {} if api == "session" else {"dynamic": True})
     ladder = guard.SESSION_LADDER if served is sessions else guard.Policy().ladder
@@ -251,6 +254,19 @@ def test_probes_recorded_through_either_api_judge_the_other(
         assert session.status.verdict.passed
         inputs = mixed_inputs(25, seed=9)
         np.testing.assert_allclose(session.run(inputs)["picked"], mixed_truth(inputs)[0])
+
+
+@pytest.mark.hostile
+def test_a_module_factory_listing_names_in_another_order_is_refused(
+    converted: dict[str, Path],
+) -> None:
+    """A Module-API factory takes and gives arrays by position: a probe whose outputs are in
+    another order is refused, never judged (or served) with its outputs swapped."""
+    inputs, outputs = MIXED_NAMES
+    probe = record_mixed(guard.mnn_factory(converted["mixed"], inputs, outputs, threads=1))
+    swapped = guard.mnn_factory(converted["mixed"], inputs, outputs[::-1], threads=1)
+    with pytest.raises(probes.ProbeError, match=r"lists its outputs as \['energy', 'picked'\]"):
+        wrap(swapped, probe, quiet_policy(), name="swapped")
 
 
 def test_session_ladders_are_checked() -> None:

@@ -27,7 +27,8 @@ try:
     from ray.serve import metrics as ray_metrics
 except ImportError as exc:  # pragma: no cover - the extra is installed in CI
     raise MissingExtra(
-        f"guard.integrations.ray_metrics needs Ray: pip install 'mnn-guard[ray]' ({exc})"
+        "guard.integrations.ray_metrics needs Ray (the ray extra): "
+        f"pip install 'ray[serve]>=2.40' ({exc})"
     ) from exc
 
 __all__ = ["RayListener", "RaySink", "ray_sink", "republish_seconds"]

@@ -1,6 +1,7 @@
 """Guarded Ray Serve deployments: a `Replica` per Serve replica, its health check, Ray metrics.
 
-Only this module and `guard.integrations.ray_metrics` import ray (`pip install 'mnn-guard[ray]'`).
+Only this module and `guard.integrations.ray_metrics` import ray (the `ray` extra:
+`pip install 'ray[serve]>=2.40'`).
 
 >>> from ray import serve  # doctest: +SKIP
 >>> from guard.ray_serve import application  # doctest: +SKIP
@@ -48,7 +49,7 @@ try:
     from starlette.responses import JSONResponse
 except ImportError as exc:  # pragma: no cover - the extra is installed in CI
     raise MissingExtra(
-        f"guard.ray_serve needs Ray Serve: pip install 'mnn-guard[ray]' ({exc})"
+        f"guard.ray_serve needs Ray Serve: pip install 'ray[serve]>=2.40' (the ray extra) ({exc})"
     ) from exc
 
 __all__ = ["CONFIG_KEYS", "GuardedDeployment", "RayListener", "application", "build_app"]

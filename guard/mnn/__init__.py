@@ -2,17 +2,20 @@
 MNN prints, fork bookkeeping, and the one vocabulary of rung overrides.
 
 One concept per module: `native` (MNN itself: its import, output, forks, threads), `model`
-(what a model file holds), `declared` (input dtypes as the file declares them), `options`
-(the overrides' vocabulary), `module_api` and `session_api` (factories and Runners of each
-API), `runner` (the seam to the guard's core: `load`, `adapt`), `graph` (for a diagnosis).
+(what a model file holds), `expressions` (building graphs with MNN.expr on every release),
+`declared` (input dtypes as the file declares them), `options` (the overrides' vocabulary),
+`module_api` and `session_api` (factories and Runners of each API), `runner` (the seam to
+the guard's core: `load`, `adapt`), `graph` (for a diagnosis).
 
 >>> from guard import mnn
 >>> mnn.inspect("vocoder.mnn").input_names  # doctest: +SKIP
 ['mel']
 """
 
+from guard.mnn.expressions import graph_building, placeholders_fold
 from guard.mnn.graph import GRAPH_SOURCES, TensorNode, constant_arrays, run_tensors, tensor_graph
 from guard.mnn.model import (
+    NO_INPUTS_NOTE,
     SUPPORTED_DTYPES,
     DynamicIgnoredWarning,
     ModelInfo,
@@ -61,6 +64,7 @@ __all__ = [
     "APIS",
     "GRAPH_SOURCES",
     "MAX_THREADS",
+    "NO_INPUTS_NOTE",
     "SESSION_BACKENDS",
     "SESSION_KEYS",
     "STATIC_LOAD_NOTE",
@@ -86,6 +90,7 @@ __all__ = [
     "check_names",
     "check_not_forked",
     "constant_arrays",
+    "graph_building",
     "inspect",
     "inspect_session",
     "load",
@@ -96,6 +101,7 @@ __all__ = [
     "mnn_version",
     "note_load",
     "notes_of",
+    "placeholders_fold",
     "run_tensors",
     "runtime_manager",
     "session_config",

@@ -15,6 +15,7 @@ from guard.mnn.declared import declared_dtypes
 from guard.mnn.native import STATIC_LOAD_NOTE, F, captured_output, nn, runtime_manager
 
 __all__ = [
+    "NO_INPUTS_NOTE",
     "SUPPORTED_DTYPES",
     "DynamicIgnoredWarning",
     "ModelInfo",
@@ -46,6 +47,11 @@ _DTYPE_NAMES = {  # MNN.expr's dtype names, as numpy's
     "uint8": "uint8",
 }
 _FORMAT_NAMES = {"NCHW", "NHWC", "NC4HW4"}
+NO_INPUTS_NOTE = (
+    "the file declares no inputs: its outputs are constants. MNN.expr on PyMNN 3.0 and 3.1 "
+    "evaluates eagerly by default, and a graph saved so holds its outputs' values, not its "
+    "placeholders; save it again inside guard.mnn.graph_building() (MNN.expr.lazy_eval(True))"
+)
 _MAX_CACHED = 64
 
 
@@ -234,6 +240,8 @@ def inspect(path: str | os.PathLike[str]) -> ModelInfo:
         else TensorInfo(name=n, shape=None, dtype="unknown", runs_as="unknown", format="unknown")
         for i, n in enumerate(names)
     )
+    if not names:
+        notes = [*notes, NO_INPUTS_NOTE]
     version, biz = str(raw.get("version", "")), str(raw.get("bizCode", ""))
     del module, raw, variables
     control_flow = False
@@ -306,8 +314,9 @@ def check_names(
         if repeated(outputs):
             problems.append(f"output(s) {repeated(outputs)} given twice")
     if problems:
+        why = "" if info.inputs else f" ({NO_INPUTS_NOTE})"
         raise ConfigError(
-            f"model {path!r}: {'; '.join(problems)}. Its inputs are {info.input_names} and its "
-            f"outputs {list(info.outputs)} (see `mnn-guard inspect {path}`)"
+            f"model {path!r}: {'; '.join(problems)}. Its inputs are {info.input_names}{why} and "
+            f"its outputs {list(info.outputs)} (see `mnn-guard inspect {path}`)"
         )
     return info

@@ -194,7 +194,7 @@ def _table(rows: list[Row]) -> list[str]:
 
 
 def format_bench(r: BenchReport) -> str:
-    """The Markdown tables printed by `mnn-guard bench` (and pasted into the README)."""
+    """The Markdown tables printed by `mnn-guard bench` (and pasted into docs/performance.md)."""
     what = f"the built-in demo vocoder, {r.frames} frames" if r.builtin else "its probe's canary"
     if r.api == "session":
         what = f"MNN.Interpreter sessions; {what}"

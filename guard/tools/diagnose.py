@@ -141,9 +141,16 @@ def _weights(
     return found
 
 
-def _notes(graph: Sequence[mnn.TensorNode], other_file: bool) -> list[str]:
-    """What the comparison cannot see in this graph: subgraphs, and weights held by operators."""
+def _notes(graph: Sequence[mnn.TensorNode], other_file: bool, unmatched: int) -> list[str]:
+    """What the comparison cannot see in this graph: subgraphs, weights held by operators, and
+    tensors the reference does not name."""
     notes = []
+    if unmatched:
+        notes.append(
+            f"{unmatched} computed tensor(s) of the model have no namesake in the reference and "
+            "are not compared (files saved by different MNN releases may name tensors "
+            "differently: rebuild both with one release to compare every tensor)"
+        )
     flow = [n for n in graph if n.op_type in CONTROL_FLOW]
     if flow:
         named = ", ".join(f"{n.name} [{n.op_type}]" for n in flow[:MAX_FIRST])
@@ -213,6 +220,8 @@ def run_diagnose(
     graph = execution_order(mnn.tensor_graph(suspect_path))
     in_reference = {n.name for n in mnn.tensor_graph(reference_path)}
     names = [n.name for n in graph if n.op_type not in mnn.GRAPH_SOURCES and n.name in in_reference]
+    computed = [n for n in graph if n.op_type not in mnn.GRAPH_SOURCES]
+    unmatched = len(computed) - len(names)
     missing = sorted(set(probe.output_names) - set(names))
     if missing:
         raise ConfigError(f"the models have no computed tensors named {missing} (probe outputs)")
@@ -258,12 +267,13 @@ def run_diagnose(
     }
     downstream: set[str] = set()  # tensors that read, directly or not, a divergent tensor
     first = []
-    for score in scores.values():  # in execution order
-        if any(i in downstream for i in score.inputs):
-            downstream.add(score.name)
-        elif score.diverged:
+    for node in graph:  # in execution order, through tensors the reference does not name too
+        score = scores.get(node.name)
+        if any(i in downstream for i in node.inputs):
+            downstream.add(node.name)
+        elif score is not None and score.diverged:
             first.append(score)
-            downstream.add(score.name)
+            downstream.add(node.name)
     chain = _path(first[0].name, probe.output_names, readers) if first else []
     other_file = not os.path.samefile(suspect_path, reference_path)
     return Diagnosis(
@@ -277,10 +287,10 @@ def run_diagnose(
         outputs={name: scores[name].snr_db for name in probe.output_names},
         tensors=tuple(scores.values()),
         first=tuple(first[:MAX_FIRST]),
-        path=tuple(scores[n] for n in chain),
+        path=tuple(scores[n] for n in chain if n in scores),
         weights=tuple(_weights(suspect_path, reference_path, readers) if other_file else ()),
         seconds=time.perf_counter() - began,
-        notes=tuple(_notes(graph, other_file)),
+        notes=tuple(_notes(graph, other_file, unmatched)),
     )
 
 

@@ -1,6 +1,7 @@
 """Every model the tools build with MNN.expr: the demo vocoder and the benchmark's tiny model.
 
-Building a model is MNN's job, so this is the one tools module that uses `guard.mnn.F`.
+Building a model is MNN's job, so this is the one tools module that uses `guard.mnn.F`; each
+builder runs under `graph_building()`, which keeps placeholders as inputs on every release.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guard.mnn import F
+from guard.mnn.expressions import graph_building
 
 __all__ = [
     "HOP",
@@ -85,6 +87,7 @@ class _Builder:
         return x
 
 
+@graph_building()
 def build_vocoder(
     path: str | os.PathLike[str],
     *,
@@ -111,6 +114,7 @@ def build_vocoder(
     F.save([wav], os.fspath(path))
 
 
+@graph_building()
 def build_tiny(path: str | os.PathLike[str]) -> None:
     """A tiny real model where per-call overhead dominates: y = tanh(x * w + b), x [1, 16]."""
     rng = np.random.default_rng(0)
@@ -128,6 +132,7 @@ SMALL_OUTPUTS = ("prob", "state_out")
 SMALL_WINDOW, SMALL_HIDDEN = 2048, 448
 
 
+@graph_building()
 def build_small(path: str | os.PathLike[str]) -> None:
     """A small streaming voice-activity-like model of about 0.2 ms a call, three mixed inputs:
     `audio` float32 [1, 2048], a recurrent `state` float32 [1, 448] and `sr`, an int32 scalar;

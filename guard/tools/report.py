@@ -9,8 +9,9 @@ every score against its threshold, the diagnosis (when `mnn-guard diagnose --bun
 environment, and how to hand the bundle to MNN's maintainers. Images are inline PNG data URIs:
 the page needs no network and no other file.
 
-Plotting uses matplotlib, an optional extra (`pip install 'mnn-guard[diagnose]'`): a serving
-process writes bundles without it, and the page is rendered where a person looks at it.
+Plotting uses matplotlib, an optional dependency (the `diagnose` extra: `pip install
+matplotlib`): a serving process writes bundles without it, and the page is rendered where a
+person looks at it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _matplotlib() -> Any:
         from matplotlib.figure import Figure
     except ImportError:
         raise MissingExtra(
-            "the HTML report needs matplotlib: pip install 'mnn-guard[diagnose]'"
+            "the HTML report needs matplotlib: pip install matplotlib (the diagnose extra)"
         ) from None
     return Figure
 
