@@ -85,7 +85,9 @@ class Job:
             raise AssertionError(f"job: no move {self.step} -> {step}")
         self.step = step
         if step is Step.WAITING:
-            self.slot, self.child, self.lane, self.shm = None, None, -1, None
+            self.slot, self.child, self.lane = None, None, -1
+        if step is not Step.PLACED:
+            self.shm = None  # only its sender writes the lane
         return True
 
     def deliver(self, outcome: Outputs | BaseException) -> None:

@@ -23,12 +23,12 @@ import math
 import multiprocessing
 import os
 import pickle
+import select
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from multiprocessing.connection import wait
 from typing import Any
 
 import numpy as np
@@ -81,35 +81,47 @@ Watched = tuple[Slot, Child, tuple[Lane, ...]]
 def _watch(ref: weakref.ref[Pool], done: threading.Event, wake: int) -> None:
     """The pool's watcher: replies, deaths and deadlines, until the pool closes or goes.
 
-    It holds the pool only between waits, so that an unclosed pool can still be collected.
+    One poll object for its life, told only of the pipes and processes that changed. It holds
+    the pool only between waits, so that an unclosed pool can still be collected.
     """
+    poller = select.poll()
+    poller.register(wake, select.POLLIN)
+    registered: set[int] = set()
     while not done.is_set():
         pool = ref()
         if pool is None:
             return
         watched, timeout = pool._watched()
         del pool
-        handles: dict[Any, Watched | None] = {wake: None}
+        by_fd: dict[int, tuple[Watched, bool]] = {}  # fd -> (worker, whether it is its end)
         for item in watched:
-            handles[item[1].conn] = item
-            handles[item[1].process.sentinel] = item
+            with contextlib.suppress(OSError, ValueError):  # closed meanwhile
+                by_fd[item[1].conn.fileno()] = (item, False)
+                by_fd[item[1].process.sentinel] = (item, True)
+        for fd in registered - by_fd.keys():
+            with contextlib.suppress(KeyError):
+                poller.unregister(fd)
+        for fd in by_fd.keys() - registered:
+            poller.register(fd, select.POLLIN)
+        registered = set(by_fd)
         try:
-            ready = wait(list(handles), timeout)
+            events = poller.poll(math.ceil(timeout * 1000))
         except (OSError, ValueError):  # the pool went and its pipe with it
             return
         pool = ref()
         if pool is None:
             return
-        if wake in ready:
-            with contextlib.suppress(OSError):
-                os.read(wake, 4096)
-        heard: dict[int, Watched] = {}
-        for handle in ready:
-            found = handles[handle]
-            if found is not None:
-                heard[id(found)] = found
-        for item in heard.values():
-            pool._hear(*item)
+        readable: dict[int, Watched] = {}
+        ended: dict[int, Watched] = {}
+        for fd, _ in events:
+            if fd == wake:
+                with contextlib.suppress(OSError):
+                    os.read(wake, 4096)
+            elif fd in by_fd:
+                item, end = by_fd[fd]
+                (ended if end else readable)[id(item)] = item
+        for key, item in (readable | ended).items():
+            pool._hear(*item, ended=key in ended)
         pool._expire()
         del pool
 
@@ -529,10 +541,11 @@ class Pool:
             self._wake_at = wake
         return watched, max(0.0, wake - now)
 
-    def _hear(self, slot: Slot, child: Child, lanes: tuple[Lane, ...]) -> None:
-        """Read every reply a worker sent; a worker that ended is lost."""
+    def _hear(self, slot: Slot, child: Child, lanes: tuple[Lane, ...], *, ended: bool) -> None:
+        """Read the next reply of a worker (every one left, once it `ended`); a worker whose
+        pipe closed is lost."""
         try:
-            while child.conn.poll():
+            while True:
                 data = child.conn.recv_bytes()
                 try:
                     reply = wire.decode(data, lanes, copy=True)
@@ -541,11 +554,10 @@ class Pool:
                     self._lost(slot, child, f"{slot.label} {reason}")
                     return
                 self._answered(slot, child, reply)
+                if not ended:
+                    return  # the next poll says if there is more
         except (EOFError, OSError):
             pass
-        else:
-            if not wait([child.process.sentinel], 0):  # still alive (reaping is _retire's)
-                return
         self._lost(slot, child)
 
     def _answered(self, slot: Slot, child: Child, reply: object) -> None:
@@ -606,7 +618,7 @@ class Pool:
         """Jobs that waited too long for a worker get Unavailable (one sent behind another is
         withdrawn); a worker over request_timeout is killed."""
         now = time.monotonic()
-        late: list[Job] = []
+        late: list[tuple[Job, Unavailable]] = []
         overdue: list[tuple[Slot, Child, Job | None]] = []
         with self._cond:
             for job in self._line.due(now):
@@ -618,15 +630,14 @@ class Pool:
                 elif slot.child is job.child and job.child is not None:
                     wire.send(job.child.conn, wire.Withdraw(job.lane))  # its lane comes back
                 job.to(Step.SETTLED)
-                late.append(job)
-            error = self._slots.unavailable(self._wait_timeout)
+                late.append((job, self._slots.unavailable(self._wait_timeout)))
             if self.request_timeout is not None:
                 for slot in self._slots.all:
                     late_slot = now - slot.started > self.request_timeout
                     if slot.order and late_slot and slot.state in IN_SERVICE and slot.child:
                         overdue.append((slot, slot.child, slot.in_hand()))
-        for job in late:
-            job.deliver(Unavailable(str(error)))
+        for job, error in late:
+            job.deliver(error)
         for slot, child, culprit in overdue:
             why = f"{slot.label} exceeded request_timeout={self.request_timeout:g} s and was killed"
             self._retire(slot, child, why, culprit)
@@ -795,6 +806,9 @@ class Pool:
                 stop(child, max(0.0, deadline - time.monotonic()))
         for thread in starters:
             thread.join(STOP_SECONDS + 1.0)
+        with self._cond:
+            for slot in self._slots.all:
+                slot.lanes = ()  # their memory goes with the last map of them
         self._unstash()
         self._unpipe()
 

@@ -341,11 +341,13 @@ class Slots:
         """The slot idle longest, now BUSY; else, with `depth` 2, the slot busy longest with a
         free lane, now FULL; None when there is neither (the caller holds `cond`)."""
         for state in (SlotState.IDLE, SlotState.BUSY)[:depth]:
-            ready = [s for s in self.all if s.state is state]
-            if ready:
-                slot = min(ready, key=lambda s: s.turn)
-                slot.to(_TAKEN[state])
-                return slot
+            found = None
+            for slot in self.all:  # plain loops: this runs for every request
+                if slot.state is state and (found is None or slot.turn < found.turn):
+                    found = slot
+            if found is not None:
+                found.to(_TAKEN[state])
+                return found
         return None
 
     def acquire(self, deadline: float | None, wait_timeout: float, depth: int = 1) -> Slot:

@@ -24,7 +24,7 @@ from typing import Any
 from numpy.typing import NDArray
 
 from guard.errors import GuardError, RecoveryExhausted
-from guard.pool.shared import Lane, Layout
+from guard.pool.shared import Lane
 from guard.state import State
 
 __all__ = [
@@ -146,16 +146,17 @@ def encode(message: Message | Reply, lane: Lane | None = None) -> bytes:
     """The bytes of one message (raises what pickling raises).
 
     With `lane` (the one named by a Run's or Done's `lane`), the arrays are copied into it,
-    growing it if they do not fit, and the bytes say only where they lie.
+    growing it if they do not fit, and the bytes say only where they lie (plain values).
     """
     if lane is None or not isinstance(message, Run | Done) or message.lane is None:
         return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    head: tuple[int, int, Layout, Report | None]
     if isinstance(message, Run):  # the parent's request: from the lane's start
-        head = (_RUN, message.lane, lane.put(message.arrays.items()), None)
+        head: tuple[Any, ...] = (_RUN, message.lane, lane.put(message.arrays.items()), lane.size)
     else:  # the worker's reply: after the request's arrays, which the outputs may not overwrite
-        head = (_DONE, message.lane, lane.put(message.outputs.items(), after=True), message.report)
-    return _SHARED + pickle.dumps((*head, lane.size), protocol=pickle.HIGHEST_PROTOCOL)
+        layout = lane.put(message.outputs.items(), after=True)
+        report = message.report
+        head = (_DONE, message.lane, layout, lane.size, report.state.value, report.rung_index)
+    return _SHARED + pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def decode(data: bytes, lanes: Sequence[Lane] = (), *, copy: bool = False) -> object:
@@ -166,13 +167,15 @@ def decode(data: bytes, lanes: Sequence[Lane] = (), *, copy: bool = False) -> ob
     """
     if data[:1] != _SHARED:
         return pickle.loads(data)
-    kind, index, layout, report, size = pickle.loads(memoryview(data)[1:])
+    kind, index, layout, size, *report = pickle.loads(memoryview(data)[1:])
     if not isinstance(index, int) or not 0 <= index < len(lanes):
         raise ValueError(f"the message names lane {index!r}; this end has {len(lanes)}")
     lane = lanes[index]
     lane.follow(size)
     arrays = lane.get(layout, copy=copy)
-    return Run(arrays, index) if kind == _RUN else Done(arrays, report, index)
+    if kind == _RUN:
+        return Run(arrays, index)
+    return Done(arrays, Report(State(report[0]), report[1]), index)
 
 
 def send(conn: Connection, message: Message | Reply, lane: Lane | None = None) -> bool:
