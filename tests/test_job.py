@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from guard.pool.job import STEPS, Job, Line, Step
@@ -53,18 +55,24 @@ def test_a_move_not_in_steps_raises(here: Step, there: Step) -> None:
     assert [settled.to(s) for s in Step] == [False] * len(Step)
 
 
-def test_delivery_reaches_the_future_once_and_never_a_cancelled_one() -> None:
-    """A result or an error lands on the future; a second delivery and a delivery to a
-    cancelled future change nothing."""
+def test_the_outcome_reaches_its_waiter_and_its_listener() -> None:
+    """A waiter gets the outputs delivered, or the error raised; `then` hears of it in the
+    delivering thread; a cancelled job is dropped from the line's view."""
+    heard: list[Job] = []
+    got: list[object] = []
     served, failed, cancelled = job(), job(), job()
+    served.then = heard.append
+    assert not served.done
+    waiter = threading.Thread(target=lambda: got.append(served.wait()))
+    waiter.start()
     served.deliver({"y": None})  # type: ignore[dict-item]
-    served.deliver(RuntimeError("late"))
-    assert served.future.result() == {"y": None}
+    waiter.join(10)
+    assert (heard, got, served.done) == ([served], [{"y": None}], True)
     failed.deliver(RuntimeError("broke"))
-    assert str(failed.future.exception()) == "broke"
-    assert cancelled.future.cancel() and cancelled.dropped
-    cancelled.deliver({})
-    assert cancelled.future.cancelled()
+    with pytest.raises(RuntimeError, match="broke"):
+        failed.wait()
+    cancelled.cancelled = True
+    assert cancelled.dropped and not served.dropped
 
 
 def test_the_line_is_first_come_first_served_with_retries_at_its_head() -> None:
@@ -77,7 +85,7 @@ def test_the_line_is_first_come_first_served_with_retries_at_its_head() -> None:
     line.push(retried, front=True)
     assert line.first() is retried
     line.pop()
-    a.future.cancel()
+    a.cancelled = True
     b.to(Step.SETTLED)
     assert line.first() is c and len(line) == 1
     assert line.clear() == [c] and line.first() is None
@@ -90,7 +98,7 @@ def test_deadlines_come_due_in_order_once_each() -> None:
     early, late, renewed, gone, never = job(10.0), job(30.0), job(20.0), job(15.0), job(None)
     for each in (late, early, renewed, gone, never):
         line.push(each)
-    gone.future.cancel()
+    gone.cancelled = True
     renewed.deadline = 40.0
     line.watch(renewed)
     assert line.next_deadline() == 10.0

@@ -2,7 +2,8 @@
 
 A job is made in the caller's thread (or on the event loop) with the checked arrays. It waits
 in the pool's line while no worker has a free lane, is placed in a lane (its arrays written
-there), sent, and settled once: outputs or an error on its future. A worker lost while it holds
+there), sent, and settled once: outputs or an error for its caller, who waits on one lock
+(`wait`) or is told through `then` (an event loop's future). A worker lost while it holds
 the job puts it back at the head of the line, unless it has cost two workers already. The
 only moves (`STEPS`); `Job.to` makes every one of them, under the pool's Condition:
 
@@ -20,8 +21,9 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import threading
 from collections import deque
-from concurrent.futures import Future, InvalidStateError
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +46,9 @@ class Step(enum.Enum):
     WAITING = "waiting"  # in the pool's line for a free lane
     PLACED = "placed"  # a lane is reserved; its arrays are being written
     SENT = "sent"  # its worker has it: serving it, or about to
-    SETTLED = "settled"  # its future is done (or nobody waits for it any more)
+    SETTLED = "settled"  # its outcome is out (or nobody waits for it any more)
+
+    __hash__ = object.__hash__  # looked up for every request: C's identity hash, not Enum's
 
 
 STEPS: dict[Step, frozenset[Step]] = {
@@ -55,17 +59,26 @@ STEPS: dict[Step, frozenset[Step]] = {
 }
 
 
+def _held() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass(eq=False)
 class Job:
     """One request: its arrays, how long it may wait for a worker, where it is, what went wrong.
 
-    Every field but `future` is guarded by the pool's Condition.
+    Every field but `outcome`, `cancelled` and `then` is guarded by the pool's Condition.
     """
 
     arrays: dict[str, Array]
     deadline: float | None  # time.monotonic() when waiting for a worker ends (None: never)
     unblamed: int  # workers that may still be lost while it is not in their hands, uncounted
-    future: Future[Outputs] = field(default_factory=Future)
+    then: Callable[[Job], object] | None = None  # told once the outcome is out (its thread)
+    outcome: Outputs | BaseException | None = None
+    cancelled: bool = False  # its caller left: never sent if not sent yet, its reply dropped
+    _ready: threading.Lock = field(default_factory=_held, repr=False)  # released with outcome
     step: Step = Step.WAITING
     slot: Slot | None = None  # where it is, PLACED or SENT
     child: Child | None = None
@@ -91,20 +104,36 @@ class Job:
         return True
 
     def deliver(self, outcome: Outputs | BaseException) -> None:
-        """Put the outcome on the future (once settled; never under the pool's Condition, whose
-        waiters the future's callbacks may take)."""
-        try:
-            if isinstance(outcome, BaseException):
-                self.future.set_exception(outcome)
-            else:
-                self.future.set_result(outcome)
-        except InvalidStateError:
-            pass  # cancelled by its caller (arun, map)
+        """Give the caller the outcome (once, after the move to SETTLED; never under the pool's
+        Condition: `then` may take it)."""
+        self.outcome = outcome
+        self._ready.release()
+        if self.then is not None:
+            self.then(self)
+
+    def wait(self) -> Outputs:
+        """The outputs, once delivered (or raise the error delivered)."""
+        self._ready.acquire()  # interrupted by a signal handler's exception, as Ctrl-C
+        self._ready.release()
+        return self.result()
+
+    def result(self) -> Outputs:
+        """The outputs delivered (or raise the error delivered)."""
+        outcome = self.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert outcome is not None, "no outcome yet"
+        return outcome
+
+    @property
+    def done(self) -> bool:
+        """True once the outcome is out."""
+        return self.outcome is not None
 
     @property
     def dropped(self) -> bool:
-        """True once nobody waits for its outcome (settled, or its caller cancelled it)."""
-        return self.step is Step.SETTLED or self.future.cancelled()
+        """True once nobody waits for its outcome (settled, or its caller left)."""
+        return self.step is Step.SETTLED or self.cancelled
 
 
 class Line:

@@ -29,6 +29,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -95,15 +96,17 @@ def _watch(ref: weakref.ref[Pool], done: threading.Event, wake: int) -> None:
         del pool
         by_fd: dict[int, tuple[Watched, bool]] = {}  # fd -> (worker, whether it is its end)
         for item in watched:
-            with contextlib.suppress(OSError, ValueError):  # closed meanwhile
+            try:
                 by_fd[item[1].conn.fileno()] = (item, False)
                 by_fd[item[1].process.sentinel] = (item, True)
-        for fd in registered - by_fd.keys():
-            with contextlib.suppress(KeyError):
+            except (OSError, ValueError):  # closed meanwhile
+                continue
+        if by_fd.keys() != registered:
+            for fd in registered - by_fd.keys():
                 poller.unregister(fd)
-        for fd in by_fd.keys() - registered:
-            poller.register(fd, select.POLLIN)
-        registered = set(by_fd)
+            for fd in by_fd.keys() - registered:
+                poller.register(fd, select.POLLIN)
+            registered = set(by_fd)
         try:
             events = poller.poll(math.ceil(timeout * 1000))
         except (OSError, ValueError):  # the pool went and its pipe with it
@@ -226,8 +229,9 @@ class Pool:
             None if policy.init_timeout is None else IMPORT_SECONDS + attempts * policy.init_timeout
         )
         self._slots = Slots(name, processes, policy.ladder)
-        # Everything below is guarded by _cond, the slots' Condition.
+        # Everything below is guarded by _cond, the slots' Condition (or its plain _lock)
         self._cond = self._slots.cond
+        self._lock = self._slots.lock
         self._line = Line()
         self._starters: set[threading.Thread] = set()
         self._replaced = 0
@@ -272,7 +276,7 @@ class Pool:
     def _ready(self, slot: Slot) -> bool:
         """Wait for a spawned worker's session and put its slot in service (False: closed)."""
         report = slot.await_ready(self._startup_timeout)
-        with self._cond:
+        with self._lock:
             slot.note(report)
             serving = slot.to(SlotState.IDLE)
         self._publish()
@@ -289,7 +293,7 @@ class Pool:
         killed (close() reaps it) and its requests answered SessionClosed.
         """
         now = time.monotonic()
-        with self._cond:
+        with self._lock:
             if slot.child is not child:
                 return  # retired already
             held = [slot.held[lane] for lane in slot.order]
@@ -312,7 +316,7 @@ class Pool:
             name=f"mnn-guard-{self.name}-restart",
             daemon=True,
         )
-        with self._cond:
+        with self._lock:
             self._starters.add(thread)
         thread.start()
         for job in held:  # after the log and the replacement: a caller may close at once
@@ -331,7 +335,7 @@ class Pool:
             slot.spawn(self._ctx, worker_main, self._args, self._lane_bytes)
             serving = self._ready(slot)
         except Exception as exc:
-            with self._cond:
+            with self._lock:
                 slot.error = exc  # readiness says why while the slot is FAILED
                 failed = slot.to(SlotState.FAILED)
                 none_left = self._slots.failed()
@@ -347,13 +351,13 @@ class Pool:
                 job.deliver(none_left)  # type: ignore[arg-type]
         else:
             if serving:
-                with self._cond:
+                with self._lock:
                     self._replaced += 1
             else:  # the pool closed meanwhile
                 slot.ask_to_stop()
                 stop(slot.child, STOP_SECONDS)
         finally:
-            with self._cond:
+            with self._lock:
                 self._starters.discard(threading.current_thread())
                 self._cond.notify_all()
 
@@ -368,7 +372,7 @@ class Pool:
 
     def _admit(self, job: Job) -> None:
         """Place a job in a free lane and send it, or put it in line."""
-        with self._cond:
+        with self._lock:
             if self._slots.closed:
                 raise SessionClosed(f"pool {self.name!r} is closed")
             if self._line.first() is not None or not self._place(job):
@@ -405,7 +409,7 @@ class Pool:
             problem.__cause__ = exc
         now = time.monotonic()
         dead = settled = False
-        with self._cond:
+        with self._lock:
             placed = slot.child is child and slot.held.get(job.lane) is job
             if not placed or job.dropped or problem is not None:
                 if placed:
@@ -437,8 +441,8 @@ class Pool:
 
     def _pump(self) -> None:
         """Give free lanes to the jobs in line, first come first served."""
-        while True:
-            with self._cond:
+        while self._line.jobs:  # read unlocked: a job put in line found no lane under the lock
+            with self._lock:
                 job = self._line.first()
                 if job is None or self._slots.closed or not self._place(job):
                     return
@@ -453,7 +457,7 @@ class Pool:
                 job.unblamed -= 1
             else:
                 job.failures.append(("its worker was lost before it started", None))
-        with self._cond:
+        with self._lock:
             if job.step is Step.SETTLED or job.gone:
                 return
             if len(job.failures) < 2 and not self._slots.closed:
@@ -469,7 +473,7 @@ class Pool:
 
     def _settle(self, job: Job, outcome: Outputs | BaseException) -> None:
         """Settle a job once and give its caller the outcome."""
-        with self._cond:
+        with self._lock:
             settled = job.to(Step.SETTLED)
         if settled:
             job.deliver(outcome)
@@ -500,7 +504,7 @@ class Pool:
     def _abandon(self, job: Job) -> None:
         """The caller of a job was interrupted: drop it, and retire its worker if it has it
         (its reply would come for nobody, and the worker may be the reason)."""
-        with self._cond:
+        with self._lock:
             job.gone = True
             step, slot, child = job.step, job.slot, job.child
             if step is Step.WAITING:
@@ -524,7 +528,7 @@ class Pool:
         """The workers to watch (in service, or closed with requests in hand) and how long the
         watcher may sleep."""
         now = time.monotonic()
-        with self._cond:
+        with self._lock:
             watched = [
                 (s, s.child, s.lanes)
                 for s in self._slots.all
@@ -569,7 +573,7 @@ class Pool:
             self._lost(slot, child, what)
             return
         now = time.monotonic()
-        with self._cond:
+        with self._lock:
             if slot.child is not child:
                 return
             job = slot.let_go(reply.lane, now)
@@ -598,14 +602,14 @@ class Pool:
                 return
             why = f"{label} raised {type(error).__name__}: {error}"
             job.failures.append((why, error))
-            with self._cond:
+            with self._lock:
                 job.to(Step.WAITING)
             self._retire(slot, child, why)
             self._retry(job)
 
     def _lost(self, slot: Slot, child: Child, why: str | None = None) -> None:
         """A worker that ended or broke its protocol: retire it, blaming the request in hand."""
-        with self._cond:
+        with self._lock:
             if slot.child is not child:
                 return
             culprit = slot.in_hand()
@@ -620,7 +624,7 @@ class Pool:
         now = time.monotonic()
         late: list[tuple[Job, Unavailable]] = []
         overdue: list[tuple[Slot, Child, Job | None]] = []
-        with self._cond:
+        with self._lock:
             for job in self._line.due(now):
                 slot = job.slot
                 if job.step is Step.WAITING:
@@ -649,9 +653,9 @@ class Pool:
         job = self._job(inputs, time.monotonic() + self._wait_timeout)
         self._admit(job)
         try:
-            return job.future.result()
+            return job.wait()
         except BaseException:
-            if not job.future.done():  # interrupted while it waited (Ctrl-C)
+            if not job.done:  # interrupted while it waited (Ctrl-C)
                 self._abandon(job)
             raise
 
@@ -665,15 +669,15 @@ class Pool:
         try:
             for item in inputs:
                 if len(jobs) >= window:
-                    results.append(jobs.popleft().future.result())
+                    results.append(jobs.popleft().wait())
                 job = self._job(item, None)
                 self._admit(job)
                 jobs.append(job)
             while jobs:
-                results.append(jobs.popleft().future.result())
+                results.append(jobs.popleft().wait())
         except BaseException:
             for job in jobs:
-                job.future.cancel()
+                job.cancelled = True
             raise
         return results
 
@@ -691,7 +695,7 @@ class Pool:
         """
         job = self._job(inputs, time.monotonic() + self._wait_timeout)
         limit = self.processes + self.max_waiting
-        with self._cond:
+        with self._lock:
             if self._pending >= limit and not self._slots.closed:
                 raise Unavailable(
                     f"pool {self.name!r}: {self._pending} calls are already in flight or waiting "
@@ -699,16 +703,20 @@ class Pool:
                 )
             self._pending += 1
         try:
+            loop = asyncio.get_running_loop()
+            answer: asyncio.Future[Outputs] = loop.create_future()
+            job.then = partial(_tell, loop, answer)
             self._admit(job)
-        except BaseException:
-            self._finished()
+            return await answer
+        except asyncio.CancelledError:
+            job.cancelled = True  # not sent if not sent yet; its reply dropped
             raise
-        job.future.add_done_callback(self._finished)
-        return await asyncio.wrap_future(job.future)  # cancelling it cancels the job
+        finally:
+            self._finished()
 
-    def _finished(self, job: object = None) -> None:
+    def _finished(self) -> None:
         """One admitted async call ended (served, failed or cancelled)."""
-        with self._cond:
+        with self._lock:
             self._pending -= 1
 
     async def amap(self, inputs: Iterable[Inputs]) -> list[Outputs]:
@@ -772,7 +780,7 @@ class Pool:
         if not before:
             return  # closed already
         closed = SessionClosed(f"pool {self.name!r} is closed")
-        with self._cond:
+        with self._lock:
             starters = list(self._starters)
             waiting = self._line.clear()
             for job in waiting:
@@ -787,7 +795,7 @@ class Pool:
             elif state is SlotState.STARTING and child is not None:
                 child.kill()  # its starting thread reaps it
         deadline = time.monotonic() + STOP_SECONDS
-        with self._cond:  # the watcher answers the requests in flight meanwhile
+        with self._lock:  # the watcher answers the requests in flight meanwhile
             self._cond.wait_for(lambda: not any(s.held for s in self._slots.all), STOP_SECONDS)
             held = [job for s in self._slots.all for job in s.held.values()]
             for slot in self._slots.all:
@@ -806,7 +814,7 @@ class Pool:
                 stop(child, max(0.0, deadline - time.monotonic()))
         for thread in starters:
             thread.join(STOP_SECONDS + 1.0)
-        with self._cond:
+        with self._lock:
             for slot in self._slots.all:
                 slot.lanes = ()  # their memory goes with the last map of them
         self._unstash()
@@ -821,6 +829,23 @@ class Pool:
     def __repr__(self) -> str:
         state = "closed" if self._slots.closed else f"{self.processes} worker(s)"
         return f"<Pool {self.name!r} {state}>"
+
+
+def _tell(loop: asyncio.AbstractEventLoop, answer: asyncio.Future[Outputs], job: Job) -> None:
+    """Settle an event loop's future with a job's outcome, from any thread."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+        loop.call_soon_threadsafe(_resolve, answer, job)
+
+
+def _resolve(answer: asyncio.Future[Outputs], job: Job) -> None:
+    """On the loop: the future gets the job's outcome, unless its caller left."""
+    if answer.done():
+        return
+    outcome = job.outcome
+    if isinstance(outcome, BaseException):
+        answer.set_exception(outcome)
+    else:
+        answer.set_result(outcome)  # type: ignore[arg-type]
 
 
 def _close_all(*fds: int) -> None:

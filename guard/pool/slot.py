@@ -61,6 +61,8 @@ class SlotState(enum.Enum):
     FAILED = "failed"  # a replacement could not start; the slot stays empty
     CLOSED = "closed"  # the pool closed
 
+    __hash__ = object.__hash__  # looked up for every request: C's identity hash, not Enum's
+
 
 MOVES: dict[SlotState, frozenset[SlotState]] = {
     SlotState.STARTING: frozenset({SlotState.IDLE, SlotState.FAILED, SlotState.CLOSED}),
@@ -323,11 +325,22 @@ def stop(child: Child | None, grace: float = 0.0, *, close: bool = True) -> None
         _mark_dead(child.pid)
 
 
+class _Condition(threading.Condition):
+    """A Condition whose notify_all costs nothing while nobody waits (every request moves a
+    slot twice; a waiter is rare)."""
+
+    def notify_all(self) -> None:
+        if self._waiters:  # type: ignore[attr-defined]
+            super().notify_all()
+
+
 class Slots:
-    """A pool's slots under one Condition (`cond`), which also guards the pool's counters."""
+    """A pool's slots under one Condition (`cond`, whose plain `lock` a caller may hold
+    instead), which also guards the pool's counters."""
 
     def __init__(self, pool: str, processes: int, ladder: Sequence[Rung]) -> None:
-        self.cond = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()
+        self.cond = _Condition(self.lock)
         self.pool = pool
         self.ladder = tuple(ladder)
         self.all = [Slot(pool, index, self.cond) for index in range(processes)]

@@ -8,6 +8,7 @@ waits for it, and may withdraw one that has not started.
 
 from __future__ import annotations
 
+import select
 import signal
 from collections import deque
 from collections.abc import Sequence
@@ -80,11 +81,13 @@ def serve(conn: Connection, session: GuardedSession, lanes: Sequence[Lane] = ())
     """Answer requests in order until the parent says stop or goes away; an undecodable message
     is refused, a withdrawn request dropped."""
     waiting: Waiting = deque()
+    poller = select.poll()  # one for the loop's life: Connection.poll builds a selector a call
+    poller.register(conn.fileno(), select.POLLIN)
     while True:
         try:
             if not waiting and not _take(conn, conn.recv_bytes(), waiting, session, lanes):
                 return
-            while conn.poll():  # what came meanwhile: the next request, or a withdrawal
+            while poller.poll(0):  # what came meanwhile: the next request, or a withdrawal
                 if not _take(conn, conn.recv_bytes(), waiting, session, lanes):
                     return
         except (EOFError, OSError):
