@@ -29,7 +29,7 @@ from guard.ladder import Attempt
 from guard.version import __version__
 from probes import Probe, Verdict
 from probes.judges import OutputScore
-from probes.store import file_sha256
+from probes.store import cached_sha256
 
 __all__ = [
     "KIND",
@@ -191,18 +191,15 @@ def _threads(settings: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-_sha_cache: dict[tuple[str, int, int], str] = {}
-
-
 def _model(path: Any) -> dict[str, Any]:
     """The model file's path, size and sha256 (cached while the file is unchanged)."""
     if not isinstance(path, str) or not os.path.isfile(path):
         return {"path": path, "sha256": None}
-    stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _sha_cache:
-        _sha_cache[key] = file_sha256(path)
-    return {"path": key[0], "bytes": stat.st_size, "sha256": _sha_cache[key]}
+    return {
+        "path": os.path.abspath(path),
+        "bytes": os.path.getsize(path),
+        "sha256": cached_sha256(path),
+    }
 
 
 def _mnn_build() -> dict[str, str]:

@@ -1,7 +1,16 @@
-"""The Prometheus sink of the `mnn_guard_*` families: one per registry (multiprocess-safe)."""
+"""The Prometheus sink of the `mnn_guard_*` families: one per registry (multiprocess-safe).
+
+`run()` calls, the hot path, are counted as plain numbers. In one process a collector reads
+them at scrape time. In prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR), where
+another process reads this one's files, they are written to the files at most FLUSH_SECONDS
+apart: the first call after a quiet interval at once, the others by a flusher thread at the
+interval's end, and all that is left when the session closes, when this process serves a scrape
+itself, and at exit. A scrape is so at most FLUSH_SECONDS behind the calls (docs/ops.md).
+"""
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import math
 import os
@@ -26,9 +35,18 @@ from guard.ladder import Rung
 from guard.listeners import CALL_OK, Call
 from guard.sinks import MetricsListener
 
-__all__ = ["Buckets", "GuardMetrics", "PrometheusListener", "RunTally", "metrics_for"]
+__all__ = [
+    "FLUSH_SECONDS",
+    "Buckets",
+    "GuardMetrics",
+    "PrometheusListener",
+    "RunTally",
+    "flush_runs",
+    "metrics_for",
+]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+FLUSH_SECONDS = 1.0  # in multiprocess mode, how far a scrape may lag behind run() calls
 
 
 def _multiprocess() -> bool:
@@ -109,31 +127,128 @@ class RunTally:
             }
 
 
-class _WrittenRuns:
-    """One session's `run()` calls written through to prometheus_client (multiprocess mode)."""
+class _FlushedRuns:
+    """One session's `run()` calls in multiprocess mode: a tally in memory, whose growth is
+    written to prometheus_client's metrics (this process's files) by `flush`."""
 
-    def __init__(self, written: tuple[Counter, Histogram], session: str) -> None:
+    def __init__(self, written: tuple[Counter, Histogram], session: str, bounds: tuple[float, ...]):
         self.counter, self.histogram = written
         self.session = session
-        self.children: dict[tuple[str, Call], tuple[Any, Any]] = {}
+        self.tally = RunTally(bounds)
+        self.lock = threading.Lock()  # one flush at a time
+        self.written: dict[str, tuple[dict[Call, int], list[int], float]] = {}
+        self.due = 0.0  # time.monotonic() from which a call flushes at once
+        self.dirty = False
+        _FLUSHER.watch(self)
 
     def add_rung(self, rung: str) -> None:
         """Start the rung's series at 0."""
+        self.tally.add_rung(rung)
         self.histogram.labels(self.session, rung)
         for result in Call:
             self.counter.labels(self.session, rung, result.value)
 
     def add(self, rung: str, result: Call, seconds: float) -> None:
-        """Count one call; a served one by its duration."""
-        children = self.children.get((rung, result))
-        if children is None:
-            children = self.children[(rung, result)] = (
-                self.counter.labels(self.session, rung, result.value),
-                self.histogram.labels(self.session, rung),
-            )
-        children[0].inc()
-        if result is CALL_OK:
-            children[1].observe(seconds)
+        """Count one call; the first after a quiet FLUSH_SECONDS is written at once."""
+        self.tally.add(rung, result, seconds)
+        self.dirty = True
+        if time.monotonic() >= self.due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what the tally gained since the last flush."""
+        with self.lock:
+            self.dirty = False
+            self.due = time.monotonic() + FLUSH_SECONDS
+            now = self.tally.snapshot()
+            for rung, (calls, buckets, seconds) in now.items():
+                before = self.written.get(rung)
+                old_calls, old_buckets, old_seconds = before or ({}, [0] * len(buckets), 0.0)
+                for result, count in calls.items():
+                    if count > old_calls.get(result, 0):
+                        self.counter.labels(self.session, rung, result.value).inc(
+                            count - old_calls.get(result, 0)
+                        )
+                if seconds != old_seconds or buckets != old_buckets:
+                    _add_observed(
+                        self.histogram.labels(self.session, rung),
+                        [b - a for a, b in zip(old_buckets, buckets, strict=True)],
+                        seconds - old_seconds,
+                    )
+            self.written = now
+
+
+def _add_observed(child: Any, counts: list[int], seconds: float) -> None:
+    """Add `counts` observations per bucket (+Inf last) and their `seconds` to a histogram's
+    series, as that many `observe` calls would (prometheus_client keeps each bucket's own
+    count and the sum as values of the child)."""
+    child._sum.inc(seconds)
+    for bucket, count in zip(child._buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
+
+
+class _Flusher:
+    """The process's flusher thread: writes every multiprocess tally with calls pending, each
+    FLUSH_SECONDS; the same at exit (spawned workers exit through multiprocessing's finalizers,
+    not atexit)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.runs: weakref.WeakSet[_FlushedRuns] = weakref.WeakSet()
+        self.thread: threading.Thread | None = None
+
+    def watch(self, runs: _FlushedRuns) -> None:
+        """Flush these tallies from now on."""
+        with self.lock:
+            self.runs.add(runs)
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self.loop, name="mnn-guard-metrics-flush", daemon=True
+                )
+                self.thread.start()
+                atexit.register(self.flush)
+                from multiprocessing import util
+
+                util.Finalize(None, self.flush, exitpriority=10)
+
+    def loop(self) -> None:
+        """Flush what is pending every FLUSH_SECONDS."""
+        while True:
+            time.sleep(FLUSH_SECONDS)
+            self.flush(pending_only=True)
+
+    def flush(self, *, pending_only: bool = False) -> None:
+        """Write every tally (those with calls pending)."""
+        with self.lock:
+            runs = list(self.runs)
+        for each in runs:
+            if each.dirty or not pending_only:
+                each.flush()
+
+
+_FLUSHER = _Flusher()
+
+
+def flush_runs() -> None:
+    """Write this process's pending `run()` counts to its multiprocess files now (a process
+    that serves the scrape itself calls this first)."""
+    _FLUSHER.flush(pending_only=True)
+
+
+class _FlushBeforeCollect(Collector):
+    """Registered before the run families: a scrape of this registry in this process sees every
+    call counted so far."""
+
+    def __init__(self, metrics: GuardMetrics) -> None:
+        self._metrics = weakref.ref(metrics)
+
+    def collect(self) -> list[Metric]:
+        metrics = self._metrics()
+        if metrics is not None:
+            for runs in list(metrics.flushed.values()):
+                runs.flush()
+        return []
 
 
 class _RunCollector(Collector):
@@ -177,12 +292,14 @@ class GuardMetrics:
         self.families: dict[str, Counter | Gauge | Histogram] = {
             f.name: _metric(f, registry, buckets) for f in FAMILIES if f not in (RUNS, RUN_SECONDS)
         }
-        # run() calls, the hot path: in one process, plain per-session tallies that a collector
-        # reads at scrape time; in multiprocess mode, written through to this process's files
-        # (another process serves the scrape, so nothing may wait in memory)
+        # run() calls, the hot path: plain per-session tallies that a collector reads at scrape
+        # time; in multiprocess mode (another process reads the files) written to this
+        # process's files at most FLUSH_SECONDS apart
         self.written: tuple[Counter, Histogram] | None = None  # multiprocess: (runs, seconds)
+        self.flushed: dict[str, _FlushedRuns] = {}
         self.tallies: dict[str, RunTally] | None = None
         if _multiprocess():
+            registry.register(_FlushBeforeCollect(self))
             self.written = (
                 Counter(RUNS.name, RUNS.help, RUNS.labels, registry=registry),
                 Histogram(
@@ -229,17 +346,27 @@ class GuardMetrics:
             self.families[family.name].remove(*labels)
 
     def forget(self, session: str) -> None:
-        """Remove every series of a closed session (in one process; files keep theirs)."""
+        """Remove every series of a closed session (in one process; files keep theirs, and get
+        its last calls)."""
+        flushed = self.flushed.pop(session, None)
+        if flushed is not None:
+            flushed.flush()
         if _multiprocess() or self.tallies is None:
             return
         for metric in self.families.values():
             metric.remove_by_labels({"session": session})
         del self.tallies[session]
 
-    def runs(self, session: str) -> RunTally | _WrittenRuns:
-        """Where a session's `run()` calls go: its name's tally, or straight to the files."""
+    def runs(self, session: str) -> RunTally | _FlushedRuns:
+        """Where a session's `run()` calls go: its name's tally (flushed to the files in
+        multiprocess mode)."""
         if self.written is not None:
-            return _WrittenRuns(self.written, session)
+            found = self.flushed.get(session)
+            if found is None:
+                found = self.flushed[session] = _FlushedRuns(
+                    self.written, session, self.buckets.run
+                )
+            return found
         assert self.tallies is not None
         # a name's tally is shared by every session of the name, like series are
         return self.tallies.setdefault(session, RunTally(self.buckets.run))

@@ -83,8 +83,19 @@ def call_with_timeout(fn: Callable[[], Any], timeout: float | None, what: str) -
     return box["value"]
 
 
+_SELF_CHECKED: dict[int, weakref.ref[Probe]] = {}  # probes whose goldens passed, by id
+
+
 def _self_check(probe: Probe) -> None:
-    """Judge each case's goldens against themselves: a probe that fails this can pass nothing."""
+    """Judge each case's goldens against themselves: a probe that fails this can pass nothing.
+
+    Once per probe object: every later session of the same probe (a re-wrap, a replica's
+    swap, the bench) starts without judging them again.
+    """
+    key = id(probe)
+    known = _SELF_CHECKED.get(key)
+    if known is not None and known() is probe:
+        return
     for index, case in enumerate(probe.cases):
         verdict = probe.judge(case.outputs, case=index)
         if not verdict.passed:
@@ -92,6 +103,12 @@ def _self_check(probe: Probe) -> None:
                 f"case {index}'s golden outputs fail the probe's own thresholds "
                 f"({'; '.join(verdict.reasons)}); loosen the thresholds or re-record the probe"
             )
+    _SELF_CHECKED[key] = weakref.ref(probe, partial(_forget_checked, key))
+
+
+def _forget_checked(key: int, _: object) -> None:
+    """A checked probe was collected: its id may come back as another probe's."""
+    _SELF_CHECKED.pop(key, None)
 
 
 def _exhausted(name: str, history: Sequence[Attempt], why: str) -> RecoveryExhausted:

@@ -26,12 +26,16 @@ WORK = ROOT / "build" / "mutate-pool"
 POOL_SOURCES = [  # every module of guard/pool/ with logic (__init__.py only re-exports)
     "guard/pool/parent.py",
     "guard/pool/slot.py",
+    "guard/pool/job.py",
+    "guard/pool/shared.py",
     "guard/pool/wire.py",
     "guard/pool/worker.py",
     "guard/pool/children.py",
 ]
 POOL_FILES = [
     "tests/test_slot.py",
+    "tests/test_job.py",
+    "tests/test_shared.py",
     "tests/test_pool.py",
     "tests/test_async_pool.py",
     "tests/test_workers.py",

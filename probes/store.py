@@ -85,6 +85,26 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+_HASHED: dict[tuple[str, int, int, int, int, int], str] = {}
+_HASHED_MAX = 64
+
+
+def cached_sha256(path: str | os.PathLike[str]) -> str:
+    """`file_sha256`, read once while the file is unchanged (the same real path, device,
+    inode, size, mtime and ctime: a file replaced by `cp -p` or `rsync -a` keeps its mtime,
+    not its inode or ctime). Every guarded start checks the model's hash; a 100 MB model
+    takes 60 ms to read."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    found = _HASHED.get(key)
+    if found is None:
+        found = file_sha256(path)
+        if len(_HASHED) >= _HASHED_MAX:
+            _HASHED.clear()
+        _HASHED[key] = found
+    return found
+
+
 def installed_mnn_version() -> str | None:
     """The installed PyMNN version (as MNN.version() says), read without importing MNN."""
     import importlib.metadata  # ~15 ms, only for strict_version
@@ -402,7 +422,7 @@ def check_model(probe: _Recorded, model: str | os.PathLike[str] | None) -> None:
             f"cannot check the probe against model {os.fspath(model)!r}: no such file; "
             "pass the path of the .mnn file the session loads"
         )
-    actual = file_sha256(model)
+    actual = cached_sha256(model)
     if actual != probe.meta.model_sha256:
         recorded = probe.meta.model_sha256[:12]
         raise ProbeError(

@@ -164,3 +164,71 @@ def test_dead_worker_counts_are_kept(scenario: dict[str, Any]) -> None:
     """Counters keep the dead worker's increments (they are totals, not live values)."""
     marked = scenario["marked"]
     assert value(marked, "mnn_guard_inits_total", session="vocoder", rung="static") == 3.0
+
+
+def busy_worker(model: str, probe_dir: str, calls: Queue[Any], go: Event, stop: Event) -> None:
+    """A worker process: 40 calls at once, report; 5 more when told, then exit without close()."""
+    import probes
+    from guard.tools import demo
+
+    session = guard.wrap(
+        demo.demo_factory(threads=1),
+        probes.load(probe_dir, model=model),
+        name="busy",
+        policy=guard.Policy(background=False),
+    )
+    tiny = {"mel": demo.demo_mel(8)}
+    for _ in range(40):
+        session.run(tiny)
+    calls.put(40)
+    go.wait(60)
+    for _ in range(5):
+        session.run(tiny)
+    calls.put(45)
+    stop.wait(60)
+
+
+def runs_in_files(directory: Path) -> float:
+    """mnn_guard_runs_total of session busy (ok) as the files of every process say now."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    found = registry.get_sample_value(
+        "mnn_guard_runs_total", {"session": "busy", "rung": "static", "result": "ok"}
+    )
+    return found or 0.0
+
+
+def test_run_counts_reach_the_files_within_the_flush_interval_and_at_exit(
+    demo_paths: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A worker's burst of calls: the first is in the files at once, all of them within
+    FLUSH_SECONDS with no further call; calls just before a normal exit are written at exit."""
+    ctx = multiprocessing.get_context("spawn")
+    calls: Queue[Any] = ctx.Queue()
+    go, stop = ctx.Event(), ctx.Event()
+    proc = ctx.Process(
+        target=busy_worker, args=(str(demo_paths[0]), str(demo_paths[1]), calls, go, stop)
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ENV, str(tmp_path))
+        proc.start()
+    try:
+        assert calls.get(timeout=60) == 40
+        first = runs_in_files(tmp_path)
+        deadline = time.monotonic() + guard.metrics.FLUSH_SECONDS + 10
+        while runs_in_files(tmp_path) < 40:
+            assert time.monotonic() < deadline, "the burst never reached the files"
+            time.sleep(0.05)
+        go.set()
+        assert calls.get(timeout=60) == 45
+        stop.set()
+        proc.join(30)
+        assert (first >= 1, proc.exitcode, runs_in_files(tmp_path)) == (True, 0, 45.0)
+    finally:
+        stop.set()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()

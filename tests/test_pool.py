@@ -28,6 +28,7 @@ import probes
 from guard import mnn
 from guard.inputs import prepare_inputs
 from guard.pool import SlotState, wire, worker
+from guard.pool.shared import DEPTH, Lane
 from guard.testing import FaultyFactory
 from guard.tools import demo
 
@@ -715,6 +716,39 @@ def test_a_worker_serves_its_pipe_and_refuses_what_is_no_request(
     session.close()
 
 
+def test_a_worker_serves_its_lanes_in_order_and_drops_a_withdrawn_request(
+    demo_probe: probes.Probe,
+) -> None:
+    """Requests through lanes: the worker answers each in its own lane (outputs the parent reads
+    as owned copies), and a request withdrawn before it started gets Withdrawn, not served."""
+    parent, child = multiprocessing.Pipe()
+    session = serving_session(demo_probe)
+    ours = (Lane.create(1), Lane.create(1))
+    theirs = tuple(Lane(os.dup(lane.fd), lane.size) for lane in ours)
+    thread = threading.Thread(target=worker.serve, args=(child, session, theirs), daemon=True)
+    thread.start()
+    slow, quick = demo.demo_mel(1500, seed=1), demo.demo_mel(60, seed=2)
+    parent.send_bytes(wire.encode(wire.Run({"mel": slow}, 0), ours[0]))
+    parent.send_bytes(wire.encode(wire.Run({"mel": quick}, 1), ours[1]))
+    parent.send_bytes(wire.encode(wire.Withdraw(1)))  # while the slow one is served
+    first, second = (wire.decode(parent.recv_bytes(), ours, copy=True) for _ in range(2))
+    by_type = {type(first): first, type(second): second}
+    assert set(by_type) == {wire.Done, wire.Withdrawn}
+    done, withdrawn = by_type[wire.Done], by_type[wire.Withdrawn]
+    assert isinstance(done, wire.Done) and isinstance(withdrawn, wire.Withdrawn)
+    assert (done.lane, withdrawn.lane) == (0, 1)
+    assert_outputs([done.outputs], references([slow]))
+    parent.send_bytes(wire.encode(wire.Run({"mel": quick}, 1), ours[1]))
+    again = wire.decode(parent.recv_bytes(), ours, copy=True)
+    assert isinstance(again, wire.Done) and again.lane == 1
+    assert_outputs([again.outputs], references([quick]))
+    assert again.outputs["wav"].flags.owndata
+    parent.send_bytes(wire.encode(wire.Stop()))
+    thread.join(10)
+    assert not thread.is_alive() and not parent.poll(0.1)
+    session.close()
+
+
 def test_a_worker_stops_serving_when_the_parent_is_gone(demo_probe: probes.Probe) -> None:
     """serve returns when its pipe closes, and wire.send says False once nobody reads."""
     session = serving_session(demo_probe)
@@ -1094,3 +1128,88 @@ def test_an_interrupted_request_retires_its_worker(
     assert marked_pool.replaced == replaced + 1 and len(busy - {w.pid for w in after}) == 1
     mel = demo.demo_mel(70, seed=9)
     assert_outputs([marked_pool.run({"mel": mel})], references([mel]))
+
+
+# ------------------------------------------------------------------ shared memory
+
+
+def lane_fds() -> int:
+    """How many shared-memory lanes this process holds open (distinct files)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:mnn-guard-lane"):
+                found.add(os.stat(f"/proc/self/fd/{fd}").st_ino)
+    return len(found)
+
+
+def shm_names() -> set[str]:
+    """What /dev/shm lists."""
+    return set(os.listdir("/dev/shm")) if Path("/dev/shm").is_dir() else set()
+
+
+def test_outputs_are_owned_arrays_that_later_requests_leave_alone(pool: guard.Pool) -> None:
+    """An output stays as it was while the same workers serve more requests: it is an owned,
+    writable array, not a view of the shared memory the next reply is written to."""
+    first_mel, other = mels(2, offset=700)
+    first = pool.run({"mel": first_mel})["wav"]
+    kept = first.copy()
+    pool.map([{"mel": other}] * 6)
+    np.testing.assert_array_equal(first, kept)
+    assert first.flags.owndata and first.flags.writeable
+
+
+def test_requests_larger_than_the_lanes_grow_them(pool: guard.Pool) -> None:
+    """Requests of 20 times the probe's size (inputs and outputs) are served exactly, before
+    and after small ones: the lanes grew on both ends."""
+    inputs = [demo.demo_mel(2000, seed=31), demo.demo_mel(40, seed=32), demo.demo_mel(1900, 33)]
+    assert_outputs(pool.map([{"mel": x} for x in inputs * 2]), references(inputs * 2))
+
+
+def test_a_busy_worker_gets_its_next_request_before_it_answers(
+    demo_paths: tuple[Path, Path],
+) -> None:
+    """With one worker serving a 1 s request, the next request is already in its other lane
+    (the slot is FULL), so the worker never waits for the pool between the two."""
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    factory = MarkedFactory(demo.demo_factory(threads=1))
+    with guard.Pool(factory, probe, processes=1, policy=quiet_policy(), name="piped") as p:
+        inputs = [sleeping(1.0), demo.demo_mel(50, seed=6)]
+        served: Future[list[dict[str, Array]]] = Future()
+        requests = [{"mel": x} for x in inputs]
+        thread = threading.Thread(target=lambda: served.set_result(p.map(requests)))
+        thread.start()
+        until(lambda: p.status()[0].state is SlotState.FULL, 30, "a full worker")
+        assert not served.done()
+        assert_outputs(served.result(timeout=60), references(inputs))
+        thread.join(10)
+        assert (p.status()[0].state, p.status()[0].requests) == (SlotState.IDLE, 2)
+
+
+@pytest.mark.hostile
+def test_a_worker_killed_mid_request_leaves_no_shared_memory(
+    demo_paths: tuple[Path, Path],
+) -> None:
+    """SIGKILL on a worker with a request in hand: the request is served by its replacement,
+    /dev/shm gains nothing, this process holds the lanes of its live worker only, and none
+    once the pool is closed."""
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    factory = MarkedFactory(demo.demo_factory(threads=1))
+    base, shm = lane_fds(), shm_names()
+    with guard.Pool(factory, probe, processes=1, policy=quiet_policy(), name="leak") as p:
+        assert lane_fds() == base + DEPTH
+        victim = p.status()[0].pid
+        assert victim is not None
+        mel = sleeping(1.0)
+        served: Future[dict[str, Array]] = Future()
+        thread = threading.Thread(target=lambda: served.set_result(p.run({"mel": mel})))
+        thread.start()
+        until(lambda: p.status()[0].busy, 30, "a busy worker")
+        os.kill(victim, signal.SIGKILL)
+        assert_outputs([served.result(timeout=60)], references([mel]))
+        thread.join(10)
+        wait_until_serving(p)
+        assert p.replaced == 1 and gone(victim)
+        until(lambda: lane_fds() == base + DEPTH, 10, "the dead worker's lanes closed")
+        assert shm_names() <= shm
+    assert lane_fds() == base and shm_names() <= shm

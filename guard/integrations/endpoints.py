@@ -32,6 +32,7 @@ from guard.health import (
     worker_readiness,
     worker_sessions,
 )
+from guard.metrics import flush_runs
 
 __all__ = ["READY", "RESTART_AFTER", "Endpoints", "asgi_app", "wsgi_app"]
 
@@ -136,8 +137,10 @@ class Endpoints:
         return stuck(entries, self.restart_after)
 
     def before_scrape(self) -> None:
-        """In multiprocess mode, drop the gauges of workers that died unannounced (uvicorn)."""
+        """In multiprocess mode, write this process's pending run() counts and drop the gauges
+        of workers that died unannounced (uvicorn)."""
         if self.directory is not None:
+            flush_runs()
             reap_dead(self.directory)
 
     def health_route(self, path: str) -> Response | None:

@@ -1,29 +1,35 @@
 """The parent of a pool of guarded worker processes: `Pool`, the part its callers hold.
 
-The parent checks every request against the probe and sends workers only the plain arrays MNN
-will read; each worker builds one guarded session and serves requests from its pipe
-(`guard.pool.worker`). What crosses a pipe is in `guard.pool.wire`; each worker has a slot
-with states of its own (`guard.pool.slot`).
+The parent checks every request against the probe and writes the plain arrays MNN will read
+into a worker's shared-memory lane; each worker builds one guarded session and serves the
+requests its pipe names (`guard.pool.worker`). What crosses a pipe is in `guard.pool.wire`;
+each worker has a slot with states of its own (`guard.pool.slot`); each request is a job
+(`guard.pool.job`) that waits in one line while no lane is free.
 
-The async face (`arun`, `amap`) keeps an event loop free: the loop itself only checks and
-pickles the inputs (tens of microseconds, whatever the forward costs); a thread of the pool
-waits for a worker and its reply, with the GIL released, while the forward runs in the worker.
+One thread of the pool (its watcher) reads every worker's replies, copies the outputs out of
+the lane, settles the caller's future and hands the freed lane to the next job in line; it
+also notices deaths and deadlines. A caller's thread (or the event loop, for `arun`) only
+checks its inputs, writes them into a free lane and sends a short message, or joins the line:
+no thread per call, and a worker has its next request before it answers the one in hand.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import dataclasses
 import logging
+import math
 import multiprocessing
+import os
 import pickle
+import select
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import wait
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -43,48 +49,94 @@ from guard.ladder import Policy
 from guard.names import check_name
 from guard.pool import wire
 from guard.pool.children import Child, remove_stash, stash_probe
-from guard.pool.slot import Lost, Slot, Slots, SlotState, SlotStatus, Undelivered, stop
+from guard.pool.job import Job, Line, Step
+from guard.pool.shared import ALIGN, DEPTH, Lane
+from guard.pool.slot import IN_SERVICE, Slot, Slots, SlotState, SlotStatus, stop
 from guard.pool.worker import worker_main
 from guard.session import Factory
 from guard.wrapping import check_probe
 from probes import Probe
 
-__all__ = ["IMPORT_SECONDS", "MAX_WAITING", "START_METHODS", "STOP_SECONDS", "Pool"]
+__all__ = [
+    "IMPORT_SECONDS",
+    "MAX_WAITING",
+    "START_METHODS",
+    "STOP_SECONDS",
+    "WATCH_SECONDS",
+    "Pool",
+]
 
 Array = NDArray[Any]
+Outputs = dict[str, Array]
 Inputs = Mapping[str, Any] | Sequence[Any]
 log = logging.getLogger("mnn_guard")
 
 START_METHODS = ("spawn", "forkserver")
 IMPORT_SECONDS = 60.0  # allowance for a spawned worker to import numpy, scipy and MNN
 STOP_SECONDS = 5.0  # how long close() waits for a worker to exit before killing it
-WATCH_SECONDS = 0.25  # how soon a worker that died while idle is noticed, at the latest
+WATCH_SECONDS = 0.25  # the watcher's longest sleep: how late a deadline may be noticed
 MAX_WAITING = 256  # default bound on async calls waiting for a worker (beyond one per worker)
 
+Watched = tuple[Slot, Child, tuple[Lane, ...]]
 
-def _watch(ref: weakref.ref[Pool], done: threading.Event) -> None:
-    """Replace idle workers that die (a kill, the OOM killer) until the pool closes or goes.
 
-    Busy workers are their request's to watch; this thread holds the pool only between waits.
+def _watch(ref: weakref.ref[Pool], done: threading.Event, wake: int) -> None:
+    """The pool's watcher: replies, deaths and deadlines, until the pool closes or goes.
+
+    One poll object for its life, told only of the pipes and processes that changed. It holds
+    the pool only between waits, so that an unclosed pool can still be collected.
     """
+    poller = select.poll()
+    poller.register(wake, select.POLLIN)
+    registered: set[int] = set()
     while not done.is_set():
         pool = ref()
         if pool is None:
             return
-        idle = pool._slots.idle()
+        watched, timeout = pool._watched()
         del pool
-        sentinels = {child.process.sentinel: (slot, child) for slot, child in idle}
-        if not sentinels:
-            done.wait(WATCH_SECONDS)
-            continue
-        dead = wait(list(sentinels), WATCH_SECONDS)
+        by_fd: dict[int, tuple[Watched, bool]] = {}  # fd -> (worker, whether it is its end)
+        for item in watched:
+            try:
+                by_fd[item[1].conn.fileno()] = (item, False)
+                by_fd[item[1].process.sentinel] = (item, True)
+            except (OSError, ValueError):  # closed meanwhile
+                continue
+        if by_fd.keys() != registered:
+            for fd in registered - by_fd.keys():
+                poller.unregister(fd)
+            for fd in by_fd.keys() - registered:
+                poller.register(fd, select.POLLIN)
+            registered = set(by_fd)
+        try:
+            events = poller.poll(math.ceil(timeout * 1000))
+        except (OSError, ValueError):  # the pool went and its pipe with it
+            return
         pool = ref()
         if pool is None:
             return
-        for sentinel in dead:
-            slot, child = sentinels[sentinel]  # type: ignore[index]
-            pool._retire(slot, "", idle=child)  # the message is read once the slot is checked
+        readable: dict[int, Watched] = {}
+        ended: dict[int, Watched] = {}
+        for fd, _ in events:
+            if fd == wake:
+                with contextlib.suppress(OSError):
+                    os.read(wake, 4096)
+            elif fd in by_fd:
+                item, end = by_fd[fd]
+                (ended if end else readable)[id(item)] = item
+        for key, item in (readable | ended).items():
+            pool._hear(*item, ended=key in ended)
+        pool._expire()
         del pool
+
+
+def _lane_bytes(probe: Probe) -> int:
+    """Room for the largest canary case's inputs and outputs, each aligned."""
+    sizes = [
+        sum(-(-a.nbytes // ALIGN) * ALIGN for a in (*c.inputs.values(), *c.outputs.values()))
+        for c in probe.cases
+    ]
+    return max(1, *sizes)
 
 
 class Pool:
@@ -92,7 +144,10 @@ class Pool:
 
     Nothing MNN crosses a process boundary: the factory and policy are pickled to the workers
     (`guard.mnn_factory` and `guard.testing.FaultyFactory` pickle), the probe goes through a
-    private temp file, inputs and outputs travel as numpy arrays over one pipe per worker.
+    private temp file. Inputs and outputs go through shared memory (two anonymous segments per
+    worker, grown on demand; nothing is left in /dev/shm whoever dies), the pipe carries only
+    where they lie. Each worker gets its next request while it serves one, so it never waits
+    for the parent; `run()` and `arun()` return owned arrays.
 
     Requests are checked here first: a bad one raises InputMismatch at once and no worker sees
     it. A worker that crashes or exceeds `request_timeout` is killed and replaced, and its
@@ -100,19 +155,21 @@ class Pool:
     PoisonRequest and is not retried again. A worker whose session raises (its session FAILED,
     a forward failed) is replaced too and the request retried once; the caller gets the
     worker's exception itself (same type, message and attempts, with a note naming the worker).
-    A caller waits at most `policy.wait_timeout` for a free worker (Unavailable).
+    A caller waits at most `policy.wait_timeout` for a worker to start its request
+    (Unavailable); a request sent behind another is withdrawn if that one takes longer.
 
-    `arun` and `amap` are the same calls for asyncio: the event loop only checks and pickles
-    the inputs. At most `processes + max_waiting` async calls are admitted at once; one more
-    raises Unavailable at once (shed load rather than queue without end). A cancelled `arun`
-    leaves the pool serving: a request not yet sent is dropped; one in flight is finished by
-    the pool's thread and its reply discarded, so it never reaches another caller.
+    `arun` and `amap` are the same calls for asyncio: the event loop only checks the inputs and
+    writes them to shared memory (or lines them up). At most `processes + max_waiting` async
+    calls are admitted at once; one more raises Unavailable at once (shed load rather than
+    queue without end). A cancelled `arun` leaves the pool serving: a request not yet sent is
+    dropped; one in flight is finished by its worker and its reply discarded. Inputs are read
+    when they are sent: do not change the arrays until the call returns.
 
     Readiness: the pool is one entry of `health` (default: the process's table, which
     `guard.serve` and `guard.asgi_app` answer for), named `name`: ready while every worker
     serves; its state is the worst worker's (STARTING while one is replaced, FAILED when a
     replacement could not start), and it lists its workers. Workers' own sessions stay out of
-    readiness. A worker that dies while idle is noticed within WATCH_SECONDS and replaced.
+    readiness. A worker that dies while idle is noticed at once and replaced.
 
     Metrics: workers use prometheus_client as usual. Set PROMETHEUS_MULTIPROC_DIR (an empty
     directory) in the environment before creating the pool and serve it with
@@ -167,33 +224,41 @@ class Pool:
         probe_path = stash_probe(probe)
         self._unstash = weakref.finalize(self, remove_stash, probe_path)
         self._args = (factory, probe_path, policy, name)
+        self._lane_bytes = _lane_bytes(probe)
         self._ctx = multiprocessing.get_context(start_method)
         attempts = len(policy.ladder) * (1 + policy.reinit_attempts)
         self._startup_timeout = (
             None if policy.init_timeout is None else IMPORT_SECONDS + attempts * policy.init_timeout
         )
         self._slots = Slots(name, processes, policy.ladder)
-        # Everything below is guarded by _cond, the slots' Condition.
+        # Everything below is guarded by _cond, the slots' Condition (or its plain _lock)
         self._cond = self._slots.cond
+        self._lock = self._slots.lock
+        self._line = Line()
         self._starters: set[threading.Thread] = set()
         self._replaced = 0
         self._pending = 0  # async calls admitted and not finished
-        # one thread per worker waits for its reply, so that arun() never blocks the loop
-        self._executor = ThreadPoolExecutor(processes, thread_name_prefix=f"mnn-guard-{name}-a")
         # readiness: one entry named after the pool, published in order by _publish
         self._health = health or HEALTH
         self._publishing = threading.Lock()
         self._published: Entry | None = None
+        # the watcher sleeps on every worker's pipe and process and on this pipe, written to
+        # when it must look again sooner (a new worker, an earlier deadline, close)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._unpipe = weakref.finalize(self, _close_all, self._wake_r, self._wake_w)
+        self._wake_at = math.inf  # when the watcher looks again at the latest
         self._stop_watch = threading.Event()
+        self._watcher: threading.Thread | None = None
         self._start()
 
     # -------------------------------------------------------------- workers
 
     def _start(self) -> None:
-        """Start every worker and wait for all to serve; then watch the idle ones."""
+        """Start every worker and wait for all to serve, watching them from then on."""
         try:
             for slot in self._slots.all:
-                slot.spawn(self._ctx, worker_main, self._args)
+                slot.spawn(self._ctx, worker_main, self._args, self._lane_bytes)
             self._publish()
             for slot in self._slots.all:
                 self._ready(slot)
@@ -202,39 +267,49 @@ class Pool:
             for slot in self._slots.all:  # close() killed those still starting; reap them here
                 stop(slot.child)
             raise
-        threading.Thread(
+        self._watcher = threading.Thread(
             target=_watch,
-            args=(weakref.ref(self), self._stop_watch),
+            args=(weakref.ref(self), self._stop_watch, self._wake_r),
             name=f"mnn-guard-{self.name}-watch",
             daemon=True,
-        ).start()
+        )
+        self._watcher.start()
 
     def _ready(self, slot: Slot) -> bool:
         """Wait for a spawned worker's session and put its slot in service (False: closed)."""
         report = slot.await_ready(self._startup_timeout)
-        with self._cond:
+        with self._lock:
             slot.note(report)
             serving = slot.to(SlotState.IDLE)
         self._publish()
+        if serving:
+            self._wake()  # one more pipe to watch
+            self._pump()
         return serving
 
-    def _retire(self, slot: Slot, why: str, *, idle: Child | None = None) -> None:
-        """Stop a slot's failed worker and start its replacement.
+    def _retire(self, slot: Slot, child: Child, why: str, culprit: Job | None = None) -> None:
+        """Stop a slot's failed worker, start its replacement and put the requests it held
+        back in line: `culprit` blamed for the loss, the others not (up to one per worker).
 
-        The slot's owner calls this, or the watcher with the `idle` child it saw die: then
-        only if the slot still idles with it (else a request took it and finds it dead, and
-        only that request may reap it: two threads reaping one child race for its exit code).
+        Whoever moves the slot from this worker first does it; a closed slot's worker is only
+        killed (close() reaps it) and its requests answered SessionClosed.
         """
-        with self._cond:
-            if idle is not None and (slot.state is not SlotState.IDLE or slot.child is not idle):
-                return
-            child, label = slot.child, slot.label
+        now = time.monotonic()
+        with self._lock:
+            if slot.child is not child:
+                return  # retired already
+            held = [slot.held[lane] for lane in slot.order]
             replacing = slot.to(SlotState.STARTING)
-        if idle is not None:
-            why = f"{label} {idle.exit_text()} while idle"
-        stop(child)
+            if not replacing:
+                for job in held:
+                    slot.let_go(job.lane, now)
         if not replacing:
+            child.kill()
+            closed = SessionClosed(f"pool {self.name!r} is closed")
+            for job in held:
+                self._settle(job, closed)
             return
+        stop(child)
         self._publish()
         log.warning("pool %s: %s; replacing it", self.name, why)
         thread = threading.Thread(
@@ -243,115 +318,167 @@ class Pool:
             name=f"mnn-guard-{self.name}-restart",
             daemon=True,
         )
-        with self._cond:
+        with self._lock:
             self._starters.add(thread)
         thread.start()
+        for job in held:  # after the log and the replacement: a caller may close at once
+            if job is culprit:
+                job.failures.append((why, None))
+            elif job.unblamed > 0:
+                job.unblamed -= 1
+            else:
+                job.failures.append((why, None))
+            self._retry(job)
+        self._pump()
 
     def _replace(self, slot: Slot) -> None:
         """Start a replacement worker (a background thread); on failure the slot is FAILED."""
         try:
-            slot.spawn(self._ctx, worker_main, self._args)
+            slot.spawn(self._ctx, worker_main, self._args, self._lane_bytes)
             serving = self._ready(slot)
         except Exception as exc:
-            with self._cond:
+            with self._lock:
                 slot.error = exc  # readiness says why while the slot is FAILED
                 failed = slot.to(SlotState.FAILED)
+                none_left = self._slots.failed()
+                stranded = self._line.clear() if none_left is not None else []
+                for job in stranded:
+                    job.to(Step.SETTLED)
             if failed:
                 self._publish()
                 log.error(
                     "pool %s: replacement for worker %d failed: %s", self.name, slot.index, exc
                 )
+            for job in stranded:
+                job.deliver(none_left)  # type: ignore[arg-type]
         else:
             if serving:
-                with self._cond:
+                with self._lock:
                     self._replaced += 1
             else:  # the pool closed meanwhile
                 slot.ask_to_stop()
                 stop(slot.child, STOP_SECONDS)
         finally:
-            with self._cond:
+            with self._lock:
                 self._starters.discard(threading.current_thread())
                 self._cond.notify_all()
 
-    def _release(self, slot: Slot) -> None:
-        """Put a slot whose worker answered back in service (or stop it if the pool closed)."""
-        with self._cond:
-            released = slot.to(SlotState.IDLE)
-        if not released:
-            slot.ask_to_stop()
-            stop(slot.child, STOP_SECONDS)
+    # -------------------------------------------------------------- requests
 
-    def _request(self, slot: Slot, data: bytes) -> wire.Reply:
-        """Send one encoded request on a BUSY slot; keep what its worker reports with the reply."""
-        reply = slot.request(data, self.request_timeout)
-        if isinstance(reply, wire.Done | wire.Raised | wire.Refused):
-            with self._cond:
-                changed = slot.note(reply.report)
-                slot.requests += 1
-            if changed:
-                self._publish()
-        return reply
+    def _job(self, inputs: Inputs, deadline: float | None) -> Job:
+        """Check the inputs here (InputMismatch in the caller's thread): a job of plain arrays."""
+        arrays = self._check(inputs)
+        # np.asarray: a plain ndarray of the same data (a subclass is reduced to its base)
+        plain = {n: np.asarray(a) for n, a in zip(self._names, arrays, strict=True)}
+        return Job(plain, deadline, self.processes)
 
-    # -------------------------------------------------------------- serving
+    def _admit(self, job: Job) -> None:
+        """Place a job in a free lane and send it, or put it in line."""
+        with self._lock:
+            if self._slots.closed:
+                raise SessionClosed(f"pool {self.name!r} is closed")
+            if self._line.first() is not None or not self._place(job):
+                failed = self._slots.failed()
+                if failed is not None:
+                    raise failed
+                self._line.push(job)
+                self._soon(job.deadline)
+                return
+        self._send(job)
 
-    def _encode(self, inputs: Inputs) -> bytes:
-        """Check the inputs here and encode the plain arrays MNN will read as one request."""
-        arrays = self._check(inputs)  # InputMismatch, in the caller's thread
-        # np.asarray: a plain ndarray of the same data; a subclass would pickle with its own
-        # reduce, which the worker might not be able to undo
-        request = wire.Run({n: np.asarray(a) for n, a in zip(self._names, arrays, strict=True)})
+    def _place(self, job: Job) -> bool:
+        """Give a WAITING job the free lane waiting longest, if any (the caller holds _cond)."""
+        slot = self._slots.take(DEPTH)
+        if slot is None:
+            return False
+        job.to(Step.PLACED)
+        job.slot, job.child, job.lane = slot, slot.child, slot.hold(job)
+        job.shm = slot.lanes[job.lane]
+        return True
+
+    def _send(self, job: Job) -> None:
+        """Write a PLACED job's arrays into its lane and send it (outside _cond: the lane is
+        this job's until its reply)."""
+        slot, child, shm = job.slot, job.child, job.shm
+        assert slot is not None and child is not None and shm is not None
+        problem: BaseException | None = None
         try:
-            return wire.encode(request)
+            data = wire.encode(wire.Run(job.arrays, job.lane), shm)
         except Exception as exc:
-            raise InputMismatch(
+            problem = InputMismatch(
                 f"pool {self.name!r}: the request cannot be encoded for a worker: {exc!r}"
-            ) from exc
+            )
+            problem.__cause__ = exc
+        now = time.monotonic()
+        dead = settled = False
+        with self._lock:
+            placed = slot.child is child and slot.held.get(job.lane) is job
+            if not placed or job.dropped or problem is not None:
+                if placed:
+                    slot.let_go(job.lane, now)
+                if job.dropped or problem is not None:
+                    settled = job.to(Step.SETTLED)
+                else:  # its worker was replaced meanwhile: not its fault
+                    job.to(Step.WAITING)
+                    self._soon(self._line.push(job, front=True))
+            else:
+                try:
+                    child.conn.send_bytes(data)
+                except OSError:  # the worker is gone, before it had this job
+                    slot.let_go(job.lane, now)
+                    job.to(Step.WAITING)
+                    dead = True
+                else:
+                    job.to(Step.SENT)
+                    if not slot.sent(job.lane, now):  # behind another: it waits still
+                        self._soon(self._line.watch(job))
+                    elif self.request_timeout is not None:
+                        self._soon(now + self.request_timeout)
+        if settled and problem is not None:
+            job.deliver(problem)
+        if dead:
+            self._lost(slot, child)
+            self._retry(job, unblamed=True)
+        self._pump()
 
-    def run(self, inputs: Inputs) -> dict[str, Array]:
-        """Run one request on an idle worker; returns owned numpy arrays by output name."""
-        return self._run_data(self._encode(inputs))
+    def _pump(self) -> None:
+        """Give free lanes to the jobs in line, first come first served."""
+        while self._line.jobs:  # read unlocked: a job put in line found no lane under the lock
+            with self._lock:
+                job = self._line.first()
+                if job is None or self._slots.closed or not self._place(job):
+                    return
+                self._line.pop()
+            self._send(job)
 
-    def _run_data(self, data: bytes, deadline: float | None = None) -> dict[str, Array]:
-        """Run one encoded request; the first wait for a worker ends at `deadline`."""
-        failures: list[tuple[str, Exception | None]] = []  # why, and the worker's error if any
-        unblamed = self.processes  # how many workers found dead before sending may be skipped
-        while len(failures) < 2:
-            slot = self._slots.acquire(deadline, self._wait_timeout)
-            deadline = None  # a retry waits its own Policy.wait_timeout
-            try:
-                reply = self._request(slot, data)
-            except Lost as lost:
-                self._retire(slot, str(lost))
-                if isinstance(lost, Undelivered) and unblamed > 0:
-                    unblamed -= 1  # not the request's fault: try another worker, uncounted
-                    continue
-                failures.append((str(lost), None))
-                continue
-            except BaseException:
-                self._retire(slot, "a request was interrupted")  # its reply would come late
-                raise
-            if isinstance(reply, wire.Done):
-                self._release(slot)
-                return reply.outputs
-            if isinstance(reply, wire.Refused):
-                self._release(slot)
-                raise InputMismatch(
-                    f"pool {self.name!r}: {slot.label} refused the request: {reply.reason}"
-                )
-            if not isinstance(reply, wire.Raised):
-                why = f"{slot.label} answered a request with a {type(reply).__name__}"
-                failures.append((why, None))
-                self._retire(slot, why)
-                continue
-            error = reply.error
-            error.add_note(f"raised in pool {self.name!r} by {slot.label}")
-            if isinstance(error, InputMismatch):
-                self._release(slot)
-                raise error
-            why = f"{slot.label} raised {type(error).__name__}: {error}"
-            failures.append((why, error))
-            self._retire(slot, why)
-        raise self._failed(failures)
+    def _retry(self, job: Job, *, unblamed: bool = False) -> None:
+        """Put a job whose worker was lost back at the head of the line, or fail it for good
+        after two workers (`unblamed`: the loss was not its fault, while workers last)."""
+        if unblamed:
+            if job.unblamed > 0:
+                job.unblamed -= 1
+            else:
+                job.failures.append(("its worker was lost before it started", None))
+        with self._lock:
+            if job.step is Step.SETTLED or job.gone:
+                return
+            if len(job.failures) < 2 and not self._slots.closed:
+                if job.step is not Step.WAITING:
+                    job.to(Step.WAITING)
+                if job.deadline is not None:  # a retry waits its own Policy.wait_timeout
+                    job.deadline = time.monotonic() + self._wait_timeout
+                self._line.push(job, front=True)
+                self._soon(job.deadline)
+                return
+            job.to(Step.SETTLED)
+        job.deliver(self._failed(job.failures))
+
+    def _settle(self, job: Job, outcome: Outputs | BaseException) -> None:
+        """Settle a job once and give its caller the outcome."""
+        with self._lock:
+            settled = job.to(Step.SETTLED)
+        if settled:
+            job.deliver(outcome)
 
     def _failed(self, failures: list[tuple[str, Exception | None]]) -> Exception:
         """The error for a request that failed on two workers.
@@ -359,7 +486,7 @@ class Pool:
         Both workers lost (crashed or timed out): PoisonRequest. The second raised: its own
         error, noting the first failure. The first raised and the second was lost: WorkerFailed.
         """
-        (first, first_error), (second, second_error) = failures
+        (first, first_error), (second, second_error) = failures[:2]
         if self._slots.closed:
             return SessionClosed(f"pool {self.name!r} was closed during the request")
         if second_error is not None:
@@ -376,81 +503,233 @@ class Pool:
         error.__cause__ = first_error
         return error
 
-    def map(self, inputs: Iterable[Inputs]) -> list[dict[str, Array]]:
-        """Run many requests spread over every worker at once; results in input order."""
-        items = list(inputs)
-        if not items:
-            return []
-        workers = min(len(items), self.processes)
-        with ThreadPoolExecutor(workers, thread_name_prefix=f"mnn-guard-{self.name}") as executor:
-            futures = [executor.submit(self.run, item) for item in items]
-            try:
-                return [f.result() for f in futures]
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+    def _abandon(self, job: Job) -> None:
+        """The caller of a job was interrupted: drop it, and retire its worker if it has it
+        (its reply would come for nobody, and the worker may be the reason)."""
+        with self._lock:
+            job.gone = True
+            step, slot, child = job.step, job.slot, job.child
+            if step is Step.WAITING:
+                self._line.remove(job)
+            job.to(Step.SETTLED)
+        if step is Step.SENT and slot is not None and child is not None:
+            self._retire(slot, child, "a request was interrupted")
+
+    # -------------------------------------------------------------- the watcher's work
+
+    def _soon(self, deadline: float | None) -> None:
+        """Wake the watcher if `deadline` comes before it would look again."""
+        if deadline is not None and deadline < self._wake_at:
+            self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")
+
+    def _watched(self) -> tuple[list[Watched], float]:
+        """The workers to watch (in service, or closed with requests in hand) and how long the
+        watcher may sleep."""
+        now = time.monotonic()
+        with self._lock:
+            watched = [
+                (s, s.child, s.lanes)
+                for s in self._slots.all
+                if s.child is not None and (s.state in IN_SERVICE or s.held)
+            ]
+            wake = now + WATCH_SECONDS
+            deadline = self._line.next_deadline()
+            if deadline is not None:
+                wake = min(wake, deadline)
+            if self.request_timeout is not None:
+                for slot in self._slots.all:
+                    if slot.order:
+                        wake = min(wake, slot.started + self.request_timeout)
+            self._wake_at = wake
+        return watched, max(0.0, wake - now)
+
+    def _hear(self, slot: Slot, child: Child, lanes: tuple[Lane, ...], *, ended: bool) -> None:
+        """Read the next reply of a worker (every one left, once it `ended`); a worker whose
+        pipe closed is lost."""
+        try:
+            while True:
+                data = child.conn.recv_bytes()
+                try:
+                    reply = wire.decode(data, lanes, copy=True)
+                except Exception as exc:
+                    reason = f"sent a reply that could not be decoded: {exc!r}"
+                    self._lost(slot, child, f"{slot.label} {reason}")
+                    return
+                self._answered(slot, child, reply)
+                if not ended:
+                    return  # the next poll says if there is more
+        except (EOFError, OSError):
+            pass
+        self._lost(slot, child)
+
+    def _answered(self, slot: Slot, child: Child, reply: object) -> None:
+        """One reply of a worker in service: settle its job, free its lane, serve the line."""
+        if not isinstance(reply, wire.Done | wire.Raised | wire.Refused | wire.Withdrawn) or (
+            reply.lane is None
+        ):
+            what = f"{slot.label} answered a request with a {type(reply).__name__}"
+            self._lost(slot, child, what)
+            return
+        now = time.monotonic()
+        with self._lock:
+            if slot.child is not child:
+                return
+            job = slot.let_go(reply.lane, now)
+            if not isinstance(reply, wire.Withdrawn):
+                slot.requests += 1
+            changed = slot.note(reply.report)
+            label = slot.label
+        if changed:
+            self._publish()
+        if job is not None:
+            self._outcome(job, slot, child, label, reply)
+        self._pump()
+
+    def _outcome(self, job: Job, slot: Slot, child: Child, label: str, reply: wire.Reply) -> None:
+        """What one reply means for its job (and for its worker, if it raised)."""
+        if isinstance(reply, wire.Done):
+            self._settle(job, reply.outputs)
+        elif isinstance(reply, wire.Refused):
+            why = f"pool {self.name!r}: {label} refused the request: {reply.reason}"
+            self._settle(job, InputMismatch(why))
+        elif isinstance(reply, wire.Raised):
+            error = reply.error
+            error.add_note(f"raised in pool {self.name!r} by {label}")
+            if isinstance(error, InputMismatch):
+                self._settle(job, error)
+                return
+            why = f"{label} raised {type(error).__name__}: {error}"
+            job.failures.append((why, error))
+            with self._lock:
+                job.to(Step.WAITING)
+            self._retire(slot, child, why)
+            self._retry(job)
+
+    def _lost(self, slot: Slot, child: Child, why: str | None = None) -> None:
+        """A worker that ended or broke its protocol: retire it, blaming the request in hand."""
+        with self._lock:
+            if slot.child is not child:
+                return
+            culprit = slot.in_hand()
+            idle = not slot.held
+        if why is None:
+            why = f"{slot.label} {child.exit_text()}" + (" while idle" if idle else "")
+        self._retire(slot, child, why, culprit)
+
+    def _expire(self) -> None:
+        """Jobs that waited too long for a worker get Unavailable (one sent behind another is
+        withdrawn); a worker over request_timeout is killed."""
+        now = time.monotonic()
+        late: list[tuple[Job, Unavailable]] = []
+        overdue: list[tuple[Slot, Child, Job | None]] = []
+        with self._lock:
+            for job in self._line.due(now):
+                slot = job.slot
+                if job.step is Step.WAITING:
+                    self._line.remove(job)
+                elif job.step is not Step.SENT or slot is None or slot.in_hand() is job:
+                    continue  # its worker has it: it is served, or timed out below
+                elif slot.child is job.child and job.child is not None:
+                    wire.send(job.child.conn, wire.Withdraw(job.lane))  # its lane comes back
+                job.to(Step.SETTLED)
+                late.append((job, self._slots.unavailable(self._wait_timeout)))
+            if self.request_timeout is not None:
+                for slot in self._slots.all:
+                    late_slot = now - slot.started > self.request_timeout
+                    if slot.order and late_slot and slot.state in IN_SERVICE and slot.child:
+                        overdue.append((slot, slot.child, slot.in_hand()))
+        for job, error in late:
+            job.deliver(error)
+        for slot, child, culprit in overdue:
+            why = f"{slot.label} exceeded request_timeout={self.request_timeout:g} s and was killed"
+            self._retire(slot, child, why, culprit)
+
+    # -------------------------------------------------------------- serving
+
+    def run(self, inputs: Inputs) -> Outputs:
+        """Run one request on a worker; returns owned numpy arrays by output name."""
+        job = self._job(inputs, time.monotonic() + self._wait_timeout)
+        self._admit(job)
+        try:
+            return job.wait()
+        except BaseException:
+            if not job.done:  # interrupted while it waited (Ctrl-C)
+                self._abandon(job)
+            raise
+
+    def map(self, inputs: Iterable[Inputs]) -> list[Outputs]:
+        """Run many requests spread over every worker, two in each worker's hands at a time (its
+        next one waits behind the one it serves, however long that takes); results in input
+        order. The first error is raised; requests not yet sent are dropped."""
+        window = DEPTH * self.processes
+        jobs: deque[Job] = deque()
+        results: list[Outputs] = []
+        try:
+            for item in inputs:
+                if len(jobs) >= window:
+                    results.append(jobs.popleft().wait())
+                job = self._job(item, None)
+                self._admit(job)
+                jobs.append(job)
+            while jobs:
+                results.append(jobs.popleft().wait())
+        except BaseException:
+            for job in jobs:
+                job.cancelled = True
+            raise
+        return results
 
     # ------------------------------------------------------------- asyncio
 
-    async def arun(self, inputs: Inputs) -> dict[str, Array]:
-        """`run` for asyncio: the loop only checks and pickles the inputs; owned arrays back.
+    async def arun(self, inputs: Inputs) -> Outputs:
+        """`run` for asyncio: the loop only checks the inputs and writes them to a worker's lane
+        (or lines them up); owned arrays back.
 
         Raises InputMismatch at once for bad inputs, Unavailable at once when
-        `processes + max_waiting` calls are already admitted, or when no worker was free
-        within `Policy.wait_timeout`; otherwise whatever `run` raises. Cancelling the await
-        drops a request not yet sent; one in flight finishes in the pool's thread and its
-        reply is discarded: the worker goes on serving others.
+        `processes + max_waiting` calls are already admitted, or when no worker started the
+        request within `Policy.wait_timeout`; otherwise whatever `run` raises. Cancelling the
+        await drops a request not yet sent; one in flight finishes in its worker and its reply
+        is discarded: the worker goes on serving others.
         """
-        data = self._encode(inputs)  # InputMismatch here, in the caller
-        job = self._submit(data, time.monotonic() + self._wait_timeout)
-        reply = asyncio.wrap_future(job)
-        try:
-            await asyncio.wait((reply,), timeout=self._wait_timeout)
-            if not reply.done() and job.cancel():  # never reached a thread: not sent
-                raise Unavailable(
-                    f"pool {self.name!r}: no worker was free within {self._wait_timeout:g} s "
-                    f"(Policy.wait_timeout); {self._pending} call(s) in flight or waiting"
-                )
-            return await reply
-        except asyncio.CancelledError:
-            reply.cancel()  # cancels the job too if no thread took it yet
-            raise
-
-    def _submit(self, data: bytes, deadline: float) -> concurrent.futures.Future[dict[str, Array]]:
-        """Admit one encoded async call (bounded by max_waiting) and hand it to a thread."""
+        job = self._job(inputs, time.monotonic() + self._wait_timeout)
         limit = self.processes + self.max_waiting
-        with self._cond:
-            if self._slots.closed:
-                raise SessionClosed(f"pool {self.name!r} is closed")
-            if self._pending >= limit:
+        with self._lock:
+            if self._pending >= limit and not self._slots.closed:
                 raise Unavailable(
                     f"pool {self.name!r}: {self._pending} calls are already in flight or waiting "
                     f"(processes + max_waiting = {limit}); shed load or raise max_waiting"
                 )
             self._pending += 1
         try:
-            job = self._executor.submit(self._run_data, data, deadline)
-        except RuntimeError:  # the executor was shut down: close() ran meanwhile
+            loop = asyncio.get_running_loop()
+            answer: asyncio.Future[Outputs] = loop.create_future()
+            job.then = partial(_tell, loop, answer)
+            self._admit(job)
+            return await answer
+        except asyncio.CancelledError:
+            job.cancelled = True  # not sent if not sent yet; its reply dropped
+            raise
+        finally:
             self._finished()
-            raise SessionClosed(f"pool {self.name!r} is closed") from None
-        job.add_done_callback(self._finished)
-        return job
 
-    def _finished(self, job: object = None) -> None:
+    def _finished(self) -> None:
         """One admitted async call ended (served, failed or cancelled)."""
-        with self._cond:
+        with self._lock:
             self._pending -= 1
 
-    async def amap(self, inputs: Iterable[Inputs]) -> list[dict[str, Array]]:
-        """`map` for asyncio: every request through `arun`, one per worker at a time; in order.
+    async def amap(self, inputs: Iterable[Inputs]) -> list[Outputs]:
+        """`map` for asyncio: every request through `arun`, two per worker at a time; in order.
 
         The first error is raised and the requests not yet done are cancelled.
         """
         items = list(inputs)
-        turns = asyncio.Semaphore(self.processes)
+        turns = asyncio.Semaphore(DEPTH * self.processes)
 
-        async def one(item: Inputs) -> dict[str, Array]:
+        async def one(item: Inputs) -> Outputs:
             async with turns:
                 return await self.arun(item)
 
@@ -496,32 +775,52 @@ class Pool:
     def close(self) -> None:
         """Stop every worker and reap it; idempotent. Later `run()` calls raise SessionClosed.
 
-        A request in flight is answered if its worker finishes within STOP_SECONDS; workers
+        Requests in flight are answered if their workers finish within STOP_SECONDS; workers
         still starting are killed, and nothing is logged about them.
         """
         before = self._slots.close()
         if not before:
             return  # closed already
-        with self._cond:
+        closed = SessionClosed(f"pool {self.name!r} is closed")
+        with self._lock:
             starters = list(self._starters)
-        self._stop_watch.set()
-        self._executor.shutdown(wait=False)  # queued async calls raise SessionClosed
+            waiting = self._line.clear()
+            for job in waiting:
+                job.to(Step.SETTLED)
+        for job in waiting:
+            job.deliver(closed)
         with self._publishing:  # after any publication in progress
             self._health.forget(self.name, owner=self)
         for slot, state, child in before:
             if state is SlotState.IDLE:
-                slot.ask_to_stop()  # a busy worker's request thread asks it once answered
+                slot.ask_to_stop()
             elif state is SlotState.STARTING and child is not None:
                 child.kill()  # its starting thread reaps it
         deadline = time.monotonic() + STOP_SECONDS
-        for _, state, child in before:
-            if state is not SlotState.STARTING:
-                # an idle worker's pipe is ours to close; a busy one's belongs to its request
-                grace = max(0.0, deadline - time.monotonic())
-                stop(child, grace, close=state is SlotState.IDLE)
+        with self._lock:  # the watcher answers the requests in flight meanwhile
+            self._cond.wait_for(lambda: not any(s.held for s in self._slots.all), STOP_SECONDS)
+            held = [job for s in self._slots.all for job in s.held.values()]
+            for slot in self._slots.all:
+                slot.held.clear()
+                slot.order.clear()
+        self._stop_watch.set()
+        self._wake()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(STOP_SECONDS)
+        for job in held:  # their workers hang: killed below
+            self._settle(job, closed)
+        for slot, state, child in before:
+            if state is not SlotState.STARTING and child is not None:
+                if state is not SlotState.IDLE:
+                    slot.ask_to_stop()  # answered by now, or killed below
+                stop(child, max(0.0, deadline - time.monotonic()))
         for thread in starters:
             thread.join(STOP_SECONDS + 1.0)
+        with self._lock:
+            for slot in self._slots.all:
+                slot.lanes = ()  # their memory goes with the last map of them
         self._unstash()
+        self._unpipe()
 
     def __enter__(self) -> Pool:
         return self
@@ -532,3 +831,26 @@ class Pool:
     def __repr__(self) -> str:
         state = "closed" if self._slots.closed else f"{self.processes} worker(s)"
         return f"<Pool {self.name!r} {state}>"
+
+
+def _tell(loop: asyncio.AbstractEventLoop, answer: asyncio.Future[Outputs], job: Job) -> None:
+    """Settle an event loop's future with a job's outcome, from any thread."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+        loop.call_soon_threadsafe(_resolve, answer, job)
+
+
+def _resolve(answer: asyncio.Future[Outputs], job: Job) -> None:
+    """On the loop: the future gets the job's outcome, unless its caller left."""
+    if answer.done():
+        return
+    outcome = job.outcome
+    if isinstance(outcome, BaseException):
+        answer.set_exception(outcome)
+    else:
+        answer.set_result(outcome)  # type: ignore[arg-type]
+
+
+def _close_all(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -1,16 +1,19 @@
 """One slot of a pool: its states, the moves between them, its worker and a snapshot of one.
 
-A slot holds one worker process at a time; a worker that fails is stopped and the slot
-starts a replacement. The only moves (`MOVES`); `Slot.to` makes every one of them, under the
-pool's Condition:
+A slot holds one worker process at a time, with the worker's shared-memory lanes; a worker
+that fails is stopped and the slot starts a replacement. The only moves (`MOVES`); `Slot.to`
+makes every one of them, under the pool's Condition:
 
     from       to         when
     STARTING   IDLE       the slot's new worker says its session serves
     STARTING   FAILED     a replacement worker could not start (the slot keeps its error)
-    IDLE       BUSY       a request takes the worker (its pipe is that request's thread's)
+    IDLE       BUSY       a request takes a lane of the worker
     IDLE       STARTING   the worker died while idle: it is reaped and a replacement starts
     BUSY       IDLE       the worker answered and waits for the next request
-    BUSY       STARTING   the worker crashed, timed out, raised or was interrupted: replaced
+    BUSY       FULL       the next request takes the worker's other lane, to start as soon
+                          as the one in hand is answered (the worker never waits for the pool)
+    FULL       BUSY       one of the two was answered (or withdrawn before it started)
+    BUSY/FULL  STARTING   the worker crashed, timed out, raised or was interrupted: replaced
     any        CLOSED     the pool closed
 
 The worker's session has states of its own (`guard.State`); the slot only keeps what the
@@ -26,17 +29,22 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from guard.errors import SessionClosed, Unavailable, WorkerFailed
 from guard.health import Entry
 from guard.ladder import Rung
 from guard.pool import wire
 from guard.pool.children import Child, Event
+from guard.pool.shared import DEPTH, Lane
 from guard.state import LIVE, State
+
+if TYPE_CHECKING:
+    from guard.pool.job import Job
 
 __all__ = ["IN_SERVICE", "MOVES", "Slot", "SlotState", "SlotStatus", "Slots", "WorkerStatus"]
 
@@ -49,18 +57,25 @@ class SlotState(enum.Enum):
     STARTING = "starting"  # a worker is being spawned or builds its session (pid once spawned)
     IDLE = "idle"  # its worker serves and waits for a request
     BUSY = "busy"  # its worker has a request in hand
+    FULL = "full"  # ... and the next one waiting in its other lane
     FAILED = "failed"  # a replacement could not start; the slot stays empty
     CLOSED = "closed"  # the pool closed
+
+    __hash__ = object.__hash__  # looked up for every request: C's identity hash, not Enum's
 
 
 MOVES: dict[SlotState, frozenset[SlotState]] = {
     SlotState.STARTING: frozenset({SlotState.IDLE, SlotState.FAILED, SlotState.CLOSED}),
     SlotState.IDLE: frozenset({SlotState.BUSY, SlotState.STARTING, SlotState.CLOSED}),
-    SlotState.BUSY: frozenset({SlotState.IDLE, SlotState.STARTING, SlotState.CLOSED}),
+    SlotState.BUSY: frozenset(
+        {SlotState.IDLE, SlotState.FULL, SlotState.STARTING, SlotState.CLOSED}
+    ),
+    SlotState.FULL: frozenset({SlotState.BUSY, SlotState.STARTING, SlotState.CLOSED}),
     SlotState.FAILED: frozenset({SlotState.CLOSED}),
     SlotState.CLOSED: frozenset(),
 }
-IN_SERVICE = frozenset({SlotState.IDLE, SlotState.BUSY})  # the states with a serving worker
+IN_SERVICE = frozenset({SlotState.IDLE, SlotState.BUSY, SlotState.FULL})  # a serving worker
+_TAKEN = {SlotState.IDLE: SlotState.BUSY, SlotState.BUSY: SlotState.FULL}  # a request more
 _SHOWN = {SlotState.STARTING: State.STARTING, SlotState.FAILED: State.FAILED}  # out of service
 # how bad each shown state is for the pool's readiness entry, from fine to worst
 _SEVERITY = (State.SERVING, State.CHECKING, State.STARTING, State.REPLACING, State.FAILED)
@@ -80,7 +95,7 @@ class SlotStatus:
     @property
     def busy(self) -> bool:
         """True while a request is in hand."""
-        return self.state is SlotState.BUSY
+        return self.state is SlotState.BUSY or self.state is SlotState.FULL
 
     @property
     def serving(self) -> bool:
@@ -92,11 +107,7 @@ WorkerStatus = SlotStatus  # the name before slots had states of their own
 
 
 class Lost(Exception):
-    """A request's worker crashed or timed out; it is replaced and the request retried once."""
-
-
-class Undelivered(Lost):
-    """The worker died before the request reached it: replaced, and the request not blamed."""
+    """A worker sent what is no reply; it is replaced."""
 
 
 def _mark_dead(pid: int | None) -> None:
@@ -115,9 +126,10 @@ def _mark_dead(pid: int | None) -> None:
 class Slot:
     """The parent's record of one slot and its current worker.
 
-    Every field is guarded by the pool's Condition (`cond`). The worker's pipe belongs to one
-    thread at a time, the only one to use it: the starting thread until the worker is ready,
-    then the thread that took the slot for a request, or close() if it closed the slot idle.
+    Every field is guarded by the pool's Condition (`cond`). The starting thread reads the
+    worker's pipe until the worker is ready, then only the pool's watcher does; requests are
+    written to it under `cond`. `held` maps each lane in use to its request; `order` lists the
+    lanes sent, in the order the worker serves them: the first is in hand since `started`.
     """
 
     pool: str  # the pool's name, for messages
@@ -129,7 +141,11 @@ class Slot:
     rung_index: int | None = None
     requests: int = 0
     error: Exception | None = None  # why the replacement could not start (FAILED)
-    turn: int = 0  # when it last became idle: the pool takes the slot idle longest
+    turn: int = 0  # when it last became idle or busy: the pool takes the one waiting longest
+    lanes: tuple[Lane, ...] = ()  # the current worker's shared memory, one lane per request
+    held: dict[int, Job] = field(default_factory=dict)
+    order: deque[int] = field(default_factory=deque)
+    started: float = 0.0  # time.monotonic() when the first of `order` reached the worker's hands
     _turns: ClassVar[itertools.count[int]] = itertools.count()
 
     def to(self, state: SlotState) -> bool:
@@ -146,7 +162,10 @@ class Slot:
         self.state = state
         if state is SlotState.STARTING:  # a new worker: no process yet, nothing heard
             self.child, self.session, self.rung_index, self.requests = None, None, None, 0
-        elif state is SlotState.IDLE:
+            self.lanes = ()
+            self.held.clear()
+            self.order.clear()
+        elif state is SlotState.IDLE or state is SlotState.BUSY:
             self.turn = next(self._turns)
         elif state is SlotState.FAILED:
             self.child = None
@@ -195,17 +214,63 @@ class Slot:
 
     # ------------------------------------------------------------ its worker
 
-    def spawn(self, ctx: BaseContext, target: Callable[..., object], args: Sequence[Any]) -> None:
-        """Start this STARTING slot's worker: `target(conn, *args)` in a new process of `ctx`."""
+    def spawn(
+        self,
+        ctx: BaseContext,
+        target: Callable[..., object],
+        args: Sequence[Any],
+        lane_bytes: int = 0,
+    ) -> None:
+        """Start this STARTING slot's worker: `target(conn, *args)` in a new process of `ctx`;
+        with `lane_bytes`, `target(conn, *args, lanes)` with DEPTH new lanes of that size."""
         with self.cond:
             if self.closed:
                 raise SessionClosed(f"pool {self.pool!r} is closed")
-        child = Child.spawn(ctx, target, args, name=f"mnn-guard-{self.pool}-{self.index}")
+        lanes = tuple(Lane.create(lane_bytes) for _ in range(DEPTH)) if lane_bytes else ()
+        extra = (lanes,) if lanes else ()
+        name = f"mnn-guard-{self.pool}-{self.index}"
+        child = Child.spawn(ctx, target, (*args, *extra), name=name)
         with self.cond:
-            self.child = child
+            self.child, self.lanes = child, lanes
             closed = self.closed
         if closed:  # close() ran meanwhile and could not see this process
             child.kill()
+
+    # ------------------------------------------------------------ its requests
+
+    def hold(self, job: Job) -> int:
+        """Give a request a free lane of this slot, just taken BUSY or FULL (caller holds
+        `cond`): the lane's index."""
+        lane = next(i for i in range(DEPTH) if i not in self.held)
+        self.held[lane] = job
+        return lane
+
+    def sent(self, lane: int, now: float) -> bool:
+        """The request in `lane` is on the worker's pipe (caller holds `cond`); True when it is
+        the one in hand."""
+        self.order.append(lane)
+        if len(self.order) == 1:
+            self.started = now
+            return True
+        return False
+
+    def let_go(self, lane: int, now: float) -> Job | None:
+        """Free `lane` once answered, withdrawn or never sent (caller holds `cond`): its request,
+        if any; the next one sent is in hand from `now`."""
+        job = self.held.pop(lane, None)
+        if lane in self.order:
+            first = self.order[0] == lane
+            self.order.remove(lane)
+            if first and self.order:
+                self.started = now
+        if job is not None:
+            self.to(SlotState.BUSY if self.held else SlotState.IDLE)
+            self.cond.notify_all()  # close() waits for the requests in flight
+        return job
+
+    def in_hand(self) -> Job | None:
+        """The request the worker is serving, as far as the pool knows (caller holds `cond`)."""
+        return self.held.get(self.order[0]) if self.order else None
 
     def await_ready(self, timeout: float | None) -> wire.Report:
         """Wait for the spawned worker's session; raise the worker's own error if it failed."""
@@ -246,25 +311,6 @@ class Slot:
             raise Lost(f"{self.label} sent a {type(reply).__name__}, not a reply")
         return reply
 
-    def request(self, data: bytes, timeout: float | None) -> wire.Reply:
-        """Send one encoded request and wait for its reply; raise Lost when the worker died."""
-        child = self.child
-        assert child is not None
-        try:
-            if child.conn.poll():  # an idle worker has nothing to say: it died while idle
-                raise Undelivered(f"{self.label} {child.exit_text()} while idle")
-            child.conn.send_bytes(data)
-        except (EOFError, OSError):
-            raise Undelivered(f"{self.label} {child.exit_text()} while idle") from None
-        event = child.wait(timeout)
-        if event is Event.TIMEOUT:
-            child.kill()
-            raise Lost(f"{self.label} exceeded request_timeout={timeout:g} s and was killed")
-        reply = self.receive(child) if event is Event.MESSAGE else None
-        if reply is None:
-            raise Lost(f"{self.label} {child.exit_text()}")
-        return reply
-
     def ask_to_stop(self) -> None:
         """Ask the worker to exit (its pipe's owner calls this)."""
         child = self.child
@@ -279,11 +325,22 @@ def stop(child: Child | None, grace: float = 0.0, *, close: bool = True) -> None
         _mark_dead(child.pid)
 
 
+class _Condition(threading.Condition):
+    """A Condition whose notify_all costs nothing while nobody waits (every request moves a
+    slot twice; a waiter is rare)."""
+
+    def notify_all(self) -> None:
+        if self._waiters:  # type: ignore[attr-defined]
+            super().notify_all()
+
+
 class Slots:
-    """A pool's slots under one Condition (`cond`), which also guards the pool's counters."""
+    """A pool's slots under one Condition (`cond`, whose plain `lock` a caller may hold
+    instead), which also guards the pool's counters."""
 
     def __init__(self, pool: str, processes: int, ladder: Sequence[Rung]) -> None:
-        self.cond = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()
+        self.cond = _Condition(self.lock)
         self.pool = pool
         self.ladder = tuple(ladder)
         self.all = [Slot(pool, index, self.cond) for index in range(processes)]
@@ -293,35 +350,58 @@ class Slots:
         """True once the pool closed (its slots close together, in `close`)."""
         return all(slot.closed for slot in self.all)
 
-    def acquire(self, deadline: float | None, wait_timeout: float) -> Slot:
-        """The slot idle longest, now BUSY; waits (until `deadline`, by default `wait_timeout`
-        from now) while all are busy or starting. WorkerFailed when every slot failed."""
+    def take(self, depth: int = 1) -> Slot | None:
+        """The slot idle longest, now BUSY; else, with `depth` 2, the slot busy longest with a
+        free lane, now FULL; None when there is neither (the caller holds `cond`)."""
+        for state in (SlotState.IDLE, SlotState.BUSY)[:depth]:
+            found = None
+            for slot in self.all:  # plain loops: this runs for every request
+                if slot.state is state and (found is None or slot.turn < found.turn):
+                    found = slot
+            if found is not None:
+                found.to(_TAKEN[state])
+                return found
+        return None
+
+    def acquire(self, deadline: float | None, wait_timeout: float, depth: int = 1) -> Slot:
+        """`take`, waiting (until `deadline`, by default `wait_timeout` from now) while there is
+        nothing to take. WorkerFailed when every slot failed; SessionClosed once closed."""
         if deadline is None:
             deadline = time.monotonic() + wait_timeout
         with self.cond:
             while True:
                 if self.closed:
                     raise SessionClosed(f"pool {self.pool!r} is closed")
-                idle = [s for s in self.all if s.state is SlotState.IDLE]
-                if idle:
-                    slot = min(idle, key=lambda s: s.turn)
-                    slot.to(SlotState.BUSY)
+                slot = self.take(depth)
+                if slot is not None:
                     return slot
-                errors = [s.error for s in self.all if s.state is SlotState.FAILED]
-                if len(errors) == len(self.all):
-                    raise WorkerFailed(
-                        f"pool {self.pool!r}: no worker is left; the last replacement failed: "
-                        f"{errors[0]}"
-                    ) from errors[0]
+                failed = self.failed()
+                if failed is not None:
+                    raise failed
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    starting = sum(s.state is SlotState.STARTING for s in self.all)
-                    raise Unavailable(
-                        f"pool {self.pool!r}: no worker was free within {wait_timeout:g} s "
-                        f"(Policy.wait_timeout); {starting} of {len(self.all)} starting, the "
-                        "rest busy"
-                    )
+                    raise self.unavailable(wait_timeout)
                 self.cond.wait(remaining)
+
+    def failed(self) -> WorkerFailed | None:
+        """The error for a request when every slot failed, else None (the caller holds `cond`)."""
+        errors = [s.error for s in self.all if s.state is SlotState.FAILED]
+        if not errors or len(errors) < len(self.all):
+            return None
+        error = WorkerFailed(
+            f"pool {self.pool!r}: no worker is left; the last replacement failed: {errors[0]}"
+        )
+        error.__cause__ = errors[0]
+        return error
+
+    def unavailable(self, wait_timeout: float) -> Unavailable:
+        """The error for a request that found no worker within `wait_timeout` (caller holds
+        `cond`)."""
+        starting = sum(s.state is SlotState.STARTING for s in self.all)
+        return Unavailable(
+            f"pool {self.pool!r}: no worker was free within {wait_timeout:g} s "
+            f"(Policy.wait_timeout); {starting} of {len(self.all)} starting, the rest busy"
+        )
 
     def idle(self) -> list[tuple[Slot, Child]]:
         """The idle slots and their workers; [] once closed."""

@@ -1,8 +1,11 @@
 """`mnn-guard doctor`: does this machine have the degraded-init problem, and what does dynamic cost?
 
 Starts many fresh processes (spawn); in each, initialises every rung of the ladder once, judges
-its canary and times init and forward. Reports per rung the degraded starts with a 95%
-Clopper-Pearson interval, median init and forward times, and the speed ratio between rungs.
+its canary, times the init, then times every rung's forwards in interleaved rounds on the probe's
+first canary case (`guard.tools.dynamic_cost`, the measure `mnn-guard bench` uses too). Reports
+per rung the degraded starts with a 95% Clopper-Pearson interval, median init and forward
+times, and its time against the first rung's: the median of the rounds of every start, with
+their middle half, or "inconclusive" when that spread is larger than the difference.
 
 `run_doctor` measures (returns a `DoctorReport`); `format_doctor` and `doctor_json` render it.
 
@@ -31,6 +34,7 @@ from guard.errors import ConfigError
 from guard.ladder import DEFAULT_LADDER, Attempt, Outcome, Rung
 from guard.pool.children import load_stashed_probe, remove_stash, stash_probe
 from guard.session import Factory
+from guard.tools.bench_timing import Spread
 from guard.tools.output import text_table
 from probes import Probe
 
@@ -44,7 +48,7 @@ __all__ = [
 ]
 
 CONFIDENCE = 0.95
-FORWARD_RUNS = 5
+FORWARD_RUNS = 5  # interleaved rounds of forwards per start (guard.tools.dynamic_cost)
 CANARY_RUNS = 2
 START_TIMEOUT = 300.0  # seconds one fresh process may take for every rung before it is killed
 MAX_REASONS = 3  # example reasons kept per rung
@@ -65,11 +69,12 @@ class RungReport:
     ci_low: float | None
     ci_high: float | None
     init_median_s: float | None
-    forward_median_s: float | None
-    speed_ratio: float | None
+    forward_median_s: float | None  # median over every start's interleaved rounds
+    speed_ratio: float | None  # median of the rounds' forward time over the first rung's
     worst_snr_db: float | None
     reasons: tuple[str, ...]
     loaded_static: int = 0  # starts where the rung asked for dynamic=True, MNN loaded it static
+    speed: Spread | None = None  # speed_ratio with the middle half of the rounds of every start
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,12 +112,14 @@ def _word(result: dict[str, Any]) -> str:
 # ------------------------------------------------------------- one fresh process
 
 
-def _measure(rung: Rung, factory: Factory, probe: Probe, forward_runs: int) -> dict[str, Any]:
-    """Init one rung, judge its canary, time init and forward on the first canary input."""
+def _measure(rung: Rung, factory: Factory, probe: Probe) -> tuple[dict[str, Any], Any]:
+    """Init one rung and judge its canary: the result, and the module's runner (None when it
+    could not be built)."""
     from guard import mnn
     from guard.canary import run_canary
 
     result: dict[str, Any] = {"rung": rung.name}
+    module = None
     try:
         start = time.perf_counter()
         loaded, report = mnn.load(factory, rung.overrides)
@@ -127,26 +134,34 @@ def _measure(rung: Rung, factory: Factory, probe: Probe, forward_runs: int) -> d
             result["outputs"] = canary.failed_outputs
         result["snr_db"] = verdict.worst_snr_db
         result["reasons"] = list(verdict.reasons[:MAX_REASONS])
-        inputs = [probe.cases[0].inputs[n] for n in probe.input_names]
-        times = []
-        for _ in range(forward_runs):
-            start = time.perf_counter()
-            module.run(inputs)
-            times.append(time.perf_counter() - start)
-        result["forward_s"] = statistics.median(times)
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
-    return result
+    return result, module
 
 
 def _start_main(
     conn: Connection, factory: Factory, probe_path: str, ladder: tuple[Rung, ...], forward_runs: int
 ) -> None:
-    """Body of one fresh process: every rung once, each result sent as soon as it is known."""
+    """Body of one fresh process: every rung once, each result sent as soon as it is known;
+    then every built rung's forwards timed in interleaved rounds (one message of them)."""
+    from guard.tools.dynamic_cost import rung_rounds
+
     os.dup2(2, 1)  # nothing a child prints may reach the parent's stdout (--json)
     probe = load_stashed_probe(probe_path)
+    built: dict[str, Any] = {}
     for rung in ladder:
-        conn.send(_measure(rung, factory, probe, forward_runs))
+        result, module = _measure(rung, factory, probe)
+        if module is not None:
+            built[rung.name] = module
+        conn.send(result)
+    if built:
+        inputs = [probe.cases[0].inputs[n] for n in probe.input_names]
+        try:
+            times = rung_rounds(list(built.values()), inputs, rounds=forward_runs)
+        except Exception:
+            times = []
+        if times:
+            conn.send({"rounds": dict(zip(built, times, strict=True))})
     conn.close()
 
 
@@ -183,7 +198,7 @@ class _Start:
 
 def _finish(results: list[dict[str, Any]], ladder: tuple[Rung, ...], why: str) -> None:
     """Record every rung a start did not report (it crashed or timed out) as an error."""
-    seen = {r["rung"] for r in results}
+    seen = {r["rung"] for r in results if "rung" in r}
     results.extend({"rung": r.name, "error": why} for r in ladder if r.name not in seen)
 
 
@@ -206,10 +221,13 @@ def _summarise(
 ) -> tuple[RungReport, ...]:
     from scipy.stats import binomtest
 
+    from guard.tools.dynamic_cost import relative
+
+    timed = [m["rounds"] for results in per_start for m in results if "rounds" in m]
+    first = ladder[0].name if ladder else ""
     rows: list[RungReport] = []
-    base: float | None = None
-    for index, rung in enumerate(ladder):
-        mine = [r for results in per_start for r in results if r["rung"] == rung.name]
+    for rung in ladder:
+        mine = [r for results in per_start for r in results if r.get("rung") == rung.name]
         judged = [r for r in mine if "passed" in r]
         degraded = sum(not r["passed"] for r in judged)
         errors = len(mine) - len(judged)
@@ -219,9 +237,15 @@ def _summarise(
                 confidence_level=CONFIDENCE, method="exact"
             )
             rate, low, high = degraded / len(judged), float(ci.low), float(ci.high)
-        forward = _median([r["forward_s"] for r in judged if "forward_s" in r])
-        if index == 0:
-            base = forward
+        forwards = [t for rounds in timed for t in rounds.get(rung.name, ())]
+        paired = [r for r in timed if rung.name in r and first in r]
+        speed = (
+            relative(
+                [t for r in paired for t in r[rung.name]], [t for r in paired for t in r[first]]
+            )
+            if paired
+            else None
+        )
         reasons = [
             x
             for r in mine
@@ -239,11 +263,12 @@ def _summarise(
                 ci_low=low,
                 ci_high=high,
                 init_median_s=_median([r["init_s"] for r in mine if "init_s" in r]),
-                forward_median_s=forward,
-                speed_ratio=None if forward is None or not base else forward / base,
+                forward_median_s=_median(forwards),
+                speed_ratio=None if speed is None else speed.median,
                 worst_snr_db=min((r["snr_db"] for r in judged), default=None),
                 reasons=tuple(dict.fromkeys(reasons))[:MAX_REASONS],
                 loaded_static=sum(bool(r.get("loaded_static")) for r in mine),
+                speed=speed,
             )
         )
     return tuple(rows)
@@ -287,10 +312,11 @@ def _run_starts(
                 seen = len(results)
                 open_ = _drain(start, results)
                 for result in results[seen:]:
-                    on_result(result)
+                    if "rung" in result:
+                        on_result(result)
                 late = time.perf_counter() - start.began > start_timeout
-                if open_ and not late and len(results) < len(rungs):
-                    continue
+                if open_ and not late:
+                    continue  # a start is done when its process closes the pipe
                 start.process.join(0 if late else 10.0)
                 if start.process.is_alive():
                     start.process.kill()
@@ -302,10 +328,10 @@ def _run_starts(
                     f"the process exceeded {start_timeout:g} s and was killed"
                     if late
                     else f"the process ended early (exit code {code})"
-                )
+                )  # (for the rungs it never reported)
                 _finish(results, rungs, why)
                 done += 1
-                summary = ", ".join(f"{r['rung']} {_word(r)}" for r in results)
+                summary = ", ".join(f"{r['rung']} {_word(r)}" for r in results if "rung" in r)
                 elapsed = time.perf_counter() - began
                 say(f"doctor: start {done}/{starts}: {summary} ({elapsed:.1f} s)")
     finally:
@@ -454,7 +480,13 @@ def format_doctor(report: DoctorReport, model: str) -> str:
 
 
 def _ratio(rung: RungReport) -> str:
-    """The speed ratio, or what stands in for it when MNN never ran the rung as asked."""
+    """The speed ratio with its spread, or what stands in for it: "inconclusive" when the
+    rounds do not say which rung is faster, "n/a" when MNN never ran the rung as asked."""
     if rung.loaded_static:
         return "n/a (static)"
-    return "-" if rung.speed_ratio is None else f"{rung.speed_ratio:.2f}x"
+    speed = rung.speed
+    if speed is None:
+        return "-"
+    if speed.inconclusive:
+        return f"inconclusive ({speed.low:.2f}..{speed.high:.2f})"
+    return f"{speed.median:.2f}x ({speed.low:.2f}..{speed.high:.2f})"
