@@ -86,7 +86,7 @@ def call_with_timeout(fn: Callable[[], Any], timeout: float | None, what: str) -
 _SELF_CHECKED: dict[int, weakref.ref[Probe]] = {}  # probes whose goldens passed, by id
 
 
-def _self_check(probe: Probe) -> None:
+def self_check(probe: Probe) -> None:
     """Judge each case's goldens against themselves: a probe that fails this can pass nothing.
 
     Once per probe object: every later session of the same probe (a re-wrap, a replica's
@@ -104,6 +104,11 @@ def _self_check(probe: Probe) -> None:
                 f"({'; '.join(verdict.reasons)}); loosen the thresholds or re-record the probe"
             )
     _SELF_CHECKED[key] = weakref.ref(probe, partial(_forget_checked, key))
+
+
+def forget_checked() -> None:
+    """Forget which probes `self_check` passed (as in a fresh process)."""
+    _SELF_CHECKED.clear()
 
 
 def _forget_checked(key: int, _: object) -> None:
@@ -171,7 +176,7 @@ class GuardedSession(Maintenance):
     ) -> None:
         if not callable(factory):
             raise FactoryError(f"factory must be callable, got {type(factory).__name__}")
-        _self_check(probe)
+        self_check(probe)
         self.name = name
         self.probe = probe
         self.policy = policy
