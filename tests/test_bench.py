@@ -19,8 +19,8 @@ from guard.tools.bench_timing import Spread, judged, spread
 
 FIELDS = {
     "quick", "model", "builtin", "inputs", "frames", "cpus", "load", "mnn_version", "seconds",
-    "hot", "dynamic", "healthy", "recheck", "pool", "burst", "memory", "small", "tiny", "pools",
-    "judge", "startup", "api", "apis",
+    "hot", "dynamic", "healthy", "recheck", "pool", "burst", "shadow", "sentinels", "memory",
+    "small", "tiny", "pools", "judge", "startup", "api", "apis",
 }  # fmt: skip
 SECTIONS = {
     "hot": bench.HotPath,
@@ -31,6 +31,8 @@ SECTIONS = {
     "healthy": bench.TimeToHealthy,
     "recheck": bench.Recheck,
     "burst": bench.LoopBurst,
+    "shadow": bench.ShadowCost,
+    "sentinels": bench.SentinelCost,
     "memory": bench.Memory,
     "judge": bench.JudgeCost,
 }
@@ -39,6 +41,8 @@ SPREADS = {  # the sections' fields that are figures over rounds
     bench.DynamicCost: ("ratio",),
     bench.TimeToHealthy: ("guard_ms", "versus_raw_ms"),
     bench.PoolThroughput: ("efficiency", "parent_cpu_us"),
+    bench.ShadowCost: ("ratio",),
+    bench.SentinelCost: ("added_us", "ratio"),
 }
 
 
@@ -91,7 +95,7 @@ def test_every_figure_carries_its_spread(report_json: dict[str, Any]) -> None:
     """Ratios and differences come as the median of the rounds with their middle half."""
     report = report_from(report_json)
     sections: list[Any] = [report.hot, report.small, report.tiny, report.dynamic, report.healthy]
-    sections += [*report.pool, *report.pools]
+    sections += [*report.pool, *report.pools, report.shadow, report.sentinels]
     for section in sections:
         for name in SPREADS[type(section)]:
             figure = getattr(section, name)
@@ -132,6 +136,11 @@ def test_measurements_are_real_numbers(report_json: dict[str, Any]) -> None:
     assert burst["calls"] == bench.BURST_CALLS and burst["ticks"] > 0
     assert 0 < burst["hold_ms"] <= burst["hold_max_ms"]
     assert 0 < burst["gap_p99_ms"] <= burst["gap_max_ms"]
+    shadow = report_json["shadow"]
+    assert shadow["every"] == bench.SHADOW_EVERY and shadow["checks"] > 0
+    assert shadow["calls"] > 0 and 0 < shadow["rss_start_mb"] and 0 < shadow["rss_end_mb"]
+    sentinels = report_json["sentinels"]  # the vocoder's output is a tanh: auto finds its input
+    assert len(sentinels["sentinels"]) == 1 and sentinels["with_us"] > 0
     memory = report_json["memory"]
     assert memory["inits"] == 2 * memory["cycles"]  # each cycle: a degraded init, then a clean one
     assert memory["rss_end_mb"] > 0
@@ -148,7 +157,7 @@ def test_table_lists_every_measure(report_json: dict[str, Any]) -> None:
     def rows(part: str) -> list[str]:
         return [line for line in part.splitlines() if line.startswith("| ") and "---" not in line]
 
-    assert len(rows(model_part)) == 1 + 8  # header + one row per measure of the model
+    assert len(rows(model_part)) == 1 + 10  # header + one row per measure of the model
     assert len(rows(reference_part)) == 1 + 8  # header + small, tiny, 4 pools, judge, startup
     assert "tiny built-in model" in reference_part and "tiny" not in model_part
     assert "small built-in model" in reference_part and "built-in relay model" in reference_part
@@ -194,3 +203,11 @@ def test_a_target_is_judged_on_the_middle_half_of_the_rounds(
     """Met when the middle half of the rounds meets the target, missed when it misses it,
     inconclusive (None) when it straddles it."""
     assert judged(spread(values, 1.0), target, at_least=at_least) is verdict
+
+
+def test_sentinel_row_says_when_there_is_nothing_to_price(report_json: dict[str, Any]) -> None:
+    """A model in which `auto` finds no sentinel gets a row that says so, not a figure."""
+    report = dataclasses.replace(report_from(report_json), sentinels=None)
+    assert "nothing to price: `auto` finds no sentinel in demo_vocoder.mnn" in (
+        bench.format_bench(report)
+    )

@@ -35,6 +35,14 @@ from guard.ladder import Policy
 from guard.pool import Pool
 from guard.session import Factory
 from guard.tools import demo
+from guard.tools.bench_checks import (
+    SHADOW_EVERY,
+    SHADOW_RATIO_TARGET,
+    SentinelCost,
+    ShadowCost,
+    sentinel_cost,
+    shadow_cost,
+)
 from guard.tools.bench_hot import (
     SMALL_ADDED_US_TARGET,
     SMALL_RATIO_TARGET,
@@ -104,6 +112,8 @@ __all__ = [  # the measures and targets under their old names too
     "PARENT_CPU_US_TARGET",
     "POOL_EFFICIENCY_TARGET",
     "REPORT",
+    "SHADOW_EVERY",
+    "SHADOW_RATIO_TARGET",
     "SMALL_ADDED_US_TARGET",
     "SMALL_POOL_TARGET",
     "SMALL_RATIO_TARGET",
@@ -117,6 +127,8 @@ __all__ = [  # the measures and targets under their old names too
     "Memory",
     "PoolThroughput",
     "Recheck",
+    "SentinelCost",
+    "ShadowCost",
     "Speedup",
     "Spread",
     "Startup",
@@ -238,6 +250,10 @@ def _measure_model(
         )  # fmt: skip
         say(f"{label}: bursts of {BURST_CALLS} arun calls on 2 workers, the event loop timed")
         burst = loop_burst(two, inputs, bursts=1 if quick else 5)
+    say(f"{label}: guarded run() with shadow checks every {SHADOW_EVERY} calls vs without")
+    shadow = shadow_cost(factory, probe, inputs, policy, quick=quick)
+    say(f"{label}: guarded run() with sentinel outputs (recorded with sentinels='auto') vs without")
+    sentinels = sentinel_cost(factory, probe, inputs, policy, quick=quick)
     say(f"{label}: memory over init/recover cycles")
     memory = memory_growth(factory, probe, cycles=20 if quick else 200)
     return {
@@ -247,6 +263,8 @@ def _measure_model(
         "recheck": recheck,
         "pool": pool,
         "burst": burst,
+        "shadow": shadow,
+        "sentinels": sentinels,
         "memory": memory,
     }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from guard.tools.bench_checks import SentinelCost, ShadowCost
 from guard.tools.bench_hot import ApiCompare, DynamicCost, HotPath, Recheck
 from guard.tools.bench_loop import LoopBurst
 from guard.tools.bench_memory import Memory
@@ -39,6 +40,8 @@ class BenchReport:
     recheck: Recheck
     pool: tuple[PoolThroughput, ...]
     burst: LoopBurst
+    shadow: ShadowCost
+    sentinels: SentinelCost | None  # None: `auto` found no sentinel in the model
     memory: Memory
     small: HotPath  # reference: the built-in small 3-input model (about 0.2 ms a call)
     tiny: HotPath  # reference: the built-in tiny model
@@ -57,6 +60,7 @@ class BenchReport:
             **{f"pool {p.processes}": (p.target, p.met) for p in self.pool},
             **{f"{p.model} pool {p.processes}": (p.target, p.met) for p in self.pools},
             "burst": (self.burst.target, self.burst.met),
+            "shadow": (self.shadow.target, self.shadow.met),
             "memory": (self.memory.target, self.memory.met),
             "small": (self.small.target, self.small.met),
             "judge": (self.judge.target, self.judge.met),
@@ -120,6 +124,34 @@ def _pool_row(p: PoolThroughput, what: str) -> Row:
     )
 
 
+def _shadow_row(s: ShadowCost) -> Row:
+    return (
+        f"guarded `run()` with shadow checks (`shadow_every={s.every}`) vs without; RSS over "
+        f"{s.calls:,} calls with them",
+        f"{s.shadow_us / 1e3:.3f} ms vs {s.plain_us / 1e3:.3f} ms (medians); "
+        f"{s.ratio.text('x')} throughput; {s.checks} samples checked, {s.dropped} dropped; "
+        f"RSS {s.rss_start_mb:.1f} MB -> {s.rss_end_mb:.1f} MB "
+        f"({s.rss_end_mb - s.rss_start_mb:+.1f} MB)",
+        s.target,
+        _flag(s.target, s.met),
+    )
+
+
+def _sentinel_row(r: BenchReport) -> Row:
+    s = r.sentinels
+    measure = "guarded `run()` with sentinel outputs (`sentinels='auto'`) vs without"
+    if s is None:
+        return measure, f"nothing to price: `auto` finds no sentinel in {r.model}", REPORT, ""
+    return (
+        measure,
+        f"{s.with_us / 1e3:.3f} ms vs {s.without_us / 1e3:.3f} ms (medians; sentinels "
+        f"{', '.join(s.sentinels)}); {s.added_us.text(' us', 1, sign=True)} per call, "
+        f"{s.ratio.text('x')} throughput",
+        REPORT,
+        "",
+    )
+
+
 def _model_rows(r: BenchReport) -> list[Row]:
     """(measure, result, target, flag) for every row that measures the model."""
     v, h, m, c, b = r.hot, r.healthy, r.memory, r.recheck, r.burst
@@ -177,6 +209,8 @@ def _model_rows(r: BenchReport) -> list[Row]:
             b.target,
             _flag(b.target, b.met),
         ),
+        _shadow_row(r.shadow),
+        _sentinel_row(r),
         (
             "RSS over init + recover cycles",
             f"{m.growth_mb:+.1f} MB over {m.cycles} cycles ({m.inits} inits)",

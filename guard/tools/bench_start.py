@@ -1,6 +1,7 @@
 """`mnn-guard bench`: how long a start takes, from `guard.wrap` to healthy, and cold start.
 
-Time to healthy: `guard.wrap` against init + the same forwards, in alternating rounds. The
+Time to healthy: `guard.wrap` (until it returns a serving session; closing it is not timed)
+against init + the same forwards, in alternating rounds. The
 factory given to both is timed from inside (`Timed`), so each guarded start is split into its
 init, its canary's forwards and the rest, the guard's own work, within the same call: the parts
 never add up to more than the whole. The probe's checks and the judging, timed alone, say
@@ -29,7 +30,7 @@ from guard import mnn, session
 from guard.ladder import Policy
 from guard.mnn import LoadReport
 from guard.session import Factory
-from guard.tools.bench_timing import Spread, interleaved, judged, per_round, rounds_of, spread
+from guard.tools.bench_timing import Spread, interleaved, judged, per_round, spread
 from guard.wrapping import check_probe, wrap
 from probes import Probe, store
 from probes.judges import judge_output
@@ -153,19 +154,23 @@ def time_to_healthy(
     own: list[float] = []  # the guard's work in each guarded start
     parts: list[tuple[float, float]] = []  # (init, forwards) of each guarded start
 
-    def raw() -> None:
+    def raw() -> float:
+        start = time.perf_counter()
         module = timed()
         for _ in range(policy.canary_runs):
             for case in arrays:
                 module.run(case)
+        return time.perf_counter() - start  # the module is freed after, as a session's is
 
-    def guarded() -> None:
+    def guarded() -> float:
         timed.reset()
         start = time.perf_counter()
-        wrap(timed, probe, name="bench-healthy", policy=policy, registry=registry).close()
-        whole = time.perf_counter() - start
+        guarded_session = wrap(timed, probe, name="bench-healthy", policy=policy, registry=registry)
+        whole = time.perf_counter() - start  # healthy: wrap returned a serving session
+        guarded_session.close()
         own.append(whole - timed.init_s - timed.forward_s)
         parts.append((timed.init_s, timed.forward_s))
+        return whole
 
     store.forget_hashes()
     session.forget_checked()
@@ -185,7 +190,17 @@ def time_to_healthy(
             for index, out in enumerate(outputs):
                 probe.judge(out, case=index)
 
-    wrap_rounds, raw_rounds = rounds_of([guarded, raw], rounds=repeats, per_round=1, warmup=1)
+    guarded()
+    raw()  # warm-up
+    wrap_rounds: list[float] = []
+    raw_rounds: list[float] = []
+    for index in range(repeats):  # alternating which side goes first
+        if index % 2:
+            wrap_rounds.append(guarded())
+            raw_rounds.append(raw())
+        else:
+            raw_rounds.append(raw())
+            wrap_rounds.append(guarded())
     own, parts = own[-repeats:], parts[-repeats:]  # the warm-up's start is not a round
     checks_s, judging_s = interleaved(
         [checks, judging], rounds=5 if repeats < 10 else 15, per_round=3
