@@ -18,6 +18,7 @@ import statistics
 from dataclasses import dataclass
 
 import probes
+from guard.errors import GuardError
 from guard.ladder import Policy
 from guard.session import Factory
 from guard.tools.bench_hot import all_met
@@ -124,21 +125,23 @@ def shadow_cost(
 
 def sentinel_cost(
     factory: Factory, probe: Probe, inputs: Inputs, policy: Policy, *, quick: bool
-) -> SentinelCost | None:
+) -> SentinelCost | str:
     """The probe's first case recorded again with `sentinels="auto"` and without, each probe
-    wrapped (metrics off), their `run()` timed in alternating rounds; None when `auto` finds
-    no sentinel in the model (or cannot read it from this factory)."""
+    wrapped (metrics off), their `run()` timed in alternating rounds; or why there is nothing
+    to price (`auto` finds no sentinel, or this factory cannot serve one)."""
     case = probe.cases[0].inputs
     try:
         with_sentinels = probes.record(factory, case, sentinels="auto")
-    except ProbeError:
-        return None
+    except ProbeError as exc:
+        return f"no sentinel could be recorded from this factory ({exc})"
     chosen = tuple(with_sentinels.sentinel_names)
     if not chosen:
-        return None
-    without_sentinels = probes.record(factory, case)
-    sentinel = quiet_wrap(factory, with_sentinels, "bench-sentinels", policy)
-    plain = quiet_wrap(factory, without_sentinels, "bench-no-sentinels", policy)
+        return "`auto` finds no sentinel in the model (no output made by a squashing op)"
+    try:
+        sentinel = quiet_wrap(factory, with_sentinels, "bench-sentinels", policy)
+    except GuardError as exc:
+        return f"this factory cannot serve the sentinels {list(chosen)}: {exc}"
+    plain = quiet_wrap(factory, probes.record(factory, case), "bench-no-sentinels", policy)
     try:
         with_s, without_s = rounds_of(
             [lambda: sentinel.run(inputs), lambda: plain.run(inputs)],

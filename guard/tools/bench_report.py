@@ -41,7 +41,7 @@ class BenchReport:
     pool: tuple[PoolThroughput, ...]
     burst: LoopBurst
     shadow: ShadowCost
-    sentinels: SentinelCost | None  # None: `auto` found no sentinel in the model
+    sentinels: SentinelCost | str  # or why there is nothing to price
     memory: Memory
     small: HotPath  # reference: the built-in small 3-input model (about 0.2 ms a call)
     tiny: HotPath  # reference: the built-in tiny model
@@ -140,8 +140,8 @@ def _shadow_row(s: ShadowCost) -> Row:
 def _sentinel_row(r: BenchReport) -> Row:
     s = r.sentinels
     measure = "guarded `run()` with sentinel outputs (`sentinels='auto'`) vs without"
-    if s is None:
-        return measure, f"nothing to price: `auto` finds no sentinel in {r.model}", REPORT, ""
+    if isinstance(s, str):
+        return measure, f"nothing to price: {s}", REPORT, ""
     return (
         measure,
         f"{s.with_us / 1e3:.3f} ms vs {s.without_us / 1e3:.3f} ms (medians; sentinels "
