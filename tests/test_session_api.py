@@ -461,4 +461,4 @@ def test_bench_api_session(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     table = capsys.readouterr().out
     assert "raw Session API run vs raw Module API forward" in table
     assert "Session API session vs Module API `dynamic=True`" in table
-    assert "cannot serve the sentinels" in data["sentinels"]  # saveTensors: not in its config
+    assert "cannot record or serve sentinels" in data["sentinels"]  # needs saveTensors

@@ -132,15 +132,12 @@ def sentinel_cost(
     case = probe.cases[0].inputs
     try:
         with_sentinels = probes.record(factory, case, sentinels="auto")
-    except ProbeError as exc:
-        return f"no sentinel could be recorded from this factory ({exc})"
-    chosen = tuple(with_sentinels.sentinel_names)
-    if not chosen:
-        return "`auto` finds no sentinel in the model (no output made by a squashing op)"
-    try:
+        chosen = tuple(with_sentinels.sentinel_names)
+        if not chosen:
+            return "`auto` finds no sentinel in the model (no output made by a squashing op)"
         sentinel = quiet_wrap(factory, with_sentinels, "bench-sentinels", policy)
-    except GuardError as exc:
-        return f"this factory cannot serve the sentinels {list(chosen)}: {exc}"
+    except (ProbeError, GuardError) as exc:
+        return f"this factory cannot record or serve sentinels: {exc}"
     plain = quiet_wrap(factory, probes.record(factory, case), "bench-no-sentinels", policy)
     try:
         with_s, without_s = rounds_of(
