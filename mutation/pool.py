@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "mutate-pool"
 POOL_SOURCES = [  # every module of guard/pool/ with logic (__init__.py only re-exports)
     "guard/pool/parent.py",
+    "guard/pool/dispatch.py",
     "guard/pool/slot.py",
     "guard/pool/job.py",
     "guard/pool/shared.py",
