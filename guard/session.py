@@ -374,9 +374,10 @@ class GuardedSession(Maintenance):
             self._since = self._last_check = self._clock()
             self._calls = 0
             self._generation += 1
+            if self._shadow is not None:  # its worst SNR starts over with this module
+                self._shadow.installed(self._generation)
         self._publish()
         if self._shadow is not None:
-            self._shadow.installed()
             self._shadow.start()
         return True
 
@@ -442,7 +443,7 @@ class GuardedSession(Maintenance):
             raise refused[1]
         if sampled:  # copied before the caller owns the outputs; never waits (a full queue drops)
             assert self._shadow is not None
-            self._shadow.offer(arrays, outputs, sampled)
+            self._shadow.offer(arrays, outputs, sampled, (index, self.policy.ladder[index]))
         if self._run_listeners:
             self._ran(index, start, CALL_OK)
         return dict(zip(self._output_names, outputs, strict=False))  # lengths checked above

@@ -27,6 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guard import mnn
+from guard.ladder import Rung
 from guard.sentinels import loading
 from probes import Probe, Verdict
 from probes.judges import OutputScore, judge_output
@@ -71,6 +72,8 @@ class Sample:
     inputs: tuple[Array, ...]
     served: tuple[Array, ...]
     generation: int  # which installed module served it (the session counts installs)
+    rung_index: int = 0  # the ladder rung that module is on
+    rung: Rung | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,7 @@ class ShadowCheck:
     sample: Sample | None = None
     reference: Mapping[str, Array] = field(default_factory=dict)  # every probe output
     seconds: float = 0.0
+    module_worst_db: float = math.nan  # the worst SNR of the module in use's checks so far
 
     @property
     def worst_snr_db(self) -> float:
@@ -128,6 +132,7 @@ class Shadow:
         self._error: str | None = None
         self._checks = self._failed = self._dropped = 0
         self._worst = math.inf
+        self._generation = 0  # the module in use (see `installed`)
         self._thread = threading.Thread(
             target=self._loop, name=f"mnn-guard-shadow-{name}", daemon=True
         )
@@ -144,12 +149,19 @@ class Shadow:
             self._started = True
         self._thread.start()
 
-    def offer(self, arrays: Sequence[Array], served: Sequence[Array], generation: int) -> bool:
+    def offer(
+        self,
+        arrays: Sequence[Array],
+        served: Sequence[Array],
+        generation: int,
+        rung: tuple[int, Rung],
+    ) -> bool:
         """Queue a copy of one call for checking; False (and counted) when the queue is full."""
         sample = Sample(
             tuple(np.array(a, copy=True) for a in arrays),
             tuple(np.array(o, copy=True) for o in served),
             generation,
+            *rung,
         )
         try:
             self._queue.put_nowait(sample)
@@ -211,9 +223,11 @@ class Shadow:
         with self._lock:
             self._checks += 1
             self._failed += not verdict.passed
-            self._worst = min(self._worst, verdict.worst_snr_db)
+            if sample.generation == self._generation:  # not a module replaced meanwhile
+                self._worst = min(self._worst, verdict.worst_snr_db)
+            worst = self._worst
         result = ShadowResult.PASS if verdict.passed else ShadowResult.FAIL
-        return ShadowCheck(result, verdict, sample, reference, seconds)
+        return ShadowCheck(result, verdict, sample, reference, seconds, worst)
 
     def _notify(self, check: ShadowCheck) -> None:
         try:
@@ -223,9 +237,10 @@ class Shadow:
 
     # ------------------------------------------------------------ state
 
-    def installed(self) -> None:
-        """A new module serves: the worst SNR starts over."""
+    def installed(self, generation: int) -> None:
+        """A new module serves (the session's `generation`-th): the worst SNR starts over."""
         with self._lock:
+            self._generation = generation
             self._worst = math.inf
 
     @property
