@@ -23,7 +23,9 @@ METRICS = ("tests/test_metrics.py", "tests/test_session.py", "tests/test_promoti
 
 SELECTION: dict[str, tuple[str, ...]] = {
     "guard.session": (*SESSION, "tests/test_metrics.py", "tests/test_inputs.py"),
-    "guard.maintenance": (*SESSION, "tests/test_metrics.py"),
+    "guard.maintenance": (*SESSION, "tests/test_shadow.py", "tests/test_metrics.py"),
+    "guard.judgement": ("tests/test_calibration.py", *SESSION),
+    "guard.shadow": ("tests/test_shadow.py",),
     "guard.state": (*SESSION, "tests/test_metrics.py", "tests/test_server.py"),
     "guard.canary": (
         "tests/test_canary.py",
@@ -49,6 +51,7 @@ SELECTION: dict[str, tuple[str, ...]] = {
     "guard.pool.worker": ("tests/test_pool.py",),
     "guard.pool.children": ("tests/test_workers.py", *POOL),
     "probes.judges": ("tests/test_judges.py",),
+    "probes.calibration": ("tests/test_calibration.py", "tests/test_probes.py"),
     "probes.probe": PROBES,
     "probes.store": PROBES,
 }
