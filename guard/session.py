@@ -216,7 +216,10 @@ class GuardedSession(Maintenance):
         self._publish()  # STARTING: not ready until a module passes
         if not self._recover(0, announce_first=False) and raise_exhausted:
             assert self._failure is not None
+            if self._shadow is not None:
+                self._shadow.close()
             raise _fresh(self._failure)
+        self._await_shadow(policy.init_timeout or policy.wait_timeout)
         self._finalizer = weakref.finalize(self, _released, name, self._wake, self._listeners)
         self._finalizer.atexit = False  # at exit nothing is left to tell
         if policy.background and self._needs_maintenance():
@@ -228,6 +231,17 @@ class GuardedSession(Maintenance):
                 daemon=True,
             )
             self._thread.start()
+
+    def _await_shadow(self, timeout: float) -> None:
+        """Serve from the start with the shadow's reference built: wait for it, within `timeout`
+        (a fault only live inputs show would be served unchecked meanwhile)."""
+        shadow = self._shadow
+        if shadow is None or self._state is not State.SERVING or shadow.wait_ready(timeout):
+            return
+        log.warning(
+            "session %s: the shadow's reference was not built within %.0f s; serving, and "
+            "checking sampled calls once it is", self.name, timeout,
+        )  # fmt: skip
 
     # ----------------------------------------------------------------- state
 

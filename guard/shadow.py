@@ -138,6 +138,7 @@ class Shadow:
         )
         self._started = False
         self._closed = False
+        self._ready = threading.Event()  # the reference was built (or could not be)
 
     # ------------------------------------------------------------ request path
 
@@ -148,6 +149,10 @@ class Shadow:
                 return
             self._started = True
         self._thread.start()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the reference was built or found unbuildable; False if `timeout` passed."""
+        return self._ready.wait(timeout)
 
     def offer(
         self,
@@ -175,7 +180,10 @@ class Shadow:
     # ------------------------------------------------------------ the thread
 
     def _loop(self) -> None:
-        self._build()
+        try:
+            self._build()
+        finally:
+            self._ready.set()
         while True:
             sample = self._queue.get()
             if sample is None:

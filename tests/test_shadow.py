@@ -85,7 +85,7 @@ def test_a_fault_on_half_the_inputs_is_served_a_bounded_number_of_times(
     )  # fmt: skip
     bad_before, bad_after, first = 0, 0, None
     with session:
-        wait_for(lambda: session.status.shadow.reference is not Reference.NONE)  # built
+        assert session.status.shadow.reference is Reference.DYNAMIC  # built before wrap returned
         for k, mel in enumerate(mels(400)):
             wav = session.run({"mel": mel})["wav"]
             bad = degraded(wav, reference(mel))
@@ -283,3 +283,40 @@ def test_a_shadowed_session_starts_its_shadow_series_and_removes_them_at_close(
         }
     left = [x for m in registry.collect() for x in m.samples if x.name in names]
     assert left == []
+
+
+class HangingReference:
+    """A factory whose reference (dynamic) loads block until `gate` is set."""
+
+    def __init__(self, factory: Any) -> None:
+        self.factory, self.gate = factory, threading.Event()
+        self.inputs, self.outputs, self.path = factory.inputs, factory.outputs, factory.path
+
+    def __call__(self, **overrides: Any) -> Any:
+        if overrides.get("dynamic"):
+            self.gate.wait(60)
+        return self.factory(**overrides)
+
+
+@pytest.mark.hostile
+def test_a_reference_that_hangs_delays_wrap_by_init_timeout_at_most(
+    demo_probe: probes.Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    """wrap waits for the shadow's reference within Policy.init_timeout, then serves and says
+    so; the checks start once the reference exists."""
+    hanging = HangingReference(demo.demo_factory(threads=1))
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="mnn_guard"), guard.wrap(
+        hanging, demo_probe, metrics=False, policy=policy(shadow_every=1, init_timeout=1.0)
+    ) as s:  # fmt: skip
+        assert time.monotonic() - start < 30
+        assert s.status.shadow is not None and s.status.shadow.reference is Reference.NONE
+        assert any("reference was not built" in r.getMessage() for r in caplog.records)
+        mel = demo.demo_mel(30, seed=4)
+        assert not degraded(s.run({"mel": mel})["wav"], reference(mel))
+        hanging.gate.set()
+        wait_for(
+            lambda: s.status.shadow is not None and s.status.shadow.reference is not Reference.NONE
+        )
+        s.run({"mel": mel})
+        wait_for(lambda: s.status.shadow is not None and s.status.shadow.checks >= 1)
