@@ -160,8 +160,8 @@ class Shadow:
         served: Sequence[Array],
         generation: int,
         rung: tuple[int, Rung],
-    ) -> bool:
-        """Queue a copy of one call for checking; False (and counted) when the queue is full."""
+    ) -> None:
+        """Queue a copy of one call for checking; a full queue drops it (counted), never waits."""
         sample = Sample(
             tuple(np.array(a, copy=True) for a in arrays),
             tuple(np.array(o, copy=True) for o in served),
@@ -174,8 +174,6 @@ class Shadow:
             with self._lock:
                 self._dropped += 1
             self._notify(ShadowCheck(ShadowResult.DROPPED))
-            return False
-        return True
 
     # ------------------------------------------------------------ the thread
 

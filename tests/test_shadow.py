@@ -192,14 +192,17 @@ def test_a_divergence_is_logged_with_its_worst_value_and_bundled(
     """A shadow failure is a warning naming the worst SNR; with Policy.diagnose its bundle holds
     the live inputs that diverged."""
     loud = demo.demo_mel(40, seed=3) * np.float32(4.0)
+    listener = CapturingListener()
     with caplog.at_level(logging.WARNING, logger="mnn_guard"), guard.wrap(
-        loud_only(), demo_probe, metrics=False,
+        loud_only(), demo_probe, metrics=False, listeners=[listener],
         policy=policy(shadow_every=1, diagnose=tmp_path / "diag"),
     ) as s:  # fmt: skip
         s.run({"mel": loud})
         wait_for(lambda: s.status.mode == "dynamic")
     said = [r.getMessage() for r in caplog.records if "shadow check failed" in r.getMessage()]
     assert said and "dB" in said[0]
+    fails = [e.check for e in listener.of("shadow") if e.result == "fail"]
+    assert fails and 25 < fails[0].module_worst_db < 35  # the module's worst: the 30 dB fault
     wait_for(lambda: bool(find_bundles(tmp_path / "diag")))
     shadow = [b for b in find_bundles(tmp_path / "diag") if "shadow" in b.name]
     assert shadow
@@ -320,3 +323,58 @@ def test_a_reference_that_hangs_delays_wrap_by_init_timeout_at_most(
         )
         s.run({"mel": mel})
         wait_for(lambda: s.status.shadow is not None and s.status.shadow.checks >= 1)
+
+
+def test_the_check_judges_copies_the_caller_cannot_change(demo_probe: probes.Probe) -> None:
+    """A caller that overwrites its inputs and the outputs it was handed, after run() returned
+    and before the shadow checked them, changes nothing: the call passes its check."""
+    slow = SlowReference(demo.demo_factory(threads=1), 1.0)
+    with guard.wrap(slow, demo_probe, policy=policy(shadow_every=1), metrics=False) as s:
+        mel = demo.demo_mel(30, seed=5)
+        wav = s.run({"mel": mel})["wav"]
+        mel *= np.float32(4.0)  # the caller's own arrays, reused for its next call
+        wav[...] = 0.0
+        slow.gate.set()
+        wait_for(lambda: s.status.shadow is not None and s.status.shadow.checks == 1)
+        assert (s.status.shadow.failed, s.status.mode) == (0, "static")
+
+
+class ShortReference:
+    """A factory whose reference (dynamic) modules return no outputs for live calls."""
+
+    def __init__(self, factory: Any) -> None:
+        self.factory = factory
+        self.inputs, self.outputs, self.path = factory.inputs, factory.outputs, factory.path
+
+    def __call__(self, **overrides: Any) -> Any:
+        module = self.factory(**overrides)
+        if not overrides.get("dynamic"):
+            return module
+        runner = guard.mnn.adapt(module)
+
+        class Short:
+            calls = 0
+
+            def run(self, arrays: Any) -> Any:
+                Short.calls += 1
+                return runner.run(arrays)[:0] if Short.calls > 1 else runner.run(arrays)
+
+        return Short()
+
+
+def test_a_reference_returning_too_few_outputs_judges_nothing_and_says_so(
+    demo_probe: probes.Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A live call the reference answers with too few outputs is not judged (neither a pass nor
+    a failure); the log names both counts, and the module serves on."""
+    factory = ShortReference(demo.demo_factory(threads=1))
+    with caplog.at_level(logging.WARNING, logger="mnn_guard"), guard.wrap(
+        factory, demo_probe, policy=policy(shadow_every=1), metrics=False
+    ) as s:  # fmt: skip
+        for seed in range(3):
+            s.run({"mel": demo.demo_mel(30, seed=seed)})
+        wait_for(lambda: any("returned 0 outputs" in r.getMessage() for r in caplog.records))
+        said = [r.getMessage() for r in caplog.records if "returned 0 outputs" in r.getMessage()]
+        assert f"session {s.name}" in said[0] and "expected 1" in said[0]
+        assert s.status.shadow is not None and s.status.shadow.failed == 0
+        assert s.status.mode == "static"
