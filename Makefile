@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench docs dist compat compat-edges mutate mutate-pool clean
+.PHONY: demo test lint bench docs dist compat compat-edges mutate mutate-pool mutate-judgement clean
 
 EXTRAS := test,serve,diagnose,ray,docs,compat,dist
 
@@ -66,7 +66,11 @@ mutate: $(MUTATE_STAMP)
 
 # guard/pool/ apart: each of its mutants spawns workers (docs/development.md, "Mutation testing")
 mutate-pool: $(MUTATE_STAMP)
-	$(PY) mutation/pool.py --jobs $(MUTATE_JOBS) $(if $(MUTATE_FRESH),--fresh)
+	$(PY) mutation/subset.py pool --jobs $(MUTATE_JOBS) $(if $(MUTATE_FRESH),--fresh)
+
+# the calibrated judgement and shadow checks apart too: their tests build many modules
+mutate-judgement: $(MUTATE_STAMP)
+	$(PY) mutation/subset.py judgement --jobs $(MUTATE_JOBS) $(if $(MUTATE_FRESH),--fresh)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info mutants .nox

@@ -216,7 +216,7 @@ class Job:
     """What one bundle is made of, taken when the attempt finished (arrays by reference)."""
 
     session: str
-    event: str  # init or recheck
+    event: str  # init, recheck or shadow (a sampled live call that diverged)
     attempt: Attempt
     history: tuple[dict[str, Any], ...]
     probe: Probe
@@ -227,7 +227,7 @@ class Job:
 
 def _bundle_name(job: Job, seq: int) -> str:
     stamp = datetime.fromtimestamp(job.when, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    words = f"{job.session}-{job.attempt.rung.name}-{job.attempt.outcome.value}"
+    words = f"{job.session}-{job.event}-{job.attempt.rung.name}-{job.attempt.outcome.value}"
     return f"{stamp}-{os.getpid()}-{seq:04d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', words)[:80]}"
 
 

@@ -16,6 +16,7 @@ most `queue_size` (8) bundles wait to be written, and a failure beyond that is c
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import importlib
 import json
@@ -38,9 +39,11 @@ from guard.bundle import (
     write_bundle,
 )
 from guard.errors import ConfigError
-from guard.ladder import Attempt
+from guard.ladder import Attempt, Outcome
 from guard.listeners import Listener
-from probes import Probe
+from guard.shadow import ShadowCheck, ShadowResult
+from probes import Probe, ProbeError
+from probes.probe import Case
 
 __all__ = [
     "MAX_BUNDLES",
@@ -343,6 +346,50 @@ class DiagnosisListener(Listener):
 
     def on_check(self, session: str, attempt: Attempt) -> None:
         self._note(session, attempt, "recheck")
+
+    def on_shadow(self, session: str, check: ShadowCheck) -> None:
+        """A diverging live call gets a bundle: its inputs, the reference's and served outputs."""
+        sample = check.sample
+        if check.result is not ShadowResult.FAIL or sample is None or sample.rung is None:
+            return
+        probe = self.probe
+        try:  # the live call as the bundle's one case, the reference's outputs as its golden
+            live = dataclasses.replace(
+                probe,
+                cases=(
+                    Case(
+                        inputs=dict(zip(probe.input_names, sample.inputs, strict=True)),
+                        outputs=dict(check.reference),
+                    ),
+                ),
+            )
+        except ProbeError as exc:
+            log.warning("session %s: no bundle for the diverging call: %s", session, exc)
+            return
+        served = dict(zip(probe.served_names, sample.served, strict=True))
+        attempt = Attempt(
+            rung=sample.rung,
+            rung_index=sample.rung_index,
+            outcome=Outcome.FAIL,
+            verdict=check.verdict,
+            error=None,
+            seconds=check.seconds,
+            outputs={0: served},
+        )
+        now = time.time()
+        job = Job(
+            session=session,
+            event="shadow",
+            attempt=attempt,
+            history=self._remember(session, attempt, "shadow", now),
+            probe=live,
+            factory=self._factory,
+            when=now,
+        )
+        self.writer.submit(job)
+
+    def on_canary(self, session: str, probe: Probe) -> None:
+        self.probe = probe  # later bundles show the live calls that joined the canary
 
     def on_close(self, session: str) -> None:
         with self._lock:

@@ -24,6 +24,8 @@ __all__ = [
     "RUNG_INDEX",
     "RUNS",
     "RUN_SECONDS",
+    "SHADOW_CHECKS",
+    "SHADOW_SNR_DB",
     "STATE",
     "Family",
     "Kind",
@@ -149,6 +151,22 @@ RUN_SECONDS = Family(
     buckets="run",
 )
 
+SHADOW_CHECKS = Family(
+    name="mnn_guard_shadow_checks",
+    kind=Kind.COUNTER,
+    help=(
+        "Sampled live calls by shadow result: pass, fail (diverged from the reference) or "
+        "dropped (the queue was full)."
+    ),
+    labels=("session", "result"),
+)
+SHADOW_SNR_DB = Family(
+    name="mnn_guard_shadow_snr_db",
+    kind=Kind.GAUGE,
+    help="Worst SNR of the shadow checks of the module in use, in dB (+Inf before the first).",
+    labels=("session",),
+)
+
 FAMILIES: tuple[Family, ...] = (
     INFO,
     INITS,
@@ -164,5 +182,7 @@ FAMILIES: tuple[Family, ...] = (
     INIT_SECONDS,
     RUNS,
     RUN_SECONDS,
+    SHADOW_CHECKS,
+    SHADOW_SNR_DB,
 )
 """Every family, in the order the issue's table lists them."""

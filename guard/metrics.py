@@ -439,6 +439,7 @@ class PrometheusListener(MetricsListener):
         buckets: Buckets | None = None,
         info: tuple[str, str, str] = ("", "", ""),
         standby: bool = False,
+        shadow: bool = False,
     ) -> None:
         sink = metrics_for(registry, buckets)
-        super().__init__(session, ladder, sink, info=info, standby=standby)
+        super().__init__(session, ladder, sink, info=info, standby=standby, shadow=shadow)

@@ -245,7 +245,10 @@ class GuardedSession(Maintenance):
         self._publish()  # STARTING: not ready until a module passes
         if not self._recover(0, announce_first=False) and raise_exhausted:
             assert self._failure is not None
+            if self._shadow is not None:
+                self._shadow.close()
             raise _fresh(self._failure)
+        self._await_shadow(policy.init_timeout or policy.wait_timeout)
         self._finalizer = weakref.finalize(self, _released, name, self._wake, self._listeners)
         self._finalizer.atexit = False  # at exit nothing is left to tell
         if policy.background and self._needs_maintenance():
@@ -257,6 +260,17 @@ class GuardedSession(Maintenance):
                 daemon=True,
             )
             self._thread.start()
+
+    def _await_shadow(self, timeout: float) -> None:
+        """Serve from the start with the shadow's reference built: wait for it, within `timeout`
+        (a fault only live inputs show would be served unchecked meanwhile)."""
+        shadow = self._shadow
+        if shadow is None or self._state is not State.SERVING or shadow.wait_ready(timeout):
+            return
+        log.warning(
+            "session %s: the shadow's reference was not built within %.0f s; serving, and "
+            "checking sampled calls once it is", self.name, timeout,
+        )  # fmt: skip
 
     # ----------------------------------------------------------------- state
 
@@ -403,9 +417,10 @@ class GuardedSession(Maintenance):
             self._since = self._last_check = self._clock()
             self._calls = 0
             self._generation += 1
+            if self._shadow is not None:  # its worst SNR starts over with this module
+                self._shadow.installed(self._generation)
         self._publish()
         if self._shadow is not None:
-            self._shadow.installed()
             self._shadow.start()
         return True
 
@@ -471,7 +486,7 @@ class GuardedSession(Maintenance):
             raise refused[1]
         if sampled:  # copied before the caller owns the outputs; never waits (a full queue drops)
             assert self._shadow is not None
-            self._shadow.offer(arrays, outputs, sampled)
+            self._shadow.offer(arrays, outputs, sampled, (index, self.policy.ladder[index]))
         if self._run_listeners:
             self._ran(index, start, CALL_OK)
         return dict(zip(self._output_names, outputs, strict=False))  # lengths checked above

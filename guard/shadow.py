@@ -27,6 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guard import mnn
+from guard.ladder import Rung
 from guard.sentinels import loading
 from probes import Probe, Verdict
 from probes.judges import OutputScore, judge_output
@@ -71,6 +72,8 @@ class Sample:
     inputs: tuple[Array, ...]
     served: tuple[Array, ...]
     generation: int  # which installed module served it (the session counts installs)
+    rung_index: int = 0  # the ladder rung that module is on
+    rung: Rung | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,7 @@ class ShadowCheck:
     sample: Sample | None = None
     reference: Mapping[str, Array] = field(default_factory=dict)  # every probe output
     seconds: float = 0.0
+    module_worst_db: float = math.nan  # the worst SNR of the module in use's checks so far
 
     @property
     def worst_snr_db(self) -> float:
@@ -128,11 +132,13 @@ class Shadow:
         self._error: str | None = None
         self._checks = self._failed = self._dropped = 0
         self._worst = math.inf
+        self._generation = 0  # the module in use (see `installed`)
         self._thread = threading.Thread(
             target=self._loop, name=f"mnn-guard-shadow-{name}", daemon=True
         )
         self._started = False
         self._closed = False
+        self._ready = threading.Event()  # the reference was built (or could not be)
 
     # ------------------------------------------------------------ request path
 
@@ -144,12 +150,23 @@ class Shadow:
             self._started = True
         self._thread.start()
 
-    def offer(self, arrays: Sequence[Array], served: Sequence[Array], generation: int) -> bool:
-        """Queue a copy of one call for checking; False (and counted) when the queue is full."""
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the reference was built or found unbuildable; False if `timeout` passed."""
+        return self._ready.wait(timeout)
+
+    def offer(
+        self,
+        arrays: Sequence[Array],
+        served: Sequence[Array],
+        generation: int,
+        rung: tuple[int, Rung],
+    ) -> None:
+        """Queue a copy of one call for checking; a full queue drops it (counted), never waits."""
         sample = Sample(
             tuple(np.array(a, copy=True) for a in arrays),
             tuple(np.array(o, copy=True) for o in served),
             generation,
+            *rung,
         )
         try:
             self._queue.put_nowait(sample)
@@ -157,13 +174,14 @@ class Shadow:
             with self._lock:
                 self._dropped += 1
             self._notify(ShadowCheck(ShadowResult.DROPPED))
-            return False
-        return True
 
     # ------------------------------------------------------------ the thread
 
     def _loop(self) -> None:
-        self._build()
+        try:
+            self._build()
+        finally:
+            self._ready.set()
         while True:
             sample = self._queue.get()
             if sample is None:
@@ -211,9 +229,11 @@ class Shadow:
         with self._lock:
             self._checks += 1
             self._failed += not verdict.passed
-            self._worst = min(self._worst, verdict.worst_snr_db)
+            if sample.generation == self._generation:  # not a module replaced meanwhile
+                self._worst = min(self._worst, verdict.worst_snr_db)
+            worst = self._worst
         result = ShadowResult.PASS if verdict.passed else ShadowResult.FAIL
-        return ShadowCheck(result, verdict, sample, reference, seconds)
+        return ShadowCheck(result, verdict, sample, reference, seconds, worst)
 
     def _notify(self, check: ShadowCheck) -> None:
         try:
@@ -223,9 +243,10 @@ class Shadow:
 
     # ------------------------------------------------------------ state
 
-    def installed(self) -> None:
-        """A new module serves: the worst SNR starts over."""
+    def installed(self, generation: int) -> None:
+        """A new module serves (the session's `generation`-th): the worst SNR starts over."""
         with self._lock:
+            self._generation = generation
             self._worst = math.inf
 
     @property

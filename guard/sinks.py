@@ -26,11 +26,14 @@ from guard.families import (
     RUNG,
     RUNG_INDEX,
     RUNS,
+    SHADOW_CHECKS,
+    SHADOW_SNR_DB,
     STATE,
     Family,
 )
 from guard.ladder import Action, Attempt, Basis, Outcome, Rung
 from guard.listeners import CALL_OK, Call, Listener
+from guard.shadow import ShadowCheck, ShadowResult
 from guard.state import SEVERITY, SessionStatus, State
 
 __all__ = ["FamilyRuns", "MetricsListener", "RunSink", "Series", "Sink"]
@@ -113,7 +116,8 @@ class MetricsListener(Listener):
     gauges show every live session of the name (`Sink.owners`): healthy only while all of
     them are, the worst one's state and rung, the lowest canary SNR, one info series per
     model. A listener joins them at its creation; with `standby=True` only at `go_live()` (a
-    hot swap's new session, built while the old one still serves and publishes). Closing
+    hot swap's new session, built while the old one still serves and publishes). With
+    `shadow=True` (the session has `Policy.shadow_every`) its shadow series exist too. Closing
     one leaves the others' gauges; closing the last stops the name's gauges (`Sink.drop`)
     and forgets the name.
     """
@@ -126,6 +130,7 @@ class MetricsListener(Listener):
         *,
         info: tuple[str, str, str] = ("", "", ""),
         standby: bool = False,
+        shadow: bool = False,
     ) -> None:
         self.metrics = sink
         self.session = session
@@ -138,6 +143,7 @@ class MetricsListener(Listener):
         self._status: SessionStatus | None = None
         self._snr: float | None = None  # worst SNR of the last canary judgement
         self._static: dict[str, int] = {}  # rung -> 1 when MNN loaded it statically
+        self._shadow_snr: float | None = math.inf if shadow else None  # the module in use's
         self._gauges: tuple[Series, ...] = (
             (INFO, (session, *info)),
             (HEALTHY, (session,)),
@@ -147,6 +153,7 @@ class MetricsListener(Listener):
             *((LOADED_STATIC, (session, rung)) for rung in self._rungs),
             *((STATE, (session, state.value)) for state in State),
             *((BASIS, (session, basis.value)) for basis in Basis),
+            *(((SHADOW_SNR_DB, (session,)),) if shadow else ()),
         )
         with sink.lock:
             self._runs = sink.runs(session)
@@ -158,6 +165,9 @@ class MetricsListener(Listener):
                 self._runs.add_rung(rung)
             for action in _ACTIONS:
                 sink.declare(RECOVERIES, (session, action))
+            if shadow:
+                for result in ShadowResult:
+                    sink.declare(SHADOW_CHECKS, (session, result.value))
             if not standby:
                 self._join()
 
@@ -199,6 +209,8 @@ class MetricsListener(Listener):
             return
         if self._snr is not None and all(other._snr is None for other in live):
             sink.drop(CANARY_SNR_DB, (self.session,))
+        if self._shadow_snr is not None and all(other._shadow_snr is None for other in live):
+            sink.drop(SHADOW_SNR_DB, (self.session,))
         live[0]._show()
 
     def _badness(self) -> tuple[bool, int, int]:
@@ -230,6 +242,9 @@ class MetricsListener(Listener):
         snrs = [other._snr for other in live if other._snr is not None]
         if snrs:
             sink.set(CANARY_SNR_DB, (name,), min(snrs))
+        shadows = [other._shadow_snr for other in live if other._shadow_snr is not None]
+        if shadows:
+            sink.set(SHADOW_SNR_DB, (name,), min(shadows))
 
     def go_live(self) -> None:
         """Join the name's live sessions now (a standby listener), with the latest status."""
@@ -265,11 +280,22 @@ class MetricsListener(Listener):
     def on_status(self, session: str, status: SessionStatus) -> None:
         with self.metrics.lock:
             self._status = status
+            if self._shadow_snr is not None and status.shadow is not None:
+                self._shadow_snr = status.shadow.worst_snr_db  # +Inf again after an install
             if self._joined:
                 self._show()
 
     def on_run(self, session: str, rung: Rung, seconds: float, result: Call) -> None:
         self._runs.add(rung.name, result, seconds)
+
+    def on_shadow(self, session: str, check: ShadowCheck) -> None:
+        self.metrics.inc(SHADOW_CHECKS, (session, check.result.value))
+        if check.result is ShadowResult.DROPPED:
+            return
+        with self.metrics.lock:
+            self._shadow_snr = check.module_worst_db
+            if self._joined:
+                self._show()
 
     def on_close(self, session: str) -> None:
         with self.metrics.lock:

@@ -34,6 +34,9 @@ __all__ = [
     "DegradedModule",
     "Fault",
     "FaultyFactory",
+    "Frames",
+    "LouderThan",
+    "Trigger",
     "degrade",
 ]
 
@@ -63,6 +66,31 @@ class Fault(enum.StrEnum):
     # inside MNN does: no thread of the process runs, so only another process can end it
     HANG_NATIVE = "hang_native"
     NO_FORWARD = "no_forward"  # the factory returns an object without forward()
+
+
+Trigger = Callable[[Sequence[Array]], bool]
+"""Which forwards a degraded module degrades, by their inputs (None: every forward)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LouderThan:
+    """A trigger: forwards where some input's peak magnitude is above `level`."""
+
+    level: float
+
+    def __call__(self, arrays: Sequence[Array]) -> bool:
+        return any(a.size and float(np.max(np.abs(a))) > self.level for a in arrays)
+
+
+@dataclass(frozen=True, slots=True)
+class Frames:
+    """A trigger: forwards where some input's `axis` is exactly `count` long (another shape)."""
+
+    count: int
+    axis: int = -1
+
+    def __call__(self, arrays: Sequence[Array]) -> bool:
+        return any(a.ndim and a.shape[self.axis] == self.count for a in arrays)
 
 
 def degrade(
@@ -101,8 +129,10 @@ class DegradedModule:
         seed: int | None = None,
         snr_db: float = 29.0,
         after: int = 0,
+        trigger: Trigger | None = None,
     ) -> None:
         self.module = module
+        self.trigger = trigger
         self.runner = mnn.adapt(module)
         self.fault = fault
         self.snr_db = snr_db
@@ -120,7 +150,7 @@ class DegradedModule:
         """Run the real module, then degrade its outputs."""
         outputs = self.runner.run(arrays)
         self.forwards += 1
-        if self.forwards <= self.after:
+        if self.forwards <= self.after or (self.trigger is not None and not self.trigger(arrays)):
             return outputs
         if self.fault is Fault.MISSING:
             return []
@@ -146,7 +176,9 @@ class FaultyFactory(mnn.Loader):
     except those MNN loads statically all the same (a model with control flow: the load
     report's `turned_static`), which degrade as static ones do.
     With `degrade_after=K` a degraded module serves K clean forwards (canary runs included)
-    before it turns: corruption that appears after init, for testing re-checks.
+    before it turns: corruption that appears after init, for testing re-checks. A `trigger`
+    (`LouderThan`, `Frames`, any picklable callable of the inputs) limits output faults to
+    the forwards it accepts: a fault only live inputs show, for testing shadow checks.
     Picklable (for guard.Pool and doctor) when the wrapped factory is; with
     `per_process=True` the seed is mixed with the process id so that workers differ.
     """
@@ -165,8 +197,10 @@ class FaultyFactory(mnn.Loader):
         replacement: Callable[..., Any] | None = None,
         hang_seconds: float = 3600.0,
         degrade_after: int = 0,
+        trigger: Trigger | None = None,
     ) -> None:
         self.factory = factory
+        self.trigger = trigger
         self.fault = Fault(fault)
         if not 0.0 <= rate <= 1.0:
             raise ConfigError(f"rate must be within 0..1, got {rate}")
@@ -262,7 +296,12 @@ class FaultyFactory(mnn.Loader):
             return _NoForward(module), report
         seed = None if self.seed is None else self.seed + number
         degraded = DegradedModule(
-            module, self.fault, seed=seed, snr_db=self.snr_db, after=self.degrade_after
+            module,
+            self.fault,
+            seed=seed,
+            snr_db=self.snr_db,
+            after=self.degrade_after,
+            trigger=self.trigger,
         )
         return degraded, report
 

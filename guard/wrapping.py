@@ -118,7 +118,12 @@ def wrap(
     if metrics:
         info = (__version__, mnn.mnn_version(), probe.meta.model_sha256 or "")
         metrics_listener = PrometheusListener(
-            name, policy.ladder, registry=registry, buckets=buckets, info=info
+            name,
+            policy.ladder,
+            registry=registry,
+            buckets=buckets,
+            info=info,
+            shadow=policy.shadow_every is not None,
         )
         chain.append(metrics_listener)
     if policy.diagnose is not None:  # bundles for failed canaries, written off the request path

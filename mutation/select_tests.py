@@ -23,7 +23,9 @@ METRICS = ("tests/test_metrics.py", "tests/test_session.py", "tests/test_promoti
 
 SELECTION: dict[str, tuple[str, ...]] = {
     "guard.session": (*SESSION, "tests/test_metrics.py", "tests/test_inputs.py"),
-    "guard.maintenance": (*SESSION, "tests/test_metrics.py"),
+    "guard.maintenance": (*SESSION, "tests/test_shadow.py", "tests/test_metrics.py"),
+    "guard.judgement": ("tests/test_calibration.py", *SESSION),
+    "guard.shadow": ("tests/test_shadow.py",),
     "guard.state": (*SESSION, "tests/test_metrics.py", "tests/test_server.py"),
     "guard.canary": (
         "tests/test_canary.py",
@@ -50,6 +52,7 @@ SELECTION: dict[str, tuple[str, ...]] = {
     "guard.pool.worker": ("tests/test_pool.py",),
     "guard.pool.children": ("tests/test_workers.py", *POOL),
     "probes.judges": ("tests/test_judges.py",),
+    "probes.calibration": ("tests/test_calibration.py", "tests/test_probes.py"),
     "probes.probe": PROBES,
     "probes.store": PROBES,
 }
@@ -76,9 +79,9 @@ _MODULE = re.compile(r"^(?P<module>[\w.]+?)\.x[_\u01c1]")  # probes.judges.x_snr
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     """Deselect the tests outside the mutant's module selection (only while a mutant runs);
-    in mutmut's clean run (no mutant), only the tests no mutant runs."""
+    in mutmut's clean and stats runs (no mutant), only the tests no mutant runs."""
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
-    if mutant == "":  # a timing test that fails under load must not stop the whole run
+    if mutant in ("", "stats"):  # a timing test failing under load must not stop the whole run
         heavy = [item for item in items if item.nodeid.startswith(HEAVY)]
         if heavy:
             config.hook.pytest_deselected(items=heavy)

@@ -101,7 +101,10 @@ def test_every_metric_in_the_dashboard_exists(
 ) -> None:
     """Each mnn_guard_* name the dashboard queries is exposed by a guarded session and its
     routes (mnn_guard_ready)."""
-    session = guard.wrap(demo_factory, demo_probe, name="v", registry=registry)
+    session = guard.wrap(
+        demo_factory, demo_probe, name="v", registry=registry,
+        policy=guard.Policy(shadow_every=10),
+    )  # fmt: skip
     with (
         guard.serve(port=0, registry=registry) as server,
         urllib.request.urlopen(server.url + "/metrics", timeout=5) as response,
@@ -125,9 +128,13 @@ def guarded(
     and of one that fell back while it started (before Prometheus's first scrape).
 
     The degraded one is FAILED and retries every second; all get calls all along, so rates,
-    canary failures, fallbacks and init times keep coming.
+    canary failures, fallbacks and init times keep coming; the healthy one's every fifth call
+    is shadow-checked.
     """
-    healthy = guard.wrap(demo_factory, demo_probe, name="healthy", registry=registry)
+    healthy = guard.wrap(
+        demo_factory, demo_probe, name="healthy", registry=registry,
+        policy=guard.Policy(shadow_every=5),
+    )  # fmt: skip
     broken_factory = FaultyFactory(demo_factory, fault=Fault.NOISE, rate=1.0, affects=Affects.ALL)
     broken = guard.wrap(
         broken_factory,
@@ -247,6 +254,9 @@ def test_every_panel_query_returns_data(scraped: tuple[str, float]) -> None:
     assert set(recoveries) == {"reinit", "fallback", "promote"}
     snr = by_session(results["Worst canary SNR"])
     assert snr["broken"] < 45.0 <= snr["healthy"]
+    assert set(by_session(results["Worst shadow SNR"])) == {"healthy"}  # the one shadowed
+    assert peak(prometheus_url, exprs["Shadow checks by result"], started, session="healthy",
+                result="pass")  # fmt: skip
     latency = [
         float(s["value"][1])
         for s in results["run() latency"]

@@ -587,6 +587,13 @@ FAMILIES = {
     "mnn_guard_canary_snr_db": "Worst SNR of the last canary judgement, in dB.",
     "mnn_guard_init_seconds": "Init + canary time.",
     "mnn_guard_run_seconds": "run() time.",
+    "mnn_guard_shadow_checks": (
+        "Sampled live calls by shadow result: pass, fail (diverged from the reference) or "
+        "dropped (the queue was full)."
+    ),
+    "mnn_guard_shadow_snr_db": (
+        "Worst SNR of the shadow checks of the module in use, in dB (+Inf before the first)."
+    ),
 }
 
 

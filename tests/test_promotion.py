@@ -136,7 +136,7 @@ def test_promote_after_none_disables_promotion(demo_probe: probes.Probe) -> None
 @pytest.mark.hostile
 def test_calls_during_the_swap_are_all_correct(demo_probe: probes.Probe) -> None:
     """8 threads keep calling while a promotion builds and swaps: every output is its own input's
-    reference, no call fails, and calls keep completing while the new module is built."""
+    reference, no call fails, and calls begin and end while the new module is built."""
     session, _, clock = fallen_back(demo_probe, STATIC_FAILS)
     xs = [demo.demo_mel(2, seed=k) for k in range(16)]
     refs = [reference(x) for x in xs]
@@ -152,6 +152,7 @@ def test_calls_during_the_swap_are_all_correct(demo_probe: probes.Probe) -> None
         while not stop.is_set():
             k = (t + i) % len(xs)
             i += 1
+            began = building.is_set()  # the call starts while the new module is built
             try:
                 out = session.run({"mel": xs[k]})["wav"]
                 mode = session.status.mode
@@ -160,7 +161,7 @@ def test_calls_during_the_swap_are_all_correct(demo_probe: probes.Probe) -> None
                 return
             with lock:
                 results.append((mode, measures.snr_db(refs[k], out) > 45))
-                during_build[0] += building.is_set()
+                during_build[0] += began and building.is_set()  # and ends before the swap
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
     for t in threads:
@@ -181,7 +182,7 @@ def test_calls_during_the_swap_are_all_correct(demo_probe: probes.Probe) -> None
     assert done == [guard.ladder.Action.PROMOTE]
     assert all(ok for _, ok in results)
     assert modes == {"dynamic", "static"}
-    assert during_build[0] >= 8  # run() was not blocked while the new module was built
+    assert during_build[0] >= 1  # a call began and ended while the new module was built
 
 
 def test_background_thread_promotes_by_itself(demo_probe: probes.Probe) -> None:

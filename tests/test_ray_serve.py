@@ -43,7 +43,7 @@ import guard
 import probes
 from guard import mnn
 from guard.ray_serve import GuardedDeployment, application
-from guard.testing import FaultyFactory
+from guard.testing import FaultyFactory, LouderThan
 from guard.tools import demo
 from guard.tools.models import build_vocoder
 from probes import store
@@ -536,6 +536,46 @@ def test_every_static_init_degraded_serves_on_the_dynamic_rung(
 
     until("metrics of the dynamic rung", on_dynamic, 60)
     serve.delete("fallback")
+
+
+def test_a_replica_shadows_live_calls_and_leaves_a_module_only_loud_inputs_degrade(
+    cluster: Cluster, demo_probe: probes.Probe
+) -> None:
+    """Every static init is degraded on loud inputs only (the canary passes it): with a shadow
+    check on every call, the replica leaves the static rung after the first loud call, serves
+    exact outputs after it, and Ray's metrics count the failed shadow check."""
+    faulty = FaultyFactory(demo.demo_factory(threads=1), rate=1.0, trigger=LouderThan(10.0))
+    app = application(
+        faulty, demo_probe, name="shadowed",
+        policy=guard.Policy(reinit_attempts=0, shadow_every=1), ray_actor_options=SMALL,
+    )  # fmt: skip
+    handle = serve.run(app, name="shadowed", route_prefix="/shadowed")
+    loud = demo.demo_mel(50, seed=12) * np.float32(4.0)
+    handle.remote({"mel": loud}).result()  # served by the degraded module: the shadow sees it
+
+    def exact() -> bool | None:
+        wav = handle.remote({"mel": loud}).result()["wav"]
+        return True if np.allclose(wav, reference(loud), rtol=0, atol=1e-5) else None
+
+    until("exact outputs for loud inputs", exact, 60)
+
+    def counted() -> bool | None:
+        samples = scrape(cluster.metrics_url)
+        fails = sum(
+            v
+            for name, s, v in samples
+            if name == "ray_mnn_guard_shadow_checks_total"
+            and (s.get("session"), s.get("result")) == ("shadowed", "fail")
+        )
+        rung = {
+            s["rung"]
+            for name, s, v in samples
+            if name == "ray_mnn_guard_rung" and s.get("session") == "shadowed" and v == 1
+        }
+        return True if fails >= 1 and rung == {"dynamic"} else None
+
+    until("the failed shadow check on Ray's metrics", counted, 60)
+    serve.delete("shadowed")
 
 
 def _info(cluster: Cluster, app: str, model: Path) -> set[str] | None:

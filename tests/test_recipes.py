@@ -379,3 +379,44 @@ def test_uvicorn_replaces_a_worker_hung_at_start(
     seconds, victim, _, ready = first_worker_replaced(started, marker, "starting")
     print(f"uvicorn: hung worker gone {seconds:.1f} s after its session started")
     assert victim not in ready
+
+
+def shadow_counts(url: str) -> dict[str, float]:
+    """mnn_guard_shadow_checks_total of session vocoder by result, summed over the workers."""
+    counts: dict[str, float] = {}
+    for f in text_string_to_metric_families(get(url + "/metrics")[1]):
+        for s in f.samples:
+            if s.name == "mnn_guard_shadow_checks_total" and s.labels["session"] == "vocoder":
+                counts[s.labels["result"]] = counts.get(s.labels["result"], 0.0) + s.value
+    return counts
+
+
+def test_gunicorn_workers_shadow_live_calls_and_leave_a_module_only_loud_inputs_degrade(
+    multiproc_env: dict[str, str],
+) -> None:
+    """Every static module of both workers is degraded only on loud inputs (the canary passes
+    it). With a shadow check on every call, each worker leaves the static rung after its first
+    loud call, and the master's /metrics counts the failed shadow checks."""
+    server, app, metrics = started = start_gunicorn(
+        multiproc_env, VOCODER_FAULT="loud-all", VOCODER_SHADOW="1"
+    )
+    try:
+        workers = two_ready_workers(Readiness(metrics), server)
+        rungs: dict[int, str] = {}
+
+        def both_dynamic() -> bool | None:
+            status, body = get(app + "/?frames=30&gain=4")
+            if status == 200:
+                answer = json.loads(body)
+                rungs[answer["pid"]] = answer["rung"]
+            return True if set(rungs) == workers and set(rungs.values()) == {"dynamic"} else None
+
+        until("both workers on the dynamic rung", both_dynamic, server)
+        counts = until(
+            "two failed shadow checks on /metrics",
+            lambda: ((c := shadow_counts(metrics)).get("fail", 0) >= 2 and c) or None,
+            server,
+        )
+        assert set(counts) == {"pass", "fail", "dropped"}, counts
+    finally:
+        stop(started[0])

@@ -150,5 +150,6 @@ class RayListener(MetricsListener):
         info: tuple[str, str, str] = ("", "", ""),
         *,
         standby: bool = False,
+        shadow: bool = False,
     ) -> None:
-        super().__init__(session, ladder, ray_sink(), info=info, standby=standby)
+        super().__init__(session, ladder, ray_sink(), info=info, standby=standby, shadow=shadow)

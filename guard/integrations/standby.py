@@ -84,7 +84,12 @@ class Standby:
         sink = self._sink if self._sink is not None else metrics_for()
         info = (__version__, mnn.mnn_version(), spec.probe.meta.model_sha256 or "")
         listener = MetricsListener(
-            spec.name, spec.policy.ladder, sink, info=info, standby=not self._live
+            spec.name,
+            spec.policy.ladder,
+            sink,
+            info=info,
+            standby=not self._live,
+            shadow=spec.policy.shadow_every is not None,
         )
         self._listeners.append(listener)
         return listener
