@@ -310,32 +310,38 @@ class GuardMetrics:
         else:
             self.tallies = {}
             registry.register(_RunCollector(self.tallies, buckets.run))
+        self.children: dict[tuple[str, tuple[str, ...]], Any] = {}  # (family, labels) -> series
         self.lock = threading.Lock()
         # session name -> the listeners of its live sessions: the name's gauges show them all,
         # and closing one must not remove what the others publish
         self.owners: dict[str, list[MetricsListener]] = {}
 
+    def _series(self, family: Family, labels: tuple[str, ...]) -> Any:
+        """The series' child, looked up once (a start sets about 80 series)."""
+        key = (family.name, labels)
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = self.families[family.name].labels(*labels)
+        return child
+
     def declare(self, family: Family, labels: tuple[str, ...]) -> None:
         """Make the series exist (a counter or histogram at 0)."""
-        self.families[family.name].labels(*labels)
+        self._series(family, labels)
 
     def inc(self, family: Family, labels: tuple[str, ...]) -> None:
         """Add 1 to a counter series."""
-        counter = self.families[family.name]
-        assert isinstance(counter, Counter)
-        counter.labels(*labels).inc()
+        assert family.kind is Kind.COUNTER
+        self._series(family, labels).inc()
 
     def set(self, family: Family, labels: tuple[str, ...], value: float) -> None:
         """Set a gauge series."""
-        gauge = self.families[family.name]
-        assert isinstance(gauge, Gauge)
-        gauge.labels(*labels).set(value)
+        assert family.kind is Kind.GAUGE
+        self._series(family, labels).set(value)
 
     def observe(self, family: Family, labels: tuple[str, ...], value: float) -> None:
         """Observe one value on a histogram series."""
-        histogram = self.families[family.name]
-        assert isinstance(histogram, Histogram)
-        histogram.labels(*labels).observe(value)
+        assert family.kind is Kind.HISTOGRAM
+        self._series(family, labels).observe(value)
 
     def drop(self, family: Family, labels: tuple[str, ...]) -> None:
         """Remove a gauge series; in multiprocess mode (series stay in this process's files)
@@ -343,6 +349,7 @@ class GuardMetrics:
         if _multiprocess():
             self.set(family, labels, math.nan)
         else:
+            self.children.pop((family.name, labels), None)
             self.families[family.name].remove(*labels)
 
     def forget(self, session: str) -> None:
@@ -353,6 +360,7 @@ class GuardMetrics:
             flushed.flush()
         if _multiprocess() or self.tallies is None:
             return
+        self.children.clear()  # rare: looked up again as they are used
         for metric in self.families.values():
             metric.remove_by_labels({"session": session})
         del self.tallies[session]

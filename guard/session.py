@@ -7,6 +7,8 @@ place the state changes.
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import threading
 import time
 import weakref
@@ -57,6 +59,32 @@ def _action(previous: int, index: int) -> Action:
     return Action.FALLBACK if index > previous else Action.PROMOTE
 
 
+class _InitThread:
+    """A daemon thread that runs `call_with_timeout`'s calls one at a time, kept while idle
+    (a start costs no thread creation); one still busy past its timeout is simply not reused."""
+
+    def __init__(self) -> None:
+        self.calls: queue.SimpleQueue[tuple[Callable[[], Any], dict[str, Any], threading.Event]]
+        self.calls = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="mnn-guard-init", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, box, done = self.calls.get()
+            try:
+                box["value"] = fn()
+            except BaseException as exc:
+                box["error"] = exc
+            del fn, box
+            _IDLE.append(self)  # before `done`: the caller's next call may take it again
+            done.set()
+            del done
+
+
+_IDLE: list[_InitThread] = []  # init threads free for a call
+os.register_at_fork(after_in_child=_IDLE.clear)  # their threads are not in a forked child
+
+
 def call_with_timeout(fn: Callable[[], Any], timeout: float | None, what: str) -> Any:
     """Run `fn` in a daemon thread and raise InitTimeout if it has not returned in `timeout` s.
 
@@ -66,17 +94,13 @@ def call_with_timeout(fn: Callable[[], Any], timeout: float | None, what: str) -
     if timeout is None:
         return fn()
     box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name="mnn-guard-init", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
+    done = threading.Event()
+    try:
+        thread = _IDLE.pop()
+    except IndexError:
+        thread = _InitThread()
+    thread.calls.put((fn, box, done))
+    if not done.wait(timeout):
         raise InitTimeout(f"{what} did not finish within {timeout:g} s (Policy.init_timeout)")
     if "error" in box:
         raise box["error"]
@@ -86,7 +110,7 @@ def call_with_timeout(fn: Callable[[], Any], timeout: float | None, what: str) -
 _SELF_CHECKED: dict[int, weakref.ref[Probe]] = {}  # probes whose goldens passed, by id
 
 
-def _self_check(probe: Probe) -> None:
+def self_check(probe: Probe) -> None:
     """Judge each case's goldens against themselves: a probe that fails this can pass nothing.
 
     Once per probe object: every later session of the same probe (a re-wrap, a replica's
@@ -104,6 +128,11 @@ def _self_check(probe: Probe) -> None:
                 f"({'; '.join(verdict.reasons)}); loosen the thresholds or re-record the probe"
             )
     _SELF_CHECKED[key] = weakref.ref(probe, partial(_forget_checked, key))
+
+
+def forget_checked() -> None:
+    """Forget which probes `self_check` passed (as in a fresh process)."""
+    _SELF_CHECKED.clear()
 
 
 def _forget_checked(key: int, _: object) -> None:
@@ -171,7 +200,7 @@ class GuardedSession(Maintenance):
     ) -> None:
         if not callable(factory):
             raise FactoryError(f"factory must be callable, got {type(factory).__name__}")
-        _self_check(probe)
+        self_check(probe)
         self.name = name
         self.probe = probe
         self.policy = policy

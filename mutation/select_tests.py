@@ -44,6 +44,7 @@ SELECTION: dict[str, tuple[str, ...]] = {
         "tests/test_watchdog.py",
     ),
     "guard.pool.parent": POOL,
+    "guard.pool.dispatch": POOL,
     "guard.pool.slot": ("tests/test_slot.py", *POOL),
     "guard.pool.job": ("tests/test_job.py", *POOL),
     "guard.pool.shared": ("tests/test_shared.py", "tests/test_pool.py"),

@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 POOL_SOURCES = [  # every module of guard/pool/ with logic (__init__.py only re-exports)
     "guard/pool/parent.py",
+    "guard/pool/dispatch.py",
     "guard/pool/slot.py",
     "guard/pool/job.py",
     "guard/pool/shared.py",

@@ -85,17 +85,22 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-_HASHED: dict[tuple[str, int, int, int, int, int], str] = {}
+_HASHED: dict[tuple[int, int, int, int, int], str] = {}
 _HASHED_MAX = 64
 
 
+def forget_hashes() -> None:
+    """Empty `cached_sha256`'s cache (as in a fresh process)."""
+    _HASHED.clear()
+
+
 def cached_sha256(path: str | os.PathLike[str]) -> str:
-    """`file_sha256`, read once while the file is unchanged (the same real path, device,
-    inode, size, mtime and ctime: a file replaced by `cp -p` or `rsync -a` keeps its mtime,
-    not its inode or ctime). Every guarded start checks the model's hash; a 100 MB model
-    takes 60 ms to read."""
+    """`file_sha256`, read once while the file is unchanged (the same device, inode, size,
+    mtime and ctime: a file replaced by `cp -p` or `rsync -a` keeps its mtime, not its inode
+    or ctime). Every guarded start checks the model's hash; a 100 MB model takes 60 ms to
+    read."""
     st = os.stat(path)
-    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     found = _HASHED.get(key)
     if found is None:
         found = file_sha256(path)

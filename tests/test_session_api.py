@@ -456,8 +456,9 @@ def test_bench_api_session(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     data = json.loads(path.read_text())
     assert data["api"] == "session" and data["builtin"] is True
     apis = data["apis"]
-    assert apis["session_us"] > 0 and apis["module_us"] > 0 and apis["ratio"] > 0
-    assert data["hot"]["met"] is not None  # the demo vocoder's throughput target is judged
+    assert apis["session_us"] > 0 and apis["module_us"] > 0 and apis["ratio"]["median"] > 0
+    assert data["hot"]["target"] != "report"  # the demo vocoder's throughput target is judged
     table = capsys.readouterr().out
     assert "raw Session API run vs raw Module API forward" in table
-    assert "guarded session rung vs raw Module API `dynamic=True`" in table
+    assert "Session API session vs Module API `dynamic=True`" in table
+    assert "cannot record or serve sentinels" in data["sentinels"]  # needs saveTensors

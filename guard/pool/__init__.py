@@ -4,9 +4,11 @@
 ...     wavs = pool.map([{"mel": m} for m in mels])  # doctest: +SKIP
 ...     wav = (await pool.arun({"mel": mel}))["wav"]  # in a coroutine  # doctest: +SKIP
 
-One concept per module: `parent` (the `Pool`), `slot` (a worker's place in the pool, its
-states and moves), `wire` (what crosses a pipe), `worker` (the worker process's loop) and
-`children` (spawning, waiting for and stopping processes; the probe hand-over).
+One concept per module: `parent` (the `Pool`), `dispatch` (requests to workers' lanes and
+replies back; the watcher thread), `job` (a request's steps, the line), `shared` (the
+shared-memory lanes), `slot` (a worker's place in the pool, its states and moves), `wire`
+(what crosses a pipe), `worker` (the worker process's loop) and `children` (spawning, waiting
+for and stopping processes; the probe hand-over).
 """
 
 from guard.pool.children import load_stashed_probe, remove_stash, stash_probe

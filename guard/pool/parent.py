@@ -4,7 +4,8 @@ The parent checks every request against the probe and writes the plain arrays MN
 into a worker's shared-memory lane; each worker builds one guarded session and serves the
 requests its pipe names (`guard.pool.worker`). What crosses a pipe is in `guard.pool.wire`;
 each worker has a slot with states of its own (`guard.pool.slot`); each request is a job
-(`guard.pool.job`) that waits in one line while no lane is free.
+(`guard.pool.job`) that waits in one line while no lane is free; how jobs move between the
+caller, the lanes and the replies is `guard.pool.dispatch`.
 
 One thread of the pool (its watcher) reads every worker's replies, copies the outputs out of
 the lane, settles the caller's future and hands the freed lane to the next job in line; it
@@ -23,7 +24,6 @@ import math
 import multiprocessing
 import os
 import pickle
-import select
 import threading
 import time
 import weakref
@@ -32,26 +32,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
-import numpy as np
 from numpy.typing import NDArray
 
 from guard.errors import (
     ConfigError,
-    InputMismatch,
-    PoisonRequest,
     SessionClosed,
     Unavailable,
-    WorkerFailed,
 )
 from guard.health import HEALTH, Entry, HealthTable
 from guard.inputs import InputChecker
 from guard.ladder import Policy
 from guard.names import check_name
-from guard.pool import wire
 from guard.pool.children import Child, remove_stash, stash_probe
+from guard.pool.dispatch import WATCH_SECONDS, Dispatch, watch
 from guard.pool.job import Job, Line, Step
-from guard.pool.shared import ALIGN, DEPTH, Lane
-from guard.pool.slot import IN_SERVICE, Slot, Slots, SlotState, SlotStatus, stop
+from guard.pool.shared import ALIGN, DEPTH
+from guard.pool.slot import Slot, Slots, SlotState, SlotStatus, stop
 from guard.pool.worker import worker_main
 from guard.session import Factory
 from guard.wrapping import check_probe
@@ -74,60 +70,7 @@ log = logging.getLogger("mnn_guard")
 START_METHODS = ("spawn", "forkserver")
 IMPORT_SECONDS = 60.0  # allowance for a spawned worker to import numpy, scipy and MNN
 STOP_SECONDS = 5.0  # how long close() waits for a worker to exit before killing it
-WATCH_SECONDS = 0.25  # the watcher's longest sleep: how late a deadline may be noticed
 MAX_WAITING = 256  # default bound on async calls waiting for a worker (beyond one per worker)
-
-Watched = tuple[Slot, Child, tuple[Lane, ...]]
-
-
-def _watch(ref: weakref.ref[Pool], done: threading.Event, wake: int) -> None:
-    """The pool's watcher: replies, deaths and deadlines, until the pool closes or goes.
-
-    One poll object for its life, told only of the pipes and processes that changed. It holds
-    the pool only between waits, so that an unclosed pool can still be collected.
-    """
-    poller = select.poll()
-    poller.register(wake, select.POLLIN)
-    registered: set[int] = set()
-    while not done.is_set():
-        pool = ref()
-        if pool is None:
-            return
-        watched, timeout = pool._watched()
-        del pool
-        by_fd: dict[int, tuple[Watched, bool]] = {}  # fd -> (worker, whether it is its end)
-        for item in watched:
-            try:
-                by_fd[item[1].conn.fileno()] = (item, False)
-                by_fd[item[1].process.sentinel] = (item, True)
-            except (OSError, ValueError):  # closed meanwhile
-                continue
-        if by_fd.keys() != registered:
-            for fd in registered - by_fd.keys():
-                poller.unregister(fd)
-            for fd in by_fd.keys() - registered:
-                poller.register(fd, select.POLLIN)
-            registered = set(by_fd)
-        try:
-            events = poller.poll(math.ceil(timeout * 1000))
-        except (OSError, ValueError):  # the pool went and its pipe with it
-            return
-        pool = ref()
-        if pool is None:
-            return
-        readable: dict[int, Watched] = {}
-        ended: dict[int, Watched] = {}
-        for fd, _ in events:
-            if fd == wake:
-                with contextlib.suppress(OSError):
-                    os.read(wake, 4096)
-            elif fd in by_fd:
-                item, end = by_fd[fd]
-                (ended if end else readable)[id(item)] = item
-        for key, item in (readable | ended).items():
-            pool._hear(*item, ended=key in ended)
-        pool._expire()
-        del pool
 
 
 def _lane_bytes(probe: Probe) -> int:
@@ -139,7 +82,7 @@ def _lane_bytes(probe: Probe) -> int:
     return max(1, *sizes)
 
 
-class Pool:
+class Pool(Dispatch):
     """Guarded worker processes: each builds its own session with `guard.wrap` after spawn.
 
     Nothing MNN crosses a process boundary: the factory and policy are pickled to the workers
@@ -268,7 +211,7 @@ class Pool:
                 stop(slot.child)
             raise
         self._watcher = threading.Thread(
-            target=_watch,
+            target=watch,
             args=(weakref.ref(self), self._stop_watch, self._wake_r),
             name=f"mnn-guard-{self.name}-watch",
             daemon=True,
@@ -362,291 +305,6 @@ class Pool:
             with self._lock:
                 self._starters.discard(threading.current_thread())
                 self._cond.notify_all()
-
-    # -------------------------------------------------------------- requests
-
-    def _job(self, inputs: Inputs, deadline: float | None) -> Job:
-        """Check the inputs here (InputMismatch in the caller's thread): a job of plain arrays."""
-        arrays = self._check(inputs)
-        # np.asarray: a plain ndarray of the same data (a subclass is reduced to its base)
-        plain = {n: np.asarray(a) for n, a in zip(self._names, arrays, strict=True)}
-        return Job(plain, deadline, self.processes)
-
-    def _admit(self, job: Job) -> None:
-        """Place a job in a free lane and send it, or put it in line."""
-        with self._lock:
-            if self._slots.closed:
-                raise SessionClosed(f"pool {self.name!r} is closed")
-            if self._line.first() is not None or not self._place(job):
-                failed = self._slots.failed()
-                if failed is not None:
-                    raise failed
-                self._line.push(job)
-                self._soon(job.deadline)
-                return
-        self._send(job)
-
-    def _place(self, job: Job) -> bool:
-        """Give a WAITING job the free lane waiting longest, if any (the caller holds _cond)."""
-        slot = self._slots.take(DEPTH)
-        if slot is None:
-            return False
-        job.to(Step.PLACED)
-        job.slot, job.child, job.lane = slot, slot.child, slot.hold(job)
-        job.shm = slot.lanes[job.lane]
-        return True
-
-    def _send(self, job: Job) -> None:
-        """Write a PLACED job's arrays into its lane and send it (outside _cond: the lane is
-        this job's until its reply)."""
-        slot, child, shm = job.slot, job.child, job.shm
-        assert slot is not None and child is not None and shm is not None
-        problem: BaseException | None = None
-        try:
-            data = wire.encode(wire.Run(job.arrays, job.lane), shm)
-        except Exception as exc:
-            problem = InputMismatch(
-                f"pool {self.name!r}: the request cannot be encoded for a worker: {exc!r}"
-            )
-            problem.__cause__ = exc
-        now = time.monotonic()
-        dead = settled = False
-        with self._lock:
-            placed = slot.child is child and slot.held.get(job.lane) is job
-            if not placed or job.dropped or problem is not None:
-                if placed:
-                    slot.let_go(job.lane, now)
-                if job.dropped or problem is not None:
-                    settled = job.to(Step.SETTLED)
-                else:  # its worker was replaced meanwhile: not its fault
-                    job.to(Step.WAITING)
-                    self._soon(self._line.push(job, front=True))
-            else:
-                try:
-                    child.conn.send_bytes(data)
-                except OSError:  # the worker is gone, before it had this job
-                    slot.let_go(job.lane, now)
-                    job.to(Step.WAITING)
-                    dead = True
-                else:
-                    job.to(Step.SENT)
-                    if not slot.sent(job.lane, now):  # behind another: it waits still
-                        self._soon(self._line.watch(job))
-                    elif self.request_timeout is not None:
-                        self._soon(now + self.request_timeout)
-        if settled and problem is not None:
-            job.deliver(problem)
-        if dead:
-            self._lost(slot, child)
-            self._retry(job, unblamed=True)
-        self._pump()
-
-    def _pump(self) -> None:
-        """Give free lanes to the jobs in line, first come first served."""
-        while self._line.jobs:  # read unlocked: a job put in line found no lane under the lock
-            with self._lock:
-                job = self._line.first()
-                if job is None or self._slots.closed or not self._place(job):
-                    return
-                self._line.pop()
-            self._send(job)
-
-    def _retry(self, job: Job, *, unblamed: bool = False) -> None:
-        """Put a job whose worker was lost back at the head of the line, or fail it for good
-        after two workers (`unblamed`: the loss was not its fault, while workers last)."""
-        if unblamed:
-            if job.unblamed > 0:
-                job.unblamed -= 1
-            else:
-                job.failures.append(("its worker was lost before it started", None))
-        with self._lock:
-            if job.step is Step.SETTLED or job.gone:
-                return
-            if len(job.failures) < 2 and not self._slots.closed:
-                if job.step is not Step.WAITING:
-                    job.to(Step.WAITING)
-                if job.deadline is not None:  # a retry waits its own Policy.wait_timeout
-                    job.deadline = time.monotonic() + self._wait_timeout
-                self._line.push(job, front=True)
-                self._soon(job.deadline)
-                return
-            job.to(Step.SETTLED)
-        job.deliver(self._failed(job.failures))
-
-    def _settle(self, job: Job, outcome: Outputs | BaseException) -> None:
-        """Settle a job once and give its caller the outcome."""
-        with self._lock:
-            settled = job.to(Step.SETTLED)
-        if settled:
-            job.deliver(outcome)
-
-    def _failed(self, failures: list[tuple[str, Exception | None]]) -> Exception:
-        """The error for a request that failed on two workers.
-
-        Both workers lost (crashed or timed out): PoisonRequest. The second raised: its own
-        error, noting the first failure. The first raised and the second was lost: WorkerFailed.
-        """
-        (first, first_error), (second, second_error) = failures[:2]
-        if self._slots.closed:
-            return SessionClosed(f"pool {self.name!r} was closed during the request")
-        if second_error is not None:
-            second_error.add_note(f"the request was retried after: {first}")
-            return second_error
-        if first_error is None:
-            return PoisonRequest(
-                f"pool {self.name!r}: poison request, not retried again: it cost two workers: "
-                f"first {first}; then {second}"
-            )
-        error = WorkerFailed(
-            f"pool {self.name!r}: the request failed on two workers: first {first}; then {second}"
-        )
-        error.__cause__ = first_error
-        return error
-
-    def _abandon(self, job: Job) -> None:
-        """The caller of a job was interrupted: drop it, and retire its worker if it has it
-        (its reply would come for nobody, and the worker may be the reason)."""
-        with self._lock:
-            job.gone = True
-            step, slot, child = job.step, job.slot, job.child
-            if step is Step.WAITING:
-                self._line.remove(job)
-            job.to(Step.SETTLED)
-        if step is Step.SENT and slot is not None and child is not None:
-            self._retire(slot, child, "a request was interrupted")
-
-    # -------------------------------------------------------------- the watcher's work
-
-    def _soon(self, deadline: float | None) -> None:
-        """Wake the watcher if `deadline` comes before it would look again."""
-        if deadline is not None and deadline < self._wake_at:
-            self._wake()
-
-    def _wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"\0")
-
-    def _watched(self) -> tuple[list[Watched], float]:
-        """The workers to watch (in service, or closed with requests in hand) and how long the
-        watcher may sleep."""
-        now = time.monotonic()
-        with self._lock:
-            watched = [
-                (s, s.child, s.lanes)
-                for s in self._slots.all
-                if s.child is not None and (s.state in IN_SERVICE or s.held)
-            ]
-            wake = now + WATCH_SECONDS
-            deadline = self._line.next_deadline()
-            if deadline is not None:
-                wake = min(wake, deadline)
-            if self.request_timeout is not None:
-                for slot in self._slots.all:
-                    if slot.order:
-                        wake = min(wake, slot.started + self.request_timeout)
-            self._wake_at = wake
-        return watched, max(0.0, wake - now)
-
-    def _hear(self, slot: Slot, child: Child, lanes: tuple[Lane, ...], *, ended: bool) -> None:
-        """Read the next reply of a worker (every one left, once it `ended`); a worker whose
-        pipe closed is lost."""
-        try:
-            while True:
-                data = child.conn.recv_bytes()
-                try:
-                    reply = wire.decode(data, lanes, copy=True)
-                except Exception as exc:
-                    reason = f"sent a reply that could not be decoded: {exc!r}"
-                    self._lost(slot, child, f"{slot.label} {reason}")
-                    return
-                self._answered(slot, child, reply)
-                if not ended:
-                    return  # the next poll says if there is more
-        except (EOFError, OSError):
-            pass
-        self._lost(slot, child)
-
-    def _answered(self, slot: Slot, child: Child, reply: object) -> None:
-        """One reply of a worker in service: settle its job, free its lane, serve the line."""
-        if not isinstance(reply, wire.Done | wire.Raised | wire.Refused | wire.Withdrawn) or (
-            reply.lane is None
-        ):
-            what = f"{slot.label} answered a request with a {type(reply).__name__}"
-            self._lost(slot, child, what)
-            return
-        now = time.monotonic()
-        with self._lock:
-            if slot.child is not child:
-                return
-            job = slot.let_go(reply.lane, now)
-            if not isinstance(reply, wire.Withdrawn):
-                slot.requests += 1
-            changed = slot.note(reply.report)
-            label = slot.label
-        if changed:
-            self._publish()
-        if job is not None:
-            self._outcome(job, slot, child, label, reply)
-        self._pump()
-
-    def _outcome(self, job: Job, slot: Slot, child: Child, label: str, reply: wire.Reply) -> None:
-        """What one reply means for its job (and for its worker, if it raised)."""
-        if isinstance(reply, wire.Done):
-            self._settle(job, reply.outputs)
-        elif isinstance(reply, wire.Refused):
-            why = f"pool {self.name!r}: {label} refused the request: {reply.reason}"
-            self._settle(job, InputMismatch(why))
-        elif isinstance(reply, wire.Raised):
-            error = reply.error
-            error.add_note(f"raised in pool {self.name!r} by {label}")
-            if isinstance(error, InputMismatch):
-                self._settle(job, error)
-                return
-            why = f"{label} raised {type(error).__name__}: {error}"
-            job.failures.append((why, error))
-            with self._lock:
-                job.to(Step.WAITING)
-            self._retire(slot, child, why)
-            self._retry(job)
-
-    def _lost(self, slot: Slot, child: Child, why: str | None = None) -> None:
-        """A worker that ended or broke its protocol: retire it, blaming the request in hand."""
-        with self._lock:
-            if slot.child is not child:
-                return
-            culprit = slot.in_hand()
-            idle = not slot.held
-        if why is None:
-            why = f"{slot.label} {child.exit_text()}" + (" while idle" if idle else "")
-        self._retire(slot, child, why, culprit)
-
-    def _expire(self) -> None:
-        """Jobs that waited too long for a worker get Unavailable (one sent behind another is
-        withdrawn); a worker over request_timeout is killed."""
-        now = time.monotonic()
-        late: list[tuple[Job, Unavailable]] = []
-        overdue: list[tuple[Slot, Child, Job | None]] = []
-        with self._lock:
-            for job in self._line.due(now):
-                slot = job.slot
-                if job.step is Step.WAITING:
-                    self._line.remove(job)
-                elif job.step is not Step.SENT or slot is None or slot.in_hand() is job:
-                    continue  # its worker has it: it is served, or timed out below
-                elif slot.child is job.child and job.child is not None:
-                    wire.send(job.child.conn, wire.Withdraw(job.lane))  # its lane comes back
-                job.to(Step.SETTLED)
-                late.append((job, self._slots.unavailable(self._wait_timeout)))
-            if self.request_timeout is not None:
-                for slot in self._slots.all:
-                    late_slot = now - slot.started > self.request_timeout
-                    if slot.order and late_slot and slot.state in IN_SERVICE and slot.child:
-                        overdue.append((slot, slot.child, slot.in_hand()))
-        for job, error in late:
-            job.deliver(error)
-        for slot, child, culprit in overdue:
-            why = f"{slot.label} exceeded request_timeout={self.request_timeout:g} s and was killed"
-            self._retire(slot, child, why, culprit)
 
     # -------------------------------------------------------------- serving
 

@@ -1,7 +1,8 @@
 """`mnn-guard bench`: the hot path, guarded `run()` against raw forward + copy, and its kin.
 
-The model's own hot path, the built-in small and tiny reference models, the guarded static rung
-against raw `dynamic=True`, the Session API against the Module API, and a re-check's cost.
+The model's own hot path, the built-in small and tiny reference models, what `dynamic=True`
+costs (`guard.tools.dynamic_cost`, doctor's measure), the Session API against the Module API,
+and a re-check's cost. Every ratio and difference comes with its spread over rounds.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ from guard.tools.bench_timing import (
     REPORT,
     Array,
     Inputs,
+    Spread,
     interleaved,
-    paired,
+    judged,
+    per_round,
     quiet_wrap,
     raw_call,
     rounds_of,
 )
+from guard.tools.dynamic_cost import relative, rung_rounds
 from guard.tools.models import (
     SMALL_INPUTS,
     SMALL_OUTPUTS,
@@ -46,10 +50,12 @@ __all__ = [
     "SMALL_RATIO_TARGET",
     "VOCODER_RATIO_TARGET",
     "ApiCompare",
+    "DynamicCost",
     "HotPath",
     "Recheck",
     "Speedup",
     "api_compare",
+    "dynamic_cost",
     "dynamic_speedup",
     "hot_path",
     "recheck_cost",
@@ -70,21 +76,25 @@ class HotPath:
     guarded_us: float  # median per call, as wrapped by default: Prometheus metrics on
     guarded_no_metrics_us: float
     raw_us: float
-    ratio: float  # guarded throughput / raw throughput: median of the rounds' ratios
-    added_us: float  # median of the rounds' differences (so drifts between rounds cancel)
-    added_no_metrics_us: float
+    ratio: Spread  # guarded throughput / raw throughput, per round
+    added_us: Spread  # guarded - raw time per call, per round (drifts between rounds cancel)
+    added_no_metrics_us: Spread
     target: str
-    met: bool | None  # None: reported only (no target for this model)
+    met: bool | None  # None: reported only (no target for this model), or inconclusive
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Speedup:
-    """Guarded on the static rung against raw `dynamic=True`: what the guard preserves."""
+class DynamicCost:
+    """Raw forwards of the static rung against raw `dynamic=True` forwards, interleaved on the
+    same inputs through the same factory (doctor's measure): what a fallback would cost."""
 
-    guarded_static_us: float
-    raw_dynamic_us: float
-    speedup: float  # raw dynamic time / guarded static time: > 1 means the guarded side is faster
+    static_us: float  # medians over the rounds
+    dynamic_us: float
+    ratio: Spread  # dynamic time / static time, per round: > 1 means dynamic is slower
     dynamic_ignored: bool  # MNN loaded the dynamic module statically (control flow)
+
+
+Speedup = DynamicCost  # the row's name before it was doctor's measure
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,7 +104,7 @@ class ApiCompare:
 
     session_us: float
     module_us: float
-    ratio: float  # session time / module time: < 1 means the Session API is faster
+    ratio: Spread  # session time / module time per round: < 1 means the Session API is faster
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,7 +150,7 @@ def hot_path(
     quiet_served = made[-1]
     arrays = [inputs[name] for name in probe.input_names]
     rounds = (7 if quick else 25) if fast else (5 if quick else 61)  # odd: a true median pair
-    per_round = (200 if quick else 1000) if fast else (3 if quick else 4)
+    calls = (200 if quick else 1000) if fast else (3 if quick else 4)
     guarded, raw, quiet_rounds, quiet_raw = rounds_of(
         [
             lambda: session.run(inputs),
@@ -149,18 +159,18 @@ def hot_path(
             raw_call(quiet_served, arrays),
         ],
         rounds=rounds,
-        per_round=per_round,
+        per_round=calls,
     )
     session.close()
     quiet.close()
     guarded_s, quiet_s, raw_s = (statistics.median(x) for x in (guarded, quiet_rounds, raw))
-    ratio = paired(raw, guarded, operator.truediv)
-    added_us = paired(guarded, raw, operator.sub) * 1e6
-    met: bool | None = None
-    if min_ratio is not None or max_added_us is not None:
-        met = (min_ratio is None or ratio >= min_ratio) and (
-            max_added_us is None or added_us <= max_added_us
-        )
+    ratio = per_round(raw, guarded, operator.truediv, 1.0)
+    added_us = per_round(guarded, raw, operator.sub, 0.0).scaled(1e6)
+    verdicts = []
+    if min_ratio is not None:
+        verdicts.append(judged(ratio, min_ratio, at_least=True))
+    if max_added_us is not None:
+        verdicts.append(judged(added_us, max_added_us, at_least=False))
     return HotPath(
         model=model,
         guarded_us=guarded_s * 1e6,
@@ -168,29 +178,38 @@ def hot_path(
         raw_us=raw_s * 1e6,
         ratio=ratio,
         added_us=added_us,
-        added_no_metrics_us=paired(quiet_rounds, quiet_raw, operator.sub) * 1e6,
+        added_no_metrics_us=per_round(quiet_rounds, quiet_raw, operator.sub, 0.0).scaled(1e6),
         target=target,
-        met=met,
+        met=all_met(verdicts),
     )
 
 
-def dynamic_speedup(
-    session: GuardedSession, factory: Factory, probe: Probe, inputs: Inputs, *, quick: bool
-) -> Speedup:
-    """The guarded session's `run()` against a raw `dynamic=True` module's forward + copy."""
+def all_met(verdicts: Sequence[bool | None]) -> bool | None:
+    """Every target met: True; any missed: False; else None (inconclusive, or no target)."""
+    if any(v is False for v in verdicts):
+        return False
+    if verdicts and all(v is True for v in verdicts):
+        return True
+    return None
+
+
+def dynamic_cost(factory: Factory, probe: Probe, inputs: Inputs, *, quick: bool) -> DynamicCost:
+    """A static and a `dynamic=True` module from `factory`, timed raw in interleaved rounds."""
+    static_module, _ = mnn.load(factory, {})
     dynamic_module, report = mnn.load(factory, DYNAMIC.overrides)
     arrays = [inputs[n] for n in probe.input_names]
-    guarded_s, dynamic_s = interleaved(
-        [lambda: session.run(inputs), raw_call(dynamic_module, arrays)],
-        rounds=5 if quick else 15,
-        per_round=3 if quick else 10,
+    static, dynamic = rung_rounds(
+        [mnn.adapt(static_module), mnn.adapt(dynamic_module)], arrays, rounds=7 if quick else 31
     )
-    return Speedup(
-        guarded_static_us=guarded_s * 1e6,
-        raw_dynamic_us=dynamic_s * 1e6,
-        speedup=dynamic_s / guarded_s,
+    return DynamicCost(
+        static_us=statistics.median(static) * 1e6,
+        dynamic_us=statistics.median(dynamic) * 1e6,
+        ratio=relative(dynamic, static),
         dynamic_ignored=report.turned_static or bool(ignored_rungs(factory, (DYNAMIC,))),
     )
+
+
+dynamic_speedup = dynamic_cost  # the old name
 
 
 def recheck_cost(session: GuardedSession, *, repeats: int, every: int) -> Recheck:
@@ -212,7 +231,7 @@ def api_compare(factory: Factory, arrays: Sequence[Array], *, quick: bool) -> Ap
     return ApiCompare(
         session_us=statistics.median(session_rounds) * 1e6,
         module_us=statistics.median(module_rounds) * 1e6,
-        ratio=paired(session_rounds, module_rounds, operator.truediv),
+        ratio=per_round(session_rounds, module_rounds, operator.truediv, 1.0),
     )
 
 

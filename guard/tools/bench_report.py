@@ -1,11 +1,18 @@
-"""`mnn-guard bench`'s report: what was measured (`BenchReport`), as Markdown tables or JSON."""
+"""`mnn-guard bench`'s report: what was measured (`BenchReport`), as Markdown tables or JSON.
+
+Every ratio and difference is printed with its spread over rounds; one whose spread is larger
+than its effect reads "inconclusive" instead of a number, and so does a target that the middle
+half of the rounds neither meets nor misses.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
 
-from guard.tools.bench_hot import ApiCompare, HotPath, Recheck, Speedup
+from guard.tools.bench_checks import SentinelCost, ShadowCost
+from guard.tools.bench_hot import ApiCompare, DynamicCost, HotPath, Recheck
+from guard.tools.bench_loop import LoopBurst
 from guard.tools.bench_memory import Memory
 from guard.tools.bench_pool import PoolThroughput
 from guard.tools.bench_start import JudgeCost, Startup, TimeToHealthy
@@ -24,64 +31,130 @@ class BenchReport:
     inputs: str  # the canary inputs used, e.g. "mel float32[1, 80, 100]"
     frames: int | None  # the demo vocoder's input length (None for a user's model)
     cpus: int
+    load: float  # the 1-minute load average when the run ended (how busy the machine was)
     mnn_version: str
     seconds: float
     hot: HotPath
-    dynamic: Speedup
+    dynamic: DynamicCost
     healthy: TimeToHealthy
     recheck: Recheck
     pool: tuple[PoolThroughput, ...]
+    burst: LoopBurst
+    shadow: ShadowCost
+    sentinels: SentinelCost | str  # or why there is nothing to price
     memory: Memory
     small: HotPath  # reference: the built-in small 3-input model (about 0.2 ms a call)
     tiny: HotPath  # reference: the built-in tiny model
+    pools: tuple[PoolThroughput, ...]  # reference: pools on the built-in relay and small models
     judge: JudgeCost  # reference: a synthetic 1 s signal
     startup: Startup
     api: str = "module"  # MNN's API the model is measured through: module or session
     apis: ApiCompare | None = None  # with api="session": the raw Session API vs the Module API
 
     @property
+    def flags(self) -> dict[str, bool | None]:
+        """Every judged target by name: met, missed, or None (inconclusive)."""
+        judged = {
+            "hot": (self.hot.target, self.hot.met),
+            "healthy": (self.healthy.target, self.healthy.met),
+            **{f"pool {p.processes}": (p.target, p.met) for p in self.pool},
+            **{f"{p.model} pool {p.processes}": (p.target, p.met) for p in self.pools},
+            "burst": (self.burst.target, self.burst.met),
+            "shadow": (self.shadow.target, self.shadow.met),
+            "memory": (self.memory.target, self.memory.met),
+            "small": (self.small.target, self.small.met),
+            "judge": (self.judge.target, self.judge.met),
+            "startup": (self.startup.target, self.startup.met),
+        }
+        return {name: met for name, (target, met) in judged.items() if target != REPORT}
+
+    @property
     def missed(self) -> list[str]:
         """Names of the targets that were missed."""
-        flags = {
-            "hot": self.hot.met,
-            "healthy": self.healthy.met,
-            **{f"pool {p.processes}": p.met for p in self.pool},
-            "memory": self.memory.met,
-            "small": self.small.met,
-            "judge": self.judge.met,
-            "startup": self.startup.met,
-        }
-        return [name for name, met in flags.items() if met is False]
+        return [name for name, met in self.flags.items() if met is False]
+
+    @property
+    def inconclusive(self) -> list[str]:
+        """Names of the targets the rounds neither met nor missed."""
+        return [name for name, met in self.flags.items() if met is None]
 
 
-def _flag(met: bool | None) -> str:
-    return "" if met is None else ("met" if met else "**MISSED**")
+def _flag(target: str, met: bool | None) -> str:
+    if target == REPORT:
+        return ""
+    if met is None:
+        return "inconclusive"
+    return "met" if met else "**MISSED**"
 
 
-def _times(speedup: float) -> str:
-    """`1.33x faster` or `1.33x slower` (never "0.75x faster")."""
-    if speedup >= 1:
-        return f"**{speedup:.2f}x** faster"
-    return f"**{1 / speedup:.2f}x** slower"
+Row = tuple[str, str, str, str]  # measure, result, target, flag
 
 
-Row = tuple[str, str, str, bool | None]
+def _dynamic_row(r: BenchReport) -> Row:
+    """What dynamic=True costs on the model, or why there is nothing to price."""
+    d = r.dynamic
+    session = r.api == "session"
+    measure = (
+        "Session API session vs Module API `dynamic=True` (raw forwards, interleaved)"
+        if session
+        else "static vs `dynamic=True` (raw forwards, interleaved: doctor's measure)"
+    )
+    if d.dynamic_ignored:
+        result = (
+            f"no dynamic mode to price: MNN loads {r.model} statically even with dynamic=True "
+            f"(control flow); {d.static_us / 1e3:.2f} ms vs {d.dynamic_us / 1e3:.2f} ms are "
+            "two static loads"
+        )
+    else:
+        result = (
+            f"{d.static_us / 1e3:.3f} ms vs {d.dynamic_us / 1e3:.3f} ms (medians); "
+            f"dynamic / static time {d.ratio.text('x', 2)}"
+        )
+    return measure, result, REPORT, ""
+
+
+def _pool_row(p: PoolThroughput, what: str) -> Row:
+    return (
+        f"`guard.Pool`, {p.processes} worker(s), vs {p.processes} raw process(es){what}",
+        f"{p.requests_per_s:.0f} requests/s ({p.requests} requests, raw forward "
+        f"{p.raw_forward_ms:.2f} ms): {p.efficiency.text('x')} of the raw processes' rate; "
+        f"parent CPU {p.parent_cpu_us.text(' us', 0)} per request",
+        p.target,
+        _flag(p.target, p.met),
+    )
+
+
+def _shadow_row(s: ShadowCost) -> Row:
+    return (
+        f"guarded `run()` with shadow checks (`shadow_every={s.every}`) vs without; RSS over "
+        f"{s.calls:,} calls with them",
+        f"{s.shadow_us / 1e3:.3f} ms vs {s.plain_us / 1e3:.3f} ms (medians); "
+        f"{s.ratio.text('x')} throughput; {s.checks} samples checked, {s.dropped} dropped; "
+        f"RSS {s.rss_start_mb:.1f} MB -> {s.rss_middle_mb:.1f} MB halfway -> "
+        f"{s.rss_end_mb:.1f} MB ({s.rss_end_mb - s.rss_middle_mb:+.1f} MB over the second half)",
+        s.target,
+        _flag(s.target, s.met),
+    )
+
+
+def _sentinel_row(r: BenchReport) -> Row:
+    s = r.sentinels
+    measure = "guarded `run()` with sentinel outputs (`sentinels='auto'`) vs without"
+    if isinstance(s, str):
+        return measure, f"nothing to price: {s}", REPORT, ""
+    return (
+        measure,
+        f"{s.with_us / 1e3:.3f} ms vs {s.without_us / 1e3:.3f} ms (medians; sentinels "
+        f"{', '.join(s.sentinels)}); {s.added_us.text(' us', 1, sign=True)} per call, "
+        f"{s.ratio.text('x')} throughput",
+        REPORT,
+        "",
+    )
 
 
 def _model_rows(r: BenchReport) -> list[Row]:
-    """(measure, result, target, met) for every row that measures the model."""
-    v, h, m, d, c = r.hot, r.healthy, r.memory, r.dynamic, r.recheck
-    if d.dynamic_ignored:
-        dynamic = (
-            f"no dynamic mode to price: MNN loads {r.model} statically even with dynamic=True "
-            f"(control flow); {d.guarded_static_us / 1e3:.2f} ms vs {d.raw_dynamic_us / 1e3:.2f} "
-            "ms are two static loads"
-        )
-    else:
-        dynamic = (
-            f"{d.guarded_static_us / 1e3:.2f} ms vs {d.raw_dynamic_us / 1e3:.2f} ms: "
-            f"guarded {'session' if r.api == 'session' else 'static'} is {_times(d.speedup)}"
-        )
+    """(measure, result, target, flag) for every row that measures the model."""
+    v, h, m, c, b = r.hot, r.healthy, r.memory, r.recheck, r.burst
     session = r.api == "session"
     rows: list[Row] = []
     if r.apis is not None:
@@ -89,10 +162,10 @@ def _model_rows(r: BenchReport) -> list[Row]:
         rows.append(
             (
                 "raw Session API run vs raw Module API forward (static, same file and threads)",
-                f"{a.session_us / 1e3:.3f} ms vs {a.module_us / 1e3:.3f} ms: "
-                f"**{a.ratio:.3f}x** the Module API's time",
+                f"{a.session_us / 1e3:.3f} ms vs {a.module_us / 1e3:.3f} ms (medians); "
+                f"{a.ratio.text('x')} the Module API's time",
                 REPORT,
-                None,
+                "",
             )
         )
     return [
@@ -102,50 +175,47 @@ def _model_rows(r: BenchReport) -> list[Row]:
             if session
             else "guarded `run()` vs raw forward + copy",
             f"{v.guarded_us / 1e3:.3f} ms vs {v.raw_us / 1e3:.3f} ms (medians); "
-            f"**{v.ratio:.3f}x** throughput, {v.added_us:+.1f} us/call (median of paired rounds)",
+            f"{v.ratio.text('x')} throughput, {v.added_us.text(' us', 1, sign=True)} per call",
             v.target,
-            v.met,
+            _flag(v.target, v.met),
         ),
-        (
-            "guarded session rung vs raw Module API `dynamic=True`"
-            if session
-            else "guarded static rung vs raw `dynamic=True`",
-            dynamic,
-            REPORT,
-            None,
-        ),
+        _dynamic_row(r),
         (
             "time to healthy: `guard.wrap` vs init + the canary's forwards",
-            f"{h.wrap_ms:.1f} ms vs {h.raw_ms:.1f} ms ({h.canary_forwards} forwards): "
-            f"{h.added_ms:+.2f} ms of guard work (median of pairs), of which the probe's "
-            f"checks {h.checks_ms:.2f} ms and judging the canary {h.judging_ms:.2f} ms; "
-            "metrics on",
+            f"{h.wrap_ms:.1f} ms vs {h.raw_ms:.1f} ms ({h.canary_forwards} forwards); within "
+            f"each start: init {h.init_ms:.1f} ms, forwards {h.forwards_ms:.1f} ms, the guard's "
+            f"own work {h.guard_ms.text(' ms', 2)}, of which (timed alone) the probe's checks "
+            f"{h.checks_ms:.2f} ms and judging the canary {h.judging_ms:.2f} ms; the first "
+            f"start in a process {h.first_ms:.2f} ms (model hash, goldens' self-judgement; "
+            "cached after); metrics on",
             h.target,
-            h.met,
+            _flag(h.target, h.met),
         ),
         (
             "re-check of the live module (callers wait one forward at most)",
             f"{c.recheck_ms:.1f} ms; at `recheck_every={c.every_calls}`: "
             f"{c.per_call_us:.1f} us per call",
             REPORT,
-            None,
+            "",
         ),
-        *(
-            (
-                f"`guard.Pool`, {p.processes} process(es), vs {p.processes} x one raw process",
-                f"{p.requests_per_s:.0f} requests/s ({p.requests} requests): "
-                f"**{p.efficiency:.2f}x** of {p.processes} x the raw single-process rate "
-                "(median of rounds alternating with raw calls)",
-                p.target,
-                p.met,
-            )
-            for p in r.pool
+        *(_pool_row(p, "") for p in r.pool),
+        (
+            f"a burst of {b.calls} `arun` calls at once on {b.processes} workers "
+            f"({b.bursts} burst(s))",
+            f"the loop held {b.hold_ms:.2f} ms admitting a burst (worst {b.hold_max_ms:.2f}); "
+            f"gaps while it ran: p99 {b.gap_p99_ms:.2f} ms, largest {b.gap_max_ms:.1f} ms "
+            f"({b.gap_max_cpu_ms:.1f} ms of it this process's CPU), {b.ticks} ticks; served "
+            f"in {b.served_s:.2f} s",
+            b.target,
+            _flag(b.target, b.met),
         ),
+        _shadow_row(r.shadow),
+        _sentinel_row(r),
         (
             "RSS over init + recover cycles",
             f"{m.growth_mb:+.1f} MB over {m.cycles} cycles ({m.inits} inits)",
             m.target,
-            m.met,
+            _flag(m.target, m.met),
         ),
     ]
 
@@ -158,29 +228,32 @@ def _reference_rows(r: BenchReport) -> list[Row]:
             "small built-in model (audio float32 [1, 2048], state float32 [1, 448], sr int32 "
             "scalar): guarded `run()` vs raw forward + copy, metrics and NaN checks on",
             f"{sm.guarded_us:.1f} us vs {sm.raw_us:.1f} us (medians); "
-            f"**{sm.added_us:+.1f} us**/call ({sm.added_no_metrics_us:+.1f} us without metrics), "
-            f"**{sm.ratio:.3f}x** throughput",
+            f"{sm.added_us.text(' us', 1, sign=True)} per call "
+            f"({sm.added_no_metrics_us.text(' us', 1, sign=True)} without metrics), "
+            f"{sm.ratio.text('x')} throughput",
             sm.target,
-            sm.met,
+            _flag(sm.target, sm.met),
         ),
         (
             "tiny built-in model (x [1, 16]): guarded `run()` vs raw forward + copy",
-            f"{t.guarded_us:.1f} us vs {t.raw_us:.1f} us (medians); **{t.added_us:+.1f} us**/call "
-            f"({t.added_no_metrics_us:+.1f} us without metrics)",
+            f"{t.guarded_us:.1f} us vs {t.raw_us:.1f} us (medians); "
+            f"{t.added_us.text(' us', 1, sign=True)} per call "
+            f"({t.added_no_metrics_us.text(' us', 1, sign=True)} without metrics)",
             t.target,
-            t.met,
+            _flag(t.target, t.met),
         ),
+        *(_pool_row(p, f" on the built-in {p.model} model") for p in r.pools),
         (
             "cold `import guard`; the whole `mnn-guard --help` command",
             f"{st.import_s:.3f} s; {st.help_s:.3f} s (best of fresh processes)",
             st.target,
-            st.met,
+            _flag(st.target, st.met),
         ),
         (
             "judging a synthetic 1 s canary at 22,050 Hz",
             f"{j.judge_ms:.2f} ms per judgement; {j.judge_1s_canary_ms:.2f} ms for its two runs",
             j.target,
-            j.met,
+            _flag(j.target, j.met),
         ),
     ]
 
@@ -189,7 +262,7 @@ def _table(rows: list[Row]) -> list[str]:
     return [
         "| measure | result | target | |",
         "| --- | --- | --- | --- |",
-        *(f"| {a} | {b} | {c} | {_flag(met)} |" for a, b, c, met in rows),
+        *(f"| {a} | {b} | {c} | {flag} |" for a, b, c, flag in rows),
     ]
 
 
@@ -201,7 +274,9 @@ def format_bench(r: BenchReport) -> str:
     return "\n".join(
         [
             f"mnn-guard bench, {'quick' if r.quick else 'full'} run: MNN {r.mnn_version}, "
-            f"{r.cpus} CPUs, {r.seconds:.0f} s; medians of interleaved rounds",
+            f"{r.cpus} CPUs, load average {r.load:.1f}, {r.seconds:.0f} s; medians of "
+            "interleaved rounds with the middle half of the rounds in brackets "
+            "(docs/performance.md)",
             "",
             f"**{r.model}** ({what}: {r.inputs})",
             "",

@@ -1,4 +1,4 @@
-"""Every model the tools build with MNN.expr: the demo vocoder and the benchmark's tiny model.
+"""Every model the tools build with MNN.expr: the demo vocoder and the benchmark's references.
 
 Building a model is MNN's job, so this is the one tools module that uses `guard.mnn.F`; each
 builder runs under `graph_building()`, which keeps placeholders as inputs on every release.
@@ -18,13 +18,17 @@ from guard.mnn.expressions import graph_building
 
 __all__ = [
     "HOP",
+    "RELAY_INPUTS",
+    "RELAY_OUTPUTS",
     "SMALL_INPUTS",
     "SMALL_OUTPUTS",
     "VOCODER_INPUT",
     "VOCODER_OUTPUT",
+    "build_relay",
     "build_small",
     "build_tiny",
     "build_vocoder",
+    "relay_inputs",
     "small_inputs",
 ]
 
@@ -166,3 +170,35 @@ def small_inputs(seed: int = 1) -> dict[str, Array]:
         "state": np.tanh(rng.standard_normal((1, SMALL_HIDDEN))).astype(np.float32),
         "sr": np.array(16000, np.int32),
     }
+
+
+RELAY_INPUTS = ("left", "right")
+RELAY_OUTPUTS = ("out",)
+RELAY_CHANNELS, RELAY_STEPS, RELAY_OUT, RELAY_LAYERS = 32, 400, 160, 6
+
+
+def build_relay(path: str | os.PathLike[str]) -> None:
+    """A model of about 2 ms a forward that moves pool-sized arrays: `left` and `right`, each
+    float32 [1, 32, 400] (50 KB; 100 KB in all), in; `out` float32 [1, 160, 400] (250 KB) out,
+    through six residual convolutions over both (a stand-in for a vocoder's request)."""
+    b = _Builder(0, None)
+    halves = []
+    for name in RELAY_INPUTS:
+        x = F.placeholder([1, RELAY_CHANNELS, RELAY_STEPS], F.NCHW)
+        x.name = name
+        halves.append(x)
+    both = F.concat(halves, 1)
+    x = F.convert(F.reshape(both, [1, 2 * RELAY_CHANNELS, 1, RELAY_STEPS]), F.NC4HW4)
+    for _ in range(RELAY_LAYERS):
+        x = x + b.conv(F.relu(x, 0.1), 2 * RELAY_CHANNELS, 2 * RELAY_CHANNELS, 9, gain=0.5)
+    x = b.conv(F.relu(x, 0.1), 2 * RELAY_CHANNELS, RELAY_OUT, 1)
+    out = F.reshape(F.convert(F.tanh(x), F.NCHW), [1, RELAY_OUT, RELAY_STEPS])
+    out.name = RELAY_OUTPUTS[0]
+    F.save([out], os.fspath(path))
+
+
+def relay_inputs(seed: int = 1) -> dict[str, Array]:
+    """One call's inputs for the relay model."""
+    rng = np.random.default_rng(seed)
+    shape = (1, RELAY_CHANNELS, RELAY_STEPS)
+    return {name: rng.standard_normal(shape).astype(np.float32) for name in RELAY_INPUTS}
