@@ -677,6 +677,12 @@ def serving_session(probe: probes.Probe) -> guard.GuardedSession:
     )  # fmt: skip
 
 
+def received(conn: Connection, seconds: float = 60.0) -> bytes:
+    """The next message's bytes on `conn`, within `seconds` (a worker that died sends none)."""
+    assert conn.poll(seconds), f"no reply within {seconds} s"
+    return conn.recv_bytes()
+
+
 def reply(conn: Connection) -> Any:
     """The next message on `conn`, unpickled."""
     assert conn.poll(5), "no reply within 5 s"
@@ -731,7 +737,7 @@ def test_a_worker_serves_its_lanes_in_order_and_drops_a_withdrawn_request(
     parent.send_bytes(wire.encode(wire.Run({"mel": slow}, 0), ours[0]))
     parent.send_bytes(wire.encode(wire.Run({"mel": quick}, 1), ours[1]))
     parent.send_bytes(wire.encode(wire.Withdraw(1)))  # while the slow one is served
-    first, second = (wire.decode(parent.recv_bytes(), ours, copy=True) for _ in range(2))
+    first, second = (wire.decode(received(parent), ours, copy=True) for _ in range(2))
     by_type = {type(first): first, type(second): second}
     assert set(by_type) == {wire.Done, wire.Withdrawn}
     done, withdrawn = by_type[wire.Done], by_type[wire.Withdrawn]
@@ -739,7 +745,7 @@ def test_a_worker_serves_its_lanes_in_order_and_drops_a_withdrawn_request(
     assert (done.lane, withdrawn.lane) == (0, 1)
     assert_outputs([done.outputs], references([slow]))
     parent.send_bytes(wire.encode(wire.Run({"mel": quick}, 1), ours[1]))
-    again = wire.decode(parent.recv_bytes(), ours, copy=True)
+    again = wire.decode(received(parent), ours, copy=True)
     assert isinstance(again, wire.Done) and again.lane == 1
     assert_outputs([again.outputs], references([quick]))
     assert again.outputs["wav"].flags.owndata
