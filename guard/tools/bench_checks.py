@@ -57,6 +57,7 @@ class ShadowCost:
     rss_start_mb: float  # after the rounds (their samples were checked)
     rss_middle_mb: float  # after half the calls: the allocator has settled
     rss_end_mb: float
+    reference_mb: float  # RSS the shadowed session added beyond a plain one: its reference
     target: str
     met: bool | None
 
@@ -77,10 +78,13 @@ def shadow_cost(
 ) -> ShadowCost:
     """Sessions with and without `shadow_every=SHADOW_EVERY` (metrics off on both), timed in
     alternating rounds of several samples each; then RSS over many calls with shadow on."""
+    before = rss_mb()
     shadowed = quiet_wrap(
         factory, probe, "bench-shadow", dataclasses.replace(policy, shadow_every=SHADOW_EVERY)
     )
+    between = rss_mb()  # wrap returns once the reference module is built
     plain = quiet_wrap(factory, probe, "bench-no-shadow", policy)
+    reference_mb = (between - before) - (rss_mb() - between)
     try:
         rounds, calls = (3, SHADOW_EVERY) if quick else (9, 5 * SHADOW_EVERY)
         with_shadow, without = rounds_of(
@@ -113,6 +117,7 @@ def shadow_cost(
         rss_start_mb=start,
         rss_middle_mb=middle,
         rss_end_mb=end,
+        reference_mb=reference_mb,
         target=(
             f"throughput >= {SHADOW_RATIO_TARGET:g}x without; RSS flat over the second half "
             f"(< {SHADOW_RSS_MB:g} MB)"

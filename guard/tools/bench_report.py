@@ -131,7 +131,8 @@ def _shadow_row(s: ShadowCost) -> Row:
         f"{s.shadow_us / 1e3:.3f} ms vs {s.plain_us / 1e3:.3f} ms (medians); "
         f"{s.ratio.text('x')} throughput; {s.checks} samples checked, {s.dropped} dropped; "
         f"RSS {s.rss_start_mb:.1f} MB -> {s.rss_middle_mb:.1f} MB halfway -> "
-        f"{s.rss_end_mb:.1f} MB ({s.rss_end_mb - s.rss_middle_mb:+.1f} MB over the second half)",
+        f"{s.rss_end_mb:.1f} MB ({s.rss_end_mb - s.rss_middle_mb:+.1f} MB over the second half); "
+        f"the reference module about {s.reference_mb:.1f} MB",
         s.target,
         _flag(s.target, s.met),
     )
