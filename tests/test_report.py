@@ -166,7 +166,7 @@ def test_without_matplotlib_the_report_says_how_to_get_it(
     """Without the extra, rendering raises MissingExtra naming the pip command; writes nothing."""
     path = bundle_of(tmp_path / "d", demo_factory, demo_probe, Fault.NOISE)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if it were not installed
-    with pytest.raises(guard.GuardError, match=r"pip install 'mnn-guard\[diagnose\]'"):
+    with pytest.raises(guard.GuardError, match=r"pip install matplotlib \(the diagnose extra\)"):
         render_report(path)
     assert not (path / "report.html").exists()
 
