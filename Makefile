@@ -40,11 +40,13 @@ dist: $(STAMP)
 	$(VENV)/bin/twine check --strict dist/*
 	$(PY) compat/wheel_check.py dist --mnn oldest --mnn newest
 
-# every supported PyMNN release in a fresh environment (noxfile.py), then the results page
-# docs/compatibility.md; compat-edges runs the oldest and the newest only (as CI does)
+# every supported PyMNN release in a fresh environment (noxfile.py), then the results (a failed
+# release's too) into compat/results/ and the page docs/compatibility.md; compat-edges runs
+# the oldest and the newest only (as CI does) and leaves compat/results/ alone
 compat: $(STAMP)
-	$(VENV)/bin/nox -s compat
-	$(PY) compat/report.py
+	rm -rf build/compat/results
+	$(VENV)/bin/nox -s compat; status=$$?; \
+	cp build/compat/results/*.json compat/results/ && $(PY) compat/report.py && exit $$status
 
 compat-edges: $(STAMP)
 	$(VENV)/bin/nox -t edges

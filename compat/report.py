@@ -43,8 +43,10 @@ FACTS = {  # name -> (what is measured, what a True means for mnn-guard)
     ),
     "get_info_expression_built": (
         "`get_info` names an expression-built model's inputs",
-        "no when MNN.expr evaluates eagerly and saves constants: the guard builds its models "
-        "inside `guard.mnn.graph_building()`",
+        "no when MNN.expr evaluates eagerly by default: a graph saved with MNN's defaults holds "
+        "its outputs' values and no input at all, which `mnn-guard inspect` says; the guard "
+        "builds its models inside `guard.mnn.graph_building()` (`MNN.expr.lazy_eval(True)`), "
+        "whose files name their inputs on every release",
     ),
 }
 

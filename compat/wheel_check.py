@@ -5,8 +5,9 @@
 The sdist must hold docs/, examples/ and deploy/, and both files the version of
 guard/version.py. Then, for each PyMNN release asked for, the wheel is installed into a fresh
 virtual environment (uv), and from a folder outside the source tree `mnn-guard demo` must
-serve no degraded output and `mnn-guard inspect` must name the inputs of a model built there
-with MNN.expr, which the project never saw. Exits 1 on the first failure, saying which.
+serve no degraded output and `mnn-guard inspect` must name the inputs of models built there,
+which the project never saw: one with MNN.expr, one converted from ONNX by MNN's converter.
+Exits 1 on the first failure, saying which.
 """
 
 from __future__ import annotations
@@ -24,16 +25,39 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SDIST_HOLDS = ("docs/", "examples/", "deploy/", "CHANGELOG.md")
-UNSEEN = """
+UNSEEN = {  # models the project never saw, built in the user's folder -> their inputs
+    # MNN.expr; PyMNN 3.0 and 3.1 evaluate eagerly: a graph saved so would lose its inputs
+    "expr.mnn": ("gain", "signal"),
+    # an ONNX graph through MNN's converter module (not the `mnnconvert` script, which runs
+    # `pip install` and sends usage telemetry)
+    "onnx.mnn": ("audio", "bias"),
+}
+BUILD_UNSEEN = """
     import MNN.expr as F
-    F.lazy_eval(True)  # PyMNN 3.0 and 3.1 evaluate eagerly: a saved graph would lose its inputs
+    F.lazy_eval(True)
     signal = F.placeholder([1, 3, 50], F.NCHW)
     signal.name = "signal"
     gain = F.placeholder([1], F.NCHW)
     gain.name = "gain"
     level = F.reduce_mean(F.relu(signal) * gain, [2])
     level.name = "level"
-    F.save([level], "unseen.mnn")
+    F.save([level], "expr.mnn")
+
+    import numpy as np, onnx, _tools
+    from onnx import TensorProto, helper, numpy_helper
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["audio", "w"], ["m"]),
+         helper.make_node("Add", ["m", "bias"], ["s"]),
+         helper.make_node("Sigmoid", ["s"], ["loud"])],
+        "unseen",
+        [value("audio", TensorProto.FLOAT, [1, 2, "N"]), value("bias", TensorProto.FLOAT, [2, 1])],
+        [value("loud", TensorProto.FLOAT, [1, 2, "N"])],
+        [numpy_helper.from_array(np.array(1.5, np.float32), "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), "onnx.onnx")
+    _tools.mnnconvert(["mnnconvert", "-f", "ONNX", "--modelFile", "onnx.onnx",
+                       "--MNNModel", "onnx.mnn", "--bizCode", "mnn-guard-wheel-check"])
 """
 
 
@@ -96,7 +120,8 @@ def check_install(wheel: Path, mnn: str, work: Path) -> None:
     uv = _uv()
     _run([uv, "venv", "-q", "-p", sys.executable, str(venv)], work, "uv venv")
     python = str(venv / "bin" / "python")
-    _run([uv, "pip", "install", "-q", "-p", python, str(wheel), f"MNN=={mnn}"], work, "install")
+    wanted = [str(wheel), f"MNN=={mnn}", "onnx"]  # onnx for the converted model only
+    _run([uv, "pip", "install", "-q", "-p", python, *wanted], work, "install")
     installed = time.monotonic() - began
     outside = work / f"user-{mnn}"
     outside.mkdir()
@@ -104,18 +129,21 @@ def check_install(wheel: Path, mnn: str, work: Path) -> None:
     found = json.loads(demo.stdout)
     if found["degraded_served"] != 0 or found["served"] == 0:
         raise CheckFailed(f"MNN {mnn}: the demo served {found['degraded_served']} degraded")
-    _run([python, "-c", textwrap.dedent(UNSEEN)], outside, "building the unseen model")
-    inspect = _run(
-        [str(venv / "bin" / "mnn-guard"), "inspect", "unseen.mnn", "--json"],
-        outside,
-        "mnn-guard inspect",
-    )
-    names = sorted(i["name"] for i in json.loads(inspect.stdout)["inputs"])
-    if names != ["gain", "signal"]:
-        raise CheckFailed(f"MNN {mnn}: inspect named the inputs {names}, not gain and signal")
+    _run([python, "-c", textwrap.dedent(BUILD_UNSEEN)], outside, "building the unseen models")
+    named = {}
+    for model, expected in UNSEEN.items():
+        inspect = _run(
+            [str(venv / "bin" / "mnn-guard"), "inspect", model, "--json"],
+            outside,
+            f"mnn-guard inspect {model}",
+        )
+        names = tuple(sorted(i["name"] for i in json.loads(inspect.stdout)["inputs"]))
+        if names != expected:
+            raise CheckFailed(f"MNN {mnn}: inspect named {model}'s inputs {names}, not {expected}")
+        named[model] = names
     print(
         f"MNN {mnn}: installed in {installed:.0f} s; demo served {found['served']} outputs, 0 "
-        f"degraded; inspect named {names}; {time.monotonic() - began:.0f} s in all"
+        f"degraded; inspect named {named}; {time.monotonic() - began:.0f} s in all"
     )
 
 

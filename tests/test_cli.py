@@ -427,6 +427,15 @@ def test_help_imports_no_tool_and_no_mnn() -> None:
         assert f"    {command} " in result["help"]
 
 
+def test_version_is_the_one_in_guard_version() -> None:
+    """`mnn-guard --version` prints the version written in guard/version.py."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        cli_module.main(["--version"])
+    assert exit_.value.code == 0
+    assert out.getvalue().strip() == f"mnn-guard {guard.__version__}"
+
+
 def test_import_guard_imports_no_tool() -> None:
     """A serving process imports `guard` and its runtime names, never `guard.tools`."""
     code = (

@@ -4,6 +4,7 @@ and hostile requests: undecodable, poison (segfaults in MNN), raising, workers d
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -752,6 +753,23 @@ def test_a_worker_serves_its_lanes_in_order_and_drops_a_withdrawn_request(
     parent.send_bytes(wire.encode(wire.Stop()))
     thread.join(10)
     assert not thread.is_alive() and not parent.poll(0.1)
+    session.close()
+
+
+def test_a_withdrawal_drops_its_request_from_behind_one_of_another_shape(
+    demo_probe: probes.Probe,
+) -> None:
+    """A request withdrawn while it waits behind another (arrays of another shape) is dropped
+    and answered Withdrawn; the other stays (it raised a broadcast error and ended serve)."""
+    session = serving_session(demo_probe)
+    parent, child = multiprocessing.Pipe()
+    slow = wire.Run({"mel": demo.demo_mel(1500, seed=1)}, 0)
+    quick = wire.Run({"mel": demo.demo_mel(60, seed=2)}, 1)
+    waiting: worker.Waiting = collections.deque([slow, quick])
+    assert worker._take(child, wire.encode(wire.Withdraw(1)), waiting, session, ())
+    assert len(waiting) == 1 and waiting[0] is slow
+    withdrawn = wire.decode(parent.recv_bytes(), ()) if parent.poll(5) else None
+    assert isinstance(withdrawn, wire.Withdrawn) and withdrawn.lane == 1
     session.close()
 
 

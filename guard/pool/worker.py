@@ -47,11 +47,12 @@ def _take(
         waiting.append(message)
         return True
     if isinstance(message, wire.Withdraw):
-        dropped = [m for m in waiting if isinstance(m, wire.Run) and m.lane == message.lane]
-        if not dropped:
-            return True  # started already: its reply comes as usual
-        waiting.remove(dropped[0])
-        return wire.send(conn, wire.Withdrawn(message.lane, report(session)))
+        # by position, not deque.remove: a Run's == compares its arrays element by element
+        for at, queued in enumerate(waiting):
+            if isinstance(queued, wire.Run) and queued.lane == message.lane:
+                del waiting[at]
+                return wire.send(conn, wire.Withdrawn(message.lane, report(session)))
+        return True  # started already: its reply comes as usual
     reason = f"a {type(message).__name__} is not a request"
     return wire.send(conn, wire.Refused(reason, report(session)))
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from guard.tools.errors import EXIT_USAGE
+from guard.version import __version__
 
 __all__ = ["CANARY_DTYPES", "DEMO_FRAMES", "HASH_HELP", "parser"]
 
@@ -151,6 +152,7 @@ def parser() -> argparse.ArgumentParser:
     """The `mnn-guard` parser: every subcommand and its flags, in the order --help lists them."""
     top = _Parser(prog="mnn-guard", description=DESCRIPTION)
     top.add_argument("-v", "--verbose", action="store_true", help="log every init and verdict")
+    top.add_argument("--version", action="version", version=f"mnn-guard {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_inspect, _record, _check, _assess, _demo, _doctor, _bench, _diagnose, _report):
         add(sub)
