@@ -209,15 +209,18 @@ def test_gunicorn_master_stays_small_beside_its_workers(
     gunicorn: tuple[subprocess.Popen[bytes], str, str],
 ) -> None:
     """The master never loads a model: serving /metrics and watching the workers, it stays
-    under 64 MiB, below each demo worker (docs/ops.md, "Sizing")."""
+    under 64 MiB (docs/ops.md, "Sizing") and /readyz lists no session of its own."""
     server, app, metrics = gunicorn
-    workers = two_ready_workers(Readiness(metrics), server)
+    poll = Readiness(metrics)
+    workers = two_ready_workers(poll, server)
     for _ in range(5):
         assert get(app + "/?frames=100")[0] == 200
     assert get(metrics + "/metrics")[0] == 200
     master, each = rss_mb(server.pid), [rss_mb(pid) for pid in workers]
     print(f"gunicorn master {master:.0f} MiB, demo workers {[round(v) for v in each]} MiB")
-    assert master < 64 and all(master < rss for rss in each)
+    assert master < 64
+    answer = poll()
+    assert answer is not None and server.pid not in pids(answer[1]) and pids(answer[1]) == workers
 
 
 def test_gunicorn_with_every_worker_exhausted_stays_up_not_ready(

@@ -131,14 +131,17 @@ def test_shadow_checks_are_counted_and_the_worst_snr_shown(demo_probe: probes.Pr
     ) as s:  # fmt: skip
         for mel in list(mels(10)):
             s.run({"mel": mel})
-        wait_for(lambda: s.status.shadow is not None and s.status.shadow.checks == 5)
+        shadow = lambda: s.status.shadow  # noqa: E731
+        wait_for(lambda: shadow() is not None and shadow().checks + shadow().dropped == 5)
         count = {
             r: registry.get_sample_value(
                 "mnn_guard_shadow_checks_total", {"session": "sh", "result": r}
             )
             for r in ("pass", "fail", "dropped")
         }
-        assert count == {"pass": 5.0, "fail": 0.0, "dropped": 0.0}
+        done = shadow()  # a loaded machine may drop one of the 5 samples: counted all the same
+        assert count == {"pass": float(done.checks), "fail": 0.0, "dropped": float(done.dropped)}
+        assert done.checks >= 1
         worst = registry.get_sample_value("mnn_guard_shadow_snr_db", {"session": "sh"})
         assert worst is not None and worst > demo_probe.limits_for("wav")["snr_db"]
 
