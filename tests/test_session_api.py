@@ -11,6 +11,7 @@ import pickle
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import MNN
@@ -24,7 +25,7 @@ import guard
 import probes
 from guard import mnn
 from guard.testing import CapturingListener, DegradedModule, Fault, FaultyFactory
-from guard.tools import cli, demo
+from guard.tools import bench, bench_checks, bench_report, cli, demo
 
 Array = np.ndarray[Any, Any]
 MIXED_NAMES = (["x", "index", "bias"], ["picked", "energy"])  # model order, not sorted order
@@ -448,17 +449,24 @@ def test_doctor_api_session_has_a_rung_per_config(
     assert "--config sets the rungs of --api session" in capsys.readouterr().err
 
 
-def test_bench_api_session(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`bench --quick --api session` measures guarded sessions, and the raw Session API
-    against the raw Module API on the same file."""
-    path = tmp_path / "bench.json"
-    assert cli.main(["bench", "--quick", "--api", "session", "--json", str(path)]) == 0
-    data = json.loads(path.read_text())
-    assert data["api"] == "session" and data["builtin"] is True
-    apis = data["apis"]
-    assert apis["session_us"] > 0 and apis["module_us"] > 0 and apis["ratio"]["median"] > 0
-    assert data["hot"]["target"] != "report"  # the demo vocoder's throughput target is judged
-    table = capsys.readouterr().out
-    assert "raw Session API run vs raw Module API forward" in table
+def test_bench_api_session(capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench --api session` compares the raw Session API with the raw Module API on the same
+    file, prices a Session API factory's sentinels as impossible (it has no saveTensors), and
+    labels its rows so (the whole quick run is test_bench's, through the Module API)."""
+    factory = mnn.mnn_session_factory(demo.DEMO_MODEL, {"numThread": 1})
+    probe = probes.load(demo.DEMO_PROBE, model=demo.DEMO_MODEL)
+    mel = demo.demo_mel(100)
+    apis = bench.api_compare(factory, [mel], quick=True)
+    assert apis.session_us > 0 and apis.module_us > 0 and apis.ratio.median > 0
+    policy = guard.Policy(background=False, promote_after=None)
+    priced = bench_checks.sentinel_cost(factory, probe, {"mel": mel}, policy, quick=True)
+    assert isinstance(priced, str) and "cannot record or serve sentinels" in priced
+    cost = bench.dynamic_cost(factory, probe, {"mel": mel}, quick=True)
+    report = SimpleNamespace(dynamic=cost, api="session", model=demo.DEMO_MODEL.name)
+    rows = [bench_report._dynamic_row(report), bench_report._api_row(apis)]  # type: ignore[arg-type]
+    table = " ".join(" ".join(row) for row in rows)
     assert "Session API session vs Module API `dynamic=True`" in table
-    assert "cannot record or serve sentinels" in data["sentinels"]  # needs saveTensors
+    assert "raw Session API run vs raw Module API forward" in table
+    with pytest.raises(SystemExit) as exit_:  # a bad choice: one line of usage, exit 2
+        cli.main(["bench", "--api", "sessions"])
+    assert exit_.value.code == cli.EXIT_USAGE and "sessions" in capsys.readouterr().err

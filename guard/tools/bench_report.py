@@ -153,22 +153,22 @@ def _sentinel_row(r: BenchReport) -> Row:
     )
 
 
+def _api_row(a: ApiCompare) -> Row:
+    """The raw Session API against the raw Module API (bench --api session)."""
+    return (
+        "raw Session API run vs raw Module API forward (static, same file and threads)",
+        f"{a.session_us / 1e3:.3f} ms vs {a.module_us / 1e3:.3f} ms (medians); "
+        f"{a.ratio.text('x')} the Module API's time",
+        REPORT,
+        "",
+    )
+
+
 def _model_rows(r: BenchReport) -> list[Row]:
     """(measure, result, target, flag) for every row that measures the model."""
     v, h, m, c, b = r.hot, r.healthy, r.memory, r.recheck, r.burst
     session = r.api == "session"
-    rows: list[Row] = []
-    if r.apis is not None:
-        a = r.apis
-        rows.append(
-            (
-                "raw Session API run vs raw Module API forward (static, same file and threads)",
-                f"{a.session_us / 1e3:.3f} ms vs {a.module_us / 1e3:.3f} ms (medians); "
-                f"{a.ratio.text('x')} the Module API's time",
-                REPORT,
-                "",
-            )
-        )
+    rows = [_api_row(r.apis)] if r.apis is not None else []
     return [
         *rows,
         (
