@@ -322,6 +322,10 @@ def _bench(sub: Any) -> None:
         "--frames", type=_count, help=f"demo vocoder input length (default {DEMO_FRAMES})"
     )
     bench.add_argument("--quick", action="store_true", help="fewer rounds (for tests)")
+    bench.add_argument(
+        "--no-reference", action="store_true",
+        help="measure the model only, without the reference measures on built-in models",
+    )  # fmt: skip
     _api_flag(bench, "measure MNN.Interpreter sessions, and the Session API against the Module API")
     bench.add_argument("--json", help="also write the report as JSON to this file")
 

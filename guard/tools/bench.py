@@ -147,11 +147,13 @@ def run_bench(
     probe: Probe | None = None,
     model: str | os.PathLike[str] | None = None,
     api: str = "module",
+    references: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
     """Measure every comparison on `factory` with `probe`'s canary inputs (default: the demo
     vocoder at `frames` frames, through MNN's `api`), then the reference measures on built-in
-    models. With api="session" the raw Session API is also timed against the Module API."""
+    models (`references=False`: the model only). With api="session" the raw Session API is
+    also timed against the Module API."""
     say = progress or (lambda _: None)
     started = time.perf_counter()
     builtin = factory is None or probe is None
@@ -174,15 +176,7 @@ def run_bench(
     if api == "session":
         say(f"{label}: raw Session API run vs raw Module API forward")
         apis = api_compare(factory, [inputs[n] for n in probe.input_names], quick=quick)
-    say("reference: the built-in small 3-input model, added microseconds per call")
-    small = small_hot_path(quick)
-    say("reference: the built-in tiny model, added microseconds per call")
-    tiny = tiny_hot_path(quick)
-    say("reference: guard.Pool on the built-in relay and small models")
-    pools = _reference_pools(quick)
-    judge = reference_judge_cost(policy, rounds=5 if quick else 15)
-    say("reference: cold import and --help")
-    started_up = startup(repeats=3 if quick else 7)
+    measured_references = _references(quick, policy, say) if references else {}
     shapes = ", ".join(f"{n} {a.dtype}{list(a.shape)}" for n, a in inputs.items())
     return BenchReport(
         quick=quick,
@@ -194,15 +188,25 @@ def run_bench(
         load=os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
         mnn_version=mnn.mnn_version(),
         seconds=time.perf_counter() - started,
-        small=small,
-        tiny=tiny,
-        pools=pools,
-        judge=judge,
-        startup=started_up,
+        **measured_references,
         api=api,
         apis=apis,
         **measured,
     )
+
+
+def _references(quick: bool, policy: Policy, say: Callable[[str], None]) -> dict[str, Any]:
+    """The reference measures on built-in models, by BenchReport field."""
+    say("reference: the built-in small 3-input model, added microseconds per call")
+    small = small_hot_path(quick)
+    say("reference: the built-in tiny model, added microseconds per call")
+    tiny = tiny_hot_path(quick)
+    say("reference: guard.Pool on the built-in relay and small models")
+    pools = _reference_pools(quick)
+    judge = reference_judge_cost(policy, rounds=5 if quick else 15)
+    say("reference: cold import and --help")
+    started_up = startup(repeats=3 if quick else 7)
+    return {"small": small, "tiny": tiny, "pools": pools, "judge": judge, "startup": started_up}
 
 
 def _measure_model(

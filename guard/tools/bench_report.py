@@ -43,11 +43,12 @@ class BenchReport:
     shadow: ShadowCost
     sentinels: SentinelCost | str  # or why there is nothing to price
     memory: Memory
-    small: HotPath  # reference: the built-in small 3-input model (about 0.2 ms a call)
-    tiny: HotPath  # reference: the built-in tiny model
-    pools: tuple[PoolThroughput, ...]  # reference: pools on the built-in relay and small models
-    judge: JudgeCost  # reference: a synthetic 1 s signal
-    startup: Startup
+    # reference measures on built-in models (None: `bench --no-reference`)
+    small: HotPath | None = None  # the built-in small 3-input model (about 0.2 ms a call)
+    tiny: HotPath | None = None  # the built-in tiny model
+    pools: tuple[PoolThroughput, ...] = ()  # pools on the built-in relay and small models
+    judge: JudgeCost | None = None  # a synthetic 1 s signal
+    startup: Startup | None = None
     api: str = "module"  # MNN's API the model is measured through: module or session
     apis: ApiCompare | None = None  # with api="session": the raw Session API vs the Module API
 
@@ -62,10 +63,14 @@ class BenchReport:
             "burst": (self.burst.target, self.burst.met),
             "shadow": (self.shadow.target, self.shadow.met),
             "memory": (self.memory.target, self.memory.met),
-            "small": (self.small.target, self.small.met),
-            "judge": (self.judge.target, self.judge.met),
-            "startup": (self.startup.target, self.startup.met),
-        }
+            **{
+                name: (part.target, part.met)
+                for name, part in (
+                    ("small", self.small), ("judge", self.judge), ("startup", self.startup)
+                )
+                if part is not None
+            },
+        }  # fmt: skip
         return {name: met for name, (target, met) in judged.items() if target != REPORT}
 
     @property
@@ -224,6 +229,7 @@ def _model_rows(r: BenchReport) -> list[Row]:
 def _reference_rows(r: BenchReport) -> list[Row]:
     """The rows that measure built-in reference models, not the model benchmarked."""
     t, j, sm, st = r.tiny, r.judge, r.small, r.startup
+    assert t is not None and j is not None and sm is not None and st is not None  # measured
     return [
         (
             "small built-in model (audio float32 [1, 2048], state float32 [1, 448], sr int32 "
@@ -282,10 +288,17 @@ def format_bench(r: BenchReport) -> str:
             f"**{r.model}** ({what}: {r.inputs})",
             "",
             *_table(_model_rows(r)),
-            "",
-            "Reference measures on built-in models (the same on every run, not your model):",
-            "",
-            *_table(_reference_rows(r)),
+            *(
+                [
+                    "",
+                    "Reference measures on built-in models "
+                    "(the same on every run, not your model):",
+                    "",
+                    *_table(_reference_rows(r)),
+                ]
+                if r.small is not None
+                else []
+            ),
         ]
     )
 

@@ -125,6 +125,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model=args.model,
         probe=probe,
         api=args.api,
+        references=not args.no_reference,
         progress=lambda text: say(f"  ... {text}"),
     )
     print(format_bench(report))
