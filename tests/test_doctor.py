@@ -109,15 +109,16 @@ def test_dynamic_rung_shows_no_degraded_start(report: DoctorReport) -> None:
     assert dynamic.ci_high == pytest.approx(1 - 0.025 ** (1 / STARTS))  # Clopper-Pearson, k=0
 
 
-def forward_median(dynamic: bool, mel: np.ndarray[Any, Any]) -> float:
-    """The median time of 15 forwards of a fresh one-thread module here, in seconds."""
+def forward_times(dynamic: bool, mel: np.ndarray[Any, Any]) -> tuple[float, float]:
+    """The fastest and the median time of 15 forwards of a fresh one-thread module here, in
+    seconds (the fastest is what a loaded machine cannot inflate)."""
     runner = guard.mnn.adapt(demo.demo_factory(threads=1)(**({"dynamic": True} if dynamic else {})))
     times = []
     for _ in range(15):
         start = time.perf_counter()
         runner.run([mel])
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times), statistics.median(times)
 
 
 @pytest.mark.slow
@@ -128,9 +129,12 @@ def test_timings_and_speed_ratio_are_measured(
     median of every start's interleaved rounds against rung 0, with their middle half."""
     static, dynamic = report.rungs
     mel = probes.load(demo_paths[1]).cases[0].inputs["mel"]
-    for rung, here in ((static, forward_median(False, mel)), (dynamic, forward_median(True, mel))):
+    for rung, (fastest, here) in (
+        (static, forward_times(False, mel)),
+        (dynamic, forward_times(True, mel)),
+    ):
         assert rung.init_median_s is not None and rung.forward_median_s is not None
-        assert here / 5 < rung.forward_median_s < here * 5, (rung.name, here)
+        assert fastest / 5 < rung.forward_median_s < here * 5, (rung.name, fastest, here)
         assert 0 < rung.init_median_s < 10
     assert static.speed_ratio == 1.0
     speed = dynamic.speed
