@@ -43,7 +43,6 @@ from guard.ladder import Attempt, Outcome
 from guard.listeners import Listener
 from guard.shadow import ShadowCheck, ShadowResult
 from probes import Probe, ProbeError
-from probes.probe import Case
 
 __all__ = [
     "MAX_BUNDLES",
@@ -354,15 +353,7 @@ class DiagnosisListener(Listener):
             return
         probe = self.probe
         try:  # the live call as the bundle's one case, the reference's outputs as its golden
-            live = dataclasses.replace(
-                probe,
-                cases=(
-                    Case(
-                        inputs=dict(zip(probe.input_names, sample.inputs, strict=True)),
-                        outputs=dict(check.reference),
-                    ),
-                ),
-            )
+            live = dataclasses.replace(probe, cases=(check.case(probe),))
         except ProbeError as exc:
             log.warning("session %s: no bundle for the diverging call: %s", session, exc)
             return

@@ -23,7 +23,6 @@ from guard.listeners import Listener, notify
 from guard.shadow import MAX_CASES, Sample, Shadow, ShadowCheck, ShadowResult
 from guard.state import SessionStatus, State
 from probes import Probe, ProbeError, Verdict
-from probes.probe import Case
 
 if TYPE_CHECKING:
     from guard import mnn
@@ -233,7 +232,7 @@ class Maintenance:
                 return
             self._maintaining = True
         try:
-            self._adopt(check, sample)
+            self._adopt(check)
             with self._cond:
                 serving = self._state is State.SERVING
                 current = serving and sample.generation == self._generation
@@ -249,17 +248,13 @@ class Maintenance:
             with self._cond:
                 self._maintaining = False
 
-    def _adopt(self, check: ShadowCheck, sample: Sample) -> None:
+    def _adopt(self, check: ShadowCheck) -> None:
         """Add the diverging call to the session's canary (at most MAX_CASES live cases)."""
         probe = self.probe
         if len(probe.cases) - self._recorded >= MAX_CASES:
             return
-        case = Case(
-            inputs=dict(zip(probe.input_names, sample.inputs, strict=True)),
-            outputs=dict(check.reference),
-        )
         try:
-            extended = dataclasses.replace(probe, cases=(*probe.cases, case))
+            extended = dataclasses.replace(probe, cases=(*probe.cases, check.case(probe)))
         except ProbeError as exc:  # e.g. a reference output with NaN: no golden to keep
             log.warning("session %s: the diverging call cannot join the canary: %s", self.name, exc)
             return

@@ -31,6 +31,7 @@ from guard.ladder import Rung
 from guard.sentinels import loading
 from probes import Probe, Verdict
 from probes.judges import OutputScore, judge_output
+from probes.probe import Case
 
 __all__ = [
     "CAPACITY",
@@ -86,6 +87,13 @@ class ShadowCheck:
     reference: Mapping[str, Array] = field(default_factory=dict)  # every probe output
     seconds: float = 0.0
     module_worst_db: float = math.nan  # the worst SNR of the module in use's checks so far
+
+    def case(self, probe: Probe) -> Case:
+        """The sampled call as a canary case of `probe`: its inputs, the reference's outputs as
+        the golden (ProbeError when they cannot be one, e.g. NaN)."""
+        assert self.sample is not None
+        inputs = dict(zip(probe.input_names, self.sample.inputs, strict=True))
+        return Case(inputs=inputs, outputs=dict(self.reference))
 
     @property
     def worst_snr_db(self) -> float:
