@@ -131,7 +131,8 @@ class Policy:
     request path and bounded in count and size. `retry_margin_db` raises every SNR limit for
     a re-init of a rung that already failed in the same recovery: a fault near a limit does
     not get through by being drawn again. `shadow_every=N` judges every N-th live call,
-    off the request path, against a reference module (`guard.shadow`).
+    off the request path, against a reference module (`guard.shadow`), run in a process of
+    its own unless `shadow_process` is False (`guard.reference`).
     """
 
     ladder: tuple[Rung, ...] = DEFAULT_LADDER
@@ -141,6 +142,7 @@ class Policy:
     wait_timeout: float = 30.0
     recheck_every: int | float | timedelta | None = None
     shadow_every: int | None = None
+    shadow_process: bool = True
     promote_after: float | None = 300.0
     check_finite_inputs: bool = True
     background: bool = True
@@ -162,6 +164,8 @@ class Policy:
             raise ConfigError(
                 f"shadow_every must be a whole number of calls >= 1 or None, got {shadow!r}"
             )
+        if not isinstance(self.shadow_process, bool):
+            raise ConfigError(f"shadow_process must be True or False, got {self.shadow_process!r}")
         margin = self.retry_margin_db
         if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1e3:
             raise ConfigError(f"retry_margin_db must be a number in 0..1000 dB, got {margin!r}")

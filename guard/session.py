@@ -218,8 +218,9 @@ class GuardedSession(Maintenance):
         self._shadow: Shadow | None = None  # every N-th call judged against a reference
         if policy.shadow_every is not None:
             self._shadow = Shadow(
-                name, probe, factory, every=policy.shadow_every, on_check=self._shadowed
-            )
+                name, probe, factory, every=policy.shadow_every, on_check=self._shadowed,
+                process=policy.shadow_process, timeout=policy.init_timeout or policy.wait_timeout,
+            )  # fmt: skip
         self._recorded = len(probe.cases)  # canary cases recorded (live ones may follow)
         self._served = 0  # calls served, counted for the shadow's sampling
         self._generation = 0  # modules installed so far (a shadow sample names its module)

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from guard import mnn
+from guard import reference as references
 from guard.ladder import Rung
+from guard.reference import Reference, ReferenceLost, ReferenceModule, Where
 from guard.sentinels import loading
 from probes import Probe, Verdict
 from probes.judges import OutputScore, judge_output
@@ -42,6 +43,7 @@ __all__ = [
     "ShadowCheck",
     "ShadowResult",
     "ShadowStatus",
+    "Where",
 ]
 
 Array = NDArray[Any]
@@ -56,14 +58,6 @@ class ShadowResult(enum.StrEnum):
     PASS = "pass"
     FAIL = "fail"
     DROPPED = "dropped"  # the queue was full: not checked
-
-
-class Reference(enum.StrEnum):
-    """What the shadow compares against."""
-
-    NONE = "none"  # not built yet, or it could not be built (see `ShadowStatus.error`)
-    DYNAMIC = "dynamic"  # the probe's reference configuration, as asked
-    STATIC = "static"  # MNN loaded the reference statically (control flow): a second instance
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +105,9 @@ class ShadowStatus:
     failed: int
     dropped: int
     worst_snr_db: float  # since the module in use was installed (inf: nothing checked yet)
-    error: str | None = None  # why no reference could be built
+    error: str | None = None  # why no reference could be built, or why it stopped
+    where: Where = Where.NONE  # where the reference runs
+    pid: int | None = None  # the reference process, when it has one
 
 
 class Shadow:
@@ -126,6 +122,8 @@ class Shadow:
         every: int,
         on_check: Callable[[ShadowCheck], None],
         capacity: int = CAPACITY,
+        process: bool = True,
+        timeout: float = 60.0,
     ) -> None:
         self.name = name
         self.probe = probe  # replaced by the session when diverging inputs join its canary
@@ -135,8 +133,9 @@ class Shadow:
         self._on_check = on_check
         self._queue: queue.Queue[Sample | None] = queue.Queue(capacity)
         self._lock = threading.Lock()
-        self._runner: mnn.Runner | None = None
-        self._reference = Reference.NONE
+        self._process = process  # the reference in a process of its own, where one can start
+        self._timeout = timeout  # to build the reference, and for one reference forward
+        self._module: ReferenceModule | None = None
         self._error: str | None = None
         self._checks = self._failed = self._dropped = 0
         self._worst = math.inf
@@ -203,28 +202,47 @@ class Shadow:
                 self._notify(check)
 
     def _build(self) -> None:
-        """Build the reference module (kept for the session's life)."""
+        """Build the reference module (kept for the session's life), in a process of its own
+        where one can start (else on this thread, with a warning that says what that costs)."""
         probe = self.probe
         try:
-            loaded, report = mnn.load(self._factory, loading(probe, self._overrides))
-            runner = mnn.adapt(loaded, probe.input_names, probe.output_names)
+            module, refusal = references.start(
+                self._factory, loading(probe, self._overrides), probe.input_names,
+                probe.output_names, timeout=self._timeout, process=self._process,
+            )  # fmt: skip
         except Exception as exc:
             with self._lock:
-                self._error = f"the reference {self._overrides} could not be built: {exc!r}"
+                self._error = f"the reference {self._overrides} could not be built: {exc}"
             log.error("session %s: no shadow checks: %s", self.name, self._error)
             return
-        kind = Reference.STATIC if report.turned_static else Reference.DYNAMIC
+        if refusal is not None:
+            log.warning(
+                "session %s: the shadow's reference runs on a thread of this process, not in "
+                "its own: %s; each of its forwards holds the GIL, stalling requests meanwhile",
+                self.name, refusal,
+            )  # fmt: skip
         with self._lock:
-            self._runner, self._reference = runner, kind
+            closed = self._closed
+            if not closed:
+                self._module = module
+        if closed:  # the session closed while the reference was being built
+            module.close()
 
     def _check(self, sample: Sample) -> ShadowCheck | None:
         """Run the sample on the reference and judge the served outputs against it."""
-        runner = self._runner
-        if runner is None:
+        module = self._module
+        if module is None:
             return None
         probe = self.probe
         start = time.perf_counter()
-        outputs = runner.run(list(sample.inputs))
+        try:
+            outputs = module.run(sample.inputs)
+        except ReferenceLost as exc:  # the process is gone: no later sample is judged
+            with self._lock:
+                self._module, self._error = None, str(exc)
+            if not self._closed:
+                log.error("session %s: no more shadow checks: %s", self.name, exc)
+            return None
         if len(outputs) != len(probe.outputs):
             log.warning(
                 "session %s: the shadow reference returned %d outputs for a live call, "
@@ -261,14 +279,17 @@ class Shadow:
     def status(self) -> ShadowStatus:
         """The checks so far, and what the shadow compares against."""
         with self._lock:
+            module = self._module
             return ShadowStatus(
                 every=self.every,
-                reference=self._reference,
+                reference=Reference.NONE if module is None else module.kind,
                 checks=self._checks,
                 failed=self._failed,
                 dropped=self._dropped,
                 worst_snr_db=self._worst,
                 error=self._error,
+                where=Where.NONE if module is None else module.where,
+                pid=None if module is None else module.pid,
             )
 
     def close(self, timeout: float = 5.0) -> None:
@@ -286,7 +307,10 @@ class Shadow:
                         self._queue.get_nowait()
             if self._thread is not threading.current_thread():
                 self._thread.join(timeout)
-        self._runner = None
+        with self._lock:
+            module, self._module = self._module, None
+        if module is not None:
+            module.close()
 
 
 def _judge(probe: Probe, served: Sequence[Array], reference: Mapping[str, Array]) -> Verdict:

@@ -25,7 +25,8 @@ SELECTION: dict[str, tuple[str, ...]] = {
     "guard.session": (*SESSION, "tests/test_metrics.py", "tests/test_inputs.py"),
     "guard.maintenance": (*SESSION, "tests/test_shadow.py", "tests/test_metrics.py"),
     "guard.judgement": ("tests/test_calibration.py", *SESSION),
-    "guard.shadow": ("tests/test_shadow.py",),
+    "guard.shadow": ("tests/test_shadow.py", "tests/test_reference.py"),
+    "guard.reference": ("tests/test_reference.py", "tests/test_shadow.py"),
     "guard.state": (*SESSION, "tests/test_metrics.py", "tests/test_server.py"),
     "guard.canary": (
         "tests/test_canary.py",

@@ -45,10 +45,12 @@ JUDGEMENT_SOURCES = [
     "guard/judgement.py",
     "guard/maintenance.py",
     "guard/shadow.py",
+    "guard/reference.py",
     "probes/calibration.py",
 ]
 JUDGEMENT_FILES = [
     "tests/test_shadow.py",
+    "tests/test_reference.py",
     "tests/test_calibration.py",
     "tests/test_session.py",
     "tests/test_canary.py",

@@ -141,6 +141,7 @@ def test_measurements_are_real_numbers(report_json: dict[str, Any]) -> None:
     assert shadow["calls"] > 0
     assert all(shadow[k] > 0 for k in ("rss_start_mb", "rss_middle_mb", "rss_end_mb"))
     assert math.isfinite(shadow["reference_mb"])  # reported (its size is noise-level here)
+    assert shadow["where"] == "process" and shadow["process_mb"] > 10  # an interpreter with MNN
     sentinels = report_json["sentinels"]  # the vocoder's output is a tanh: auto finds its input
     assert len(sentinels["sentinels"]) == 1 and sentinels["with_us"] > 0
     memory = report_json["memory"]

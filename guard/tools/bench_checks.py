@@ -1,9 +1,10 @@
 """`mnn-guard bench`: what checks beyond the canary cost on the hot path.
 
-Shadow checks (`Policy(shadow_every=100)`): guarded `run()` with them against without, in
-alternating rounds long enough that each holds samples, and this process's RSS over many
-calls with them on: at the start, halfway and at the end (flat: the second half grows by
-less than SHADOW_RSS_MB; the first may still see the allocator settle).
+Shadow checks (`Policy(shadow_every=100)`): one session's guarded `run()` with its sampling
+on against off, in alternating rounds of 100 calls (one sample in each round with it on);
+this process's RSS over many calls with them on, at the start, halfway and at the end (flat:
+the second half grows by less than SHADOW_RSS_MB; the first may still see the allocator
+settle); and the RSS of the reference's own process.
 
 Sentinel outputs (a probe recorded with `sentinels="auto"`): guarded `run()` of a session
 whose probe has them against one whose probe has not, in alternating rounds; MNN computes
@@ -13,8 +14,11 @@ the sentinels on every forward.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import statistics
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import probes
@@ -57,7 +61,9 @@ class ShadowCost:
     rss_start_mb: float  # after the rounds (their samples were checked)
     rss_middle_mb: float  # after half the calls: the allocator has settled
     rss_end_mb: float
-    reference_mb: float  # RSS the shadowed session added beyond a plain one: its reference
+    reference_mb: float  # RSS the shadowed session added here beyond a plain one
+    where: str  # where the reference ran: "process" (its own) or "thread" (this process)
+    process_mb: float  # the reference process's RSS (NaN on a thread)
     target: str
     met: bool | None
 
@@ -76,8 +82,9 @@ class SentinelCost:
 def shadow_cost(
     factory: Factory, probe: Probe, inputs: Inputs, policy: Policy, *, quick: bool
 ) -> ShadowCost:
-    """Sessions with and without `shadow_every=SHADOW_EVERY` (metrics off on both), timed in
-    alternating rounds of several samples each; then RSS over many calls with shadow on."""
+    """One session with `shadow_every=SHADOW_EVERY` (metrics off), timed in alternating rounds
+    with its sampling on and off (the same module either way: two sessions' modules differ in
+    speed by more than the checks cost); then RSS over many calls with it on."""
     before = rss_mb()
     shadowed = quiet_wrap(
         factory, probe, "bench-shadow", dataclasses.replace(policy, shadow_every=SHADOW_EVERY)
@@ -85,14 +92,27 @@ def shadow_cost(
     between = rss_mb()  # wrap returns once the reference module is built
     plain = quiet_wrap(factory, probe, "bench-no-shadow", policy)
     reference_mb = (between - before) - (rss_mb() - between)
+    plain.close()
+    shadow = shadowed._shadow  # its sampling period, set per side below
+    assert shadow is not None
+
+    def sampled(every: int) -> Callable[[], object]:
+        def call() -> object:
+            shadow.every = every
+            return shadowed.run(inputs)
+
+        return call
+
     try:
-        rounds, calls = (3, SHADOW_EVERY) if quick else (9, 5 * SHADOW_EVERY)
+        # short rounds of SHADOW_EVERY calls, many of them: each round with sampling on holds
+        # exactly one sample, and the machine's drifts cancel within a pair of rounds
         with_shadow, without = rounds_of(
-            [lambda: shadowed.run(inputs), lambda: plain.run(inputs)],
-            rounds=rounds,
-            per_round=calls,
+            [sampled(SHADOW_EVERY), sampled(sys.maxsize)],
+            rounds=9 if quick else 60,
+            per_round=SHADOW_EVERY,
             warmup=SHADOW_EVERY,
         )
+        shadow.every = SHADOW_EVERY
         total = SHADOW_CALLS // 20 if quick else SHADOW_CALLS
         start = rss_mb()
         for _ in range(total // 2):
@@ -102,9 +122,10 @@ def shadow_cost(
             shadowed.run(inputs)
         end = rss_mb()
         status = shadowed.status.shadow
+        pid = status.pid if status is not None else None
+        process_mb = rss_mb(pid) if pid is not None else math.nan
     finally:
         shadowed.close()
-        plain.close()
     ratio = per_round(without, with_shadow, operator.truediv, 1.0)
     return ShadowCost(
         every=SHADOW_EVERY,
@@ -118,6 +139,8 @@ def shadow_cost(
         rss_middle_mb=middle,
         rss_end_mb=end,
         reference_mb=reference_mb,
+        where=str(status.where) if status is not None else "none",
+        process_mb=process_mb,
         target=(
             f"throughput >= {SHADOW_RATIO_TARGET:g}x without; RSS flat over the second half "
             f"(< {SHADOW_RSS_MB:g} MB)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +33,18 @@ class Memory:
     met: bool
 
 
-def rss_mb() -> float:
-    """Resident set size of this process in MiB (from /proc, else the peak from getrusage)."""
+def rss_mb(pid: int | None = None) -> float:
+    """Resident set size of this process (or of process `pid`) in MiB, from /proc; else this
+    process's peak from getrusage (NaN for another process)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        status = Path(f"/proc/{'self' if pid is None else pid}/status")
+        for line in status.read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    if pid is not None:
+        return math.nan
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -137,7 +137,9 @@ def _shadow_row(s: ShadowCost) -> Row:
         f"{s.ratio.text('x')} throughput; {s.checks} samples checked, {s.dropped} dropped; "
         f"RSS {s.rss_start_mb:.1f} MB -> {s.rss_middle_mb:.1f} MB halfway -> "
         f"{s.rss_end_mb:.1f} MB ({s.rss_end_mb - s.rss_middle_mb:+.1f} MB over the second half); "
-        f"the reference module about {s.reference_mb:.1f} MB",
+        f"the reference module about {s.reference_mb:.1f} MB here"
+        + (f" and a {s.process_mb:.1f} MB process of its own" if s.where == "process" else "")
+        + f" (on a {s.where})" * (s.where != "process"),
         s.target,
         _flag(s.target, s.met),
     )

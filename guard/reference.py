@@ -1,0 +1,274 @@
+"""The shadow's reference module: in a spawned process of its own, or on the shadow's thread.
+
+A PyMNN Module's forward holds the GIL for its whole length: a reference forward on a thread of
+the serving process stalls every request meanwhile (a sleeping thread overshot by the forward's
+length, 4 to 11 ms on the demo vocoder). In a process of its own the reference runs beside the
+requests; the serving process only sends a sample's inputs and reads the outputs back. Where no
+process can be used (`Policy.shadow_process=False`, a factory that does not pickle, or whose
+class the new interpreter cannot import, such as one defined in a script) it runs on the
+shadow's thread instead.
+
+The process is a fresh interpreter started with `subprocess` (never a fork: MNN hangs in a
+process forked after a load; and not multiprocessing's spawn, which runs the caller's script
+again and cannot start from a daemonic process such as a `guard.Pool` worker). It reads the
+factory from its pipe, exits when the pipe closes, and prints to the parent's stderr.
+
+>>> ref, why_not = start(factory, overrides, ["mel"], ["wav"], timeout=60)  # doctest: +SKIP
+>>> ref.where, ref.kind  # doctest: +SKIP
+(<Where.PROCESS: 'process'>, <Reference.DYNAMIC: 'dynamic'>)
+>>> wav, = ref.run([mel]); ref.close()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any, Protocol
+
+from numpy.typing import NDArray
+
+from guard import mnn
+from guard.errors import GuardError
+
+__all__ = [
+    "STOP_SECONDS",
+    "InProcess",
+    "InThread",
+    "Reference",
+    "ReferenceLost",
+    "ReferenceModule",
+    "Where",
+    "child_main",
+    "start",
+]
+
+Array = NDArray[Any]
+STOP_SECONDS = 2.0  # a reference process is given this long to exit before it is killed
+
+
+class ReferenceLost(GuardError):
+    """The reference process died, hung or could not be reached; it was stopped."""
+
+
+class Reference(enum.StrEnum):
+    """What the shadow compares against."""
+
+    NONE = "none"  # not built yet, or it could not be built (see `ShadowStatus.error`)
+    DYNAMIC = "dynamic"  # the probe's reference configuration, as asked
+    STATIC = "static"  # MNN loaded the reference statically (control flow): a second instance
+
+
+class Where(enum.StrEnum):
+    """Where the reference module runs."""
+
+    NONE = "none"  # not built (yet)
+    PROCESS = "process"  # a spawned process of its own: its forwards leave requests alone
+    THREAD = "thread"  # the shadow's thread here: each forward holds the GIL meanwhile
+
+
+class ReferenceModule(Protocol):
+    """A built reference: run a sample's inputs (model order), get every probe output."""
+
+    kind: Reference
+    where: Where
+    pid: int | None  # the reference process (None on a thread)
+
+    def run(self, inputs: Sequence[Array]) -> list[Array]: ...
+
+    def close(self) -> None: ...
+
+
+def _build(
+    factory: Callable[..., Any],
+    overrides: Mapping[str, Any],
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+) -> tuple[mnn.Runner, Reference]:
+    """The reference module, and whether MNN loaded it as asked or statically."""
+    loaded, report = mnn.load(factory, overrides)
+    runner = mnn.adapt(loaded, inputs, outputs)
+    return runner, Reference.STATIC if report.turned_static else Reference.DYNAMIC
+
+
+@dataclass(eq=False)
+class InThread:
+    """The reference module in this process, run on the shadow's thread."""
+
+    runner: mnn.Runner
+    kind: Reference
+    where: Where = Where.THREAD
+    pid: int | None = None
+
+    def run(self, inputs: Sequence[Array]) -> list[Array]:
+        """The reference's outputs for `inputs`."""
+        return list(self.runner.run(list(inputs)))
+
+    def close(self) -> None:
+        """Nothing to stop: the module goes with this object."""
+
+
+# ------------------------------------------------------------------ the reference process
+
+
+def child_main(fd: int) -> None:
+    """The reference process (`python -c`, never a fork): read the import path and the pickled
+    factory, build the module, say so, then answer inputs with outputs until told to stop (None)
+    or the parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    conn = Connection(fd)
+    try:
+        paths, payload = conn.recv()
+        sys.path[:0] = [p for p in paths if p not in sys.path]  # where the factory's class is
+        factory, overrides, inputs, outputs = pickle.loads(payload)
+        runner, kind = _build(factory, overrides, inputs, outputs)
+    except Exception as exc:
+        conn.send(("failed", repr(exc)))
+        return
+    conn.send(("ready", kind.value))
+    while True:
+        try:
+            arrays = conn.recv()
+        except (EOFError, OSError):
+            return
+        if arrays is None:
+            return
+        try:
+            reply: tuple[str, Any] = ("ran", list(runner.run(list(arrays))))
+        except Exception as exc:
+            reply = ("raised", repr(exc))
+        try:
+            conn.send(reply)
+        except OSError:
+            return
+
+
+class InProcess:
+    """The reference module in a process of its own; this one sends inputs and reads outputs."""
+
+    where = Where.PROCESS
+
+    def __init__(self, process: subprocess.Popen[bytes], conn: Connection, timeout: float) -> None:
+        self._process = process
+        self._conn = conn
+        self.timeout = timeout
+        self.pid: int | None = process.pid
+        self.kind = Reference.NONE  # what the process says once its module is built
+
+    def ready(self) -> None:
+        """Wait, within the bound, until the module is built (ReferenceLost if it is not)."""
+        reply = self._reply()
+        if reply[0] != "ready":
+            self.close()
+            raise ReferenceLost(reply[1])
+        self.kind = Reference(reply[1])
+
+    def run(self, inputs: Sequence[Array]) -> list[Array]:
+        """The reference's outputs for `inputs`: GuardError when its forward raised,
+        ReferenceLost when the process died or did not answer within the bound (and is
+        stopped)."""
+        try:
+            self._conn.send(list(inputs))
+        except OSError:
+            reply: tuple[str, Any] = ("lost", f"the reference process {self._ended()}")
+        else:
+            reply = self._reply()
+        if reply[0] == "ran":
+            return list(reply[1])
+        if reply[0] == "raised":
+            raise GuardError(f"the shadow's reference raised {reply[1]}")
+        self.close()  # gone or hung: no later sample can use it
+        raise ReferenceLost(reply[1])
+
+    def _reply(self) -> tuple[str, Any]:
+        """The process's next message, or why none came within the bound."""
+        if not wait([self._conn], self.timeout):
+            self._process.kill()
+            return ("lost", f"the reference process did not answer within {self.timeout:g} s")
+        try:
+            reply = self._conn.recv()
+        except (EOFError, OSError):
+            return ("lost", f"the reference process {self._ended()}")
+        except Exception as exc:  # a reply that does not unpickle here
+            return ("lost", f"the reference process sent what does not unpickle: {exc!r}")
+        if isinstance(reply, tuple) and len(reply) == 2 and isinstance(reply[0], str):
+            return reply
+        return ("lost", f"the reference process sent a {type(reply).__name__}, not a reply")
+
+    def _ended(self) -> str:
+        """How the process ended: `exited with code 3`, `was killed by SIGSEGV`."""
+        try:
+            code = self._process.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            return "closed its pipe"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}"
+
+    def close(self) -> None:
+        """Ask the process to stop, kill it after STOP_SECONDS, reap it."""
+        with contextlib.suppress(OSError, ValueError):  # gone or closed already
+            self._conn.send(None)
+        try:
+            self._process.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._conn.close()
+
+
+def _spawn(payload: bytes, *, timeout: float) -> InProcess:
+    """Start a reference process for the pickled factory and wait, within `timeout`, until its
+    module is built (ReferenceLost when it is not)."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        fd = theirs.fileno()
+        code = f"import guard.reference as r; r.child_main({fd})"
+        process = subprocess.Popen(  # its stdout is our stderr: what MNN prints stays off stdout
+            [sys.executable, "-c", code], pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=2
+        )
+        conn = Connection(os.dup(ours.fileno()))
+    module = InProcess(process, conn, timeout)
+    try:
+        conn.send((list(sys.path), payload))
+    except OSError as exc:
+        module.close()
+        raise ReferenceLost(f"the reference process could not be reached: {exc}") from None
+    module.ready()
+    return module
+
+
+def start(
+    factory: Callable[..., Any],
+    overrides: Mapping[str, Any],
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    *,
+    timeout: float,
+    process: bool = True,
+) -> tuple[ReferenceModule, str | None]:
+    """The reference module `factory(**overrides)`, in a process of its own when `process` and
+    one starts, else in this one (an error of that build raises); and, when `process` was asked
+    for but the module runs here, why."""
+    refusal = None
+    if process:
+        try:
+            payload = pickle.dumps((factory, dict(overrides), list(inputs), list(outputs)))
+        except Exception as exc:
+            refusal = f"the factory does not pickle ({type(exc).__name__}: {exc})"
+        else:
+            try:
+                return _spawn(payload, timeout=timeout), None
+            except ReferenceLost as exc:
+                refusal = str(exc)
+    runner, kind = _build(factory, overrides, inputs, outputs)
+    return InThread(runner, kind), refusal

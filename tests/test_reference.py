@@ -1,0 +1,282 @@
+"""The shadow's reference module: in a process of its own, or on the shadow's thread.
+
+A PyMNN forward holds the GIL, so the reference runs in a fresh interpreter where it can; these
+tests hold where it runs, that it never outlives its session or its parent, and what happens
+when it cannot be used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import reference
+
+import guard
+import probes
+from guard import reference as references
+from guard.errors import FactoryError
+from guard.reference import Reference, ReferenceLost, Where
+from guard.testing import Fault, FaultyFactory, LouderThan
+from guard.tools import demo
+from probes.measures import snr_db
+
+LOUD = 10.0  # the canary mels peak below this; a mel x4 above
+BOUND = 30.0  # seconds any wait here may take at most
+
+
+def policy(**kw: Any) -> guard.Policy:
+    """A policy without background maintenance."""
+    return guard.Policy(**{"background": False, "promote_after": None, **kw})
+
+
+def loud_only() -> FaultyFactory:
+    """Every static init degraded (30 dB noise) on loud inputs only (it pickles)."""
+    return FaultyFactory(
+        demo.demo_factory(threads=1), fault=Fault.NOISE, rate=1.0, snr_db=30.0,
+        trigger=LouderThan(LOUD), seed=0,
+    )  # fmt: skip
+
+
+def until(check: Callable[[], bool], what: str) -> None:
+    """Poll until `check()` holds, within BOUND."""
+    deadline = time.monotonic() + BOUND
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {BOUND} s"
+        time.sleep(0.01)
+
+
+def gone(pid: int) -> bool:
+    """True once process `pid` has ended (reaped, or a zombie waiting for its new parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def shadow_of(session: guard.GuardedSession) -> Any:
+    """The session's shadow status (the test asked for shadow checks)."""
+    status = session.status.shadow
+    assert status is not None
+    return status
+
+
+def test_the_reference_runs_in_a_process_of_its_own_and_ends_with_the_session(
+    demo_probe: probes.Probe,
+) -> None:
+    """A factory that pickles gets a reference process (another pid, alive while the session
+    serves), the divergence it finds acts as usual, and close() ends the process."""
+    loud = demo.demo_mel(40, seed=3) * np.float32(4.0)
+    with guard.wrap(loud_only(), demo_probe, policy=policy(shadow_every=1), metrics=False) as s:
+        status = shadow_of(s)
+        assert (status.where, status.reference) == (Where.PROCESS, Reference.DYNAMIC)
+        pid = status.pid
+        assert pid is not None and pid != os.getpid() and not gone(pid)
+        s.run({"mel": loud})
+        until(lambda: s.status.mode == "dynamic", "the diverging static module was replaced")
+        assert snr_db(reference(loud), s.run({"mel": loud})["wav"]) > 100.0
+        assert shadow_of(s).failed >= 1
+    until(lambda: gone(pid), "the reference process ended at close")
+
+
+def test_a_killed_reference_process_ends_the_checks_and_says_why(
+    demo_probe: probes.Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGKILL of the reference process: the next sample is not judged, the status and the log
+    say the process was killed, and the session serves on."""
+    mel = demo.demo_mel(30, seed=4)
+    with caplog.at_level(logging.ERROR, logger="mnn_guard"), guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, policy=policy(shadow_every=1), metrics=False
+    ) as s:  # fmt: skip
+        pid = shadow_of(s).pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        s.run({"mel": mel})
+        until(lambda: shadow_of(s).error is not None, "the lost reference was noticed")
+        status = shadow_of(s)
+        assert "SIGKILL" in str(status.error)
+        assert (status.where, status.reference, status.checks) == (Where.NONE, Reference.NONE, 0)
+        assert any("SIGKILL" in r.getMessage() for r in caplog.records)
+        assert s.status.mode == "static" and s.status.healthy
+        assert snr_db(reference(mel), s.run({"mel": mel})["wav"]) > 100.0
+
+
+class Unpicklable:
+    """A factory holding a lock (it does not pickle)."""
+
+    def __init__(self) -> None:
+        self.factory = demo.demo_factory(threads=1)
+        self.lock = __import__("threading").Lock()
+
+    def __call__(self, **overrides: Any) -> Any:
+        return self.factory(**overrides)
+
+
+@pytest.mark.hostile
+def test_a_factory_that_does_not_pickle_gets_a_reference_here_and_a_warning(
+    demo_probe: probes.Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shadow still checks, on its thread, and the warning says why and what it costs."""
+    with caplog.at_level(logging.WARNING, logger="mnn_guard"), guard.wrap(
+        Unpicklable(), demo_probe, policy=policy(shadow_every=1), metrics=False
+    ) as s:  # fmt: skip
+        status = shadow_of(s)
+        assert (status.where, status.pid) == (Where.THREAD, None)
+        assert status.reference is Reference.DYNAMIC
+        said = [r.getMessage() for r in caplog.records if "runs on a thread" in r.getMessage()]
+        assert len(said) == 1 and "does not pickle" in said[0] and "GIL" in said[0]
+        s.run({"mel": demo.demo_mel(30, seed=5)})
+        until(lambda: shadow_of(s).checks == 1, "the sample was checked on the thread")
+
+
+def test_shadow_process_false_keeps_the_reference_here(
+    demo_probe: probes.Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Policy(shadow_process=False): the reference is built on the shadow's thread, no warning."""
+    with caplog.at_level(logging.WARNING, logger="mnn_guard"), guard.wrap(
+        loud_only(), demo_probe, metrics=False, policy=policy(shadow_every=1, shadow_process=False)
+    ) as s:  # fmt: skip
+        assert (shadow_of(s).where, shadow_of(s).pid) == (Where.THREAD, None)
+        assert not any("runs on a thread" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("value", [0, 1, "yes", None])
+def test_a_shadow_process_that_is_not_a_bool_is_refused(value: Any) -> None:
+    """shadow_process is True or False."""
+    with pytest.raises(guard.ConfigError, match="shadow_process"):
+        guard.Policy(shadow_process=value)
+
+
+SCRIPT = """
+import sys
+import guard, probes
+from guard.testing import Fault, FaultyFactory, LouderThan
+from guard.tools import demo
+{factory}
+model, folder = demo.ensure_demo()
+policy = guard.Policy(shadow_every=1, background=False, promote_after=None)
+session = guard.wrap(factory, probes.load(folder), policy=policy, metrics=False)
+status = session.status.shadow
+print("ran", status.where, status.pid, flush=True)
+{tail}
+"""
+PICKLES = "factory = demo.demo_factory(threads=1)"
+SCRIPT_CLASS = """
+class Local:
+    def __init__(self):
+        self.factory = demo.demo_factory(threads=1)
+    def __call__(self, **overrides):
+        return self.factory(**overrides)
+factory = Local()
+"""
+
+
+def run_script(tmp_path: Path, factory: str, tail: str = "session.close()") -> list[str]:
+    """Run SCRIPT (no main guard) as a program; the lines it printed on stdout."""
+    path = tmp_path / "serve.py"
+    path.write_text(SCRIPT.format(factory=textwrap.dedent(factory), tail=tail))
+    done = subprocess.run(
+        [sys.executable, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.splitlines()
+
+
+@pytest.mark.slow
+def test_a_script_without_a_main_guard_is_not_run_again_and_stdout_stays_clean(
+    tmp_path: Path,
+) -> None:
+    """The reference process is a fresh interpreter: the caller's script runs once (no spawn
+    re-import), and nothing MNN prints there reaches the caller's stdout."""
+    lines = run_script(tmp_path, PICKLES)
+    assert len(lines) == 1 and lines[0].startswith("ran process "), lines
+
+
+@pytest.mark.slow
+def test_a_factory_the_new_interpreter_cannot_import_falls_back_to_the_thread(
+    tmp_path: Path,
+) -> None:
+    """A factory class defined in the script pickles but cannot be imported by the reference
+    process: the reference runs on the shadow's thread (and the script runs once)."""
+    lines = run_script(tmp_path, SCRIPT_CLASS)
+    assert lines == ["ran thread None"], lines
+
+
+@pytest.mark.slow
+def test_the_reference_process_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    """A serving process killed with SIGKILL leaves no reference process behind."""
+    path = tmp_path / "serve.py"
+    path.write_text(SCRIPT.format(factory=PICKLES, tail="import time; time.sleep(120)"))
+    parent = subprocess.Popen(
+        [sys.executable, str(path)], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        assert parent.stdout is not None
+        line = parent.stdout.readline().split()
+        assert line[:2] == ["ran", "process"], line
+        pid = int(line[2])
+        assert not gone(pid)
+        parent.kill()
+        parent.wait(BOUND)
+        until(lambda: gone(pid), "the orphaned reference process exited")
+    finally:
+        parent.kill()
+        parent.wait(BOUND)
+
+
+class FailsToBuild:
+    """A factory (it pickles) that notes the pid of each process building it, then raises."""
+
+    def __init__(self, notes: Path) -> None:
+        self.notes = notes
+
+    def __call__(self, **overrides: Any) -> Any:
+        with self.notes.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        raise FactoryError("this reference cannot be built")
+
+
+def test_a_reference_process_whose_build_fails_is_stopped_and_the_build_tried_here(
+    tmp_path: Path,
+) -> None:
+    """start(): the process that could not build the module ends, the build is tried here, and
+    its own error is what the caller sees."""
+    notes = tmp_path / "pids"
+    with pytest.raises(FactoryError, match="cannot be built"):
+        references.start(FailsToBuild(notes), {"dynamic": True}, ["mel"], ["wav"], timeout=BOUND)
+    child, here = (int(x) for x in notes.read_text().split())
+    assert here == os.getpid() and child != here
+    until(lambda: gone(child), "the failed reference process ended")
+
+
+def test_a_reference_process_that_does_not_answer_is_killed(demo_probe: probes.Probe) -> None:
+    """A forward that takes longer than the bound: ReferenceLost, and the process is killed."""
+    module, why = references.start(
+        demo.demo_factory(threads=1), {"dynamic": True}, ["mel"], ["wav"], timeout=BOUND
+    )
+    assert (module.where, why) == (Where.PROCESS, None)
+    assert isinstance(module, references.InProcess)
+    pid = module.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # stopped: it will not answer
+    module.timeout = 0.5  # from now on
+    with pytest.raises(ReferenceLost, match=r"did not answer within 0\.5 s"):
+        module.run([demo.demo_mel(30, seed=6)])
+    until(lambda: gone(pid), "the silent reference process was killed")
