@@ -18,7 +18,7 @@ from typing import Any
 
 from numpy.typing import NDArray
 
-from guard import mnn
+from guard import mnn, reaper
 from guard.canary import init_and_check
 from guard.errors import (
     ConfigError,
@@ -175,7 +175,25 @@ def _fresh(recorded: RecoveryExhausted) -> RecoveryExhausted:
 
 
 def _released(name: str, wake: threading.Event, listeners: tuple[Listener, ...]) -> None:
-    """What a collected, never-closed session owes: stop its thread, leave readiness and metrics."""
+    """What a collected, never-closed session owes (stop its thread, leave readiness and
+    metrics), done by the reaper: a finalizer runs where the GC struck, maybe under a lock
+    these take."""
+    reaper.later(_release, name, wake, listeners)
+
+
+def _on_collection(
+    session: object, name: str, wake: threading.Event, listeners: tuple[Listener, ...]
+) -> weakref.finalize[Any, Any]:
+    """The finalizer that releases a session collected without close() (none at exit: nothing
+    is left to tell)."""
+    reaper.start()
+    finalizer = weakref.finalize(session, _released, name, wake, listeners)
+    finalizer.atexit = False
+    return finalizer
+
+
+def _release(name: str, wake: threading.Event, listeners: tuple[Listener, ...]) -> None:
+    """Wake the session's maintenance thread (it ends) and tell its listeners it closed."""
     wake.set()
     notify(listeners, "on_close", name)
 
@@ -250,8 +268,7 @@ class GuardedSession(Maintenance):
                 self._shadow.close()
             raise _fresh(self._failure)
         self._await_shadow(policy.init_timeout or policy.wait_timeout)
-        self._finalizer = weakref.finalize(self, _released, name, self._wake, self._listeners)
-        self._finalizer.atexit = False  # at exit nothing is left to tell
+        self._finalizer = _on_collection(self, name, self._wake, self._listeners)
         if policy.background and self._needs_maintenance():
             periods = [v for v in (policy.promote_after, policy.recheck_seconds) if v is not None]
             self._thread = threading.Thread(

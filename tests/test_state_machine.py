@@ -495,9 +495,62 @@ def test_a_dropped_session_cleans_up_after_itself(demo_probe: probes.Probe) -> N
     del s
     gc.collect()
     assert ref() is None
-    thread.join(0.5)  # woken at once by the finalizer, not at its next 1 s tick
+    thread.join(0.5)  # woken at once by the reaper, not at its next 1 s tick
     assert not thread.is_alive()
-    assert table.sessions() == {} and [e.kind for e in listener.events][-1] == "close"
+    deadline = time.monotonic() + BOUND  # the reaper thread tells the listeners
+    while table.sessions() or [e.kind for e in listener.events][-1] != "close":
+        assert time.monotonic() < deadline, "the collected session was not released"
+        time.sleep(0.01)
+
+
+class LockingListener(guard.Listener):
+    """A listener with a lock of its own (as prometheus_client's metrics have), under which a
+    garbage collection strikes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.closed: list[str] = []
+
+    def on_status(self, session: str, status: Any) -> None:
+        with self.lock:
+            gc.collect()  # a collection while this thread holds the lock
+
+    def on_close(self, session: str) -> None:
+        with self.lock:
+            self.closed.append(session)
+
+
+def test_a_session_collected_under_a_listeners_lock_does_not_deadlock(
+    demo_probe: probes.Probe,
+) -> None:
+    """A session dropped without close() and collected while its thread holds a lock its own
+    release takes (a listener's, the health table's): the release waits for the reaper thread
+    instead of deadlocking the collecting thread."""
+    listener = LockingListener()
+    policy = guard.Policy(background=False, promote_after=None)
+
+    def drop() -> None:
+        dropped = guard.wrap(
+            demo.demo_factory(threads=1), demo_probe, name="collected", metrics=False,
+            listeners=[listener], policy=policy,
+        )  # fmt: skip
+        dropped.cycle = dropped  # type: ignore[attr-defined]  # freed only by a collection
+
+    def collect_under_the_lock() -> None:
+        drop()
+        guard.wrap(
+            demo.demo_factory(threads=1), demo_probe, name="collector", metrics=False,
+            listeners=[listener], policy=policy,
+        ).close()  # fmt: skip
+
+    worker = threading.Thread(target=collect_under_the_lock, daemon=True)
+    worker.start()
+    worker.join(BOUND)
+    assert not worker.is_alive(), "the collecting thread deadlocked"
+    deadline = time.monotonic() + BOUND
+    while "collected" not in listener.closed:
+        assert time.monotonic() < deadline, "the collected session was never released"
+        time.sleep(0.01)
 
 
 def test_a_failing_background_pass_is_logged_and_maintenance_goes_on(
