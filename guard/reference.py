@@ -31,6 +31,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from multiprocessing import spawn
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
 
@@ -120,15 +121,13 @@ class InThread:
 
 
 def child_main(fd: int) -> None:
-    """The reference process (`python -c`, never a fork): read the import path and the pickled
-    factory, build the module, say so, then answer inputs with outputs until told to stop (None)
-    or the parent is gone."""
+    """The reference process (`python -c`, never a fork; its sys.path is the parent's): read
+    the pickled factory, build the module, say so, then answer inputs with outputs until told
+    to stop (None) or the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     conn = Connection(fd)
     try:
-        paths, payload = conn.recv()
-        sys.path[:0] = [p for p in paths if p not in sys.path]  # where the factory's class is
-        factory, overrides, inputs, outputs = pickle.loads(payload)
+        factory, overrides, inputs, outputs = pickle.loads(conn.recv_bytes())
         runner, kind = _build(factory, overrides, inputs, outputs)
     except Exception as exc:
         conn.send(("failed", repr(exc)))
@@ -178,7 +177,7 @@ class InProcess:
         try:
             self._conn.send(list(inputs))
         except OSError:
-            reply: tuple[str, Any] = ("lost", f"the reference process {self._ended()}")
+            reply: tuple[str, Any] = ("lost", f"the reference process {self.ended()}")
         else:
             reply = self._reply()
         if reply[0] == "ran":
@@ -196,14 +195,14 @@ class InProcess:
         try:
             reply = self._conn.recv()
         except (EOFError, OSError):
-            return ("lost", f"the reference process {self._ended()}")
+            return ("lost", f"the reference process {self.ended()}")
         except Exception as exc:  # a reply that does not unpickle here
             return ("lost", f"the reference process sent what does not unpickle: {exc!r}")
         if isinstance(reply, tuple) and len(reply) == 2 and isinstance(reply[0], str):
             return reply
         return ("lost", f"the reference process sent a {type(reply).__name__}, not a reply")
 
-    def _ended(self) -> str:
+    def ended(self) -> str:
         """How the process ended: `exited with code 3`, `was killed by SIGSEGV`."""
         try:
             code = self._process.wait(STOP_SECONDS)
@@ -232,17 +231,23 @@ def _spawn(payload: bytes, *, timeout: float) -> InProcess:
     ours, theirs = socket.socketpair()
     with ours, theirs:
         fd = theirs.fileno()
-        code = f"import guard.reference as r; r.child_main({fd})"
-        process = subprocess.Popen(  # its stdout is our stderr: what MNN prints stays off stdout
-            [sys.executable, "-c", code], pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=2
-        )
+        # the parent's import path first: the factory's class may live where only it looks
+        code = f"import sys; sys.path[:0] = {sys.path!r}; import guard.reference as r; "
+        code += f"r.child_main({fd})"
+        try:  # the interpreter multiprocessing would spawn (set_executable() names another)
+            process = subprocess.Popen(  # its stdout is our stderr: MNN's notes stay off stdout
+                [spawn.get_executable(), "-c", code], pass_fds=(fd,), stdin=subprocess.DEVNULL,
+                stdout=2,
+            )  # fmt: skip
+        except (OSError, ValueError) as exc:
+            raise ReferenceLost(f"the reference process could not start: {exc}") from None
         conn = Connection(os.dup(ours.fileno()))
     module = InProcess(process, conn, timeout)
     try:
-        conn.send((list(sys.path), payload))
-    except OSError as exc:
+        conn.send_bytes(payload)
+    except OSError:
         module.close()
-        raise ReferenceLost(f"the reference process could not be reached: {exc}") from None
+        raise ReferenceLost(f"the reference process {module.ended()}") from None
     module.ready()
     return module
 

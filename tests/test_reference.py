@@ -8,6 +8,8 @@ when it cannot be used.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.spawn
 import os
 import signal
 import subprocess
@@ -157,6 +159,27 @@ def test_a_shadow_process_that_is_not_a_bool_is_refused(value: Any) -> None:
     """shadow_process is True or False."""
     with pytest.raises(guard.ConfigError, match="shadow_process"):
         guard.Policy(shadow_process=value)
+
+
+@pytest.mark.hostile
+def test_an_interpreter_that_cannot_start_leaves_the_reference_here(
+    demo_probe: probes.Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reference process is started with the interpreter multiprocessing would spawn
+    (`multiprocessing.set_executable`); one that cannot start leaves the reference on the
+    shadow's thread, and the warning says why."""
+    missing = "/nonexistent/python"
+    before = multiprocessing.spawn.get_executable()
+    multiprocessing.set_executable(missing)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mnn_guard"), guard.wrap(
+            loud_only(), demo_probe, policy=policy(shadow_every=1), metrics=False
+        ) as s:  # fmt: skip
+            assert shadow_of(s).where is Where.THREAD
+    finally:
+        multiprocessing.set_executable(before)
+    said = [r.getMessage() for r in caplog.records if "runs on a thread" in r.getMessage()]
+    assert len(said) == 1 and "could not start" in said[0] and missing in said[0]
 
 
 SCRIPT = """
