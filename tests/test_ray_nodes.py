@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import polling
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -38,14 +39,8 @@ T = TypeVar("T")
 
 
 def until(what: str, check: Callable[[], T | None], bound: float = BOUND) -> T:
-    """Poll `check` until it returns something, within `bound` seconds."""
-    deadline = time.monotonic() + bound
-    while time.monotonic() < deadline:
-        found = check()
-        if found is not None:
-            return found
-        time.sleep(0.5)
-    raise AssertionError(f"no {what} within {bound} s")
+    """Poll `check` until it returns something, within `bound` seconds (every 0.5 s)."""
+    return polling.until(what, check, bound, every=0.5)
 
 
 def descendants(pid: int) -> set[int]:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import polling
 import pytest
 
 pytest.importorskip("ray.serve", reason="the ray extra is not installed")
@@ -58,14 +59,8 @@ SMALL = {"num_cpus": 0.1}  # a replica beside those
 
 
 def until(what: str, check: Callable[[], T | None], bound: float = BOUND) -> T:
-    """Poll `check` until it returns something, within `bound` seconds."""
-    deadline = time.monotonic() + bound
-    while time.monotonic() < deadline:
-        found = check()
-        if found is not None:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"no {what} within {bound} s")
+    """Poll `check` until it returns something, within `bound` seconds (every 0.2 s)."""
+    return polling.until(what, check, bound, every=0.2)
 
 
 def claim(folder: str) -> int:

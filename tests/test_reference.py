@@ -15,14 +15,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from conftest import reference
+from polling import until
 
 import guard
 import probes
@@ -48,14 +47,6 @@ def loud_only() -> FaultyFactory:
         demo.demo_factory(threads=1), fault=Fault.NOISE, rate=1.0, snr_db=30.0,
         trigger=LouderThan(LOUD), seed=0,
     )  # fmt: skip
-
-
-def until(check: Callable[[], bool], what: str) -> None:
-    """Poll until `check()` holds, within BOUND."""
-    deadline = time.monotonic() + BOUND
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {BOUND} s"
-        time.sleep(0.01)
 
 
 def gone(pid: int) -> bool:
@@ -86,10 +77,10 @@ def test_the_reference_runs_in_a_process_of_its_own_and_ends_with_the_session(
         pid = status.pid
         assert pid is not None and pid != os.getpid() and not gone(pid)
         s.run({"mel": loud})
-        until(lambda: s.status.mode == "dynamic", "the diverging static module was replaced")
+        until("the diverging static module was replaced", lambda: s.status.mode == "dynamic")
         assert snr_db(reference(loud), s.run({"mel": loud})["wav"]) > 100.0
         assert shadow_of(s).failed >= 1
-    until(lambda: gone(pid), "the reference process ended at close")
+    until("the reference process ended at close", lambda: gone(pid))
 
 
 def test_a_killed_reference_process_ends_the_checks_and_says_why(
@@ -105,7 +96,7 @@ def test_a_killed_reference_process_ends_the_checks_and_says_why(
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
         s.run({"mel": mel})
-        until(lambda: shadow_of(s).error is not None, "the lost reference was noticed")
+        until("the lost reference was noticed", lambda: shadow_of(s).error is not None)
         status = shadow_of(s)
         assert "SIGKILL" in str(status.error)
         assert (status.where, status.reference, status.checks) == (Where.NONE, Reference.NONE, 0)
@@ -139,7 +130,7 @@ def test_a_factory_that_does_not_pickle_gets_a_reference_here_and_a_warning(
         said = [r.getMessage() for r in caplog.records if "runs on a thread" in r.getMessage()]
         assert len(said) == 1 and "does not pickle" in said[0] and "GIL" in said[0]
         s.run({"mel": demo.demo_mel(30, seed=5)})
-        until(lambda: shadow_of(s).checks == 1, "the sample was checked on the thread")
+        until("the sample was checked on the thread", lambda: shadow_of(s).checks == 1)
 
 
 def test_shadow_process_false_keeps_the_reference_here(
@@ -258,7 +249,7 @@ def test_the_reference_process_ends_when_its_parent_is_killed(tmp_path: Path) ->
         assert not gone(pid)
         parent.kill()
         parent.wait(BOUND)
-        until(lambda: gone(pid), "the orphaned reference process exited")
+        until("the orphaned reference process exited", lambda: gone(pid))
     finally:
         parent.kill()
         parent.wait(BOUND)
@@ -286,7 +277,7 @@ def test_a_reference_process_whose_build_fails_is_stopped_and_the_build_tried_he
         references.start(FailsToBuild(notes), {"dynamic": True}, ["mel"], ["wav"], timeout=BOUND)
     child, here = (int(x) for x in notes.read_text().split())
     assert here == os.getpid() and child != here
-    until(lambda: gone(child), "the failed reference process ended")
+    until("the failed reference process ended", lambda: gone(child))
 
 
 def test_a_reference_process_that_does_not_answer_is_killed(demo_probe: probes.Probe) -> None:
@@ -302,4 +293,4 @@ def test_a_reference_process_that_does_not_answer_is_killed(demo_probe: probes.P
     module.timeout = 0.5  # from now on
     with pytest.raises(ReferenceLost, match=r"did not answer within 0\.5 s"):
         module.run([demo.demo_mel(30, seed=6)])
-    until(lambda: gone(pid), "the silent reference process was killed")
+    until("the silent reference process was killed", lambda: gone(pid))

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import FakeClock, reference
+from polling import until
 from prometheus_client import CollectorRegistry
 
 import guard
@@ -27,6 +28,7 @@ from guard.tools import demo
 from probes.measures import snr_db
 
 Array = np.ndarray[Any, Any]
+WORK = "shadow check"  # what the tests wait for
 LOUD = 10.0  # the canary mels peak below this in magnitude; a loud live mel (x4) above
 
 
@@ -54,14 +56,6 @@ def degraded(out: Array, clean: Array) -> bool:
 def policy(**kw: Any) -> guard.Policy:
     """A policy without background maintenance (promotions only when a test asks)."""
     return guard.Policy(**{"background": False, "promote_after": None, **kw})
-
-
-def wait_for(check: Any, seconds: float = 20.0) -> None:
-    """Poll until `check()` holds (the shadow thread works in the background)."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "not within the bound"
-        time.sleep(0.01)
 
 
 def test_the_canary_alone_serves_a_fault_only_loud_inputs_trigger(demo_probe: probes.Probe) -> None:
@@ -95,7 +89,7 @@ def test_a_fault_on_half_the_inputs_is_served_a_bounded_number_of_times(
                 bad_after += bad
             if first is None and any(e.check.result.value == "fail" for e in listener.of("shadow")):
                 first = k
-                wait_for(lambda: session.status.mode == "dynamic")
+                until(WORK, lambda: session.status.mode == "dynamic")
             if k == 300:  # a promotion back to static is tried: it must fail now
                 clock.advance(61)
                 assert session.maintain() == []
@@ -114,7 +108,7 @@ def test_a_fault_only_another_length_triggers_is_caught(demo_probe: probes.Probe
     with guard.wrap(faulty, demo_probe, policy=policy(shadow_every=1), metrics=False) as s:
         assert s.status.mode == "static"
         s.run({"mel": demo.demo_mel(57, seed=1)})
-        wait_for(lambda: s.status.mode == "dynamic")
+        until(WORK, lambda: s.status.mode == "dynamic")
         shadow = s.status.shadow
         assert shadow is not None and shadow.failed == 1
         mel = demo.demo_mel(57, seed=2)
@@ -132,7 +126,7 @@ def test_shadow_checks_are_counted_and_the_worst_snr_shown(demo_probe: probes.Pr
         for mel in list(mels(10)):
             s.run({"mel": mel})
         shadow = lambda: s.status.shadow  # noqa: E731
-        wait_for(lambda: shadow() is not None and shadow().checks + shadow().dropped == 5)
+        until(WORK, lambda: shadow() is not None and shadow().checks + shadow().dropped == 5)
         count = {
             r: registry.get_sample_value(
                 "mnn_guard_shadow_checks_total", {"session": "sh", "result": r}
@@ -201,12 +195,12 @@ def test_a_divergence_is_logged_with_its_worst_value_and_bundled(
         policy=policy(shadow_every=1, diagnose=tmp_path / "diag"),
     ) as s:  # fmt: skip
         s.run({"mel": loud})
-        wait_for(lambda: s.status.mode == "dynamic")
+        until(WORK, lambda: s.status.mode == "dynamic")
     said = [r.getMessage() for r in caplog.records if "shadow check failed" in r.getMessage()]
     assert said and "dB" in said[0]
     fails = [e.check for e in listener.of("shadow") if e.result == "fail"]
     assert fails and 25 < fails[0].module_worst_db < 35  # the module's worst: the 30 dB fault
-    wait_for(lambda: bool(find_bundles(tmp_path / "diag")))
+    until(WORK, lambda: bool(find_bundles(tmp_path / "diag")))
     shadow = [b for b in find_bundles(tmp_path / "diag") if "shadow" in b.name]
     assert shadow
     with np.load(shadow[0] / "inputs.npz") as inputs:
@@ -225,7 +219,7 @@ def test_the_reference_of_a_control_flow_model_is_a_second_static_instance(
         session = guard.wrap(factory, probe, policy=policy(shadow_every=1), metrics=False)
     with session:
         session.run(inputs)
-        wait_for(lambda: session.status.shadow is not None and session.status.shadow.checks == 1)
+        until(WORK, lambda: session.status.shadow is not None and session.status.shadow.checks == 1)
         assert session.status.shadow.reference is Reference.STATIC
 
 
@@ -321,11 +315,12 @@ def test_a_reference_that_hangs_delays_wrap_by_init_timeout_at_most(
         mel = demo.demo_mel(30, seed=4)
         assert not degraded(s.run({"mel": mel})["wav"], reference(mel))
         hanging.gate.set()
-        wait_for(
-            lambda: s.status.shadow is not None and s.status.shadow.reference is not Reference.NONE
+        until(
+            WORK,
+            lambda: s.status.shadow is not None and s.status.shadow.reference is not Reference.NONE,
         )
         s.run({"mel": mel})
-        wait_for(lambda: s.status.shadow is not None and s.status.shadow.checks >= 1)
+        until(WORK, lambda: s.status.shadow is not None and s.status.shadow.checks >= 1)
 
 
 def test_the_check_judges_copies_the_caller_cannot_change(demo_probe: probes.Probe) -> None:
@@ -338,7 +333,7 @@ def test_the_check_judges_copies_the_caller_cannot_change(demo_probe: probes.Pro
         mel *= np.float32(4.0)  # the caller's own arrays, reused for its next call
         wav[...] = 0.0
         slow.gate.set()
-        wait_for(lambda: s.status.shadow is not None and s.status.shadow.checks == 1)
+        until(WORK, lambda: s.status.shadow is not None and s.status.shadow.checks == 1)
         assert (s.status.shadow.failed, s.status.mode) == (0, "static")
 
 
@@ -376,7 +371,7 @@ def test_a_reference_returning_too_few_outputs_judges_nothing_and_says_so(
     ) as s:  # fmt: skip
         for seed in range(3):
             s.run({"mel": demo.demo_mel(30, seed=seed)})
-        wait_for(lambda: any("returned 0 outputs" in r.getMessage() for r in caplog.records))
+        until(WORK, lambda: any("returned 0 outputs" in r.getMessage() for r in caplog.records))
         said = [r.getMessage() for r in caplog.records if "returned 0 outputs" in r.getMessage()]
         assert f"session {s.name}" in said[0] and "expected 1" in said[0]
         assert s.status.shadow is not None and s.status.shadow.failed == 0
