@@ -35,7 +35,7 @@ SELECTION: dict[str, tuple[str, ...]] = {
         "tests/test_promotion.py",
     ),
     "guard.inputs": ("tests/test_inputs.py", "tests/test_session.py"),
-    "guard.metrics": METRICS,
+    "guard.metrics": (*METRICS, "tests/test_multiprocess_metrics.py"),
     "guard.families": METRICS,
     "guard.sinks": (*METRICS, "tests/test_replica.py"),
     "guard.health": (
