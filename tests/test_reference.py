@@ -12,9 +12,11 @@ import multiprocessing
 import multiprocessing.spawn
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -303,3 +305,133 @@ def test_a_reference_process_that_does_not_answer_is_killed(demo_probe: probes.P
     with pytest.raises(ReferenceLost, match=r"did not answer within 0\.5 s"):
         module.run([demo.demo_mel(30, seed=6)])
     until(lambda: gone(pid), "the silent reference process was killed")
+
+
+# ------------------------------------------------------------ hostile: leaks, hangs, forks
+
+
+def finishes(call: Callable[[], object], pid: int) -> BaseException | None:
+    """Run `call` on a thread; assert it returns within BOUND (else SIGKILL `pid`, which must
+    release it); what it raised."""
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(BOUND)
+    hung = thread.is_alive()
+    if hung:
+        os.kill(pid, signal.SIGKILL)
+    assert not hung, f"{call!r} still waiting after {BOUND} s"
+    return raised[0] if raised else None
+
+
+def longer_than_the_pipe() -> Any:
+    """A mel of twice the bytes a socket pair buffers (a long utterance)."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        buffered = ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        buffered += theirs.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    frames = 2 * buffered // demo.demo_mel(1).nbytes  # the demo probe takes up to 4000
+    return demo.demo_mel(frames, seed=8)
+
+
+@pytest.mark.hostile
+def test_a_stopped_reference_process_is_killed_even_when_the_inputs_fill_the_pipe() -> None:
+    """A stopped process cannot take a long input (more than the socket pair buffers): the
+    sample's send is bounded too, ReferenceLost within the timeout, and the process is killed."""
+    module, _ = references.start(
+        demo.demo_factory(threads=1), {"dynamic": True}, ["mel"], ["wav"], timeout=BOUND
+    )
+    pid = module.pid
+    assert isinstance(module, references.InProcess) and pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    module.timeout = 0.5
+    raised = finishes(lambda: module.run([longer_than_the_pipe()]), pid)
+    assert isinstance(raised, ReferenceLost) and "within 0.5 s" in str(raised), raised
+    until(lambda: gone(pid), "the stopped reference process was killed")
+
+
+@pytest.mark.hostile
+def test_close_returns_while_a_stopped_reference_process_holds_a_long_sample(
+    demo_probe: probes.Probe,
+) -> None:
+    """close() within the bound while the shadow's thread is stuck sending a long sample to a
+    stopped reference process (it used to wait forever on the same full pipe)."""
+    session = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, policy=policy(shadow_every=1), metrics=False
+    )  # fmt: skip
+    pid = shadow_of(session).pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    session.run({"mel": longer_than_the_pipe()})
+    assert finishes(session.close, pid) is None
+    until(lambda: gone(pid), "the stopped reference process was killed")
+
+
+HALF_A_REPLY = """#!{python}
+import os, re, sys, time
+from multiprocessing.connection import Connection
+conn = Connection(int(re.search(r"child_main\\((\\d+)\\)", sys.argv[-1]).group(1)))
+conn.recv_bytes()
+conn.send(("ready", "dynamic"))
+conn.recv_bytes()
+os.write(conn.fileno(), (1 << 20).to_bytes(4, "big") + b"half")
+time.sleep(3600)
+"""
+
+
+@pytest.mark.hostile
+def test_a_reference_process_that_sends_half_a_reply_is_killed(tmp_path: Path) -> None:
+    """A reference interpreter (`multiprocessing.set_executable`) that sends the head of a
+    1 MB reply and then nothing: ReferenceLost within the timeout, not a read that waits for
+    the rest forever, and the process is killed."""
+    python = tmp_path / "half-a-reply"
+    python.write_text(HALF_A_REPLY.format(python=sys.executable))
+    python.chmod(0o755)
+    before = multiprocessing.spawn.get_executable()
+    multiprocessing.set_executable(str(python))
+    try:
+        module, why = references.start(
+            demo.demo_factory(threads=1), {"dynamic": True}, ["mel"], ["wav"], timeout=BOUND
+        )
+    finally:
+        multiprocessing.set_executable(before)
+    pid = module.pid
+    assert isinstance(module, references.InProcess) and why is None and pid is not None
+    module.timeout = 0.5
+    raised = finishes(lambda: module.run([demo.demo_mel(30, seed=9)]), pid)
+    assert isinstance(raised, ReferenceLost) and "within 0.5 s" in str(raised), raised
+    until(lambda: gone(pid), "the half-replying reference process was killed")
+
+
+FORK_AND_CLOSE = """
+import os, time
+child = os.fork()
+if child == 0:
+    session.close()  # this child's copy of the parent's session
+    os._exit(0)
+os.waitpid(child, 0)
+session.run({"mel": demo.demo_mel(30, seed=10)})
+deadline = time.monotonic() + 30
+while session.status.shadow.checks == 0 and session.status.shadow.error is None:
+    assert time.monotonic() < deadline, "no check within 30 s"
+    time.sleep(0.01)
+print("after", session.status.shadow.checks, session.status.shadow.error, flush=True)
+session.close()
+"""
+
+
+@pytest.mark.slow
+def test_a_forked_child_closing_its_copy_of_the_session_leaves_the_reference_alone(
+    tmp_path: Path,
+) -> None:
+    """A child forked after the reference started (gunicorn --preload style) that closes the
+    session it inherited stops nothing of its parent's: the parent's next sample is checked."""
+    lines = run_script(tmp_path, PICKLES, FORK_AND_CLOSE)
+    assert lines[0].startswith("ran process ") and lines[1:] == ["after 1 None"], lines
