@@ -7,6 +7,7 @@ when it cannot be used.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import multiprocessing.spawn
@@ -18,6 +19,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -339,6 +341,22 @@ def longer_than_the_pipe() -> Any:
         buffered += theirs.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     frames = 2 * buffered // demo.demo_mel(1).nbytes  # the demo probe takes up to 4000
     return demo.demo_mel(frames, seed=8)
+
+
+def test_a_session_dropped_without_close_ends_its_reference_process(
+    demo_probe: probes.Probe,
+) -> None:
+    """A session collected without close() is collected (its shadow's thread held it alive, and
+    the reference process with it, for the interpreter's life) and its reference process ends."""
+    session = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, policy=policy(shadow_every=1), metrics=False
+    )  # fmt: skip
+    pid = shadow_of(session).pid
+    assert pid is not None
+    dropped = weakref.ref(session)
+    del session
+    until(lambda: gc.collect() >= 0 and dropped() is None, "the dropped session was collected")
+    until(lambda: gone(pid), "the dropped session's reference process ended")
 
 
 @pytest.mark.hostile
