@@ -232,6 +232,9 @@ class InProcess:
             return ("lost", f"the reference process did not answer within {self.timeout:g} s")
         except (EOFError, OSError):
             return ("lost", f"the reference process {self.ended()}")
+        except ValueError as exc:  # a header no frame has
+            self._process.kill()  # the stream is out of step: no later reply can be read
+            return ("lost", f"the reference process sent a malformed reply ({exc})")
         try:
             reply = pickle.loads(body)
         except Exception as exc:  # a reply that does not unpickle here
@@ -240,17 +243,20 @@ class InProcess:
             return reply
         return ("lost", f"the reference process sent a {type(reply).__name__}, not a reply")
 
-    def _read(self, size: int, deadline: float) -> bytearray:
-        """Exactly `size` bytes from the process, by `deadline` (EOFError if it closed first)."""
-        buffer = bytearray(size)
-        view, got = memoryview(buffer), 0
+    def _read(self, size: int, deadline: float) -> bytes:
+        """Exactly `size` bytes from the process, by `deadline` (EOFError if it closed first;
+        nothing is set aside for a size it merely claims)."""
+        if size < 0:
+            raise ValueError(f"a frame of {size} bytes")
+        chunks, got = [], 0
         while got < size:
             self._sock.settimeout(_left(deadline))
-            count = self._sock.recv_into(view[got:])
-            if not count:
+            chunk = self._sock.recv(min(size - got, 1 << 20))
+            if not chunk:
                 raise EOFError
-            got += count
-        return buffer
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
 
     def ended(self) -> str:
         """How the process ended: `exited with code 3`, `was killed by SIGSEGV`."""

@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import multiprocessing.spawn
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -392,40 +393,50 @@ def test_close_returns_while_a_stopped_reference_process_holds_a_long_sample(
     until(lambda: gone(pid), "the stopped reference process was killed")
 
 
-HALF_A_REPLY = """#!{python}
+MISBEHAVING = """#!{python}
 import os, re, sys, time
 from multiprocessing.connection import Connection
 conn = Connection(int(re.search(r"child_main\\((\\d+)\\)", sys.argv[-1]).group(1)))
 conn.recv_bytes()
 conn.send(("ready", "dynamic"))
 conn.recv_bytes()
-os.write(conn.fileno(), (1 << 20).to_bytes(4, "big") + b"half")
+os.write(conn.fileno(), {sent!r})
 time.sleep(3600)
 """
+HALF_A_REPLY = (1 << 20).to_bytes(4, "big") + b"half"  # the head of a 1 MB reply, then nothing
+NEGATIVE_SIZE = (-2).to_bytes(4, "big", signed=True) + b"garbage"  # no frame has that header
 
 
 @pytest.mark.hostile
-def test_a_reference_process_that_sends_half_a_reply_is_killed(tmp_path: Path) -> None:
-    """A reference interpreter (`multiprocessing.set_executable`) that sends the head of a
-    1 MB reply and then nothing: ReferenceLost within the timeout, not a read that waits for
-    the rest forever, and the process is killed."""
-    python = tmp_path / "half-a-reply"
-    python.write_text(HALF_A_REPLY.format(python=sys.executable))
+@pytest.mark.parametrize(
+    ("sent", "why"),
+    [(HALF_A_REPLY, r"within 0\.5 s"), (NEGATIVE_SIZE, "malformed")],
+    ids=["half", "negative-size"],
+)
+def test_a_reference_process_that_sends_a_broken_reply_is_killed(
+    tmp_path: Path, sent: bytes, why: str
+) -> None:
+    """A reference interpreter (`multiprocessing.set_executable`) that answers a sample with
+    half a reply, or a frame no Connection sends: ReferenceLost within the timeout (not a read
+    that waits for the rest forever, nor a stream read out of step), and the process is
+    killed."""
+    python = tmp_path / "misbehaving-python"
+    python.write_text(MISBEHAVING.format(python=sys.executable, sent=sent))
     python.chmod(0o755)
     before = multiprocessing.spawn.get_executable()
     multiprocessing.set_executable(str(python))
     try:
-        module, why = references.start(
+        module, refusal = references.start(
             demo.demo_factory(threads=1), {"dynamic": True}, ["mel"], ["wav"], timeout=BOUND
         )
     finally:
         multiprocessing.set_executable(before)
     pid = module.pid
-    assert isinstance(module, references.InProcess) and why is None and pid is not None
+    assert isinstance(module, references.InProcess) and refusal is None and pid is not None
     module.timeout = 0.5
     raised = finishes(lambda: module.run([demo.demo_mel(30, seed=9)]), pid)
-    assert isinstance(raised, ReferenceLost) and "within 0.5 s" in str(raised), raised
-    until(lambda: gone(pid), "the half-replying reference process was killed")
+    assert isinstance(raised, ReferenceLost) and re.search(why, str(raised)), raised
+    until(lambda: gone(pid), "the misbehaving reference process was killed")
 
 
 FORK_AND_CLOSE = """
