@@ -189,14 +189,18 @@ class InProcess:
         self.pid: int | None = process.pid
         self.kind = Reference.NONE  # what the process says once its module is built
 
-    def ready(self, payload: bytes) -> None:
-        """Send the pickled factory and wait, within the bound, until the module is built
-        (ReferenceLost if it is not)."""
+    def ready(self, payload: bytes) -> str | None:
+        """Send the pickled factory and wait, within the bound, until the module is built:
+        None, or what its build raised there (the process is stopped). ReferenceLost when the
+        process died or did not answer meanwhile (stopped too)."""
         reply = self._ask(payload)
-        if reply[0] != "ready" or reply[1] not in tuple(Reference):
-            self.close()
-            raise ReferenceLost(str(reply[1]))
-        self.kind = Reference(reply[1])
+        if reply[0] == "ready" and reply[1] in tuple(Reference):
+            self.kind = Reference(reply[1])
+            return None
+        self.close()
+        if reply[0] == "failed":
+            return f"the reference process could not build it: {reply[1]}"
+        raise ReferenceLost(f"{reply[1]} while it built the module")
 
     def run(self, inputs: Sequence[Array]) -> list[Array]:
         """The reference's outputs for `inputs`: GuardError when its forward raised,
@@ -284,9 +288,11 @@ class InProcess:
         self._sock.close()
 
 
-def _spawn(payload: bytes, *, timeout: float) -> InProcess:
+def _spawn(payload: bytes, *, timeout: float) -> InProcess | str:
     """Start a reference process for the pickled factory and wait, within `timeout`, until its
-    module is built (ReferenceLost when it is not)."""
+    module is built; or why it cannot serve (it did not start, or the build raised there, e.g.
+    the factory's class does not import). ReferenceLost when the process died or hung while it
+    built: a load that crashed it would crash this process too."""
     ours, theirs = socket.socketpair()
     with theirs:
         fd = theirs.fileno()
@@ -300,10 +306,10 @@ def _spawn(payload: bytes, *, timeout: float) -> InProcess:
             )  # fmt: skip
         except (OSError, ValueError) as exc:
             ours.close()
-            raise ReferenceLost(f"the reference process could not start: {exc}") from None
+            return f"the reference process could not start: {exc}"
     module = InProcess(process, ours, timeout)
-    module.ready(payload)
-    return module
+    refusal = module.ready(payload)
+    return module if refusal is None else refusal
 
 
 def start(
@@ -316,8 +322,9 @@ def start(
     process: bool = True,
 ) -> tuple[ReferenceModule, str | None]:
     """The reference module `factory(**overrides)`, in a process of its own when `process` and
-    one starts, else in this one (an error of that build raises); and, when `process` was asked
-    for but the module runs here, why."""
+    one starts and builds it, else in this one (an error of that build raises); and, when
+    `process` was asked for but the module runs here, why. ReferenceLost when the process died
+    or hung while it built (that build is not tried here)."""
     refusal = None
     if process:
         try:
@@ -325,9 +332,9 @@ def start(
         except Exception as exc:
             refusal = f"the factory does not pickle ({type(exc).__name__}: {exc})"
         else:
-            try:
-                return _spawn(payload, timeout=timeout), None
-            except ReferenceLost as exc:
-                refusal = str(exc)
+            spawned = _spawn(payload, timeout=timeout)
+            if isinstance(spawned, InProcess):
+                return spawned, None
+            refusal = spawned
     runner, kind = _build(factory, overrides, inputs, outputs)
     return InThread(runner, kind), refusal

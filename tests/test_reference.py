@@ -464,3 +464,59 @@ def test_a_forked_child_closing_its_copy_of_the_session_leaves_the_reference_alo
     session it inherited stops nothing of its parent's: the parent's next sample is checked."""
     lines = run_script(tmp_path, PICKLES, FORK_AND_CLOSE)
     assert lines[0].startswith("ran process ") and lines[1:] == ["after 1 None"], lines
+
+
+class Stalls:
+    """A factory (it pickles) that notes the pid of each process calling it, then takes longer
+    than the bound to build."""
+
+    def __init__(self, notes: Path) -> None:
+        self.notes = notes
+
+    def __call__(self, **overrides: Any) -> Any:
+        with self.notes.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(BOUND)
+        return demo.demo_factory(threads=1)(**overrides)
+
+
+@pytest.mark.hostile
+def test_a_reference_process_that_does_not_build_in_time_is_not_retried_here(
+    tmp_path: Path,
+) -> None:
+    """start(): a process that did not build the module within the bound is killed and the
+    build is not tried again on this process's thread (as slow, and holding the GIL after)."""
+    notes = tmp_path / "pids"
+    with pytest.raises(ReferenceLost, match=r"did not answer within 5 s while it built"):
+        references.start(Stalls(notes), {"dynamic": True}, ["mel"], ["wav"], timeout=5.0)
+    noted = notes.read_text().split() if notes.exists() else []
+    assert str(os.getpid()) not in noted, noted
+
+
+CRASHES = """
+import os, signal
+from guard.tools import demo
+
+class CrashesDynamic:
+    def __init__(self):
+        self.factory = demo.demo_factory(threads=1)
+
+    def __call__(self, **overrides):
+        if overrides.get("dynamic"):  # as MNN's dynamic load does on some models: SIGSEGV
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return self.factory(**overrides)
+"""
+
+
+@pytest.mark.slow
+def test_a_reference_load_that_crashes_its_process_is_not_retried_in_the_serving_one(
+    tmp_path: Path,
+) -> None:
+    """A reference load that kills the reference process (SIGSEGV) is not tried again in the
+    serving process, where it would kill that too: no shadow checks, and the status says why."""
+    (tmp_path / "crashing.py").write_text(CRASHES)
+    tail = "print('error', session.status.shadow.error); session.close()"
+    lines = run_script(
+        tmp_path, "from crashing import CrashesDynamic\nfactory = CrashesDynamic()", tail
+    )
+    assert lines[0] == "ran none None" and "SIGSEGV" in lines[1], lines
