@@ -27,12 +27,14 @@ import os
 import pickle
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing import spawn
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from numpy.typing import NDArray
@@ -130,9 +132,11 @@ def child_main(fd: int) -> None:
         factory, overrides, inputs, outputs = pickle.loads(conn.recv_bytes())
         runner, kind = _build(factory, overrides, inputs, outputs)
     except Exception as exc:
-        conn.send(("failed", repr(exc)))
+        with contextlib.suppress(OSError):  # the parent is gone: nobody to tell
+            conn.send(("failed", repr(exc)))
         return
-    conn.send(("ready", kind.value))
+    with contextlib.suppress(OSError):
+        conn.send(("ready", kind.value))
     while True:
         try:
             arrays = conn.recv()
@@ -150,36 +154,64 @@ def child_main(fd: int) -> None:
             return
 
 
+def _frame(data: bytes) -> bytes:
+    """The header multiprocessing's Connection puts before `data` (the child reads with one)."""
+    if len(data) > 0x7FFFFFFF:
+        return struct.pack("!iQ", -1, len(data))
+    return struct.pack("!i", len(data))
+
+
+def _left(deadline: float) -> float:
+    """Seconds until `deadline`; TimeoutError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
 class InProcess:
-    """The reference module in a process of its own; this one sends inputs and reads outputs."""
+    """The reference module in a process of its own; this one sends inputs and reads outputs.
+
+    Every exchange is bounded as a whole by `timeout` (a stopped process that takes no more of
+    a long input, or sends half a reply, is killed), and only the process that started the
+    reference talks to it or stops it: a forked child's copy closes its socket, nothing more.
+    """
 
     where = Where.PROCESS
 
-    def __init__(self, process: subprocess.Popen[bytes], conn: Connection, timeout: float) -> None:
+    def __init__(
+        self, process: subprocess.Popen[bytes], sock: socket.socket, timeout: float
+    ) -> None:
         self._process = process
-        self._conn = conn
+        self._sock = sock
+        self._owner = os.getpid()  # a fork's copy of this object must leave the process alone
         self.timeout = timeout
         self.pid: int | None = process.pid
         self.kind = Reference.NONE  # what the process says once its module is built
 
-    def ready(self) -> None:
-        """Wait, within the bound, until the module is built (ReferenceLost if it is not)."""
-        reply = self._reply()
-        if reply[0] != "ready":
-            self.close()
-            raise ReferenceLost(reply[1])
-        self.kind = Reference(reply[1])
+    def ready(self, payload: bytes) -> str | None:
+        """Send the pickled factory and wait, within the bound, until the module is built:
+        None, or what its build raised there (the process is stopped). ReferenceLost when the
+        process died or did not answer meanwhile (stopped too)."""
+        reply = self._ask(payload)
+        if reply[0] == "ready" and reply[1] in tuple(Reference):
+            self.kind = Reference(reply[1])
+            return None
+        self.close()
+        if reply[0] == "failed":
+            return f"the reference process could not build it: {reply[1]}"
+        raise ReferenceLost(f"{reply[1]} while it built the module")
 
     def run(self, inputs: Sequence[Array]) -> list[Array]:
         """The reference's outputs for `inputs`: GuardError when its forward raised,
         ReferenceLost when the process died or did not answer within the bound (and is
         stopped)."""
-        try:
-            self._conn.send(list(inputs))
-        except OSError:
-            reply: tuple[str, Any] = ("lost", f"the reference process {self.ended()}")
-        else:
-            reply = self._reply()
+        if os.getpid() != self._owner:
+            raise ReferenceLost(
+                f"the reference process belongs to process {self._owner}, which this one "
+                "was forked from"
+            )  # fmt: skip
+        reply = self._ask(pickle.dumps(list(inputs), pickle.HIGHEST_PROTOCOL))
         if reply[0] == "ran":
             return list(reply[1])
         if reply[0] == "raised":
@@ -187,20 +219,48 @@ class InProcess:
         self.close()  # gone or hung: no later sample can use it
         raise ReferenceLost(reply[1])
 
-    def _reply(self) -> tuple[str, Any]:
-        """The process's next message, or why none came within the bound."""
-        if not wait([self._conn], self.timeout):
+    def _ask(self, data: bytes) -> tuple[str, Any]:
+        """Send one pickled message and read the process's reply, all within the bound; or
+        why that failed (a process that did not make it in time is killed)."""
+        deadline = time.monotonic() + self.timeout
+        try:
+            for part in (_frame(data), data):
+                self._sock.settimeout(_left(deadline))
+                self._sock.sendall(part)
+            (size,) = struct.unpack("!i", self._read(4, deadline))
+            if size == -1:
+                (size,) = struct.unpack("!Q", self._read(8, deadline))
+            body = self._read(size, deadline)
+        except TimeoutError:
             self._process.kill()
             return ("lost", f"the reference process did not answer within {self.timeout:g} s")
-        try:
-            reply = self._conn.recv()
         except (EOFError, OSError):
             return ("lost", f"the reference process {self.ended()}")
+        except ValueError as exc:  # a header no frame has
+            self._process.kill()  # the stream is out of step: no later reply can be read
+            return ("lost", f"the reference process sent a malformed reply ({exc})")
+        try:
+            reply = pickle.loads(body)
         except Exception as exc:  # a reply that does not unpickle here
             return ("lost", f"the reference process sent what does not unpickle: {exc!r}")
         if isinstance(reply, tuple) and len(reply) == 2 and isinstance(reply[0], str):
             return reply
         return ("lost", f"the reference process sent a {type(reply).__name__}, not a reply")
+
+    def _read(self, size: int, deadline: float) -> bytes:
+        """Exactly `size` bytes from the process, by `deadline` (EOFError if it closed first;
+        nothing is set aside for a size it merely claims)."""
+        if size < 0:
+            raise ValueError(f"a frame of {size} bytes")
+        chunks, got = [], 0
+        while got < size:
+            self._sock.settimeout(_left(deadline))
+            chunk = self._sock.recv(min(size - got, 1 << 20))
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
 
     def ended(self) -> str:
         """How the process ended: `exited with code 3`, `was killed by SIGSEGV`."""
@@ -214,22 +274,27 @@ class InProcess:
         return f"exited with code {code}"
 
     def close(self) -> None:
-        """Ask the process to stop, kill it after STOP_SECONDS, reap it."""
-        with contextlib.suppress(OSError, ValueError):  # gone or closed already
-            self._conn.send(None)
-        try:
-            self._process.wait(STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        self._conn.close()
+        """Shut the socket (the process reads its end and exits; an exchange on another thread
+        ends), kill the process after STOP_SECONDS, reap it. In a forked child: close the
+        socket only (the process is the parent's)."""
+        if os.getpid() == self._owner:
+            with contextlib.suppress(OSError):  # gone or closed already
+                self._sock.shutdown(socket.SHUT_RDWR)
+            try:
+                self._process.wait(STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._sock.close()
 
 
-def _spawn(payload: bytes, *, timeout: float) -> InProcess:
+def _spawn(payload: bytes, *, timeout: float) -> InProcess | str:
     """Start a reference process for the pickled factory and wait, within `timeout`, until its
-    module is built (ReferenceLost when it is not)."""
+    module is built; or why it cannot serve (it did not start, or the build raised there, e.g.
+    the factory's class does not import). ReferenceLost when the process died or hung while it
+    built: a load that crashed it would crash this process too."""
     ours, theirs = socket.socketpair()
-    with ours, theirs:
+    with theirs:
         fd = theirs.fileno()
         # the parent's import path first: the factory's class may live where only it looks
         code = f"import sys; sys.path[:0] = {sys.path!r}; import guard.reference as r; "
@@ -240,16 +305,11 @@ def _spawn(payload: bytes, *, timeout: float) -> InProcess:
                 stdout=2,
             )  # fmt: skip
         except (OSError, ValueError) as exc:
-            raise ReferenceLost(f"the reference process could not start: {exc}") from None
-        conn = Connection(os.dup(ours.fileno()))
-    module = InProcess(process, conn, timeout)
-    try:
-        conn.send_bytes(payload)
-    except OSError:
-        module.close()
-        raise ReferenceLost(f"the reference process {module.ended()}") from None
-    module.ready()
-    return module
+            ours.close()
+            return f"the reference process could not start: {exc}"
+    module = InProcess(process, ours, timeout)
+    refusal = module.ready(payload)
+    return module if refusal is None else refusal
 
 
 def start(
@@ -262,8 +322,9 @@ def start(
     process: bool = True,
 ) -> tuple[ReferenceModule, str | None]:
     """The reference module `factory(**overrides)`, in a process of its own when `process` and
-    one starts, else in this one (an error of that build raises); and, when `process` was asked
-    for but the module runs here, why."""
+    one starts and builds it, else in this one (an error of that build raises); and, when
+    `process` was asked for but the module runs here, why. ReferenceLost when the process died
+    or hung while it built (that build is not tried here)."""
     refusal = None
     if process:
         try:
@@ -271,9 +332,9 @@ def start(
         except Exception as exc:
             refusal = f"the factory does not pickle ({type(exc).__name__}: {exc})"
         else:
-            try:
-                return _spawn(payload, timeout=timeout), None
-            except ReferenceLost as exc:
-                refusal = str(exc)
+            spawned = _spawn(payload, timeout=timeout)
+            if isinstance(spawned, InProcess):
+                return spawned, None
+            refusal = spawned
     runner, kind = _build(factory, overrides, inputs, outputs)
     return InThread(runner, kind), refusal

@@ -174,27 +174,38 @@ def _fresh(recorded: RecoveryExhausted) -> RecoveryExhausted:
     return error
 
 
-def _released(name: str, wake: threading.Event, listeners: tuple[Listener, ...]) -> None:
-    """What a collected, never-closed session owes (stop its thread, leave readiness and
-    metrics), done by the reaper: a finalizer runs where the GC struck, maybe under a lock
-    these take."""
-    reaper.later(_release, name, wake, listeners)
+def _released(
+    name: str, wake: threading.Event, listeners: tuple[Listener, ...], shadow: Shadow | None
+) -> None:
+    """What a collected, never-closed session owes (stop its threads and reference process,
+    leave readiness and metrics), done by the reaper: a finalizer runs where the GC struck,
+    maybe under a lock these take."""
+    reaper.later(_release, name, wake, listeners, shadow)
 
 
 def _on_collection(
-    session: object, name: str, wake: threading.Event, listeners: tuple[Listener, ...]
+    session: object,
+    name: str,
+    wake: threading.Event,
+    listeners: tuple[Listener, ...],
+    shadow: Shadow | None,
 ) -> weakref.finalize[Any, Any]:
     """The finalizer that releases a session collected without close() (none at exit: nothing
     is left to tell)."""
     reaper.start()
-    finalizer = weakref.finalize(session, _released, name, wake, listeners)
+    finalizer = weakref.finalize(session, _released, name, wake, listeners, shadow)
     finalizer.atexit = False
     return finalizer
 
 
-def _release(name: str, wake: threading.Event, listeners: tuple[Listener, ...]) -> None:
-    """Wake the session's maintenance thread (it ends) and tell its listeners it closed."""
+def _release(
+    name: str, wake: threading.Event, listeners: tuple[Listener, ...], shadow: Shadow | None
+) -> None:
+    """Wake the session's maintenance thread (it ends), stop its shadow (thread and reference
+    process), and tell its listeners it closed."""
     wake.set()
+    if shadow is not None:
+        shadow.close()
     notify(listeners, "on_close", name)
 
 
@@ -267,8 +278,8 @@ class GuardedSession(Maintenance):
             if self._shadow is not None:
                 self._shadow.close()
             raise _fresh(self._failure)
+        self._finalizer = _on_collection(self, name, self._wake, self._listeners, self._shadow)
         self._await_shadow(policy.init_timeout or policy.wait_timeout)
-        self._finalizer = _on_collection(self, name, self._wake, self._listeners)
         if policy.background and self._needs_maintenance():
             periods = [v for v in (policy.promote_after, policy.recheck_seconds) if v is not None]
             self._thread = threading.Thread(

@@ -19,6 +19,7 @@ import math
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,7 +121,7 @@ class Shadow:
         factory: Callable[..., Any],
         *,
         every: int,
-        on_check: Callable[[ShadowCheck], None],
+        on_check: Callable[[ShadowCheck], None],  # a bound method
         capacity: int = CAPACITY,
         process: bool = True,
         timeout: float = 60.0,
@@ -130,7 +131,8 @@ class Shadow:
         self.every = every
         self._factory = factory
         self._overrides = dict(probe.meta.reference)
-        self._on_check = on_check
+        # a bound method of the session, held weakly: this thread must not keep it alive
+        self._on_check = weakref.WeakMethod(on_check)
         self._queue: queue.Queue[Sample | None] = queue.Queue(capacity)
         self._lock = threading.Lock()
         self._process = process  # the reference in a process of its own, where one can start
@@ -262,8 +264,11 @@ class Shadow:
         return ShadowCheck(result, verdict, sample, reference, seconds, worst)
 
     def _notify(self, check: ShadowCheck) -> None:
+        handler = self._on_check()
+        if handler is None:  # the session was collected (it closes this shadow meanwhile)
+            return
         try:
-            self._on_check(check)
+            handler(check)
         except Exception:  # the session's handler: never fatal to the thread
             log.exception("session %s: the shadow check's handler failed", self.name)
 

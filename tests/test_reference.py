@@ -7,14 +7,21 @@ when it cannot be used.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import multiprocessing.spawn
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -294,3 +301,215 @@ def test_a_reference_process_that_does_not_answer_is_killed(demo_probe: probes.P
     with pytest.raises(ReferenceLost, match=r"did not answer within 0\.5 s"):
         module.run([demo.demo_mel(30, seed=6)])
     until("the silent reference process was killed", lambda: gone(pid))
+
+
+# ------------------------------------------------------------ hostile: leaks, hangs, forks
+
+
+def finishes(call: Callable[[], object], pid: int) -> BaseException | None:
+    """Run `call` on a thread; assert it returns within BOUND (else SIGKILL `pid`, which must
+    release it); what it raised."""
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(BOUND)
+    hung = thread.is_alive()
+    if hung:
+        os.kill(pid, signal.SIGKILL)
+    assert not hung, f"{call!r} still waiting after {BOUND} s"
+    return raised[0] if raised else None
+
+
+def longer_than_the_pipe() -> Any:
+    """A mel of twice the bytes a socket pair buffers (a long utterance)."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        buffered = ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        buffered += theirs.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    frames = 2 * buffered // demo.demo_mel(1).nbytes  # the demo probe takes up to 4000
+    return demo.demo_mel(frames, seed=8)
+
+
+def test_a_session_dropped_without_close_ends_its_reference_process(
+    demo_probe: probes.Probe,
+) -> None:
+    """A session collected without close() is collected (its shadow's thread held it alive, and
+    the reference process with it, for the interpreter's life) and its reference process ends."""
+    session = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, policy=policy(shadow_every=1), metrics=False
+    )  # fmt: skip
+    pid = shadow_of(session).pid
+    assert pid is not None
+    dropped = weakref.ref(session)
+    del session
+    until("the dropped session was collected", lambda: gc.collect() >= 0 and dropped() is None)
+    until("the dropped session's reference process ended", lambda: gone(pid))
+
+
+@pytest.mark.hostile
+def test_a_stopped_reference_process_is_killed_even_when_the_inputs_fill_the_pipe() -> None:
+    """A stopped process cannot take a long input (more than the socket pair buffers): the
+    sample's send is bounded too, ReferenceLost within the timeout, and the process is killed."""
+    module, _ = references.start(
+        demo.demo_factory(threads=1), {"dynamic": True}, ["mel"], ["wav"], timeout=BOUND
+    )
+    pid = module.pid
+    assert isinstance(module, references.InProcess) and pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    module.timeout = 0.5
+    raised = finishes(lambda: module.run([longer_than_the_pipe()]), pid)
+    assert isinstance(raised, ReferenceLost) and "within 0.5 s" in str(raised), raised
+    until("the stopped reference process was killed", lambda: gone(pid))
+
+
+@pytest.mark.hostile
+def test_close_returns_while_a_stopped_reference_process_holds_a_long_sample(
+    demo_probe: probes.Probe,
+) -> None:
+    """close() within the bound while the shadow's thread is stuck sending a long sample to a
+    stopped reference process (it used to wait forever on the same full pipe)."""
+    session = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, policy=policy(shadow_every=1), metrics=False
+    )  # fmt: skip
+    pid = shadow_of(session).pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    session.run({"mel": longer_than_the_pipe()})
+    assert finishes(session.close, pid) is None
+    until("the stopped reference process was killed", lambda: gone(pid))
+
+
+MISBEHAVING = """#!{python}
+import os, re, sys, time
+from multiprocessing.connection import Connection
+conn = Connection(int(re.search(r"child_main\\((\\d+)\\)", sys.argv[-1]).group(1)))
+conn.recv_bytes()
+conn.send(("ready", "dynamic"))
+conn.recv_bytes()
+os.write(conn.fileno(), {sent!r})
+time.sleep(3600)
+"""
+HALF_A_REPLY = (1 << 20).to_bytes(4, "big") + b"half"  # the head of a 1 MB reply, then nothing
+NEGATIVE_SIZE = (-2).to_bytes(4, "big", signed=True) + b"garbage"  # no frame has that header
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize(
+    ("sent", "why"),
+    [(HALF_A_REPLY, r"within 0\.5 s"), (NEGATIVE_SIZE, "malformed")],
+    ids=["half", "negative-size"],
+)
+def test_a_reference_process_that_sends_a_broken_reply_is_killed(
+    tmp_path: Path, sent: bytes, why: str
+) -> None:
+    """A reference interpreter (`multiprocessing.set_executable`) that answers a sample with
+    half a reply, or a frame no Connection sends: ReferenceLost within the timeout (not a read
+    that waits for the rest forever, nor a stream read out of step), and the process is
+    killed."""
+    python = tmp_path / "misbehaving-python"
+    python.write_text(MISBEHAVING.format(python=sys.executable, sent=sent))
+    python.chmod(0o755)
+    before = multiprocessing.spawn.get_executable()
+    multiprocessing.set_executable(str(python))
+    try:
+        module, refusal = references.start(
+            demo.demo_factory(threads=1), {"dynamic": True}, ["mel"], ["wav"], timeout=BOUND
+        )
+    finally:
+        multiprocessing.set_executable(before)
+    pid = module.pid
+    assert isinstance(module, references.InProcess) and refusal is None and pid is not None
+    module.timeout = 0.5
+    raised = finishes(lambda: module.run([demo.demo_mel(30, seed=9)]), pid)
+    assert isinstance(raised, ReferenceLost) and re.search(why, str(raised)), raised
+    until("the misbehaving reference process was killed", lambda: gone(pid))
+
+
+FORK_AND_CLOSE = """
+import os, time
+child = os.fork()
+if child == 0:
+    session.close()  # this child's copy of the parent's session
+    os._exit(0)
+os.waitpid(child, 0)
+session.run({"mel": demo.demo_mel(30, seed=10)})
+deadline = time.monotonic() + 30
+while session.status.shadow.checks == 0 and session.status.shadow.error is None:
+    assert time.monotonic() < deadline, "no check within 30 s"
+    time.sleep(0.01)
+print("after", session.status.shadow.checks, session.status.shadow.error, flush=True)
+session.close()
+"""
+
+
+@pytest.mark.slow
+def test_a_forked_child_closing_its_copy_of_the_session_leaves_the_reference_alone(
+    tmp_path: Path,
+) -> None:
+    """A child forked after the reference started (gunicorn --preload style) that closes the
+    session it inherited stops nothing of its parent's: the parent's next sample is checked."""
+    lines = run_script(tmp_path, PICKLES, FORK_AND_CLOSE)
+    assert lines[0].startswith("ran process ") and lines[1:] == ["after 1 None"], lines
+
+
+class Stalls:
+    """A factory (it pickles) that notes the pid of each process calling it, then takes longer
+    than the bound to build."""
+
+    def __init__(self, notes: Path) -> None:
+        self.notes = notes
+
+    def __call__(self, **overrides: Any) -> Any:
+        with self.notes.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(BOUND)
+        return demo.demo_factory(threads=1)(**overrides)
+
+
+@pytest.mark.hostile
+def test_a_reference_process_that_does_not_build_in_time_is_not_retried_here(
+    tmp_path: Path,
+) -> None:
+    """start(): a process that did not build the module within the bound is killed and the
+    build is not tried again on this process's thread (as slow, and holding the GIL after)."""
+    notes = tmp_path / "pids"
+    with pytest.raises(ReferenceLost, match=r"did not answer within 5 s while it built"):
+        references.start(Stalls(notes), {"dynamic": True}, ["mel"], ["wav"], timeout=5.0)
+    noted = notes.read_text().split() if notes.exists() else []
+    assert str(os.getpid()) not in noted, noted
+
+
+CRASHES = """
+import os, signal
+from guard.tools import demo
+
+class CrashesDynamic:
+    def __init__(self):
+        self.factory = demo.demo_factory(threads=1)
+
+    def __call__(self, **overrides):
+        if overrides.get("dynamic"):  # as MNN's dynamic load does on some models: SIGSEGV
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return self.factory(**overrides)
+"""
+
+
+@pytest.mark.slow
+def test_a_reference_load_that_crashes_its_process_is_not_retried_in_the_serving_one(
+    tmp_path: Path,
+) -> None:
+    """A reference load that kills the reference process (SIGSEGV) is not tried again in the
+    serving process, where it would kill that too: no shadow checks, and the status says why."""
+    (tmp_path / "crashing.py").write_text(CRASHES)
+    tail = "print('error', session.status.shadow.error); session.close()"
+    lines = run_script(
+        tmp_path, "from crashing import CrashesDynamic\nfactory = CrashesDynamic()", tail
+    )
+    assert lines[0] == "ran none None" and "SIGSEGV" in lines[1], lines
