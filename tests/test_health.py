@@ -252,3 +252,75 @@ def test_forgetting_a_dead_process_removes_its_files(
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     health.mark_process_dead(gone)
     assert not files[0].exists()
+
+
+def serving_entry(name: str) -> Entry:
+    """A healthy session's entry, as a listener records it."""
+    return Entry(
+        name=name, state=guard.State.SERVING, rung="static", rung_index=0, healthy=True,
+        since=time.time(),
+    )  # fmt: skip
+
+
+def test_abandoning_what_was_never_recorded_changes_nothing() -> None:
+    """abandon() of a name the table has never seen, or of an owner that wrote nothing of a
+    name others wrote, leaves every entry as it was."""
+    table = guard.health.HealthTable()
+    writer, other = object(), object()
+    table.record(writer, serving_entry("kept"))
+    table.abandon("never-seen", owner=other)
+    table.abandon("kept", owner=other)
+    assert list(table.sessions()) == ["kept"] and table.live("kept") == 1
+
+
+def test_an_abandoned_listener_records_nothing_after(demo_probe: probes.Probe) -> None:
+    """A listener whose session was abandoned ignores the statuses published after it: the
+    abandoned entry stays until another session of the name records one."""
+    table = guard.health.HealthTable()
+    listener = HealthListener(table)
+    session = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, name="ab", metrics=False, health=table,
+        policy=guard.Policy(background=False, promote_after=None),
+    )  # fmt: skip
+    status = session.status
+    session.close()
+    listener.on_status("ab", status)
+    listener.abandon("ab")
+    listener.on_status("ab", dataclasses.replace(status, state=guard.State.FAILED))
+    assert table.sessions()["ab"].state is guard.State.SERVING
+
+
+def test_worker_sessions_name_each_entry_with_its_process(tmp_path: Any) -> None:
+    """A table with a directory writes this process's file there; worker_sessions reads every
+    session of it with this process's pid."""
+    import os
+
+    table = guard.health.HealthTable(tmp_path)
+    table.record(object(), serving_entry("one"))
+    table.record(object(), serving_entry("two"))
+    found = guard.health.worker_sessions(tmp_path)
+    assert sorted(e["name"] for e in found) == ["one", "two"]
+    assert {e["pid"] for e in found} == {os.getpid()}
+
+
+def test_asking_whether_a_process_lives_sends_it_no_signal() -> None:
+    """_alive checks with signal 0: asked about this very process, no handler runs (a signal
+    sent to oneself is handled before the next line), and a reaped child reads as gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    got: list[int] = []
+    before = {
+        s: signal.signal(s, lambda n, _: got.append(n)) for s in (signal.SIGHUP, signal.SIGUSR1)
+    }
+    try:
+        assert guard.health._alive(os.getpid())
+        assert got == []
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not guard.health._alive(child.pid)

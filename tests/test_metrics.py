@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
+import time
 from typing import Any
 
 import numpy as np
 import pytest
 from conftest import FakeClock
 from plans import CANARY_FORWARDS, GaugeAtEvent, Plan, plan_session
+from polling import until
 from prometheus_client import CollectorRegistry
 
 import guard
@@ -1072,3 +1075,213 @@ def test_a_passing_recheck_keeps_the_session_healthy_while_it_runs(
         seen.seen.clear()
         assert s.maintain(force_recheck=True) == ["recheck"]
     assert seen.seen == [("checking", 1.0, 1.0, True), ("serving", 1.0, 1.0, True)]
+
+
+# ------------------------------------------------------------ multiprocess mode's flushed tallies
+# (the class that writes run() counts to prometheus_client's files, used in-process here: the
+# metrics it writes to are ordinary ones on a private registry)
+
+BOUNDS = (0.001, 0.01)
+
+
+def flushed_pair(registry: CollectorRegistry) -> tuple[Any, Any, Any]:
+    """A counter and histogram as multiprocess mode writes them, and a twin histogram."""
+    from prometheus_client import Counter, Histogram
+
+    counter = Counter("w_runs", "runs", ["session", "rung", "result"], registry=registry)
+    histogram = Histogram("w_secs", "secs", ["session", "rung"], registry=registry, buckets=BOUNDS)
+    twin = Histogram("t_secs", "secs", ["session", "rung"], registry=registry, buckets=BOUNDS)
+    return counter, histogram, twin
+
+
+def histogram_samples(registry: CollectorRegistry, name: str) -> dict[str, float]:
+    """A histogram's buckets, count and sum, by sample suffix and bound."""
+    return {
+        f"{s.name[len(name):]}{s.labels.get('le', '')}": s.value
+        for m in registry.collect() if m.name == name for s in m.samples
+        if not s.name.endswith("_created")
+    }  # fmt: skip
+
+
+def test_flushed_runs_start_every_series_at_zero_and_write_only_what_was_added() -> None:
+    """add_rung makes every result's counter and the histogram exist at 0; a flush writes the
+    calls since the last flush (as many inc/observe calls would), a flush of nothing adds
+    nothing, and the histogram matches one fed each duration directly."""
+    from guard import metrics
+
+    registry = CollectorRegistry()
+    counter, histogram, twin = flushed_pair(registry)
+    runs = metrics._FlushedRuns((counter, histogram), "s", BOUNDS)
+    runs.add_rung("static")
+    value = registry.get_sample_value
+    for result in metrics.Call:
+        assert value("w_runs_total", {"session": "s", "rung": "static", "result": result}) == 0
+    assert value("w_secs_count", {"session": "s", "rung": "static"}) == 0
+    rounds = [[0.0005, 0.005, 0.05], [0.002], [], [0.0], [0.0001, 0.3]]  # 0.0: buckets alone grow
+    for durations in rounds:
+        for seconds in durations:
+            runs.tally.add("static", metrics.CALL_OK, seconds)
+            twin.labels("s", "static").observe(seconds)
+        runs.tally.add("static", metrics.Call.ERROR, 0.0)
+        runs.flush()
+        assert histogram_samples(registry, "w_secs") == histogram_samples(registry, "t_secs")
+        ok = sum(len(r) for r in rounds[: rounds.index(durations) + 1])
+        errors = rounds.index(durations) + 1
+        labels = {"session": "s", "rung": "static"}
+        assert value("w_runs_total", {**labels, "result": "ok"}) == ok
+        assert value("w_runs_total", {**labels, "result": "error"}) == errors
+        assert value("w_runs_total", {**labels, "result": "invalid"}) == 0
+        runs.flush()  # nothing new: nothing written
+        assert value("w_runs_total", {**labels, "result": "error"}) == errors
+        assert histogram_samples(registry, "w_secs") == histogram_samples(registry, "t_secs")
+
+
+def test_a_flushed_call_after_a_quiet_spell_is_written_at_once_then_waits_for_the_next() -> None:
+    """The first call after FLUSH_SECONDS without a flush is written at once (dirty cleared);
+    the next ones wait, marked dirty, for the flusher or the next due time."""
+    from guard import metrics
+
+    registry = CollectorRegistry()
+    counter, histogram, _ = flushed_pair(registry)
+    runs = metrics._FlushedRuns((counter, histogram), "q", BOUNDS)
+    runs.add_rung("static")
+    assert not runs.dirty and runs.due == 0.0
+    runs.add("static", metrics.CALL_OK, 0.002)
+    labels = {"session": "q", "rung": "static", "result": "ok"}
+    assert registry.get_sample_value("w_runs_total", labels) == 1 and not runs.dirty
+    assert runs.due > time.monotonic() + metrics.FLUSH_SECONDS / 2  # the next wait starts
+    runs.add("static", metrics.CALL_OK, 0.002)
+    assert registry.get_sample_value("w_runs_total", labels) == 1 and runs.dirty
+    runs.due = time.monotonic()  # due now: the next call writes both
+    runs.add("static", metrics.CALL_OK, 0.002)
+    assert registry.get_sample_value("w_runs_total", labels) == 3 and not runs.dirty
+
+
+def test_the_flusher_thread_writes_pending_tallies_and_flush_all_writes_the_rest() -> None:
+    """A flusher starts one daemon thread named mnn-guard-metrics-flush, which writes a tally
+    with calls pending within a few FLUSH_SECONDS; flush(pending_only=True) skips clean ones,
+    flush() writes every one."""
+    from guard import metrics
+
+    registry = CollectorRegistry()
+    counter, histogram, _ = flushed_pair(registry)
+    flusher = metrics._Flusher()
+    runs = metrics._FlushedRuns((counter, histogram), "f", BOUNDS)  # watched by the global one
+    flusher.watch(runs)
+    thread = flusher.thread
+    assert thread is not None and thread.daemon and thread.name == "mnn-guard-metrics-flush"
+    flusher.watch(runs)
+    assert flusher.thread is thread  # one thread per flusher
+    runs.add_rung("static")
+    runs.due = math.inf  # no call writes itself: only a flush does
+    runs.tally.add("static", metrics.CALL_OK, 0.002)
+    labels = {"session": "f", "rung": "static", "result": "ok"}
+    flusher.flush(pending_only=True)  # not dirty (tally.add alone): nothing written
+    assert registry.get_sample_value("w_runs_total", labels) == 0
+    flusher.flush()
+    assert registry.get_sample_value("w_runs_total", labels) == 1
+    runs.add("static", metrics.CALL_OK, 0.002)  # dirty now
+    assert runs.dirty
+    until(
+        "the flusher thread's write", lambda: registry.get_sample_value("w_runs_total", labels) == 2
+    )
+    assert not runs.dirty
+
+
+# ------------------------------------------------------------ events the tests above reach only
+# from threads or processes mutmut cannot follow: the listener and the run counts, directly
+
+
+def test_a_standby_listener_goes_live_once(registry: CollectorRegistry) -> None:
+    """go_live() twice joins the name once: closing the listener then leaves no series of it."""
+    ladder = guard.Policy().ladder
+    standby = guard.metrics.PrometheusListener(
+        "v", ladder, registry=registry, info=("g", "m", "b"), standby=True
+    )
+    standby.on_status("v", _status(guard.State.SERVING))
+    standby.go_live()
+    standby.go_live()
+    assert sample(registry, "mnn_guard_healthy", "v") == 1.0
+    standby.on_close("v")
+    assert sample(registry, "mnn_guard_healthy", "v") is None and _hashes(registry) == set()
+
+
+def test_a_recheck_leaves_how_mnn_loaded_the_rung_as_the_init_said(
+    registry: CollectorRegistry,
+) -> None:
+    """mnn_guard_rung_loaded_static comes from the init (the load); a re-check of the same
+    module, which loads nothing, counts its canary check and leaves that gauge alone."""
+    from guard.ladder import Attempt, Outcome
+
+    ladder = guard.Policy().ladder
+    listener = guard.metrics.PrometheusListener("v", ladder, registry=registry)
+    dynamic = ladder[1]
+    verdict = probes.Verdict(True, {}, ())
+    init = Attempt(dynamic, 1, Outcome.PASS, verdict, None, 0.1, turned_static=True)
+    listener.on_attempt("v", init)
+    listener.on_status("v", dataclasses.replace(_status(guard.State.SERVING), rung=dynamic))
+    assert sample(registry, "mnn_guard_rung_loaded_static", "v", rung="dynamic") == 1.0
+    listener.on_check("v", Attempt(dynamic, 1, Outcome.PASS, verdict, None, 0.01))
+    assert sample(registry, "mnn_guard_rung_loaded_static", "v", rung="dynamic") == 1.0
+    labels = {"rung": "dynamic", "result": "pass"}
+    assert sample(registry, "mnn_guard_canary_checks_total", "v", **labels) == 2.0
+
+
+def test_shadow_checks_are_counted_by_result_and_set_the_worst_snr(
+    registry: CollectorRegistry,
+) -> None:
+    """on_shadow counts each result; a judged check sets the shadow SNR gauge to the module's
+    worst so far, a dropped sample leaves it."""
+    from guard.shadow import ShadowCheck, ShadowResult
+
+    ladder = guard.Policy().ladder
+    listener = guard.metrics.PrometheusListener("v", ladder, registry=registry, shadow=True)
+    listener.on_status("v", _status(guard.State.SERVING))
+    assert sample(registry, "mnn_guard_shadow_snr_db", "v") == math.inf
+    listener.on_shadow("v", ShadowCheck(ShadowResult.FAIL, module_worst_db=29.5))
+    listener.on_shadow("v", ShadowCheck(ShadowResult.DROPPED))
+    listener.on_shadow("v", ShadowCheck(ShadowResult.DROPPED))
+    counts = {
+        r.value: sample(registry, "mnn_guard_shadow_checks_total", "v", result=r.value)
+        for r in ShadowResult
+    }
+    assert counts == {"pass": 0.0, "fail": 1.0, "dropped": 2.0}
+    assert sample(registry, "mnn_guard_shadow_snr_db", "v") == 29.5
+
+
+class RecordingSink:
+    """A sink that keeps what it was told, as (what, family, labels[, value])."""
+
+    def __init__(self) -> None:
+        self.said: list[tuple[Any, ...]] = []
+
+    def declare(self, family: Any, labels: tuple[str, ...]) -> None:
+        self.said.append(("declare", family.name, labels))
+
+    def inc(self, family: Any, labels: tuple[str, ...]) -> None:
+        self.said.append(("inc", family.name, labels))
+
+    def observe(self, family: Any, labels: tuple[str, ...], value: float) -> None:
+        self.said.append(("observe", family.name, labels, value))
+
+
+def test_run_counts_on_a_plain_sink_are_counter_and_histogram_calls() -> None:
+    """FamilyRuns (the Ray sink's run counts): a rung's series declared for every result and
+    its duration; each call counted by result, a served one observed with its seconds."""
+    from guard.listeners import CALL_OK, Call
+    from guard.sinks import FamilyRuns
+
+    sink = RecordingSink()
+    runs = FamilyRuns(sink, "v")  # type: ignore[arg-type]
+    runs.add_rung("static")
+    declared = {x[2] for x in sink.said if x[0] == "declare"}
+    assert declared == {("v", "static")} | {("v", "static", c.value) for c in Call}
+    assert {x[1] for x in sink.said} == {"mnn_guard_run_seconds", "mnn_guard_runs"}
+    sink.said.clear()
+    runs.add("static", CALL_OK, 0.25)
+    runs.add("static", Call.INVALID, 0.5)
+    assert sink.said == [
+        ("inc", "mnn_guard_runs", ("v", "static", "ok")),
+        ("observe", "mnn_guard_run_seconds", ("v", "static"), 0.25),
+        ("inc", "mnn_guard_runs", ("v", "static", "invalid")),
+    ]

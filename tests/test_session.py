@@ -561,3 +561,107 @@ def test_a_result_with_fewer_outputs_than_the_probe_names_is_refused(
         "session 'roles': the module returned 1 outputs, expected ['y', 'new_state']"
     )
     assert counted == 1.0
+
+
+# ------------------------------------------------------------ init thread, served outputs, errors
+
+
+def test_init_work_runs_on_a_named_daemon_thread_and_raises_what_it_raised() -> None:
+    """call_with_timeout runs its call on the mnn-guard-init daemon thread (a hung init never
+    blocks the interpreter's exit), returns its value, and raises its error as itself."""
+    from guard.session import call_with_timeout
+
+    seen: dict[str, Any] = {}
+
+    def failing() -> None:
+        thread = threading.current_thread()
+        seen.update(name=thread.name, daemon=thread.daemon, main=thread is threading.main_thread())
+        raise ZeroDivisionError("raised inside the init")
+
+    with pytest.raises(ZeroDivisionError, match="raised inside the init"):
+        call_with_timeout(failing, 30.0, "the init")
+    assert seen == {"name": "mnn-guard-init", "daemon": True, "main": False}
+    assert call_with_timeout(lambda: 7, 30.0, "the init") == 7
+
+
+class Serving:
+    """A runner that can copy out only its first outputs (`serve`), and counts how it was asked."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.served: list[int] = []
+
+    def run(self, arrays: Any) -> Any:
+        return self.runner.run(arrays)
+
+    def serve(self, arrays: Any, count: int) -> Any:
+        self.served.append(count)
+        return self.runner.run(arrays)[:count]
+
+
+def test_a_probe_with_sentinels_has_only_its_served_outputs_copied_out(
+    demo_probe: probes.Probe,
+) -> None:
+    """A session whose probe has sentinel outputs asks the module for the served outputs alone
+    (`serve`, when the runner has it) and returns only them."""
+    base = demo.demo_factory(threads=1)
+    case = demo_probe.cases[0].inputs
+    probe = probes.record(base, case, sentinels="auto")
+    assert probe.sentinel_names
+    made: list[Serving] = []
+
+    class Factory:
+        outputs = base.outputs  # it loads extra outputs when asked (`outputs=`)
+
+        def __call__(self, **overrides: Any) -> Serving:
+            made.append(Serving(guard.mnn.adapt(base(**overrides))))
+            return made[-1]
+
+    with guard.wrap(Factory(), probe, policy=quiet_policy(), metrics=False) as s:
+        mel = demo.demo_mel(100, seed=8)  # the recorded shape
+        out = s.run({"mel": mel})
+        assert list(out) == ["wav"]
+        assert measures.snr_db(reference(mel), out["wav"]) > 100.0
+        assert made[-1].served[-1:] == [1]
+
+
+class Fading:
+    """A runner that serves until `broken` is set, then returns no outputs; `said` is what MNN
+    would print on the forward that explains it."""
+
+    def __init__(self, runner: Any, said: tuple[str, ...]) -> None:
+        self.runner, self.said, self.broken = runner, said, False
+
+    def run(self, arrays: Any) -> Any:
+        return [] if self.broken else self.runner.run(arrays)
+
+    def diagnose(self, arrays: Any) -> tuple[str, ...]:
+        return self.said
+
+
+@pytest.mark.parametrize(
+    ("said", "ending"),
+    [
+        (("shape error", "at op 3"), "; MNN said: shape error; at op 3"),
+        ((), "(MNN returns [] on an internal shape error)"),
+    ],
+)
+def test_a_forward_with_too_few_outputs_is_refused_with_what_mnn_said(
+    demo_probe: probes.Probe, said: tuple[str, ...], ending: str
+) -> None:
+    """OutputMismatch names the outputs expected and, when MNN said why on one more forward,
+    what it said (lines joined with '; '); nothing more when it said nothing."""
+    from guard.errors import OutputMismatch
+
+    made: list[Fading] = []
+
+    def factory(**overrides: Any) -> Fading:
+        made.append(Fading(guard.mnn.adapt(demo.demo_factory(threads=1)(**overrides)), said))
+        return made[-1]
+
+    with guard.wrap(factory, demo_probe, policy=quiet_policy(), metrics=False) as s:
+        made[-1].broken = True
+        with pytest.raises(OutputMismatch) as raised:
+            s.run({"mel": demo.demo_mel(30, seed=9)})
+    message = str(raised.value)
+    assert "returned 0 outputs, expected ['wav']" in message and message.endswith(ending)
