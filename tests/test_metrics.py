@@ -1285,3 +1285,87 @@ def test_run_counts_on_a_plain_sink_are_counter_and_histogram_calls() -> None:
         ("observe", "mnn_guard_run_seconds", ("v", "static"), 0.25),
         ("inc", "mnn_guard_runs", ("v", "static", "invalid")),
     ]
+
+
+def _shadow_status(worst: float) -> Any:
+    """A status of session v, serving, whose shadow's worst SNR is `worst`."""
+    from guard.shadow import Reference, ShadowStatus
+
+    shadow = ShadowStatus(
+        every=1, reference=Reference.DYNAMIC, checks=1, failed=0, dropped=0, worst_snr_db=worst
+    )
+    return dataclasses.replace(_status(guard.State.SERVING), shadow=shadow)
+
+
+def test_shadow_series_exist_only_for_a_shadowed_session_and_follow_its_status(
+    registry: CollectorRegistry,
+) -> None:
+    """A listener made without `shadow` has no shadow series, even when a status names one; a
+    shadowed one shows the status's worst shadow SNR."""
+    ladder = guard.Policy().ladder
+    plain = guard.metrics.PrometheusListener("p", ladder, registry=registry)
+    plain.on_status("p", dataclasses.replace(_shadow_status(25.0), name="p"))
+    assert sample(registry, "mnn_guard_shadow_snr_db", "p") is None
+    assert sample(registry, "mnn_guard_shadow_checks_total", "p", result="fail") is None
+    shadowed = guard.metrics.PrometheusListener("v", ladder, registry=registry, shadow=True)
+    shadowed.on_status("v", _shadow_status(25.0))
+    assert sample(registry, "mnn_guard_shadow_snr_db", "v") == 25.0
+    shadowed.on_status("v", _status(guard.State.SERVING))  # no shadow in it: the gauge stays
+    assert sample(registry, "mnn_guard_shadow_snr_db", "v") == 25.0
+
+
+def test_a_name_keeps_its_snr_gauges_while_a_live_session_of_it_has_them(
+    registry: CollectorRegistry,
+) -> None:
+    """Two sessions of one name: closing the one that judged leaves the canary and shadow SNR
+    gauges while the other has values of its own, and drops them when the other has none."""
+    from guard.ladder import Attempt, Outcome
+
+    ladder = guard.Policy().ladder
+    verdict = probes.Verdict(True, {}, ())
+    attempt = Attempt(ladder[0], 0, Outcome.PASS, verdict, None, 0.1)
+
+    def listener(judged: bool) -> Any:
+        made = guard.metrics.PrometheusListener("v", ladder, registry=registry, shadow=judged)
+        if judged:
+            made.on_attempt("v", attempt)
+            made.on_status("v", _shadow_status(25.0))
+        else:
+            made.on_status("v", _status(guard.State.SERVING))
+        return made
+
+    first, second = listener(True), listener(True)
+    first.on_close("v")
+    assert sample(registry, "mnn_guard_canary_snr_db", "v") is not None
+    assert sample(registry, "mnn_guard_shadow_snr_db", "v") == 25.0
+    second.on_close("v")
+    first, second = listener(True), listener(False)
+    first.on_close("v")
+    assert sample(registry, "mnn_guard_canary_snr_db", "v") is None
+    assert sample(registry, "mnn_guard_shadow_snr_db", "v") is None
+    assert sample(registry, "mnn_guard_healthy", "v") == 1.0  # the other still shows
+    second.on_close("v")
+    second.on_close("v")  # a second close changes nothing and raises nothing
+    assert sample(registry, "mnn_guard_healthy", "v") is None
+
+
+def test_a_closed_standby_listener_never_goes_live(registry: CollectorRegistry) -> None:
+    """A hot swap's standby session closed before it went live publishes nothing after."""
+    ladder = guard.Policy().ladder
+    standby = guard.metrics.PrometheusListener("v", ladder, registry=registry, standby=True)
+    standby.on_status("v", _status(guard.State.SERVING))
+    standby.on_close("v")
+    standby.go_live()
+    assert sample(registry, "mnn_guard_healthy", "v") is None
+
+
+def test_a_dropped_gauge_set_again_is_shown_again(registry: CollectorRegistry) -> None:
+    """The sink forgets a dropped series' child: setting the series again makes it anew."""
+    from guard.families import HEALTHY
+
+    sink = guard.metrics.metrics_for(registry)
+    sink.set(HEALTHY, ("d",), 1)
+    sink.drop(HEALTHY, ("d",))
+    assert sample(registry, "mnn_guard_healthy", "d") is None
+    sink.set(HEALTHY, ("d",), 0)
+    assert sample(registry, "mnn_guard_healthy", "d") == 0.0
