@@ -230,6 +230,13 @@ def test_pickled_object_arrays_are_refused(demo_paths: tuple[Path, Path], tmp_pa
         probes.load(folder)
 
 
+def test_object_arrays_are_never_written_pickled(tmp_path: Path) -> None:
+    """store.write refuses an object array (numpy would pickle it) and writes no file."""
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        store.write(tmp_path / "p", {}, {"x": np.array([{"evil": 1}], dtype=object)})
+    assert list((tmp_path / "p").iterdir()) == []
+
+
 def test_nan_golden_is_refused(demo_paths: tuple[Path, Path], tmp_path: Path) -> None:
     """A golden output with NaN is refused, even with a matching checksum."""
     folder = copy_probe(demo_paths[1], tmp_path / "p")
