@@ -251,19 +251,15 @@ class Probe:
     ) -> Probe:
         """A copy with new default and/or per-output limits (`wav={"snr_db": 30}` or
         `wav=Thresholds(...)`); a limit set here wins over a calibrated one for that judge."""
+        thresholds = self.thresholds if default is None else Limits.of(default)  # {} too
         new = {**self.per_output, **per_output}
         touched = {n for n in self.output_names if default is not None and n not in new}
         touched |= set(per_output)
         calibration = self.calibration
         if calibration is not None:
-            limits = {n: Limits.of(new.get(n, default or self.thresholds)) for n in touched}
+            limits = {n: Limits.of(new.get(n, thresholds)) for n in touched}
             calibration = calibration.without({n for n in touched if "snr_db" in limits[n]})
-        return replace(
-            self,
-            thresholds=default or self.thresholds,
-            per_output=new,
-            calibration=calibration,
-        )
+        return replace(self, thresholds=thresholds, per_output=new, calibration=calibration)
 
     def judge(
         self,

@@ -581,16 +581,106 @@ def test_registering_a_taken_name_is_refused_unless_replacing(peak_judge: Any) -
 @pytest.mark.parametrize(
     ("name", "measure", "higher", "message"),
     [
-        ("not a name", _peak_ratio, True, "must be an identifier"),
-        ("ok_name", 3, True, "measure must be callable"),
-        ("ok_name", _peak_ratio, 1, "higher_is_better must be a bool"),
+        ("not a name", _peak_ratio, True, "a judge's name must be an identifier, got 'not a name'"),
+        ("ok_name", 3, True, "judge 'ok_name': measure must be callable, got 3"),
+        ("ok_name", _peak_ratio, 1, "judge 'ok_name': higher_is_better must be a bool"),
     ],
 )
 def test_bad_registrations_are_refused(name: str, measure: Any, higher: Any, message: str) -> None:
-    """A judge needs an identifier for a name, a callable measure and a bool direction."""
-    with pytest.raises(probes.ProbeError, match=message):
+    """A judge needs an identifier name, a callable measure, a bool direction; refusals quote it."""
+    with pytest.raises(probes.ProbeError) as info:
         probes.register_judge(name, measure, higher_is_better=higher)
+    assert str(info.value) == message
     assert "ok_name" not in judges.judge_names()
+
+
+@pytest.fixture()
+def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> dict[str, judges.Judge]:
+    """An empty judge registry for one test (the process's own comes back after it)."""
+    registry: dict[str, judges.Judge] = {}
+    monkeypatch.setattr(judges, "_registry", registry)
+    return registry
+
+
+def test_a_registered_judge_keeps_its_unit_in_its_reasons(
+    fresh_registry: dict[str, judges.Judge],
+) -> None:
+    """The unit a judge is registered with follows each value and limit in its reasons."""
+    judge = probes.register_judge("delay", _peak_ratio, higher_is_better=False, unit=" ms")
+    assert fresh_registry == {"delay": judge} and judge.unit == " ms"
+    assert judge.compare(3.0, 2.0).reason == "delay 3 ms is above the limit 2 ms"
+
+
+def test_a_judge_registered_without_a_unit_shows_bare_numbers(
+    fresh_registry: dict[str, judges.Judge],
+) -> None:
+    """Without `unit`, a judge's reasons quote the value and the limit as plain numbers."""
+    judge = probes.register_judge("ratio", _peak_ratio, higher_is_better=True)
+    assert judge.unit == ""
+    assert judge.compare(0.5, 0.75).reason == "ratio 0.5 is below the limit 0.75"
+
+
+def test_builtin_registers_a_measure_of_golden_then_actual(
+    fresh_registry: dict[str, judges.Judge],
+) -> None:
+    """_builtin registers a judge measuring fn(golden, actual), with its direction and unit."""
+    judges._builtin("gap", lambda golden, actual: float(np.sum(golden - actual)), False, " u")
+    judge = judges.get_judge("gap")
+    assert list(fresh_registry) == ["gap"]
+    assert (judge.name, judge.higher_is_better, judge.unit) == ("gap", False, " u")
+    assert judge.value(np.full(3, 2.0), np.zeros(3)) == 6.0
+    assert judge.check(np.full(3, 2.0), np.zeros(3), 1.0).reason == "gap 6 u is above the limit 1 u"
+
+
+def test_the_builtin_judges_measure_golden_then_actual() -> None:
+    """Each built-in judge gives its measure of (golden, actual), with its direction and unit."""
+    golden, actual = np.array([[3.0, 4.0, 0.0]]), np.array([[3.0, 4.5, 1.0]])
+    for name, measure, higher, unit in (
+        ("snr_db", measures.snr_db, True, " dB"),
+        ("cosine", measures.cosine_similarity, True, ""),
+        ("lsd_db", measures.log_spectral_distance, False, " dB"),
+        ("max_abs", measures.max_abs_error, False, ""),
+        ("top1", measures.argmax_agreement, True, ""),
+    ):
+        judge = judges.get_judge(name)
+        assert (judge.higher_is_better, judge.unit) == (higher, unit), name
+        assert judge.value(golden, actual) == measure(golden, actual), name
+
+
+def test_a_check_factory_checks_its_judge_against_the_limit() -> None:
+    """`_factory(name)(limit)` is a check of that judge: its value, the limit, pass or fail."""
+    make = judges._factory("snr_db")
+    golden, actual = np.array([3.0, 4.0]), np.array([3.0, 4.5])
+    value = measures.snr_db(golden, actual)  # 20 dB, against the golden's power
+    assert make(15.0)(golden, actual) == judges.Check("snr_db", True, value, 15.0, "")
+    failed = make(25.0)(golden, actual)
+    assert (failed.passed, failed.value, failed.limit) == (False, value, 25.0)
+    assert failed.reason == "snr_db 20 dB is below the limit 25 dB"
+    assert make.__doc__ == "A check of 'snr_db' against `limit`: `check(golden, actual) -> Check`."
+
+
+def test_tightest_is_the_strictest_limit_in_the_judges_direction() -> None:
+    """Of several limits, the highest is the strictest where higher is better, else the lowest."""
+    assert judges.get_judge("snr_db").tightest(30.0, 45.0, 40.0) == 45.0
+    assert judges.get_judge("lsd_db").tightest(2.0, 1.0, 3.0) == 1.0
+    assert judges.get_judge("top1").tightest(0.5) == 0.5
+
+
+def test_limits_equal_mappings_with_the_same_items_only() -> None:
+    """Limits equal any mapping with the same items, and nothing that is no mapping."""
+    limits = probes.Limits({"snr_db": 30, "cosine": 0.9})
+    assert limits == {"cosine": 0.9, "snr_db": 30.0}
+    for other in ({"snr_db": 30.0}, {"snr_db": 31.0, "cosine": 0.9}, limits.items(), 30.0, None):
+        assert limits != other, other
+
+
+def test_limits_hash_by_their_items() -> None:
+    """Equal limits hash alike (a set holds one of them); different limits hash apart."""
+    assert {probes.Limits({"snr_db": 30}), probes.Limits({"snr_db": 30.0})} == {
+        probes.Limits({"snr_db": 30.0})
+    }
+    hashes = {hash(probes.Limits({"snr_db": float(v), "top1": 1.0})) for v in range(20)}
+    assert len(hashes) == 20
 
 
 def test_limits_refuse_unknown_judges_and_non_numbers() -> None:
@@ -744,6 +834,42 @@ def test_lsd_of_equal_signals_is_zero_and_grows_with_noise() -> None:
     ]
     assert all(v is not None for v in values) and values == sorted(values)
     assert measures.log_spectral_distance(tone(), tone(4095)) is None  # sizes differ
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(), (0,), (0, 3), (2, 0), (2, 0, 3)],
+    ids=["0-d", "empty", "no rows", "no classes", "3-d"],
+)
+def test_argmax_agreement_is_none_without_anything_to_pick(shape: tuple[int, ...]) -> None:
+    """A 0-d array, or one with no rows or no classes, has no argmax: None, and top1 passes."""
+    golden = np.zeros(shape, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert measures.argmax_agreement(golden, golden.copy()) is None
+    assert judges.get_judge("top1").check(golden, golden.copy(), 1.0).passed
+
+
+def test_argmax_agreement_of_a_1d_array_is_that_of_its_one_row() -> None:
+    """A 1-D array is one row: 1.0 when its argmax agrees, else 0.0."""
+    golden = np.array([0.1, 0.7, 0.2])
+    assert measures.argmax_agreement(golden, np.array([0.2, 0.5, 0.3])) == 1.0
+    assert measures.argmax_agreement(golden, np.array([0.6, 0.3, 0.1])) == 0.0
+
+
+def test_argmax_agreement_counts_the_rows_of_every_leading_axis() -> None:
+    """A (2, 3, 4) array holds six rows of four classes: two flipped rows agree on 4 of 6."""
+    golden = np.arange(24.0).reshape(2, 3, 4)  # every row's argmax is its last class
+    actual = golden.copy()
+    actual[0, 1, 0] = actual[1, 2, 2] = 100.0
+    assert measures.argmax_agreement(golden, actual) == pytest.approx(4 / 6)
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (3, 1)])
+def test_argmax_agreement_with_one_class_always_agrees(shape: tuple[int, ...]) -> None:
+    """With a single class every row picks it: 1.0, a value and not None."""
+    golden = np.ones(shape)
+    assert measures.argmax_agreement(golden, -golden) == 1.0
 
 
 def test_snr_and_lsd_of_extreme_signals_warn_nothing() -> None:

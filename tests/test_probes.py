@@ -29,6 +29,7 @@ from guard.testing import Fault, FaultyFactory
 from guard.tools import demo
 from probes import probe as probe_module
 from probes import signature, store
+from probes.calibration import OutputCalibration
 from probes.errors import brief
 from probes.store import ARRAYS, MANIFEST
 
@@ -227,6 +228,13 @@ def test_pickled_object_arrays_are_refused(demo_paths: tuple[Path, Path], tmp_pa
     rewrite_arrays(folder, arrays, allow_pickle=True)
     with pytest.raises(probes.ProbeError, match=r"'case0/inputs/mel\.npy' declares \d+ bytes"):
         probes.load(folder)
+
+
+def test_object_arrays_are_never_written_pickled(tmp_path: Path) -> None:
+    """store.write refuses an object array (numpy would pickle it) and writes no file."""
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        store.write(tmp_path / "p", {}, {"x": np.array([{"evil": 1}], dtype=object)})
+    assert list((tmp_path / "p").iterdir()) == []
 
 
 def test_nan_golden_is_refused(demo_paths: tuple[Path, Path], tmp_path: Path) -> None:
@@ -1424,6 +1432,71 @@ def test_the_version_warning_points_at_the_caller_of_load(
     with pytest.warns(probes.ProbeVersionWarning) as record:
         probes.load(demo_paths[1], mnn_version="9.9.9")
     assert [w.filename for w in record] == [__file__]
+
+
+# ------------------------------------------------------------------ limits set later
+
+
+def calibrated_probe() -> probes.Probe:
+    """A probe of outputs a, b and c, all calibrated; `a` has its own limits (no SNR)."""
+    names = ("a", "b", "c")
+    measured = OutputCalibration(spread_db=90.0, floor_db=80.0, limit_db=60.0)
+    return probes.Probe(
+        cases=(
+            probes.Case(
+                inputs={"x": np.zeros(2, np.float32)}, outputs={n: np.ones(2) for n in names}
+            ),
+        ),
+        inputs=(signature.InputSpec(name="x", dtype="float32", shape=(2,)),),
+        outputs=tuple(signature.OutputSpec(name=n, dtype="float64", shape=(2,)) for n in names),
+        thresholds={"snr_db": 45.0, "cosine": 0.99},
+        per_output={"a": {"cosine": 0.5}},
+        calibration=probes.Calibration(outputs={n: measured for n in names}, inits=3),
+    )
+
+
+SNR_40 = {"snr_db": 40.0}
+COSINE = {"cosine": 0.9}
+
+
+@pytest.mark.parametrize(
+    ("default", "per_output", "calibrated"),
+    [
+        (SNR_40, {}, ["a"]),  # the new default reaches b and c, not a (its own limits)
+        (COSINE, {}, ["a", "b", "c"]),  # a default without an SNR limit
+        ({}, {}, ["a", "b", "c"]),  # an empty default: no SNR limit either
+        (None, {"b": SNR_40}, ["a", "c"]),
+        (None, {"b": COSINE}, ["a", "b", "c"]),
+        (None, {"a": SNR_40}, ["b", "c"]),
+        (SNR_40, {"b": COSINE}, ["a", "b"]),  # the default reaches c only
+        (SNR_40, {"b": SNR_40, "a": SNR_40}, []),
+    ],
+    ids=["default", "default-no-snr", "empty-default", "b", "b-no-snr", "a", "both", "all"],
+)
+def test_with_thresholds_drops_calibration_where_it_sets_an_snr_limit(
+    default: dict[str, float] | None, per_output: dict[str, Any], calibrated: list[str]
+) -> None:
+    """An output keeps its calibration unless the call gives it new limits with an SNR limit."""
+    probe = calibrated_probe().with_thresholds(default, **per_output)
+    kept = probe.calibration
+    assert sorted(kept.outputs if kept is not None else []) == calibrated
+    if kept is not None:
+        assert kept.inits == 3 and dict(probe.limits_for(calibrated[0])).get("snr_db") == 60.0
+
+
+def test_with_thresholds_sets_the_default_given_and_keeps_it_otherwise() -> None:
+    """A default given replaces the probe's, even an empty one; without one, it stays."""
+    probe = calibrated_probe()
+    assert probe.with_thresholds(SNR_40).thresholds == SNR_40
+    assert probe.with_thresholds({}).thresholds == {}
+    assert probe.with_thresholds(b=COSINE).thresholds == {"snr_db": 45.0, "cosine": 0.99}
+
+
+def test_with_thresholds_adds_to_the_per_output_limits() -> None:
+    """Per-output limits given replace those outputs' limits and leave the others' as they were."""
+    probe = calibrated_probe().with_thresholds(SNR_40, b=COSINE)
+    assert probe.per_output == {"a": {"cosine": 0.5}, "b": COSINE}
+    assert [dict(probe.thresholds_for(n)) for n in "abc"] == [{"cosine": 0.5}, COSINE, SNR_40]
 
 
 # ------------------------------------------------------------------ what a probe refuses to hold
