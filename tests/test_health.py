@@ -324,3 +324,17 @@ def test_asking_whether_a_process_lives_sends_it_no_signal() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     assert not guard.health._alive(child.pid)
+
+
+def test_a_name_shows_its_worst_session_and_how_many_it_has() -> None:
+    """Two live sessions of one name, one healthy, one not: readiness shows the unhealthy one,
+    whichever wrote last, with the count of sessions in its detail."""
+    table = guard.health.HealthTable()
+    bad = dataclasses.replace(serving_entry("n"), healthy=False, state=guard.State.REPLACING)
+    for first, second in ((bad, serving_entry("n")), (serving_entry("n"), bad)):
+        table.clear()
+        table.record(object(), first)
+        table.record(object(), second)
+        shown = table.sessions()["n"]
+        assert (shown.healthy, shown.state) == (False, guard.State.REPLACING)
+        assert shown.detail["sessions"] == 2

@@ -665,3 +665,20 @@ def test_a_forward_with_too_few_outputs_is_refused_with_what_mnn_said(
             s.run({"mel": demo.demo_mel(30, seed=9)})
     message = str(raised.value)
     assert "returned 0 outputs, expected ['wav']" in message and message.endswith(ending)
+
+
+def test_a_collected_probe_leaves_no_self_check_entry(demo_probe: probes.Probe) -> None:
+    """self_check remembers a probe only while it lives: a collected copy's entry goes (its id
+    may come back as another probe's)."""
+    import dataclasses
+    import gc
+
+    from guard import session
+
+    copy = dataclasses.replace(demo_probe)
+    session.self_check(copy)
+    key = id(copy)
+    assert key in session._SELF_CHECKED
+    del copy
+    gc.collect()
+    assert key not in session._SELF_CHECKED
