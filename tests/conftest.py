@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,20 @@ def quiet_policy(**kw: Any) -> guard.Policy:
     return guard.Policy(background=False, promote_after=None, **kw)
 
 
+_REFERENCE_LOCK = threading.Lock()  # one forward at a time: a module shared by threads is not safe
+
+
+@functools.cache
+def _reference_runner() -> mnn.Runner:
+    """One dynamic module of the demo vocoder, built on first use, on one thread (a pool of
+    four spins in the test process and slows every later forward on a busy machine)."""
+    return mnn.adapt(demo.demo_factory(threads=1)(dynamic=True))
+
+
 def reference(x: Array) -> Array:
-    """The clean output of a fresh dynamic module (the trusted configuration)."""
-    return mnn.adapt(demo.demo_factory()(dynamic=True)).run([x])[0]
+    """The clean output of a dynamic module (the trusted configuration) for `x`."""
+    with _REFERENCE_LOCK:
+        return _reference_runner().run([x])[0]
 
 
 class FakeClock:

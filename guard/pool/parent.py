@@ -218,12 +218,15 @@ class Pool(Dispatch):
         )
         self._watcher.start()
 
-    def _ready(self, slot: Slot) -> bool:
-        """Wait for a spawned worker's session and put its slot in service (False: closed)."""
+    def _ready(self, slot: Slot, *, replacement: bool = False) -> bool:
+        """Wait for a spawned worker's session and put its slot in service (False: closed); a
+        `replacement` is counted before readiness can show it."""
         report = slot.await_ready(self._startup_timeout)
         with self._lock:
             slot.note(report)
             serving = slot.to(SlotState.IDLE)
+            if serving and replacement:
+                self._replaced += 1
         self._publish()
         if serving:
             self._wake()  # one more pipe to watch
@@ -278,7 +281,7 @@ class Pool(Dispatch):
         """Start a replacement worker (a background thread); on failure the slot is FAILED."""
         try:
             slot.spawn(self._ctx, worker_main, self._args, self._lane_bytes)
-            serving = self._ready(slot)
+            serving = self._ready(slot, replacement=True)
         except Exception as exc:
             with self._lock:
                 slot.error = exc  # readiness says why while the slot is FAILED
@@ -295,10 +298,7 @@ class Pool(Dispatch):
             for job in stranded:
                 job.deliver(none_left)  # type: ignore[arg-type]
         else:
-            if serving:
-                with self._lock:
-                    self._replaced += 1
-            else:  # the pool closed meanwhile
+            if not serving:  # the pool closed meanwhile
                 slot.ask_to_stop()
                 stop(slot.child, STOP_SECONDS)
         finally:
