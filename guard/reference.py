@@ -41,6 +41,7 @@ from numpy.typing import NDArray
 
 from guard import mnn
 from guard.errors import GuardError
+from guard.exits import exit_text
 
 __all__ = [
     "STOP_SECONDS",
@@ -265,13 +266,9 @@ class InProcess:
     def ended(self) -> str:
         """How the process ended: `exited with code 3`, `was killed by SIGSEGV`."""
         try:
-            code = self._process.wait(STOP_SECONDS)
+            return exit_text(self._process.wait(STOP_SECONDS))
         except subprocess.TimeoutExpired:
             return "closed its pipe"
-        if code < 0:
-            with contextlib.suppress(ValueError):
-                return f"was killed by {signal.Signals(-code).name}"
-        return f"exited with code {code}"
 
     def close(self) -> None:
         """Shut the socket (the process reads its end and exits; an exchange on another thread

@@ -17,7 +17,6 @@ import contextlib
 import enum
 import os
 import pickle
-import signal
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from guard.exits import exit_text
 from probes import Probe, ProbeError
 
 __all__ = ["Child", "Event", "load_stashed_probe", "remove_stash", "stash_probe", "wait_any"]
@@ -126,15 +126,7 @@ class Child:
     def exit_text(self) -> str:
         """How the process ended: `exited with code 3`, `was killed by SIGSEGV`."""
         self.process.join(1.0)
-        code = self.process.exitcode
-        if code is None:
-            return "stopped answering"
-        if code < 0:
-            try:
-                return f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                return f"was killed by signal {-code}"
-        return f"exited with code {code}"
+        return exit_text(self.process.exitcode)
 
     def stop(self, grace: float = 0.0, *, close: bool = True) -> None:
         """Give the process `grace` seconds to exit, kill it if it has not, reap it.
