@@ -386,12 +386,17 @@ def wait_until_serving(pool: guard.Pool, seconds: float = 60.0) -> list[guard.po
     raise AssertionError(f"pool {pool.name!r} not serving within {seconds} s: {pool.status()}")
 
 
+def open_marked(demo_paths: tuple[Path, Path], name: str) -> guard.Pool:
+    """Two workers whose real modules crash, raise or sleep on marked inputs."""
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    factory = MarkedFactory(demo.demo_factory(threads=1))
+    return guard.Pool(factory, probe, processes=2, policy=quiet_policy(), name=name)
+
+
 @pytest.fixture(scope="module")
 def marked_pool(demo_paths: tuple[Path, Path]) -> Iterator[guard.Pool]:
     """Two workers whose real modules crash or raise on marked inputs."""
-    probe = probes.load(demo_paths[1], model=demo_paths[0])
-    factory = MarkedFactory(demo.demo_factory(threads=1))
-    with guard.Pool(factory, probe, processes=2, policy=quiet_policy(), name="marked") as p:
+    with open_marked(demo_paths, "marked") as p:
         yield p
 
 

@@ -2,8 +2,12 @@
 of `Pool` that moves requests), and the pool's watcher thread (`watch`).
 
 A request becomes a job of plain arrays in the caller's thread, takes a free lane of a worker
-(or waits in the pool's one line) and is sent; the watcher reads every reply, settles its job,
-frees its lane and hands it to the next job in line. Deaths and deadlines end jobs too: a job
+(or waits in the pool's one line) and is sent. One thread at a time reads the workers' replies,
+the leader: it settles each reply's job, frees its lane and hands it to the next job in line.
+A caller that waits for its job leads while nobody else does (no hand-over between threads for
+its own reply); otherwise it sleeps until its outcome comes or the leader, done with its own
+job, asks it to lead. The watcher leads when no caller can: for an event loop's calls, and for
+requests whose callers left. It also notices idle workers' deaths and every deadline. A job
 whose worker was lost is retried once elsewhere, one that waited too long gets Unavailable.
 """
 
@@ -16,7 +20,7 @@ import select
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import KeysView, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,7 +40,7 @@ from guard.pool.job import Job, Line, Step
 from guard.pool.shared import DEPTH, Lane
 from guard.pool.slot import IN_SERVICE, Slot, Slots
 
-__all__ = ["WATCH_SECONDS", "Dispatch", "watch"]
+__all__ = ["WATCHER", "WATCH_SECONDS", "Dispatch", "watch"]
 
 Array = NDArray[Any]
 Outputs = dict[str, Array]
@@ -44,10 +48,12 @@ Inputs = Mapping[str, Any] | Sequence[Any]
 Watched = tuple[Slot, Child, tuple[Lane, ...]]
 
 WATCH_SECONDS = 0.25  # the watcher's longest sleep: how late a deadline may be noticed
+WATCHER = -1  # the watcher's token as the leader (a caller's is its thread's ident)
 
 
 def watch(ref: weakref.ref[Dispatch], done: threading.Event, wake: int) -> None:
-    """The pool's watcher: replies, deaths and deadlines, until the pool closes or goes.
+    """The pool's watcher: deadlines, idle workers' deaths, and the replies while it leads,
+    until the pool closes or goes.
 
     One poll object for its life, told only of the pipes and processes that changed. It holds
     the pool only between waits, so that an unclosed pool can still be collected.
@@ -55,25 +61,26 @@ def watch(ref: weakref.ref[Dispatch], done: threading.Event, wake: int) -> None:
     poller = select.poll()
     poller.register(wake, select.POLLIN)
     registered: set[int] = set()
+    deferred: set[int] = set()  # ended workers a leading caller will hear of (its pipe's end)
+    deferred_at = 0.0
     while not done.is_set():
         pool = ref()
         if pool is None:
             return
-        watched, timeout = pool._watched()
+        watched, timeout, leading = pool._watched()
         del pool
+        if deferred and time.monotonic() - deferred_at > WATCH_SECONDS:
+            deferred.clear()  # look again: the caller may have left before it heard
         by_fd: dict[int, tuple[Watched, bool]] = {}  # fd -> (worker, whether it is its end)
         for item in watched:
             try:
-                by_fd[item[1].conn.fileno()] = (item, False)
-                by_fd[item[1].process.sentinel] = (item, True)
+                if leading:
+                    by_fd[item[1].conn.fileno()] = (item, False)
+                if item[1].process.sentinel not in deferred:
+                    by_fd[item[1].process.sentinel] = (item, True)
             except (OSError, ValueError):  # closed meanwhile
                 continue
-        if by_fd.keys() != registered:
-            for fd in registered - by_fd.keys():
-                poller.unregister(fd)
-            for fd in by_fd.keys() - registered:
-                poller.register(fd, select.POLLIN)
-            registered = set(by_fd)
+        registered = _follow(poller, registered, by_fd.keys())
         try:
             events = poller.poll(math.ceil(timeout * 1000))
         except (OSError, ValueError):  # the pool went and its pipe with it
@@ -89,11 +96,30 @@ def watch(ref: weakref.ref[Dispatch], done: threading.Event, wake: int) -> None:
                     os.read(wake, 4096)
             elif fd in by_fd:
                 item, end = by_fd[fd]
+                if end and not leading and not pool._claim():
+                    deferred.add(fd)  # a caller leads: it reads that pipe to its end
+                    deferred_at = time.monotonic()
+                    continue
+                leading = True
                 (ended if end else readable)[id(item)] = item
         for key, item in (readable | ended).items():
             pool._hear(*item, ended=key in ended)
         pool._expire()
+        if leading:
+            pool._resign(WATCHER)
         del pool
+
+
+def _follow(poller: select.poll, registered: set[int], wanted: KeysView[int]) -> set[int]:
+    """Tell a poll object of the descriptors `wanted` instead of those `registered`: the new
+    registered set."""
+    if wanted == registered:
+        return registered
+    for fd in registered - wanted:
+        poller.unregister(fd)
+    for fd in wanted - registered:
+        poller.register(fd, select.POLLIN)
+    return set(wanted)
 
 
 class Dispatch:
@@ -110,8 +136,15 @@ class Dispatch:
     _cond: threading.Condition
     _lock: threading.Lock
     _line: Line
+    _wake_r: int  # the watcher's pipe
     _wake_w: int
     _wake_at: float
+    _leader: int | None  # who reads the replies: a caller's thread, WATCHER, or nobody
+    _followers: dict[Job, None]  # jobs whose callers sleep on them, in the order they came
+    _nudge_r: int  # the leader's pipe: its job was settled elsewhere, or a worker joined
+    _nudge_w: int
+    _lead_poll: select.poll  # the leading caller's poll object (one leader at a time)
+    _lead_fds: set[int]  # the workers' pipes it is told of
 
     def _retire(self, slot: Slot, child: Child, why: str, culprit: Job | None = None) -> None:
         raise NotImplementedError
@@ -167,6 +200,7 @@ class Dispatch:
             problem.__cause__ = exc
         now = time.monotonic()
         dead = settled = False
+        successor: Job | int | None = None
         with self._lock:
             placed = slot.child is child and slot.held.get(job.lane) is job
             if not placed or job.dropped or problem is not None:
@@ -190,8 +224,12 @@ class Dispatch:
                         self._soon(self._line.watch(job))
                     elif self.request_timeout is not None:
                         self._soon(now + self.request_timeout)
+                    if self._leader is None:
+                        successor = self._successor(job)
         if settled and problem is not None:
             job.deliver(problem)
+        if successor is not None:
+            self._hand_over(successor)
         if dead:
             self._lost(slot, child)
             self._retry(job, unblamed=True)
@@ -271,6 +309,122 @@ class Dispatch:
         if step is Step.SENT and slot is not None and child is not None:
             self._retire(slot, child, "a request was interrupted")
 
+    # -------------------------------------------------------------- leading
+
+    def _open_pipes(self) -> weakref.finalize[..., Dispatch]:
+        """The watcher's and the leader's pipes, with nobody leading yet (closes them)."""
+        # the watcher sleeps on workers' processes (and pipes, while it leads) and on its
+        # pipe, written to when it must look again sooner (a new worker, a deadline, close)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._wake_at = math.inf  # when the watcher looks again at the latest
+        self._leader = None
+        self._followers = {}
+        self._nudge_r, self._nudge_w = os.pipe()
+        os.set_blocking(self._nudge_r, False)
+        os.set_blocking(self._nudge_w, False)
+        self._lead_poll = select.poll()
+        self._lead_poll.register(self._nudge_r, select.POLLIN)
+        self._lead_fds = set()
+        fds = (self._wake_r, self._wake_w, self._nudge_r, self._nudge_w)
+        return weakref.finalize(self, _close_fds, *fds)
+
+    def _await(self, job: Job) -> Outputs:
+        """Wait for a job this thread sent: leading while nobody else does, else asleep until
+        its outcome comes or it is asked to lead (its caller resigns when done: `_resign`)."""
+        me = threading.get_ident()
+        while True:
+            with self._lock:
+                if job.outcome is not None:
+                    break
+                if self._leader is None:
+                    self._leader = me
+                leading = self._leader == me
+                job.following = not leading
+                if job.following:
+                    self._followers[job] = None
+            try:
+                if leading:
+                    self._lead(job)
+                elif job.sleep():
+                    break
+            finally:
+                if job.following:
+                    with self._lock:
+                        job.following = False
+                        self._followers.pop(job, None)
+        return job.result()
+
+    def _lead(self, job: Job) -> None:
+        """Read the workers' replies in this thread until `job` has its outcome."""
+        poller, fds = self._lead_poll, self._lead_fds
+        job.nudge = self._nudge
+        try:
+            while job.outcome is None:
+                by_fd: dict[int, Watched] = {}
+                for item in self._serving():
+                    with contextlib.suppress(OSError, ValueError):  # closed meanwhile
+                        by_fd[item[1].conn.fileno()] = item
+                fds = _follow(poller, fds, by_fd.keys())
+                for fd, _ in poller.poll(WATCH_SECONDS * 1000):
+                    if fd == self._nudge_r:
+                        with contextlib.suppress(OSError):
+                            os.read(fd, 4096)
+                    elif fd in by_fd:
+                        self._hear(*by_fd[fd], ended=False)
+        finally:
+            job.nudge = None
+            self._lead_fds = fds
+
+    def _claim(self) -> bool:
+        """The watcher takes the lead if nobody has it; True if it leads."""
+        with self._lock:
+            if self._leader is None:
+                self._leader = WATCHER
+            return self._leader == WATCHER
+
+    def _resign(self, token: int) -> None:
+        """Stop leading, if `token` leads: while workers hold requests, a sleeping caller leads
+        next, else the watcher."""
+        with self._lock:
+            if self._leader != token:
+                return
+            self._leader = None
+            successor = self._successor() if any(s.held for s in self._slots.all) else None
+            if successor == token:
+                return  # the watcher goes on leading
+        if successor is not None:
+            self._hand_over(successor)
+
+    def _successor(self, job: Job | None = None) -> Job | int | None:
+        """Make the next leader while nobody leads (the caller holds _cond): `job`'s caller
+        if it sent it (None: it leads once it waits), a caller asleep on its job (`job`'s
+        first), else the watcher. What `_hand_over` must wake."""
+        if job is not None and job.waiter == threading.get_ident():
+            self._leader = job.waiter
+            return None
+        follower = job if job is not None and job.following else None
+        if follower is None:
+            follower = next((j for j in self._followers if j.outcome is None), None)
+        if follower is not None and follower.waiter is not None:
+            self._leader = follower.waiter
+            return follower
+        self._leader = WATCHER
+        return WATCHER
+
+    def _hand_over(self, successor: Job | int) -> None:
+        """Wake the leader `_successor` made (outside _cond)."""
+        if isinstance(successor, Job):
+            successor.signal()
+        else:
+            self._wake()
+
+    def _nudge(self) -> None:
+        """Make the leading caller look again (its job was settled elsewhere, or a worker
+        joined)."""
+        with contextlib.suppress(OSError):
+            os.write(self._nudge_w, b"\0")
+
     # -------------------------------------------------------------- the watcher's work
 
     def _soon(self, deadline: float | None) -> None:
@@ -282,16 +436,21 @@ class Dispatch:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"\0")
 
-    def _watched(self) -> tuple[list[Watched], float]:
-        """The workers to watch (in service, or closed with requests in hand) and how long the
-        watcher may sleep."""
-        now = time.monotonic()
+    def _serving(self) -> list[Watched]:
+        """The workers whose replies and ends are heard: in service, or closed with requests
+        in hand."""
         with self._lock:
-            watched = [
+            return [
                 (s, s.child, s.lanes)
                 for s in self._slots.all
                 if s.child is not None and (s.state in IN_SERVICE or s.held)
             ]
+
+    def _watched(self) -> tuple[list[Watched], float, bool]:
+        """The workers to watch, how long the watcher may sleep, and whether it leads."""
+        watched = self._serving()
+        now = time.monotonic()
+        with self._lock:
             wake = now + WATCH_SECONDS
             deadline = self._line.next_deadline()
             if deadline is not None:
@@ -301,7 +460,8 @@ class Dispatch:
                     if slot.order:
                         wake = min(wake, slot.started + self.request_timeout)
             self._wake_at = wake
-        return watched, max(0.0, wake - now)
+            leading = self._leader == WATCHER
+        return watched, max(0.0, wake - now), leading
 
     def _hear(self, slot: Slot, child: Child, lanes: tuple[Lane, ...], *, ended: bool) -> None:
         """Read the next reply of a worker (every one left, once it `ended`); a worker whose
@@ -310,7 +470,7 @@ class Dispatch:
             while True:
                 data = child.conn.recv_bytes()
                 try:
-                    reply = wire.decode(data, lanes, copy=True)
+                    reply = wire.decode(data, lanes)  # views, copied out in _answered
                 except Exception as exc:
                     reason = f"sent a reply that could not be decoded: {exc!r}"
                     self._lost(slot, child, f"{slot.label} {reason}")
@@ -330,11 +490,20 @@ class Dispatch:
             what = f"{slot.label} answered a request with a {type(reply).__name__}"
             self._lost(slot, child, what)
             return
+        lane = reply.lane
+        if isinstance(reply, wire.Done):  # copied out while its job still holds the lane
+            with self._lock:
+                job = slot.held.get(lane) if slot.child is child else None
+            arena = job.arena if job is not None else None
+            outputs = {
+                n: a.copy() if arena is None else arena.copy(a) for n, a in reply.outputs.items()
+            }
+            reply = wire.Done(outputs, reply.report, lane)
         now = time.monotonic()
         with self._lock:
             if slot.child is not child:
                 return
-            job = slot.let_go(reply.lane, now)
+            job = slot.let_go(lane, now)
             if not isinstance(reply, wire.Withdrawn):
                 slot.requests += 1
             changed = slot.note(reply.report)
@@ -403,3 +572,9 @@ class Dispatch:
         for slot, child, culprit in overdue:
             why = f"{slot.label} exceeded request_timeout={self.request_timeout:g} s and was killed"
             self._retire(slot, child, why, culprit)
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

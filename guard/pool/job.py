@@ -18,6 +18,7 @@ only moves (`STEPS`); `Job.to` makes every one of them, under the pool's Conditi
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import heapq
 import itertools
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from numpy.typing import NDArray
 
 if TYPE_CHECKING:
+    from guard.pool.arena import Arena
     from guard.pool.children import Child
     from guard.pool.shared import Lane
     from guard.pool.slot import Slot
@@ -86,6 +88,10 @@ class Job:
     shm: Lane | None = None
     failures: list[tuple[str, Exception | None]] = field(default_factory=list)
     gone: bool = False  # its caller was interrupted: not retried, not answered
+    waiter: int | None = None  # the thread that will wait for it (None: an event loop's call)
+    following: bool = False  # its waiter sleeps on it and may be woken to lead
+    nudge: Callable[[], object] | None = None  # told on delivery while its waiter leads
+    arena: Arena | None = None  # where its outputs are copied (None: arrays of their own)
 
     def to(self, step: Step) -> bool:
         """The one place a job's step changes (the caller holds the pool's Condition).
@@ -107,14 +113,32 @@ class Job:
         """Give the caller the outcome (once, after the move to SETTLED; never under the pool's
         Condition: `then` may take it)."""
         self.outcome = outcome
-        self._ready.release()
+        self.signal()
+        nudge = self.nudge
+        if nudge is not None and threading.get_ident() != self.waiter:
+            nudge()  # its waiter leads, asleep on the workers' pipes
         if self.then is not None:
             self.then(self)
 
+    def signal(self) -> None:
+        """Wake its waiter: to take its outcome, or to lead (a second signal before the waiter
+        woke is the same wake)."""
+        with contextlib.suppress(RuntimeError):  # released already
+            self._ready.release()
+
+    def sleep(self) -> bool:
+        """Sleep until signalled; True once the outcome is out (it stays out for every later
+        wait)."""
+        self._ready.acquire()  # interrupted by a signal handler's exception, as Ctrl-C
+        if self.outcome is None:
+            return False
+        self._ready.release()
+        return True
+
     def wait(self) -> Outputs:
         """The outputs, once delivered (or raise the error delivered)."""
-        self._ready.acquire()  # interrupted by a signal handler's exception, as Ctrl-C
-        self._ready.release()
+        while not self.sleep():
+            pass
         return self.result()
 
     def result(self) -> Outputs:

@@ -20,9 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import multiprocessing
-import os
 import pickle
 import threading
 import time
@@ -43,6 +41,7 @@ from guard.health import HEALTH, Entry, HealthTable
 from guard.inputs import InputChecker
 from guard.ladder import Policy
 from guard.names import check_name
+from guard.pool.arena import Arena, Blocks
 from guard.pool.children import Child, remove_stash, stash_probe
 from guard.pool.dispatch import WATCH_SECONDS, Dispatch, watch
 from guard.pool.job import Job, Line, Step
@@ -90,7 +89,9 @@ class Pool(Dispatch):
     private temp file. Inputs and outputs go through shared memory (two anonymous segments per
     worker, grown on demand; nothing is left in /dev/shm whoever dies), the pipe carries only
     where they lie. Each worker gets its next request while it serves one, so it never waits
-    for the parent; `run()` and `arun()` return owned arrays.
+    for the parent; `run()` and `arun()` return owned arrays. `map()`'s results are owned by
+    the call: carved from blocks of memory this pool reuses once a call's results are gone.
+    A caller waiting for its reply reads the workers' replies itself while no other does.
 
     Requests are checked here first: a bad one raises InputMismatch at once and no worker sees
     it. A worker that crashes or exceeds `request_timeout` is killed and replaced, and its
@@ -178,6 +179,7 @@ class Pool(Dispatch):
         self._cond = self._slots.cond
         self._lock = self._slots.lock
         self._line = Line()
+        self._blocks = Blocks()  # where map() keeps results (guard.pool.arena)
         self._starters: set[threading.Thread] = set()
         self._replaced = 0
         self._pending = 0  # async calls admitted and not finished
@@ -185,12 +187,7 @@ class Pool(Dispatch):
         self._health = health or HEALTH
         self._publishing = threading.Lock()
         self._published: Entry | None = None
-        # the watcher sleeps on every worker's pipe and process and on this pipe, written to
-        # when it must look again sooner (a new worker, an earlier deadline, close)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        self._unpipe = weakref.finalize(self, _close_all, self._wake_r, self._wake_w)
-        self._wake_at = math.inf  # when the watcher looks again at the latest
+        self._unpipe = self._open_pipes()
         self._stop_watch = threading.Event()
         self._watcher: threading.Thread | None = None
         self._start()
@@ -230,6 +227,7 @@ class Pool(Dispatch):
         self._publish()
         if serving:
             self._wake()  # one more pipe to watch
+            self._nudge()
             self._pump()
         return serving
 
@@ -311,13 +309,17 @@ class Pool(Dispatch):
     def run(self, inputs: Inputs) -> Outputs:
         """Run one request on a worker; returns owned numpy arrays by output name."""
         job = self._job(inputs, time.monotonic() + self._wait_timeout)
-        self._admit(job)
+        job.waiter = threading.get_ident()
         try:
-            return job.wait()
-        except BaseException:
-            if not job.done:  # interrupted while it waited (Ctrl-C)
-                self._abandon(job)
-            raise
+            self._admit(job)
+            try:
+                return self._await(job)
+            except BaseException:
+                if not job.done:  # interrupted while it waited (Ctrl-C)
+                    self._abandon(job)
+                raise
+        finally:
+            self._resign(job.waiter)
 
     def map(self, inputs: Iterable[Inputs]) -> list[Outputs]:
         """Run many requests spread over every worker, two in each worker's hands at a time (its
@@ -326,19 +328,24 @@ class Pool(Dispatch):
         window = DEPTH * self.processes
         jobs: deque[Job] = deque()
         results: list[Outputs] = []
+        me = threading.get_ident()  # it leads from one wait to the next while nobody else does
+        arena = Arena(self._blocks)  # results kept together: memory populated at once
         try:
             for item in inputs:
                 if len(jobs) >= window:
-                    results.append(jobs.popleft().wait())
+                    results.append(self._await(jobs.popleft()))
                 job = self._job(item, None)
+                job.waiter, job.arena = me, arena
                 self._admit(job)
                 jobs.append(job)
             while jobs:
-                results.append(jobs.popleft().wait())
+                results.append(self._await(jobs.popleft()))
         except BaseException:
             for job in jobs:
                 job.cancelled = True
             raise
+        finally:
+            self._resign(me)
         return results
 
     # ------------------------------------------------------------- asyncio
@@ -463,6 +470,7 @@ class Pool(Dispatch):
                 slot.order.clear()
         self._stop_watch.set()
         self._wake()
+        self._nudge()
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join(STOP_SECONDS)
         for job in held:  # their workers hang: killed below
@@ -477,6 +485,7 @@ class Pool(Dispatch):
         with self._lock:
             for slot in self._slots.all:
                 slot.lanes = ()  # their memory goes with the last map of them
+        self._blocks.clear()
         self._unstash()
         self._unpipe()
 
@@ -506,9 +515,3 @@ def _resolve(answer: asyncio.Future[Outputs], job: Job) -> None:
         answer.set_exception(outcome)
     else:
         answer.set_result(outcome)  # type: ignore[arg-type]
-
-
-def _close_all(*fds: int) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
