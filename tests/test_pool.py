@@ -1242,3 +1242,28 @@ def test_a_worker_killed_mid_request_leaves_no_shared_memory(
         until(lambda: lane_fds() == base + DEPTH, 10, "the dead worker's lanes closed")
         assert shm_names() <= shm
     assert lane_fds() == base and shm_names() <= shm
+
+
+def test_a_request_with_nan_is_refused_here_and_no_worker_sees_it(pool: guard.Pool) -> None:
+    """A NaN in a request raises InputMismatch in the caller's thread; no worker counts it."""
+    mel = mels(1, offset=1500)[0].copy()
+    mel[0, 3, 5] = np.nan
+    before = sum(w.requests for w in pool.status())
+    with pytest.raises(guard.InputMismatch, match="NaN"):
+        pool.run({"mel": mel})
+    assert sum(w.requests for w in pool.status()) == before
+
+
+def test_a_pool_that_does_not_check_values_serves_nan_on_a_worker(
+    demo_paths: tuple[Path, Path],
+) -> None:
+    """With Policy(check_finite_inputs=False) a NaN request reaches a worker, which serves it
+    too (the parent checks the values for its workers, or nobody does)."""
+    probe = probes.load(demo_paths[1], model=demo_paths[0])
+    mel = mels(1, offset=1501)[0].copy()
+    mel[0, 3, 5] = np.nan
+    policy = quiet_policy(check_finite_inputs=False)
+    with guard.Pool(demo.demo_factory(threads=1), probe, processes=1, policy=policy) as p:
+        out = p.run({"mel": mel})
+        assert p.status()[0].requests == 1
+    assert out["wav"].shape == references([mel])[0].shape

@@ -167,7 +167,9 @@ class Pool(Dispatch):
         self._names = probe.input_names
         probe_path = stash_probe(probe)
         self._unstash = weakref.finalize(self, remove_stash, probe_path)
-        self._args = (factory, probe_path, policy, name)
+        # the values of every request are checked here, once: a worker checks names and shapes
+        unchecked = dataclasses.replace(policy, check_finite_inputs=False)
+        self._args = (factory, probe_path, unchecked, name)
         self._lane_bytes = _lane_bytes(probe)
         self._ctx = multiprocessing.get_context(start_method)
         attempts = len(policy.ladder) * (1 + policy.reinit_attempts)
