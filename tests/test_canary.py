@@ -18,6 +18,9 @@ from plans import CANARY_FORWARDS, Checks, Counting, Plan, Turning, plan_session
 import guard
 import probes
 from guard import mnn
+from guard.canary import run_canary
+from guard.judgement import Judgement
+from guard.ladder import Basis
 from guard.testing import CapturingListener, Fault, FaultyFactory
 from guard.tools import demo
 
@@ -201,3 +204,92 @@ def test_a_bare_session_pair_is_bound_by_the_probes_names(converted: dict[str, A
         out = session.run(inputs)
     np.testing.assert_allclose(out["picked"], x[:, [3, 1], :] + 0.5, rtol=1e-6)
     np.testing.assert_allclose(out["energy"], np.mean(x * x, axis=2, keepdims=True), rtol=1e-5)
+
+
+# ------------------------------------------------------------------ run_canary itself
+
+
+class Scaled:
+    """A real module whose every output is scaled by `gain` (a deterministic weight fault)."""
+
+    def __init__(self, module: Any, gain: float) -> None:
+        self.runner, self.gain = mnn.adapt(module), gain
+
+    def run(self, arrays: Sequence[Array]) -> list[Array]:
+        return [(o * self.gain).astype(o.dtype) for o in self.runner.run(arrays)]
+
+
+def noisy(snr: float) -> Any:
+    """A clean demo module whose outputs carry noise at `snr` dB (seeded)."""
+    return guard.testing.DegradedModule(
+        demo.demo_factory(threads=1)(), Fault.NOISE, seed=5, snr_db=snr
+    )
+
+
+def test_run_canary_judges_with_the_judgement_it_is_given(demo_probe: probes.Probe) -> None:
+    """Noise at 60 dB passes a probe at 30 dB, and fails the same canary judged by a judgement
+    of a probe at 90 dB."""
+    module = noisy(60.0)
+    loose = demo_probe.with_thresholds({"snr_db": 30.0})
+    strict = Judgement(demo_probe.with_thresholds({"snr_db": 90.0}), None)
+    assert run_canary(module, loose, 1).verdict.passed
+    assert not run_canary(module, loose, 1, judgement=strict).verdict.passed
+
+
+def test_run_canary_raises_the_limits_by_the_retry_margin(demo_probe: probes.Probe) -> None:
+    """Noise 0.5 dB above a 50 dB limit passes with no margin (the default) and fails with a
+    1 dB margin."""
+    module = noisy(50.5)
+    probe = demo_probe.with_thresholds({"snr_db": 50.0})
+    assert run_canary(module, probe, 2).verdict.passed
+    assert run_canary(module, probe, 2, retry_margin_db=0.0).verdict.passed
+    failed = run_canary(module, probe, 2, retry_margin_db=1.0).verdict
+    assert not failed.passed and "snr_db" in failed.reasons[0]
+
+
+def test_run_canary_gives_the_first_failure_of_every_case(demo_probe: probes.Probe) -> None:
+    """Two runs of two cases, all failing: the reasons name the first failing run of each case,
+    then the count."""
+    verdict = run_canary(noisy(20.0), demo_probe.with_thresholds({"snr_db": 30.0}), 2).verdict
+    assert [r.split(":")[0] for r in verdict.reasons] == [
+        "canary run 1 case 0",
+        "canary run 1 case 1",
+        "4 of 4 canary runs failed",
+    ]
+
+
+def test_run_canary_reports_the_furthest_basis_it_judged_on(demo_probe: probes.Probe) -> None:
+    """A module 1% louder than the goldens, judged against what every init agreed on: the
+    canary passes, on the basis DISPUTED (not GOLDEN, which it started from)."""
+    scaled = Scaled(demo.demo_factory(threads=1)(), 1.01)
+    names = demo_probe.output_names
+    agreed = {
+        k: dict(zip(names, scaled.run([c.inputs[n] for n in demo_probe.input_names]), strict=True))
+        for k, c in enumerate(demo_probe.cases)
+    }
+    judgement = Judgement(demo_probe, None)
+    assert judgement.dispute([agreed, agreed]) is not None
+    canary = run_canary(scaled, demo_probe, 2, judgement=judgement)
+    assert canary.verdict.passed
+    assert canary.basis is Basis.DISPUTED
+
+
+def test_run_canary_stopped_at_a_failure_keeps_its_basis(demo_probe: probes.Probe) -> None:
+    """Judged against agreed outputs that match case 0 only, a canary that stops at its first
+    failure (case 1) fails on the basis DISPUTED."""
+    names, inputs = demo_probe.output_names, demo_probe.input_names
+
+    def outputs(gain: float, k: int) -> dict[str, Array]:
+        arrays = [demo_probe.cases[k].inputs[n] for n in inputs]
+        return dict(
+            zip(names, Scaled(demo.demo_factory(threads=1)(), gain).run(arrays), strict=True)
+        )
+
+    agreed = {0: outputs(1.01, 0), 1: outputs(1.02, 1)}
+    judgement = Judgement(demo_probe, None)
+    assert judgement.dispute([agreed, agreed]) is not None
+    scaled = Scaled(demo.demo_factory(threads=1)(), 1.01)
+    stopped = run_canary(scaled, demo_probe, 2, judgement=judgement, stop_at_failure=True)
+    assert not stopped.verdict.passed
+    assert stopped.verdict.reasons[0].startswith("canary run 1 case 1")
+    assert stopped.basis is Basis.DISPUTED
