@@ -152,3 +152,32 @@ def test_map_results_are_writable_and_later_calls_leave_them_alone(marked_pool: 
         assert not any(np.shares_memory(result["wav"], r["wav"]) for m in later for r in m)
     first[0]["wav"][:] = 0  # writing one result changes no other
     assert all(np.array_equal(r["wav"], c) for r, c in zip(first[1:], kept[1:], strict=True))
+
+
+def test_a_map_waiting_for_its_next_item_leaves_other_callers_served(
+    marked_pool: guard.Pool,
+) -> None:
+    """A map over a generator that blocks before its second item: another thread's run()
+    is served meanwhile (the map does not keep reading replies for others while it waits)."""
+    first, second, other = mels(3, offset=1600)
+    reached, gate = threading.Event(), threading.Event()
+
+    def items() -> Iterator[dict[str, Array]]:
+        yield {"mel": first}
+        reached.set()
+        gate.wait(60)
+        yield {"mel": second}
+
+    mapped: Future[list[dict[str, Array]]] = Future()
+    mapper = threading.Thread(target=lambda: mapped.set_result(marked_pool.map(items())))
+    mapper.start()
+    try:
+        assert reached.wait(30)
+        alone: Future[dict[str, Array]] = Future()
+        threading.Thread(target=lambda: alone.set_result(marked_pool.run({"mel": other}))).start()
+        assert_outputs([alone.result(timeout=20)], references([other]))
+        assert not gate.is_set() and mapper.is_alive()
+    finally:
+        gate.set()
+    assert_outputs(mapped.result(timeout=60), references([first, second]))
+    mapper.join(10)

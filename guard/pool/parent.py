@@ -332,6 +332,7 @@ class Pool(Dispatch):
         results: list[Outputs] = []
         me = threading.get_ident()  # it leads from one wait to the next while nobody else does
         arena = Arena(self._blocks)  # results kept together: memory populated at once
+        lazy = not isinstance(inputs, Sequence)  # its next item may take any time to come
         try:
             for item in inputs:
                 if len(jobs) >= window:
@@ -340,6 +341,8 @@ class Pool(Dispatch):
                 job.waiter, job.arena = me, arena
                 self._admit(job)
                 jobs.append(job)
+                if lazy:
+                    self._resign(me)  # others' replies do not wait for the iterable
             while jobs:
                 results.append(self._await(jobs.popleft()))
         except BaseException:
