@@ -13,7 +13,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from guard.errors import ConfigError, ForkAfterLoad
 
@@ -100,6 +100,14 @@ def _write_all(fd: int, data: bytes) -> None:
             view = view[os.write(fd, view) :]
 
 
+def _sink() -> IO[bytes]:
+    """An anonymous file for what native code prints: in memory where the platform can (a
+    memfd costs microseconds; a temporary file on disk, tens of them)."""
+    if hasattr(os, "memfd_create"):
+        return open(os.memfd_create("mnn-guard-capture", os.MFD_CLOEXEC), "w+b")
+    return tempfile.TemporaryFile()
+
+
 @contextlib.contextmanager
 def captured_output(*, echo: bool = True) -> Iterator[list[str]]:
     """Collect what native code prints on fd 1 and 2 in the block, as lines; then echo it.
@@ -115,7 +123,7 @@ def captured_output(*, echo: bool = True) -> Iterator[list[str]]:
         return
     try:
         _capturing.active = True
-        with tempfile.TemporaryFile() as sink:
+        with _sink() as sink:
             sys.stdout.flush()
             sys.stderr.flush()
             _flush_c_stdio()
