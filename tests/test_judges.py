@@ -1140,6 +1140,16 @@ def test_verdict_merge_keeps_the_first_failure_and_the_worst_scores(
     assert worst.worst_snr_db == pytest.approx(20.0, abs=0.01)
 
 
+def test_verdict_merge_of_passing_runs_keeps_the_worst_scores(demo_probe: probes.Probe) -> None:
+    """When every run passes, the merged verdict passes with the scores of its lowest-SNR run."""
+    golden = demo_probe.cases[0].outputs["wav"]
+    exact = demo_probe.judge({"wav": golden})
+    close = demo_probe.judge({"wav": scaled_noise(golden, 120.0).astype(np.float32)})
+    assert close.passed and close.worst_snr_db < exact.worst_snr_db
+    merged = probes.Verdict.merge([exact, close, exact])
+    assert (merged.passed, merged.scores, merged.reasons) == (True, close.scores, ())
+
+
 def test_verdict_merge_gives_the_first_failure_of_every_case(demo_probe: probes.Probe) -> None:
     """With `cases`, the reasons are each case's first failing run's, in order, then a count;
     a case whose runs all pass gives none."""

@@ -36,6 +36,7 @@ from probes.store import ARRAYS, MANIFEST
 pytestmark = pytest.mark.hostile
 Array = np.ndarray[Any, Any]
 Manifest = dict[str, Any]
+SCHEMA1 = Path(__file__).parent / "data" / "probe_schema1"  # a probe recorded with schema 1
 
 
 def copy_probe(src: Path, dst: Path) -> Path:
@@ -1206,6 +1207,16 @@ EXACT_REFUSALS: list[tuple[str, Callable[[Path], None], str]] = [
         raw_manifest(_set("per_output", [])),
         "'per_output' must be an object",
     ),
+    (
+        "limits as a list",
+        raw_manifest(_set("limits", [45.0])),
+        "'limits' must be an object of judge name -> limit, got [45.0]",
+    ),
+    (
+        "per-output limits as a list",
+        raw_manifest(_set("per_output", {"wav": [45.0]})),
+        "'per_output.wav' must be an object of judge name -> limit, got [45.0]",
+    ),
 ]
 
 
@@ -1671,3 +1682,30 @@ def test_manifest_fields_at_their_limits(demo_probe: probes.Probe, tmp_path: Any
         info.value
     )
     assert " or null" not in str(info.value)
+
+
+# ------------------------------------------------------------------ what a manifest records
+
+
+def test_a_schema_1_probe_keeps_its_own_thresholds_and_per_output_ones(tmp_path: Path) -> None:
+    """A schema-1 probe's 'thresholds' and per-output ones load as the judges' limits."""
+    folder = copy_probe(SCHEMA1, tmp_path / "old")
+    loose = {"min_snr_db": 30.0, "min_cosine": None, "max_lsd_db": 2.0, "max_abs": 0.5}
+    tight = {"min_snr_db": 50.0, "min_cosine": 0.999, "max_lsd_db": None, "max_abs": None}
+    rewrite_manifest(folder, lambda m: m.update(thresholds=loose, per_output={"wav": tight}))
+    old = probes.load(folder)
+    assert old.meta.schema_version == 1 and old.calibration is None
+    assert dict(old.thresholds) == {"snr_db": 30.0, "lsd_db": 2.0, "max_abs": 0.5}
+    assert {k: dict(v) for k, v in old.per_output.items()} == {
+        "wav": {"snr_db": 50.0, "cosine": 0.999}
+    }
+
+
+def test_a_probe_loads_the_calibration_its_manifest_records(
+    demo_paths: tuple[Path, Path], demo_probe: probes.Probe
+) -> None:
+    """A recorded calibration loads with its probe and sets the output's SNR limit."""
+    recorded = json.loads((demo_paths[1] / MANIFEST).read_text())["calibration"]
+    assert demo_probe.calibration is not None
+    assert demo_probe.calibration.to_json() == recorded
+    assert demo_probe.limits_for("wav")["snr_db"] == recorded["outputs"]["wav"]["limit_db"]
