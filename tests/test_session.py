@@ -3,6 +3,7 @@ run()'s error paths and what callers are told."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import FakeClock, quiet_policy, reference
-from plans import CANARY_FORWARDS, Plan, Turning, plan_session, raising, sample
+from plans import CANARY_FORWARDS, HangingReference, Plan, Turning, plan_session, raising, sample
+from polling import until
 from prometheus_client import CollectorRegistry
 
 import guard
@@ -682,3 +684,62 @@ def test_a_collected_probe_leaves_no_self_check_entry(demo_probe: probes.Probe) 
     del copy
     gc.collect()
     assert key not in session._SELF_CHECKED
+
+
+# ------------------------------------------------------------------------- shadow sampling
+
+
+def test_a_shadowed_session_judges_every_nth_call_as_served_against_its_reference(
+    demo_probe: probes.Probe,
+) -> None:
+    """shadow_every=2: the 2nd and 4th calls, their inputs and the outputs the caller got, are
+    judged against a reference built in a process of its own before wrap returned; the status
+    shows the worst SNR of the module in use."""
+    from guard.reference import Where
+    from guard.shadow import Reference
+
+    listener = CapturingListener()
+    policy = quiet_policy(shadow_every=2)
+    quiet = FaultyFactory(demo.demo_factory(threads=1), rate=1.0, snr_db=120.0)  # passes
+    with guard.wrap(
+        quiet, demo_probe, policy=policy, listeners=[listener], metrics=False, name="sampled"
+    ) as s:
+        ready = s.status.shadow
+        assert ready is not None and (ready.reference, ready.where) == (
+            Reference.DYNAMIC,
+            Where.PROCESS,
+        )
+        mels = [demo.demo_mel(20 + k, seed=40 + k) for k in range(4)]
+        wavs = [s.run({"mel": mel})["wav"] for mel in mels]
+        until("shadow checks", lambda: len(listener.of("shadow")) == 2)
+        shadow = s.status.shadow
+    checks = [e.check for e in listener.of("shadow")]
+    assert [c.result.value for c in checks] == ["pass", "pass"]
+    for check, k in zip(checks, (1, 3), strict=True):
+        assert check.sample is not None
+        assert np.array_equal(check.sample.inputs[0], mels[k])
+        assert np.array_equal(check.sample.served[0], wavs[k])
+        assert (check.sample.rung_index, check.sample.rung) == (0, policy.ladder[0])
+    assert shadow is not None and (shadow.every, shadow.checks, shadow.failed) == (2, 2, 0)
+    assert demo_probe.limits_for("wav")["snr_db"] < shadow.worst_snr_db < float("inf")
+
+
+def test_a_shadow_reference_not_built_within_init_timeout_is_logged(
+    demo_probe: probes.Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    """wrap waits Policy.init_timeout for the shadow's reference, then serves and says so in one
+    warning naming the session and the wait."""
+    hanging = HangingReference(demo.demo_factory(threads=1))
+    policy = quiet_policy(shadow_every=1, shadow_process=False, init_timeout=1.0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mnn_guard"):
+            session = guard.wrap(hanging, demo_probe, policy=policy, metrics=False, name="slow")
+        said = [r.getMessage() for r in caplog.records if "shadow" in r.getMessage()]
+        assert said == [
+            "session slow: the shadow's reference was not built within 1 s; serving, and "
+            "checking sampled calls once it is"
+        ]
+        assert session.status.healthy
+    finally:
+        hanging.gate.set()
+    session.close()
