@@ -627,6 +627,37 @@ def test_a_probe_with_sentinels_has_only_its_served_outputs_copied_out(
         assert made[-1].served[-1:] == [1]
 
 
+class Plain:
+    """A runner with `run` alone (no `serve`), as a user's own runner may be."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+
+    def run(self, arrays: Any) -> Any:
+        return self.runner.run(arrays)
+
+
+def test_a_probe_with_sentinels_on_a_runner_without_serve_returns_the_served_outputs(
+    demo_probe: probes.Probe,
+) -> None:
+    """A runner without `serve` runs the whole forward; the session returns the served outputs."""
+    base = demo.demo_factory(threads=1)
+    probe = probes.record(base, demo_probe.cases[0].inputs, sentinels="auto")
+    assert probe.sentinel_names
+
+    class Factory:
+        outputs = base.outputs  # it loads extra outputs when asked (`outputs=`)
+
+        def __call__(self, **overrides: Any) -> Plain:
+            return Plain(guard.mnn.adapt(base(**overrides)))
+
+    with guard.wrap(Factory(), probe, policy=quiet_policy(), metrics=False) as s:
+        mel = demo.demo_mel(100, seed=8)  # the recorded shape
+        out = s.run({"mel": mel})
+    assert list(out) == ["wav"]
+    assert measures.snr_db(reference(mel), out["wav"]) > 100.0
+
+
 class Fading:
     """A runner that serves until `broken` is set, then returns no outputs; `said` is what MNN
     would print on the forward that explains it."""
@@ -693,8 +724,8 @@ def test_a_shadowed_session_judges_every_nth_call_as_served_against_its_referenc
     demo_probe: probes.Probe,
 ) -> None:
     """shadow_every=2: the 2nd and 4th calls, their inputs and the outputs the caller got, are
-    judged against a reference built in a process of its own before wrap returned; the status
-    shows the worst SNR of the module in use."""
+    judged on the session's named shadow thread against a reference built in a process of its
+    own before wrap returned; the status shows the worst SNR of the module in use."""
     from guard.reference import Where
     from guard.shadow import Reference
 
@@ -709,6 +740,7 @@ def test_a_shadowed_session_judges_every_nth_call_as_served_against_its_referenc
             Reference.DYNAMIC,
             Where.PROCESS,
         )
+        assert "mnn-guard-shadow-sampled" in {t.name for t in threading.enumerate()}
         mels = [demo.demo_mel(20 + k, seed=40 + k) for k in range(4)]
         wavs = [s.run({"mel": mel})["wav"] for mel in mels]
         until("shadow checks", lambda: len(listener.of("shadow")) == 2)
