@@ -775,3 +775,68 @@ def test_a_shadow_reference_not_built_within_init_timeout_is_logged(
     finally:
         hanging.gate.set()
     session.close()
+
+
+def test_status_listeners_are_told_the_sessions_name(demo_probe: probes.Probe) -> None:
+    """Every on_status a listener gets names the session it is about."""
+    listener = CapturingListener()
+    with guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, policy=quiet_policy(), listeners=[listener],
+        metrics=False, name="told",
+    ):  # fmt: skip
+        pass
+    statuses = listener.of("status")
+    assert statuses and {e.session for e in statuses} == {"told"}
+
+
+class NoisyStatic:
+    """A factory whose n-th static init carries output noise at `snrs[n]` dB (the last one for
+    every later init); dynamic inits are clean."""
+
+    def __init__(self, snrs: list[float]) -> None:
+        self.factory, self.snrs, self.inits = demo.demo_factory(threads=1), snrs, 0
+        self.inputs, self.outputs, self.path = (
+            self.factory.inputs,
+            self.factory.outputs,
+            self.factory.path,
+        )
+
+    def __call__(self, **overrides: Any) -> Any:
+        module = self.factory(**overrides)
+        if overrides.get("dynamic"):
+            return module
+        self.inits += 1
+        snr = self.snrs[min(self.inits, len(self.snrs)) - 1]
+        return guard.testing.DegradedModule(module, Fault.NOISE, seed=self.inits, snr_db=snr)
+
+
+def test_a_first_init_is_judged_at_the_plain_limits(demo_probe: probes.Probe) -> None:
+    """A first init 0.5 dB above a 50 dB limit serves at once: the retry margin raises the limits
+    for re-inits only."""
+    probe = demo_probe.with_thresholds({"snr_db": 50.0})
+    with guard.wrap(NoisyStatic([50.5]), probe, policy=quiet_policy(), metrics=False) as s:
+        assert (s.status.mode, s.status.attempts) == ("static", 1)
+
+
+def test_a_promotion_is_judged_at_the_plain_limits(demo_probe: probes.Probe) -> None:
+    """After a failed static init, a promotion back to static 0.5 dB above the limit succeeds:
+    the retry margin is for re-inits within one recovery, not for a later promotion."""
+    probe = demo_probe.with_thresholds({"snr_db": 50.0})
+    clock = FakeClock()
+    policy = guard.Policy(background=False, promote_after=60.0, reinit_attempts=0)
+    with guard.wrap(
+        NoisyStatic([30.0, 50.5]), probe, policy=policy, metrics=False, clock=clock
+    ) as s:
+        assert s.status.mode == "dynamic"
+        clock.advance(61.0)
+        s.maintain()
+        assert s.status.mode == "static"
+
+
+def test_a_reinit_must_beat_the_limits_by_the_retry_margin(demo_probe: probes.Probe) -> None:
+    """After a failed static init, a re-init 5 dB above a 50 dB limit falls short of the 10 dB
+    retry margin: the session falls back to dynamic."""
+    probe = demo_probe.with_thresholds({"snr_db": 50.0})
+    policy = quiet_policy(reinit_attempts=1, retry_margin_db=10.0)
+    with guard.wrap(NoisyStatic([30.0, 55.0]), probe, policy=policy, metrics=False) as s:
+        assert [a.rung.name for a in s.status.history] == ["static", "static", "dynamic"]
