@@ -22,7 +22,13 @@ POOL = ("tests/test_pool.py", "tests/test_async_pool.py")
 METRICS = ("tests/test_metrics.py", "tests/test_session.py", "tests/test_promotion.py")
 
 SELECTION: dict[str, tuple[str, ...]] = {
-    "guard.session": (*SESSION, "tests/test_metrics.py", "tests/test_inputs.py"),
+    # test_calibration: the session's local reference, disputed goldens and retry margin
+    "guard.session": (
+        *SESSION,
+        "tests/test_metrics.py",
+        "tests/test_inputs.py",
+        "tests/test_calibration.py",
+    ),
     "guard.maintenance": (*SESSION, "tests/test_shadow.py", "tests/test_metrics.py"),
     "guard.judgement": ("tests/test_calibration.py", *SESSION),
     "guard.shadow": ("tests/test_shadow.py", "tests/test_reference.py"),

@@ -163,3 +163,16 @@ class GaugeAtEvent(guard.Listener):
 
     def on_check(self, session: str, attempt: Attempt) -> None:
         self._read("check", attempt)
+
+
+class HangingReference:
+    """A factory whose reference (dynamic) loads block until `gate` is set."""
+
+    def __init__(self, factory: Any) -> None:
+        self.factory, self.gate = factory, threading.Event()
+        self.inputs, self.outputs, self.path = factory.inputs, factory.outputs, factory.path
+
+    def __call__(self, **overrides: Any) -> Any:
+        if overrides.get("dynamic"):
+            self.gate.wait(60)
+        return self.factory(**overrides)

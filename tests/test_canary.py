@@ -18,7 +18,7 @@ from plans import CANARY_FORWARDS, Checks, Counting, Plan, Turning, plan_session
 import guard
 import probes
 from guard import mnn
-from guard.canary import run_canary
+from guard.canary import init_and_check, run_canary
 from guard.judgement import Judgement
 from guard.ladder import Basis
 from guard.testing import CapturingListener, Fault, FaultyFactory
@@ -293,3 +293,46 @@ def test_run_canary_stopped_at_a_failure_keeps_its_basis(demo_probe: probes.Prob
     assert not stopped.verdict.passed
     assert stopped.verdict.reasons[0].startswith("canary run 1 case 1")
     assert stopped.basis is Basis.DISPUTED
+
+
+# ------------------------------------------------------------------ init_and_check
+
+
+def test_init_and_check_raises_the_limits_by_the_retry_margin(demo_probe: probes.Probe) -> None:
+    """A build with noise 0.5 dB above a 50 dB limit passes its init canary with no margin (the
+    default) and fails it with a 1 dB margin."""
+    probe = demo_probe.with_thresholds({"snr_db": 50.0})
+    build = lambda **_: noisy(50.5)  # noqa: E731
+    assert init_and_check(build, {}, probe, 2)[1].verdict.passed
+    assert init_and_check(build, {}, probe, 2, retry_margin_db=0.0)[1].verdict.passed
+    failed = init_and_check(build, {}, probe, 2, retry_margin_db=1.0)[1].verdict
+    assert not failed.passed and "snr_db" in failed.reasons[0]
+
+
+def test_init_and_check_judges_with_the_judgement_it_is_given(demo_probe: probes.Probe) -> None:
+    """A build with noise at 60 dB passes a probe at 30 dB, and fails the same init canary
+    judged by a judgement of a probe at 90 dB."""
+    loose = demo_probe.with_thresholds({"snr_db": 30.0})
+    strict = Judgement(demo_probe.with_thresholds({"snr_db": 90.0}), None)
+    build = lambda **_: noisy(60.0)  # noqa: E731
+    assert init_and_check(build, {}, loose, 1)[1].verdict.passed
+    assert not init_and_check(build, {}, loose, 1, judgement=strict)[1].verdict.passed
+
+
+def test_init_and_check_tells_a_dynamic_load_mnn_made_static_and_what_it_printed(
+    converted: dict[str, Any],
+) -> None:
+    """A dynamic=True load MNN made static (control flow): the canary says so, and keeps what MNN
+    printed while loading in its notes."""
+    import warnings
+
+    from test_real_models import cf_factory, cf_inputs
+
+    probe = probes.record(cf_factory(converted), cf_inputs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", guard.mnn.DynamicIgnoredWarning)
+        _, canary = init_and_check(cf_factory(converted), {"dynamic": True}, probe, 1)
+    assert canary.verdict.passed and canary.turned_static
+    assert any(
+        n.startswith("MNN while loading: ") and mnn.STATIC_LOAD_NOTE in n for n in canary.notes
+    )

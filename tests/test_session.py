@@ -3,6 +3,7 @@ run()'s error paths and what callers are told."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import FakeClock, quiet_policy, reference
-from plans import CANARY_FORWARDS, Plan, Turning, plan_session, raising, sample
+from plans import CANARY_FORWARDS, HangingReference, Plan, Turning, plan_session, raising, sample
+from polling import until
 from prometheus_client import CollectorRegistry
 
 import guard
@@ -625,6 +627,37 @@ def test_a_probe_with_sentinels_has_only_its_served_outputs_copied_out(
         assert made[-1].served[-1:] == [1]
 
 
+class Plain:
+    """A runner with `run` alone (no `serve`), as a user's own runner may be."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+
+    def run(self, arrays: Any) -> Any:
+        return self.runner.run(arrays)
+
+
+def test_a_probe_with_sentinels_on_a_runner_without_serve_returns_the_served_outputs(
+    demo_probe: probes.Probe,
+) -> None:
+    """A runner without `serve` runs the whole forward; the session returns the served outputs."""
+    base = demo.demo_factory(threads=1)
+    probe = probes.record(base, demo_probe.cases[0].inputs, sentinels="auto")
+    assert probe.sentinel_names
+
+    class Factory:
+        outputs = base.outputs  # it loads extra outputs when asked (`outputs=`)
+
+        def __call__(self, **overrides: Any) -> Plain:
+            return Plain(guard.mnn.adapt(base(**overrides)))
+
+    with guard.wrap(Factory(), probe, policy=quiet_policy(), metrics=False) as s:
+        mel = demo.demo_mel(100, seed=8)  # the recorded shape
+        out = s.run({"mel": mel})
+    assert list(out) == ["wav"]
+    assert measures.snr_db(reference(mel), out["wav"]) > 100.0
+
+
 class Fading:
     """A runner that serves until `broken` is set, then returns no outputs; `said` is what MNN
     would print on the forward that explains it."""
@@ -682,3 +715,128 @@ def test_a_collected_probe_leaves_no_self_check_entry(demo_probe: probes.Probe) 
     del copy
     gc.collect()
     assert key not in session._SELF_CHECKED
+
+
+# ------------------------------------------------------------------------- shadow sampling
+
+
+def test_a_shadowed_session_judges_every_nth_call_as_served_against_its_reference(
+    demo_probe: probes.Probe,
+) -> None:
+    """shadow_every=2: the 2nd and 4th calls, their inputs and the outputs the caller got, are
+    judged on the session's named shadow thread against a reference built in a process of its
+    own before wrap returned; the status shows the worst SNR of the module in use."""
+    from guard.reference import Where
+    from guard.shadow import Reference
+
+    listener = CapturingListener()
+    policy = quiet_policy(shadow_every=2)
+    quiet = FaultyFactory(demo.demo_factory(threads=1), rate=1.0, snr_db=120.0)  # passes
+    with guard.wrap(
+        quiet, demo_probe, policy=policy, listeners=[listener], metrics=False, name="sampled"
+    ) as s:
+        ready = s.status.shadow
+        assert ready is not None and (ready.reference, ready.where) == (
+            Reference.DYNAMIC,
+            Where.PROCESS,
+        )
+        assert "mnn-guard-shadow-sampled" in {t.name for t in threading.enumerate()}
+        mels = [demo.demo_mel(20 + k, seed=40 + k) for k in range(4)]
+        wavs = [s.run({"mel": mel})["wav"] for mel in mels]
+        until("shadow checks", lambda: len(listener.of("shadow")) == 2)
+        shadow = s.status.shadow
+    checks = [e.check for e in listener.of("shadow")]
+    assert [c.result.value for c in checks] == ["pass", "pass"]
+    for check, k in zip(checks, (1, 3), strict=True):
+        assert check.sample is not None
+        assert np.array_equal(check.sample.inputs[0], mels[k])
+        assert np.array_equal(check.sample.served[0], wavs[k])
+        assert (check.sample.rung_index, check.sample.rung) == (0, policy.ladder[0])
+    assert shadow is not None and (shadow.every, shadow.checks, shadow.failed) == (2, 2, 0)
+    assert demo_probe.limits_for("wav")["snr_db"] < shadow.worst_snr_db < float("inf")
+
+
+def test_a_shadow_reference_not_built_within_init_timeout_is_logged(
+    demo_probe: probes.Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    """wrap waits Policy.init_timeout for the shadow's reference, then serves and says so in one
+    warning naming the session and the wait."""
+    hanging = HangingReference(demo.demo_factory(threads=1))
+    policy = quiet_policy(shadow_every=1, shadow_process=False, init_timeout=1.0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mnn_guard"):
+            session = guard.wrap(hanging, demo_probe, policy=policy, metrics=False, name="slow")
+        said = [r.getMessage() for r in caplog.records if "shadow" in r.getMessage()]
+        assert said == [
+            "session slow: the shadow's reference was not built within 1 s; serving, and "
+            "checking sampled calls once it is"
+        ]
+        assert session.status.healthy
+    finally:
+        hanging.gate.set()
+    session.close()
+
+
+def test_status_listeners_are_told_the_sessions_name(demo_probe: probes.Probe) -> None:
+    """Every on_status a listener gets names the session it is about."""
+    listener = CapturingListener()
+    with guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, policy=quiet_policy(), listeners=[listener],
+        metrics=False, name="told",
+    ):  # fmt: skip
+        pass
+    statuses = listener.of("status")
+    assert statuses and {e.session for e in statuses} == {"told"}
+
+
+class NoisyStatic:
+    """A factory whose n-th static init carries output noise at `snrs[n]` dB (the last one for
+    every later init); dynamic inits are clean."""
+
+    def __init__(self, snrs: list[float]) -> None:
+        self.factory, self.snrs, self.inits = demo.demo_factory(threads=1), snrs, 0
+        self.inputs, self.outputs, self.path = (
+            self.factory.inputs,
+            self.factory.outputs,
+            self.factory.path,
+        )
+
+    def __call__(self, **overrides: Any) -> Any:
+        module = self.factory(**overrides)
+        if overrides.get("dynamic"):
+            return module
+        self.inits += 1
+        snr = self.snrs[min(self.inits, len(self.snrs)) - 1]
+        return guard.testing.DegradedModule(module, Fault.NOISE, seed=self.inits, snr_db=snr)
+
+
+def test_a_first_init_is_judged_at_the_plain_limits(demo_probe: probes.Probe) -> None:
+    """A first init 0.5 dB above a 50 dB limit serves at once: the retry margin raises the limits
+    for re-inits only."""
+    probe = demo_probe.with_thresholds({"snr_db": 50.0})
+    with guard.wrap(NoisyStatic([50.5]), probe, policy=quiet_policy(), metrics=False) as s:
+        assert (s.status.mode, s.status.attempts) == ("static", 1)
+
+
+def test_a_promotion_is_judged_at_the_plain_limits(demo_probe: probes.Probe) -> None:
+    """After a failed static init, a promotion back to static 0.5 dB above the limit succeeds:
+    the retry margin is for re-inits within one recovery, not for a later promotion."""
+    probe = demo_probe.with_thresholds({"snr_db": 50.0})
+    clock = FakeClock()
+    policy = guard.Policy(background=False, promote_after=60.0, reinit_attempts=0)
+    with guard.wrap(
+        NoisyStatic([30.0, 50.5]), probe, policy=policy, metrics=False, clock=clock
+    ) as s:
+        assert s.status.mode == "dynamic"
+        clock.advance(61.0)
+        s.maintain()
+        assert s.status.mode == "static"
+
+
+def test_a_reinit_must_beat_the_limits_by_the_retry_margin(demo_probe: probes.Probe) -> None:
+    """After a failed static init, a re-init 5 dB above a 50 dB limit falls short of the 10 dB
+    retry margin: the session falls back to dynamic."""
+    probe = demo_probe.with_thresholds({"snr_db": 50.0})
+    policy = quiet_policy(reinit_attempts=1, retry_margin_db=10.0)
+    with guard.wrap(NoisyStatic([30.0, 55.0]), probe, policy=policy, metrics=False) as s:
+        assert [a.rung.name for a in s.status.history] == ["static", "static", "dynamic"]

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import FakeClock, reference
+from plans import HangingReference
 from polling import until
 from prometheus_client import CollectorRegistry
 
@@ -283,19 +284,6 @@ def test_a_shadowed_session_starts_its_shadow_series_and_removes_them_at_close(
         }
     left = [x for m in registry.collect() for x in m.samples if x.name in names]
     assert left == []
-
-
-class HangingReference:
-    """A factory whose reference (dynamic) loads block until `gate` is set."""
-
-    def __init__(self, factory: Any) -> None:
-        self.factory, self.gate = factory, threading.Event()
-        self.inputs, self.outputs, self.path = factory.inputs, factory.outputs, factory.path
-
-    def __call__(self, **overrides: Any) -> Any:
-        if overrides.get("dynamic"):
-            self.gate.wait(60)
-        return self.factory(**overrides)
 
 
 @pytest.mark.hostile

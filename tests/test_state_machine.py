@@ -583,3 +583,38 @@ def test_a_failing_background_pass_is_logged_and_maintenance_goes_on(
     finally:
         logging.getLogger("mnn_guard").removeHandler(handler)
     assert messages == ["session bg: maintenance failed"]
+
+
+def test_status_line_names_both_a_static_load_and_a_local_basis(demo_probe: probes.Probe) -> None:
+    """describe() of a module MNN loaded statically and judged against a local reference says
+    both."""
+    from guard.ladder import STATIC_LOAD, Basis, Outcome
+    from guard.state import SessionStatus, State
+
+    verdict = demo_probe.judge(demo_probe.cases[0].outputs, case=0)
+    rung = guard.DYNAMIC
+    attempt = Attempt(
+        rung, 1, Outcome.PASS, verdict, None, 0.1, turned_static=True, basis=Basis.LOCAL
+    )
+    status = SessionStatus(
+        name="s", state=State.SERVING, rung=rung, rung_index=1, verdict=verdict, history=(attempt,)
+    )
+    assert f"({1}) [{STATIC_LOAD}] [judged against a local reference] after 1" in status.describe()
+
+
+def test_a_dropped_shadowed_session_stops_its_shadow(demo_probe: probes.Probe) -> None:
+    """A shadowed session dropped without close() is collected and its shadow thread ends."""
+    import weakref
+
+    s = guard.wrap(
+        demo.demo_factory(threads=1), demo_probe, name="dropped-shadow", metrics=False,
+        policy=guard.Policy(background=False, promote_after=None, shadow_every=1,
+                            shadow_process=False),
+    )  # fmt: skip
+    (thread,) = [t for t in threading.enumerate() if t.name == "mnn-guard-shadow-dropped-shadow"]
+    ref = weakref.ref(s)
+    del s
+    gc.collect()
+    assert ref() is None
+    thread.join(BOUND)  # the reaper closes the shadow, whose thread then ends
+    assert not thread.is_alive()
