@@ -1369,3 +1369,25 @@ def test_a_dropped_gauge_set_again_is_shown_again(registry: CollectorRegistry) -
     assert sample(registry, "mnn_guard_healthy", "d") is None
     sink.set(HEALTHY, ("d",), 0)
     assert sample(registry, "mnn_guard_healthy", "d") == 0.0
+
+
+def test_a_scrape_in_multiprocess_mode_sees_every_session_of_a_names_calls(
+    demo_factory: guard.mnn.MNNFactory,
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+) -> None:
+    """Two live sessions of one name in multiprocess mode share its run tally: a scrape in this
+    process writes the older session's pending calls too (docs/ops.md: at most FLUSH_SECONDS
+    behind, none behind when the process serves the scrape)."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    tiny = {"mel": demo.demo_mel(8)}
+    ok = {"rung": "static", "result": "ok"}
+    with (
+        guard.wrap(demo_factory, demo_probe, name="mp", registry=registry, policy=QUIET) as older,
+        guard.wrap(demo_factory, demo_probe, name="mp", registry=registry, policy=QUIET),
+    ):
+        older.run(tiny)  # the first call after a quiet spell is written at once
+        older.run(tiny)  # the second waits for the flusher, or for a scrape
+        assert sample(registry, "mnn_guard_runs_total", "mp", **ok) == 2
