@@ -1391,3 +1391,32 @@ def test_a_scrape_in_multiprocess_mode_sees_every_session_of_a_names_calls(
         older.run(tiny)  # the first call after a quiet spell is written at once
         older.run(tiny)  # the second waits for the flusher, or for a scrape
         assert sample(registry, "mnn_guard_runs_total", "mp", **ok) == 2
+
+
+def test_a_metrics_listener_made_with_defaults_is_live_at_once_and_unshadowed(
+    registry: CollectorRegistry,
+) -> None:
+    """MetricsListener's defaults: it joins its name's live sessions when made (no go_live()),
+    and has no shadow series (a session without Policy.shadow_every)."""
+    from guard.sinks import MetricsListener
+
+    listener = MetricsListener("d", guard.Policy().ladder, guard.metrics.metrics_for(registry))
+    listener.on_status("d", dataclasses.replace(_status(guard.State.SERVING), name="d"))
+    assert sample(registry, "mnn_guard_healthy", "d") == 1.0
+    assert sample(registry, "mnn_guard_shadow_snr_db", "d") is None
+    assert sample(registry, "mnn_guard_shadow_checks_total", "d", result="pass") is None
+
+
+def test_of_two_starting_sessions_of_a_name_the_one_on_a_slower_rung_shows(
+    registry: CollectorRegistry,
+) -> None:
+    """The name's gauges show its worst live session: of two starting ones, one with no status
+    yet and one already on the second rung, the one on the slower rung."""
+    ladder = guard.Policy().ladder
+    guard.metrics.PrometheusListener("v", ladder, registry=registry)  # says nothing yet
+    later = guard.metrics.PrometheusListener("v", ladder, registry=registry)
+    starting = _status(guard.State.STARTING)
+    later.on_status("v", dataclasses.replace(starting, rung=ladder[1], rung_index=1))
+    assert sample(registry, "mnn_guard_rung_index", "v") == 1.0
+    assert sample(registry, "mnn_guard_state", "v", state="starting") == 1.0
+    assert on_rung(registry, "v") == ladder[1].name
