@@ -1420,3 +1420,19 @@ def test_of_two_starting_sessions_of_a_name_the_one_on_a_slower_rung_shows(
     assert sample(registry, "mnn_guard_rung_index", "v") == 1.0
     assert sample(registry, "mnn_guard_state", "v", state="starting") == 1.0
     assert on_rung(registry, "v") == ladder[1].name
+
+
+@pytest.mark.parametrize("shadowed", [True, False], ids=["shadowed", "unshadowed"])
+def test_closing_in_multiprocess_mode_turns_the_shadow_gauge_nan_only_where_it_was_shown(
+    shadowed: bool, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """Closing in multiprocess mode makes a shadowed session's shadow SNR gauge NaN and gives a
+    session without shadow checks no shadow series at all."""
+    listener = guard.metrics.PrometheusListener(
+        "v", guard.Policy().ladder, registry=registry, shadow=shadowed
+    )
+    listener.on_status("v", _shadow_status(25.0))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    listener.on_close("v")
+    shown = sample(registry, "mnn_guard_shadow_snr_db", "v")
+    assert math.isnan(shown) if shadowed else shown is None
