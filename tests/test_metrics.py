@@ -1436,3 +1436,21 @@ def test_closing_in_multiprocess_mode_turns_the_shadow_gauge_nan_only_where_it_w
     listener.on_close("v")
     shown = sample(registry, "mnn_guard_shadow_snr_db", "v")
     assert math.isnan(shown) if shadowed else shown is None
+
+
+def test_closing_one_of_two_sessions_in_multiprocess_mode_adds_no_snr_series_they_lacked(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """Two sessions of a name without shadow checks or a canary judgement yet: closing one in
+    multiprocess mode leaves the name with no canary or shadow SNR series (not even NaN)."""
+    ladder = guard.Policy().ladder
+    first, second = (
+        guard.metrics.PrometheusListener("v", ladder, registry=registry) for _ in range(2)
+    )
+    for listener in (first, second):
+        listener.on_status("v", _status(guard.State.SERVING))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    first.on_close("v")
+    assert sample(registry, "mnn_guard_healthy", "v") == 1.0  # the other still shows
+    assert sample(registry, "mnn_guard_canary_snr_db", "v") is None
+    assert sample(registry, "mnn_guard_shadow_snr_db", "v") is None
