@@ -608,18 +608,20 @@ def test_every_family_says_what_it_counts(registry: CollectorRegistry) -> None:
 
 
 def test_a_listener_made_alone_starts_every_gauge_at_zero(registry: CollectorRegistry) -> None:
-    """A PrometheusListener made by hand, before any event: healthy, rung and state read 0."""
+    """A PrometheusListener made by hand, before any event: healthy, rung index, rung and state
+    read 0."""
     listener = guard.metrics.PrometheusListener("solo", guard.Policy().ladder, registry=registry)
     assert listener.session == "solo"
     gauges = [
         sample(registry, "mnn_guard_healthy", session="solo"),
+        sample(registry, "mnn_guard_rung_index", session="solo"),
         *(
             sample(registry, "mnn_guard_rung", session="solo", rung=r)
             for r in ("static", "dynamic")
         ),
         *(sample(registry, "mnn_guard_state", session="solo", state=x.value) for x in guard.State),
     ]
-    assert gauges == [0.0] * 9
+    assert gauges == [0.0] * 10
 
 
 def test_sessions_report_to_the_global_registry_by_default(demo_probe: probes.Probe) -> None:
