@@ -608,18 +608,20 @@ def test_every_family_says_what_it_counts(registry: CollectorRegistry) -> None:
 
 
 def test_a_listener_made_alone_starts_every_gauge_at_zero(registry: CollectorRegistry) -> None:
-    """A PrometheusListener made by hand, before any event: healthy, rung and state read 0."""
+    """A PrometheusListener made by hand, before any event: healthy, rung index, rung and state
+    read 0."""
     listener = guard.metrics.PrometheusListener("solo", guard.Policy().ladder, registry=registry)
     assert listener.session == "solo"
     gauges = [
         sample(registry, "mnn_guard_healthy", session="solo"),
+        sample(registry, "mnn_guard_rung_index", session="solo"),
         *(
             sample(registry, "mnn_guard_rung", session="solo", rung=r)
             for r in ("static", "dynamic")
         ),
         *(sample(registry, "mnn_guard_state", session="solo", state=x.value) for x in guard.State),
     ]
-    assert gauges == [0.0] * 9
+    assert gauges == [0.0] * 10
 
 
 def test_sessions_report_to_the_global_registry_by_default(demo_probe: probes.Probe) -> None:
@@ -1369,3 +1371,88 @@ def test_a_dropped_gauge_set_again_is_shown_again(registry: CollectorRegistry) -
     assert sample(registry, "mnn_guard_healthy", "d") is None
     sink.set(HEALTHY, ("d",), 0)
     assert sample(registry, "mnn_guard_healthy", "d") == 0.0
+
+
+def test_a_scrape_in_multiprocess_mode_sees_every_session_of_a_names_calls(
+    demo_factory: guard.mnn.MNNFactory,
+    demo_probe: probes.Probe,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+) -> None:
+    """Two live sessions of one name in multiprocess mode share its run tally: a scrape in this
+    process writes the older session's pending calls too (docs/ops.md: at most FLUSH_SECONDS
+    behind, none behind when the process serves the scrape)."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    tiny = {"mel": demo.demo_mel(8)}
+    ok = {"rung": "static", "result": "ok"}
+    with (
+        guard.wrap(demo_factory, demo_probe, name="mp", registry=registry, policy=QUIET) as older,
+        guard.wrap(demo_factory, demo_probe, name="mp", registry=registry, policy=QUIET),
+    ):
+        older.run(tiny)  # the first call after a quiet spell is written at once
+        older.run(tiny)  # the second waits for the flusher, or for a scrape
+        assert sample(registry, "mnn_guard_runs_total", "mp", **ok) == 2
+
+
+def test_a_metrics_listener_made_with_defaults_is_live_at_once_and_unshadowed(
+    registry: CollectorRegistry,
+) -> None:
+    """MetricsListener's defaults: it joins its name's live sessions when made (no go_live()),
+    and has no shadow series (a session without Policy.shadow_every)."""
+    from guard.sinks import MetricsListener
+
+    listener = MetricsListener("d", guard.Policy().ladder, guard.metrics.metrics_for(registry))
+    listener.on_status("d", dataclasses.replace(_status(guard.State.SERVING), name="d"))
+    assert sample(registry, "mnn_guard_healthy", "d") == 1.0
+    assert sample(registry, "mnn_guard_shadow_snr_db", "d") is None
+    assert sample(registry, "mnn_guard_shadow_checks_total", "d", result="pass") is None
+
+
+def test_of_two_starting_sessions_of_a_name_the_one_on_a_slower_rung_shows(
+    registry: CollectorRegistry,
+) -> None:
+    """The name's gauges show its worst live session: of two starting ones, one with no status
+    yet and one already on the second rung, the one on the slower rung."""
+    ladder = guard.Policy().ladder
+    guard.metrics.PrometheusListener("v", ladder, registry=registry)  # says nothing yet
+    later = guard.metrics.PrometheusListener("v", ladder, registry=registry)
+    starting = _status(guard.State.STARTING)
+    later.on_status("v", dataclasses.replace(starting, rung=ladder[1], rung_index=1))
+    assert sample(registry, "mnn_guard_rung_index", "v") == 1.0
+    assert sample(registry, "mnn_guard_state", "v", state="starting") == 1.0
+    assert on_rung(registry, "v") == ladder[1].name
+
+
+@pytest.mark.parametrize("shadowed", [True, False], ids=["shadowed", "unshadowed"])
+def test_closing_in_multiprocess_mode_turns_the_shadow_gauge_nan_only_where_it_was_shown(
+    shadowed: bool, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """Closing in multiprocess mode makes a shadowed session's shadow SNR gauge NaN and gives a
+    session without shadow checks no shadow series at all."""
+    listener = guard.metrics.PrometheusListener(
+        "v", guard.Policy().ladder, registry=registry, shadow=shadowed
+    )
+    listener.on_status("v", _shadow_status(25.0))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    listener.on_close("v")
+    shown = sample(registry, "mnn_guard_shadow_snr_db", "v")
+    assert math.isnan(shown) if shadowed else shown is None
+
+
+def test_closing_one_of_two_sessions_in_multiprocess_mode_adds_no_snr_series_they_lacked(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """Two sessions of a name without shadow checks or a canary judgement yet: closing one in
+    multiprocess mode leaves the name with no canary or shadow SNR series (not even NaN)."""
+    ladder = guard.Policy().ladder
+    first, second = (
+        guard.metrics.PrometheusListener("v", ladder, registry=registry) for _ in range(2)
+    )
+    for listener in (first, second):
+        listener.on_status("v", _status(guard.State.SERVING))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    first.on_close("v")
+    assert sample(registry, "mnn_guard_healthy", "v") == 1.0  # the other still shows
+    assert sample(registry, "mnn_guard_canary_snr_db", "v") is None
+    assert sample(registry, "mnn_guard_shadow_snr_db", "v") is None
