@@ -262,7 +262,11 @@ def test_status_snapshots_are_never_torn(demo_probe: probes.Probe) -> None:
         name="torn",
         metrics=False,
         clock=clock,
-        policy=guard.Policy(background=False, promote_after=1.0, reinit_attempts=0),
+        # inits in this thread: at a 1 us switch interval beside 8 readers, an init thread of
+        # its own got too little of the GIL on a loaded CI machine and hit its 60 s bound
+        policy=guard.Policy(
+            background=False, promote_after=1.0, reinit_attempts=0, init_timeout=None
+        ),
     )
     stop = threading.Event()
     torn: list[str] = []
