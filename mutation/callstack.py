@@ -1,14 +1,16 @@
 """pytest plugin for `make mutate`: mutmut's stats call stack kept per thread, not in a ContextVar.
 
 While it collects which tests reach which functions, mutmut 3.8 keeps the caller of each
-mutated function in a ContextVar, set and reset around every call. The guard calls its
-factories, canaries and judges in threads of its own; with a ContextVar set and reset there
-around every call, CPython 3.11.7 crashed (SIGSEGV in the context's HAMT, copying a node
-whose entries were freed) in the stats run of `make mutate MUTATE_FRESH=1`, in the same test
-each time. The same tests pass without the ContextVar (plain runs, CI) and with this stack.
-A thread-local stack records the same edges for code that runs in threads, which is all the
-guard does; no asyncio task's caller is told apart, which mutmut uses only for its
-dependency graph, not for choosing tests.
+mutated function in a ContextVar, set and reset around every call. Under CPython 3.11 a
+ContextVar.set can start a garbage collection while it copies the context's tree; a finalizer
+or weakref callback that sets a ContextVar meanwhile frees the tree being copied (CPython
+gh-148891). Under mutmut the guard's finalizers and weakref callbacks (a dropped session's
+`_released`, a probe's `_forget_checked`) are wrapped too, so they set the variable: the stats
+run of `make mutate MUTATE_FRESH=1` crashed (SIGSEGV in the HAMT) in the guard's init
+threads. A standalone script with reused threads and such a callback, without MNN, crashes
+the same way. A thread-local stack records the same edges for code that runs in threads,
+which is all the guard does; no asyncio task's caller is told apart, which mutmut uses only
+for its dependency graph, not for choosing tests.
 """
 
 from __future__ import annotations
