@@ -568,10 +568,16 @@ def test_a_result_with_fewer_outputs_than_the_probe_names_is_refused(
 # ------------------------------------------------------------ init thread, served outputs, errors
 
 
-def test_init_work_runs_on_a_named_daemon_thread_and_raises_what_it_raised() -> None:
+def test_init_work_runs_on_a_named_daemon_thread_and_raises_what_it_raised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """call_with_timeout runs its call on the mnn-guard-init daemon thread (a hung init never
     blocks the interpreter's exit), returns its value, and raises its error as itself."""
+    import guard.session
     from guard.session import call_with_timeout
+
+    # no idle thread kept from earlier tests: this call starts one (and mutmut sees its loop)
+    monkeypatch.setattr(guard.session, "_IDLE", [])
 
     seen: dict[str, Any] = {}
 
