@@ -18,7 +18,12 @@ SESSION = (
     "tests/test_health.py",
 )
 PROBES = ("tests/test_probes.py", "tests/test_probe_fuzz.py", "tests/test_judges.py")
-POOL = ("tests/test_pool.py", "tests/test_async_pool.py")
+POOL = (
+    "tests/test_pool.py",
+    "tests/test_async_pool.py",
+    "tests/test_pool_leading.py",
+    "tests/test_pool_interrupts.py",
+)
 METRICS = ("tests/test_metrics.py", "tests/test_session.py", "tests/test_promotion.py")
 
 SELECTION: dict[str, tuple[str, ...]] = {

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from guard.errors import SessionClosed, WorkerFailed
 from guard.pool.job import STEPS, Job, Line, Step
 
 
@@ -107,3 +108,23 @@ def test_deadlines_come_due_in_order_once_each() -> None:
     assert line.next_deadline() == 30.0
     assert line.due(100.0) == [late, renewed]
     assert line.next_deadline() is None
+
+
+def test_a_request_that_raised_then_was_lost_fails_with_both_reasons() -> None:
+    """The error for a request that raised on one worker and was lost on the next is a
+    WorkerFailed naming both, caused by the first error; once the pool is closed, it is
+    SessionClosed, also after one failure only."""
+    first = RuntimeError("forward broke")
+    job = Job({}, None, 2)
+    job.failures[:] = [("A raised", first), ("B was lost", None)]
+    error = job.failure("twice", closed=False)
+    assert type(error) is WorkerFailed and error.__cause__ is first
+    assert (
+        str(error)
+        == "pool 'twice': the request failed on two workers: first A raised; then B was lost"
+    )
+    for failures in (job.failures, job.failures[:1]):
+        job.failures = failures
+        closed = job.failure("twice", closed=True)
+        assert type(closed) is SessionClosed
+        assert str(closed) == "pool 'twice' was closed during the request"

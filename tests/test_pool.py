@@ -319,6 +319,7 @@ def test_pool_defaults_and_max_waiting_zero_admitting_one_call_at_a_time(
 
 SEGFAULT, RAISE = 1234.5, 2345.5  # a mel whose first value is one of these crashes or raises
 SLEEP = 3456.5  # ... or sleeps as many seconds as its second value says, then serves
+SLEEP_RAISE = 4567.5  # ... or sleeps so, then raises
 
 
 class MarkedModule:
@@ -334,8 +335,10 @@ class MarkedModule:
             os.kill(os.getpid(), signal.SIGSEGV)  # as MNN does on some inputs
         if first == RAISE:
             raise RuntimeError("injected forward failure")
-        if first == SLEEP:
+        if first in (SLEEP, SLEEP_RAISE):
             time.sleep(float(arrays[0].flat[1]))
+        if first == SLEEP_RAISE:
+            raise RuntimeError("injected forward failure, late")
         return self.runner.run(arrays)
 
 
@@ -386,11 +389,11 @@ def wait_until_serving(pool: guard.Pool, seconds: float = 60.0) -> list[guard.po
     raise AssertionError(f"pool {pool.name!r} not serving within {seconds} s: {pool.status()}")
 
 
-def open_marked(demo_paths: tuple[Path, Path], name: str) -> guard.Pool:
-    """Two workers whose real modules crash, raise or sleep on marked inputs."""
+def open_marked(demo_paths: tuple[Path, Path], name: str, processes: int = 2) -> guard.Pool:
+    """Workers (two by default) whose real modules crash, raise or sleep on marked inputs."""
     probe = probes.load(demo_paths[1], model=demo_paths[0])
     factory = MarkedFactory(demo.demo_factory(threads=1))
-    return guard.Pool(factory, probe, processes=2, policy=quiet_policy(), name=name)
+    return guard.Pool(factory, probe, processes=processes, policy=quiet_policy(), name=name)
 
 
 @pytest.fixture(scope="module")
@@ -954,9 +957,9 @@ def test_soak_serves_no_degraded_output(demo_paths: tuple[Path, Path]) -> None:
 # ------------------------------------------------------------------ watching and closing
 
 
-def sleeping(seconds: float) -> Array:
-    """A marked mel whose forward sleeps `seconds` before it is served."""
-    mel = marked(SLEEP)
+def sleeping(seconds: float, *, then_raise: bool = False) -> Array:
+    """A marked mel whose forward sleeps `seconds` before it is served (or raises)."""
+    mel = marked(SLEEP_RAISE if then_raise else SLEEP)
     mel.flat[1] = seconds
     return mel
 
@@ -1082,30 +1085,6 @@ def test_map_sends_one_request_per_worker_at_a_time(demo_paths: tuple[Path, Path
             "starting, the rest busy"
         )
         busy.join(30)
-
-
-def test_a_request_that_raised_then_was_lost_fails_with_both_reasons(
-    demo_paths: tuple[Path, Path],
-) -> None:
-    """The error for a request that raised on one worker and was lost on the next is a
-    WorkerFailed naming both, caused by the first error; once the pool is closed, it is
-    SessionClosed."""
-    probe = probes.load(demo_paths[1], model=demo_paths[0])
-    p = guard.Pool(
-        demo.demo_factory(threads=1), probe, processes=1, policy=quiet_policy(), name="twice"
-    )
-    first = RuntimeError("forward broke")
-    failures: list[tuple[str, Exception | None]] = [("A raised", first), ("B was lost", None)]
-    with p:
-        error = p._failed(failures)
-    assert type(error) is guard.errors.WorkerFailed and error.__cause__ is first
-    assert (
-        str(error)
-        == "pool 'twice': the request failed on two workers: first A raised; then B was lost"
-    )
-    closed = p._failed(failures)
-    assert type(closed) is guard.errors.SessionClosed
-    assert str(closed) == "pool 'twice' was closed during the request"
 
 
 def test_a_factory_that_does_not_match_the_probe_is_refused_before_spawning(

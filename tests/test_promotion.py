@@ -137,12 +137,21 @@ def test_promote_after_none_disables_promotion(demo_probe: probes.Probe) -> None
 def test_calls_during_the_swap_are_all_correct(demo_probe: probes.Probe) -> None:
     """8 threads keep calling while a promotion builds and swaps: every output is its own input's
     reference, no call fails, and calls begin and end while the new module is built."""
-    session, _, clock = fallen_back(demo_probe, STATIC_FAILS)
+    session, faulty, clock = fallen_back(demo_probe, STATIC_FAILS)
     xs = [demo.demo_mel(2, seed=k) for k in range(16)]
     refs = [reference(x) for x in xs]
-    stop = threading.Event()
-    building = threading.Event()
+    stop, building, served_during_build = threading.Event(), threading.Event(), threading.Event()
     during_build = [0]
+    real_factory = faulty.factory
+
+    def held_build(**overrides: Any) -> Any:
+        """The real init, held (within a bound) until a call began and ended during it: on a
+        busy machine a 40 ms build may otherwise see no call finish, though none is blocked."""
+        if building.is_set():
+            served_during_build.wait(30)
+        return real_factory(**overrides)
+
+    faulty.factory = held_build
     results: list[tuple[str, bool]] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -161,7 +170,9 @@ def test_calls_during_the_swap_are_all_correct(demo_probe: probes.Probe) -> None
                 return
             with lock:
                 results.append((mode, measures.snr_db(refs[k], out) > 45))
-                during_build[0] += began and building.is_set()  # and ends before the swap
+                if began and building.is_set():  # and ends before the swap
+                    during_build[0] += 1
+                    served_during_build.set()
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
     for t in threads:

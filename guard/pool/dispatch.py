@@ -14,6 +14,7 @@ whose worker was lost is retried once elsewhere, one that waited too long gets U
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import select
@@ -28,10 +29,8 @@ from numpy.typing import NDArray
 
 from guard.errors import (
     InputMismatch,
-    PoisonRequest,
     SessionClosed,
     Unavailable,
-    WorkerFailed,
 )
 from guard.inputs import InputChecker
 from guard.pool import wire
@@ -46,6 +45,8 @@ Array = NDArray[Any]
 Outputs = dict[str, Array]
 Inputs = Mapping[str, Any] | Sequence[Any]
 Watched = tuple[Slot, Child, tuple[Lane, ...]]
+
+log = logging.getLogger("mnn_guard")
 
 WATCH_SECONDS = 0.25  # the watcher's longest sleep: how late a deadline may be noticed
 WATCHER = -1  # the watcher's token as the leader (a caller's is its thread's ident)
@@ -102,9 +103,12 @@ def watch(ref: weakref.ref[Dispatch], done: threading.Event, wake: int) -> None:
                     continue
                 leading = True
                 (ended if end else readable)[id(item)] = item
-        for key, item in (readable | ended).items():
-            pool._hear(*item, ended=key in ended)
-        pool._expire()
+        try:
+            for key, item in (readable | ended).items():
+                pool._hear(*item, ended=key in ended)
+            pool._expire()
+        except Exception:  # a bug must not end the watcher: event loops' calls wait on it
+            log.exception("pool %r: the watcher's work raised; it goes on watching", pool.name)
         if leading:
             pool._resign(WATCHER)
         del pool
@@ -191,6 +195,7 @@ class Dispatch:
         slot, child, shm = job.slot, job.child, job.shm
         assert slot is not None and child is not None and shm is not None
         problem: BaseException | None = None
+        interrupted: BaseException | None = None
         try:
             data = wire.encode(wire.Run(job.arrays, job.lane), shm)
         except Exception as exc:
@@ -198,19 +203,17 @@ class Dispatch:
                 f"pool {self.name!r}: the request cannot be encoded for a worker: {exc!r}"
             )
             problem.__cause__ = exc
+        except BaseException as exc:  # a signal handler's (Ctrl-C) while the arrays were copied
+            interrupted = exc
         now = time.monotonic()
-        dead = settled = False
+        dead = False
         successor: Job | int | None = None
         with self._lock:
             placed = slot.child is child and slot.held.get(job.lane) is job
-            if not placed or job.dropped or problem is not None:
+            if not placed or job.dropped or problem is not None or interrupted is not None:
                 if placed:
                     slot.let_go(job.lane, now)
-                if job.dropped or problem is not None:
-                    settled = job.to(Step.SETTLED)
-                else:  # its worker was replaced meanwhile: not its fault
-                    job.to(Step.WAITING)
-                    self._soon(self._line.push(job, front=True))
+                problem = self._unplaced(job, problem, interrupted=interrupted is not None)
             else:
                 try:
                     child.conn.send_bytes(data)
@@ -226,7 +229,7 @@ class Dispatch:
                         self._soon(now + self.request_timeout)
                     if self._leader is None:
                         successor = self._successor(job)
-        if settled and problem is not None:
+        if problem is not None:
             job.deliver(problem)
         if successor is not None:
             self._hand_over(successor)
@@ -234,6 +237,25 @@ class Dispatch:
             self._lost(slot, child)
             self._retry(job, unblamed=True)
         self._pump()
+        if interrupted is not None:
+            raise interrupted
+
+    def _unplaced(
+        self, job: Job, problem: BaseException | None, *, interrupted: bool
+    ) -> BaseException | None:
+        """A PLACED job that was not sent, its lane let go: settled (the error its caller gets,
+        if any) or back at the head of the line. The caller holds _cond."""
+        if interrupted and job.waiter == threading.get_ident():
+            job.gone = True  # its caller is the one interrupted (Ctrl-C): it waits no more
+            job.to(Step.SETTLED)
+            return None
+        if problem is None and not job.dropped and self._slots.closed:
+            problem = SessionClosed(f"pool {self.name!r} was closed during the request")
+        if job.dropped or problem is not None:
+            return problem if job.to(Step.SETTLED) else None
+        job.to(Step.WAITING)  # its worker was replaced meanwhile, or another caller's thread
+        self._soon(self._line.push(job, front=True))  # was interrupted: not its fault
+        return None
 
     def _pump(self) -> None:
         """Give free lanes to the jobs in line, first come first served."""
@@ -265,7 +287,7 @@ class Dispatch:
                 self._soon(job.deadline)
                 return
             job.to(Step.SETTLED)
-        job.deliver(self._failed(job.failures))
+        job.deliver(job.failure(self.name, closed=self._slots.closed))
 
     def _settle(self, job: Job, outcome: Outputs | BaseException) -> None:
         """Settle a job once and give its caller the outcome."""
@@ -273,29 +295,6 @@ class Dispatch:
             settled = job.to(Step.SETTLED)
         if settled:
             job.deliver(outcome)
-
-    def _failed(self, failures: list[tuple[str, Exception | None]]) -> Exception:
-        """The error for a request that failed on two workers.
-
-        Both workers lost (crashed or timed out): PoisonRequest. The second raised: its own
-        error, noting the first failure. The first raised and the second was lost: WorkerFailed.
-        """
-        (first, first_error), (second, second_error) = failures[:2]
-        if self._slots.closed:
-            return SessionClosed(f"pool {self.name!r} was closed during the request")
-        if second_error is not None:
-            second_error.add_note(f"the request was retried after: {first}")
-            return second_error
-        if first_error is None:
-            return PoisonRequest(
-                f"pool {self.name!r}: poison request, not retried again: it cost two workers: "
-                f"first {first}; then {second}"
-            )
-        error = WorkerFailed(
-            f"pool {self.name!r}: the request failed on two workers: first {first}; then {second}"
-        )
-        error.__cause__ = first_error
-        return error
 
     def _abandon(self, job: Job) -> None:
         """The caller of a job was interrupted: drop it, and retire its worker if it has it
@@ -466,20 +465,28 @@ class Dispatch:
     def _hear(self, slot: Slot, child: Child, lanes: tuple[Lane, ...], *, ended: bool) -> None:
         """Read the next reply of a worker (every one left, once it `ended`); a worker whose
         pipe closed is lost."""
+        heard = False  # the reply in hand was dealt with
         try:
             while True:
+                heard = False
                 data = child.conn.recv_bytes()
                 try:
                     reply = wire.decode(data, lanes)  # views, copied out in _answered
                 except Exception as exc:
                     reason = f"sent a reply that could not be decoded: {exc!r}"
+                    heard = True
                     self._lost(slot, child, f"{slot.label} {reason}")
                     return
                 self._answered(slot, child, reply)
+                heard = True
                 if not ended:
                     return  # the next poll says if there is more
         except (EOFError, OSError):
-            pass
+            heard = True
+        finally:
+            if not heard:  # interrupted (Ctrl-C) with a reply half read or in hand: its
+                # request is retried elsewhere, rather than waited for in vain
+                self._lost(slot, child, f"{slot.label}: reading its reply was interrupted")
         self._lost(slot, child)
 
     def _answered(self, slot: Slot, child: Child, reply: object) -> None:

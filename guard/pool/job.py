@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from numpy.typing import NDArray
 
+from guard.errors import PoisonRequest, SessionClosed, WorkerFailed
+
 if TYPE_CHECKING:
     from guard.pool.arena import Arena
     from guard.pool.children import Child
@@ -148,6 +150,29 @@ class Job:
             raise outcome
         assert outcome is not None, "no outcome yet"
         return outcome
+
+    def failure(self, pool: str, *, closed: bool) -> Exception:
+        """The error for a request that failed on two workers (or once, as its pool closed).
+
+        Both workers lost (crashed or timed out): PoisonRequest. The second raised: its own
+        error, noting the first failure. The first raised and the second was lost: WorkerFailed.
+        """
+        if closed:
+            return SessionClosed(f"pool {pool!r} was closed during the request")
+        (first, first_error), (second, second_error) = self.failures[:2]
+        if second_error is not None:
+            second_error.add_note(f"the request was retried after: {first}")
+            return second_error
+        if first_error is None:
+            return PoisonRequest(
+                f"pool {pool!r}: poison request, not retried again: it cost two workers: "
+                f"first {first}; then {second}"
+            )
+        error = WorkerFailed(
+            f"pool {pool!r}: the request failed on two workers: first {first}; then {second}"
+        )
+        error.__cause__ = first_error
+        return error
 
     @property
     def done(self) -> bool:
