@@ -119,3 +119,15 @@ def test_clear_lets_the_kept_blocks_go(cleared: bool) -> None:
         blocks.clear()
     faults, _ = fill_half_a_block(blocks)
     assert (faults > PAGES // 2) if cleared else (faults < PAGES // 8), faults
+
+
+def test_a_block_given_back_after_clear_is_not_kept() -> None:
+    """clear() is a closing pool's: a block whose arrays go after it is unmapped, not kept
+    (up to 32 MiB for as long as the pool object lives)."""
+    blocks = Blocks()
+    _, copy = fill_half_a_block(blocks)  # still held while its pool closes
+    blocks.clear()
+    del copy
+    gc.collect()
+    faults, _ = fill_half_a_block(blocks)
+    assert faults > PAGES // 2, faults

@@ -41,10 +41,11 @@ def _mapped(size: int) -> mmap.mmap:
 class Blocks:
     """A pool's blocks: taken by arenas, given back when no array carved from one is left."""
 
-    __slots__ = ("_free",)
+    __slots__ = ("_free", "_keep")
 
     def __init__(self) -> None:
         self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()  # put is safe in a GC
+        self._keep = KEPT
 
     def take(self) -> Array:
         """A block of BLOCK_BYTES (one given back if any)."""
@@ -57,11 +58,13 @@ class Blocks:
         return block
 
     def _give_back(self, memory: mmap.mmap) -> None:
-        if self._free.qsize() < KEPT:
+        if self._free.qsize() < self._keep:
             self._free.put(memory)
 
     def clear(self) -> None:
-        """Unmap the blocks kept for reuse (those in use go when their arrays do)."""
+        """Unmap the blocks kept for reuse, and keep none from now on (a closed pool's: those
+        in use are unmapped when their arrays go)."""
+        self._keep = 0
         while not self._free.empty():
             self._free.get_nowait()
 
