@@ -1702,10 +1702,11 @@ def test_a_schema_1_probe_keeps_its_own_thresholds_and_per_output_ones(tmp_path:
 
 
 def test_a_probe_loads_the_calibration_its_manifest_records(
-    demo_paths: tuple[Path, Path], demo_probe: probes.Probe
+    demo_paths: tuple[Path, Path],
 ) -> None:
     """A recorded calibration loads with its probe and sets the output's SNR limit."""
     recorded = json.loads((demo_paths[1] / MANIFEST).read_text())["calibration"]
-    assert demo_probe.calibration is not None
-    assert demo_probe.calibration.to_json() == recorded
-    assert demo_probe.limits_for("wav")["snr_db"] == recorded["outputs"]["wav"]["limit_db"]
+    probe = probes.load(demo_paths[1], model=demo_paths[0])  # here, not a shared fixture's
+    assert probe.calibration is not None
+    assert probe.calibration.to_json() == recorded
+    assert probe.limits_for("wav")["snr_db"] == recorded["outputs"]["wav"]["limit_db"]
