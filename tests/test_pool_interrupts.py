@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from polling import until
 from test_pool import assert_outputs, mels, open_marked, references, sleeping
 
 from guard.errors import SessionClosed
@@ -25,15 +25,6 @@ from guard.pool.slot import SlotState
 
 Array = np.ndarray[Any, Any]
 Outputs = dict[str, Array]
-
-
-def until(condition: Callable[[], bool], what: str, seconds: float = 60.0) -> None:
-    """Wait for `condition`, within a bound."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {seconds} s: {what}")
-        time.sleep(0.02)
 
 
 def in_thread(call: Callable[[], Outputs], name: str = "caller") -> Future[Outputs]:
@@ -58,7 +49,7 @@ def test_a_request_that_fails_while_its_pool_closes_gets_session_closed(
     pool = open_marked(demo_paths, "closing-fails")
     try:
         got = in_thread(lambda: pool.run({"mel": sleeping(1.0, then_raise=True)}))
-        until(lambda: any(s.busy for s in pool.status()), "the request in a worker's hands")
+        until("request in a worker's hands", lambda: any(s.busy for s in pool.status()), 60.0)
         pool.close()
         with pytest.raises(SessionClosed, match="was closed during the request"):
             got.result(timeout=30)
@@ -89,7 +80,7 @@ def test_a_request_written_as_its_worker_died_and_its_pool_closed_gets_session_c
         pid = pool.status()[0].pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        until(lambda: pool.status()[0].pid != pid, "the dead worker retired")
+        until("retirement of the dead worker", lambda: pool.status()[0].pid != pid, 60.0)
         pool.close()
         go.set()
         with pytest.raises(SessionClosed, match="was closed during the request"):
@@ -118,7 +109,7 @@ def test_ctrl_c_while_a_request_is_written_leaves_its_lane_free(
     try:
         with pytest.raises(KeyboardInterrupt):
             pool.run({"mel": mels(1)[0]})
-        until(lambda: pool.status()[0].state is SlotState.IDLE, "the worker idle again", 10)
+        until("idle worker", lambda: pool.status()[0].state is SlotState.IDLE, 10.0)
         inputs = mels(4, offset=40)
         assert_outputs(pool.map([{"mel": x} for x in inputs]), references(inputs))
         assert pool.status()[0].requests == 4  # the interrupted one never reached the worker
@@ -180,7 +171,7 @@ def test_the_watcher_goes_on_when_its_work_raises(
     try:
         with caplog.at_level(logging.ERROR, logger="mnn_guard"):
             monkeypatch.setattr(pool, "_expire", expire)
-            until(lambda: calls[0] >= 2, "the watcher's work done again after it raised")
+            until("second round of the watcher's work", lambda: calls[0] >= 2, 60.0)
         assert "the watcher's work raised; it goes on watching" in caplog.text
         inputs = mels(3, offset=60)
 

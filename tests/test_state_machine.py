@@ -483,22 +483,30 @@ def test_close_stops_the_maintenance_thread_at_once(demo_probe: probes.Probe) ->
     assert "mnn-guard-stop" not in [t.name for t in threading.enumerate()]
 
 
-def test_a_dropped_session_cleans_up_after_itself(demo_probe: probes.Probe) -> None:
-    """A session dropped without close() is collected; its thread ends; all hear of a close."""
-    import gc
-    import weakref
-
-    table = guard.health.HealthTable()
-    listener = CapturingListener()
-    s = guard.wrap(
-        demo.demo_factory(threads=1), demo_probe, name="dropped", metrics=False, health=table,
-        listeners=[listener], policy=guard.Policy(recheck_every=30.0, promote_after=None),
-    )  # fmt: skip
-    (thread,) = [t for t in threading.enumerate() if t.name == "mnn-guard-dropped"]
-    ref = weakref.ref(s)
-    del s
+def dropped(make: Callable[[], guard.GuardedSession], thread_name: str) -> threading.Thread:
+    """Build a session and drop it without close(): once it is collected (asserted), its
+    thread named `thread_name`."""
+    session = make()
+    (thread,) = [t for t in threading.enumerate() if t.name == thread_name]
+    ref = weakref.ref(session)
+    del session
     gc.collect()
     assert ref() is None
+    return thread
+
+
+def test_a_dropped_session_cleans_up_after_itself(demo_probe: probes.Probe) -> None:
+    """A session dropped without close() is collected; its thread ends; all hear of a close."""
+    table = guard.health.HealthTable()
+    listener = CapturingListener()
+    thread = dropped(
+        lambda: guard.wrap(
+            demo.demo_factory(threads=1), demo_probe, name="dropped", metrics=False,
+            health=table, listeners=[listener],
+            policy=guard.Policy(recheck_every=30.0, promote_after=None),
+        ),
+        "mnn-guard-dropped",
+    )  # fmt: skip
     thread.join(0.5)  # woken at once by the reaper, not at its next 1 s tick
     assert not thread.is_alive()
     deadline = time.monotonic() + BOUND  # the reaper thread tells the listeners
@@ -608,17 +616,13 @@ def test_status_line_names_both_a_static_load_and_a_local_basis(demo_probe: prob
 
 def test_a_dropped_shadowed_session_stops_its_shadow(demo_probe: probes.Probe) -> None:
     """A shadowed session dropped without close() is collected and its shadow thread ends."""
-    import weakref
-
-    s = guard.wrap(
-        demo.demo_factory(threads=1), demo_probe, name="dropped-shadow", metrics=False,
-        policy=guard.Policy(background=False, promote_after=None, shadow_every=1,
-                            shadow_process=False),
+    thread = dropped(
+        lambda: guard.wrap(
+            demo.demo_factory(threads=1), demo_probe, name="dropped-shadow", metrics=False,
+            policy=guard.Policy(background=False, promote_after=None, shadow_every=1,
+                                shadow_process=False),
+        ),
+        "mnn-guard-shadow-dropped-shadow",
     )  # fmt: skip
-    (thread,) = [t for t in threading.enumerate() if t.name == "mnn-guard-shadow-dropped-shadow"]
-    ref = weakref.ref(s)
-    del s
-    gc.collect()
-    assert ref() is None
     thread.join(BOUND)  # the reaper closes the shadow, whose thread then ends
     assert not thread.is_alive()
