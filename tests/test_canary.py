@@ -236,6 +236,39 @@ def test_run_canary_judges_with_the_judgement_it_is_given(demo_probe: probes.Pro
     assert not run_canary(module, loose, 1, judgement=strict).verdict.passed
 
 
+def test_run_canary_holds_its_gate_for_each_forward_and_judges_outside_it(
+    demo_probe: probes.Probe,
+) -> None:
+    """With a gate (a live module's lock), every forward runs inside it and every judgement
+    outside it, so a caller waits one forward at most."""
+    held = [False]
+    seen: dict[str, list[bool]] = {"forward": [], "judge": []}
+
+    class Gate:
+        def __enter__(self) -> None:
+            assert not held[0], "the gate was entered twice"
+            held[0] = True
+
+        def __exit__(self, *exc: object) -> None:
+            held[0] = False
+
+    class Watched(mnn.Runner):
+        def run(self, arrays: Sequence[Array]) -> list[Array]:
+            seen["forward"].append(held[0])
+            return inner.run(arrays)
+
+    class Watching(Judgement):
+        def judge(self, outputs: Sequence[Array], case: int, **kw: Any) -> Any:
+            seen["judge"].append(held[0])
+            return super().judge(outputs, case, **kw)
+
+    inner = mnn.adapt(demo.demo_factory(threads=1)())
+    canary = run_canary(Watched(), demo_probe, 2, judgement=Watching(demo_probe, None), gate=Gate())
+    assert canary.verdict.passed
+    forwards = 2 * len(demo_probe.cases)
+    assert seen == {"forward": [True] * forwards, "judge": [False] * forwards}
+
+
 def test_run_canary_raises_the_limits_by_the_retry_margin(demo_probe: probes.Probe) -> None:
     """Noise 0.5 dB above a 50 dB limit passes with no margin (the default) and fails with a
     1 dB margin."""

@@ -28,6 +28,7 @@ from plans import (
     sample,
     served_clean,
 )
+from polling import until
 from prometheus_client import CollectorRegistry
 
 import guard
@@ -177,12 +178,12 @@ def test_calls_during_the_swap_are_all_correct(demo_probe: probes.Probe) -> None
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
     for t in threads:
         t.start()
-    time.sleep(0.2)
+    until("calls before the swap", lambda: len(results) >= 8)
     clock.advance(301)
     building.set()
     done = session.maintain()
     building.clear()
-    time.sleep(0.2)
+    until("a call on the swapped-in module", lambda: ("static", True) in results)
     stop.set()
     for t in threads:
         t.join()
@@ -331,35 +332,46 @@ def test_bad_maintenance_settings_raise_config_error(kwargs: dict[str, Any], mes
 
 def test_passing_recheck_keeps_serving_between_its_forwards(demo_probe: probes.Probe) -> None:
     """A re-check holds the live module one forward at a time: calls complete during it."""
+    checking = threading.Event()  # the session published CHECKING
+    served = threading.Event()  # a call completed after that
+    held: list[bool] = []
+
+    class HoldTheCheck(guard.Listener):
+        """Hold the re-check at CHECKING until a caller's call completed (bounded)."""
+
+        def on_status(self, session: str, status: guard.SessionStatus) -> None:
+            if status.state is guard.State.CHECKING and not checking.is_set():
+                checking.set()
+                held.append(served.wait(30))
+
     session = guard.wrap(
         demo.demo_factory(),
         demo_probe,
         name="recheck-serving",
         metrics=False,
+        listeners=[HoldTheCheck()],
         policy=guard.Policy(background=False, promote_after=None),
     )
     x = demo.demo_mel(100, seed=11)
     ref = reference(x)
-    checking = threading.Event()
     stop = threading.Event()
     during: list[float] = []
 
     def caller() -> None:
         while not stop.is_set():
             snr = measures.snr_db(ref, session.run({"mel": x})["wav"])
-            if checking.is_set():
+            if checking.is_set() and session.status.state is guard.State.CHECKING:
                 during.append(snr)
+                served.set()
 
     thread = threading.Thread(target=caller)
     thread.start()
-    time.sleep(0.1)
-    checking.set()
     done = session.maintain(force_recheck=True)
-    checking.clear()
     stop.set()
     thread.join()
     session.close()
     assert done == ["recheck"]
+    assert held == [True], "no call completed while the session was CHECKING"
     assert len(during) >= 1 and all(s > 45 for s in during)
 
 
