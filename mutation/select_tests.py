@@ -27,12 +27,15 @@ POOL = (
 METRICS = ("tests/test_metrics.py", "tests/test_session.py", "tests/test_promotion.py")
 
 SELECTION: dict[str, tuple[str, ...]] = {
-    # test_calibration: the session's local reference, disputed goldens and retry margin
+    # test_calibration: the session's local reference, disputed goldens and retry margin;
+    # test_shadow, test_reference: the shadow the session builds (its process, its timeout)
     "guard.session": (
         *SESSION,
         "tests/test_metrics.py",
         "tests/test_inputs.py",
         "tests/test_calibration.py",
+        "tests/test_shadow.py",
+        "tests/test_reference.py",
     ),
     "guard.maintenance": (*SESSION, "tests/test_shadow.py", "tests/test_metrics.py"),
     "guard.judgement": ("tests/test_calibration.py", *SESSION),
