@@ -719,7 +719,7 @@ def received(conn: Connection, seconds: float = 60.0) -> bytes:
 
 def reply(conn: Connection) -> Any:
     """The next message on `conn`, unpickled."""
-    assert conn.poll(5), "no reply within 5 s"
+    assert conn.poll(BOUND), f"no reply within {BOUND:g} s"
     return pickle.loads(conn.recv_bytes())
 
 
@@ -751,7 +751,7 @@ def test_a_worker_serves_its_pipe_and_refuses_what_is_no_request(
     parent.send_bytes(pickle.dumps(wire.Run({"mel": mel})))  # still serving
     assert type(reply(parent)) is wire.Done
     parent.send_bytes(pickle.dumps(wire.Stop()))
-    thread.join(5)
+    thread.join(BOUND)
     assert not thread.is_alive() and not parent.poll(0.1)
     session.close()
 
@@ -803,7 +803,7 @@ def test_a_withdrawal_drops_its_request_from_behind_one_of_another_shape(
     waiting: worker.Waiting = collections.deque([slow, quick])
     assert worker._take(child, wire.encode(wire.Withdraw(1)), waiting, session, ())
     assert len(waiting) == 1 and waiting[0] is slow
-    withdrawn = wire.decode(parent.recv_bytes(), ()) if parent.poll(5) else None
+    withdrawn = wire.decode(parent.recv_bytes(), ()) if parent.poll(BOUND) else None
     assert isinstance(withdrawn, wire.Withdrawn) and withdrawn.lane == 1
     session.close()
 
@@ -822,7 +822,7 @@ def test_a_worker_stops_serving_when_the_parent_is_gone(demo_probe: probes.Probe
     thread = threading.Thread(target=worker.serve, args=(child, session), daemon=True)
     thread.start()
     parent.close()
-    thread.join(5)
+    thread.join(BOUND)
     assert not thread.is_alive()
     assert wire.send(child, wire.Ready(report)) is False
     session.close()
@@ -859,7 +859,7 @@ def run_worker_main(
     finally:
         signal.signal(signal.SIGINT, handler)
         child.close()  # as the worker's exit does
-    helper.join(5)
+    helper.join(BOUND)
     assert not helper.is_alive()
     return replies, ignored, said[0] if said else None
 
@@ -1030,7 +1030,7 @@ def test_workers_that_die_idle_are_replaced_without_a_request(
         assert sum(w.requests for w in p.status()) == 0  # no request found the dead workers
     finally:
         p.close()
-    watcher.join(5.0)
+    watcher.join(BOUND)
     assert not watcher.is_alive()
 
 
