@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+from holding import stopped
 from prometheus_client import CollectorRegistry
 
 import guard
@@ -275,7 +276,7 @@ def test_a_failed_amap_leaves_no_task_running(pool: guard.Pool) -> None:
     async def failing() -> set[asyncio.Task[Any]]:
         with pytest.raises(guard.InputMismatch, match="mel"):
             await pool.amap([good, good, {"mel": demo.demo_mel(50)[:, :40]}, good, good])
-        return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+        return asyncio.all_tasks() - {asyncio.current_task()}
 
     assert asyncio.run(failing()) == set()
 
@@ -290,9 +291,10 @@ def test_cancelled_call_in_flight_leaves_the_worker_serving(single: guard.Pool) 
     async def main() -> dict[str, Array]:
         task = asyncio.ensure_future(single.arun({"mel": long}))
         await until("a busy worker", lambda: single.status()[0].busy or None)
-        assert task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        with stopped(before.pid):  # it cannot answer before the cancel, however slow this is
+            assert task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, BOUND)
         return await single.arun({"mel": short})
 
     out = asyncio.run(main())
@@ -312,12 +314,13 @@ def test_cancelled_call_still_in_line_is_never_sent(single: guard.Pool) -> None:
     async def main() -> tuple[dict[str, Array], dict[str, Array]]:
         first = asyncio.ensure_future(single.arun({"mel": a}))
         await until("a busy worker", lambda: single.status()[0].busy or None)
-        second = asyncio.ensure_future(single.arun({"mel": b}))
-        third = asyncio.ensure_future(single.arun({"mel": c}))
-        await asyncio.sleep(0)  # both submitted, in line behind the first
-        assert third.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await third
+        with stopped(before.pid):  # the first stays in its hands: no lane frees for the third
+            second = asyncio.ensure_future(single.arun({"mel": b}))
+            third = asyncio.ensure_future(single.arun({"mel": c}))
+            await asyncio.sleep(0)  # both submitted, in line behind the first
+            assert third.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(third, BOUND)
         return await first, await second
 
     out_a, out_b = asyncio.run(main())
@@ -408,23 +411,28 @@ async def watch_readiness(
 def test_worker_killed_mid_call_costs_no_request(
     pool: guard.Pool, table: guard.health.HealthTable
 ) -> None:
-    """SIGKILL on a worker while 20 async calls run: every call gets its own correct output;
+    """SIGKILL on a worker while it serves 20 async calls (the other worker is held stopped
+    with a call in hand, so they cannot all end first): every call gets its own correct output;
     readiness says not ready (starting) while the replacement starts, then ready again."""
     inputs = [demo.demo_mel(FRAMES, seed=100 + i) for i in range(4)]
     expected = [reference(x) for x in inputs]
     replaced = pool.replaced
-    victim = pool.status()[0].pid
+    victim, other = (w.pid for w in pool.status())
     assert victim is not None
     served = sum(w.requests for w in pool.status())
     seen: list[dict[str, Any]] = []
 
+    def serving_while_held() -> bool | None:
+        status = pool.status()
+        progress = sum(w.requests for w in status) >= served + 2
+        return (progress and status[0].busy and status[1].busy) or None
+
     async def main() -> tuple[list[dict[str, Array]], list[int]]:
-        tasks = [asyncio.ensure_future(pool.arun({"mel": inputs[k % 4]})) for k in range(20)]
-        await until(
-            "some progress", lambda: sum(w.requests for w in pool.status()) >= served + 2 or None
-        )
-        os.kill(victim, signal.SIGKILL)
-        assert not all(t.done() for t in tasks)
+        with stopped(other):
+            tasks = [asyncio.ensure_future(pool.arun({"mel": inputs[k % 4]})) for k in range(20)]
+            await until("the victim serving beside the held worker", serving_while_held)
+            os.kill(victim, signal.SIGKILL)
+            assert not all(t.done() for t in tasks)
         watcher = asyncio.ensure_future(watch_readiness(table, victim, seen))
         outputs = list(await asyncio.gather(*tasks))
         return outputs, await watcher

@@ -459,11 +459,15 @@ def test_a_recheck_that_raises_is_an_error_and_the_module_is_replaced(
 def test_a_recheck_holds_the_module_one_forward_at_a_time(demo_probe: probes.Probe) -> None:
     """A caller's forward waits for a re-check's forward: never two forwards at once."""
     caller_waiting = threading.Event()
+    caller_in = threading.Event()  # a forward began while the re-check's first was held
     modules: list[Counting] = []
 
     def hold(number: int) -> None:
         if number == CANARY_FORWARDS + 1:  # the re-check's first forward
-            caller_waiting.wait(0.5)  # a caller that could enter would do so now
+            assert caller_waiting.wait(30)
+            caller_in.wait(0.5)  # a caller that could enter would do so now (and end the hold)
+        elif number > CANARY_FORWARDS + 1:
+            caller_in.set()
 
     s = plan_session(
         lambda **kw: modules.append(Counting(hold, **kw)) or modules[-1],

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from health_files import Workers
+from polling import BOUND
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -588,14 +589,16 @@ def test_asgi_app_refuses_websockets_without_an_error(tmp_path: Path) -> None:
 
 
 def raw_http11(port: int, request: bytes) -> bytes:
-    """Send one request and read the answer until the server closes or 2 s pass quietly."""
+    """Send one request and read the answer (its first bytes within BOUND) until the server
+    closes or 2 s pass quietly."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(request)
-        sock.settimeout(2)
+        sock.settimeout(BOUND)
         chunks = []
         try:
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
+                sock.settimeout(2)
         except TimeoutError:
             pass
     return b"".join(chunks)

@@ -200,9 +200,8 @@ def test_factory_faults_count_as_failed_attempts(
     faulty = FaultyFactory(
         demo_factory, fault=fault, schedule=[True], affects="all", hang_seconds=5
     )
-    s = guard.wrap(
-        faulty, demo_probe, policy=quiet_policy(init_timeout=1.0), name="t", metrics=False
-    )
+    policy = quiet_policy(init_timeout=2.0)  # a hang's bound, far above a clean init + canary
+    s = guard.wrap(faulty, demo_probe, policy=policy, name="t", metrics=False)
     first = s.status.history[0]
     assert first.outcome is outcome
     assert message in str(first.error)
@@ -768,13 +767,13 @@ def test_a_shadow_reference_not_built_within_init_timeout_is_logged(
     """wrap waits Policy.init_timeout for the shadow's reference, then serves and says so in one
     warning naming the session and the wait."""
     hanging = HangingReference(demo.demo_factory(threads=1))
-    policy = quiet_policy(shadow_every=1, shadow_process=False, init_timeout=1.0)
+    policy = quiet_policy(shadow_every=1, shadow_process=False, init_timeout=2.0)  # as above
     try:
         with caplog.at_level(logging.WARNING, logger="mnn_guard"):
             session = guard.wrap(hanging, demo_probe, policy=policy, metrics=False, name="slow")
         said = [r.getMessage() for r in caplog.records if "shadow" in r.getMessage()]
         assert said == [
-            "session slow: the shadow's reference was not built within 1 s; serving, and "
+            "session slow: the shadow's reference was not built within 2 s; serving, and "
             "checking sampled calls once it is"
         ]
         assert session.status.healthy

@@ -295,7 +295,7 @@ def test_a_reference_that_hangs_delays_wrap_by_init_timeout_at_most(
     hanging = HangingReference(demo.demo_factory(threads=1))
     start = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="mnn_guard"), guard.wrap(
-        hanging, demo_probe, metrics=False, policy=policy(shadow_every=1, init_timeout=1.0)
+        hanging, demo_probe, metrics=False, policy=policy(shadow_every=1, init_timeout=2.0)
     ) as s:  # fmt: skip
         assert time.monotonic() - start < 30
         assert s.status.shadow is not None and s.status.shadow.reference is Reference.NONE
