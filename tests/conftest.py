@@ -148,3 +148,16 @@ def _clean_health() -> Iterator[None]:
     """Each test starts with an empty process-wide readiness table."""
     health.HEALTH.clear()
     yield
+
+
+@pytest.fixture
+def hour_tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Background threads started in the test tick idle once an hour, not every second: what
+    they do within a test's bound they did because they were woken."""
+    import guard.maintenance
+    import guard.session
+
+    def loop(ref: Any, wake: threading.Event, every: float) -> None:
+        guard.maintenance.maintenance_loop(ref, wake, 3600.0)
+
+    monkeypatch.setattr(guard.session, "maintenance_loop", loop)
