@@ -333,13 +333,15 @@ def test_failed_recheck_under_load_fails_no_call(demo_probe: probes.Probe) -> No
     print(f"recheck under load: {len(calls)} calls, {len(bad)} degraded before a re-check failed")
     assert errors == []
     assert len(calls) == 8 * 150
-    assert bad, "the module never degraded: the test did not exercise the re-check"
-    assert len(timeline.unhealthy) == 1  # one failing re-check took the module out
+    # the module degraded and one failing re-check took it out (usually after some calls were
+    # served degraded: a re-check under way as it turned may catch it before any call)
+    assert len(timeline.unhealthy) == 1
+    assert factory.inits >= 2
     taken_out = timeline.unhealthy[0]
-    assert max(began for began, _ in bad) < taken_out  # nothing degraded after the guard knew
+    assert all(began < taken_out for began, _ in bad)  # nothing degraded after the guard knew
     # a re-check that passed after the first degraded output had to start before the module
     # turned: only the one already under way can
-    first_bad_ended = min(ended for _, ended in bad)
+    first_bad_ended = min((ended for _, ended in bad), default=taken_out)
     passed_after = [t for t, ok in timeline.checks if ok and first_bad_ended < t < taken_out]
     assert len(passed_after) <= 1
     assert s.status.history[-1].rung.name == "static"
