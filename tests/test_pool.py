@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 from holding import stopped
-from polling import BOUND
+from polling import BOUND, until
 
 import guard
 import probes
@@ -139,12 +139,12 @@ def test_killed_worker_is_replaced_and_no_request_is_lost(
     thread = threading.Thread(target=serve_all)
     with stopped(victim):
         thread.start()
-        until(held_while_the_other_serves, 60, "a request in the held worker's hands")
+        until("a request in the held worker's hands", held_while_the_other_serves, 60)
         os.kill(victim, signal.SIGKILL)
         assert not done.done(), "the map finished before the kill"
     assert_outputs(done.result(timeout=60), expected)
     thread.join()
-    until(lambda: pool.replaced != replaced, 60, "the victim's replacement")
+    until("the victim's replacement", lambda: pool.replaced != replaced, 60)
     after = {w.pid for w in pool.status()}
     assert pool.replaced == replaced + 1
     assert victim not in after and len(after) == 2 and len(after - before) == 1
@@ -478,14 +478,6 @@ def test_request_that_kills_two_workers_is_a_poison_request(marked_pool: guard.P
     assert marked_pool.replaced == replaced + 2
 
 
-def until(check: Callable[[], bool], seconds: float, what: str) -> None:
-    """Poll `check` until it holds; fail naming `what` after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"{what} not within {seconds} s"
-        time.sleep(0.02)
-
-
 def ended(pid: int) -> bool:
     """True once a child has exited with every thread (waitable; left for its owner to reap)."""
     try:
@@ -505,7 +497,7 @@ def test_workers_that_died_while_idle_do_not_fail_the_next_request(
     for pid in dead:
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-    until(lambda: all(ended(pid) for pid in dead if pid), 30, "the killed workers' ends")
+    until("the killed workers' ends", lambda: all(ended(pid) for pid in dead if pid), 30)
     mel = demo.demo_mel(90, seed=8)
     assert_outputs([marked_pool.run({"mel": mel})], references([mel]))
     after = wait_until_serving(marked_pool)
@@ -1022,7 +1014,7 @@ def test_workers_that_die_idle_are_replaced_without_a_request(
             victim = p.status()[0].pid
             assert victim is not None
             os.kill(victim, signal.SIGKILL)
-            until(replaced_by(replaced), 60, f"replacement {replaced}")
+            until(f"replacement {replaced}", replaced_by(replaced), 60)
             after = wait_until_serving(p)
             assert victim not in {w.pid for w in after} and len(after) == 2
             warning = f"pool watched: worker 0 (pid {victim}) was killed by SIGKILL while idle"
@@ -1062,7 +1054,7 @@ def test_close_answers_the_request_in_flight_and_is_bounded_by_a_hung_one(
     ]
     for thread in threads:
         thread.start()
-    until(lambda: all(w.busy for w in p.status()), 30, "both workers busy")
+    until("both workers busy", lambda: all(w.busy for w in p.status()), 30)
     caplog.set_level(logging.DEBUG, logger="mnn_guard")
     closer = threading.Thread(target=p.close)
     closer.start()
@@ -1107,7 +1099,7 @@ def test_map_sends_one_request_per_worker_at_a_time(demo_paths: tuple[Path, Path
         busy = threading.Thread(target=p.run, args=({"mel": demo.demo_mel(50)},))
         with stopped(p.status()[0].pid):  # busy with that request until the bound has passed
             busy.start()
-            until(lambda: p.status()[0].busy, 30, "a busy worker")
+            until("a busy worker", lambda: p.status()[0].busy, 30)
             started = time.monotonic()
             with pytest.raises(guard.Unavailable) as info:
                 p.run({"mel": demo.demo_mel(40)})
@@ -1151,7 +1143,7 @@ def test_an_interrupted_request_retires_its_worker(
     caplog.set_level(logging.WARNING, logger="mnn_guard")
 
     def interrupt_when_busy() -> None:
-        until(lambda: any(w.busy for w in marked_pool.status()), 30, "a busy worker")
+        until("a busy worker", lambda: any(w.busy for w in marked_pool.status()), 30)
         os.kill(os.getpid(), signal.SIGUSR1)  # handled in the main thread, in its wait
 
     previous = signal.signal(signal.SIGUSR1, _interrupt)
@@ -1219,7 +1211,7 @@ def test_a_busy_worker_gets_its_next_request_before_it_answers(
         requests = [{"mel": x} for x in inputs]
         thread = threading.Thread(target=lambda: served.set_result(p.map(requests)))
         thread.start()
-        until(lambda: p.status()[0].state is SlotState.FULL, 30, "a full worker")
+        until("a full worker", lambda: p.status()[0].state is SlotState.FULL, 30)
         assert not served.done()
         assert_outputs(served.result(timeout=60), references(inputs))
         thread.join(10)
@@ -1244,13 +1236,13 @@ def test_a_worker_killed_mid_request_leaves_no_shared_memory(
         served: Future[dict[str, Array]] = Future()
         thread = threading.Thread(target=lambda: served.set_result(p.run({"mel": mel})))
         thread.start()
-        until(lambda: p.status()[0].busy, 30, "a busy worker")
+        until("a busy worker", lambda: p.status()[0].busy, 30)
         os.kill(victim, signal.SIGKILL)
         assert_outputs([served.result(timeout=60)], references([mel]))
         thread.join(10)
         wait_until_serving(p)
         assert p.replaced == 1 and gone(victim)
-        until(lambda: lane_fds() == base + DEPTH, 10, "the dead worker's lanes closed")
+        until("the dead worker's lanes closed", lambda: lane_fds() == base + DEPTH)
         assert shm_names() <= shm
     assert lane_fds() == base and shm_names() <= shm
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 
 import pytest
+from polling import until
 
 import guard
 from guard.health import Entry, HealthTable
@@ -45,14 +45,6 @@ def slot_in(state: SlotState, cond: threading.Condition | None = None) -> Slot:
                 slot.note(SERVING)
             assert slot.to(step)
     return slot
-
-
-def until(check: Callable[[], bool], seconds: float, what: str) -> None:
-    """Poll `check` until it holds; fail naming `what` after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"{what} not within {seconds} s"
-        time.sleep(0.01)
 
 
 def waiting(thread: threading.Thread) -> bool:
@@ -187,7 +179,7 @@ def test_acquire_waits_for_a_slot_to_become_idle() -> None:
     got: Future[Slot] = Future()
     thread = threading.Thread(target=lambda: got.set_result(slots.acquire(None, 60.0)))
     thread.start()
-    until(lambda: waiting(thread), 10, "the caller waiting")
+    until("the caller waiting", lambda: waiting(thread))
     with slots.cond:
         slots.all[1].to(SlotState.IDLE)
     assert got.result(timeout=10) is slots.all[1]
