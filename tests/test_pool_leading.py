@@ -88,7 +88,9 @@ class Interrupted(Exception):
     """Raised in the main thread by a timer signal, as Ctrl-C would."""
 
 
-def test_a_leader_interrupted_hands_the_lead_to_a_caller_asleep(marked_pool: guard.Pool) -> None:
+def test_a_leader_interrupted_hands_the_lead_to_a_caller_asleep(
+    marked_pool: guard.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The main thread leads while its request sleeps and is interrupted; another caller,
     asleep behind it on the other worker, then leads and gets its own reply."""
     mel = mels(1, offset=1200)[0]
@@ -100,19 +102,27 @@ def test_a_leader_interrupted_hands_the_lead_to_a_caller_asleep(marked_pool: gua
         except BaseException as exc:
             served.set_exception(exc)
 
+    thread = threading.Thread(target=follower)
+    real_lead = marked_pool._lead
+
+    def lead(job: Any) -> None:
+        if threading.current_thread() is threading.main_thread() and thread.ident is None:
+            thread.start()  # the main thread leads already: the other caller waits behind it
+        real_lead(job)
+
     def interrupt(*_: object) -> None:
         raise Interrupted
 
+    monkeypatch.setattr(marked_pool, "_lead", lead)
     old = signal.signal(signal.SIGALRM, interrupt)
-    thread = threading.Thread(target=follower)
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.4)
         with pytest.raises(Interrupted):
-            thread.start()  # started after the main thread took the lead: it waits behind
             marked_pool.run({"mel": sleeping(30.0)})
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+    assert thread.ident is not None, "the main thread never led"
     assert served.result(timeout=60)["wav"].shape == references([sleeping(1.0)])[0].shape
     thread.join(10)
     assert_outputs([marked_pool.run({"mel": mel})], references([mel]))  # still serving
