@@ -150,6 +150,20 @@ def test_mnns_own_words_on_a_failed_canary_forward_are_kept(
     s.close()
 
 
+def test_a_canary_stopped_at_its_first_failure_keeps_what_mnn_said(
+    converted: dict[str, Any],
+) -> None:
+    """run_canary with stop_at_failure (and no gate) keeps MNN's words on the forward that
+    returned no output, as a canary that runs to the end does."""
+    factory = guard.mnn_factory(converted["stride32"], ["image"], ["mask"], threads=1)
+    image = np.random.default_rng(2).standard_normal((1, 1, 64, 96)).astype(np.float32)
+    probe = probes.record(factory, {"image": image}, model=converted["stride64"])
+    runner = mnn.adapt(guard.mnn_factory(converted["stride64"], ["image"], ["mask"], threads=1)())
+    canary = run_canary(runner, probe, 2, stop_at_failure=True)
+    assert not canary.verdict.passed
+    assert any(n.startswith("MNN on a canary forward: Broad cast error") for n in canary.notes)
+
+
 def test_what_mnn_said_while_loading_stays_with_a_canary_that_raised(
     converted: dict[str, Any],
 ) -> None:

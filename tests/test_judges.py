@@ -708,6 +708,42 @@ def test_a_judge_that_raises_or_returns_junk_fails_the_output_without_raising() 
         assert not score.passed and word in score.reasons[0], score.reasons
 
 
+def test_a_junk_judges_reason_quotes_it_cut_to_size_and_its_check_names_it() -> None:
+    """What a user's measure returned is quoted cut to 40 characters, what it raised to 120;
+    the failed check keeps the judge's name and limit, and no value."""
+    golden = np.linspace(-1, 1, 100, dtype=np.float32)[None]
+
+    def raising(a: Array, g: Array) -> float:
+        raise ValueError("y" * 300)
+
+    quoted = "'" + "x" * 36 + "..."
+    for name, measure, reason in (
+        (
+            "texty",
+            lambda a, g: "x" * 200,
+            f"judge 'texty' raised TypeError: \"returned {quoted}, not a number or None\"",
+        ),
+        ("boom", raising, "judge 'boom' raised ValueError: '" + "y" * 116 + "..."),
+    ):
+        probes.register_judge(name, measure, higher_is_better=False)
+        try:
+            score = judges.judge_output("y", golden, golden.copy(), probes.Limits({name: 1.0}))
+        finally:
+            judges._registry.pop(name)
+        (check,) = [c for c in score.checks if not c.passed]
+        assert (check.judge, check.value, check.limit, check.reason) == (name, None, 1.0, reason)
+        assert list(score.reasons) == [f"output 'y': {reason}"]
+
+
+def test_max_abs_error_of_equal_infinities_warns_nothing() -> None:
+    """Infinities in the same places (inf - inf) give a value without a floating-point warning."""
+    golden = np.array([np.inf, 1.0, -np.inf] * 30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = measures.max_abs_error(golden, golden.copy())
+    assert math.isnan(value)  # inf - inf is no number: the check fails, as NaN does
+
+
 def test_top1_judges_argmax_agreement_per_row() -> None:
     """top1 is the share of rows whose argmax agrees: a confident flip fails, a nudge passes."""
     golden = np.array([[0.1, 0.9], [0.7, 0.3]], np.float32)

@@ -1510,6 +1510,53 @@ def test_with_thresholds_adds_to_the_per_output_limits() -> None:
     assert [dict(probe.thresholds_for(n)) for n in "abc"] == [{"cosine": 0.5}, COSINE, SNR_40]
 
 
+# ------------------------------------------------------------------ judging
+
+
+def at_snr(golden: Array, snr_db: float, seed: int = 0) -> Array:
+    """`golden` plus white noise scaled to exactly `snr_db` below it."""
+    noise = np.random.default_rng(seed).standard_normal(golden.shape)
+    power = float(np.sum(golden.astype(np.float64) ** 2))
+    noise *= np.sqrt(power / 10 ** (snr_db / 10) / float(np.sum(noise**2)))
+    return (golden + noise).astype(golden.dtype)
+
+
+def test_judge_raises_the_snr_limit_by_the_retry_margin_only_when_asked(
+    demo_probe: probes.Probe,
+) -> None:
+    """An output at 50.5 dB passes a 50 dB limit with no margin (the default) and fails it with a
+    2 dB one, whose reason gives the raised limit."""
+    probe = demo_probe.with_thresholds({"snr_db": 50.0})
+    noisy = {"wav": at_snr(probe.cases[0].outputs["wav"], 50.5)}
+    assert probe.judge(noisy, tier="loose").passed
+    assert probe.judge(noisy, tier="loose", retry_margin_db=0.0).passed
+    raised = probe.judge(noisy, tier="loose", retry_margin_db=2.0)
+    assert not raised.passed and raised.reasons[0].endswith("is below the limit 52 dB")
+
+
+def test_a_retry_margin_leaves_an_output_without_an_snr_limit_alone() -> None:
+    """An output judged without an SNR limit is judged alike with a retry margin."""
+    probe = calibrated_probe()
+    assert "snr_db" not in probe.limits_for("a", "loose")
+    outputs = {n: np.ones(2) for n in "abc"}
+    assert probe.judge(outputs, tier="loose", retry_margin_db=3.0).passed
+
+
+def test_judge_against_other_goldens(demo_probe: probes.Probe) -> None:
+    """`goldens=` judges against those instead of the probe's own."""
+    other = {"wav": np.roll(demo_probe.cases[0].outputs["wav"], 100)}
+    assert not demo_probe.judge(other).passed
+    assert demo_probe.judge(other, goldens=other).passed
+
+
+def test_an_unknown_tier_is_refused_by_name(demo_probe: probes.Probe) -> None:
+    """A tier other than "tight" or "loose" raises ProbeError quoting it."""
+    assert demo_probe.calibration is not None
+    message = "tier must be 'tight' or 'loose', got 'medium'"
+    with pytest.raises(probes.ProbeError, match=re.escape(message)):
+        demo_probe.limits_for("wav", "medium")
+
+
 # ------------------------------------------------------------------ what a probe refuses to hold
 
 

@@ -724,6 +724,30 @@ def test_a_collected_probe_leaves_no_self_check_entry(demo_probe: probes.Probe) 
     assert key not in session._SELF_CHECKED
 
 
+def test_self_check_judges_a_probes_goldens_once(
+    demo_probe: probes.Probe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A probe's goldens are judged against themselves at its first self_check only; a later
+    session of the same probe object starts without judging them again."""
+    import dataclasses
+
+    from guard import session
+
+    copy = dataclasses.replace(demo_probe)
+    judged: list[int] = []
+    real = probes.Probe.judge
+
+    def counting(self: probes.Probe, *args: Any, **kw: Any) -> Any:
+        judged.append(id(self))
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(probes.Probe, "judge", counting)
+    session.self_check(copy)
+    assert judged.count(id(copy)) == len(copy.cases)
+    session.self_check(copy)
+    assert judged.count(id(copy)) == len(copy.cases)
+
+
 # ------------------------------------------------------------------------- shadow sampling
 
 
