@@ -692,6 +692,15 @@ def test_limits_refuse_unknown_judges_and_non_numbers() -> None:
     assert probes.Limits({"snr_db": 30}) == {"snr_db": 30.0} == probes.Limits({"snr_db": 30.0})
 
 
+def test_limits_that_are_not_a_mapping_are_refused_by_value() -> None:
+    """Limits of anything but a mapping (or None) raise ProbeError quoting what was given."""
+    assert probes.Limits(None) == {}
+    for value in (5, [("snr_db", 30.0)], "snr_db"):
+        with pytest.raises(probes.ProbeError) as info:
+            probes.Limits(value)  # type: ignore[arg-type]
+        assert str(info.value) == f"limits must map judge names to numbers, got {value!r}"
+
+
 def test_a_judge_that_raises_or_returns_junk_fails_the_output_without_raising() -> None:
     """A user's measure that raises, returns NaN or returns a string fails its check only."""
     golden = np.linspace(-1, 1, 100, dtype=np.float32)[None]

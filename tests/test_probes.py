@@ -1585,6 +1585,10 @@ def test_a_probe_refuses_what_it_cannot_judge_with_exact_reasons() -> None:
     spec = signature.InputSpec(name="x", dtype="float32", shape=(2,))
     out = signature.OutputSpec(name="y", dtype="float64", shape=(2,))
     x, y = np.zeros(2, np.float32), np.ones(2)
+    sentinel = signature.OutputSpec(name="s", dtype="float64", shape=(2,), sentinel=True)
+    z = signature.OutputSpec(name="z", dtype="float64", shape=(2,))
+    yzs = {"y": y, "s": y, "z": y}
+    measured = OutputCalibration(spread_db=90.0, floor_db=80.0, limit_db=60.0)
 
     def make(**kw: Any) -> Any:
         args: dict[str, Any] = {
@@ -1609,12 +1613,67 @@ def test_a_probe_refuses_what_it_cannot_judge_with_exact_reasons() -> None:
          "case 0: input 'x' is float64[2], which the signature float32[2] does not accept"),
         ({"cases": (probes.Case(inputs={"x": x}, outputs={"y": [1.0, 2.0]}),)},
          "case 0: golden output 'y' is a list of None, not an array of one of"),
+        ({"per_output": 5}, "per_output must map output names to limits, got 5"),
+        ({"outputs": (dataclasses.replace(out, sentinel=True),)},  # no output served
+         "outputs ['y']: the served outputs come first, then the sentinels, and at least one "
+         "output is served"),
+        ({"outputs": (out, sentinel, z), "cases": (probes.Case(inputs={"x": x}, outputs=yzs),)},
+         "outputs ['y', 's', 'z']: the served outputs come first, then the sentinels, and at "
+         "least one output is served"),
+        ({"calibration": probes.Calibration(outputs={"z": measured}, inits=3)},
+         "calibration of unknown outputs ['z']; outputs are ['y']"),
     ]  # fmt: skip
     assert make().output_names == ["y"]
     for kw, message in cases:
         with pytest.raises(probes.ProbeError) as info:
             make(**kw)
         assert str(info.value).startswith(message), str(info.value)
+
+
+def test_a_probe_keeps_its_own_copy_of_the_limits_it_was_given() -> None:
+    """Changing the dicts a probe was built from afterwards changes none of its limits."""
+    default: dict[str, Any] = {"snr_db": 30}
+    per: dict[str, Any] = {"y": {"snr_db": 40}}
+    probe = probes.Probe(
+        cases=(probes.Case(inputs={"x": np.zeros(2, np.float32)}, outputs={"y": np.ones(2)}),),
+        inputs=(signature.InputSpec(name="x", dtype="float32", shape=(2,)),),
+        outputs=(signature.OutputSpec(name="y", dtype="float64", shape=(2,)),),
+        thresholds=default,
+        per_output=per,
+    )
+    default["snr_db"] = 90
+    per["y"]["snr_db"] = 90
+    per["z"] = {"snr_db": 90}
+    assert isinstance(probe.thresholds, probes.Limits) and probe.thresholds == {"snr_db": 30.0}
+    assert probe.per_output == {"y": {"snr_db": 40.0}}
+    assert isinstance(probe.per_output["y"], probes.Limits)
+
+
+def test_a_models_hash_is_read_once_while_the_file_is_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cached_sha256 reads a file once while it is unchanged, and holds at most _HASHED_MAX
+    files' hashes."""
+    store.forget_hashes()
+    reads: list[str] = []
+    real = store.file_sha256
+
+    def reading(path: Any) -> str:
+        reads.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(store, "file_sha256", reading)
+    model = tmp_path / "m.mnn"
+    model.write_bytes(b"abc")
+    digest = hashlib.sha256(b"abc").hexdigest()
+    assert store.cached_sha256(model) == digest == store.cached_sha256(model)
+    assert reads == [str(model)]
+    for i in range(store._HASHED_MAX + 1):
+        other = tmp_path / f"{i}.mnn"
+        other.write_bytes(str(i).encode())
+        store.cached_sha256(other)
+        assert len(store._HASHED) <= store._HASHED_MAX
+    store.forget_hashes()
 
 
 # ------------------------------------------------------------------ probe files, exactly
