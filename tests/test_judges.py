@@ -692,6 +692,20 @@ def test_limits_refuse_unknown_judges_and_non_numbers() -> None:
     assert probes.Limits({"snr_db": 30}) == {"snr_db": 30.0} == probes.Limits({"snr_db": 30.0})
 
 
+def test_an_unknown_judge_is_refused_naming_it_and_the_known_ones() -> None:
+    """get_judge of a name not registered (or of no string at all) raises ProbeError naming what
+    was asked and every registered judge."""
+    known = ", ".join(judges.judge_names())
+    assert "snr_db" in known
+    for name in ("no_such_judge", ["snr_db"]):
+        with pytest.raises(probes.ProbeError) as info:
+            judges.get_judge(name)  # type: ignore[arg-type]
+        assert str(info.value) == (
+            f"no judge named {name!r} is registered in this process (known: {known}); "
+            "register it with probes.register_judge before use"
+        )
+
+
 def test_limits_that_are_not_a_mapping_are_refused_by_value() -> None:
     """Limits of anything but a mapping (or None) raise ProbeError quoting what was given."""
     assert probes.Limits(None) == {}
