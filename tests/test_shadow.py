@@ -7,6 +7,7 @@ canary passes them, the shadow must not.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -17,12 +18,13 @@ import numpy as np
 import pytest
 from conftest import FakeClock, reference
 from plans import HangingReference
-from polling import until
+from polling import BOUND, until
 from prometheus_client import CollectorRegistry
 
 import guard
 import probes
 from guard.diagnosis import find_bundles
+from guard.reference import Where
 from guard.shadow import Reference
 from guard.testing import CapturingListener, Fault, FaultyFactory, Frames, LouderThan
 from guard.tools import demo
@@ -365,3 +367,44 @@ def test_a_reference_returning_too_few_outputs_judges_nothing_and_says_so(
         assert f"session {s.name}" in said[0] and "expected 1" in said[0]
         assert s.status.shadow is not None and s.status.shadow.failed == 0
         assert s.status.mode == "static"
+
+
+# ------------------------------------------------------------ what the session gives its shadow
+
+
+class StallsElsewhere:
+    """A factory (it pickles) that builds at once in the process that made it and takes longer
+    than any bound in another: the session starts, its reference process does not."""
+
+    def __init__(self) -> None:
+        self.home = os.getpid()
+        self.factory = demo.demo_factory(threads=1)
+
+    def __call__(self, **overrides: Any) -> Any:
+        if os.getpid() != self.home:
+            time.sleep(BOUND)
+        return self.factory(**overrides)
+
+
+def test_the_reference_process_is_given_up_after_the_sessions_init_timeout(
+    demo_probe: probes.Probe,
+) -> None:
+    """A reference process that does not build within Policy.init_timeout (2 s here) is given
+    up after that bound, which its error names; the session serves meanwhile."""
+    bounded = policy(shadow_every=1, init_timeout=2.0)
+    with guard.wrap(StallsElsewhere(), demo_probe, metrics=False, policy=bounded) as s:
+        error = until(WORK, lambda: s.status.shadow is not None and s.status.shadow.error)
+        assert "did not answer within 2 s while it built" in error, error
+        assert s.status.healthy
+
+
+def test_shadow_process_false_keeps_the_sessions_reference_on_a_thread(
+    demo_probe: probes.Probe,
+) -> None:
+    """Policy(shadow_process=False) reaches the shadow: its reference is built on a thread here."""
+    with guard.wrap(
+        loud_only(), demo_probe, metrics=False, policy=policy(shadow_every=1, shadow_process=False)
+    ) as s:  # fmt: skip
+        until(WORK, lambda: s.status.shadow is not None and s.status.shadow.where is not Where.NONE)
+        assert s.status.shadow is not None
+        assert (s.status.shadow.where, s.status.shadow.pid) == (Where.THREAD, None)
