@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from signals import scaled_noise
 
 import guard
 import probes
@@ -1513,21 +1514,14 @@ def test_with_thresholds_adds_to_the_per_output_limits() -> None:
 # ------------------------------------------------------------------ judging
 
 
-def at_snr(golden: Array, snr_db: float, seed: int = 0) -> Array:
-    """`golden` plus white noise scaled to exactly `snr_db` below it."""
-    noise = np.random.default_rng(seed).standard_normal(golden.shape)
-    power = float(np.sum(golden.astype(np.float64) ** 2))
-    noise *= np.sqrt(power / 10 ** (snr_db / 10) / float(np.sum(noise**2)))
-    return (golden + noise).astype(golden.dtype)
-
-
 def test_judge_raises_the_snr_limit_by_the_retry_margin_only_when_asked(
     demo_probe: probes.Probe,
 ) -> None:
     """An output at 50.5 dB passes a 50 dB limit with no margin (the default) and fails it with a
     2 dB one, whose reason gives the raised limit."""
     probe = demo_probe.with_thresholds({"snr_db": 50.0})
-    noisy = {"wav": at_snr(probe.cases[0].outputs["wav"], 50.5)}
+    golden = probe.cases[0].outputs["wav"]
+    noisy = {"wav": scaled_noise(golden, 50.5).astype(golden.dtype)}
     assert probe.judge(noisy, tier="loose").passed
     assert probe.judge(noisy, tier="loose", retry_margin_db=0.0).passed
     raised = probe.judge(noisy, tier="loose", retry_margin_db=2.0)

@@ -140,17 +140,6 @@ def test_a_factory_that_does_not_pickle_gets_a_reference_here_and_a_warning(
         until("the sample was checked on the thread", lambda: shadow_of(s).checks == 1)
 
 
-def test_shadow_process_false_keeps_the_reference_here(
-    demo_probe: probes.Probe, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Policy(shadow_process=False): the reference is built on the shadow's thread, no warning."""
-    with caplog.at_level(logging.WARNING, logger="mnn_guard"), guard.wrap(
-        loud_only(), demo_probe, metrics=False, policy=policy(shadow_every=1, shadow_process=False)
-    ) as s:  # fmt: skip
-        assert (shadow_of(s).where, shadow_of(s).pid) == (Where.THREAD, None)
-        assert not any("runs on a thread" in r.getMessage() for r in caplog.records)
-
-
 @pytest.mark.hostile
 @pytest.mark.parametrize("value", [0, 1, "yes", None])
 def test_a_shadow_process_that_is_not_a_bool_is_refused(value: Any) -> None:

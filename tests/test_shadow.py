@@ -399,12 +399,14 @@ def test_the_reference_process_is_given_up_after_the_sessions_init_timeout(
 
 
 def test_shadow_process_false_keeps_the_sessions_reference_on_a_thread(
-    demo_probe: probes.Probe,
+    demo_probe: probes.Probe, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Policy(shadow_process=False) reaches the shadow: its reference is built on a thread here."""
-    with guard.wrap(
+    """Policy(shadow_process=False) reaches the shadow: its reference is built on the shadow's
+    thread here, without a warning."""
+    with caplog.at_level(logging.WARNING, logger="mnn_guard"), guard.wrap(
         loud_only(), demo_probe, metrics=False, policy=policy(shadow_every=1, shadow_process=False)
     ) as s:  # fmt: skip
         until(WORK, lambda: s.status.shadow is not None and s.status.shadow.where is not Where.NONE)
         assert s.status.shadow is not None
         assert (s.status.shadow.where, s.status.shadow.pid) == (Where.THREAD, None)
+        assert not any("runs on a thread" in r.getMessage() for r in caplog.records)
